@@ -1,0 +1,42 @@
+# UTE build, test and measurement entry points. See README.md.
+GO          ?= go
+BIN         := bin/ute
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+FUZZTIME    ?= 10s
+TEST_TIMEOUT ?= 14m
+
+.PHONY: build test test-deps lint fuzz bench demo clean
+
+build:
+	$(GO) build -o $(BIN) ./cmd/ute
+
+# Root-only tests (TUN devices, network namespaces) run automatically when this is run as root and
+# skip with a message otherwise; test-deps installs what they need on a fresh Debian machine.
+test: test-deps
+	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+
+test-deps:
+	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null 2>&1; then \
+		apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
+	fi
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+# Every fuzz target, each for FUZZTIME.
+fuzz:
+	@set -e; for f in $$(grep -rl --include='*_test.go' '^func Fuzz' .); do \
+		pkg=./$$(dirname $$f); \
+		for t in $$(grep -oE '^func Fuzz[A-Za-z0-9_]*' $$f | sed 's/^func //'); do \
+			echo "== $$pkg $$t"; \
+			$(GO) test -run='^$$' -fuzz="^$$t$$" -fuzztime=$(FUZZTIME) $$pkg; \
+		done; \
+	done
+
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem -timeout 30m ./...
+
+clean:
+	rm -rf bin
