@@ -12,8 +12,11 @@ build:
 
 # Root-only tests (TUN devices, network namespaces) run automatically when this is run as root and
 # skip with a message otherwise; test-deps installs what they need on a fresh Debian machine.
+# The 1 GiB transfers (tests named *Large) run a second time without the race detector, which would
+# make them take minutes, with UTE_LONG=1 selecting their full size.
 test: test-deps
 	$(GO) test -race -timeout $(TEST_TIMEOUT) ./...
+	UTE_LONG=1 $(GO) test -count=1 -timeout 5m -run 'Large$$' ./...
 
 test-deps:
 	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null 2>&1; then \

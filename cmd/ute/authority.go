@@ -1,0 +1,147 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ute-project/ute/identity/authority"
+)
+
+func newAuthorityCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "authority",
+		Short: "Run the trust domain's authority: root key, join tokens, node certificates",
+	}
+	cmd.AddCommand(newAuthorityInitCmd(), newAuthorityRunCmd(), newAuthorityAuditCmd())
+	return cmd
+}
+
+func newAuthorityInitCmd() *cobra.Command {
+	var dir, td, policy string
+	cmd := &cobra.Command{
+		Use:   "init --dir D --trust-domain TD --policy FILE",
+		Short: "Create the authority's root key, certificate and store",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" || td == "" || policy == "" {
+				return usagef("authority init needs --dir, --trust-domain and --policy")
+			}
+			if err := authority.Init(dir, td, policy, authority.Options{}); err != nil {
+				return err
+			}
+			a, err := authority.Open(dir, authority.Options{})
+			if err != nil {
+				return err
+			}
+			defer func() { _ = a.Close() }()
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "authority for %s initialized in %s\npin %s\n", a.TrustDomain(), dir, a.Pin())
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "authority directory to create (0700)")
+	cmd.Flags().StringVar(&td, "trust-domain", "", "trust domain, e.g. acme.internal")
+	cmd.Flags().StringVar(&policy, "policy", "", "zone policy file (YAML)")
+	return cmd
+}
+
+func newAuthorityRunCmd() *cobra.Command {
+	var dir, listen string
+	cmd := &cobra.Command{
+		Use:   "run --dir D [--listen ADDR]",
+		Short: "Serve joins and renewals over QUIC, and the admin socket, until interrupted",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usagef("authority run needs --dir")
+			}
+			log := slog.New(slog.NewJSONHandler(cmd.ErrOrStderr(), nil))
+			a, err := authority.Open(dir, authority.Options{Logger: log})
+			if err != nil {
+				return err
+			}
+			defer func() { _ = a.Close() }()
+			srv, err := a.Listen(listen)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithCancel(cmd.Context())
+			defer cancel()
+			adminDone := make(chan error, 1)
+			go func() {
+				adminDone <- a.ServeAdmin(ctx)
+				cancel()
+			}()
+			// Tests and scripts wait for this line to learn the bound address.
+			if _, err := fmt.Fprintf(cmd.OutOrStdout(), "listening %s\n", srv.Addr()); err != nil {
+				cancel()
+			}
+			serveErr := srv.Serve(ctx)
+			cancel()
+			adminErr := <-adminDone
+			if serveErr != nil {
+				return serveErr
+			}
+			if adminErr != nil {
+				return adminErr
+			}
+			log.Info("authority stopped")
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")
+	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7443", "UDP address for QUIC joins and renewals")
+	return cmd
+}
+
+func newAuthorityAuditCmd() *cobra.Command {
+	var (
+		dir     string
+		asJSON  bool
+		timeout time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "audit --dir D [--json]",
+		Short: "Print the authority's audit trail (token creations, joins, renewals, refusals)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usagef("authority audit needs --dir")
+			}
+			adm, err := authority.OpenAdmin(cmd.Context(), dir, authority.Options{StoreTimeout: timeout})
+			if err != nil {
+				return err
+			}
+			defer func() { _ = adm.Close() }()
+			recs, err := adm.Audit(cmd.Context())
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if asJSON {
+				if recs == nil {
+					recs = []authority.AuditRecord{}
+				}
+				enc := json.NewEncoder(out)
+				enc.SetIndent("", "  ")
+				return enc.Encode(recs)
+			}
+			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+			_, _ = fmt.Fprintln(tw, "SEQ\tTIME\tEVENT\tOUTCOME\tTOKEN\tSUBJECT\tSERIAL\tREMOTE\tREASON")
+			for _, r := range recs {
+				_, _ = fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Event,
+					r.Outcome, r.TokenID, r.Subject, r.Serial, r.Remote, r.Reason)
+			}
+			return tw.Flush()
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().DurationVar(&timeout, "lock-timeout", time.Second, "how long to wait for the store when no daemon answers")
+	return cmd
+}

@@ -1,0 +1,199 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node/state"
+)
+
+// newNodeCmd groups the node commands. extra lets the daemon's file attach `node run` without
+// editing this one.
+func newNodeCmd(extra ...*cobra.Command) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Join a trust domain and manage this node's identity",
+	}
+	cmd.AddCommand(newNodeJoinCmd(), newNodeRenewCmd())
+	cmd.AddCommand(extra...)
+	return cmd
+}
+
+type joinView struct {
+	Dir      string    `json:"dir"`
+	Node     string    `json:"node"`
+	Serial   string    `json:"serial"`
+	Zones    []string  `json:"zones"`
+	Regions  []string  `json:"regions"`
+	NotAfter time.Time `json:"not_after"`
+}
+
+func newNodeJoinCmd() *cobra.Command {
+	var (
+		dir, addr, token, name, region string
+		asJSON                         bool
+	)
+	cmd := &cobra.Command{
+		Use:   "join --dir N --authority ADDR --token T [--name NAME] [--region R]",
+		Short: "Generate this node's key and obtain its certificate with a join token",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) (retErr error) {
+			if dir == "" || addr == "" || token == "" {
+				return usagef("node join needs --dir, --authority and --token")
+			}
+			if name == "" {
+				h, err := os.Hostname()
+				if err != nil || identity.ValidateName("node name", strings.ToLower(h)) != nil {
+					return usagef("the hostname %q is not a valid node name; pass --name", h)
+				}
+				name = strings.ToLower(h)
+			}
+			if err := identity.ValidateName("node name", name); err != nil {
+				return usageError{err}
+			}
+			if _, err := identity.ParseToken(token); err != nil {
+				return fmt.Errorf("%w: %w", authority.ErrMalformedToken, err)
+			}
+			_, statErr := os.Stat(dir)
+			d, err := state.Create(dir)
+			if err != nil {
+				return err
+			}
+			if os.IsNotExist(statErr) {
+				// A failed join must not leave behind a directory the next attempt would trip on.
+				defer func() {
+					if retErr != nil {
+						_ = os.RemoveAll(dir)
+					}
+				}()
+			}
+			host, err := identity.ReadHostFingerprint(region, "")
+			if err != nil {
+				return fmt.Errorf("host fingerprint: %w", err)
+			}
+			fp := host.Digest()
+			key, err := identity.GenerateKey()
+			if err != nil {
+				return err
+			}
+			j, err := authority.Join(cmd.Context(), authority.JoinParams{
+				Addr: addr, Token: token, Key: key, Name: name, Region: region, HostFingerprint: fp[:],
+			})
+			if err != nil {
+				return err
+			}
+			nodeRegion := ""
+			if len(j.Node.Claims.Regions) > 0 {
+				nodeRegion = j.Node.Claims.Regions[0]
+			}
+			if err := d.SaveJoin(state.Joined{
+				Key: key, NodeCert: j.NodeCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
+				Info: state.Info{Name: name, Region: nodeRegion, TrustDomain: j.Node.ID.TrustDomain, Authority: addr, JoinedAt: time.Now().UTC()},
+			}); err != nil {
+				return err
+			}
+			v := joinView{Dir: dir, Node: j.Node.ID.String(), Serial: j.Node.Serial().String(),
+				Zones: j.Node.Claims.ZoneNames(), Regions: j.Node.Claims.Regions, NotAfter: j.Node.X509.NotAfter.UTC()}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(v)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "joined as %s (serial %s), zones %s, region %s, certificate valid until %s\n",
+				v.Node, v.Serial, strings.Join(v.Zones, ","), nodeRegion, v.NotAfter.Format(time.RFC3339))
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "node directory to create (0700)")
+	cmd.Flags().StringVar(&addr, "authority", "", "authority address host:port (UDP)")
+	cmd.Flags().StringVar(&token, "token", "", "join token from `ute token create`")
+	cmd.Flags().StringVar(&name, "name", "", "node name (default: the hostname)")
+	cmd.Flags().StringVar(&region, "region", "", "region this node runs in (default: the token's only region)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
+	return cmd
+}
+
+func newNodeRenewCmd() *cobra.Command {
+	var (
+		dir, addr string
+		asJSON    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "renew --dir N [--authority ADDR]",
+		Short: "Renew this node's certificate now (new key, proven with the current one) and reissue its agents",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usagef("node renew needs --dir")
+			}
+			d, err := state.Open(dir)
+			if err != nil {
+				return err
+			}
+			info, err := d.Info()
+			if err != nil {
+				return err
+			}
+			if addr == "" {
+				addr = info.Authority
+			}
+			r, err := renewNode(cmd, d, addr)
+			if err != nil {
+				return err
+			}
+			v := joinView{Dir: dir, Node: r.Node.ID.String(), Serial: r.Node.Serial().String(),
+				Zones: r.Node.Claims.ZoneNames(), Regions: r.Node.Claims.Regions, NotAfter: r.Node.X509.NotAfter.UTC()}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(v)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "renewed %s (serial %s), valid until %s\n", v.Node, v.Serial, v.NotAfter.Format(time.RFC3339))
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "node directory")
+	cmd.Flags().StringVar(&addr, "authority", "", "authority address (default: the one joined)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
+	return cmd
+}
+
+// renewNode renews the node certificate, installs it and re-signs every agent with the new key.
+func renewNode(cmd *cobra.Command, d *state.Dir, addr string) (*authority.Joined, error) {
+	cur, err := d.NodeCert()
+	if err != nil {
+		return nil, err
+	}
+	key, err := d.NodeKey()
+	if err != nil {
+		return nil, err
+	}
+	ca, err := d.AuthorityCert()
+	if err != nil {
+		return nil, err
+	}
+	newKey, err := identity.GenerateKey()
+	if err != nil {
+		return nil, err
+	}
+	r, err := authority.Renew(cmd.Context(), authority.RenewParams{Addr: addr, Authority: ca, Current: cur, Key: key, NewKey: newKey})
+	if err != nil {
+		return nil, err
+	}
+	if err := d.InstallRenewal(newKey, r.NodeCertDER); err != nil {
+		return nil, err
+	}
+	agents, err := d.Agents()
+	if err != nil {
+		return nil, err
+	}
+	for _, ag := range agents {
+		if _, err := d.ReissueAgent(ag.Zone, ag.Name); err != nil {
+			return nil, fmt.Errorf("node renewed, but reissuing agent %s/%s failed: %w", ag.Zone, ag.Name, err)
+		}
+	}
+	return r, nil
+}

@@ -1,0 +1,297 @@
+package authority
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+)
+
+// The admin socket lets `ute token create` and `ute authority audit` reach a running authority:
+// bbolt holds an exclusive lock on authority.db, so while the daemon runs only it can open the
+// store. When no daemon runs, the CLI opens the store itself (OpenAdmin decides).
+
+// FileSocket is the admin socket's name inside the authority directory.
+const FileSocket = "authority.sock"
+
+const (
+	adminTimeout  = 10 * time.Second
+	maxAdminBody  = 64 << 10
+	pathTokens    = "/v1/tokens"
+	pathAudit     = "/v1/audit"
+	storeWaitTime = time.Second
+)
+
+// TokenSpec describes a token to create.
+type TokenSpec struct {
+	Zones   []string      `json:"zones"`
+	Regions []string      `json:"regions,omitempty"`
+	TTL     time.Duration `json:"ttl"`
+}
+
+// IssuedToken is a created token. Token is the only copy of the secret; it is shown once.
+type IssuedToken struct {
+	Token     string    `json:"token"`
+	ID        string    `json:"id"`
+	Zones     []string  `json:"zones"`
+	Regions   []string  `json:"regions,omitempty"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// Admin is the administrative surface used by the CLI, reached either through the running
+// daemon's socket or by opening the store directly.
+type Admin interface {
+	CreateToken(ctx context.Context, spec TokenSpec) (IssuedToken, error)
+	Audit(ctx context.Context) ([]AuditRecord, error)
+	Close() error
+}
+
+// OpenAdmin reaches the authority in dir: through its admin socket when the daemon runs, else by
+// opening the store (waiting briefly for its lock).
+func OpenAdmin(ctx context.Context, dir string, opts Options) (Admin, error) {
+	sock := filepath.Join(dir, FileSocket)
+	if _, err := os.Stat(sock); err == nil {
+		c := &adminClient{sock: sock}
+		if err := c.ping(ctx); err == nil {
+			return c, nil
+		}
+		// A socket file nobody answers on is left over from a daemon killed with SIGKILL.
+	}
+	if opts.StoreTimeout == 0 {
+		opts.StoreTimeout = storeWaitTime
+	}
+	a, err := Open(dir, opts)
+	if err != nil {
+		return nil, err
+	}
+	return localAdmin{a}, nil
+}
+
+type localAdmin struct{ a *Authority }
+
+func (l localAdmin) CreateToken(ctx context.Context, spec TokenSpec) (IssuedToken, error) {
+	return l.a.CreateToken(ctx, spec)
+}
+func (l localAdmin) Audit(context.Context) ([]AuditRecord, error) { return l.a.store.Audit() }
+func (l localAdmin) Close() error                                 { return l.a.Close() }
+
+// ServeAdmin serves the admin API on dir/authority.sock (mode 0600) until ctx is cancelled.
+// Connections from a uid other than the daemon's own (or root) are refused: the socket mode
+// already stops them, the credential check guards against a loosened mode.
+func (a *Authority) ServeAdmin(ctx context.Context) error {
+	sock := filepath.Join(a.dir, FileSocket)
+	_ = os.Remove(sock)
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		return fmt.Errorf("admin socket %s: %w", sock, err)
+	}
+	if err := os.Chmod(sock, 0o600); err != nil {
+		_ = ln.Close()
+		return fmt.Errorf("admin socket %s: %w", sock, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+pathTokens, a.handleCreateToken)
+	mux.HandleFunc("GET "+pathAudit, a.handleAudit)
+	srv := &http.Server{
+		Handler:           mux,
+		ReadHeaderTimeout: adminTimeout,
+		ReadTimeout:       adminTimeout,
+		WriteTimeout:      adminTimeout,
+		ErrorLog:          slog.NewLogLogger(a.log.Handler(), slog.LevelWarn),
+		ConnContext:       func(ctx context.Context, _ net.Conn) context.Context { return ctx },
+	}
+	allowed := &peerCheckListener{Listener: ln, uid: uint32(os.Getuid()), log: a.log}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(allowed) }()
+	select {
+	case <-ctx.Done():
+		shutCtx, cancel := context.WithTimeout(context.Background(), adminTimeout)
+		defer cancel()
+		_ = srv.Shutdown(shutCtx)
+		<-done
+		_ = os.Remove(sock)
+		return nil
+	case err := <-done:
+		_ = os.Remove(sock)
+		return fmt.Errorf("admin socket: %w", err)
+	}
+}
+
+// peerCheckListener drops connections whose SO_PEERCRED uid is neither root nor the daemon's.
+type peerCheckListener struct {
+	net.Listener
+	uid uint32
+	log *slog.Logger
+}
+
+func (l *peerCheckListener) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		uid, err := peerUID(c)
+		if err == nil && (uid == 0 || uid == l.uid) {
+			return c, nil
+		}
+		l.log.Warn("admin socket: refused connection", "peer_uid", uid, "err", err)
+		_ = c.Close()
+	}
+}
+
+func peerUID(c net.Conn) (uint32, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0, errors.New("not a unix connection")
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var (
+		cred *syscall.Ucred
+		cerr error
+	)
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil {
+		return 0, err
+	}
+	if cerr != nil {
+		return 0, cerr
+	}
+	return cred.Uid, nil
+}
+
+type adminError struct {
+	Error string `json:"error"`
+}
+
+func (a *Authority) handleCreateToken(w http.ResponseWriter, r *http.Request) {
+	var spec TokenSpec
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&spec); err != nil {
+		writeJSON(w, http.StatusBadRequest, adminError{"decode token request: " + err.Error()})
+		return
+	}
+	tok, err := a.CreateToken(r.Context(), spec)
+	if err != nil {
+		status := http.StatusInternalServerError
+		if errors.Is(err, ErrZoneUnknown) || errors.Is(err, ErrRegionUnknown) {
+			status = http.StatusBadRequest
+		}
+		writeJSON(w, status, adminError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, tok)
+}
+
+func (a *Authority) handleAudit(w http.ResponseWriter, _ *http.Request) {
+	recs, err := a.store.Audit()
+	if err != nil {
+		writeJSON(w, http.StatusInternalServerError, adminError{err.Error()})
+		return
+	}
+	if recs == nil {
+		recs = []AuditRecord{}
+	}
+	writeJSON(w, http.StatusOK, recs)
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// adminClient talks to a running daemon over its socket.
+type adminClient struct{ sock string }
+
+func (c *adminClient) httpClient() *http.Client {
+	return &http.Client{
+		Timeout: adminTimeout,
+		Transport: &http.Transport{
+			DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+				var d net.Dialer
+				return d.DialContext(ctx, "unix", c.sock)
+			},
+			DisableKeepAlives: true,
+		},
+	}
+}
+
+func (c *adminClient) ping(ctx context.Context) error {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.sock)
+	if err != nil {
+		return err
+	}
+	return conn.Close()
+}
+
+func (c *adminClient) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, "http://authority"+path, body)
+	if err != nil {
+		return err
+	}
+	resp, err := c.httpClient().Do(req)
+	if err != nil {
+		return fmt.Errorf("authority admin socket %s: %w", c.sock, err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	dec := json.NewDecoder(io.LimitReader(resp.Body, maxResponse))
+	if resp.StatusCode != http.StatusOK {
+		var ae adminError
+		if err := dec.Decode(&ae); err != nil || ae.Error == "" {
+			return fmt.Errorf("authority admin socket: HTTP %d", resp.StatusCode)
+		}
+		return remoteAdminError(ae.Error)
+	}
+	if err := dec.Decode(out); err != nil {
+		return fmt.Errorf("authority admin socket: decode response: %w", err)
+	}
+	return nil
+}
+
+// remoteAdminError restores the sentinel of an error the daemon reported, so the CLI's errors.Is
+// works the same whether it went through the socket or opened the store.
+func remoteAdminError(msg string) error {
+	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized} {
+		if len(msg) >= len(s.Error()) && msg[:len(s.Error())] == s.Error() {
+			return fmt.Errorf("%w%s", s, msg[len(s.Error()):])
+		}
+	}
+	return errors.New(msg)
+}
+
+func (c *adminClient) CreateToken(ctx context.Context, spec TokenSpec) (IssuedToken, error) {
+	var tok IssuedToken
+	err := c.do(ctx, http.MethodPost, pathTokens, spec, &tok)
+	return tok, err
+}
+
+func (c *adminClient) Audit(ctx context.Context) ([]AuditRecord, error) {
+	var recs []AuditRecord
+	err := c.do(ctx, http.MethodGet, pathAudit, nil, &recs)
+	return recs, err
+}
+
+func (c *adminClient) Close() error { return nil }

@@ -1,0 +1,472 @@
+package authority
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/zones"
+)
+
+// Files inside an authority directory.
+const (
+	FileKey   = "authority.key"
+	FileCert  = "authority.crt"
+	FileStore = "authority.db"
+)
+
+// Lifetimes and limits.
+const (
+	// DefaultNodeLifetime is the node certificate lifetime when no zone caps it lower.
+	DefaultNodeLifetime = 24 * time.Hour
+	// AuthorityLifetime is the root certificate's lifetime.
+	AuthorityLifetime = 10 * 365 * 24 * time.Hour
+	// DefaultTokenTTL and MaxTokenTTL bound how long a join token may wait to be used.
+	DefaultTokenTTL = 15 * time.Minute
+	MaxTokenTTL     = 7 * 24 * time.Hour
+	// backdate tolerates clock skew between the authority and a node that just got its certificate.
+	backdate = time.Minute
+)
+
+// Options configure an Authority.
+type Options struct {
+	// Now is the clock (tests inject one); nil means time.Now.
+	Now func() time.Time
+	// Logger receives structured logs; nil means discard.
+	Logger *slog.Logger
+	// StoreTimeout bounds the wait for the store's file lock; 0 means a short default.
+	StoreTimeout time.Duration
+	// NodeLifetime overrides DefaultNodeLifetime (zones may still cap it lower).
+	NodeLifetime time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.StoreTimeout == 0 {
+		o.StoreTimeout = storeWaitTime
+	}
+	if o.NodeLifetime == 0 {
+		o.NodeLifetime = DefaultNodeLifetime
+	}
+	return o
+}
+
+// Authority is an opened authority directory: root key, root certificate, store and policy.
+type Authority struct {
+	dir         string
+	key         ed25519.PrivateKey
+	cert        *identity.Certificate
+	certDER     []byte
+	store       *Store
+	trustDomain string
+	policy      *zones.Policy
+	policyBytes []byte
+	opts        Options
+	log         *slog.Logger
+}
+
+// Init creates a new authority in dir: the directory (0700), the root key (0600), the self-signed
+// root certificate and the store holding the trust domain, the policy (validated) and the serial
+// counter. It refuses a directory that already holds an authority.
+func Init(dir, trustDomain, policyPath string, opts Options) error {
+	opts = opts.withDefaults()
+	if err := identity.ValidateTrustDomain(trustDomain); err != nil {
+		return err
+	}
+	if _, err := zones.Load(policyPath); err != nil {
+		return fmt.Errorf("policy: %w", err)
+	}
+	policy, err := os.ReadFile(policyPath)
+	if err != nil {
+		return fmt.Errorf("policy: %w", err)
+	}
+	for _, f := range []string{FileStore, FileKey, FileCert} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
+			return fmt.Errorf("%w: %s exists; choose another --dir", ErrAlreadyInitialized, filepath.Join(dir, f))
+		}
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create authority directory: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("create authority directory: %w", err)
+	}
+	key, err := identity.GenerateKey()
+	if err != nil {
+		return err
+	}
+	cert, err := identity.NewAuthority(trustDomain, key, opts.Now().Add(-backdate), AuthorityLifetime)
+	if err != nil {
+		return err
+	}
+	if err := identity.WriteKey(filepath.Join(dir, FileKey), key); err != nil {
+		return err
+	}
+	if err := identity.WriteCertificates(filepath.Join(dir, FileCert), cert); err != nil {
+		return err
+	}
+	// The store is written last: its initialized meta bucket is what Open trusts.
+	st, err := OpenStore(filepath.Join(dir, FileStore), opts.StoreTimeout)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = st.Close() }()
+	return st.Init(trustDomain, policy, opts.Now())
+}
+
+// Open opens an initialized authority directory. The store's file lock is held until Close.
+func Open(dir string, opts Options) (*Authority, error) {
+	opts = opts.withDefaults()
+	if _, err := os.Stat(filepath.Join(dir, FileStore)); err != nil {
+		return nil, fmt.Errorf("%w: %s has no %s; run `ute authority init --dir %s ...` first", ErrNotInitialized, dir, FileStore, dir)
+	}
+	key, err := identity.ReadKey(filepath.Join(dir, FileKey))
+	if err != nil {
+		return nil, err
+	}
+	certs, err := identity.ReadCertificates(filepath.Join(dir, FileCert))
+	if err != nil {
+		return nil, err
+	}
+	cert := certs[0]
+	if cert.ID.Kind != identity.KindAuthority || !cert.PublicKey().Equal(key.Public()) {
+		return nil, fmt.Errorf("%s does not hold the authority certificate of %s", FileCert, FileKey)
+	}
+	st, err := OpenStore(filepath.Join(dir, FileStore), opts.StoreTimeout)
+	if err != nil {
+		return nil, err
+	}
+	a, err := open(dir, key, cert, st, opts)
+	if err != nil {
+		_ = st.Close()
+		return nil, err
+	}
+	return a, nil
+}
+
+func open(dir string, key ed25519.PrivateKey, cert *identity.Certificate, st *Store, opts Options) (*Authority, error) {
+	meta, err := st.Meta()
+	if err != nil {
+		return nil, err
+	}
+	if meta.TrustDomain != cert.ID.TrustDomain {
+		return nil, fmt.Errorf("store trust domain %q does not match the authority certificate's %q", meta.TrustDomain, cert.ID.TrustDomain)
+	}
+	policy, err := zones.Parse("policy (stored)", meta.Policy)
+	if err != nil {
+		return nil, fmt.Errorf("stored policy: %w", err)
+	}
+	return &Authority{
+		dir: dir, key: key, cert: cert, certDER: cert.Raw(), store: st,
+		trustDomain: meta.TrustDomain, policy: policy, policyBytes: meta.Policy,
+		opts: opts, log: opts.Logger,
+	}, nil
+}
+
+// Close releases the store.
+func (a *Authority) Close() error { return a.store.Close() }
+
+// TrustDomain is the authority's trust domain.
+func (a *Authority) TrustDomain() string { return a.trustDomain }
+
+// Certificate is the root certificate.
+func (a *Authority) Certificate() *identity.Certificate { return a.cert }
+
+// Pin is the KeyHash of the root key: what tokens pin.
+func (a *Authority) Pin() string { return identity.KeyHash(a.cert.PublicKey()) }
+
+// Store exposes the durable state (audit trail, issued certificates, revoked serials).
+func (a *Authority) Store() *Store { return a.store }
+
+// Policy returns the policy the authority hands to nodes.
+func (a *Authority) Policy() *zones.Policy { return a.policy }
+
+// Revoke adds a certificate serial to the revoked set: that certificate can no longer renew.
+func (a *Authority) Revoke(serial uint64, reason string) error {
+	return a.store.Revoke(serial, reason, a.opts.Now())
+}
+
+// CreateToken mints a join token for zones (and optionally regions) valid for spec.TTL. The
+// returned IssuedToken.Token holds the only copy of the secret.
+func (a *Authority) CreateToken(_ context.Context, spec TokenSpec) (IssuedToken, error) {
+	if len(spec.Zones) == 0 {
+		return IssuedToken{}, fmt.Errorf("%w: a token needs at least one zone (--zone)", ErrZoneUnknown)
+	}
+	ttl := spec.TTL
+	if ttl == 0 {
+		ttl = DefaultTokenTTL
+	}
+	if ttl < 0 || ttl > MaxTokenTTL {
+		return IssuedToken{}, fmt.Errorf("token ttl %s out of range; use a duration between 1s and %s", ttl, MaxTokenTTL)
+	}
+	zs := slices.Clone(spec.Zones)
+	slices.Sort(zs)
+	zs = slices.Compact(zs)
+	for _, name := range zs {
+		z, ok := a.policy.Zone(name)
+		if !ok {
+			return IssuedToken{}, fmt.Errorf("%w: %q; the policy has %v", ErrZoneUnknown, name, a.zoneNames())
+		}
+		for _, r := range spec.Regions {
+			if !z.AllowsRegion(r) {
+				return IssuedToken{}, fmt.Errorf("%w: region %q is outside zone %s's placement %v", ErrRegionUnknown, r, name, z.Regions)
+			}
+		}
+	}
+	tok, err := identity.NewToken(a.Pin())
+	if err != nil {
+		return IssuedToken{}, err
+	}
+	now := a.opts.Now()
+	hash := identity.SecretHash(tok.Secret)
+	rec := TokenRecord{
+		ID: tok.ID, SecretHash: hash[:], Zones: zs, Regions: slices.Clone(spec.Regions),
+		CreatedAt: now.UTC(), ExpiresAt: now.Add(ttl).UTC(),
+	}
+	if err := a.store.PutToken(rec); err != nil {
+		return IssuedToken{}, err
+	}
+	a.audit(AuditRecord{Event: "token", TokenID: tok.ID, Outcome: OutcomeCreated, Reason: fmt.Sprintf("zones %v regions %v ttl %s", zs, spec.Regions, ttl)})
+	a.log.Info("token created", "token_id", tok.ID, "zones", zs, "regions", spec.Regions, "expires_at", rec.ExpiresAt)
+	return IssuedToken{Token: tok.String(), ID: tok.ID, Zones: zs, Regions: rec.Regions, ExpiresAt: rec.ExpiresAt}, nil
+}
+
+func (a *Authority) zoneNames() []string {
+	out := make([]string, 0, len(a.policy.Zones))
+	for _, z := range a.policy.Zones {
+		out = append(out, z.Name)
+	}
+	return out
+}
+
+// Audit returns the audit trail.
+func (a *Authority) Audit() ([]AuditRecord, error) { return a.store.Audit() }
+
+func (a *Authority) audit(rec AuditRecord) {
+	if rec.Time.IsZero() {
+		rec.Time = a.opts.Now()
+	}
+	if err := a.store.AppendAudit(rec); err != nil {
+		a.log.Error("audit write failed", "err", err, "event", rec.Event, "outcome", rec.Outcome)
+	}
+}
+
+// refuse records a refused request and builds the wire response for it.
+func (a *Authority) refuse(_ context.Context, event, remote, tokenID string, err error) Response {
+	code := codeOf(err)
+	a.audit(AuditRecord{Event: event, Remote: remote, TokenID: tokenID, Outcome: OutcomeRefused, Reason: err.Error(), WireCode: code})
+	a.log.Warn(event+" refused", "remote", remote, "token_id", tokenID, "code", code, "err", err)
+	msg := err.Error()
+	if code == CodeInternal {
+		// Internals stay in the log and the audit trail, never on the wire.
+		msg = ErrInternal.Error() + "; the authority's log has the details"
+	}
+	return Response{Code: code, Message: msg}
+}
+
+// join serves one join request: the transport-independent core of OpJoin.
+func (a *Authority) join(ctx context.Context, req JoinRequest, remote string) Response {
+	if len(req.TokenID) != identity.TokenIDLen || len(req.Secret) != tokenSecretBytes {
+		return a.refuse(ctx, "join", remote, "", fmt.Errorf("%w: token id or secret has the wrong length", ErrMalformedToken))
+	}
+	csr, err := parseCSR(req.CSR)
+	if err != nil {
+		return a.refuse(ctx, "join", remote, req.TokenID, err)
+	}
+	region := req.Region
+	switch {
+	case region == "":
+		region = csr.Region
+	case csr.Region != "" && csr.Region != region:
+		return a.refuse(ctx, "join", remote, req.TokenID, fmt.Errorf("%w: CSR says region %q but the request says %q", ErrCSR, csr.Region, region))
+	}
+	now := a.opts.Now()
+	hash := identity.SecretHash(req.Secret)
+	var (
+		claims   identity.Claims
+		lifetime time.Duration
+	)
+	tok, serial, err := a.store.Consume(ConsumeRequest{
+		ID: req.TokenID, SecretHash: hash[:], Consumer: csr.Name, Now: now,
+		Check: func(tok TokenRecord) error {
+			var err error
+			claims, lifetime, err = a.nodeClaims(tok, region, csr.Fingerprint)
+			return err
+		},
+	})
+	if err != nil {
+		return a.refuse(ctx, "join", remote, req.TokenID, err)
+	}
+	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote})
+	if err != nil {
+		return a.refuse(ctx, "join", remote, req.TokenID, err)
+	}
+	a.audit(AuditRecord{Event: "join", Remote: remote, TokenID: tok.ID, Subject: identity.NodeID(a.trustDomain, csr.Name).String(), Serial: serial, Outcome: OutcomeIssued})
+	a.log.Info("node joined", "remote", remote, "token_id", tok.ID, "node", csr.Name, "serial", serial, "zones", claims.ZoneNames(), "regions", claims.Regions)
+	return resp
+}
+
+// nodeClaims derives a joining node's claims from the token, the requested region and the policy.
+func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byte) (identity.Claims, time.Duration, error) {
+	var (
+		grants    []identity.ZoneGrant
+		zs        []*zones.Zone
+		lifetime  = a.opts.NodeLifetime
+		placement []string
+	)
+	for i, name := range tok.Zones {
+		z, ok := a.policy.Zone(name)
+		if !ok {
+			return identity.Claims{}, 0, fmt.Errorf("%w: token zone %q is no longer in the policy; create a token for %v", ErrTokenZone, name, a.zoneNames())
+		}
+		zs = append(zs, z)
+		grants = append(grants, identity.ZoneGrant{Name: z.Name, Prefixes: slices.Clone(z.CIDRs)})
+		lifetime = z.CertLifetime(lifetime)
+		if i == 0 {
+			placement = slices.Clone(z.Regions)
+		} else {
+			placement = slices.DeleteFunc(placement, func(r string) bool { return !z.AllowsRegion(r) })
+		}
+	}
+	if len(tok.Regions) > 0 {
+		placement = slices.DeleteFunc(placement, func(r string) bool { return !slices.Contains(tok.Regions, r) })
+	}
+	if region == "" {
+		if len(placement) != 1 {
+			return identity.Claims{}, 0, fmt.Errorf("%w: no region given and the token allows %v; pass --region", ErrTokenRegion, placement)
+		}
+		region = placement[0]
+	}
+	if len(tok.Regions) > 0 && !slices.Contains(tok.Regions, region) {
+		return identity.Claims{}, 0, fmt.Errorf("%w: region %q is not one the token allows (%v)", ErrTokenRegion, region, tok.Regions)
+	}
+	for _, z := range zs {
+		if !z.AllowsRegion(region) {
+			return identity.Claims{}, 0, fmt.Errorf("%w: region %q is outside zone %s's placement %v", ErrTokenRegion, region, z.Name, z.Regions)
+		}
+	}
+	return identity.Claims{Zones: grants, Regions: []string{region}, Fingerprint: slices.Clone(fingerprint)}, lifetime, nil
+}
+
+// issueNode signs a node certificate with an already allocated serial and records it.
+func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord) (Response, error) {
+	notAfter := now.Add(lifetime)
+	if caNotAfter := a.cert.X509.NotAfter; notAfter.After(caNotAfter) {
+		notAfter = caNotAfter
+	}
+	id := identity.NodeID(a.trustDomain, csr.Name)
+	cert, err := identity.Issue(a.cert, a.key, identity.IssueRequest{
+		ID: id, PublicKey: csr.PublicKey, Claims: claims,
+		NotBefore: now.Add(-backdate), NotAfter: notAfter, Serial: new(big.Int).SetUint64(serial),
+	})
+	if err != nil {
+		return Response{}, fmt.Errorf("sign node certificate for %s: %w", id, err)
+	}
+	rec.Serial = serial
+	rec.SPIFFEID = id.String()
+	rec.IssuedAt = now.UTC()
+	rec.NotAfter = notAfter.UTC()
+	rec.KeyHash = cert.KeyHash()
+	rec.CertDER = cert.Raw()
+	if err := a.store.PutIssued(rec); err != nil {
+		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
+	}
+	return Response{Code: CodeOK, NodeCert: cert.Raw(), AuthorityCert: a.certDER, Policy: a.policyBytes}, nil
+}
+
+// renew serves one renewal: the presented certificate (already proven by the TLS handshake to
+// belong to the peer) must be a valid, unrevoked node certificate of this authority.
+func (a *Authority) renew(ctx context.Context, req RenewRequest, peer []*x509.Certificate, remote string) Response {
+	now := a.opts.Now()
+	if len(peer) == 0 {
+		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: no client certificate presented", ErrRenewalRefused))
+	}
+	cur, err := identity.ParseCertificate(peer[0].Raw)
+	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: %w", ErrRenewalRefused, err))
+	}
+	if err := (identity.Verifier{Authority: a.cert}).VerifyNode(cur, now); err != nil {
+		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: %w", ErrRenewalRefused, err))
+	}
+	oldSerial, ok := serialUint64(cur.Serial())
+	if !ok {
+		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: serial %s was never issued by this authority", ErrRenewalRefused, cur.Serial()))
+	}
+	if revoked, err := a.store.IsRevoked(oldSerial); err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	} else if revoked {
+		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: serial %d of %s; the node must rejoin with a new token", ErrRevoked, oldSerial, cur.ID))
+	}
+	csr, err := parseCSR(req.CSR)
+	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	}
+	if csr.Name != cur.ID.Name {
+		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: CSR names %q but the presented certificate is %s", ErrCSR, csr.Name, cur.ID))
+	}
+	claims, lifetime, err := a.renewedClaims(cur)
+	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	}
+	serial, err := a.store.AllocateSerial()
+	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	}
+	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{Renewal: oldSerial, RemoteAdr: remote})
+	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	}
+	a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: serial, Outcome: OutcomeIssued, Reason: fmt.Sprintf("renews serial %d", oldSerial)})
+	a.log.Info("node renewed", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", serial)
+	return resp
+}
+
+// renewedClaims carries the node's identity, region and host fingerprint over and re-derives its
+// zone grants from the current policy: a zone removed from the policy, or whose placement no
+// longer includes the node's region, is dropped.
+func (a *Authority) renewedClaims(cur *identity.Certificate) (identity.Claims, time.Duration, error) {
+	lifetime := a.opts.NodeLifetime
+	var grants []identity.ZoneGrant
+	for _, g := range cur.Claims.Zones {
+		z, ok := a.policy.Zone(g.Name)
+		if !ok {
+			continue
+		}
+		inPlacement := true
+		for _, r := range cur.Claims.Regions {
+			inPlacement = inPlacement && z.AllowsRegion(r)
+		}
+		if !inPlacement {
+			continue
+		}
+		grants = append(grants, identity.ZoneGrant{Name: z.Name, Prefixes: slices.Clone(z.CIDRs)})
+		lifetime = z.CertLifetime(lifetime)
+	}
+	if len(grants) == 0 {
+		return identity.Claims{}, 0, fmt.Errorf("%w: none of %s's zones %v remains in the policy for its region; rejoin with a new token", ErrRenewalRefused, cur.ID, cur.Claims.ZoneNames())
+	}
+	return identity.Claims{
+		Zones: grants, Regions: slices.Clone(cur.Claims.Regions),
+		Fingerprint: slices.Clone(cur.Claims.Fingerprint), WireGuardKey: slices.Clone(cur.Claims.WireGuardKey),
+	}, lifetime, nil
+}
+
+func serialUint64(s *big.Int) (uint64, bool) {
+	if s == nil || s.Sign() <= 0 || !s.IsUint64() {
+		return 0, false
+	}
+	return s.Uint64(), true
+}

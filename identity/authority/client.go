@@ -1,0 +1,257 @@
+package authority
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/ute-project/ute/identity"
+)
+
+// serverName is the SNI the client sends. The authority's certificate carries a SPIFFE URI, not a
+// DNS name, so the client authenticates it by key (pin or stored root), never by hostname.
+const serverName = "ute-authority"
+
+// JoinParams is what a joining node supplies.
+type JoinParams struct {
+	// Addr is the authority's UDP address, host:port.
+	Addr string
+	// Token is the printable join token.
+	Token string
+	// Key is the node's freshly generated key; only its CSR leaves the node.
+	Key ed25519.PrivateKey
+	// Name is the node name requested in the CSR.
+	Name string
+	// Region is the node's region; empty lets the authority pick the token's only region.
+	Region string
+	// HostFingerprint is the 32-byte host fingerprint digest placed in the CSR.
+	HostFingerprint []byte
+	// Now is the clock used to check the returned certificate; nil means time.Now.
+	Now func() time.Time
+}
+
+// Joined is what a successful join returns, all verified against the pinned authority key.
+type Joined struct {
+	Node          *identity.Certificate
+	Authority     *identity.Certificate
+	Policy        []byte
+	NodeCertDER   []byte
+	AuthorityDER  []byte
+	AuthorityAddr string
+}
+
+// Join runs the join protocol against the authority at p.Addr. It refuses, with ErrPinMismatch and
+// before sending anything, an authority whose TLS key does not match the token's pin.
+func Join(ctx context.Context, p JoinParams) (*Joined, error) {
+	tok, err := identity.ParseToken(p.Token)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrMalformedToken, err)
+	}
+	now := time.Now
+	if p.Now != nil {
+		now = p.Now
+	}
+	csr, err := createCSR(p.Key, p.Name, p.Region, p.HostFingerprint)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCSR, err)
+	}
+	verify := func(cs tls.ConnectionState) error {
+		pub, err := peerKey(cs)
+		if err != nil {
+			return err
+		}
+		if !tok.MatchesKey(pub) {
+			return fmt.Errorf("%w: the server at %s presented key %s; check --authority or ask for a token from this authority", ErrPinMismatch, p.Addr, identity.KeyHash(pub))
+		}
+		return nil
+	}
+	resp, err := roundTrip(ctx, p.Addr, verify, nil, OpJoin, JoinRequest{TokenID: tok.ID, Secret: tok.Secret, CSR: csr, Region: p.Region})
+	if err != nil {
+		return nil, err
+	}
+	j, err := checkIssued(resp, p.Key, now())
+	if err != nil {
+		return nil, err
+	}
+	if !tok.MatchesKey(j.Authority.PublicKey()) {
+		return nil, fmt.Errorf("%w: the authority certificate returned does not carry the pinned key", ErrPinMismatch)
+	}
+	j.AuthorityAddr = p.Addr
+	return j, nil
+}
+
+// RenewParams is what a node supplies to renew its certificate.
+type RenewParams struct {
+	Addr      string
+	Authority *identity.Certificate // the trust anchor received at join
+	Current   *identity.Certificate // the node certificate presented over mutual TLS
+	Key       ed25519.PrivateKey    // the current key, proving possession in the TLS handshake
+	NewKey    ed25519.PrivateKey    // the key the renewed certificate is issued for
+	Now       func() time.Time
+}
+
+// Renew obtains a new node certificate for p.NewKey, authenticating with the current certificate
+// and key. The authority must present the root key received at join.
+func Renew(ctx context.Context, p RenewParams) (*Joined, error) {
+	if p.Authority == nil || p.Current == nil {
+		return nil, errors.New("renew: authority and current certificates are required")
+	}
+	now := time.Now
+	if p.Now != nil {
+		now = p.Now
+	}
+	tlsCert, err := identity.TLSCertificate(p.Key, p.Current)
+	if err != nil {
+		return nil, err
+	}
+	csr, err := createCSR(p.NewKey, p.Current.ID.Name, "", p.Current.Claims.Fingerprint)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCSR, err)
+	}
+	want := p.Authority.PublicKey()
+	verify := func(cs tls.ConnectionState) error {
+		pub, err := peerKey(cs)
+		if err != nil {
+			return err
+		}
+		if !pub.Equal(want) {
+			return fmt.Errorf("%w: the server at %s presented key %s, not the authority key %s received at join", ErrPinMismatch, p.Addr, identity.KeyHash(pub), identity.KeyHash(want))
+		}
+		return nil
+	}
+	resp, err := roundTrip(ctx, p.Addr, verify, &tlsCert, OpRenew, RenewRequest{CSR: csr})
+	if err != nil {
+		return nil, err
+	}
+	j, err := checkIssued(resp, p.NewKey, now())
+	if err != nil {
+		return nil, err
+	}
+	if !j.Authority.PublicKey().Equal(want) {
+		return nil, fmt.Errorf("%w: renewal returned a different authority certificate", ErrPinMismatch)
+	}
+	if j.Node.ID != p.Current.ID {
+		return nil, fmt.Errorf("%w: renewal returned %s for %s", ErrProtocol, j.Node.ID, p.Current.ID)
+	}
+	j.AuthorityAddr = p.Addr
+	return j, nil
+}
+
+func peerKey(cs tls.ConnectionState) (ed25519.PublicKey, error) {
+	if len(cs.PeerCertificates) == 0 {
+		return nil, fmt.Errorf("%w: the server presented no certificate", ErrPinMismatch)
+	}
+	pub, ok := cs.PeerCertificates[0].PublicKey.(ed25519.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("%w: the server's key is %T, not Ed25519", ErrPinMismatch, cs.PeerCertificates[0].PublicKey)
+	}
+	return pub, nil
+}
+
+// checkIssued verifies a successful response: the node certificate chains to the returned
+// authority certificate, is valid now and is for key.
+func checkIssued(resp Response, key ed25519.PrivateKey, now time.Time) (*Joined, error) {
+	ca, err := identity.ParseCertificate(resp.AuthorityCert)
+	if err != nil {
+		return nil, fmt.Errorf("%w: authority certificate: %w", ErrProtocol, err)
+	}
+	node, err := identity.ParseCertificate(resp.NodeCert)
+	if err != nil {
+		return nil, fmt.Errorf("%w: node certificate: %w", ErrProtocol, err)
+	}
+	if err := (identity.Verifier{Authority: ca}).VerifyNode(node, now); err != nil {
+		return nil, fmt.Errorf("%w: issued certificate does not verify: %w", ErrProtocol, err)
+	}
+	if !bytes.Equal(node.PublicKey(), key.Public().(ed25519.PublicKey)) {
+		return nil, fmt.Errorf("%w: issued certificate is not for this node's key", ErrProtocol)
+	}
+	return &Joined{Node: node, Authority: ca, Policy: resp.Policy, NodeCertDER: resp.NodeCert, AuthorityDER: resp.AuthorityCert}, nil
+}
+
+// roundTrip dials addr over one quic.Transport, checks the server with verify during the handshake
+// (so nothing is sent to a server that fails it), sends one request and reads the response.
+func roundTrip(ctx context.Context, addr string, verify func(tls.ConnectionState) error, clientCert *tls.Certificate, op byte, req any) (Response, error) {
+	raddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return Response{}, fmt.Errorf("authority address %q: %w", addr, err)
+	}
+	udp, err := net.ListenUDP("udp", nil)
+	if err != nil {
+		return Response{}, fmt.Errorf("dial authority: %w", err)
+	}
+	tr := &quic.Transport{Conn: udp}
+	defer func() {
+		_ = tr.Close()
+		_ = udp.Close()
+	}()
+	tlsConf := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		NextProtos: []string{ALPN},
+		ServerName: serverName,
+		// The authority is authenticated by its key in VerifyConnection, not by a CA and hostname.
+		InsecureSkipVerify:     true,
+		VerifyConnection:       verify,
+		SessionTicketsDisabled: true,
+	}
+	if clientCert != nil {
+		tlsConf.Certificates = []tls.Certificate{*clientCert}
+	}
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	conn, err := tr.Dial(ctx, raddr, tlsConf, &quic.Config{HandshakeIdleTimeout: handshakeTimeout, MaxIdleTimeout: requestTimeout})
+	if err != nil {
+		if errors.Is(err, ErrPinMismatch) {
+			return Response{}, pinError(err)
+		}
+		return Response{}, fmt.Errorf("connect to authority at %s: %w", addr, err)
+	}
+	defer func() { _ = conn.CloseWithError(closeOK, "") }()
+	if conn.ConnectionState().Used0RTT {
+		return Response{}, fmt.Errorf("%w: connection used 0-RTT", ErrProtocol)
+	}
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		return Response{}, fmt.Errorf("open stream to authority at %s: %w", addr, err)
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = str.SetDeadline(dl)
+	}
+	if err := writeFrame(str, op, req); err != nil {
+		return Response{}, fmt.Errorf("send request to authority at %s: %w", addr, err)
+	}
+	_ = str.Close()
+	body, err := readFrame(str, maxResponse)
+	if err != nil {
+		return Response{}, fmt.Errorf("read response from authority at %s: %w", addr, err)
+	}
+	resp, err := DecodeResponse(body)
+	if err != nil {
+		return Response{}, err
+	}
+	if resp.Code != CodeOK {
+		return Response{}, errOf(resp.Code, resp.Message)
+	}
+	return resp, nil
+}
+
+// pinError unwraps the TLS layers quic-go adds around a VerifyConnection error, keeping our message.
+func pinError(err error) error {
+	var cur error = err
+	for cur != nil {
+		if u, ok := cur.(interface{ Unwrap() error }); ok {
+			if next := u.Unwrap(); next != nil && errors.Is(next, ErrPinMismatch) {
+				cur = next
+				continue
+			}
+		}
+		break
+	}
+	return cur
+}

@@ -1,0 +1,101 @@
+package authority
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Refusals of a join or renewal. The server maps each to a distinct wire code and the client maps
+// the code back, so errors.Is works identically on both sides of the connection.
+var (
+	// ErrTokenUnknown covers both an unknown token id and a wrong secret for a known id, so that a
+	// guesser learns nothing about which token ids exist.
+	ErrTokenUnknown   = errors.New("join token unknown (no such token, or its secret is wrong)")
+	ErrTokenUsed      = errors.New("join token already used")
+	ErrTokenExpired   = errors.New("join token expired")
+	ErrTokenZone      = errors.New("join token zone not in the authority's policy")
+	ErrTokenRegion    = errors.New("region not allowed by the join token or outside the zones' placement")
+	ErrMalformedToken = errors.New("join token malformed")
+	ErrPinMismatch    = errors.New("authority key does not match the token's pin")
+	ErrCSR            = errors.New("certificate signing request refused")
+	// ErrRenewalRefused means the certificate presented for renewal is not a valid, current node
+	// certificate of this authority (wrong authority, expired, or not a node certificate).
+	ErrRenewalRefused = errors.New("renewal refused: presented certificate is not a valid node certificate of this authority")
+	ErrRevoked        = errors.New("certificate revoked")
+	ErrProtocol       = errors.New("protocol error")
+	ErrInternal       = errors.New("authority internal error")
+
+	ErrAlreadyInitialized = errors.New("authority directory already initialized")
+	ErrNotInitialized     = errors.New("authority directory not initialized")
+	ErrZoneUnknown        = errors.New("zone not in the authority's policy")
+	ErrRegionUnknown      = errors.New("region not allowed in the requested zones")
+	ErrDuplicateToken     = errors.New("token id already exists")
+)
+
+// Code is the refusal code carried on the wire in a response.
+type Code uint8
+
+// Wire codes. Never renumber: old clients map them back to sentinels.
+const (
+	CodeOK Code = iota
+	CodeTokenUnknown
+	CodeTokenUsed
+	CodeTokenExpired
+	CodeTokenZone
+	CodeTokenRegion
+	CodeMalformedToken
+	CodeCSR
+	CodeRenewalRefused
+	CodeRevoked
+	CodeProtocol
+	CodeInternal
+)
+
+var codeErrors = [...]error{
+	CodeTokenUnknown:   ErrTokenUnknown,
+	CodeTokenUsed:      ErrTokenUsed,
+	CodeTokenExpired:   ErrTokenExpired,
+	CodeTokenZone:      ErrTokenZone,
+	CodeTokenRegion:    ErrTokenRegion,
+	CodeMalformedToken: ErrMalformedToken,
+	CodeCSR:            ErrCSR,
+	CodeRenewalRefused: ErrRenewalRefused,
+	CodeRevoked:        ErrRevoked,
+	CodeProtocol:       ErrProtocol,
+	CodeInternal:       ErrInternal,
+}
+
+// codeOf returns the wire code for err; anything not a known refusal is internal, so that server
+// internals never leak to an unauthenticated caller.
+func codeOf(err error) Code {
+	for c := CodeTokenUnknown; c <= CodeInternal; c++ {
+		if errors.Is(err, codeErrors[c]) {
+			return c
+		}
+	}
+	return CodeInternal
+}
+
+// errOf maps a wire code and the server's message back to an error wrapping the sentinel.
+func errOf(c Code, msg string) error {
+	if c == CodeOK {
+		return nil
+	}
+	if int(c) >= len(codeErrors) || codeErrors[c] == nil {
+		return fmt.Errorf("%w: unknown refusal code %d: %s", ErrProtocol, c, msg)
+	}
+	if msg == "" {
+		return codeErrors[c]
+	}
+	return &RefusalError{Code: c, Message: msg}
+}
+
+// RefusalError is a refusal received from the authority: its code names the sentinel (errors.Is),
+// its message is the authority's one-line explanation.
+type RefusalError struct {
+	Code    Code
+	Message string
+}
+
+func (e *RefusalError) Error() string { return e.Message }
+func (e *RefusalError) Unwrap() error { return codeErrors[e.Code] }

@@ -1,0 +1,165 @@
+package authority
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+
+	"github.com/fxamacker/cbor/v2"
+)
+
+// ALPN is the one application protocol the authority's QUIC endpoint speaks.
+const ALPN = "ute-authority/1"
+
+// Operation byte that opens a request frame.
+const (
+	OpJoin  byte = 1
+	OpRenew byte = 2
+)
+
+// Size caps of the wire protocol. A request larger than maxRequest is refused before it is read.
+const (
+	maxRequest       = 16 << 10
+	maxResponse      = 1 << 20
+	maxCSR           = 8 << 10
+	maxTokenPart     = 128
+	maxRegion        = 64
+	tokenSecretBytes = 32
+)
+
+// JoinRequest is sent by a joining node, after it has checked the authority's key against the
+// token's pin. Encoding: deterministic CBOR map with integer keys (docs/join.md has the CDDL).
+type JoinRequest struct {
+	TokenID string `cbor:"1,keyasint"`
+	Secret  []byte `cbor:"2,keyasint"`
+	CSR     []byte `cbor:"3,keyasint"`
+	Region  string `cbor:"4,keyasint,omitempty"`
+}
+
+// RenewRequest is sent over a connection authenticated by the node's current certificate.
+type RenewRequest struct {
+	CSR []byte `cbor:"1,keyasint"`
+}
+
+// Response answers both operations. On refusal only Code and Message are set.
+type Response struct {
+	Code          Code   `cbor:"1,keyasint"`
+	Message       string `cbor:"2,keyasint,omitempty"`
+	NodeCert      []byte `cbor:"3,keyasint,omitempty"`
+	AuthorityCert []byte `cbor:"4,keyasint,omitempty"`
+	Policy        []byte `cbor:"5,keyasint,omitempty"`
+}
+
+var (
+	wireEnc cbor.EncMode
+	wireDec cbor.DecMode
+)
+
+func init() {
+	var err error
+	if wireEnc, err = cbor.CoreDetEncOptions().EncMode(); err != nil {
+		panic(err)
+	}
+	wireDec, err = cbor.DecOptions{
+		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
+		IndefLength:       cbor.IndefLengthForbidden,
+		TagsMd:            cbor.TagsForbidden,
+		MaxNestedLevels:   4,
+		MaxArrayElements:  16,
+		MaxMapPairs:       16,
+		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
+	}.DecMode()
+	if err != nil {
+		panic(err)
+	}
+}
+
+// DecodeJoinRequest strictly decodes and validates a join request body. It is the parser of
+// untrusted bytes on the authority's unauthenticated path.
+func DecodeJoinRequest(b []byte) (JoinRequest, error) {
+	var req JoinRequest
+	if len(b) > maxRequest {
+		return req, fmt.Errorf("%w: join request of %d bytes exceeds %d", ErrProtocol, len(b), maxRequest)
+	}
+	if err := wireDec.Unmarshal(b, &req); err != nil {
+		return JoinRequest{}, fmt.Errorf("%w: join request: %w", ErrProtocol, err)
+	}
+	switch {
+	case req.TokenID == "" || len(req.TokenID) > maxTokenPart || len(req.Secret) == 0 || len(req.Secret) > maxTokenPart:
+		return JoinRequest{}, fmt.Errorf("%w: token id or secret missing or longer than %d", ErrMalformedToken, maxTokenPart)
+	case len(req.CSR) == 0 || len(req.CSR) > maxCSR:
+		return JoinRequest{}, fmt.Errorf("%w: CSR missing or longer than %d bytes", ErrCSR, maxCSR)
+	case len(req.Region) > maxRegion:
+		return JoinRequest{}, fmt.Errorf("%w: region longer than %d", ErrTokenRegion, maxRegion)
+	}
+	return req, nil
+}
+
+// DecodeRenewRequest strictly decodes and validates a renewal request body.
+func DecodeRenewRequest(b []byte) (RenewRequest, error) {
+	var req RenewRequest
+	if len(b) > maxRequest {
+		return req, fmt.Errorf("%w: renew request of %d bytes exceeds %d", ErrProtocol, len(b), maxRequest)
+	}
+	if err := wireDec.Unmarshal(b, &req); err != nil {
+		return RenewRequest{}, fmt.Errorf("%w: renew request: %w", ErrProtocol, err)
+	}
+	if len(req.CSR) == 0 || len(req.CSR) > maxCSR {
+		return RenewRequest{}, fmt.Errorf("%w: CSR missing or longer than %d bytes", ErrCSR, maxCSR)
+	}
+	return req, nil
+}
+
+// DecodeResponse strictly decodes a response body.
+func DecodeResponse(b []byte) (Response, error) {
+	var resp Response
+	if err := wireDec.Unmarshal(b, &resp); err != nil {
+		return Response{}, fmt.Errorf("%w: response: %w", ErrProtocol, err)
+	}
+	return resp, nil
+}
+
+// writeFrame writes [op byte if non-zero][u32 length][body].
+func writeFrame(w io.Writer, op byte, v any) error {
+	body, err := wireEnc.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("encode frame: %w", err)
+	}
+	buf := make([]byte, 0, 5+len(body))
+	if op != 0 {
+		buf = append(buf, op)
+	}
+	buf = binary.BigEndian.AppendUint32(buf, uint32(len(body)))
+	buf = append(buf, body...)
+	_, err = w.Write(buf)
+	return err
+}
+
+// readFrame reads one length-prefixed body of at most limit bytes.
+func readFrame(r io.Reader, limit int) ([]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, fmt.Errorf("%w: read frame length: %w", ErrProtocol, err)
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	if n > uint32(limit) {
+		return nil, fmt.Errorf("%w: frame of %d bytes exceeds %d", ErrProtocol, n, limit)
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return nil, fmt.Errorf("%w: read frame body: %w", ErrProtocol, err)
+	}
+	return body, nil
+}
+
+// readOp reads the operation byte of a request.
+func readOp(r io.Reader) (byte, error) {
+	var op [1]byte
+	if _, err := io.ReadFull(r, op[:]); err != nil {
+		return 0, fmt.Errorf("%w: read operation: %w", ErrProtocol, err)
+	}
+	if op[0] != OpJoin && op[0] != OpRenew {
+		return 0, fmt.Errorf("%w: unknown operation %d", ErrProtocol, op[0])
+	}
+	return op[0], nil
+}

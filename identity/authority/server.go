@@ -1,0 +1,184 @@
+package authority
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// Timeouts of one request on the authority's endpoint. A join or renewal is one round trip; a peer
+// that takes longer is gone or hostile.
+const (
+	requestTimeout   = 10 * time.Second
+	handshakeTimeout = 5 * time.Second
+	lingerTimeout    = 5 * time.Second
+)
+
+// QUIC application error codes used when the authority closes a connection.
+const (
+	closeOK       quic.ApplicationErrorCode = 0
+	closeProtocol quic.ApplicationErrorCode = 1
+	close0RTT     quic.ApplicationErrorCode = 2
+)
+
+// Server is the authority's QUIC endpoint: one UDP socket, one quic.Transport, one listener.
+type Server struct {
+	a   *Authority
+	udp *net.UDPConn
+	tr  *quic.Transport
+	ln  *quic.Listener
+	log *slog.Logger
+}
+
+// Listen binds the authority's QUIC endpoint on addr (e.g. "127.0.0.1:7443", port 0 for an
+// ephemeral port). Call Serve to accept and Close (or cancel Serve's context) to stop.
+func (a *Authority) Listen(addr string) (*Server, error) {
+	uaddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("listen address %q: %w", addr, err)
+	}
+	udp, err := net.ListenUDP("udp", uaddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	tr := &quic.Transport{Conn: udp}
+	ln, err := tr.Listen(a.serverTLS(), serverQUICConfig())
+	if err != nil {
+		_ = tr.Close()
+		_ = udp.Close()
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return &Server{a: a, udp: udp, tr: tr, ln: ln, log: a.log}, nil
+}
+
+// Addr is the bound UDP address.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+func serverQUICConfig() *quic.Config {
+	return &quic.Config{
+		HandshakeIdleTimeout:  handshakeTimeout,
+		MaxIdleTimeout:        requestTimeout,
+		MaxIncomingStreams:    1,
+		MaxIncomingUniStreams: -1,
+		Allow0RTT:             false,
+	}
+}
+
+// serverTLS presents the authority certificate. Client certificates are requested, not required:
+// joining nodes have none yet; renewals present one and the renewal handler verifies it (the TLS
+// 1.3 CertificateVerify already proved possession of its key).
+func (a *Authority) serverTLS() *tls.Config {
+	return &tls.Config{
+		MinVersion:             tls.VersionTLS13,
+		NextProtos:             []string{ALPN},
+		Certificates:           []tls.Certificate{{Certificate: [][]byte{a.certDER}, PrivateKey: a.key}},
+		ClientAuth:             tls.RequestClientCert,
+		SessionTicketsDisabled: true,
+	}
+}
+
+// Serve accepts connections until ctx is cancelled, then closes the endpoint and waits for every
+// in-flight request handler to return.
+func (s *Server) Serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() {
+		cancel()
+		_ = s.Close()
+		wg.Wait()
+	}()
+	s.log.Info("authority listening", "addr", s.Addr().String(), "alpn", ALPN, "trust_domain", s.a.trustDomain)
+	for {
+		conn, err := s.ln.Accept(ctx)
+		if err != nil {
+			if ctx.Err() != nil || errors.Is(err, quic.ErrServerClosed) {
+				return nil
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		wg.Go(func() { s.handleConn(ctx, conn) })
+	}
+}
+
+// Close stops the endpoint. Safe to call more than once.
+func (s *Server) Close() error {
+	errL := s.ln.Close()
+	errT := s.tr.Close()
+	errU := s.udp.Close()
+	if errL != nil && !errors.Is(errL, quic.ErrServerClosed) {
+		return errL
+	}
+	if errT != nil && !errors.Is(errT, quic.ErrTransportClosed) {
+		return errT
+	}
+	if errU != nil && !errors.Is(errU, net.ErrClosed) {
+		return errU
+	}
+	return nil
+}
+
+func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
+	remote := conn.RemoteAddr().String()
+	if conn.ConnectionState().Used0RTT {
+		_ = conn.CloseWithError(close0RTT, "0-RTT refused")
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	str, err := conn.AcceptStream(ctx)
+	if err != nil {
+		_ = conn.CloseWithError(closeProtocol, "no request")
+		return
+	}
+	_ = str.SetDeadline(time.Now().Add(requestTimeout))
+	resp := s.dispatch(ctx, str, conn.ConnectionState().TLS.PeerCertificates, remote)
+	if err := writeFrame(str, 0, resp); err != nil {
+		s.log.Warn("write response", "remote", remote, "err", err)
+		_ = conn.CloseWithError(closeProtocol, "write failed")
+		return
+	}
+	_ = str.Close()
+	// Let the client read the response and close first: closing the connection now could discard
+	// the response still in flight.
+	linger := time.NewTimer(lingerTimeout)
+	defer linger.Stop()
+	select {
+	case <-conn.Context().Done():
+	case <-linger.C:
+	case <-ctx.Done():
+	}
+	_ = conn.CloseWithError(closeOK, "")
+}
+
+func (s *Server) dispatch(ctx context.Context, str *quic.Stream, peer []*x509.Certificate, remote string) Response {
+	op, err := readOp(str)
+	if err != nil {
+		return s.a.refuse(ctx, "request", remote, "", err)
+	}
+	body, err := readFrame(str, maxRequest)
+	if err != nil {
+		return s.a.refuse(ctx, "request", remote, "", err)
+	}
+	switch op {
+	case OpJoin:
+		req, err := DecodeJoinRequest(body)
+		if err != nil {
+			return s.a.refuse(ctx, "join", remote, "", err)
+		}
+		return s.a.join(ctx, req, remote)
+	default:
+		req, err := DecodeRenewRequest(body)
+		if err != nil {
+			return s.a.refuse(ctx, "renew", remote, "", err)
+		}
+		return s.a.renew(ctx, req, peer, remote)
+	}
+}

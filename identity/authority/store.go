@@ -1,0 +1,455 @@
+package authority
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/fxamacker/cbor/v2"
+	bolt "go.etcd.io/bbolt"
+	bolterrors "go.etcd.io/bbolt/errors"
+)
+
+// Bucket and key names of the store. The layout is documented in docs/join.md.
+var (
+	bucketMeta    = []byte("meta")
+	bucketTokens  = []byte("tokens")
+	bucketIssued  = []byte("issued")
+	bucketRevoked = []byte("revoked")
+	bucketAudit   = []byte("audit")
+
+	keyTrustDomain = []byte("trust_domain")
+	keyPolicy      = []byte("policy")
+	keySerial      = []byte("serial")
+	keyCreated     = []byte("created")
+)
+
+// maxRecordSize caps every record decoded from the store: the file is ours, but I8 says a damaged
+// file must give an error, not an allocation bomb.
+const maxRecordSize = 1 << 20
+
+var (
+	storeEnc cbor.EncMode
+	storeDec cbor.DecMode
+)
+
+func init() {
+	var err error
+	if storeEnc, err = cbor.CoreDetEncOptions().EncMode(); err != nil {
+		panic(err)
+	}
+	storeDec, err = cbor.DecOptions{
+		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
+		IndefLength:       cbor.IndefLengthForbidden,
+		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
+	}.DecMode()
+	if err != nil {
+		panic(err)
+	}
+}
+
+// TokenRecord is what the store keeps of a join token: never the secret, only its hash.
+type TokenRecord struct {
+	ID         string    `cbor:"1,keyasint" json:"id"`
+	SecretHash []byte    `cbor:"2,keyasint" json:"-"`
+	Zones      []string  `cbor:"3,keyasint" json:"zones"`
+	Regions    []string  `cbor:"4,keyasint,omitempty" json:"regions,omitempty"`
+	CreatedAt  time.Time `cbor:"5,keyasint" json:"created_at"`
+	ExpiresAt  time.Time `cbor:"6,keyasint" json:"expires_at"`
+	ConsumedBy string    `cbor:"7,keyasint,omitempty" json:"consumed_by,omitempty"`
+	ConsumedAt time.Time `cbor:"8,keyasint,omitempty" json:"consumed_at,omitzero"`
+	Serial     uint64    `cbor:"9,keyasint,omitempty" json:"serial,omitempty"`
+}
+
+// IssuedRecord is one certificate the authority signed.
+type IssuedRecord struct {
+	Serial    uint64    `cbor:"1,keyasint" json:"serial"`
+	SPIFFEID  string    `cbor:"2,keyasint" json:"spiffe_id"`
+	TokenID   string    `cbor:"3,keyasint,omitempty" json:"token_id,omitempty"`
+	Renewal   uint64    `cbor:"4,keyasint,omitempty" json:"renews_serial,omitempty"`
+	IssuedAt  time.Time `cbor:"5,keyasint" json:"issued_at"`
+	NotAfter  time.Time `cbor:"6,keyasint" json:"not_after"`
+	KeyHash   string    `cbor:"7,keyasint" json:"key_hash"`
+	CertDER   []byte    `cbor:"8,keyasint" json:"-"`
+	RemoteAdr string    `cbor:"9,keyasint,omitempty" json:"remote_addr,omitempty"`
+}
+
+// Outcome of an audited event.
+type Outcome string
+
+// Audit outcomes.
+const (
+	OutcomeIssued  Outcome = "issued"
+	OutcomeRefused Outcome = "refused"
+	OutcomeCreated Outcome = "created"
+)
+
+// AuditRecord is one event of the authority's audit trail.
+type AuditRecord struct {
+	Seq      uint64    `cbor:"1,keyasint" json:"seq"`
+	Time     time.Time `cbor:"2,keyasint" json:"time"`
+	Event    string    `cbor:"3,keyasint" json:"event"`
+	Remote   string    `cbor:"4,keyasint,omitempty" json:"remote,omitempty"`
+	TokenID  string    `cbor:"5,keyasint,omitempty" json:"token_id,omitempty"`
+	Subject  string    `cbor:"6,keyasint,omitempty" json:"subject,omitempty"`
+	Serial   uint64    `cbor:"7,keyasint,omitempty" json:"serial,omitempty"`
+	Outcome  Outcome   `cbor:"8,keyasint" json:"outcome"`
+	Reason   string    `cbor:"9,keyasint,omitempty" json:"reason,omitempty"`
+	WireCode Code      `cbor:"10,keyasint,omitempty" json:"code,omitempty"`
+}
+
+// Meta is the authority's identity-independent configuration held in the store.
+type Meta struct {
+	TrustDomain string
+	Policy      []byte
+	LastSerial  uint64
+	Created     time.Time
+}
+
+// Store is the authority's durable state in one bbolt file. bbolt holds an exclusive lock on the
+// file, so one process at a time opens it: the running daemon, or an offline CLI command.
+type Store struct {
+	db *bolt.DB
+}
+
+// ErrStoreLocked means another process (normally `ute authority run`) holds the store open.
+var ErrStoreLocked = errors.New("authority store is locked by another process")
+
+// OpenStore opens (creating if needed) the store at path, waiting at most timeout for the file
+// lock. A timeout of zero waits forever, as bbolt does.
+func OpenStore(path string, timeout time.Duration) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: timeout})
+	if err != nil {
+		if errors.Is(err, bolterrors.ErrTimeout) {
+			return nil, fmt.Errorf("%w: %s (stop the daemon or use its admin socket)", ErrStoreLocked, path)
+		}
+		return nil, fmt.Errorf("open authority store %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("prepare authority store %s: %w", path, err)
+	}
+	return &Store{db: db}, nil
+}
+
+// Close releases the file lock.
+func (s *Store) Close() error { return s.db.Close() }
+
+// Init records the trust domain and policy of a new authority; it refuses a store that already has
+// them.
+func (s *Store) Init(trustDomain string, policy []byte, now time.Time) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		if m.Get(keyTrustDomain) != nil {
+			return ErrAlreadyInitialized
+		}
+		created, err := now.UTC().MarshalBinary()
+		if err != nil {
+			return err
+		}
+		if err := m.Put(keyTrustDomain, []byte(trustDomain)); err != nil {
+			return err
+		}
+		if err := m.Put(keyPolicy, policy); err != nil {
+			return err
+		}
+		if err := m.Put(keyCreated, created); err != nil {
+			return err
+		}
+		return m.Put(keySerial, u64(0))
+	})
+}
+
+// Meta returns the stored trust domain, policy and serial counter.
+func (s *Store) Meta() (Meta, error) {
+	var meta Meta
+	err := s.db.View(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		td := m.Get(keyTrustDomain)
+		if td == nil {
+			return ErrNotInitialized
+		}
+		meta.TrustDomain = string(td)
+		meta.Policy = bytes.Clone(m.Get(keyPolicy))
+		serial, err := getU64(m.Get(keySerial))
+		if err != nil {
+			return fmt.Errorf("serial counter: %w", err)
+		}
+		meta.LastSerial = serial
+		if c := m.Get(keyCreated); c != nil {
+			if err := meta.Created.UnmarshalBinary(c); err != nil {
+				return fmt.Errorf("creation time: %w", err)
+			}
+		}
+		return nil
+	})
+	return meta, err
+}
+
+// SetPolicy replaces the stored policy bytes (validated by the caller).
+func (s *Store) SetPolicy(policy []byte) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		m := tx.Bucket(bucketMeta)
+		if m.Get(keyTrustDomain) == nil {
+			return ErrNotInitialized
+		}
+		return m.Put(keyPolicy, policy)
+	})
+}
+
+// PutToken stores a new token record; an existing id is refused (ids are random, a collision
+// means a bug or an attack, never something to overwrite).
+func (s *Store) PutToken(rec TokenRecord) error {
+	val, err := storeEnc.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encode token record: %w", err)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketTokens)
+		if b.Get([]byte(rec.ID)) != nil {
+			return fmt.Errorf("%w: %s", ErrDuplicateToken, rec.ID)
+		}
+		return b.Put([]byte(rec.ID), val)
+	})
+}
+
+// Token returns the stored record of a token id.
+func (s *Store) Token(id string) (TokenRecord, error) {
+	var rec TokenRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketTokens).Get([]byte(id))
+		if v == nil {
+			return fmt.Errorf("%w: no token with id %q", ErrTokenUnknown, id)
+		}
+		return decodeRecord(v, &rec)
+	})
+	return rec, err
+}
+
+// Tokens lists all token records, oldest id order (ids are random, so effectively unordered).
+func (s *Store) Tokens() ([]TokenRecord, error) {
+	var out []TokenRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketTokens).ForEach(func(_, v []byte) error {
+			var rec TokenRecord
+			if err := decodeRecord(v, &rec); err != nil {
+				return err
+			}
+			out = append(out, rec)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// ConsumeRequest is one attempt to spend a token.
+type ConsumeRequest struct {
+	ID         string
+	SecretHash []byte
+	Consumer   string // the name the joining node asked for
+	Now        time.Time
+	// Check validates the token's zones and regions against the request and the policy; a non-nil
+	// error refuses the join without consuming the token.
+	Check func(TokenRecord) error
+}
+
+// Consume checks and consumes a token and allocates the serial of the certificate about to be
+// signed, in one durable transaction. Of any number of concurrent calls with the same token, exactly
+// one succeeds; the others get ErrTokenUsed. The order of checks is fixed so that a caller without
+// the right secret learns nothing beyond ErrTokenUnknown.
+func (s *Store) Consume(req ConsumeRequest) (TokenRecord, uint64, error) {
+	var (
+		rec    TokenRecord
+		serial uint64
+	)
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketTokens)
+		v := b.Get([]byte(req.ID))
+		if v == nil {
+			return fmt.Errorf("%w: check the token was created by this authority", ErrTokenUnknown)
+		}
+		if err := decodeRecord(v, &rec); err != nil {
+			return err
+		}
+		if len(rec.SecretHash) == 0 || subtle.ConstantTimeCompare(rec.SecretHash, req.SecretHash) != 1 {
+			return fmt.Errorf("%w: check the token was created by this authority", ErrTokenUnknown)
+		}
+		if rec.ConsumedBy != "" {
+			return fmt.Errorf("%w: token %s was consumed at %s; create a new token", ErrTokenUsed, rec.ID, rec.ConsumedAt.UTC().Format(time.RFC3339))
+		}
+		if !req.Now.Before(rec.ExpiresAt) {
+			return fmt.Errorf("%w: token %s expired at %s; create a new token", ErrTokenExpired, rec.ID, rec.ExpiresAt.UTC().Format(time.RFC3339))
+		}
+		if req.Check != nil {
+			if err := req.Check(rec); err != nil {
+				return err
+			}
+		}
+		var err error
+		if serial, err = nextSerial(tx); err != nil {
+			return err
+		}
+		rec.ConsumedBy = req.Consumer
+		if rec.ConsumedBy == "" {
+			rec.ConsumedBy = "?"
+		}
+		rec.ConsumedAt = req.Now.UTC()
+		rec.Serial = serial
+		val, err := storeEnc.Marshal(rec)
+		if err != nil {
+			return fmt.Errorf("encode token record: %w", err)
+		}
+		return b.Put([]byte(rec.ID), val)
+	})
+	if err != nil {
+		return TokenRecord{}, 0, err
+	}
+	return rec, serial, nil
+}
+
+// AllocateSerial reserves the next serial (for renewals, which spend no token).
+func (s *Store) AllocateSerial() (uint64, error) {
+	var serial uint64
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		var err error
+		serial, err = nextSerial(tx)
+		return err
+	})
+	return serial, err
+}
+
+func nextSerial(tx *bolt.Tx) (uint64, error) {
+	m := tx.Bucket(bucketMeta)
+	last, err := getU64(m.Get(keySerial))
+	if err != nil {
+		return 0, fmt.Errorf("serial counter: %w", err)
+	}
+	if last == ^uint64(0) {
+		return 0, errors.New("serial counter exhausted")
+	}
+	next := last + 1
+	return next, m.Put(keySerial, u64(next))
+}
+
+// PutIssued records a signed certificate.
+func (s *Store) PutIssued(rec IssuedRecord) error {
+	val, err := storeEnc.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encode issued record: %w", err)
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketIssued)
+		if b.Get(u64(rec.Serial)) != nil {
+			return fmt.Errorf("serial %d already issued", rec.Serial)
+		}
+		return b.Put(u64(rec.Serial), val)
+	})
+}
+
+// Issued lists every issued certificate in serial order.
+func (s *Store) Issued() ([]IssuedRecord, error) {
+	var out []IssuedRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketIssued).ForEach(func(_, v []byte) error {
+			var rec IssuedRecord
+			if err := decodeRecord(v, &rec); err != nil {
+				return err
+			}
+			out = append(out, rec)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// Revoke adds a serial to the revoked set. Revoking twice is not an error (I5: idempotent).
+func (s *Store) Revoke(serial uint64, reason string, now time.Time) error {
+	val, err := storeEnc.Marshal(struct {
+		Time   time.Time `cbor:"1,keyasint"`
+		Reason string    `cbor:"2,keyasint"`
+	}{now.UTC(), reason})
+	if err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketRevoked)
+		if b.Get(u64(serial)) != nil {
+			return nil
+		}
+		return b.Put(u64(serial), val)
+	})
+}
+
+// IsRevoked reports whether a serial is in the revoked set.
+func (s *Store) IsRevoked(serial uint64) (bool, error) {
+	var revoked bool
+	err := s.db.View(func(tx *bolt.Tx) error {
+		revoked = tx.Bucket(bucketRevoked).Get(u64(serial)) != nil
+		return nil
+	})
+	return revoked, err
+}
+
+// AppendAudit appends one event to the audit trail, assigning its sequence number.
+func (s *Store) AppendAudit(rec AuditRecord) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketAudit)
+		seq, err := b.NextSequence()
+		if err != nil {
+			return err
+		}
+		rec.Seq = seq
+		rec.Time = rec.Time.UTC()
+		val, err := storeEnc.Marshal(rec)
+		if err != nil {
+			return fmt.Errorf("encode audit record: %w", err)
+		}
+		return b.Put(u64(seq), val)
+	})
+}
+
+// Audit returns the audit trail in order.
+func (s *Store) Audit() ([]AuditRecord, error) {
+	var out []AuditRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAudit).ForEach(func(_, v []byte) error {
+			var rec AuditRecord
+			if err := decodeRecord(v, &rec); err != nil {
+				return err
+			}
+			out = append(out, rec)
+			return nil
+		})
+	})
+	return out, err
+}
+
+func decodeRecord(v []byte, into any) error {
+	if len(v) > maxRecordSize {
+		return fmt.Errorf("store record of %d bytes exceeds the %d-byte cap", len(v), maxRecordSize)
+	}
+	if err := storeDec.Unmarshal(v, into); err != nil {
+		return fmt.Errorf("decode store record: %w", err)
+	}
+	return nil
+}
+
+func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+func getU64(b []byte) (uint64, error) {
+	if len(b) != 8 {
+		return 0, fmt.Errorf("want 8 bytes, have %d", len(b))
+	}
+	return binary.BigEndian.Uint64(b), nil
+}

@@ -1,0 +1,350 @@
+package state
+
+import (
+	"bytes"
+	"crypto/ed25519"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+)
+
+// File names inside a node directory. The layout is documented in docs/join.md.
+const (
+	FileNodeKey       = "node.key"
+	FileNodeCert      = "node.crt"
+	FileAuthorityCert = "authority.crt"
+	FilePolicy        = "policy.yaml"
+	FileNodeInfo      = "node.json"
+	FileIPAM          = "ipam.json"
+	DirAgents         = "agents"
+	fileLock          = ".lock"
+	suffixNext        = ".next"
+	pemCert           = "CERTIFICATE"
+	maxFile           = 1 << 20
+)
+
+// Errors of a node directory.
+var (
+	ErrNotJoined     = errors.New("node directory has not joined a trust domain")
+	ErrAlreadyJoined = errors.New("node directory already holds a node identity")
+	ErrBadFile       = errors.New("node directory file is damaged")
+)
+
+// Info is node.json: what the node learned at join besides its certificate.
+type Info struct {
+	Name        string    `json:"name"`
+	Region      string    `json:"region,omitempty"`
+	TrustDomain string    `json:"trust_domain"`
+	Authority   string    `json:"authority"`
+	JoinedAt    time.Time `json:"joined_at"`
+}
+
+// Dir is a node's state directory. Methods that change it take an exclusive flock on the
+// directory's lock file, so the daemon and an offline `ute agent add` never interleave writes.
+type Dir struct {
+	path string
+	now  func() time.Time
+}
+
+// Option configures a Dir.
+type Option func(*Dir)
+
+// WithClock injects the clock used for certificate validity (tests).
+func WithClock(now func() time.Time) Option { return func(d *Dir) { d.now = now } }
+
+// Create makes path (0700) for a node that is about to join. It refuses a directory that already
+// holds a node certificate, so a second join never overwrites an identity.
+func Create(path string, opts ...Option) (*Dir, error) {
+	if err := os.MkdirAll(path, 0o700); err != nil {
+		return nil, fmt.Errorf("create node directory %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o700); err != nil {
+		return nil, fmt.Errorf("create node directory %s: %w", path, err)
+	}
+	d := newDir(path, opts)
+	if _, err := os.Stat(d.file(FileNodeCert)); err == nil {
+		return nil, fmt.Errorf("%w: %s; use another --dir or remove it to rejoin", ErrAlreadyJoined, path)
+	}
+	return d, nil
+}
+
+// Open opens the directory of a node that has joined. It completes a renewal that was interrupted
+// between installing the new key and the new certificate.
+func Open(path string, opts ...Option) (*Dir, error) {
+	d := newDir(path, opts)
+	if _, err := os.Stat(d.file(FileNodeCert)); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("%w: %s has no %s; run `ute node join --dir %s ...` first", ErrNotJoined, path, FileNodeCert, path)
+		}
+		return nil, fmt.Errorf("open node directory: %w", err)
+	}
+	unlock, err := d.lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := d.recoverRenewal(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}
+
+func newDir(path string, opts []Option) *Dir {
+	d := &Dir{path: path, now: time.Now}
+	for _, o := range opts {
+		o(d)
+	}
+	return d
+}
+
+// Path is the directory's path.
+func (d *Dir) Path() string { return d.path }
+
+func (d *Dir) file(name string) string { return filepath.Join(d.path, name) }
+
+// lock takes the directory's exclusive lock; the returned function releases it.
+func (d *Dir) lock() (func(), error) {
+	f, err := os.OpenFile(d.file(fileLock), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("lock node directory: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		_ = f.Close()
+		return nil, fmt.Errorf("lock node directory: %w", err)
+	}
+	return func() {
+		_ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN)
+		_ = f.Close()
+	}, nil
+}
+
+// Joined is what a successful join hands to the directory.
+type Joined struct {
+	Key           ed25519.PrivateKey
+	NodeCert      []byte // DER
+	AuthorityCert []byte // DER
+	Policy        []byte
+	Info          Info
+}
+
+// SaveJoin writes everything a join produced. The certificate is written last: its presence is
+// what marks the directory as joined, so a crash midway leaves a directory that can join again.
+func (d *Dir) SaveJoin(j Joined) error {
+	unlock, err := d.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if _, err := os.Stat(d.file(FileNodeCert)); err == nil {
+		return fmt.Errorf("%w: %s", ErrAlreadyJoined, d.path)
+	}
+	if err := identity.WriteKey(d.file(FileNodeKey), j.Key); err != nil {
+		return err
+	}
+	if err := writeAtomic(d.file(FileAuthorityCert), certPEM(j.AuthorityCert), 0o644); err != nil {
+		return err
+	}
+	if err := writeAtomic(d.file(FilePolicy), j.Policy, 0o644); err != nil {
+		return err
+	}
+	info, err := json.MarshalIndent(j.Info, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode node.json: %w", err)
+	}
+	if err := writeAtomic(d.file(FileNodeInfo), append(info, '\n'), 0o644); err != nil {
+		return err
+	}
+	return writeAtomic(d.file(FileNodeCert), certPEM(j.NodeCert), 0o644)
+}
+
+// Info returns node.json.
+func (d *Dir) Info() (Info, error) {
+	var info Info
+	b, err := readFile(d.file(FileNodeInfo))
+	if err != nil {
+		return info, err
+	}
+	if err := json.Unmarshal(b, &info); err != nil {
+		return info, fmt.Errorf("%w: %s: %w", ErrBadFile, FileNodeInfo, err)
+	}
+	return info, nil
+}
+
+// NodeKey reads the node's private key.
+func (d *Dir) NodeKey() (ed25519.PrivateKey, error) { return identity.ReadKey(d.file(FileNodeKey)) }
+
+// NodeCert reads and parses the node certificate.
+func (d *Dir) NodeCert() (*identity.Certificate, error) { return readCert(d.file(FileNodeCert)) }
+
+// NodeCertDER returns the node certificate's DER bytes.
+func (d *Dir) NodeCertDER() ([]byte, error) { return readCertDER(d.file(FileNodeCert)) }
+
+// AuthorityCert reads and parses the authority certificate received at join.
+func (d *Dir) AuthorityCert() (*identity.Certificate, error) {
+	return readCert(d.file(FileAuthorityCert))
+}
+
+// Policy returns the policy bytes received from the authority.
+func (d *Dir) Policy() ([]byte, error) { return readFile(d.file(FilePolicy)) }
+
+// InstallRenewal replaces the node key and certificate with a renewed pair. Each file is renamed
+// atomically; the new pair is first staged as *.next files so that Open can finish an installation
+// a crash interrupted, and a key never sits next to a certificate it does not match for longer
+// than that window.
+func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
+	cert, err := identity.ParseCertificate(certDER)
+	if err != nil {
+		return fmt.Errorf("renewed certificate: %w", err)
+	}
+	if !bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
+		return fmt.Errorf("%w: renewed certificate does not match the new key", ErrBadFile)
+	}
+	unlock, err := d.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if err := writeAtomic(d.file(FileNodeCert+suffixNext), certPEM(certDER), 0o644); err != nil {
+		return err
+	}
+	if err := identity.WriteKey(d.file(FileNodeKey+suffixNext), key); err != nil {
+		return err
+	}
+	return d.finishRenewal()
+}
+
+// finishRenewal renames the staged key then the staged certificate into place.
+func (d *Dir) finishRenewal() error {
+	if err := renameSync(d.file(FileNodeKey+suffixNext), d.file(FileNodeKey)); err != nil {
+		return err
+	}
+	return renameSync(d.file(FileNodeCert+suffixNext), d.file(FileNodeCert))
+}
+
+// recoverRenewal finishes or rolls back an interrupted InstallRenewal: a staged certificate
+// whose staged or installed key matches it is installed; anything else staged is discarded.
+func (d *Dir) recoverRenewal() error {
+	nextCert := d.file(FileNodeCert + suffixNext)
+	nextKey := d.file(FileNodeKey + suffixNext)
+	if _, err := os.Stat(nextCert); errors.Is(err, fs.ErrNotExist) {
+		_ = os.Remove(nextKey)
+		return nil
+	}
+	cert, err := readCert(nextCert)
+	if err != nil {
+		_ = os.Remove(nextCert)
+		_ = os.Remove(nextKey)
+		return nil
+	}
+	if key, err := identity.ReadKey(nextKey); err == nil && bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
+		return d.finishRenewal()
+	}
+	if key, err := identity.ReadKey(d.file(FileNodeKey)); err == nil && bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
+		return renameSync(nextCert, d.file(FileNodeCert))
+	}
+	_ = os.Remove(nextCert)
+	_ = os.Remove(nextKey)
+	return nil
+}
+
+func certPublicKey(c *identity.Certificate) []byte {
+	pub, _ := c.X509.PublicKey.(ed25519.PublicKey)
+	return pub
+}
+
+func certPEM(der []byte) []byte { return pem.EncodeToMemory(&pem.Block{Type: pemCert, Bytes: der}) }
+
+func readCertDER(path string) ([]byte, error) {
+	b, err := readFile(path)
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(b)
+	if block == nil || block.Type != pemCert {
+		return nil, fmt.Errorf("%w: %s is not a PEM certificate", ErrBadFile, path)
+	}
+	return block.Bytes, nil
+}
+
+func readCert(path string) (*identity.Certificate, error) {
+	der, err := readCertDER(path)
+	if err != nil {
+		return nil, err
+	}
+	c, err := identity.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+func readFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	defer func() { _ = f.Close() }()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	if st.Size() > maxFile {
+		return nil, fmt.Errorf("%w: %s is %d bytes (limit %d)", ErrBadFile, path, st.Size(), maxFile)
+	}
+	b := make([]byte, st.Size())
+	if _, err := f.ReadAt(b, 0); err != nil && st.Size() > 0 {
+		return nil, fmt.Errorf("read %s: %w", path, err)
+	}
+	return b, nil
+}
+
+// writeAtomic writes through a synced temporary file and a rename, then syncs the directory.
+func writeAtomic(path string, data []byte, mode os.FileMode) (err error) {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+		}
+	}()
+	if err = f.Chmod(mode); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if _, err = f.Write(data); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Sync(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err = f.Close(); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return renameSync(tmp, path)
+}
+
+func renameSync(from, to string) error {
+	if err := os.Rename(from, to); err != nil {
+		return fmt.Errorf("install %s: %w", to, err)
+	}
+	dir, err := os.Open(filepath.Dir(to))
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
+	}
+	defer func() { _ = dir.Close() }()
+	if err := dir.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
+	}
+	return nil
+}
