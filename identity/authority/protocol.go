@@ -28,7 +28,7 @@ const (
 )
 
 // JoinRequest is sent by a joining node, after it has checked the authority's key against the
-// token's pin. Encoding: deterministic CBOR map with integer keys (docs/join.md has the CDDL).
+// token's pin. Encoding: deterministic CBOR map with integer keys (docs/identity.md has the CDDL).
 type JoinRequest struct {
 	TokenID string `cbor:"1,keyasint"`
 	Secret  []byte `cbor:"2,keyasint"`

@@ -13,7 +13,7 @@ import (
 	bolterrors "go.etcd.io/bbolt/errors"
 )
 
-// Bucket and key names of the store. The layout is documented in docs/join.md.
+// Bucket and key names of the store. The layout is documented in docs/identity.md.
 var (
 	bucketMeta    = []byte("meta")
 	bucketTokens  = []byte("tokens")

@@ -16,7 +16,7 @@ import (
 	"github.com/ute-project/ute/identity"
 )
 
-// File names inside a node directory. The layout is documented in docs/join.md.
+// File names inside a node directory. The layout is documented in docs/identity.md.
 const (
 	FileNodeKey       = "node.key"
 	FileNodeCert      = "node.crt"
