@@ -1,0 +1,180 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"time"
+
+	"github.com/ute-project/ute/overlay/dtl"
+)
+
+// ALPNPrefix starts every tunnel ALPN value; the zone name follows it.
+const ALPNPrefix = "ute/1/zone/"
+
+// ALPN returns the ALPN protocol naming zone.
+func ALPN(zone string) string { return ALPNPrefix + zone }
+
+// zoneFromALPN is the inverse of ALPN.
+func zoneFromALPN(proto string) (string, bool) {
+	z, ok := strings.CutPrefix(proto, ALPNPrefix)
+	return z, ok && z != ""
+}
+
+// Peer is a verified peer node as the PeerVerifier describes it.
+type Peer struct {
+	NodeID      string            // the node's SPIFFE ID, e.g. spiffe://acme.internal/node/n1
+	Certificate *x509.Certificate // the peer's leaf certificate
+	Info        any               // whatever the verifier wants the Admitter to see (e.g. *identity.Certificate)
+}
+
+// PeerVerifier decides whether a peer node may hold a tunnel for zone. rawCerts is the peer's
+// certificate chain as sent in TLS, leaf first. It runs inside the TLS handshake on both sides; an
+// error aborts the handshake. The node implements it with identity.Verifier, the revocation store
+// and the zones tunnel decision.
+type PeerVerifier interface {
+	VerifyPeer(zone string, rawCerts [][]byte) (Peer, error)
+}
+
+// FlowRequest is what the receiving node knows about a flow before it is admitted.
+type FlowRequest struct {
+	Zone     string // the tunnel's zone
+	Peer     Peer   // the tunnel's verified peer node
+	Exporter []byte // the tunnel's TLS exporter value (the DTL session binding)
+	Record   []byte // the DTL record exactly as received
+}
+
+// Admission is the Admitter's verdict on an admitted flow.
+type Admission struct {
+	Agent  string   // source agent identity, keyed for the per-agent limit; must not be empty
+	Kind   FlowKind // from the verified record's protocol: KindStream (TCP) or KindPacket (UDP, ICMP)
+	FlowID uint64   // the record's flow id; names the datagrams of a packet flow
+	Local  net.Addr // overlay address of the destination (the conn's LocalAddr)
+	Remote net.Addr // overlay address of the source agent (the conn's RemoteAddr)
+	Info   any      // the verified record, handed to the handler (WhoIs)
+}
+
+// Admitter verifies a flow's DTL record and decides whether the flow may be delivered. An error
+// refuses the flow; a *dtl.Denial (or an error wrapping a dtl sentinel) chooses the reason code
+// sent to the peer, anything else is sent as "internal".
+type Admitter interface {
+	Admit(ctx context.Context, req FlowRequest) (Admission, error)
+}
+
+// Limits bounds the endpoint. Zero fields take the defaults listed.
+type Limits struct {
+	HandshakeTimeout  time.Duration // per handshake attempt; default 3 s
+	MaxIdleTimeout    time.Duration // QUIC idle timeout; default 30 s
+	KeepAlivePeriod   time.Duration // QUIC keep-alive; default 10 s
+	FirstFrameTimeout time.Duration // time for a new stream to deliver its record; default 5 s
+	AdmitTimeout      time.Duration // time the Admitter may take; default 5 s
+	VerdictTimeout    time.Duration // time OpenFlow waits for accept/reject; default 10 s
+	MaxRecordSize     int           // record frame cap; default dtl.MaxRecordSize
+	MaxFlowsPerPeer   int           // concurrent inbound flows per peer node; default 4096
+	MaxFlowsPerAgent  int           // concurrent inbound flows per source agent; default 1024
+	FlowIdleTimeout   time.Duration // inbound flows idle this long are closed; default 5 min
+	SweepInterval     time.Duration // how often idle flows are swept; default 10 s
+	MaxIncomingFlows  int64         // concurrent QUIC streams a peer may open; default 4096
+	DialAttempts      int           // handshake attempts per Dial; default 4
+	BackoffBase       time.Duration // first retry delay; default 100 ms
+	BackoffMax        time.Duration // retry delay cap; default 5 s
+	DatagramQueue     int           // queued inbound datagrams per packet flow; default 256
+}
+
+func (l Limits) withDefaults() Limits {
+	def := func(d *time.Duration, v time.Duration) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	defInt := func(d *int, v int) {
+		if *d <= 0 {
+			*d = v
+		}
+	}
+	def(&l.HandshakeTimeout, 3*time.Second)
+	def(&l.MaxIdleTimeout, 30*time.Second)
+	def(&l.KeepAlivePeriod, 10*time.Second)
+	def(&l.FirstFrameTimeout, 5*time.Second)
+	def(&l.AdmitTimeout, 5*time.Second)
+	def(&l.VerdictTimeout, 10*time.Second)
+	defInt(&l.MaxRecordSize, dtl.MaxRecordSize)
+	defInt(&l.MaxFlowsPerPeer, 4096)
+	defInt(&l.MaxFlowsPerAgent, 1024)
+	def(&l.FlowIdleTimeout, 5*time.Minute)
+	def(&l.SweepInterval, 10*time.Second)
+	if l.MaxIncomingFlows <= 0 {
+		l.MaxIncomingFlows = 4096
+	}
+	defInt(&l.DialAttempts, 4)
+	def(&l.BackoffBase, 100*time.Millisecond)
+	def(&l.BackoffMax, 5*time.Second)
+	defInt(&l.DatagramQueue, 256)
+	return l
+}
+
+// Refusal describes a handshake this endpoint refused (or that failed) for the OnRefused hook.
+type Refusal struct {
+	Zone   string   // zone the peer asked for (empty when ALPN failed)
+	Remote net.Addr // peer's underlay address
+	Err    error    // the verifier's error, wrapped in ErrPeerRefused
+}
+
+// Config configures an Endpoint.
+type Config struct {
+	// PacketConn is the underlay socket. The caller owns it and closes it after Endpoint.Close.
+	PacketConn net.PacketConn
+	// Certificate is this node's certificate chain and key; Leaf should be set.
+	Certificate tls.Certificate
+	// Zones are the zones this node serves; the listener offers exactly these ALPNs.
+	Zones []string
+	// Verifier checks every peer on both sides of every handshake. Required.
+	Verifier PeerVerifier
+	// Admitter decides every inbound flow. Required.
+	Admitter Admitter
+	// StreamHandler receives admitted stream flows. It runs on an endpoint-owned goroutine, owns
+	// the conn (must Close it) and should return promptly; Endpoint.Close closes every flow.
+	StreamHandler func(*FlowConn)
+	// PacketHandler receives admitted packet flows, with the same contract as StreamHandler.
+	PacketHandler func(*PacketFlow)
+	// SessionBinding computes the tunnel's DTL session binding value. Default: dtl.Exporter.
+	SessionBinding func(tls.ConnectionState) ([]byte, error)
+	// OnRefused, if set, is told about every refused handshake (for audit). It must not block.
+	OnRefused func(Refusal)
+	// Clock is the time source for flow idle expiry. Default time.Now.
+	Clock func() time.Time
+	// Logger receives refusals and drops. Default slog.Default().
+	Logger *slog.Logger
+	// Limits bounds the endpoint.
+	Limits Limits
+}
+
+func (c *Config) validate() error {
+	var errs []error
+	if c.PacketConn == nil {
+		errs = append(errs, errors.New("a PacketConn is required"))
+	}
+	if len(c.Certificate.Certificate) == 0 || c.Certificate.PrivateKey == nil {
+		errs = append(errs, errors.New("the node certificate needs a chain and a private key"))
+	}
+	if c.Verifier == nil {
+		errs = append(errs, errors.New("a PeerVerifier is required"))
+	}
+	if c.Admitter == nil {
+		errs = append(errs, errors.New("an Admitter is required"))
+	}
+	for _, z := range c.Zones {
+		if z == "" || strings.ContainsAny(z, "/ ") {
+			errs = append(errs, fmt.Errorf("zone name %q is invalid: it must be non-empty without '/' or spaces", z))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("tunnel: invalid config: %w", err)
+	}
+	return nil
+}

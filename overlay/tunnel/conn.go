@@ -1,0 +1,130 @@
+package tunnel
+
+import (
+	"io"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// FlowConn is an admitted stream flow as a net.Conn. Its addresses are overlay addresses.
+type FlowConn struct {
+	t      *Tunnel
+	str    *quic.Stream
+	adm    *Admission // nil on the opening side
+	local  net.Addr
+	remote net.Addr
+	entry  *flowEntry // inbound flows only
+
+	closeOnce sync.Once
+	idle      atomic.Bool
+}
+
+var _ net.Conn = (*FlowConn)(nil)
+
+func (t *Tunnel) newFlowConn(str *quic.Stream, adm *Admission, local, remote net.Addr, entry *flowEntry) *FlowConn {
+	if local == nil {
+		local = t.conn.LocalAddr()
+	}
+	if remote == nil {
+		remote = t.conn.RemoteAddr()
+	}
+	c := &FlowConn{t: t, str: str, adm: adm, local: local, remote: remote, entry: entry}
+	if entry != nil {
+		t.ep.table.activate(entry, c.closeIdle)
+	}
+	return c
+}
+
+// Read reads flow payload.
+func (c *FlowConn) Read(p []byte) (int, error) {
+	n, err := c.str.Read(p)
+	if n > 0 && c.entry != nil {
+		c.entry.touch(c.t.ep.clock())
+	}
+	if err != nil && err != io.EOF {
+		return n, c.wrapErr(err)
+	}
+	return n, err
+}
+
+// Write writes flow payload.
+func (c *FlowConn) Write(p []byte) (int, error) {
+	n, err := c.str.Write(p)
+	if n > 0 && c.entry != nil {
+		c.entry.touch(c.t.ep.clock())
+	}
+	if err != nil {
+		return n, c.wrapErr(err)
+	}
+	return n, nil
+}
+
+func (c *FlowConn) wrapErr(err error) error {
+	if c.idle.Load() {
+		return &net.OpError{Op: "flow", Net: "ute", Addr: c.remote, Err: ErrFlowIdle}
+	}
+	return err
+}
+
+// CloseWrite sends end-of-stream and keeps reading (a TCP half-close).
+func (c *FlowConn) CloseWrite() error { return c.str.Close() }
+
+// Close closes both directions and releases the flow's place in the flow table.
+func (c *FlowConn) Close() error {
+	c.closeOnce.Do(func() {
+		c.str.CancelRead(streamCodeClosed)
+		_ = c.str.Close()
+		if c.entry != nil {
+			c.t.ep.table.release(c.entry)
+		}
+	})
+	return nil
+}
+
+func (c *FlowConn) closeIdle(idle bool) {
+	c.closeOnce.Do(func() {
+		code := idleCode(idle)
+		c.idle.Store(idle)
+		c.str.CancelRead(code)
+		c.str.CancelWrite(code)
+		c.t.ep.table.release(c.entry)
+	})
+}
+
+// LocalAddr is this side's overlay address.
+func (c *FlowConn) LocalAddr() net.Addr { return c.local }
+
+// RemoteAddr is the other side's overlay address.
+func (c *FlowConn) RemoteAddr() net.Addr { return c.remote }
+
+func (c *FlowConn) SetDeadline(t time.Time) error      { return c.str.SetDeadline(t) }
+func (c *FlowConn) SetReadDeadline(t time.Time) error  { return c.str.SetReadDeadline(t) }
+func (c *FlowConn) SetWriteDeadline(t time.Time) error { return c.str.SetWriteDeadline(t) }
+
+// Admission is the receiving node's admission of this flow (the verified record in Info); ok is
+// false on the opening side.
+func (c *FlowConn) Admission() (Admission, bool) {
+	if c.adm == nil {
+		return Admission{}, false
+	}
+	return *c.adm, true
+}
+
+// Tunnel is the tunnel the flow rides on.
+func (c *FlowConn) Tunnel() *Tunnel { return c.t }
+
+// countingReader counts bytes read before admission (a test hook for invariant I2).
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}

@@ -1,0 +1,10 @@
+// Package tunnel owns UTE's zone-scoped QUIC tunnels and flow admission: one quic.Transport per
+// node over an injected net.PacketConn, one QUIC connection per (peer node, zone) with the zone named
+// by ALPN and both node certificates checked by an injected PeerVerifier, flows carried as QUIC
+// streams whose first frame is a DTL record, UDP flows carried as QUIC datagrams tagged with a flow id
+// admitted on a control stream, and the inbound flow table (limits, idle expiry, counters).
+//
+// It must never hand a byte of a flow to a handler before the injected Admitter accepted the flow's
+// record, never read a byte of an unadmitted flow past its record, never enable 0-RTT or session
+// resumption, and never decide identity or policy itself: the node injects both.
+package tunnel

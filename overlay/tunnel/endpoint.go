@@ -1,0 +1,434 @@
+package tunnel
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/ute-project/ute/overlay/dtl"
+)
+
+// Application error codes used when closing connections and streams.
+const (
+	codeNormal        quic.ApplicationErrorCode = 0
+	code0RTT          quic.ApplicationErrorCode = 0x101
+	codeNoPeer        quic.ApplicationErrorCode = 0x102
+	codeShutdown      quic.ApplicationErrorCode = 0x103
+	streamCodeReject  quic.StreamErrorCode      = 0x201
+	streamCodeBad     quic.StreamErrorCode      = 0x202
+	streamCodeIdle    quic.StreamErrorCode      = 0x203
+	streamCodeClosed  quic.StreamErrorCode      = 0x204
+	streamCodeControl quic.StreamErrorCode      = 0x205
+)
+
+// Endpoint is one node's QUIC endpoint: one quic.Transport over one PacketConn, listening for and
+// dialing zone tunnels. All goroutines it starts stop in Close.
+type Endpoint struct {
+	cfg   Config
+	lim   Limits
+	log   *slog.Logger
+	clock func() time.Time
+
+	tr    *quic.Transport
+	ln    *quic.Listener
+	qconf *quic.Config
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	closed  bool
+	zones   map[string]bool
+	live    map[tunnelKey]*Tunnel // the tunnel Dial reuses per (peer, zone)
+	tunnels map[*Tunnel]struct{}  // every open tunnel, for Close
+	dials   map[tunnelKey]*dialCall
+
+	table        *flowTable
+	stats        counters
+	preAdmitRead atomic.Int64 // bytes read from streams before their admission (test hook for I2)
+}
+
+type tunnelKey struct{ node, zone string }
+
+// peerHolder carries the peer verified inside the server-side handshake to the accept loop.
+type peerHolder struct {
+	mu   sync.Mutex
+	peer *Peer
+}
+
+type holderKey struct{}
+
+// New starts an endpoint listening on cfg.PacketConn.
+func New(cfg Config) (*Endpoint, error) {
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	e := &Endpoint{
+		cfg:     cfg,
+		lim:     cfg.Limits.withDefaults(),
+		log:     cfg.Logger,
+		clock:   cfg.Clock,
+		zones:   make(map[string]bool),
+		live:    make(map[tunnelKey]*Tunnel),
+		tunnels: make(map[*Tunnel]struct{}),
+		dials:   make(map[tunnelKey]*dialCall),
+	}
+	if e.log == nil {
+		e.log = slog.Default()
+	}
+	if e.clock == nil {
+		e.clock = time.Now
+	}
+	if e.cfg.SessionBinding == nil {
+		e.cfg.SessionBinding = dtl.Exporter
+	}
+	for _, z := range cfg.Zones {
+		e.zones[z] = true
+	}
+	e.table = newFlowTable(e.lim)
+	e.ctx, e.cancel = context.WithCancel(context.Background())
+	e.qconf = &quic.Config{
+		HandshakeIdleTimeout: e.lim.HandshakeTimeout,
+		MaxIdleTimeout:       e.lim.MaxIdleTimeout,
+		KeepAlivePeriod:      e.lim.KeepAlivePeriod,
+		MaxIncomingStreams:   e.lim.MaxIncomingFlows,
+		// Peers never need unidirectional streams; refusing them removes an attack surface.
+		MaxIncomingUniStreams: -1,
+		EnableDatagrams:       true,
+		Allow0RTT:             false,
+	}
+	e.tr = &quic.Transport{
+		Conn:              cfg.PacketConn,
+		StatelessResetKey: resetKey(cfg.Certificate),
+		ConnContext: func(ctx context.Context, _ *quic.ClientInfo) (context.Context, error) {
+			return context.WithValue(ctx, holderKey{}, &peerHolder{}), nil
+		},
+	}
+	ln, err := e.tr.Listen(e.serverTLS(), e.qconf)
+	if err != nil {
+		_ = e.tr.Close()
+		e.cancel()
+		return nil, fmt.Errorf("tunnel: listen on %s: %w", cfg.PacketConn.LocalAddr(), err)
+	}
+	e.ln = ln
+	e.spawn(e.acceptLoop)
+	e.spawn(e.sweepLoop)
+	return e, nil
+}
+
+// resetKey derives the stateless reset key from the node key, so that a restarted node can reset
+// connections its previous incarnation held and peers reconnect at once instead of waiting for the
+// idle timeout. The derivation is one-way and domain-separated, so the key itself is not exposed.
+func resetKey(cert tls.Certificate) *quic.StatelessResetKey {
+	priv, ok := cert.PrivateKey.(ed25519.PrivateKey)
+	if !ok {
+		return nil
+	}
+	var k quic.StatelessResetKey
+	h := sha256.New()
+	h.Write([]byte("ute/1 quic stateless reset key\x00"))
+	h.Write(priv.Seed())
+	copy(k[:], h.Sum(nil))
+	return &k
+}
+
+// Addr is the endpoint's underlay address.
+func (e *Endpoint) Addr() net.Addr { return e.cfg.PacketConn.LocalAddr() }
+
+// Zones returns the zones this endpoint serves, sorted.
+func (e *Endpoint) Zones() []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	out := make([]string, 0, len(e.zones))
+	for z := range e.zones {
+		out = append(out, z)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// SetZones replaces the zones this endpoint serves. Tunnels of zones no longer served are closed.
+func (e *Endpoint) SetZones(zones []string) {
+	next := make(map[string]bool, len(zones))
+	for _, z := range zones {
+		next[z] = true
+	}
+	e.mu.Lock()
+	e.zones = next
+	var drop []*Tunnel
+	for t := range e.tunnels {
+		if !next[t.zone] {
+			drop = append(drop, t)
+		}
+	}
+	e.mu.Unlock()
+	for _, t := range drop {
+		t.closeWith(codeShutdown, "zone no longer served")
+	}
+}
+
+func (e *Endpoint) servesZone(z string) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.zones[z]
+}
+
+// spawn runs f on an endpoint-owned goroutine unless the endpoint is closed.
+func (e *Endpoint) spawn(f func()) bool {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.closed {
+		return false
+	}
+	e.wg.Go(f)
+	return true
+}
+
+// Close stops listening, closes every tunnel and flow and waits for every goroutine it started.
+// It does not close the PacketConn.
+func (e *Endpoint) Close() error {
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		return nil
+	}
+	e.closed = true
+	tunnels := make([]*Tunnel, 0, len(e.tunnels))
+	for t := range e.tunnels {
+		tunnels = append(tunnels, t)
+	}
+	e.mu.Unlock()
+
+	e.cancel()
+	err := e.ln.Close()
+	for _, t := range tunnels {
+		t.closeWith(codeShutdown, "endpoint closing")
+	}
+	e.table.closeAll()
+	err = errors.Join(err, e.tr.Close())
+	e.wg.Wait()
+	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, quic.ErrServerClosed) {
+		return fmt.Errorf("tunnel: close: %w", err)
+	}
+	return nil
+}
+
+func (e *Endpoint) baseTLS() *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{e.cfg.Certificate},
+		// Session resumption would skip certificate verification on later handshakes and enable
+		// 0-RTT; every tunnel must prove its node certificate afresh.
+		SessionTicketsDisabled: true,
+		// The x509 pool verification cannot check UTE's constraints (SPIFFE IDs, zone grants,
+		// revocation); VerifyConnection runs the PeerVerifier on every handshake instead, on both
+		// sides, which is why skipping the standard verification is safe here.
+		InsecureSkipVerify: true,
+	}
+}
+
+func (e *Endpoint) serverTLS() *tls.Config {
+	base := e.baseTLS()
+	base.ClientAuth = tls.RequireAnyClientCert
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		holder, _ := hello.Context().Value(holderKey{}).(*peerHolder)
+		var remote net.Addr
+		if hello.Conn != nil {
+			remote = hello.Conn.RemoteAddr()
+		}
+		c := e.baseTLS()
+		c.ClientAuth = tls.RequireAnyClientCert
+		// Offering only the zones held makes a client for another zone fail ALPN negotiation.
+		for _, z := range e.Zones() {
+			c.NextProtos = append(c.NextProtos, ALPN(z))
+		}
+		c.VerifyConnection = func(cs tls.ConnectionState) error {
+			zone, ok := zoneFromALPN(cs.NegotiatedProtocol)
+			if !ok {
+				return e.refused("", remote, fmt.Errorf("%w: no zone negotiated", ErrPeerRefused))
+			}
+			peer, err := e.verifyPeer(zone, cs)
+			if err != nil {
+				return e.refused(zone, remote, err)
+			}
+			if holder == nil {
+				return e.refused(zone, remote, fmt.Errorf("%w: connection context lost", ErrPeerRefused))
+			}
+			holder.mu.Lock()
+			holder.peer = &peer
+			holder.mu.Unlock()
+			return nil
+		}
+		return c, nil
+	}
+	return base
+}
+
+func (e *Endpoint) verifyPeer(zone string, cs tls.ConnectionState) (Peer, error) {
+	if len(cs.PeerCertificates) == 0 {
+		return Peer{}, fmt.Errorf("%w: zone %q: no certificate presented", ErrPeerRefused, zone)
+	}
+	raw := make([][]byte, len(cs.PeerCertificates))
+	for i, c := range cs.PeerCertificates {
+		raw[i] = c.Raw
+	}
+	peer, err := e.cfg.Verifier.VerifyPeer(zone, raw)
+	if err != nil {
+		return Peer{}, fmt.Errorf("%w: zone %q: %w", ErrPeerRefused, zone, err)
+	}
+	if peer.NodeID == "" {
+		return Peer{}, fmt.Errorf("%w: zone %q: verifier returned no node ID", ErrPeerRefused, zone)
+	}
+	if peer.Certificate == nil {
+		peer.Certificate = cs.PeerCertificates[0]
+	}
+	return peer, nil
+}
+
+func (e *Endpoint) refused(zone string, remote net.Addr, err error) error {
+	e.stats.handshakesRefused.Add(1)
+	e.log.Warn("tunnel handshake refused", "zone", zone, "remote", addrString(remote), "err", err)
+	if e.cfg.OnRefused != nil {
+		e.cfg.OnRefused(Refusal{Zone: zone, Remote: remote, Err: err})
+	}
+	return err
+}
+
+func addrString(a net.Addr) string {
+	if a == nil {
+		return ""
+	}
+	return a.String()
+}
+
+func (e *Endpoint) acceptLoop() {
+	for {
+		conn, err := e.ln.Accept(e.ctx)
+		if err != nil {
+			if e.ctx.Err() == nil && !errors.Is(err, quic.ErrServerClosed) {
+				e.log.Error("tunnel accept loop stopped", "err", err)
+			}
+			return
+		}
+		holder, _ := conn.Context().Value(holderKey{}).(*peerHolder)
+		var peer *Peer
+		if holder != nil {
+			holder.mu.Lock()
+			peer = holder.peer
+			holder.mu.Unlock()
+		}
+		if peer == nil {
+			// Unreachable while VerifyConnection guards the handshake; fail closed anyway.
+			_ = conn.CloseWithError(codeNoPeer, "peer not verified")
+			continue
+		}
+		zone, _ := zoneFromALPN(conn.ConnectionState().TLS.NegotiatedProtocol)
+		if _, err := e.newTunnel(conn, *peer, zone, false); err != nil {
+			e.log.Warn("tunnel inbound connection dropped", "remote", addrString(conn.RemoteAddr()), "err", err)
+		}
+	}
+}
+
+// newTunnel wraps an established connection, registers it and starts its loops.
+func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, zone string, outbound bool) (*Tunnel, error) {
+	cs := conn.ConnectionState()
+	if cs.Used0RTT {
+		_ = conn.CloseWithError(code0RTT, "0-RTT is never allowed")
+		return nil, Err0RTT
+	}
+	binding, err := e.cfg.SessionBinding(cs.TLS)
+	if err != nil {
+		_ = conn.CloseWithError(codeShutdown, "session binding failed")
+		return nil, fmt.Errorf("tunnel: session binding: %w", err)
+	}
+	t := &Tunnel{
+		ep:       e,
+		conn:     conn,
+		peer:     peer,
+		zone:     zone,
+		exporter: binding,
+		outbound: outbound,
+		packets:  make(map[uint64]*PacketFlow),
+	}
+	key := tunnelKey{peer.NodeID, zone}
+	e.mu.Lock()
+	if e.closed {
+		e.mu.Unlock()
+		_ = conn.CloseWithError(codeShutdown, "endpoint closing")
+		return nil, ErrClosed
+	}
+	e.tunnels[t] = struct{}{}
+	if old, ok := e.live[key]; !ok || !old.Alive() {
+		e.live[key] = t
+	}
+	e.wg.Go(t.streamLoop)
+	e.wg.Go(t.datagramLoop)
+	e.wg.Go(func() {
+		<-conn.Context().Done()
+		e.forget(t)
+	})
+	e.mu.Unlock()
+	e.stats.tunnelsOpened.Add(1)
+	if !outbound {
+		if err := t.sendReady(); err != nil {
+			t.closeWith(codeShutdown, "ready signal failed")
+			return nil, fmt.Errorf("tunnel: ready signal: %w", err)
+		}
+	}
+	e.log.Debug("tunnel up", "peer", peer.NodeID, "zone", zone, "outbound", outbound)
+	return t, nil
+}
+
+func (e *Endpoint) forget(t *Tunnel) {
+	e.mu.Lock()
+	delete(e.tunnels, t)
+	key := tunnelKey{t.peer.NodeID, t.zone}
+	if e.live[key] == t {
+		delete(e.live, key)
+	}
+	e.mu.Unlock()
+	t.closeFlows()
+}
+
+func (e *Endpoint) sweepLoop() {
+	tick := time.NewTicker(e.lim.SweepInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-e.ctx.Done():
+			return
+		case <-tick.C:
+			e.SweepIdle()
+		}
+	}
+}
+
+// SweepIdle closes inbound flows idle longer than Limits.FlowIdleTimeout by the injected clock and
+// returns how many it closed. The endpoint calls it every SweepInterval.
+func (e *Endpoint) SweepIdle() int {
+	n := e.table.sweep(e.clock())
+	e.stats.expired.Add(uint64(n))
+	return n
+}
+
+// Stats returns a snapshot of the endpoint's counters.
+func (e *Endpoint) Stats() Stats {
+	s := e.stats.snapshot()
+	e.mu.Lock()
+	s.Tunnels = len(e.tunnels)
+	e.mu.Unlock()
+	s.ActiveFlows = e.table.len()
+	return s
+}

@@ -1,0 +1,35 @@
+package tunnel
+
+import "sync/atomic"
+
+// Stats is a snapshot of an endpoint's counters (the node exports them to Prometheus).
+type Stats struct {
+	TunnelsOpened     uint64 // tunnels established, both directions
+	HandshakesRefused uint64 // handshakes this endpoint refused (peer failed verification)
+	DialFailures      uint64 // dial attempts that failed
+	FlowsAdmitted     uint64 // inbound flows the Admitter accepted
+	FlowsDenied       uint64 // inbound flows refused (Admitter or limits) with a Reject
+	FlowsDropped      uint64 // inbound streams dropped before admission: garbage, truncated, oversized, slow
+	FlowsExpired      uint64 // inbound flows closed by idle expiry
+	DatagramsDropped  uint64 // datagrams for unknown/unadmitted flow ids, malformed, or over a full queue
+	Tunnels           int    // tunnels open now
+	ActiveFlows       int    // inbound flows in the flow table now
+}
+
+type counters struct {
+	tunnelsOpened, handshakesRefused, dialFailures     atomic.Uint64
+	admitted, denied, dropped, expired, datagramsDrops atomic.Uint64
+}
+
+func (c *counters) snapshot() Stats {
+	return Stats{
+		TunnelsOpened:     c.tunnelsOpened.Load(),
+		HandshakesRefused: c.handshakesRefused.Load(),
+		DialFailures:      c.dialFailures.Load(),
+		FlowsAdmitted:     c.admitted.Load(),
+		FlowsDenied:       c.denied.Load(),
+		FlowsDropped:      c.dropped.Load(),
+		FlowsExpired:      c.expired.Load(),
+		DatagramsDropped:  c.datagramsDrops.Load(),
+	}
+}

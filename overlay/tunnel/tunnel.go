@@ -1,0 +1,380 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/ute-project/ute/overlay/dtl"
+)
+
+// maxFlowID is the largest QUIC varint, the datagram header's flow id encoding.
+const maxFlowID = 1<<62 - 1
+
+// readyByte is sent by the server on a unidirectional stream once it has verified the client: in
+// TLS 1.3 the client finishes its handshake before the server has checked the client certificate,
+// so without it Dial could report success for a tunnel the server is about to refuse.
+const readyByte = 0x55
+
+// Tunnel is one QUIC connection with one peer node for one zone.
+type Tunnel struct {
+	ep       *Endpoint
+	conn     *quic.Conn
+	peer     Peer
+	zone     string
+	exporter []byte
+	outbound bool
+
+	nextFlow atomic.Uint64
+
+	mu      sync.Mutex
+	packets map[uint64]*PacketFlow // live packet flows by flow id, both directions
+}
+
+// Zone is the tunnel's zone.
+func (t *Tunnel) Zone() string { return t.zone }
+
+// Peer is the verified peer node.
+func (t *Tunnel) Peer() Peer { return t.peer }
+
+// Exporter is the tunnel's session binding value (the DTL record's external AAD).
+func (t *Tunnel) Exporter() []byte { return append([]byte(nil), t.exporter...) }
+
+// Outbound reports whether this node dialed the tunnel.
+func (t *Tunnel) Outbound() bool { return t.outbound }
+
+// Alive reports whether the connection is still open.
+func (t *Tunnel) Alive() bool { return t.conn.Context().Err() == nil }
+
+// Done is closed when the tunnel's connection closes.
+func (t *Tunnel) Done() <-chan struct{} { return t.conn.Context().Done() }
+
+// LocalAddr and RemoteAddr are the underlay addresses of the connection.
+func (t *Tunnel) LocalAddr() net.Addr  { return t.conn.LocalAddr() }
+func (t *Tunnel) RemoteAddr() net.Addr { return t.conn.RemoteAddr() }
+
+// Close closes the tunnel and all its flows.
+func (t *Tunnel) Close() error {
+	t.closeWith(codeNormal, "closed")
+	return nil
+}
+
+func (t *Tunnel) closeWith(code quic.ApplicationErrorCode, msg string) {
+	_ = t.conn.CloseWithError(code, msg)
+}
+
+func (t *Tunnel) closeFlows() {
+	t.mu.Lock()
+	all := make([]*PacketFlow, 0, len(t.packets))
+	for _, pf := range t.packets {
+		all = append(all, pf)
+	}
+	t.mu.Unlock()
+	for _, pf := range all {
+		_ = pf.Close()
+	}
+}
+
+// NewFlowID returns a flow id for a flow this node opens on the tunnel. The dialing side uses even
+// ids and the accepting side odd ones (as QUIC does for stream ids), so both directions share one
+// datagram id space without collisions. Sign it into the flow's record.
+func (t *Tunnel) NewFlowID() uint64 {
+	n := t.nextFlow.Add(1) - 1
+	return n<<1 | t.openerParity()
+}
+
+// openerParity is the low bit of the flow ids this side opens.
+func (t *Tunnel) openerParity() uint64 {
+	if t.outbound {
+		return 0
+	}
+	return 1
+}
+
+// OpenFlow opens a stream flow: it sends record, waits for the peer's verdict and returns the
+// stream as a net.Conn whose addresses are local and remote (the overlay addresses; nil means the
+// tunnel's underlay addresses). A refusal is a *RejectedError.
+func (t *Tunnel) OpenFlow(ctx context.Context, record []byte, local, remote net.Addr) (*FlowConn, error) {
+	str, err := t.openFlowStream(ctx, record)
+	if err != nil {
+		return nil, err
+	}
+	return t.newFlowConn(str, nil, local, remote, nil), nil
+}
+
+// OpenPacketFlow opens a UDP/ICMP flow named flowID (from NewFlowID, signed into record): the
+// record is admitted on a control stream, then payload travels as datagrams. Closing the flow
+// closes the control stream, which ends the flow on both sides.
+func (t *Tunnel) OpenPacketFlow(ctx context.Context, flowID uint64, record []byte, local, remote net.Addr) (*PacketFlow, error) {
+	if flowID > maxFlowID || flowID&1 != t.openerParity() {
+		return nil, fmt.Errorf("tunnel: flow id %d is not one this side may open; use Tunnel.NewFlowID", flowID)
+	}
+	pf := t.newPacketFlow(flowID, local, remote, nil)
+	t.mu.Lock()
+	if _, dup := t.packets[flowID]; dup {
+		t.mu.Unlock()
+		return nil, fmt.Errorf("tunnel: flow id %d already open on this tunnel", flowID)
+	}
+	// Registered before the record is sent so that datagrams the peer sends right after its
+	// accept are not lost; nothing is delivered to the caller before the accept arrives.
+	t.packets[flowID] = pf
+	t.mu.Unlock()
+	str, err := t.openFlowStream(ctx, record)
+	if err != nil {
+		t.removePacketFlow(pf)
+		return nil, err
+	}
+	pf.setCtrl(str)
+	if !t.ep.spawn(pf.controlLoop) {
+		_ = pf.Close()
+		return nil, ErrClosed
+	}
+	return pf, nil
+}
+
+func (t *Tunnel) openFlowStream(ctx context.Context, record []byte) (*quic.Stream, error) {
+	lim := t.ep.lim
+	if len(record) == 0 {
+		return nil, fmt.Errorf("%w: empty record", ErrFrame)
+	}
+	if len(record) > lim.MaxRecordSize {
+		return nil, fmt.Errorf("%w: record is %d bytes, limit %d", ErrFrameTooLarge, len(record), lim.MaxRecordSize)
+	}
+	str, err := t.conn.OpenStreamSync(ctx)
+	if err != nil {
+		return nil, t.connErr("open stream", err)
+	}
+	deadline := time.Now().Add(lim.VerdictTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	_ = str.SetDeadline(deadline)
+	// A cancelled ctx interrupts the blocking read/write by moving the deadline to the past.
+	stop := context.AfterFunc(ctx, func() { _ = str.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
+
+	if err = dtl.WriteFrame(str, dtl.FrameRecord, record); err == nil {
+		err = readVerdict(str)
+	}
+	if err != nil {
+		str.CancelRead(streamCodeClosed)
+		str.CancelWrite(streamCodeClosed)
+		var rej *RejectedError
+		if errors.As(err, &rej) {
+			return nil, err
+		}
+		if ctx.Err() != nil {
+			return nil, fmt.Errorf("tunnel: waiting for flow verdict: %w", ctx.Err())
+		}
+		return nil, t.connErr("flow verdict", err)
+	}
+	if !stop() && ctx.Err() != nil {
+		str.CancelRead(streamCodeClosed)
+		str.CancelWrite(streamCodeClosed)
+		return nil, fmt.Errorf("tunnel: waiting for flow verdict: %w", ctx.Err())
+	}
+	_ = str.SetDeadline(time.Time{})
+	return str, nil
+}
+
+func (t *Tunnel) connErr(op string, err error) error {
+	if !t.Alive() {
+		return fmt.Errorf("tunnel: %s: %w: %w", op, ErrClosed, err)
+	}
+	return fmt.Errorf("tunnel: %s: %w", op, err)
+}
+
+// sendReady tells the dialer that its certificate was accepted (see readyByte).
+func (t *Tunnel) sendReady() error {
+	s, err := t.conn.OpenUniStream()
+	if err != nil {
+		return err
+	}
+	if _, err := s.Write([]byte{readyByte}); err != nil {
+		return err
+	}
+	return s.Close()
+}
+
+// streamLoop accepts the peer's flow streams for as long as the connection lives.
+func (t *Tunnel) streamLoop() {
+	ctx := t.conn.Context()
+	for {
+		str, err := t.conn.AcceptStream(ctx)
+		if err != nil {
+			return
+		}
+		if !t.ep.spawn(func() { t.handleStream(str) }) {
+			str.CancelRead(streamCodeClosed)
+			str.CancelWrite(streamCodeClosed)
+			return
+		}
+	}
+}
+
+// handleStream runs admission for one inbound stream (invariant I2): it reads exactly the flow-open
+// header and record, asks the Admitter, and only after an accept hands the stream to a handler.
+func (t *Tunnel) handleStream(str *quic.Stream) {
+	e := t.ep
+	_ = str.SetReadDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
+	record, err := readFlowOpen(countingReader{str, &e.preAdmitRead}, e.lim.MaxRecordSize)
+	if err != nil {
+		e.stats.dropped.Add(1)
+		e.log.Warn("flow dropped before admission", "peer", t.peer.NodeID, "zone", t.zone, "err", err)
+		str.CancelRead(streamCodeBad)
+		str.CancelWrite(streamCodeBad)
+		return
+	}
+	_ = str.SetReadDeadline(time.Time{})
+
+	ctx, cancel := context.WithTimeout(t.conn.Context(), e.lim.AdmitTimeout)
+	adm, err := e.cfg.Admitter.Admit(ctx, FlowRequest{
+		Zone:     t.zone,
+		Peer:     t.peer,
+		Exporter: t.exporter,
+		Record:   record,
+	})
+	cancel()
+	if err == nil {
+		err = t.checkAdmission(adm)
+	}
+	var entry *flowEntry
+	if err == nil {
+		entry, err = e.table.reserve(t.peer.NodeID, adm.Agent, e.clock())
+	}
+	if err != nil {
+		t.reject(str, err)
+		return
+	}
+	_ = str.SetWriteDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
+	if err := dtl.WriteFrame(str, dtl.FrameAccept, nil); err != nil {
+		e.table.release(entry)
+		e.stats.dropped.Add(1)
+		str.CancelRead(streamCodeBad)
+		str.CancelWrite(streamCodeBad)
+		return
+	}
+	_ = str.SetWriteDeadline(time.Time{})
+	e.stats.admitted.Add(1)
+
+	switch adm.Kind {
+	case KindStream:
+		fc := t.newFlowConn(str, &adm, adm.Local, adm.Remote, entry)
+		e.cfg.StreamHandler(fc)
+	case KindPacket:
+		pf := t.newPacketFlow(adm.FlowID, adm.Local, adm.Remote, &adm)
+		pf.setCtrl(str)
+		pf.entry = entry
+		e.table.activate(entry, func(idle bool) { pf.closeCode(idleCode(idle)) })
+		t.mu.Lock()
+		if _, dup := t.packets[adm.FlowID]; dup {
+			// checkAdmission saw it free; a concurrent admission of the same id won the race.
+			t.mu.Unlock()
+			e.table.release(entry)
+			str.CancelRead(streamCodeReject)
+			str.CancelWrite(streamCodeReject)
+			return
+		}
+		t.packets[adm.FlowID] = pf
+		t.mu.Unlock()
+		if !e.spawn(pf.controlLoop) {
+			_ = pf.Close()
+			return
+		}
+		e.cfg.PacketHandler(pf)
+	}
+}
+
+func idleCode(idle bool) quic.StreamErrorCode {
+	if idle {
+		return streamCodeIdle
+	}
+	return streamCodeClosed
+}
+
+func (t *Tunnel) checkAdmission(adm Admission) error {
+	if adm.Agent == "" {
+		return dtl.Deny(fmt.Errorf("%w: admitter returned no source agent", dtl.ErrConfig))
+	}
+	switch adm.Kind {
+	case KindStream:
+		if t.ep.cfg.StreamHandler == nil {
+			return dtl.Deny(fmt.Errorf("%w: this node takes no stream flows", dtl.ErrUnreachable))
+		}
+	case KindPacket:
+		if t.ep.cfg.PacketHandler == nil {
+			return dtl.Deny(fmt.Errorf("%w: this node takes no packet flows", dtl.ErrUnreachable))
+		}
+		// The peer opens ids of the other parity than ours.
+		if adm.FlowID > maxFlowID || adm.FlowID&1 == t.openerParity() {
+			return dtl.Deny(fmt.Errorf("%w: flow id %d is not one the peer may open", dtl.ErrMalformed, adm.FlowID))
+		}
+		t.mu.Lock()
+		_, dup := t.packets[adm.FlowID]
+		t.mu.Unlock()
+		if dup {
+			return dtl.Deny(fmt.Errorf("%w: flow id %d is already open", dtl.ErrMalformed, adm.FlowID))
+		}
+	default:
+		return dtl.Deny(fmt.Errorf("%w: admitter returned flow kind %d", dtl.ErrConfig, adm.Kind))
+	}
+	return nil
+}
+
+// reject answers a refused flow and stops reading it: the bytes the peer sent after its record
+// are never read.
+func (t *Tunnel) reject(str *quic.Stream, cause error) {
+	e := t.ep
+	e.stats.denied.Add(1)
+	code, body := rejectBody(cause)
+	e.log.Info("flow denied", "peer", t.peer.NodeID, "zone", t.zone, "reason", code.String(), "err", cause)
+	str.CancelRead(streamCodeReject)
+	_ = str.SetWriteDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
+	if err := dtl.WriteFrame(str, dtl.FrameReject, body); err != nil {
+		str.CancelWrite(streamCodeReject)
+		return
+	}
+	_ = str.Close()
+}
+
+// datagramLoop delivers datagrams to admitted packet flows and drops everything else.
+func (t *Tunnel) datagramLoop() {
+	ctx := t.conn.Context()
+	for {
+		b, err := t.conn.ReceiveDatagram(ctx)
+		if err != nil {
+			return
+		}
+		if !t.deliverDatagram(b) {
+			t.ep.stats.datagramsDrops.Add(1)
+		}
+	}
+}
+
+func (t *Tunnel) deliverDatagram(b []byte) bool {
+	id, payload, err := dtl.ParseDatagram(b)
+	if err != nil {
+		return false
+	}
+	t.mu.Lock()
+	pf := t.packets[id]
+	t.mu.Unlock()
+	if pf == nil {
+		return false
+	}
+	return pf.push(payload)
+}
+
+func (t *Tunnel) removePacketFlow(pf *PacketFlow) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.packets[pf.id] == pf {
+		delete(t.packets, pf.id)
+	}
+}
