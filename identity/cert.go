@@ -292,7 +292,7 @@ func WriteCertificates(path string, certs ...*Certificate) error {
 	if len(certs) == 0 {
 		return errors.New("write certificates: none given")
 	}
-	return writeFileAtomic(path, EncodePEM(certs...), 0o644)
+	return WriteFileAtomic(path, EncodePEM(certs...), 0o644)
 }
 
 // ReadCertificates reads a PEM file written by WriteCertificates.

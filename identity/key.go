@@ -54,14 +54,14 @@ func WriteKey(path string, key ed25519.PrivateKey) error {
 	if err != nil {
 		return fmt.Errorf("write key %s: %w", path, err)
 	}
-	return writeFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: pemPrivKey, Bytes: der}), 0o600)
+	return WriteFileAtomic(path, pem.EncodeToMemory(&pem.Block{Type: pemPrivKey, Bytes: der}), 0o600)
 }
 
-// writeFileAtomic writes data to path through a temporary file and a rename, then syncs the
-// directory so the rename itself survives a crash.
-func writeFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
+// WriteFileAtomic writes data to path through a synced temporary file and a rename, then syncs the
+// directory, so a crash leaves either the old file or the new one, never a torn one. mode is applied
+// exactly, whatever the umask.
+func WriteFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
@@ -72,7 +72,6 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
 			_ = os.Remove(tmp)
 		}
 	}()
-	// CreateTemp already uses 0600; Chmod makes the requested mode exact regardless of umask.
 	if err = f.Chmod(mode); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
@@ -85,12 +84,21 @@ func writeFileAtomic(path string, data []byte, mode os.FileMode) (err error) {
 	if err = f.Close(); err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
 	}
-	if err = os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
+	return RenameSync(tmp, path)
+}
+
+// RenameSync renames from to to and syncs the destination directory so the rename survives a crash.
+func RenameSync(from, to string) error {
+	if err := os.Rename(from, to); err != nil {
+		return fmt.Errorf("install %s: %w", to, err)
 	}
-	if d, derr := os.Open(dir); derr == nil {
-		_ = d.Sync()
-		_ = d.Close()
+	dir, err := os.Open(filepath.Dir(to))
+	if err != nil {
+		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
+	}
+	defer func() { _ = dir.Close() }()
+	if err := dir.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
 	}
 	return nil
 }

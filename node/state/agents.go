@@ -128,7 +128,7 @@ func (d *Dir) AddAgent(spec AgentSpec) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode agent.json: %w", err)
 	}
-	if err := writeAtomic(filepath.Join(dir, fileAgentMeta), append(meta, '\n'), 0o600); err != nil {
+	if err := identity.WriteFileAtomic(filepath.Join(dir, fileAgentMeta), append(meta, '\n'), 0o600); err != nil {
 		return nil, err
 	}
 	if err := d.issueAgent(node, nodeKey, ag, key); err != nil {
@@ -195,7 +195,7 @@ func (d *Dir) issueAgent(node *identity.Certificate, nodeKey ed25519.PrivateKey,
 	ag.KeyPath = filepath.Join(dir, fileAgentKey)
 	ag.CertPath = filepath.Join(dir, fileAgentCert)
 	ag.Cert = cert
-	return writeAtomic(ag.CertPath, certPEM(cert.Raw()), 0o644)
+	return identity.WriteFileAtomic(ag.CertPath, certPEM(cert.Raw()), 0o644)
 }
 
 // Agent loads one agent with its certificate.
@@ -316,5 +316,5 @@ func (d *Dir) writeIPAM(a allocations) error {
 	if err != nil {
 		return fmt.Errorf("encode %s: %w", FileIPAM, err)
 	}
-	return writeAtomic(d.file(FileIPAM), append(b, '\n'), 0o600)
+	return identity.WriteFileAtomic(d.file(FileIPAM), append(b, '\n'), 0o600)
 }

@@ -149,20 +149,20 @@ func (d *Dir) SaveJoin(j Joined) error {
 	if err := identity.WriteKey(d.file(FileNodeKey), j.Key); err != nil {
 		return err
 	}
-	if err := writeAtomic(d.file(FileAuthorityCert), certPEM(j.AuthorityCert), 0o644); err != nil {
+	if err := identity.WriteFileAtomic(d.file(FileAuthorityCert), certPEM(j.AuthorityCert), 0o644); err != nil {
 		return err
 	}
-	if err := writeAtomic(d.file(FilePolicy), j.Policy, 0o644); err != nil {
+	if err := identity.WriteFileAtomic(d.file(FilePolicy), j.Policy, 0o644); err != nil {
 		return err
 	}
 	info, err := json.MarshalIndent(j.Info, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode node.json: %w", err)
 	}
-	if err := writeAtomic(d.file(FileNodeInfo), append(info, '\n'), 0o644); err != nil {
+	if err := identity.WriteFileAtomic(d.file(FileNodeInfo), append(info, '\n'), 0o644); err != nil {
 		return err
 	}
-	return writeAtomic(d.file(FileNodeCert), certPEM(j.NodeCert), 0o644)
+	return identity.WriteFileAtomic(d.file(FileNodeCert), certPEM(j.NodeCert), 0o644)
 }
 
 // Info returns node.json.
@@ -212,7 +212,7 @@ func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
 		return err
 	}
 	defer unlock()
-	if err := writeAtomic(d.file(FileNodeCert+suffixNext), certPEM(certDER), 0o644); err != nil {
+	if err := identity.WriteFileAtomic(d.file(FileNodeCert+suffixNext), certPEM(certDER), 0o644); err != nil {
 		return err
 	}
 	if err := identity.WriteKey(d.file(FileNodeKey+suffixNext), key); err != nil {
@@ -223,10 +223,10 @@ func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
 
 // finishRenewal renames the staged key then the staged certificate into place.
 func (d *Dir) finishRenewal() error {
-	if err := renameSync(d.file(FileNodeKey+suffixNext), d.file(FileNodeKey)); err != nil {
+	if err := identity.RenameSync(d.file(FileNodeKey+suffixNext), d.file(FileNodeKey)); err != nil {
 		return err
 	}
-	return renameSync(d.file(FileNodeCert+suffixNext), d.file(FileNodeCert))
+	return identity.RenameSync(d.file(FileNodeCert+suffixNext), d.file(FileNodeCert))
 }
 
 // recoverRenewal finishes or rolls back an interrupted InstallRenewal: a staged certificate
@@ -248,7 +248,7 @@ func (d *Dir) recoverRenewal() error {
 		return d.finishRenewal()
 	}
 	if key, err := identity.ReadKey(d.file(FileNodeKey)); err == nil && bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
-		return renameSync(nextCert, d.file(FileNodeCert))
+		return identity.RenameSync(nextCert, d.file(FileNodeCert))
 	}
 	_ = os.Remove(nextCert)
 	_ = os.Remove(nextKey)
@@ -304,47 +304,4 @@ func readFile(path string) ([]byte, error) {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	return b, nil
-}
-
-// writeAtomic writes through a synced temporary file and a rename, then syncs the directory.
-func writeAtomic(path string, data []byte, mode os.FileMode) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = f.Close()
-			_ = os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(mode); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if _, err = f.Write(data); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = f.Sync(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = f.Close(); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	return renameSync(tmp, path)
-}
-
-func renameSync(from, to string) error {
-	if err := os.Rename(from, to); err != nil {
-		return fmt.Errorf("install %s: %w", to, err)
-	}
-	dir, err := os.Open(filepath.Dir(to))
-	if err != nil {
-		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
-	}
-	defer func() { _ = dir.Close() }()
-	if err := dir.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
-	}
-	return nil
 }
