@@ -41,5 +41,9 @@ fuzz:
 bench:
 	$(GO) test -run='^$$' -bench=. -benchmem -timeout 30m ./...
 
+# The whole story in one process, no root, under a minute (cmd/ute/demo.go).
+demo: build
+	./$(BIN) demo
+
 clean:
 	rm -rf bin

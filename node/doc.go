@@ -1,6 +1,14 @@
-// Package node is the UTE node daemon: configuration, lifecycle, the local API, gossip, the
-// revocation store and TrustFlow, wiring the overlay to a node's identity and policy.
+// Package node is the UTE node: it wires a node directory (node/state) to the overlay. Open loads
+// the node's identity, policy and agents, starts its QUIC tunnel endpoint and becomes the
+// endpoint's PeerVerifier and Admitter; Agent gives in-process SDK agents that Listen and Dial like
+// package net, with WhoIs returning the verified DTL provenance of a caller.
 //
-// It must never implement cryptographic checks or policy decisions itself; it calls identity,
-// zones and overlay for those.
+// Owns: the node lifecycle, the in-memory revocation set, the per-session admission state, the
+// zone directory (name.zone → overlay IP and node, learned from verified agent certificates), the
+// node's audit log, and the agent SDK. docs/sdk.md records its design decisions.
+//
+// It must never implement cryptographic checks or policy decisions itself (it calls identity,
+// zones and overlay/dtl for those), never hand a byte of a flow to an agent before admission, and
+// never install a directory entry whose certificate does not verify up to the trust anchor through
+// the tunnel's own peer node.
 package node

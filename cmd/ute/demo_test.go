@@ -1,0 +1,23 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestDemoHoldsEveryExpectation(t *testing.T) {
+	var out, errOut bytes.Buffer
+	code := run(context.Background(), []string{"demo"}, &out, &errOut)
+	require.Equal(t, 0, code, "stdout:\n%s\nstderr:\n%s", out.String(), errOut.String())
+	s := out.String()
+	assert.Equal(t, 2, strings.Count(s, "  ok  "))
+	assert.Equal(t, 6, strings.Count(s, "REFUSED"))
+	assert.Equal(t, 6, strings.Count(s, "delivered 0 B"))
+	assert.NotContains(t, s, "FAIL")
+	assert.Contains(t, s, "every expectation held")
+}

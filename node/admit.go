@@ -1,0 +1,270 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"strconv"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/overlay/audit"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/tunnel"
+	"github.com/ute-project/ute/zones"
+)
+
+// directoryAgent is the reserved destination of the zone directory exchange. An underscore is not
+// valid in an agent name (identity.ValidateName), so no real agent can be addressed as it.
+const directoryAgent = "_directory"
+
+// Event names this package appends to the audit log besides audit.EventAdmit/EventDeny/EventRevoke.
+const (
+	eventTunnelRefused = "tunnel-refused"
+	eventDirectory     = "directory"
+)
+
+// session is the admission state of one tunnel session (or of local flows in one zone).
+type session struct {
+	dtl      dtl.Session
+	lastUsed time.Time
+}
+
+// peerVerifier implements tunnel.PeerVerifier: chain to the anchor, revocation, then the zones
+// tunnel decision (invariant I1).
+type peerVerifier struct{ n *Node }
+
+// VerifyPeer runs inside both sides' TLS handshakes.
+func (v peerVerifier) VerifyPeer(zone string, rawCerts [][]byte) (tunnel.Peer, error) {
+	n := v.n
+	cert, err := n.verif.VerifyNodeDER(rawCerts, n.now())
+	if err != nil {
+		return tunnel.Peer{}, err
+	}
+	id := cert.ID.String()
+	if n.isRevoked(id, serialKey(cert)) {
+		return tunnel.Peer{}, fmt.Errorf("%w: node %s", dtl.ErrRevoked, id)
+	}
+	region := ""
+	if len(cert.Claims.Regions) > 0 {
+		region = cert.Claims.Regions[0]
+	}
+	d := n.policy.Tunnel(zone,
+		zones.Node{Name: n.cert.ID.Name, Zones: n.cert.Claims.ZoneNames(), Region: n.region},
+		zones.Node{Name: cert.ID.Name, Zones: cert.Claims.ZoneNames(), Region: region})
+	if !d.Allow {
+		return tunnel.Peer{}, &PolicyError{Decision: d}
+	}
+	return tunnel.Peer{NodeID: id, Certificate: cert.X509, Info: cert}, nil
+}
+
+// PolicyError is a zones decision that refused a tunnel or a flow.
+type PolicyError struct{ Decision zones.Decision }
+
+func (e *PolicyError) Error() string {
+	return fmt.Sprintf("%s: %s", e.Decision.Reason, e.Decision.Message)
+}
+
+func (n *Node) onRefused(r tunnel.Refusal) {
+	remote := ""
+	if r.Remote != nil {
+		remote = r.Remote.String()
+	}
+	// OnRefused must not block: the audit append is one buffered write.
+	_ = n.audit.Append(context.Background(), audit.Entry{Event: eventTunnelRefused, Fields: map[string]string{
+		"zone": r.Zone, "remote": remote, "error": truncate(r.Err.Error()),
+	}})
+}
+
+// verifyAgentChain is the dtl.ChainVerifier: identity's full chain check, then the facts admission
+// needs, taken from the certificates only.
+func (n *Node) verifyAgentChain(nodeDER, agentDER []byte, now time.Time) (dtl.AgentInfo, error) {
+	ch, err := n.verif.VerifyAgentDER(nodeDER, agentDER, now)
+	if err != nil {
+		return dtl.AgentInfo{}, err
+	}
+	notAfter := ch.Agent.X509.NotAfter
+	if ch.Node.X509.NotAfter.Before(notAfter) {
+		notAfter = ch.Node.X509.NotAfter
+	}
+	zone := ""
+	if zs := ch.Agent.Claims.ZoneNames(); len(zs) == 1 {
+		zone = zs[0]
+	}
+	return dtl.AgentInfo{
+		Agent:       ch.Agent.ID.String(),
+		Node:        ch.Node.ID.String(),
+		Zone:        zone,
+		AgentKey:    ch.Agent.PublicKey(),
+		Fingerprint: ch.Agent.Claims.Fingerprint,
+		Regions:     ch.Node.Claims.Regions,
+		Labels:      ch.Agent.Claims.Labels,
+		AgentSerial: serialKey(ch.Agent),
+		NodeSerial:  serialKey(ch.Node),
+		NotAfter:    notAfter,
+	}, nil
+}
+
+// errUnknownDestination marks a record naming an agent this node does not host; it is reported
+// as a policy denial so that a peer cannot enumerate the agents of a node by probing names.
+var errUnknownDestination = errors.New("destination agent is not hosted here")
+
+// allowFlow is the dtl.PolicyChecker: the zones flow decision between the record's source agent and
+// the local destination agent.
+func (n *Node) allowFlow(info *dtl.AgentInfo, c *dtl.Claims) error {
+	if c.Destination.Agent == directoryAgent {
+		if c.Destination.Port != 0 || c.Destination.Proto != dtl.ProtoTCP {
+			return fmt.Errorf("directory exchange must name port 0/tcp, not %s", c.Destination)
+		}
+		return nil
+	}
+	if c.Destination.Proto != dtl.ProtoTCP {
+		return fmt.Errorf("this node carries only TCP flows for SDK agents, not %s", c.Destination.Proto)
+	}
+	src, err := identity.ParseID(info.Agent)
+	if err != nil {
+		return err
+	}
+	n.mu.Lock()
+	dst, ok := n.agents[agentKey{c.Zone, c.Destination.Agent}]
+	n.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("%w: %s in zone %s", errUnknownDestination, c.Destination.Agent, c.Zone)
+	}
+	d := n.policy.Flow(
+		zones.Agent{Name: src.Name, Zone: src.Zone, Labels: info.Labels, Region: c.Region, Trust: zones.Score{Value: int(c.Trust), Known: true}},
+		zones.Agent{Name: dst.Name, Zone: dst.Zone, Labels: dst.Labels, Region: n.region, Trust: zones.Score{Value: int(n.trust), Known: true}},
+		c.Destination.Port, zones.ProtoTCP)
+	if !d.Allow {
+		return &PolicyError{Decision: d}
+	}
+	return nil
+}
+
+// admitter implements tunnel.Admitter.
+type admitter struct{ n *Node }
+
+// Admit verifies a flow's record in dtl's fixed order (decode, chain, signature with this
+// session's binding, peer, zone, claims, revocation, zones policy, minimum trust, freshness,
+// replay), then checks that the destination listens, and audits the verdict either way.
+func (a admitter) Admit(ctx context.Context, req tunnel.FlowRequest) (tunnel.Admission, error) {
+	n := a.n
+	adm, prov, err := n.admitRecord(req.Zone, req.Peer.NodeID, req.Exporter, req.Record)
+	n.auditVerdict(ctx, req.Peer.NodeID, req.Zone, prov, err)
+	if err != nil {
+		return tunnel.Admission{}, err
+	}
+	return adm, nil
+}
+
+// admitRecord is the admission of one record on the session bound to aad. The same path serves
+// tunnel flows and same-node flows.
+func (n *Node) admitRecord(zone, peerNode string, aad, raw []byte) (tunnel.Admission, *Provenance, error) {
+	if n.isClosed() {
+		return tunnel.Admission{}, nil, dtl.Deny(fmt.Errorf("%w: %w", dtl.ErrConfig, ErrClosed))
+	}
+	s := n.session(zone, peerNode, aad)
+	ok, err := n.admit.Admit(s, raw)
+	if err != nil {
+		return tunnel.Admission{}, partialProvenance(raw), err
+	}
+	c := ok.Claims()
+	prov, err := newProvenance(ok)
+	if err != nil {
+		return tunnel.Admission{}, nil, dtl.Deny(fmt.Errorf("%w: %w", dtl.ErrConfig, err))
+	}
+	if c.Destination.Agent == directoryAgent {
+		return tunnel.Admission{Agent: ok.Agent.Agent, Kind: tunnel.KindStream, FlowID: c.FlowID, Info: &directoryFlow{zone: zone, peer: peerNode, prov: prov}}, prov, nil
+	}
+	n.mu.Lock()
+	dst := n.agents[agentKey{zone, c.Destination.Agent}]
+	l := n.listeners[listenKey{zone, c.Destination.Agent, c.Destination.Port}]
+	n.mu.Unlock()
+	if dst == nil || l == nil {
+		return tunnel.Admission{}, prov, dtl.Deny(fmt.Errorf("%w: %s is not listening on tcp/%d", dtl.ErrUnreachable, c.Destination.Agent, c.Destination.Port))
+	}
+	return tunnel.Admission{
+		Agent:  ok.Agent.Agent,
+		Kind:   tunnel.KindStream,
+		FlowID: c.FlowID,
+		Local:  &net.TCPAddr{IP: dst.IP.AsSlice(), Port: int(c.Destination.Port)},
+		Remote: tcpAddr(prov.SourceIP, 0),
+		Info:   prov,
+	}, prov, nil
+}
+
+func tcpAddr(ip netip.Addr, port uint16) net.Addr {
+	if !ip.IsValid() {
+		return nil
+	}
+	return net.TCPAddrFromAddrPort(netip.AddrPortFrom(ip, port))
+}
+
+// session returns the admission state of the session bound to aad, creating it on first use.
+// Sessions idle for longer than twice the freshness window are dropped: every record admitted on
+// one is then stale, so forgetting its replay window cannot let a replay through.
+func (n *Node) session(zone, peerNode string, aad []byte) *dtl.Session {
+	now := n.now()
+	key := string(aad)
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	idle := 2 * n.skew()
+	if now.Sub(n.lastSweep) > idle {
+		for k, s := range n.sessions {
+			if now.Sub(s.lastUsed) > idle {
+				delete(n.sessions, k)
+			}
+		}
+		n.lastSweep = now
+	}
+	s := n.sessions[key]
+	if s == nil || s.dtl.Zone != zone || s.dtl.PeerNode != peerNode {
+		// Chains stays nil: senders of this version always send the full chain, and a hash-only
+		// record is refused (chain-unknown) rather than trusted from a cache.
+		s = &session{dtl: dtl.Session{AAD: append([]byte(nil), aad...), PeerNode: peerNode, Zone: zone, Replay: &dtl.ReplayWindow{}}}
+		n.sessions[key] = s
+	}
+	s.lastUsed = now
+	return &s.dtl
+}
+
+func (n *Node) skew() time.Duration {
+	if n.cfg.MaxSkew > 0 {
+		return n.cfg.MaxSkew
+	}
+	return dtl.DefaultSkew
+}
+
+// auditVerdict appends one admit or deny entry.
+func (n *Node) auditVerdict(ctx context.Context, peer, zone string, p *Provenance, err error) {
+	f := map[string]string{"peer": peer, "zone": zone}
+	if p != nil {
+		f["agent"] = truncate(p.Agent)
+		f["node"] = truncate(p.Node)
+		f["dst"] = truncate(p.Destination.String())
+		f["flow"] = strconv.FormatUint(p.FlowID, 10)
+		f["seq"] = strconv.FormatUint(p.Seq, 10)
+	}
+	ev := audit.EventAdmit
+	if err != nil {
+		ev = audit.EventDeny
+		d := dtl.Deny(err)
+		f["reason"] = d.Reason
+		f["error"] = truncate(err.Error())
+		if p != nil {
+			f["verified"] = strconv.FormatBool(p.verified)
+		}
+	}
+	if aerr := n.audit.Append(ctx, audit.Entry{Event: ev, Fields: f}); aerr != nil {
+		n.log.Error("audit append failed", "event", ev, "err", aerr)
+	}
+}
+
+func truncate(s string) string {
+	if len(s) > audit.MaxFieldValue {
+		return s[:audit.MaxFieldValue]
+	}
+	return s
+}

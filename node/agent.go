@@ -1,0 +1,419 @@
+package node
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/tunnel"
+	"github.com/ute-project/ute/zones"
+)
+
+// listenBacklog bounds admitted flows waiting for Accept, like a TCP listen backlog.
+const listenBacklog = 128
+
+// Agent is an in-process SDK agent: one identity of this node's directory, its key held by the
+// node. It Listens and Dials like package net; every flow it opens carries a DTL record signed
+// with its key.
+type Agent struct {
+	n    *Node
+	id   identity.ID
+	ip   netip.Addr
+	cert *identity.Certificate
+	key  ed25519.PrivateKey
+}
+
+// Agent returns the local agent name of zone, registered in the node directory (`ute agent add`
+// or state.Dir.AddAgent). Its certificate is reissued when past half-life.
+func (n *Node) Agent(zone, name string) (*Agent, error) {
+	if n.isClosed() {
+		return nil, ErrClosed
+	}
+	k := agentKey{zone, name}
+	n.mu.Lock()
+	a := n.open[k]
+	n.mu.Unlock()
+	if a != nil && n.now().Before(a.cert.RenewAt()) {
+		return a, nil
+	}
+	if err := n.reloadAgents(); err != nil {
+		return nil, err
+	}
+	st, err := n.dir.Agent(zone, name)
+	if err != nil {
+		return nil, fmt.Errorf("node: agent %s.%s: %w; add it with `ute agent add --dir %s --zone %s --name %s`", name, zone, err, n.cfg.Dir, zone, name)
+	}
+	// Past half-life, or signed by a node key this node no longer holds (after a renewal): reissue.
+	if !n.now().Before(st.Cert.RenewAt()) || n.verif.VerifyAgent(n.cert, st.Cert, n.now()) != nil {
+		if st, err = n.dir.ReissueAgent(zone, name); err != nil {
+			return nil, fmt.Errorf("node: reissue agent %s.%s: %w", name, zone, err)
+		}
+	}
+	if err := n.verif.VerifyAgent(n.cert, st.Cert, n.now()); err != nil {
+		return nil, fmt.Errorf("node: agent %s.%s certificate does not verify under this node: %w", name, zone, err)
+	}
+	key, err := n.dir.AgentKey(zone, name)
+	if err != nil {
+		return nil, err
+	}
+	a = &Agent{n: n, id: st.Cert.ID, ip: st.IP, cert: st.Cert, key: key}
+	n.mu.Lock()
+	n.open[k] = a
+	n.agents[k] = st
+	n.mu.Unlock()
+	return a, nil
+}
+
+// ID is the agent's SPIFFE ID.
+func (a *Agent) ID() identity.ID { return a.id }
+
+// IP is the agent's overlay IP.
+func (a *Agent) IP() netip.Addr { return a.ip }
+
+// Zone is the agent's zone.
+func (a *Agent) Zone() string { return a.id.Zone }
+
+// Name is the agent's name within its zone.
+func (a *Agent) Name() string { return a.id.Name }
+
+// Node is the node hosting the agent.
+func (a *Agent) Node() *Node { return a.n }
+
+// Listen accepts admitted flows to this agent on a TCP port: network "tcp" (or tcp4/tcp6), addr
+// ":PORT" or "IP:PORT" with the agent's overlay IP.
+func (a *Agent) Listen(network, addr string) (net.Listener, error) {
+	if !isTCP(network) {
+		return nil, fmt.Errorf("%w: network %q; SDK agents listen on tcp", ErrUnsupported, network)
+	}
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("%w: listen address %q: %w", ErrUnsupported, addr, err)
+	}
+	if host != "" && host != a.ip.String() && host != "0.0.0.0" && host != "::" {
+		return nil, fmt.Errorf("%w: %s is not agent %s's overlay IP %s", ErrUnsupported, host, a.id.Name, a.ip)
+	}
+	port, err := parsePort(ps)
+	if err != nil {
+		return nil, err
+	}
+	k := listenKey{a.id.Zone, a.id.Name, port}
+	l := &listener{n: a.n, key: k, addr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(a.ip, port)),
+		ch: make(chan net.Conn, listenBacklog), done: make(chan struct{})}
+	a.n.mu.Lock()
+	defer a.n.mu.Unlock()
+	if a.n.closed {
+		return nil, ErrClosed
+	}
+	if _, dup := a.n.listeners[k]; dup {
+		return nil, fmt.Errorf("%w: %s.%s tcp/%d", ErrAddrInUse, a.id.Name, a.id.Zone, port)
+	}
+	a.n.listeners[k] = l
+	return l, nil
+}
+
+func isTCP(network string) bool { return network == "tcp" || network == "tcp4" || network == "tcp6" }
+
+func parsePort(s string) (uint16, error) {
+	p, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || p == 0 {
+		return 0, fmt.Errorf("%w: port %q must be 1..65535", ErrUnsupported, s)
+	}
+	return uint16(p), nil
+}
+
+// listener is an agent's port. Admission has already happened for every conn it queues.
+type listener struct {
+	n    *Node
+	key  listenKey
+	addr net.Addr
+	ch   chan net.Conn
+	done chan struct{}
+	once sync.Once
+}
+
+func (l *listener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.done:
+		return nil, fmt.Errorf("accept on %s: %w", l.addr, net.ErrClosed)
+	}
+}
+
+func (l *listener) Close() error {
+	l.once.Do(func() {
+		l.n.mu.Lock()
+		if l.n.listeners[l.key] == l {
+			delete(l.n.listeners, l.key)
+		}
+		l.n.mu.Unlock()
+		close(l.done)
+		for {
+			select {
+			case c := <-l.ch:
+				_ = c.Close()
+			default:
+				return
+			}
+		}
+	})
+	return nil
+}
+
+func (l *listener) Addr() net.Addr { return l.addr }
+
+// deliver queues an admitted conn, closing it when the listener is gone or its backlog is full.
+func (l *listener) deliver(c net.Conn) bool {
+	select {
+	case <-l.done:
+	default:
+		select {
+		case l.ch <- c:
+			return true
+		default:
+		}
+	}
+	_ = c.Close()
+	return false
+}
+
+// RefusedError is a Dial that UTE refused. Reason is machine-readable: the dtl reason name for
+// refusals by admission ("policy", "replay", "zone", ...) or the node's own ("cross-zone",
+// "unknown-name", "tunnel"). Err wraps the precise cause (dtl / tunnel / node sentinels).
+type RefusedError struct {
+	Addr   string
+	Stage  string // "resolve", "tunnel" or "admission"
+	Reason string
+	Err    error
+}
+
+func (e *RefusedError) Error() string {
+	return fmt.Sprintf("dial %s refused at %s (%s): %v", e.Addr, e.Stage, e.Reason, e.Err)
+}
+
+func (e *RefusedError) Unwrap() error { return e.Err }
+
+func refused(addr, stage, reason string, err error) error {
+	return &RefusedError{Addr: addr, Stage: stage, Reason: reason, Err: err}
+}
+
+// destination is a resolved dial target.
+type destination struct {
+	zone, name string
+	ip         netip.Addr
+	port       uint16
+	node       string // SPIFFE ID of the hosting node; "" for a local agent
+}
+
+// Dial opens a TCP flow to "agent.zone:port" or "overlayIP:port". The destination must be in the
+// agent's own zone. The flow is admitted by the destination's node before Dial returns; the
+// returned conn is the admitted stream itself.
+func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if !isTCP(network) {
+		return nil, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: network %q; SDK agents dial tcp", ErrUnsupported, network))
+	}
+	dst, err := a.resolve(ctx, addr)
+	if err != nil {
+		return nil, err
+	}
+	if dst.node == "" {
+		return a.dialLocal(ctx, addr, dst)
+	}
+	t, err := a.n.tunnelTo(ctx, dst.node, dst.zone)
+	if err != nil {
+		return nil, refused(addr, "tunnel", "tunnel", err)
+	}
+	rec, err := a.Record(t, dtl.Destination{Agent: dst.name, Port: dst.port, Proto: dtl.ProtoTCP})
+	if err != nil {
+		return nil, err
+	}
+	fc, err := t.OpenFlow(ctx, rec, tcpAddr(a.ip, 0), tcpAddr(dst.ip, dst.port))
+	if err != nil {
+		var rej *tunnel.RejectedError
+		if errors.As(err, &rej) {
+			return nil, refused(addr, "admission", rej.Reason, err)
+		}
+		return nil, refused(addr, "tunnel", "tunnel", err)
+	}
+	return fc, nil
+}
+
+// resolve turns addr into a destination through the node's view of the agent's zone, refreshing
+// the view from the zone's peers on a miss.
+func (a *Agent) resolve(ctx context.Context, addr string) (destination, error) {
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return destination{}, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: %w", ErrUnsupported, err))
+	}
+	port, err := parsePort(ps)
+	if err != nil {
+		return destination{}, refused(addr, "resolve", "unsupported", err)
+	}
+	zone := a.id.Zone
+	var name string
+	ip, ipErr := netip.ParseAddr(host)
+	if ipErr == nil {
+		ip = ip.Unmap()
+		if z, ok := a.n.policy.ZoneForAddr(ip); !ok || z.Name != zone {
+			other := "no zone"
+			if ok {
+				other = "zone " + z.Name
+			}
+			return destination{}, refused(addr, "resolve", string(zones.ReasonCrossZone),
+				fmt.Errorf("%w: %s is in %s, agent %s is in zone %s", ErrCrossZone, ip, other, a.id.Name, zone))
+		}
+	} else {
+		n, z, ok := strings.Cut(strings.TrimSuffix(host, "."), ".")
+		if !ok || identity.ValidateName("agent name", n) != nil || identity.ValidateName("zone name", z) != nil {
+			return destination{}, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: host %q is not agent.zone or an overlay IP", ErrUnsupported, host))
+		}
+		if z != zone {
+			return destination{}, refused(addr, "resolve", string(zones.ReasonCrossZone),
+				fmt.Errorf("%w: %s.%s is in zone %s, agent %s is in zone %s; tunnels carry one zone", ErrCrossZone, n, z, z, a.id.Name, zone))
+		}
+		name = n
+	}
+	if d, ok := a.n.lookup(zone, name, ip, port); ok {
+		return d, nil
+	}
+	rerr := a.n.refreshZone(ctx, a)
+	if d, ok := a.n.lookup(zone, name, ip, port); ok {
+		return d, nil
+	}
+	if rerr != nil {
+		return destination{}, refused(addr, "resolve", "unknown-name", fmt.Errorf("%w: %s in zone %s (peers not reached: %w)", ErrUnknownName, host, zone, rerr))
+	}
+	return destination{}, refused(addr, "resolve", "unknown-name", fmt.Errorf("%w: %s in zone %s", ErrUnknownName, host, zone))
+}
+
+// lookup finds a destination by name (or, when name is empty, by overlay IP) among local agents
+// and the zone view. Nodes currently allocate overlay IPs from the whole zone CIDR, so an IP may
+// name agents on two nodes: such an IP is refused as ambiguous rather than guessed.
+func (n *Node) lookup(zone, name string, ip netip.Addr, port uint16) (destination, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var found []destination
+	for k, st := range n.agents {
+		if k.zone == zone && (k.name == name || (name == "" && st.IP == ip)) {
+			found = append(found, destination{zone: zone, name: k.name, ip: st.IP, port: port})
+		}
+	}
+	for nm, e := range n.view[zone] {
+		if nm == name || (name == "" && e.ip == ip) {
+			found = append(found, destination{zone: zone, name: nm, ip: e.ip, port: port, node: e.node})
+		}
+	}
+	if len(found) != 1 {
+		return destination{}, false
+	}
+	return found[0], true
+}
+
+// tunnelState is what the node keeps per tunnel it has used.
+type tunnelState struct {
+	seq atomic.Uint64
+}
+
+// Tunnel returns the live tunnel to peer (a node name or SPIFFE ID) for zone, dialing it if
+// needed. Dial uses tunnels implicitly; the demo and the simulator use this to replay captured
+// records, which gives them no power a node's holder lacks: the receiving node enforces everything.
+func (n *Node) Tunnel(ctx context.Context, peer, zone string) (*tunnel.Tunnel, error) {
+	id, err := n.peerID(peer)
+	if err != nil {
+		return nil, err
+	}
+	return n.tunnelTo(ctx, id, zone)
+}
+
+// tunnelTo returns the live tunnel to node for zone, dialing the node's configured address.
+func (n *Node) tunnelTo(ctx context.Context, node, zone string) (*tunnel.Tunnel, error) {
+	n.mu.Lock()
+	addr := n.peers[node]
+	n.mu.Unlock()
+	t, err := n.ep.Dial(ctx, addr, node, zone)
+	if err != nil {
+		if !addr.IsValid() && !errors.Is(err, tunnel.ErrZoneNotServed) {
+			return nil, fmt.Errorf("%w: %s has no configured address and no live tunnel: %w", ErrPeerUnreachable, node, err)
+		}
+		return nil, err
+	}
+	n.track(t)
+	return t, nil
+}
+
+// track registers t so that records get per-session sequence numbers and revocation can close it.
+func (n *Node) track(t *tunnel.Tunnel) *tunnelState {
+	n.mu.Lock()
+	ts := n.tunnels[t]
+	if ts != nil || n.closed {
+		n.mu.Unlock()
+		if ts == nil {
+			ts = &tunnelState{}
+		}
+		return ts
+	}
+	ts = &tunnelState{}
+	n.tunnels[t] = ts
+	n.wg.Go(func() {
+		select {
+		case <-t.Done():
+		case <-n.ctx.Done():
+		}
+		n.mu.Lock()
+		delete(n.tunnels, t)
+		n.mu.Unlock()
+	})
+	n.mu.Unlock()
+	return ts
+}
+
+// Record signs a DTL record for a flow from this agent to dst on tunnel t: the next sequence
+// number of t's session, a fresh flow id, now as issued-at, and t's session binding as AAD. Dial
+// uses it; the simulator and the demo use it to show that a captured record is refused elsewhere.
+func (a *Agent) Record(t *tunnel.Tunnel, dst dtl.Destination) ([]byte, error) {
+	ts := a.n.track(t)
+	return a.sign(t.Exporter(), t.NewFlowID(), ts.seq.Add(1), dst)
+}
+
+func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination) ([]byte, error) {
+	c := &dtl.Claims{
+		Version:     dtl.Version1,
+		Zone:        a.id.Zone,
+		Agent:       a.id.String(),
+		Chain:       &dtl.CertChain{Node: a.n.cert.Raw(), Agent: a.cert.Raw()},
+		Node:        a.n.cert.ID.String(),
+		Fingerprint: a.cert.Claims.Fingerprint,
+		Region:      a.n.region,
+		Trust:       a.n.trust,
+		Destination: dst,
+		FlowID:      flowID,
+		Seq:         seq,
+		IssuedAt:    a.n.now(),
+	}
+	rec, err := dtl.Sign(c, a.key, aad)
+	if err != nil {
+		return nil, fmt.Errorf("node: sign record for %s: %w", a.id, err)
+	}
+	return rec, nil
+}
+
+// HTTPClient returns an http.Client whose connections are this agent's admitted flows, so
+// "http://ledger.payments:8080/" reaches agent ledger of zone payments.
+func (a *Agent) HTTPClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		DialContext:         a.Dial,
+		MaxIdleConnsPerHost: 4,
+		IdleConnTimeout:     30 * time.Second,
+	}}
+}

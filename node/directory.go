@@ -1,0 +1,309 @@
+package node
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/fxamacker/cbor/v2"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/overlay/audit"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/tunnel"
+)
+
+// Directory exchange limits. A message is [u32 length][CBOR array of agent certificate DER].
+const (
+	MaxDirectorySize    = 1 << 20
+	MaxDirectoryEntries = 1024
+	directoryTimeout    = 5 * time.Second
+	// refreshInterval debounces directory refreshes of one (peer, zone) caused by resolution misses.
+	refreshInterval = time.Second
+)
+
+// viewEntry is a remote agent as a verified directory entry describes it.
+type viewEntry struct {
+	agent string // SPIFFE ID
+	node  string // SPIFFE ID of the node that issued the certificate (= the tunnel peer)
+	ip    netip.Addr
+}
+
+// directoryFlow marks an admitted flow addressed to the reserved directory destination.
+type directoryFlow struct {
+	zone, peer string
+	prov       *Provenance
+}
+
+var directoryDec = func() cbor.DecMode {
+	m, err := cbor.DecOptions{
+		DupMapKey:        cbor.DupMapKeyEnforcedAPF,
+		IndefLength:      cbor.IndefLengthForbidden,
+		TagsMd:           cbor.TagsForbidden,
+		MaxArrayElements: MaxDirectoryEntries,
+		MaxNestedLevels:  4,
+	}.DecMode()
+	if err != nil {
+		panic(err) // constant options; unreachable
+	}
+	return m
+}()
+
+var directoryEnc = func() cbor.EncMode {
+	m, err := cbor.CoreDetEncOptions().EncMode()
+	if err != nil {
+		panic(err) // constant options; unreachable
+	}
+	return m
+}()
+
+// EncodeDirectory frames a list of agent certificates (DER) as one directory message.
+func EncodeDirectory(certs [][]byte) ([]byte, error) {
+	if len(certs) > MaxDirectoryEntries {
+		return nil, fmt.Errorf("%w: %d entries, limit %d", ErrBadDirectory, len(certs), MaxDirectoryEntries)
+	}
+	if certs == nil {
+		certs = [][]byte{}
+	}
+	body, err := directoryEnc.Marshal(certs)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadDirectory, err)
+	}
+	if len(body) > MaxDirectorySize {
+		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrBadDirectory, len(body), MaxDirectorySize)
+	}
+	out := binary.BigEndian.AppendUint32(make([]byte, 0, 4+len(body)), uint32(len(body)))
+	return append(out, body...), nil
+}
+
+// ReadDirectory reads one directory message from r, refusing oversized, truncated or malformed
+// input before trusting any of it. The certificates still have to be verified.
+func ReadDirectory(r io.Reader) ([][]byte, error) {
+	var hdr [4]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil {
+		return nil, fmt.Errorf("%w: header: %w", ErrBadDirectory, err)
+	}
+	size := binary.BigEndian.Uint32(hdr[:])
+	if size > MaxDirectorySize {
+		return nil, fmt.Errorf("%w: %d bytes, limit %d", ErrBadDirectory, size, MaxDirectorySize)
+	}
+	body := make([]byte, size)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return nil, fmt.Errorf("%w: body: %w", ErrBadDirectory, err)
+	}
+	return DecodeDirectory(body)
+}
+
+// DecodeDirectory decodes a directory message body strictly.
+func DecodeDirectory(body []byte) ([][]byte, error) {
+	var certs [][]byte
+	if err := directoryDec.Unmarshal(body, &certs); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadDirectory, err)
+	}
+	for i, c := range certs {
+		if len(c) == 0 || len(c) > identity.MaxCertificateSize {
+			return nil, fmt.Errorf("%w: entry %d is %d bytes", ErrBadDirectory, i, len(c))
+		}
+	}
+	return certs, nil
+}
+
+// localCerts lists the certificates of this node's agents in zone: its directory entries.
+func (n *Node) localCerts(zone string) [][]byte {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	var out [][]byte
+	for k, a := range n.agents {
+		if k.zone == zone && a.Cert != nil {
+			out = append(out, a.Cert.Raw())
+		}
+	}
+	return out
+}
+
+// installDirectory verifies every entry sent by peer over a tunnel of zone and replaces the peer's
+// entries of that zone with the ones that verify: chain authority → peer node → agent (so the
+// issuing node is the tunnel's peer), the zone, and revocation.
+func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone string, ders [][]byte) (accepted, refused int) {
+	pc, ok := peer.Info.(*identity.Certificate)
+	if !ok {
+		return 0, len(ders)
+	}
+	now := n.now()
+	fresh := map[string]viewEntry{}
+	var firstErr error
+	for _, der := range ders {
+		ac, err := identity.ParseCertificate(der)
+		if err == nil {
+			err = n.verif.VerifyAgent(pc, ac, now)
+		}
+		if err == nil && ac.ID.Zone != zone {
+			err = fmt.Errorf("%w: agent %s is in zone %s, tunnel carries %s", dtl.ErrZone, ac.ID, ac.ID.Zone, zone)
+		}
+		if err == nil && n.isRevoked(ac.ID.String(), serialKey(ac), peer.NodeID, serialKey(pc)) {
+			err = fmt.Errorf("%w: %s", dtl.ErrRevoked, ac.ID)
+		}
+		if err != nil {
+			refused++
+			if firstErr == nil {
+				firstErr = err
+			}
+			continue
+		}
+		fresh[ac.ID.Name] = viewEntry{agent: ac.ID.String(), node: peer.NodeID, ip: ac.Claims.OverlayIPs[0]}
+		accepted++
+	}
+	n.mu.Lock()
+	m := n.view[zone]
+	if m == nil {
+		m = map[string]viewEntry{}
+		n.view[zone] = m
+	}
+	for name, e := range m {
+		if e.node == peer.NodeID {
+			delete(m, name)
+		}
+	}
+	for name, e := range fresh {
+		// A name another node already serves keeps its first owner: two nodes cannot both host
+		// agent.zone, and a later claimant does not get to take the name over.
+		if old, taken := m[name]; taken && old.node != peer.NodeID {
+			refused++
+			continue
+		}
+		m[name] = e
+	}
+	n.mu.Unlock()
+	f := map[string]string{"peer": peer.NodeID, "zone": zone, "accepted": fmt.Sprint(accepted), "refused": fmt.Sprint(refused)}
+	if firstErr != nil {
+		f["error"] = truncate(firstErr.Error())
+	}
+	if err := n.audit.Append(ctx, audit.Entry{Event: eventDirectory, Fields: f}); err != nil {
+		n.log.Error("audit append failed", "event", eventDirectory, "err", err)
+	}
+	return accepted, refused
+}
+
+// refreshZone exchanges directories with every configured peer serving the agent's zone. Peers that
+// do not serve the zone, refuse us, or are down are skipped; their errors are returned so that an
+// unresolved name says why.
+func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
+	zone := a.id.Zone
+	now := n.now()
+	n.mu.Lock()
+	var todo []string
+	for node := range n.peers {
+		k := refreshKey{node, zone}
+		if node == n.cert.ID.String() || now.Sub(n.refreshed[k]) < refreshInterval {
+			continue
+		}
+		n.refreshed[k] = now
+		todo = append(todo, node)
+	}
+	n.mu.Unlock()
+	var (
+		wg   sync.WaitGroup
+		mu   sync.Mutex
+		errs []error
+	)
+	for _, node := range todo {
+		wg.Go(func() {
+			if err := n.exchange(ctx, a, node); err != nil {
+				n.log.Debug("directory refresh failed", "peer", node, "zone", zone, "err", err)
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("peer %s: %w", node, err))
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return joinErrors(errs)
+}
+
+// exchange opens a directory flow to node in the agent's zone: we send our entries, the peer
+// answers with its own, and both sides install what verifies.
+func (n *Node) exchange(ctx context.Context, a *Agent, node string) error {
+	ctx, cancel := context.WithTimeout(ctx, directoryTimeout)
+	defer cancel()
+	t, err := n.tunnelTo(ctx, node, a.id.Zone)
+	if err != nil {
+		return err
+	}
+	rec, err := a.Record(t, dtl.Destination{Agent: directoryAgent, Port: 0, Proto: dtl.ProtoTCP})
+	if err != nil {
+		return err
+	}
+	fc, err := t.OpenFlow(ctx, rec, nil, nil)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = fc.Close() }()
+	if d, ok := ctx.Deadline(); ok {
+		_ = fc.SetDeadline(d)
+	}
+	msg, err := EncodeDirectory(n.localCerts(a.id.Zone))
+	if err != nil {
+		return err
+	}
+	if _, err := fc.Write(msg); err != nil {
+		return fmt.Errorf("directory send: %w", err)
+	}
+	ders, err := ReadDirectory(fc)
+	if err != nil {
+		return err
+	}
+	n.installDirectory(ctx, t.Peer(), a.id.Zone, ders)
+	return nil
+}
+
+// serveDirectory answers a peer's directory flow: read its entries, install them, send ours.
+func (n *Node) serveDirectory(fc *tunnel.FlowConn, df *directoryFlow) {
+	defer func() { _ = fc.Close() }()
+	ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
+	defer cancel()
+	_ = fc.SetDeadline(time.Now().Add(directoryTimeout))
+	ders, err := ReadDirectory(fc)
+	if err != nil {
+		n.log.Warn("directory from peer refused", "peer", df.peer, "zone", df.zone, "err", err)
+		return
+	}
+	n.installDirectory(ctx, fc.Tunnel().Peer(), df.zone, ders)
+	msg, err := EncodeDirectory(n.localCerts(df.zone))
+	if err != nil {
+		n.log.Error("directory encode failed", "zone", df.zone, "err", err)
+		return
+	}
+	if _, err := fc.Write(msg); err != nil && !errors.Is(err, context.Canceled) {
+		n.log.Debug("directory reply failed", "peer", df.peer, "err", err)
+		return
+	}
+	_ = fc.CloseWrite()
+	// Wait for the opener to finish reading (it closes), so the reply is not cut short.
+	_, _ = io.Copy(io.Discard, io.LimitReader(fc, 1))
+}
+
+// multiError joins errors on one line (errors.Join uses newlines; CLI errors are one line).
+type multiError []error
+
+func (m multiError) Error() string {
+	parts := make([]string, len(m))
+	for i, e := range m {
+		parts[i] = e.Error()
+	}
+	return strings.Join(parts, "; ")
+}
+
+func (m multiError) Unwrap() []error { return m }
+
+func joinErrors(errs []error) error {
+	if len(errs) == 0 {
+		return nil
+	}
+	return multiError(errs)
+}

@@ -1,0 +1,76 @@
+package node
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node/state"
+)
+
+// JoinParams is what Join needs to turn an empty directory into a joined node.
+type JoinParams struct {
+	Dir       string // node directory to create (0700)
+	Authority string // authority UDP address host:port
+	Token     string // join token
+	Name      string // node name
+	Region    string // region; "" lets the authority pick the token's only region
+	// HostFingerprint overrides the host fingerprint digest; nil reads it from this host
+	// (machine-id, region, running binary). Several in-process demo nodes set their own.
+	HostFingerprint []byte
+	Now             func() time.Time
+}
+
+// Join generates the node key, joins the trust domain with the token and saves the result in a
+// new node directory. A failed join removes the directory it created.
+func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
+	_, statErr := os.Stat(p.Dir)
+	d, err = state.Create(p.Dir)
+	if err != nil {
+		return nil, err
+	}
+	if os.IsNotExist(statErr) {
+		defer func() {
+			if err != nil {
+				_ = os.RemoveAll(p.Dir)
+			}
+		}()
+	}
+	fp := p.HostFingerprint
+	if fp == nil {
+		host, err := identity.ReadHostFingerprint(p.Region, "")
+		if err != nil {
+			return nil, fmt.Errorf("host fingerprint: %w", err)
+		}
+		dg := host.Digest()
+		fp = dg[:]
+	}
+	key, err := identity.GenerateKey()
+	if err != nil {
+		return nil, err
+	}
+	j, err := authority.Join(ctx, authority.JoinParams{
+		Addr: p.Authority, Token: p.Token, Key: key, Name: p.Name, Region: p.Region, HostFingerprint: fp, Now: p.Now,
+	})
+	if err != nil {
+		return nil, err
+	}
+	region := ""
+	if len(j.Node.Claims.Regions) > 0 {
+		region = j.Node.Claims.Regions[0]
+	}
+	now := time.Now
+	if p.Now != nil {
+		now = p.Now
+	}
+	if err := d.SaveJoin(state.Joined{
+		Key: key, NodeCert: j.NodeCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
+		Info: state.Info{Name: p.Name, Region: region, TrustDomain: j.Node.ID.TrustDomain, Authority: p.Authority, JoinedAt: now().UTC()},
+	}); err != nil {
+		return nil, err
+	}
+	return state.Open(p.Dir, state.WithClock(now))
+}

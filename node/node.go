@@ -1,0 +1,465 @@
+package node
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/audit"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/tunnel"
+	"github.com/ute-project/ute/zones"
+)
+
+// DirAudit is the audit log's directory inside the node directory.
+const DirAudit = "audit"
+
+// DefaultTrust is the trust score a node attests for its agents until TrustFlow computes one.
+const DefaultTrust = 100
+
+// Errors of the node and its SDK. Refused flows are *RefusedError values that wrap one of these or
+// a dtl / tunnel sentinel, so callers match them with errors.Is.
+var (
+	ErrClosed          = errors.New("node: closed")
+	ErrConfig          = errors.New("node: invalid configuration")
+	ErrCrossZone       = errors.New("node: destination is in another zone than the agent")
+	ErrUnknownName     = errors.New("node: no agent of that name or address in the zone")
+	ErrUnsupported     = errors.New("node: unsupported network or address")
+	ErrAddrInUse       = errors.New("node: agent already listens on that port")
+	ErrNoProvenance    = errors.New("node: connection carries no admitted DTL record")
+	ErrBadDirectory    = errors.New("node: malformed directory message")
+	ErrNotJoined       = errors.New("node: directory not joined")
+	ErrBadRevocation   = errors.New("node: revocation subject must be a SPIFFE ID or serial:<decimal>")
+	ErrPeerUnreachable = errors.New("node: no route to the destination's node")
+)
+
+// Peer is a statically configured peer node (gossip will discover them later). Node is the peer's
+// node name or SPIFFE ID: tunnel.Endpoint.Dial requires the expected identity, so an address that
+// answers with another node's certificate is refused (tunnel.ErrPeerMismatch).
+type Peer struct {
+	Node string
+	Addr netip.AddrPort
+}
+
+// Config configures a Node.
+type Config struct {
+	// Dir is the joined node directory (node/state).
+	Dir string
+	// PacketConn is the underlay socket; the caller keeps ownership. When nil, the node listens on
+	// ListenAddr (default 127.0.0.1:0) and closes that socket itself.
+	PacketConn net.PacketConn
+	ListenAddr string
+	// Peers are the other nodes this node may open tunnels to.
+	Peers []Peer
+	// Clock is the time source for certificates, records and audit; nil means time.Now.
+	Clock func() time.Time
+	// Logger receives structured logs; nil discards them.
+	Logger *slog.Logger
+	// Trust is the score this node attests for its agents in every record (0..100); 0 means
+	// DefaultTrust. Use TrustSet with Trust 0 to attest a zero score.
+	Trust    uint8
+	TrustSet bool
+	// MaxSkew is the freshness tolerance for records; 0 means dtl.DefaultSkew.
+	MaxSkew time.Duration
+	// Limits tunes the tunnel endpoint.
+	Limits tunnel.Limits
+	// AuditFlush is the audit log's flush interval (audit.Options.FlushInterval).
+	AuditFlush time.Duration
+}
+
+// Node is a running UTE node. All its methods are safe for concurrent use.
+type Node struct {
+	cfg    Config
+	log    *slog.Logger
+	now    func() time.Time
+	dir    *state.Dir
+	info   state.Info
+	cert   *identity.Certificate
+	key    tls.Certificate
+	anchor *identity.Certificate
+	verif  identity.Verifier
+	policy *zones.Policy
+	region string
+	trust  uint8
+	audit  *audit.Log
+	ep     *tunnel.Endpoint
+	pc     net.PacketConn
+	ownPC  bool
+	admit  *dtl.Verifier
+	secret [32]byte // derives the per-zone session binding of local (same-node) flows
+
+	localFlow, localSeqs atomic.Uint64 // flow ids and sequence numbers of same-node records
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu        sync.Mutex
+	closed    bool
+	revoked   map[string]string         // canonical subject → reason
+	agents    map[agentKey]*state.Agent // every agent registered in the directory
+	open      map[agentKey]*Agent       // agents handed out by Agent()
+	listeners map[listenKey]*listener
+	sessions  map[string]*session // by session binding (exporter) value
+	tunnels   map[*tunnel.Tunnel]*tunnelState
+	view      map[string]map[string]viewEntry // zone → agent name → entry (remote agents)
+	refreshed map[refreshKey]time.Time
+	peers     map[string]netip.AddrPort // node SPIFFE ID → address
+	lastSweep time.Time
+}
+
+type agentKey struct{ zone, name string }
+
+type listenKey struct {
+	zone, name string
+	port       uint16
+}
+
+type refreshKey struct{ node, zone string }
+
+// Open loads the node directory at cfg.Dir and starts the node's tunnel endpoint.
+func Open(ctx context.Context, cfg Config) (*Node, error) {
+	if cfg.Dir == "" {
+		return nil, fmt.Errorf("%w: Config.Dir is required", ErrConfig)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	n := &Node{
+		cfg: cfg, log: cfg.Logger, now: cfg.Clock,
+		revoked: map[string]string{}, agents: map[agentKey]*state.Agent{}, open: map[agentKey]*Agent{},
+		listeners: map[listenKey]*listener{}, sessions: map[string]*session{},
+		tunnels: map[*tunnel.Tunnel]*tunnelState{}, view: map[string]map[string]viewEntry{},
+		refreshed: map[refreshKey]time.Time{}, peers: map[string]netip.AddrPort{},
+	}
+	if n.log == nil {
+		n.log = slog.New(slog.DiscardHandler)
+	}
+	if n.now == nil {
+		n.now = time.Now
+	}
+	n.trust = DefaultTrust
+	if cfg.Trust != 0 || cfg.TrustSet {
+		n.trust = cfg.Trust
+	}
+	if n.trust > dtl.MaxTrust {
+		return nil, fmt.Errorf("%w: trust %d is outside 0..%d", ErrConfig, n.trust, dtl.MaxTrust)
+	}
+	if err := n.load(); err != nil {
+		return nil, err
+	}
+	if _, err := rand.Read(n.secret[:]); err != nil {
+		return nil, fmt.Errorf("node: session secret: %w", err)
+	}
+	for _, p := range cfg.Peers {
+		id, err := n.peerID(p.Node)
+		if err != nil {
+			return nil, err
+		}
+		if !p.Addr.IsValid() {
+			return nil, fmt.Errorf("%w: peer %s has no address", ErrConfig, p.Node)
+		}
+		n.peers[id] = p.Addr
+	}
+	al, err := audit.Open(filepath.Join(cfg.Dir, DirAudit), audit.Options{Logger: n.log, Now: n.now, FlushInterval: cfg.AuditFlush})
+	if err != nil {
+		return nil, fmt.Errorf("node: audit log: %w", err)
+	}
+	n.audit = al
+	n.admit = &dtl.Verifier{
+		Chains:     dtl.ChainVerifierFunc(n.verifyAgentChain),
+		Revocation: dtl.RevocationFunc(n.isRevoked),
+		Policy:     dtl.PolicyFunc(n.allowFlow),
+		MinTrust:   n.minTrust,
+		MaxSkew:    cfg.MaxSkew,
+		Now:        n.now,
+	}
+	n.pc = cfg.PacketConn
+	if n.pc == nil {
+		addr := cfg.ListenAddr
+		if addr == "" {
+			addr = "127.0.0.1:0"
+		}
+		pc, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			_ = al.Close()
+			return nil, fmt.Errorf("node: listen %s: %w; pick a free address with --listen", addr, err)
+		}
+		n.pc, n.ownPC = pc, true
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	ep, err := tunnel.New(tunnel.Config{
+		PacketConn:    n.pc,
+		Certificate:   n.key,
+		Zones:         n.cert.Claims.ZoneNames(),
+		Verifier:      peerVerifier{n},
+		Admitter:      admitter{n},
+		StreamHandler: n.handleStream,
+		OnRefused:     n.onRefused,
+		Clock:         n.now,
+		Logger:        n.log,
+		Limits:        cfg.Limits,
+	})
+	if err != nil {
+		n.cancel()
+		_ = al.Close()
+		if n.ownPC {
+			_ = n.pc.Close()
+		}
+		return nil, fmt.Errorf("node: %w", err)
+	}
+	n.ep = ep
+	n.log.Info("node up", "node", n.cert.ID.String(), "addr", ep.Addr().String(), "zones", n.cert.Claims.ZoneNames())
+	return n, nil
+}
+
+// load reads identity, policy and agents from the node directory.
+func (n *Node) load() error {
+	d, err := state.Open(n.cfg.Dir, state.WithClock(n.now))
+	if err != nil {
+		return fmt.Errorf("%w: %w", ErrNotJoined, err)
+	}
+	n.dir = d
+	if n.info, err = d.Info(); err != nil {
+		return err
+	}
+	if n.cert, err = d.NodeCert(); err != nil {
+		return err
+	}
+	if n.anchor, err = d.AuthorityCert(); err != nil {
+		return err
+	}
+	key, err := d.NodeKey()
+	if err != nil {
+		return err
+	}
+	if n.key, err = identity.TLSCertificate(key, n.cert); err != nil {
+		return err
+	}
+	n.verif = identity.Verifier{Authority: n.anchor, Cache: identity.NewSignatureCache(4096)}
+	if err := n.verif.VerifyNode(n.cert, n.now()); err != nil {
+		return fmt.Errorf("node: own certificate does not verify (renew with `ute node renew --dir %s`): %w", n.cfg.Dir, err)
+	}
+	pol, err := d.Policy()
+	if err != nil {
+		return err
+	}
+	if n.policy, err = zones.Parse(filepath.Join(n.cfg.Dir, state.FilePolicy), pol); err != nil {
+		return fmt.Errorf("node: stored policy: %w", err)
+	}
+	n.region = n.info.Region
+	if n.region == "" && len(n.cert.Claims.Regions) > 0 {
+		n.region = n.cert.Claims.Regions[0]
+	}
+	return n.reloadAgents()
+}
+
+// reloadAgents re-reads the agents registered in the directory (an offline `ute agent add` may
+// have added some).
+func (n *Node) reloadAgents() error {
+	list, err := n.dir.Agents()
+	if err != nil {
+		return fmt.Errorf("node: agents: %w", err)
+	}
+	m := make(map[agentKey]*state.Agent, len(list))
+	for _, a := range list {
+		m[agentKey{a.Zone, a.Name}] = a
+	}
+	n.mu.Lock()
+	n.agents = m
+	n.mu.Unlock()
+	return nil
+}
+
+// Close stops the endpoint, every listener and flow, and flushes the audit log.
+func (n *Node) Close() error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	n.closed = true
+	ls := make([]*listener, 0, len(n.listeners))
+	for _, l := range n.listeners {
+		ls = append(ls, l)
+	}
+	n.mu.Unlock()
+	for _, l := range ls {
+		_ = l.Close()
+	}
+	n.cancel()
+	err := n.ep.Close()
+	n.wg.Wait()
+	if n.ownPC {
+		err = errors.Join(err, n.pc.Close())
+	}
+	return errors.Join(err, n.audit.Close())
+}
+
+// ID is the node's SPIFFE ID.
+func (n *Node) ID() identity.ID { return n.cert.ID }
+
+// Certificate is the node's certificate.
+func (n *Node) Certificate() *identity.Certificate { return n.cert }
+
+// Addr is the node's underlay (UDP) address.
+func (n *Node) Addr() netip.AddrPort {
+	if ua, ok := n.ep.Addr().(*net.UDPAddr); ok {
+		return ua.AddrPort()
+	}
+	ap, _ := netip.ParseAddrPort(n.ep.Addr().String())
+	return ap
+}
+
+// Zones lists the zones the node's certificate grants.
+func (n *Node) Zones() []string { return n.cert.Claims.ZoneNames() }
+
+// Region is the region the node attests in its records.
+func (n *Node) Region() string { return n.region }
+
+// Stats returns the tunnel endpoint's counters.
+func (n *Node) Stats() tunnel.Stats { return n.ep.Stats() }
+
+// AddPeer adds or replaces a peer's address.
+func (n *Node) AddPeer(p Peer) error {
+	id, err := n.peerID(p.Node)
+	if err != nil {
+		return err
+	}
+	if !p.Addr.IsValid() {
+		return fmt.Errorf("%w: peer %s has no address", ErrConfig, p.Node)
+	}
+	n.mu.Lock()
+	n.peers[id] = p.Addr
+	n.mu.Unlock()
+	return nil
+}
+
+// peerID turns a node name or SPIFFE ID into the canonical node SPIFFE ID string.
+func (n *Node) peerID(s string) (string, error) {
+	if id, err := identity.ParseID(s); err == nil {
+		if id.Kind != identity.KindNode {
+			return "", fmt.Errorf("%w: peer %s is not a node ID", ErrConfig, s)
+		}
+		return id.String(), nil
+	}
+	if err := identity.ValidateName("peer node name", s); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrConfig, err)
+	}
+	return identity.NodeID(n.cert.ID.TrustDomain, s).String(), nil
+}
+
+// Revoke adds a subject to the node's revocation set and closes the tunnels of a revoked node.
+// subject is a SPIFFE ID (node or agent; revoking a node revokes its agents) or "serial:<decimal>"
+// naming a certificate serial. Revocation is idempotent. The set is in memory; signed, durable,
+// gossiped revocation records replace it in a later issue.
+func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
+	key, err := canonicalSubject(subject)
+	if err != nil {
+		return err
+	}
+	n.mu.Lock()
+	n.revoked[key] = reason
+	var drop []*tunnel.Tunnel
+	for t := range n.tunnels {
+		if t.Peer().NodeID == key {
+			drop = append(drop, t)
+		}
+	}
+	for z, m := range n.view {
+		for name, e := range m {
+			if e.node == key || e.agent == key {
+				delete(n.view[z], name)
+			}
+		}
+	}
+	n.mu.Unlock()
+	for _, t := range drop {
+		_ = t.Close()
+	}
+	return n.audit.Append(ctx, audit.Entry{Event: audit.EventRevoke, Fields: map[string]string{"subject": key, "reason": reason}})
+}
+
+func canonicalSubject(s string) (string, error) {
+	if rest, ok := strings.CutPrefix(s, "serial:"); ok {
+		if rest == "" || len(rest) > 40 || !allDigits(rest) || (len(rest) > 1 && rest[0] == '0') {
+			return "", fmt.Errorf("%w: %q", ErrBadRevocation, s)
+		}
+		return "serial:" + rest, nil
+	}
+	id, err := identity.ParseID(s)
+	if err != nil || (id.Kind != identity.KindNode && id.Kind != identity.KindAgent) {
+		return "", fmt.Errorf("%w: %q", ErrBadRevocation, s)
+	}
+	return id.String(), nil
+}
+
+func allDigits(s string) bool {
+	for _, c := range s {
+		if c < '0' || c > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+func serialKey(c *identity.Certificate) string { return "serial:" + c.Serial().String() }
+
+// isRevoked reports whether any of the canonical subjects is revoked.
+func (n *Node) isRevoked(ids ...string) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, id := range ids {
+		if _, ok := n.revoked[id]; ok {
+			return true
+		}
+	}
+	return false
+}
+
+// localBinding is the session binding of same-node flows in zone: secret per node run, distinct
+// per zone, never equal to a TLS exporter value of any tunnel.
+func (n *Node) localBinding(zone string) []byte {
+	m := hmac.New(sha256.New, n.secret[:])
+	m.Write([]byte("ute local session\x00" + zone))
+	return m.Sum(nil)
+}
+
+func (n *Node) minTrust(zone string) (int, bool) {
+	z, ok := n.policy.Zone(zone)
+	if !ok {
+		return 0, false
+	}
+	return z.MinTrust, true
+}
+
+func (n *Node) isClosed() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.closed
+}
+
+// spawn runs f on a node-owned goroutine unless the node is closed.
+func (n *Node) spawn(f func()) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return false
+	}
+	n.wg.Go(f)
+	return true
+}
