@@ -25,6 +25,7 @@ var (
 	ErrCrossZone       = errors.New("cross-zone rule refused")
 	ErrUnknownZone     = errors.New("unknown zone")
 	ErrBadPort         = errors.New("bad port")
+	ErrNodePrefix      = errors.New("bad node slice prefix")
 )
 
 // ParseError locates a policy error: the file, the line and column when known, and the field as a

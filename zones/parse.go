@@ -254,6 +254,34 @@ func (w *walker) integer(n ast.Node, field string) (int, error) {
 	return 0, w.err(n, field, ErrThreshold, "%v is outside 0..100", in.Value)
 }
 
+// prefixLen reads a prefix length 1..max written as a bare integer (28) or with a slash ("/28").
+func (w *walker) prefixLen(n ast.Node, field string, max int) (int, error) {
+	if err := w.unsupported(n, field); err != nil {
+		return 0, err
+	}
+	hint := fmt.Sprintf("write a prefix length 1..%d such as %d", max, max-4)
+	var text string
+	switch v := n.(type) {
+	case *ast.IntegerNode:
+		text = v.GetToken().Value
+	case *ast.StringNode:
+		text = strings.TrimPrefix(v.Value, "/")
+	default:
+		return 0, w.err(n, field, ErrNodePrefix, "expected a prefix length, got %s; %s", kind(n), hint)
+	}
+	v := 0
+	for i, c := range []byte(text) {
+		if c < '0' || c > '9' || i >= 3 || (i > 0 && text[0] == '0') {
+			return 0, w.err(n, field, ErrNodePrefix, "%q is not a prefix length; %s", text, hint)
+		}
+		v = v*10 + int(c-'0')
+	}
+	if text == "" || v < 1 || v > max {
+		return 0, w.err(n, field, ErrNodePrefix, "%q is outside 1..%d; %s", text, max, hint)
+	}
+	return v, nil
+}
+
 func (w *walker) document(f *ast.File) ([]Zone, error) {
 	if len(f.Docs) > 1 {
 		return nil, w.err(f.Docs[1].Body, "", ErrUnsupported, "the file holds %d YAML documents; a policy is one document", len(f.Docs))
@@ -287,7 +315,7 @@ func (w *walker) document(f *ast.File) ([]Zone, error) {
 	return zones, nil
 }
 
-var zoneFields = []string{"name", "cidr", "regions", "min_trust", "isolate_below", "max_cert_lifetime", "rules"}
+var zoneFields = []string{"name", "cidr", "regions", "min_trust", "isolate_below", "max_cert_lifetime", "node_prefix", "node_prefix6", "rules"}
 
 func (w *walker) zone(n ast.Node, field string) (Zone, zoneLoc, error) {
 	zl := zoneLoc{self: posOf(n), fields: map[string]pos{}}
@@ -364,6 +392,17 @@ func (w *walker) zone(n ast.Node, field string) (Zone, zoneLoc, error) {
 			return Zone{}, zl, w.err(mv.Value, sub, ErrBadValue, "%q is not a positive duration; write e.g. 1h or 30m", s)
 		}
 		z.MaxCertLifetime = d
+	}
+	for _, np := range []struct {
+		name string
+		max  int
+		into *int
+	}{{"node_prefix", 32, &z.NodePrefix}, {"node_prefix6", 128, &z.NodePrefix6}} {
+		if mv, ok := f[np.name]; ok {
+			if *np.into, err = w.prefixLen(mv.Value, field+"."+np.name, np.max); err != nil {
+				return Zone{}, zl, err
+			}
+		}
 	}
 
 	if mv, ok := f["rules"]; ok {

@@ -262,6 +262,8 @@ func FuzzParse(f *testing.F) {
 		"", "zones: []", "zones: [\n", "zones:\n" + zoneYAML("a", "10.0.0.0/8", ruleYAML("{labels: {team: x}}", "b-*", "[tcp/1-2, any, icmp]")),
 		"zones:\n" + zoneYAML("a", "&x 10.0.0.0/8", "") + zoneYAML("b", "*x", ""),
 		"zones:\n" + zoneYAML("a", "10.0.0.0/8", ruleYAML("other/x", "b", "[tcp/443]")),
+		"zones:\n" + zoneYAML("a", `[10.0.0.0/16, "fd00::/64"]`, "    node_prefix: 20\n    node_prefix6: \"/72\"\n"),
+		"zones:\n" + zoneYAML("a", "10.0.0.0/24", "    node_prefix: 024\n"),
 		"zones:\n  - <<: {name: a}\n", "zones: {a: 1}\n", "? [a]\n: b\n", "zones:\n- name: |\n    x\n",
 	} {
 		f.Add([]byte(s))

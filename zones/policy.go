@@ -33,6 +33,9 @@ type Zone struct {
 	IsolateBelow int
 	// MaxCertLifetime caps certificates issued for this zone; 0 means the issuer's default.
 	MaxCertLifetime time.Duration
+	// NodePrefix and NodePrefix6 are the lengths of the slice of each IPv4 (IPv6) CIDR that the
+	// authority gives every node of the zone; 0 means DefaultNodePrefix. See NodePrefixFor.
+	NodePrefix, NodePrefix6 int
 	// Rules allow intra-zone flows; anything no rule allows is denied.
 	Rules []Rule
 	// Line is the line of the zone in its policy file (0 when built with New).

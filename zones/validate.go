@@ -232,6 +232,13 @@ func validate(zones []Zone, loc *locator) error {
 			prefixes = append(prefixes, ownedPrefix{p: p, zone: i, idx: j})
 		}
 
+		if npField, cidrIdx, err := checkNodePrefixes(z); err != nil {
+			if cidrIdx >= 0 {
+				return errf(file, zl.item(cidrsOf, cidrIdx), fmt.Sprintf("%s.cidr[%d]", field, cidrIdx), ErrBadCIDR, "%v", err)
+			}
+			return errf(file, zl.field(npField), field+"."+npField, ErrNodePrefix, "%v", err)
+		}
+
 		if len(z.Regions) == 0 {
 			return errf(file, zl.field("regions"), field+".regions", ErrMissingField,
 				"zone %s needs its placement, e.g. regions: [eu-west-1]", z.Name)

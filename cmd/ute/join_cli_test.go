@@ -17,6 +17,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ute-project/ute/identity"
 )
 
 // uteBin is the ute binary built once by TestMain for the tests that run it as a subprocess.
@@ -229,6 +231,21 @@ func TestCLIJoinFlowAndCrashSafety(t *testing.T) {
 	require.NoError(t, json.Unmarshal([]byte(ute(t, "node", "join", "--dir", filepath.Join(tmp, "n6"), "--authority", d2.addr,
 		"--token", tok3, "--name", "n6", "--json").ok(t)), &joined))
 	assert.Equal(t, "4", joined.Serial, "serials 1 (join), 2 (renew), 3 (n4) were issued before the crash")
+	// Each node owns its own slice of payments, and the slice n4 got just before the SIGKILL is
+	// never handed to n6 after the restart.
+	var grants []netip.Prefix
+	for _, n := range []string{"n1", "n4", "n6"} {
+		certs, err := identity.ReadCertificates(filepath.Join(tmp, n, "node.crt"))
+		require.NoError(t, err)
+		g, ok := certs[0].Claims.Zone("payments")
+		require.True(t, ok)
+		require.Len(t, g.Prefixes, 1)
+		for _, prev := range grants {
+			assert.False(t, prev.Overlaps(g.Prefixes[0]), "%s's slice %s overlaps %s", n, g.Prefixes[0], prev)
+		}
+		grants = append(grants, g.Prefixes[0])
+	}
+	assert.True(t, grants[0].Contains(addr), "n1's agent IP %s lies in n1's slice %s", addr, grants[0])
 
 	var audit []map[string]any
 	require.NoError(t, json.Unmarshal([]byte(ute(t, "authority", "audit", "--dir", authDir, "--json").ok(t)), &audit))

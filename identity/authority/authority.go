@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/big"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -299,15 +300,22 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, remote string) Re
 		claims   identity.Claims
 		lifetime time.Duration
 	)
-	tok, serial, err := a.store.Consume(ConsumeRequest{
+	consumed, err := a.store.Consume(ConsumeRequest{
 		ID: req.TokenID, SecretHash: hash[:], Consumer: csr.Name, Now: now,
-		Check: func(tok TokenRecord) error {
+		Check: func(tok TokenRecord) ([]SliceRequest, error) {
 			var err error
 			claims, lifetime, err = a.nodeClaims(tok, region, csr.Fingerprint)
-			return err
+			if err != nil {
+				return nil, err
+			}
+			return a.sliceRequests(claims.ZoneNames())
 		},
 	})
 	if err != nil {
+		return a.refuse(ctx, "join", remote, req.TokenID, err)
+	}
+	tok, serial := consumed.Token, consumed.Serial
+	if claims.Zones, err = grantSlices(claims.ZoneNames(), consumed.Slices); err != nil {
 		return a.refuse(ctx, "join", remote, req.TokenID, err)
 	}
 	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote})
@@ -333,7 +341,8 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 			return identity.Claims{}, 0, fmt.Errorf("%w: token zone %q is no longer in the policy; create a token for %v", ErrTokenZone, name, a.zoneNames())
 		}
 		zs = append(zs, z)
-		grants = append(grants, identity.ZoneGrant{Name: z.Name, Prefixes: slices.Clone(z.CIDRs)})
+		// The prefixes are replaced by the node's slices once they are allocated.
+		grants = append(grants, identity.ZoneGrant{Name: z.Name})
 		lifetime = z.CertLifetime(lifetime)
 		if i == 0 {
 			placement = slices.Clone(z.Regions)
@@ -421,8 +430,19 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, peer []*x509.Ce
 	if err != nil {
 		return a.refuse(ctx, "renew", remote, "", err)
 	}
-	serial, err := a.store.AllocateSerial()
+	want, err := a.sliceRequests(claims.ZoneNames())
 	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	}
+	held := make(map[string][]netip.Prefix, len(cur.Claims.Zones))
+	for _, g := range cur.Claims.Zones {
+		held[g.Name] = g.Prefixes
+	}
+	serial, sl, err := a.store.Renewal(RenewalRequest{Node: cur.ID.Name, Held: held, Want: want, Now: now})
+	if err != nil {
+		return a.refuse(ctx, "renew", remote, "", err)
+	}
+	if claims.Zones, err = grantSlices(claims.ZoneNames(), sl); err != nil {
 		return a.refuse(ctx, "renew", remote, "", err)
 	}
 	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{Renewal: oldSerial, RemoteAdr: remote})
@@ -452,7 +472,8 @@ func (a *Authority) renewedClaims(cur *identity.Certificate) (identity.Claims, t
 		if !inPlacement {
 			continue
 		}
-		grants = append(grants, identity.ZoneGrant{Name: z.Name, Prefixes: slices.Clone(z.CIDRs)})
+		// The prefixes are the node's slices, filled in by the store's renewal transaction.
+		grants = append(grants, identity.ZoneGrant{Name: z.Name})
 		lifetime = z.CertLifetime(lifetime)
 	}
 	if len(grants) == 0 {
@@ -462,6 +483,37 @@ func (a *Authority) renewedClaims(cur *identity.Certificate) (identity.Claims, t
 		Zones: grants, Regions: slices.Clone(cur.Claims.Regions),
 		Fingerprint: slices.Clone(cur.Claims.Fingerprint), WireGuardKey: slices.Clone(cur.Claims.WireGuardKey),
 	}, lifetime, nil
+}
+
+// sliceRequests names, for each zone in order, one slice per zone CIDR with the zone's slice length.
+func (a *Authority) sliceRequests(zoneNames []string) ([]SliceRequest, error) {
+	var out []SliceRequest
+	for _, name := range zoneNames {
+		z, ok := a.policy.Zone(name)
+		if !ok {
+			return nil, fmt.Errorf("%w: zone %q is not in the policy", ErrTokenZone, name)
+		}
+		for _, cidr := range z.CIDRs {
+			out = append(out, SliceRequest{Zone: z.Name, CIDR: cidr, Bits: z.NodePrefixFor(cidr)})
+		}
+	}
+	return out, nil
+}
+
+// grantSlices builds the node's zone grants from its allocated slices, zones in the given order.
+func grantSlices(zoneNames []string, recs []SliceRecord) ([]identity.ZoneGrant, error) {
+	byZone, err := grantsFrom(zoneNames, recs)
+	if err != nil {
+		return nil, err
+	}
+	grants := make([]identity.ZoneGrant, 0, len(zoneNames))
+	for _, name := range zoneNames {
+		if len(byZone[name]) == 0 {
+			return nil, fmt.Errorf("zone %s: no slice was allocated", name)
+		}
+		grants = append(grants, identity.ZoneGrant{Name: name, Prefixes: byZone[name]})
+	}
+	return grants, nil
 }
 
 func serialUint64(s *big.Int) (uint64, bool) {

@@ -3,8 +3,10 @@
 // renewal service, the local admin socket, and the client side of join and renewal used by nodes.
 //
 // It owns the single-use token consumption (one durable transaction that checks and consumes the
-// token and allocates the serial before anything is signed) and the renewal check (mutual TLS proof of
-// possession of the current node key). It must never store a token secret (only its hash), never
-// reuse a serial, never send a token secret to a server whose key does not match the token's pin, and
-// never sign a certificate whose claims were not derived from the stored policy.
+// token and allocates the serial and the node's per-zone slices before anything is signed), the
+// per-node slices of zone CIDRs that node certificates grant, and the renewal check (mutual TLS
+// proof of possession of the current node key). It must never store a token secret (only its hash),
+// never reuse a serial, never give an address of one node's slice to another node, never send a
+// token secret to a server whose key does not match the token's pin, and never sign a certificate
+// whose claims were not derived from the stored policy.
 package authority

@@ -24,6 +24,9 @@ var (
 	ErrRevoked        = errors.New("certificate revoked")
 	ErrProtocol       = errors.New("protocol error")
 	ErrInternal       = errors.New("authority internal error")
+	// ErrZoneFull means every node slice of a zone CIDR is allocated; the join is refused and its
+	// token stays unused.
+	ErrZoneFull = errors.New("zone has no free node slice")
 
 	ErrAlreadyInitialized = errors.New("authority directory already initialized")
 	ErrNotInitialized     = errors.New("authority directory not initialized")
@@ -49,6 +52,7 @@ const (
 	CodeRevoked
 	CodeProtocol
 	CodeInternal
+	CodeZoneFull
 )
 
 var codeErrors = [...]error{
@@ -63,12 +67,13 @@ var codeErrors = [...]error{
 	CodeRevoked:        ErrRevoked,
 	CodeProtocol:       ErrProtocol,
 	CodeInternal:       ErrInternal,
+	CodeZoneFull:       ErrZoneFull,
 }
 
 // codeOf returns the wire code for err; anything not a known refusal is internal, so that server
 // internals never leak to an unauthenticated caller.
 func codeOf(err error) Code {
-	for c := CodeTokenUnknown; c <= CodeInternal; c++ {
+	for c := CodeTokenUnknown; int(c) < len(codeErrors); c++ {
 		if errors.Is(err, codeErrors[c]) {
 			return c
 		}

@@ -60,33 +60,47 @@ type testAuthority struct {
 	addr string
 }
 
-func writePolicy(t testing.TB) string {
+func writePolicy(t testing.TB, policy string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "policy.yaml")
-	require.NoError(t, os.WriteFile(p, []byte(testPolicy), 0o644))
+	require.NoError(t, os.WriteFile(p, []byte(policy), 0o644))
 	return p
 }
 
-// startAuthority initializes an authority in a temp dir and serves it on an ephemeral loopback
-// port until the test ends.
+// startAuthority initializes an authority with testPolicy in a temp dir and serves it on an
+// ephemeral loopback port until the test ends.
 func startAuthority(t testing.TB, clock *testClock) *testAuthority {
+	return startAuthorityWith(t, clock, testPolicy)
+}
+
+func startAuthorityWith(t testing.TB, clock *testClock, policy string) *testAuthority {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "auth")
-	opts := Options{Now: clock.Now}
-	require.NoError(t, Init(dir, "acme.internal", writePolicy(t), opts))
-	a, err := Open(dir, opts)
+	require.NoError(t, Init(dir, "acme.internal", writePolicy(t, policy), Options{Now: clock.Now}))
+	ta, _ := serveAuthority(t, dir, clock)
+	return ta
+}
+
+// serveAuthority opens the authority in dir and serves it until stop is called or the test ends.
+func serveAuthority(t testing.TB, dir string, clock *testClock) (ta *testAuthority, stop func()) {
+	t.Helper()
+	a, err := Open(dir, Options{Now: clock.Now})
 	require.NoError(t, err)
 	srv, err := a.Listen("127.0.0.1:0")
 	require.NoError(t, err)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		require.NoError(t, <-done)
-		require.NoError(t, a.Close())
-	})
-	return &testAuthority{Authority: a, dir: dir, addr: srv.Addr().String()}
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			require.NoError(t, <-done)
+			require.NoError(t, a.Close())
+		})
+	}
+	t.Cleanup(stop)
+	return &testAuthority{Authority: a, dir: dir, addr: srv.Addr().String()}, stop
 }
 
 func (ta *testAuthority) token(t testing.TB, spec TokenSpec) string {

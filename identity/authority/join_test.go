@@ -29,7 +29,7 @@ func TestJoinIssuesNodeCertificate(t *testing.T) {
 	assert.Equal(t, []string{"payments", "research"}, j.Node.Claims.ZoneNames())
 	g, ok := j.Node.Claims.Zone("payments")
 	require.True(t, ok)
-	assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("100.100.1.0/24")}, g.Prefixes)
+	assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("100.100.1.0/28")}, g.Prefixes, "the node's own slice, never the zone CIDR")
 	assert.Equal(t, []string{"eu-west-1"}, j.Node.Claims.Regions, "the only region common to both zones")
 	assert.Equal(t, fingerprint("n1"), j.Node.Claims.Fingerprint)
 	assert.Equal(t, testPolicy, string(j.Policy))

@@ -129,7 +129,7 @@ func OpenStore(path string, timeout time.Duration) (*Store, error) {
 		return nil, fmt.Errorf("open authority store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit} {
+		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit, bucketSlices4, bucketSlices6, bucketNodeSlices} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -259,21 +259,33 @@ type ConsumeRequest struct {
 	SecretHash []byte
 	Consumer   string // the name the joining node asked for
 	Now        time.Time
-	// Check validates the token's zones and regions against the request and the policy; a non-nil
-	// error refuses the join without consuming the token.
-	Check func(TokenRecord) error
+	// Check validates the token's zones and regions against the request and the policy and names
+	// the zone CIDRs the node gets a slice of; a non-nil error refuses the join without consuming
+	// the token.
+	Check func(TokenRecord) ([]SliceRequest, error)
 }
 
-// Consume checks and consumes a token and allocates the serial of the certificate about to be
-// signed, in one durable transaction. Of any number of concurrent calls with the same token, exactly
-// one succeeds; the others get ErrTokenUsed. The order of checks is fixed so that a caller without
-// the right secret learns nothing beyond ErrTokenUnknown.
-func (s *Store) Consume(req ConsumeRequest) (TokenRecord, uint64, error) {
+// Consumed is the outcome of a successful Consume.
+type Consumed struct {
+	Token  TokenRecord
+	Serial uint64
+	// Slices are the node's new slices, one per SliceRequest, in request order.
+	Slices []SliceRecord
+}
+
+// Consume checks and consumes a token, allocates the serial of the certificate about to be signed
+// and the node's slices, in one durable transaction: a refusal (ErrZoneFull included) rolls all of
+// it back and leaves the token unused. Of any number of concurrent calls with the same token,
+// exactly one succeeds; the others get ErrTokenUsed. The order of checks is fixed so that a caller
+// without the right secret learns nothing beyond ErrTokenUnknown.
+func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
 	var (
 		rec    TokenRecord
 		serial uint64
+		sl     []SliceRecord
 	)
 	err := s.db.Update(func(tx *bolt.Tx) error {
+		sl = nil
 		b := tx.Bucket(bucketTokens)
 		v := b.Get([]byte(req.ID))
 		if v == nil {
@@ -291,14 +303,27 @@ func (s *Store) Consume(req ConsumeRequest) (TokenRecord, uint64, error) {
 		if !req.Now.Before(rec.ExpiresAt) {
 			return fmt.Errorf("%w: token %s expired at %s; create a new token", ErrTokenExpired, rec.ID, rec.ExpiresAt.UTC().Format(time.RFC3339))
 		}
+		var want []SliceRequest
 		if req.Check != nil {
-			if err := req.Check(rec); err != nil {
+			var err error
+			if want, err = req.Check(rec); err != nil {
 				return err
 			}
 		}
 		var err error
 		if serial, err = nextSerial(tx); err != nil {
 			return err
+		}
+		consumer := req.Consumer
+		if consumer == "" {
+			consumer = "?"
+		}
+		for _, w := range want {
+			r, err := allocateSlice(tx, w, consumer, serial, req.Now)
+			if err != nil {
+				return err
+			}
+			sl = append(sl, r)
 		}
 		rec.ConsumedBy = req.Consumer
 		if rec.ConsumedBy == "" {
@@ -313,9 +338,9 @@ func (s *Store) Consume(req ConsumeRequest) (TokenRecord, uint64, error) {
 		return b.Put([]byte(rec.ID), val)
 	})
 	if err != nil {
-		return TokenRecord{}, 0, err
+		return Consumed{}, err
 	}
-	return rec, serial, nil
+	return Consumed{Token: rec, Serial: serial, Slices: sl}, nil
 }
 
 // AllocateSerial reserves the next serial (for renewals, which spend no token).

@@ -66,20 +66,20 @@ func TestStoreConsumeChecks(t *testing.T) {
 		id      string
 		secret  string
 		expires time.Time
-		check   func(TokenRecord) error
+		check   func(TokenRecord) ([]SliceRequest, error)
 		want    error
 	}{
 		{"ok", "t1", "s1", now.Add(time.Minute), nil, nil},
 		{"unknown id", "nope", "s1", now.Add(time.Minute), nil, ErrTokenUnknown},
 		{"wrong secret", "t1", "bad", now.Add(time.Minute), nil, ErrTokenUnknown},
 		{"expired", "t1", "s1", now, nil, ErrTokenExpired},
-		{"check refuses", "t1", "s1", now.Add(time.Minute), func(TokenRecord) error { return errCheck }, errCheck},
+		{"check refuses", "t1", "s1", now.Add(time.Minute), func(TokenRecord) ([]SliceRequest, error) { return nil, errCheck }, errCheck},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			s, _ := openTestStore(t)
 			putToken(t, s, "t1", "s1", tc.expires)
-			rec, serial, err := s.Consume(ConsumeRequest{ID: tc.id, SecretHash: hashOf(tc.secret), Consumer: "n1", Now: now, Check: tc.check})
+			got, err := s.Consume(ConsumeRequest{ID: tc.id, SecretHash: hashOf(tc.secret), Consumer: "n1", Now: now, Check: tc.check})
 			if tc.want != nil {
 				require.ErrorIs(t, err, tc.want)
 				stored, err := s.Token("t1")
@@ -91,9 +91,9 @@ func TestStoreConsumeChecks(t *testing.T) {
 				return
 			}
 			require.NoError(t, err)
-			assert.Equal(t, uint64(1), serial)
-			assert.Equal(t, "n1", rec.ConsumedBy)
-			_, _, err = s.Consume(ConsumeRequest{ID: "t1", SecretHash: hashOf("s1"), Consumer: "n2", Now: now})
+			assert.Equal(t, uint64(1), got.Serial)
+			assert.Equal(t, "n1", got.Token.ConsumedBy)
+			_, err = s.Consume(ConsumeRequest{ID: "t1", SecretHash: hashOf("s1"), Consumer: "n2", Now: now})
 			require.ErrorIs(t, err, ErrTokenUsed)
 		})
 	}
@@ -112,13 +112,13 @@ func TestStoreConsumeConcurrentExactlyOnce(t *testing.T) {
 	)
 	for range n {
 		wg.Go(func() {
-			_, serial, err := s.Consume(ConsumeRequest{ID: "t1", SecretHash: hashOf("s1"), Consumer: "n", Now: time.Unix(5000, 0)})
+			got, err := s.Consume(ConsumeRequest{ID: "t1", SecretHash: hashOf("s1"), Consumer: "n", Now: time.Unix(5000, 0)})
 			mu.Lock()
 			defer mu.Unlock()
 			switch {
 			case err == nil:
 				ok++
-				serials = append(serials, serial)
+				serials = append(serials, got.Serial)
 			case errors.Is(err, ErrTokenUsed):
 				used++
 			default:
@@ -193,7 +193,7 @@ func BenchmarkTokenConsume(b *testing.B) {
 	b.ResetTimer()
 	for i := range b.N {
 		id := strconv.Itoa(i)
-		if _, _, err := s.Consume(ConsumeRequest{ID: id, SecretHash: secret, Consumer: "n", Now: time.Unix(2, 0)}); err != nil {
+		if _, err := s.Consume(ConsumeRequest{ID: id, SecretHash: secret, Consumer: "n", Now: time.Unix(2, 0)}); err != nil {
 			b.Fatal(err)
 		}
 	}

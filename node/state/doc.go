@@ -3,6 +3,7 @@
 // overlay IP allocations of those agents.
 //
 // It must never talk to the network and never hand an agent a certificate for a zone the node does
-// not hold or an overlay IP outside that zone's CIDR; every file holding a private key is 0600 in a
-// 0700 directory.
+// not hold or an overlay IP outside the node's grant for that zone (the node's own slices of the
+// zone's CIDRs, which the authority allocated to this node alone); every file holding a private key
+// is 0600 in a 0700 directory.
 package state

@@ -66,3 +66,42 @@ func TestReleaseFreesAddress(t *testing.T) {
 	assert.Equal(t, ip1, ip3)
 	assert.Empty(t, a.names("z"))
 }
+
+// Inside a node's slice the allocator skips the slice's first and last address, like a subnet's
+// network and broadcast: it costs two addresses per slice, and it means the zone's own network
+// and broadcast addresses (the first address of the first slice, the last of the last) are never
+// handed out.
+func TestNextFreeInsideSlices(t *testing.T) {
+	tests := []struct {
+		name        string
+		slice       string
+		first, last string
+		usable      int
+	}{
+		{"first /28 of a /24 (holds the zone's network address)", "100.100.1.0/28", "100.100.1.1", "100.100.1.14", 14},
+		{"middle /28", "100.100.1.16/28", "100.100.1.17", "100.100.1.30", 14},
+		{"last /28 (holds the zone's broadcast address)", "100.100.1.240/28", "100.100.1.241", "100.100.1.254", 14},
+		{"/29 slice of a tiny zone", "10.9.0.8/29", "10.9.0.9", "10.9.0.14", 6},
+		{"/124 IPv6 slice", "fd00:1::10/124", "fd00:1::11", "fd00:1::1f", 15},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := []netip.Prefix{netip.MustParsePrefix(tc.slice)}
+			a := allocations{}
+			var got []netip.Addr
+			for {
+				ip, err := a.nextFree("z", p)
+				if err != nil {
+					require.ErrorIs(t, err, ErrNoFreeIP)
+					break
+				}
+				require.True(t, p[0].Contains(ip))
+				a.allocate("z", ip.String(), ip)
+				got = append(got, ip)
+			}
+			require.Len(t, got, tc.usable)
+			assert.Equal(t, tc.first, got[0].String())
+			assert.Equal(t, tc.last, got[len(got)-1].String())
+		})
+	}
+}
