@@ -33,6 +33,7 @@ type zoneView struct {
 	Name            string     `json:"name"`
 	Line            int        `json:"line"`
 	CIDRs           []string   `json:"cidrs"`
+	NodeSlices      []string   `json:"node_slices"` // per CIDR: the prefix length of each node's slice
 	Regions         []string   `json:"regions"`
 	MinTrust        int        `json:"min_trust"`
 	IsolateBelow    int        `json:"isolate_below"`
@@ -54,6 +55,7 @@ func viewPolicy(file string, p *zones.Policy) policyView {
 			IsolateBelow: z.IsolateBelow, Rules: []ruleView{}}
 		for _, c := range z.CIDRs {
 			zv.CIDRs = append(zv.CIDRs, c.String())
+			zv.NodeSlices = append(zv.NodeSlices, fmt.Sprintf("/%d", z.NodePrefixFor(c)))
 		}
 		if z.MaxCertLifetime > 0 {
 			zv.MaxCertLifetime = z.MaxCertLifetime.String()
@@ -102,6 +104,7 @@ func newPolicyCheckCmd() *cobra.Command {
 			for _, z := range v.Zones {
 				fmt.Fprintf(out, "\nzone %s (line %d)\n", z.Name, z.Line)
 				fmt.Fprintf(out, "  cidr           %s\n", strings.Join(z.CIDRs, ", "))
+				fmt.Fprintf(out, "  node slices    %s (each node's share of each CIDR)\n", strings.Join(z.NodeSlices, ", "))
 				fmt.Fprintf(out, "  regions        %s\n", strings.Join(z.Regions, ", "))
 				fmt.Fprintf(out, "  min_trust      %d (flows denied below)\n", z.MinTrust)
 				fmt.Fprintf(out, "  isolate_below  %d (isolated and revoked below)\n", z.IsolateBelow)

@@ -39,6 +39,7 @@ func TestPolicyCheck(t *testing.T) {
 	assert.True(t, v.Valid)
 	assert.Equal(t, "payments", v.Zones[0].Name)
 	assert.Equal(t, []string{"100.100.1.0/24"}, v.Zones[0].CIDRs)
+	assert.Equal(t, []string{"/28"}, v.Zones[0].NodeSlices, "a /24 zone gives each node a /28 by default")
 	assert.Equal(t, []string{"eu-west-1", "us-east-1"}, v.Zones[1].Regions)
 	assert.Equal(t, "1h0m0s", v.Zones[0].MaxCertLifetime)
 	assert.Equal(t, []string{"tcp/80", "icmp"}, v.Zones[1].Rules[1].Ports)
