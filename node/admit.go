@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/ute-project/ute/identity"
@@ -30,6 +31,34 @@ const (
 type session struct {
 	dtl      dtl.Session
 	lastUsed time.Time
+
+	// sources maps the chain hashes admitted on this session to the source agent's overlay IP,
+	// which a hash-only record does not carry. It mirrors dtl's ChainCache (same bound); a hash
+	// missing here is answered chain-unknown, so the sender resends the full chain.
+	mu      sync.Mutex
+	sources map[[dtl.HashLen]byte]netip.Addr
+}
+
+func (s *session) source(h []byte) (netip.Addr, bool) {
+	var k [dtl.HashLen]byte
+	if len(h) != dtl.HashLen {
+		return netip.Addr{}, false
+	}
+	copy(k[:], h)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ip, ok := s.sources[k]
+	return ip, ok
+}
+
+func (s *session) remember(h [dtl.HashLen]byte, ip netip.Addr) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.sources[h]; !ok && len(s.sources) >= dtl.DefaultChainCacheSize {
+		// Forgetting everything is simpler than FIFO and only costs full-chain resends.
+		clear(s.sources)
+	}
+	s.sources[h] = ip
 }
 
 // peerVerifier implements tunnel.PeerVerifier: chain to the anchor, revocation, then the zones
@@ -120,8 +149,14 @@ func (n *Node) allowFlow(info *dtl.AgentInfo, c *dtl.Claims) error {
 		}
 		return nil
 	}
-	if c.Destination.Proto != dtl.ProtoTCP {
-		return fmt.Errorf("this node carries only TCP flows for SDK agents, not %s", c.Destination.Proto)
+	var proto zones.Proto
+	switch c.Destination.Proto {
+	case dtl.ProtoTCP:
+		proto = zones.ProtoTCP
+	case dtl.ProtoUDP:
+		proto = zones.ProtoUDP
+	default:
+		return fmt.Errorf("this node carries TCP and UDP flows for SDK agents, not %s", c.Destination.Proto)
 	}
 	src, err := identity.ParseID(info.Agent)
 	if err != nil {
@@ -136,7 +171,7 @@ func (n *Node) allowFlow(info *dtl.AgentInfo, c *dtl.Claims) error {
 	d := n.policy.Flow(
 		zones.Agent{Name: src.Name, Zone: src.Zone, Labels: info.Labels, Region: c.Region, Trust: zones.Score{Value: int(c.Trust), Known: true}},
 		zones.Agent{Name: dst.Name, Zone: dst.Zone, Labels: dst.Labels, Region: n.region, Trust: zones.Score{Value: int(n.trust), Known: true}},
-		c.Destination.Port, zones.ProtoTCP)
+		c.Destination.Port, proto)
 	if !d.Allow {
 		return &PolicyError{Decision: d}
 	}
@@ -166,30 +201,47 @@ func (n *Node) admitRecord(zone, peerNode string, aad, raw []byte) (tunnel.Admis
 		return tunnel.Admission{}, nil, dtl.Deny(fmt.Errorf("%w: %w", dtl.ErrConfig, ErrClosed))
 	}
 	s := n.session(zone, peerNode, aad)
-	ok, err := n.admit.Admit(s, raw)
+	ok, err := n.admit.Admit(&s.dtl, raw)
 	if err != nil {
 		return tunnel.Admission{}, partialProvenance(raw), err
 	}
 	c := ok.Claims()
-	prov, err := newProvenance(ok)
+	prov, err := newProvenance(ok, s)
 	if err != nil {
-		return tunnel.Admission{}, nil, dtl.Deny(fmt.Errorf("%w: %w", dtl.ErrConfig, err))
+		return tunnel.Admission{}, partialProvenance(raw), dtl.Deny(err)
 	}
+	prov.recordSize = len(raw)
 	if c.Destination.Agent == directoryAgent {
 		return tunnel.Admission{Agent: ok.Agent.Agent, Kind: tunnel.KindStream, FlowID: c.FlowID, Info: &directoryFlow{zone: zone, peer: peerNode, prov: prov}}, prov, nil
 	}
+	dport := c.Destination.Port
 	n.mu.Lock()
 	dst := n.agents[agentKey{zone, c.Destination.Agent}]
-	l := n.listeners[listenKey{zone, c.Destination.Agent, c.Destination.Port}]
+	listening := false
+	if c.Destination.Proto == dtl.ProtoUDP {
+		listening = n.plisten[listenKey{zone, c.Destination.Agent, dport}] != nil
+	} else {
+		listening = n.listeners[listenKey{zone, c.Destination.Agent, dport}] != nil
+	}
 	n.mu.Unlock()
-	if dst == nil || l == nil {
-		return tunnel.Admission{}, prov, dtl.Deny(fmt.Errorf("%w: %s is not listening on tcp/%d", dtl.ErrUnreachable, c.Destination.Agent, c.Destination.Port))
+	if dst == nil || !listening {
+		return tunnel.Admission{}, prov, dtl.Deny(fmt.Errorf("%w: %s is not listening on %s/%d", dtl.ErrUnreachable, c.Destination.Agent, c.Destination.Proto, dport))
+	}
+	if c.Destination.Proto == dtl.ProtoUDP {
+		return tunnel.Admission{
+			Agent:  ok.Agent.Agent,
+			Kind:   tunnel.KindPacket,
+			FlowID: c.FlowID,
+			Local:  net.UDPAddrFromAddrPort(netip.AddrPortFrom(dst.IP, dport)),
+			Remote: udpAddr(prov.SourceIP, flowPort(c.FlowID)),
+			Info:   prov,
+		}, prov, nil
 	}
 	return tunnel.Admission{
 		Agent:  ok.Agent.Agent,
 		Kind:   tunnel.KindStream,
 		FlowID: c.FlowID,
-		Local:  &net.TCPAddr{IP: dst.IP.AsSlice(), Port: int(c.Destination.Port)},
+		Local:  &net.TCPAddr{IP: dst.IP.AsSlice(), Port: int(dport)},
 		Remote: tcpAddr(prov.SourceIP, 0),
 		Info:   prov,
 	}, prov, nil
@@ -205,7 +257,7 @@ func tcpAddr(ip netip.Addr, port uint16) net.Addr {
 // session returns the admission state of the session bound to aad, creating it on first use.
 // Sessions idle for longer than twice the freshness window are dropped: every record admitted on
 // one is then stale, so forgetting its replay window cannot let a replay through.
-func (n *Node) session(zone, peerNode string, aad []byte) *dtl.Session {
+func (n *Node) session(zone, peerNode string, aad []byte) *session {
 	now := n.now()
 	key := string(aad)
 	n.mu.Lock()
@@ -221,13 +273,17 @@ func (n *Node) session(zone, peerNode string, aad []byte) *dtl.Session {
 	}
 	s := n.sessions[key]
 	if s == nil || s.dtl.Zone != zone || s.dtl.PeerNode != peerNode {
-		// Chains stays nil: senders of this version always send the full chain, and a hash-only
-		// record is refused (chain-unknown) rather than trusted from a cache.
-		s = &session{dtl: dtl.Session{AAD: append([]byte(nil), aad...), PeerNode: peerNode, Zone: zone, Replay: &dtl.ReplayWindow{}}}
+		// Chains: after a full-chain record is admitted, the sender names that chain by hash
+		// (docs/protocol.md §4); the cache is per session, so a hash never crosses sessions.
+		s = &session{
+			dtl: dtl.Session{AAD: append([]byte(nil), aad...), PeerNode: peerNode, Zone: zone,
+				Replay: &dtl.ReplayWindow{}, Chains: dtl.NewChainCache(0)},
+			sources: map[[dtl.HashLen]byte]netip.Addr{},
+		}
 		n.sessions[key] = s
 	}
 	s.lastUsed = now
-	return &s.dtl
+	return s
 }
 
 func (n *Node) skew() time.Duration {

@@ -216,16 +216,20 @@ type destination struct {
 	node       string // SPIFFE ID of the hosting node; "" for a local agent
 }
 
-// Dial opens a TCP flow to "agent.zone:port" or "overlayIP:port". The destination must be in the
-// agent's own zone. The flow is admitted by the destination's node before Dial returns; the
-// returned conn is the admitted stream itself.
+// Dial opens a flow to "agent.zone:port" or "overlayIP:port": network "tcp" gives a stream
+// (TCP), "udp" a datagram flow (see ListenPacket). The destination must be in the agent's own
+// zone. The flow is admitted by the destination's node before Dial returns.
 func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	if !isTCP(network) {
-		return nil, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: network %q; SDK agents dial tcp", ErrUnsupported, network))
+	udp := isUDP(network)
+	if !isTCP(network) && !udp {
+		return nil, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: network %q; SDK agents dial tcp or udp", ErrUnsupported, network))
 	}
 	dst, err := a.resolve(ctx, addr)
 	if err != nil {
 		return nil, err
+	}
+	if udp {
+		return a.dialUDP(ctx, addr, dst)
 	}
 	if dst.node == "" {
 		return a.dialLocal(ctx, addr, dst)
@@ -234,19 +238,91 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	if err != nil {
 		return nil, refused(addr, "tunnel", "tunnel", err)
 	}
-	rec, err := a.Record(t, dtl.Destination{Agent: dst.name, Port: dst.port, Proto: dtl.ProtoTCP})
+	fc, err := a.openStream(ctx, t, dtl.Destination{Agent: dst.name, Port: dst.port, Proto: dtl.ProtoTCP}, tcpAddr(a.ip, 0), tcpAddr(dst.ip, dst.port))
 	if err != nil {
-		return nil, err
+		return nil, dialErr(addr, err)
 	}
-	fc, err := t.OpenFlow(ctx, rec, tcpAddr(a.ip, 0), tcpAddr(dst.ip, dst.port))
-	if err != nil {
-		var rej *tunnel.RejectedError
-		if errors.As(err, &rej) {
-			return nil, refused(addr, "admission", rej.Reason, err)
+	f := &liveFlow{ids: a.revocationIDs(), t: t, abort: fc.Abort}
+	c := &dialedConn{FlowConn: fc, untrack: func() { a.n.untrackFlow(f) }}
+	a.n.trackFlow(f)
+	if a.n.isRevoked(f.ids...) {
+		_ = c.Close()
+		return nil, refused(addr, "admission", "revoked", fmt.Errorf("%w: %s was revoked while dialing", dtl.ErrRevoked, a.id))
+	}
+	return c, nil
+}
+
+func dialErr(addr string, err error) error {
+	var rej *tunnel.RejectedError
+	if errors.As(err, &rej) {
+		return refused(addr, "admission", rej.Reason, err)
+	}
+	var re *RefusedError
+	if errors.As(err, &re) {
+		return err
+	}
+	return refused(addr, "tunnel", "tunnel", err)
+}
+
+// revocationIDs are the identities whose revocation ends this agent's flows.
+func (a *Agent) revocationIDs() []string {
+	return []string{a.id.String(), serialKey(a.cert), a.n.cert.ID.String(), serialKey(a.n.cert)}
+}
+
+// dialedConn is a stream flow a local agent opened. Close also stops tracking it for revocation.
+type dialedConn struct {
+	*tunnel.FlowConn
+	untrack func()
+	once    sync.Once
+}
+
+func (c *dialedConn) Close() error {
+	c.once.Do(c.untrack)
+	return c.FlowConn.Close()
+}
+
+// NetConn exposes the underlying flow (crypto/tls style), so WhoIs and callers can see through.
+func (c *dialedConn) NetConn() net.Conn { return c.FlowConn }
+
+// openFlowWithChain sends a flow record on t, naming the agent's chain by hash when the peer has
+// admitted it on this session (dtl.KnownChains), and resends once with the full chain when the
+// peer answers chain-unknown (it evicted the chain, or it restarted its session state).
+func (a *Agent) openFlowWithChain(ctx context.Context, t *tunnel.Tunnel, dst dtl.Destination, open func(rec []byte, flowID uint64) error) error {
+	ts := a.n.track(t)
+	chain := dtl.CertChain{Node: a.n.cert.Raw(), Agent: a.cert.Raw()}
+	h := chain.Hash()
+	compact := ts.known.Known(h)
+	for {
+		flowID := t.NewFlowID()
+		rec, err := a.sign(t.Exporter(), flowID, ts.seq.Add(1), dst, compact)
+		if err != nil {
+			return err
 		}
-		return nil, refused(addr, "tunnel", "tunnel", err)
+		err = open(rec, flowID)
+		switch {
+		case err == nil:
+			if !compact {
+				ts.known.Accepted(h)
+			}
+			return nil
+		case compact && errors.Is(err, dtl.ErrChainUnknown):
+			ts.known.Forget(h)
+			compact = false
+		default:
+			return err
+		}
 	}
-	return fc, nil
+}
+
+// openStream opens an admitted stream flow to dst on t.
+func (a *Agent) openStream(ctx context.Context, t *tunnel.Tunnel, dst dtl.Destination, local, remote net.Addr) (*tunnel.FlowConn, error) {
+	var fc *tunnel.FlowConn
+	err := a.openFlowWithChain(ctx, t, dst, func(rec []byte, _ uint64) error {
+		var err error
+		fc, err = t.OpenFlow(ctx, rec, local, remote)
+		return err
+	})
+	return fc, err
 }
 
 // resolve turns addr into a destination through the node's view of the agent's zone, refreshing
@@ -320,10 +396,14 @@ func (n *Node) lookup(zone, name string, ip netip.Addr, port uint16) (destinatio
 	return found[0], true
 }
 
-// tunnelState is what the node keeps per tunnel it has used.
+// tunnelState is what the node keeps per tunnel it has used: the session's record sequence and
+// the agent chains the peer has admitted on it.
 type tunnelState struct {
-	seq atomic.Uint64
+	seq   atomic.Uint64
+	known *dtl.KnownChains
 }
+
+func newTunnelState() *tunnelState { return &tunnelState{known: dtl.NewKnownChains(0)} }
 
 // Tunnel returns the live tunnel to peer (a node name or SPIFFE ID) for zone, dialing it if
 // needed. Dial uses tunnels implicitly; the demo and the simulator use this to replay captured
@@ -359,11 +439,11 @@ func (n *Node) track(t *tunnel.Tunnel) *tunnelState {
 	if ts != nil || n.closed {
 		n.mu.Unlock()
 		if ts == nil {
-			ts = &tunnelState{}
+			ts = newTunnelState()
 		}
 		return ts
 	}
-	ts = &tunnelState{}
+	ts = newTunnelState()
 	n.tunnels[t] = ts
 	n.wg.Go(func() {
 		select {
@@ -373,25 +453,35 @@ func (n *Node) track(t *tunnel.Tunnel) *tunnelState {
 		n.mu.Lock()
 		delete(n.tunnels, t)
 		n.mu.Unlock()
+		n.untrackTunnel(t)
 	})
 	n.mu.Unlock()
 	return ts
 }
 
 // Record signs a DTL record for a flow from this agent to dst on tunnel t: the next sequence
-// number of t's session, a fresh flow id, now as issued-at, and t's session binding as AAD. Dial
-// uses it; the simulator and the demo use it to show that a captured record is refused elsewhere.
+// number of t's session, a fresh flow id, now as issued-at, t's session binding as AAD, and always
+// the full certificate chain (Dial names a chain the peer already admitted by its hash instead).
+// The simulator and the demo use it to show that a captured record is refused elsewhere.
 func (a *Agent) Record(t *tunnel.Tunnel, dst dtl.Destination) ([]byte, error) {
 	ts := a.n.track(t)
-	return a.sign(t.Exporter(), t.NewFlowID(), ts.seq.Add(1), dst)
+	return a.sign(t.Exporter(), t.NewFlowID(), ts.seq.Add(1), dst, false)
 }
 
-func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination) ([]byte, error) {
+// sign signs a record; compact names the chain by its hash instead of carrying it.
+func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination, compact bool) ([]byte, error) {
+	chain := &dtl.CertChain{Node: a.n.cert.Raw(), Agent: a.cert.Raw()}
+	var hash []byte
+	if compact {
+		h := chain.Hash()
+		chain, hash = nil, h[:]
+	}
 	c := &dtl.Claims{
 		Version:     dtl.Version1,
 		Zone:        a.id.Zone,
 		Agent:       a.id.String(),
-		Chain:       &dtl.CertChain{Node: a.n.cert.Raw(), Agent: a.cert.Raw()},
+		Chain:       chain,
+		ChainHash:   hash,
 		Node:        a.n.cert.ID.String(),
 		Fingerprint: a.cert.Claims.Fingerprint,
 		Region:      a.n.region,

@@ -40,6 +40,9 @@ func newAttackEnv(t *testing.T, limitsA tunnel.Limits) *attackEnv {
 	var err error
 	e.ab, err = ns["a"].tunnelTo(context.Background(), ns["b"].ID().String(), "payments")
 	require.NoError(t, err)
+	// The tunnel-up directory exchange is a flow of its own; let it finish so that it cannot race
+	// with what a case does to the session (revocations, clock jumps).
+	waitDirectory(t, ns["b"], "payments", "billing-api")
 	return e
 }
 
@@ -163,14 +166,31 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 			want: dtl.ErrRevoked, reason: "revoked",
 		},
 		{
-			name: "revoked node (by certificate serial, tunnel still up)",
+			name: "revoked agent (by certificate serial)",
 			attack: func(t *testing.T, e *attackEnv) error {
-				require.NoError(t, e.ns["b"].Revoke(context.Background(), serialKey(e.ns["a"].Certificate()), "compromised"))
+				require.NoError(t, e.ns["b"].Revoke(context.Background(), serialKey(e.billing.cert), "compromised"))
 				rec, err := e.billing.Record(e.ab, toLedger)
 				require.NoError(t, err)
 				return open(t, e.ab, rec)
 			},
 			want: dtl.ErrRevoked, reason: "revoked",
+		},
+		{
+			name: "revoked node (by certificate serial): tunnel closed, new handshake refused",
+			attack: func(t *testing.T, e *attackEnv) error {
+				require.NoError(t, e.ns["b"].Revoke(context.Background(), serialKey(e.ns["a"].Certificate()), "compromised"))
+				select {
+				case <-e.ab.Done():
+				case <-time.After(2 * time.Second):
+					t.Fatal("tunnel with the revoked node still open")
+				}
+				rec, err := e.billing.Record(e.ab, toLedger)
+				require.NoError(t, err)
+				require.ErrorIs(t, open(t, e.ab, rec), tunnel.ErrClosed)
+				_, err = e.billing.Dial(context.Background(), "tcp", "ledger.payments:8080")
+				return err
+			},
+			want: tunnel.ErrRefusedByPeer,
 		},
 		{
 			name: "revoked node (by SPIFFE ID): tunnel closed, new handshake refused",

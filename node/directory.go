@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -190,21 +191,54 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 	return accepted, refused
 }
 
-// refreshZone exchanges directories with every configured peer serving the agent's zone. Peers that
-// do not serve the zone, refuse us, or are down are skipped; their errors are returned so that an
-// unresolved name says why.
+// refreshCall is one directory exchange under way with a (peer, zone); others wait for it.
+type refreshCall struct {
+	done chan struct{}
+	err  error
+}
+
+// refresh runs do as the directory exchange of k unless one is under way (then it waits for that
+// one) or, when !force, one started less than refreshInterval ago (then it does nothing).
+func (n *Node) refresh(ctx context.Context, k refreshKey, force bool, do func(context.Context) error) error {
+	n.mu.Lock()
+	if c := n.inflight[k]; c != nil {
+		n.mu.Unlock()
+		select {
+		case <-c.done:
+			return c.err
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+	now := n.now()
+	if !force && now.Sub(n.refreshed[k]) < refreshInterval {
+		n.mu.Unlock()
+		return nil
+	}
+	c := &refreshCall{done: make(chan struct{})}
+	n.inflight[k] = c
+	n.refreshed[k] = now
+	n.mu.Unlock()
+	c.err = do(ctx)
+	n.mu.Lock()
+	delete(n.inflight, k)
+	n.mu.Unlock()
+	close(c.done)
+	return c.err
+}
+
+// refreshZone exchanges directories with every configured peer serving the agent's zone. It is
+// the fallback for names the tunnel-up exchange has not taught us (a peer with no live tunnel yet,
+// or an agent added since). Peers that do not serve the zone, refuse us, or are down are skipped;
+// their errors are returned so that an unresolved name says why.
 func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
 	zone := a.id.Zone
-	now := n.now()
 	n.mu.Lock()
 	var todo []string
 	for node := range n.peers {
-		k := refreshKey{node, zone}
-		if node == n.cert.ID.String() || now.Sub(n.refreshed[k]) < refreshInterval {
-			continue
+		if node != n.cert.ID.String() {
+			todo = append(todo, node)
 		}
-		n.refreshed[k] = now
-		todo = append(todo, node)
 	}
 	n.mu.Unlock()
 	var (
@@ -214,7 +248,16 @@ func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
 	)
 	for _, node := range todo {
 		wg.Go(func() {
-			if err := n.exchange(ctx, a, node); err != nil {
+			err := n.refresh(ctx, refreshKey{node, zone}, false, func(ctx context.Context) error {
+				ctx, cancel := context.WithTimeout(ctx, directoryTimeout)
+				defer cancel()
+				t, err := n.tunnelTo(ctx, node, zone)
+				if err != nil {
+					return err
+				}
+				return n.exchange(ctx, a, t)
+			})
+			if err != nil {
 				n.log.Debug("directory refresh failed", "peer", node, "zone", zone, "err", err)
 				mu.Lock()
 				errs = append(errs, fmt.Errorf("peer %s: %w", node, err))
@@ -226,20 +269,59 @@ func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
 	return joinErrors(errs)
 }
 
-// exchange opens a directory flow to node in the agent's zone: we send our entries, the peer
-// answers with its own, and both sides install what verifies.
-func (n *Node) exchange(ctx context.Context, a *Agent, node string) error {
-	ctx, cancel := context.WithTimeout(ctx, directoryTimeout)
+// onTunnel runs for every established tunnel (tunnel.Config.OnTunnel, its own goroutine). It
+// closes a tunnel whose peer was revoked while the handshake was finishing, registers the tunnel
+// for revocation and sequence numbers, and on the dialing side runs the zone directory exchange,
+// so that names resolve before the first lookup misses. The dialer needs a local agent of the
+// zone to sign the exchange; a node without one has no agent that could resolve names in the zone
+// and nothing to announce, so it skips the exchange.
+func (n *Node) onTunnel(t *tunnel.Tunnel) {
+	if n.peerRevoked(t.Peer()) {
+		_ = t.Close()
+		return
+	}
+	n.track(t)
+	if !t.Outbound() {
+		return
+	}
+	a := n.directorySigner(t.Zone())
+	if a == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
 	defer cancel()
-	t, err := n.tunnelTo(ctx, node, a.id.Zone)
-	if err != nil {
-		return err
+	err := n.refresh(ctx, refreshKey{t.Peer().NodeID, t.Zone()}, true, func(ctx context.Context) error {
+		return n.exchange(ctx, a, t)
+	})
+	if err != nil && t.Alive() && n.ctx.Err() == nil {
+		n.log.Warn("directory exchange on tunnel up failed", "peer", t.Peer().NodeID, "zone", t.Zone(), "err", err)
 	}
-	rec, err := a.Record(t, dtl.Destination{Agent: directoryAgent, Port: 0, Proto: dtl.ProtoTCP})
-	if err != nil {
-		return err
+}
+
+// directorySigner picks the local agent of zone that signs directory exchanges: the first by name
+// whose certificate loads.
+func (n *Node) directorySigner(zone string) *Agent {
+	n.mu.Lock()
+	var names []string
+	for k := range n.agents {
+		if k.zone == zone {
+			names = append(names, k.name)
+		}
 	}
-	fc, err := t.OpenFlow(ctx, rec, nil, nil)
+	n.mu.Unlock()
+	slices.Sort(names)
+	for _, name := range names {
+		if a, err := n.Agent(zone, name); err == nil {
+			return a
+		}
+	}
+	return nil
+}
+
+// exchange opens a directory flow on t, signed by agent a of t's zone: we send our entries, the
+// peer answers with its own, and both sides install what verifies.
+func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
+	fc, err := a.openStream(ctx, t, dtl.Destination{Agent: directoryAgent, Port: 0, Proto: dtl.ProtoTCP}, nil, nil)
 	if err != nil {
 		return err
 	}
@@ -247,7 +329,7 @@ func (n *Node) exchange(ctx context.Context, a *Agent, node string) error {
 	if d, ok := ctx.Deadline(); ok {
 		_ = fc.SetDeadline(d)
 	}
-	msg, err := EncodeDirectory(n.localCerts(a.id.Zone))
+	msg, err := EncodeDirectory(n.localCerts(t.Zone()))
 	if err != nil {
 		return err
 	}
@@ -258,7 +340,7 @@ func (n *Node) exchange(ctx context.Context, a *Agent, node string) error {
 	if err != nil {
 		return err
 	}
-	n.installDirectory(ctx, t.Peer(), a.id.Zone, ders)
+	n.installDirectory(ctx, t.Peer(), t.Zone(), ders)
 	return nil
 }
 

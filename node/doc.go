@@ -3,7 +3,8 @@
 // endpoint's PeerVerifier and Admitter; Agent gives in-process SDK agents that Listen and Dial like
 // package net, with WhoIs returning the verified DTL provenance of a caller.
 //
-// Owns: the node lifecycle, the in-memory revocation set, the per-session admission state, the
+// Owns: the node lifecycle, the in-memory revocation set and the cutting of a revoked subject's
+// tunnels and live flows, the per-session admission state (replay window, chain cache), the
 // zone directory (name.zone → overlay IP and node, learned from verified agent certificates), the
 // node's audit log, and the agent SDK. docs/sdk.md records its design decisions.
 //

@@ -39,7 +39,7 @@ const testPolicy = `zones:
     rules:
       - from: billing-*
         to: ledger
-        ports: [tcp/8080]
+        ports: [tcp/8080, udp/5353]
   - name: support
     cidr: 100.100.2.0/24
     regions: [eu-west-1]
@@ -267,3 +267,13 @@ func nodeKey(t testing.TB, n *testNode) ed25519.PrivateKey {
 }
 
 var _ net.Conn = (*localConn)(nil)
+
+// waitDirectory waits until n's view of zone holds the remote agent name (the tunnel-up directory
+// exchange runs asynchronously).
+func waitDirectory(t testing.TB, n *testNode, zone, name string) {
+	t.Helper()
+	require.Eventually(t, func() bool {
+		_, ok := n.lookup(zone, name, netip.Addr{}, 1)
+		return ok
+	}, 5*time.Second, 2*time.Millisecond, "%s never learned %s.%s", n.ID(), name, zone)
+}

@@ -12,6 +12,8 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -120,6 +122,9 @@ type Node struct {
 	refreshed map[refreshKey]time.Time
 	peers     map[string]netip.AddrPort // node SPIFFE ID → address
 	lastSweep time.Time
+	inflight  map[refreshKey]*refreshCall   // directory exchanges under way
+	flows     map[*liveFlow]struct{}        // flows the node must reset on revocation besides inbound tunnel flows
+	plisten   map[listenKey]*packetListener // UDP ports of SDK agents
 }
 
 type agentKey struct{ zone, name string }
@@ -145,6 +150,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		listeners: map[listenKey]*listener{}, sessions: map[string]*session{},
 		tunnels: map[*tunnel.Tunnel]*tunnelState{}, view: map[string]map[string]viewEntry{},
 		refreshed: map[refreshKey]time.Time{}, peers: map[string]netip.AddrPort{},
+		inflight: map[refreshKey]*refreshCall{}, flows: map[*liveFlow]struct{}{}, plisten: map[listenKey]*packetListener{},
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
@@ -209,6 +215,8 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		Verifier:      peerVerifier{n},
 		Admitter:      admitter{n},
 		StreamHandler: n.handleStream,
+		PacketHandler: n.handlePacket,
+		OnTunnel:      n.onTunnel,
 		OnRefused:     n.onRefused,
 		Clock:         n.now,
 		Logger:        n.log,
@@ -297,8 +305,15 @@ func (n *Node) Close() error {
 	for _, l := range n.listeners {
 		ls = append(ls, l)
 	}
+	pls := make([]*packetListener, 0, len(n.plisten))
+	for _, l := range n.plisten {
+		pls = append(pls, l)
+	}
 	n.mu.Unlock()
 	for _, l := range ls {
+		_ = l.Close()
+	}
+	for _, l := range pls {
 		_ = l.Close()
 	}
 	n.cancel()
@@ -363,10 +378,13 @@ func (n *Node) peerID(s string) (string, error) {
 	return identity.NodeID(n.cert.ID.TrustDomain, s).String(), nil
 }
 
-// Revoke adds a subject to the node's revocation set and closes the tunnels of a revoked node.
-// subject is a SPIFFE ID (node or agent; revoking a node revokes its agents) or "serial:<decimal>"
-// naming a certificate serial. Revocation is idempotent. The set is in memory; signed, durable,
-// gossiped revocation records replace it in a later issue.
+// Revoke adds a subject to the node's revocation set and cuts the subject off at once: tunnels
+// with a revoked node are closed (both sides see the connection end), and every live flow of a
+// revoked agent — inbound from a peer, outbound from a local agent, or same-node — is reset, so a
+// revoked subject loses its established connections, not just new ones. subject is a SPIFFE ID
+// (node or agent; revoking a node revokes its agents) or "serial:<decimal>" naming a certificate
+// serial. Revocation is idempotent. The set is in memory; signed, durable, gossiped revocation
+// records replace it in a later issue.
 func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
 	key, err := canonicalSubject(subject)
 	if err != nil {
@@ -374,12 +392,6 @@ func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
 	}
 	n.mu.Lock()
 	n.revoked[key] = reason
-	var drop []*tunnel.Tunnel
-	for t := range n.tunnels {
-		if t.Peer().NodeID == key {
-			drop = append(drop, t)
-		}
-	}
 	for z, m := range n.view {
 		for name, e := range m {
 			if e.node == key || e.agent == key {
@@ -387,11 +399,82 @@ func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
 			}
 		}
 	}
-	n.mu.Unlock()
-	for _, t := range drop {
-		_ = t.Close()
+	var abort []*liveFlow
+	for f := range n.flows {
+		if slices.Contains(f.ids, key) {
+			abort = append(abort, f)
+		}
 	}
-	return n.audit.Append(ctx, audit.Entry{Event: audit.EventRevoke, Fields: map[string]string{"subject": key, "reason": reason}})
+	n.mu.Unlock()
+	// The set is updated first: a handshake or admission racing with this call either sees the
+	// revocation or finishes before the sweeps below, which then close what it opened (onTunnel
+	// and the flow handlers re-check revocation after registering, for the remaining window).
+	tunnels := n.ep.CloseTunnels(func(p tunnel.Peer) bool { return peerMatches(p, key) })
+	inbound := n.ep.CloseFlows(func(_ string, adm tunnel.Admission) bool {
+		p := admissionProvenance(adm)
+		return p != nil && slices.Contains(p.ids, key)
+	})
+	for _, f := range abort {
+		f.abort()
+	}
+	n.log.Info("revoked", "subject", key, "reason", reason, "tunnels_closed", tunnels, "flows_reset", inbound+len(abort))
+	return n.audit.Append(ctx, audit.Entry{Event: audit.EventRevoke, Fields: map[string]string{
+		"subject": key, "reason": reason,
+		"tunnels_closed": strconv.Itoa(tunnels), "flows_reset": strconv.Itoa(inbound + len(abort)),
+	}})
+}
+
+// peerMatches reports whether a tunnel peer is the revoked subject key (node ID or serial).
+func peerMatches(p tunnel.Peer, key string) bool {
+	if p.NodeID == key {
+		return true
+	}
+	c, ok := p.Info.(*identity.Certificate)
+	return ok && serialKey(c) == key
+}
+
+// peerRevoked reports whether a tunnel's peer node is revoked.
+func (n *Node) peerRevoked(p tunnel.Peer) bool {
+	ids := []string{p.NodeID}
+	if c, ok := p.Info.(*identity.Certificate); ok {
+		ids = append(ids, serialKey(c))
+	}
+	return n.isRevoked(ids...)
+}
+
+// liveFlow is a flow the node resets when one of ids (the source agent's and its node's
+// revocation identities) is revoked: flows local agents opened, and same-node flows. Inbound
+// tunnel flows are found through the endpoint's flow table instead.
+type liveFlow struct {
+	ids   []string
+	t     *tunnel.Tunnel // nil for same-node flows
+	abort func()
+}
+
+// trackFlow registers f until untrackFlow(f) (or f's tunnel closes). The caller then checks
+// isRevoked(f.ids...) and aborts the flow itself: a revocation that landed while the flow was
+// being opened missed the registration. f.abort may run as soon as f is registered.
+func (n *Node) trackFlow(f *liveFlow) {
+	n.mu.Lock()
+	n.flows[f] = struct{}{}
+	n.mu.Unlock()
+}
+
+func (n *Node) untrackFlow(f *liveFlow) {
+	n.mu.Lock()
+	delete(n.flows, f)
+	n.mu.Unlock()
+}
+
+// untrackTunnel forgets the tracked flows of a closed tunnel.
+func (n *Node) untrackTunnel(t *tunnel.Tunnel) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for f := range n.flows {
+		if f.t == t {
+			delete(n.flows, f)
+		}
+	}
 }
 
 func canonicalSubject(s string) (string, error) {

@@ -220,7 +220,7 @@ func TestNameErrors(t *testing.T) {
 	}{
 		{"tcp", "nobody.payments:8080", ErrUnknownName, "unknown-name"},
 		{"tcp", "ledger.payments:0", ErrUnsupported, "unsupported"},
-		{"udp", "ledger.payments:53", ErrUnsupported, "unsupported"},
+		{"unix", "ledger.payments:53", ErrUnsupported, "unsupported"},
 		{"tcp", "not a host:1", ErrUnsupported, "unsupported"},
 		{"tcp", "tickets.support:8080", ErrCrossZone, "cross_zone"},
 		{"tcp", "100.100.2.1:8080", ErrCrossZone, "cross_zone"},

@@ -33,33 +33,55 @@ type Provenance struct {
 	AgentSerial string // "serial:<decimal>" of the agent certificate
 	Local       bool   // the flow came from an agent of this same node (no tunnel)
 
-	verified bool
+	verified    bool
+	chainCached bool     // the record named its chain by hash (docs/protocol.md §4)
+	recordSize  int      // bytes of the record as received
+	ids         []string // revocation identities of the source: agent, agent serial, node, node serial
 }
 
-// newProvenance builds the provenance of an admitted record.
-func newProvenance(ok *dtl.Admitted) (*Provenance, error) {
+// newProvenance builds the provenance of an admitted record. A full-chain record teaches the
+// session its chain's source IP; a hash-only one looks it up there, and a miss is answered
+// chain-unknown so that the sender resends the full chain.
+func newProvenance(ok *dtl.Admitted, s *session) (*Provenance, error) {
 	c := ok.Claims()
 	id, err := identity.ParseID(ok.Agent.Agent)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", dtl.ErrConfig, err)
 	}
 	p := &Provenance{
 		Agent: ok.Agent.Agent, AgentName: id.Name, Zone: c.Zone, Node: ok.Agent.Node,
 		Fingerprint: append([]byte(nil), ok.Agent.Fingerprint...), Region: c.Region, Trust: c.Trust,
 		Drift: c.Drift, Destination: c.Destination, FlowID: c.FlowID, Seq: c.Seq, IssuedAt: c.IssuedAt,
-		AgentSerial: ok.Agent.AgentSerial, verified: true,
+		AgentSerial: ok.Agent.AgentSerial, verified: true, ids: ok.Agent.RevocationIDs(),
 	}
 	if c.Chain == nil {
-		return nil, fmt.Errorf("admitted record carries no chain")
+		ip, found := s.source(c.ChainHash)
+		if !found {
+			return nil, fmt.Errorf("%w: chain admitted but its source address was forgotten; send the full chain", dtl.ErrChainUnknown)
+		}
+		p.SourceIP, p.chainCached = ip, true
+		return p, nil
 	}
 	ac, err := identity.ParseCertificate(c.Chain.Agent)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("%w: %w", dtl.ErrConfig, err)
 	}
 	if len(ac.Claims.OverlayIPs) > 0 {
 		p.SourceIP = ac.Claims.OverlayIPs[0]
 	}
+	s.remember(c.Chain.Hash(), p.SourceIP)
 	return p, nil
+}
+
+// admissionProvenance is the provenance behind an admission (agent or directory flow).
+func admissionProvenance(adm tunnel.Admission) *Provenance {
+	switch info := adm.Info.(type) {
+	case *Provenance:
+		return info
+	case *directoryFlow:
+		return info.prov
+	}
+	return nil
 }
 
 // partialProvenance extracts the claims of a refused record for the audit log, marked unverified.
@@ -90,6 +112,8 @@ func WhoIs(conn net.Conn) (*Provenance, error) {
 				return c.prov, nil
 			}
 			return nil, fmt.Errorf("%w: this side opened the flow", ErrNoProvenance)
+		case *udpConn:
+			return nil, fmt.Errorf("%w: this side opened the UDP flow; the listener has it (WhoIsPacket)", ErrNoProvenance)
 		case interface{ NetConn() net.Conn }:
 			conn = c.NetConn()
 		default:

@@ -144,6 +144,11 @@ type Config struct {
 	PacketHandler func(*PacketFlow)
 	// SessionBinding computes the tunnel's DTL session binding value. Default: dtl.Exporter.
 	SessionBinding func(tls.ConnectionState) ([]byte, error)
+	// OnTunnel, if set, is called once for every established tunnel, inbound and outbound, after
+	// the tunnel is registered (and, inbound, after the ready signal). It runs on its own
+	// endpoint-owned goroutine, so it may block (e.g. to open a flow on the tunnel), but it must
+	// return once the tunnel or the endpoint closes: Endpoint.Close waits for it.
+	OnTunnel func(*Tunnel)
 	// OnRefused, if set, is told about every refused handshake (for audit). It must not block.
 	OnRefused func(Refusal)
 	// Clock is the time source for flow idle expiry. Default time.Now.

@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"sync"
@@ -20,7 +21,7 @@ type FlowConn struct {
 	entry  *flowEntry // inbound flows only
 
 	closeOnce sync.Once
-	idle      atomic.Bool
+	code      atomic.Uint64 // the stream error code this side reset the flow with; 0 when not reset
 }
 
 var _ net.Conn = (*FlowConn)(nil)
@@ -34,7 +35,7 @@ func (t *Tunnel) newFlowConn(str *quic.Stream, adm *Admission, local, remote net
 	}
 	c := &FlowConn{t: t, str: str, adm: adm, local: local, remote: remote, entry: entry}
 	if entry != nil {
-		t.ep.table.activate(entry, c.closeIdle)
+		t.ep.table.activate(entry, c.reset)
 	}
 	return c
 }
@@ -64,8 +65,11 @@ func (c *FlowConn) Write(p []byte) (int, error) {
 }
 
 func (c *FlowConn) wrapErr(err error) error {
-	if c.idle.Load() {
+	switch quic.StreamErrorCode(c.code.Load()) {
+	case streamCodeIdle:
 		return &net.OpError{Op: "flow", Net: "ute", Addr: c.remote, Err: ErrFlowIdle}
+	case streamCodeAborted:
+		return &net.OpError{Op: "flow", Net: "ute", Addr: c.remote, Err: fmt.Errorf("%w: %w", ErrFlowAborted, err)}
 	}
 	return err
 }
@@ -85,13 +89,19 @@ func (c *FlowConn) Close() error {
 	return nil
 }
 
-func (c *FlowConn) closeIdle(idle bool) {
+// Abort resets the flow in both directions (stream error 0x206): unlike Close, the peer sees an
+// error rather than end-of-stream, and bytes in flight are discarded. The node uses it when the
+// flow's agent is revoked.
+func (c *FlowConn) Abort() { c.reset(streamCodeAborted) }
+
+func (c *FlowConn) reset(code quic.StreamErrorCode) {
 	c.closeOnce.Do(func() {
-		code := idleCode(idle)
-		c.idle.Store(idle)
+		c.code.Store(uint64(code))
 		c.str.CancelRead(code)
 		c.str.CancelWrite(code)
-		c.t.ep.table.release(c.entry)
+		if c.entry != nil {
+			c.t.ep.table.release(c.entry)
+		}
 	})
 }
 

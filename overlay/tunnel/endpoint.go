@@ -25,11 +25,13 @@ const (
 	code0RTT          quic.ApplicationErrorCode = 0x101
 	codeNoPeer        quic.ApplicationErrorCode = 0x102
 	codeShutdown      quic.ApplicationErrorCode = 0x103
+	codePeerClosed    quic.ApplicationErrorCode = 0x104
 	streamCodeReject  quic.StreamErrorCode      = 0x201
 	streamCodeBad     quic.StreamErrorCode      = 0x202
 	streamCodeIdle    quic.StreamErrorCode      = 0x203
 	streamCodeClosed  quic.StreamErrorCode      = 0x204
 	streamCodeControl quic.StreamErrorCode      = 0x205
+	streamCodeAborted quic.StreamErrorCode      = 0x206
 )
 
 // Endpoint is one node's QUIC endpoint: one quic.Transport over one PacketConn, listening for and
@@ -388,7 +390,43 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, zone string, outbound b
 		}
 	}
 	e.log.Debug("tunnel up", "peer", peer.NodeID, "zone", zone, "outbound", outbound)
+	if e.cfg.OnTunnel != nil {
+		// A closed endpoint has already closed t (Close snapshots e.tunnels after e.closed is set,
+		// and t was registered before), so skipping the hook then loses nothing.
+		e.spawn(func() { e.cfg.OnTunnel(t) })
+	}
 	return t, nil
+}
+
+// ClosePeer closes every tunnel with the node peerNodeID, in every zone, and returns how many it
+// closed. The node calls it when the peer is revoked: its flows end at once on both sides (the
+// peer sees application error 0x104), and a new handshake is up to the PeerVerifier.
+func (e *Endpoint) ClosePeer(peerNodeID string) int {
+	return e.CloseTunnels(func(p Peer) bool { return p.NodeID == peerNodeID })
+}
+
+// CloseTunnels closes every tunnel whose verified peer matches and returns how many it closed.
+func (e *Endpoint) CloseTunnels(match func(Peer) bool) int {
+	e.mu.Lock()
+	var drop []*Tunnel
+	for t := range e.tunnels {
+		if match(t.peer) {
+			drop = append(drop, t)
+		}
+	}
+	e.mu.Unlock()
+	for _, t := range drop {
+		t.closeWith(codePeerClosed, "peer closed by this node")
+	}
+	return len(drop)
+}
+
+// CloseFlows resets every admitted inbound flow (stream or packet) whose admission matches, in
+// both directions (stream error 0x206), and returns how many it reset. peer is the flow's tunnel
+// peer node. The node calls it when a source agent is revoked, so that established flows end too,
+// not just new ones.
+func (e *Endpoint) CloseFlows(match func(peer string, adm Admission) bool) int {
+	return e.table.closeMatching(func(fe *flowEntry) bool { return match(fe.peer, fe.adm) }, streamCodeAborted)
 }
 
 func (e *Endpoint) forget(t *Tunnel) {

@@ -32,6 +32,9 @@ var (
 	ErrFlowLimit = fmt.Errorf("tunnel: %w", dtl.ErrLimit)
 	// ErrFlowIdle means the flow was closed by idle expiry.
 	ErrFlowIdle = errors.New("tunnel: flow idle timeout")
+	// ErrFlowAborted means this node reset the flow (Endpoint.CloseFlows, FlowConn.Abort), e.g.
+	// because its agent was revoked.
+	ErrFlowAborted = errors.New("tunnel: flow aborted by the node")
 	// ErrDatagramTooLarge means a datagram does not fit in one QUIC datagram frame.
 	ErrDatagramTooLarge = errors.New("tunnel: datagram too large")
 	// ErrRejected is matched (errors.Is) by every *RejectedError.

@@ -5,6 +5,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/quic-go/quic-go"
 )
 
 // flowTable tracks admitted inbound flows: it enforces the per-peer and per-agent limits and
@@ -20,9 +22,10 @@ type flowTable struct {
 
 type flowEntry struct {
 	peer, agent string
-	last        atomic.Int64    // unix nanoseconds of the last byte moved, by the injected clock
-	close       func(idle bool) // closes the flow; set by activate, guarded by flowTable.mu
-	released    bool            // guarded by flowTable.mu
+	adm         Admission                  // the admission, for CloseFlows' predicate
+	last        atomic.Int64               // unix nanoseconds of the last byte moved, by the injected clock
+	close       func(quic.StreamErrorCode) // resets the flow; set by activate, guarded by flowTable.mu
+	released    bool                       // guarded by flowTable.mu
 }
 
 func newFlowTable(lim Limits) *flowTable {
@@ -35,7 +38,8 @@ func newFlowTable(lim Limits) *flowTable {
 }
 
 // reserve admits a flow into the table or refuses it with ErrFlowLimit naming the limit.
-func (ft *flowTable) reserve(peer, agent string, now time.Time) (*flowEntry, error) {
+func (ft *flowTable) reserve(peer string, adm Admission, now time.Time) (*flowEntry, error) {
+	agent := adm.Agent
 	ft.mu.Lock()
 	defer ft.mu.Unlock()
 	if n := ft.perPeer[peer]; n >= ft.lim.MaxFlowsPerPeer {
@@ -46,14 +50,14 @@ func (ft *flowTable) reserve(peer, agent string, now time.Time) (*flowEntry, err
 	}
 	ft.perPeer[peer]++
 	ft.perAgent[agent]++
-	e := &flowEntry{peer: peer, agent: agent}
+	e := &flowEntry{peer: peer, agent: agent, adm: adm}
 	e.last.Store(now.UnixNano())
 	ft.flows[e] = struct{}{}
 	return e, nil
 }
 
 // activate gives the entry the function that closes its flow; until then sweeps skip it.
-func (ft *flowTable) activate(e *flowEntry, closeFn func(idle bool)) {
+func (ft *flowTable) activate(e *flowEntry, closeFn func(quic.StreamErrorCode)) {
 	ft.mu.Lock()
 	defer ft.mu.Unlock()
 	e.close = closeFn
@@ -80,7 +84,7 @@ func (e *flowEntry) touch(now time.Time) { e.last.Store(now.UnixNano()) }
 // sweep expires flows idle for FlowIdleTimeout and returns how many.
 func (ft *flowTable) sweep(now time.Time) int {
 	cutoff := now.Add(-ft.lim.FlowIdleTimeout).UnixNano()
-	var idle []func(bool)
+	var idle []func(quic.StreamErrorCode)
 	ft.mu.Lock()
 	for e := range ft.flows {
 		if e.close != nil && e.last.Load() <= cutoff {
@@ -90,23 +94,30 @@ func (ft *flowTable) sweep(now time.Time) int {
 	ft.mu.Unlock()
 	// close calls back into release, so it runs without the lock.
 	for _, c := range idle {
-		c(true)
+		c(streamCodeIdle)
 	}
 	return len(idle)
 }
 
 func (ft *flowTable) closeAll() {
+	ft.closeMatching(func(*flowEntry) bool { return true }, streamCodeClosed)
+}
+
+// closeMatching resets the activated flows that match and returns how many.
+func (ft *flowTable) closeMatching(match func(*flowEntry) bool, code quic.StreamErrorCode) int {
 	ft.mu.Lock()
-	all := make([]func(bool), 0, len(ft.flows))
+	var hit []func(quic.StreamErrorCode)
 	for e := range ft.flows {
-		if e.close != nil {
-			all = append(all, e.close)
+		if e.close != nil && match(e) {
+			hit = append(hit, e.close)
 		}
 	}
 	ft.mu.Unlock()
-	for _, c := range all {
-		c(false)
+	// close calls back into release, so it runs without the lock.
+	for _, c := range hit {
+		c(code)
 	}
+	return len(hit)
 }
 
 func (ft *flowTable) len() int {

@@ -58,6 +58,9 @@ func (p *PacketFlow) Admission() (Admission, bool) {
 	return *p.adm, true
 }
 
+// Tunnel is the tunnel the flow rides on.
+func (p *PacketFlow) Tunnel() *Tunnel { return p.t }
+
 // Done is closed when the flow ends.
 func (p *PacketFlow) Done() <-chan struct{} { return p.done }
 

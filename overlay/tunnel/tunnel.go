@@ -246,7 +246,7 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 	}
 	var entry *flowEntry
 	if err == nil {
-		entry, err = e.table.reserve(t.peer.NodeID, adm.Agent, e.clock())
+		entry, err = e.table.reserve(t.peer.NodeID, adm, e.clock())
 	}
 	if err != nil {
 		t.reject(str, err)
@@ -271,7 +271,7 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 		pf := t.newPacketFlow(adm.FlowID, adm.Local, adm.Remote, &adm)
 		pf.setCtrl(str)
 		pf.entry = entry
-		e.table.activate(entry, func(idle bool) { pf.closeCode(idleCode(idle)) })
+		e.table.activate(entry, pf.closeCode)
 		t.mu.Lock()
 		if _, dup := t.packets[adm.FlowID]; dup {
 			// checkAdmission saw it free; a concurrent admission of the same id won the race.
@@ -289,13 +289,6 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 		}
 		e.cfg.PacketHandler(pf)
 	}
-}
-
-func idleCode(idle bool) quic.StreamErrorCode {
-	if idle {
-		return streamCodeIdle
-	}
-	return streamCodeClosed
 }
 
 func (t *Tunnel) checkAdmission(adm Admission) error {
@@ -355,6 +348,20 @@ func (t *Tunnel) datagramLoop() {
 			t.ep.stats.datagramsDrops.Add(1)
 		}
 	}
+}
+
+// SendRawDatagram sends one datagram tagged flowID whether or not a flow of that id is open here.
+// It exists for attack scenarios (tests, the simulator): a node's key holder can send any datagram
+// anyway, and the receiver drops and counts every datagram whose flow id it did not admit.
+func (t *Tunnel) SendRawDatagram(flowID uint64, payload []byte) error {
+	b, err := dtl.AppendDatagramHeader(make([]byte, 0, 8+len(payload)), flowID)
+	if err != nil {
+		return err
+	}
+	if err := t.conn.SendDatagram(append(b, payload...)); err != nil {
+		return t.connErr("send datagram", err)
+	}
+	return nil
 }
 
 func (t *Tunnel) deliverDatagram(b []byte) bool {
