@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"strings"
 	"time"
@@ -35,6 +38,32 @@ type joinView struct {
 	NotAfter time.Time `json:"not_after"`
 }
 
+// envJoinToken names the environment variable `node join` reads the token from when --token is
+// not given. Unlike a command-line argument, which every local user can read in /proc/PID/cmdline
+// while the join runs, a process's environment and stdin are visible only to its owner and root.
+const envJoinToken = "UTE_JOIN_TOKEN"
+
+// joinToken resolves the --token flag: "-" reads one line from stdin, "" falls back to the
+// environment, anything else is the token itself.
+func joinToken(flag string, stdin io.Reader, getenv func(string) string) (string, error) {
+	switch flag {
+	case "-":
+		line, err := bufio.NewReader(io.LimitReader(stdin, int64(4*identity.TokenLen))).ReadString('\n')
+		if err != nil && !errors.Is(err, io.EOF) {
+			return "", fmt.Errorf("read the join token from stdin: %w", err)
+		}
+		tok := strings.TrimSpace(line)
+		if tok == "" {
+			return "", usagef("--token - read no token from stdin; pipe the token printed by `ute token create`")
+		}
+		return tok, nil
+	case "":
+		return strings.TrimSpace(getenv(envJoinToken)), nil
+	default:
+		return flag, nil
+	}
+}
+
 func newNodeJoinCmd() *cobra.Command {
 	var (
 		dir, addr, token, name, region string
@@ -45,8 +74,13 @@ func newNodeJoinCmd() *cobra.Command {
 		Short: "Generate this node's key and obtain its certificate with a join token",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) (retErr error) {
+			resolved, err := joinToken(token, cmd.InOrStdin(), os.Getenv)
+			if err != nil {
+				return err
+			}
+			token = resolved
 			if dir == "" || addr == "" || token == "" {
-				return usagef("node join needs --dir, --authority and --token")
+				return usagef("node join needs --dir, --authority and --token (or --token - with the token on stdin, or %s)", envJoinToken)
 			}
 			if name == "" {
 				h, err := os.Hostname()
@@ -111,7 +145,7 @@ func newNodeJoinCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "node directory to create (0700)")
 	cmd.Flags().StringVar(&addr, "authority", "", "authority address host:port (UDP)")
-	cmd.Flags().StringVar(&token, "token", "", "join token from `ute token create`")
+	cmd.Flags().StringVar(&token, "token", "", "join token from `ute token create`; - reads it from stdin (keeps it out of ps), default $"+envJoinToken)
 	cmd.Flags().StringVar(&name, "name", "", "node name (default: the hostname)")
 	cmd.Flags().StringVar(&region, "region", "", "region this node runs in (default: the token's only region)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")

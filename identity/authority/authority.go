@@ -310,6 +310,7 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, remote string) Re
 			}
 			return a.sliceRequests(claims.ZoneNames())
 		},
+		HoldUntil: func() time.Time { return a.notAfter(now, lifetime) },
 	})
 	if err != nil {
 		return a.refuse(ctx, "join", remote, req.TokenID, err)
@@ -372,10 +373,7 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 
 // issueNode signs a node certificate with an already allocated serial and records it.
 func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord) (Response, error) {
-	notAfter := now.Add(lifetime)
-	if caNotAfter := a.cert.X509.NotAfter; notAfter.After(caNotAfter) {
-		notAfter = caNotAfter
-	}
+	notAfter := a.notAfter(now, lifetime)
 	id := identity.NodeID(a.trustDomain, csr.Name)
 	cert, err := identity.Issue(a.cert, a.key, identity.IssueRequest{
 		ID: id, PublicKey: csr.PublicKey, Claims: claims,
@@ -394,6 +392,15 @@ func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time
 		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
 	}
 	return Response{Code: CodeOK, NodeCert: cert.Raw(), AuthorityCert: a.certDER, Policy: a.policyBytes}, nil
+}
+
+// notAfter is the expiry of a node certificate issued at now: lifetime, capped by the root's.
+func (a *Authority) notAfter(now time.Time, lifetime time.Duration) time.Time {
+	notAfter := now.Add(lifetime)
+	if caNotAfter := a.cert.X509.NotAfter; notAfter.After(caNotAfter) {
+		notAfter = caNotAfter
+	}
+	return notAfter
 }
 
 // renew serves one renewal: the presented certificate (already proven by the TLS handshake to
@@ -438,7 +445,7 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, peer []*x509.Ce
 	for _, g := range cur.Claims.Zones {
 		held[g.Name] = g.Prefixes
 	}
-	serial, sl, err := a.store.Renewal(RenewalRequest{Node: cur.ID.Name, Held: held, Want: want, Now: now})
+	serial, sl, err := a.store.Renewal(RenewalRequest{Node: cur.ID.Name, Held: held, Want: want, Now: now, Renews: oldSerial, HoldUntil: a.notAfter(now, lifetime)})
 	if err != nil {
 		return a.refuse(ctx, "renew", remote, "", err)
 	}

@@ -27,6 +27,14 @@ var (
 	// ErrZoneFull means every node slice of a zone CIDR is allocated; the join is refused and its
 	// token stays unused.
 	ErrZoneFull = errors.New("zone has no free node slice")
+	// ErrSuperseded means the certificate presented for renewal was already renewed once: only
+	// the newest certificate of a lineage renews, so a copied key stops working once the node
+	// rotates it, and a clone that renews first locks the real node out loudly instead of silently.
+	ErrSuperseded = errors.New("renewal refused: certificate already renewed")
+	// ErrNameTaken means a join asked for a node name that a live (unexpired, unrevoked)
+	// certificate holds: one SPIFFE ID never names two nodes at once, so a token for one zone
+	// cannot mint a second identity for a node of another zone.
+	ErrNameTaken = errors.New("node name already held by a live certificate")
 
 	ErrAlreadyInitialized = errors.New("authority directory already initialized")
 	ErrNotInitialized     = errors.New("authority directory not initialized")
@@ -53,6 +61,8 @@ const (
 	CodeProtocol
 	CodeInternal
 	CodeZoneFull
+	CodeSuperseded
+	CodeNameTaken
 )
 
 var codeErrors = [...]error{
@@ -68,6 +78,8 @@ var codeErrors = [...]error{
 	CodeProtocol:       ErrProtocol,
 	CodeInternal:       ErrInternal,
 	CodeZoneFull:       ErrZoneFull,
+	CodeSuperseded:     ErrSuperseded,
+	CodeNameTaken:      ErrNameTaken,
 }
 
 // codeOf returns the wire code for err; anything not a known refusal is internal, so that server

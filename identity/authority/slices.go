@@ -50,6 +50,10 @@ var (
 	bucketSlices4    = []byte("slices4")
 	bucketSlices6    = []byte("slices6")
 	bucketNodeSlices = []byte("node_slices")
+	// bucketRenewed maps a renewed serial to its successor, bucketRenewedFrom the successor back
+	// (both u64 big-endian). Written in the renewal's transaction, never deleted.
+	bucketRenewed     = []byte("renewed")
+	bucketRenewedFrom = []byte("renewed_from")
 )
 
 // sliceKeyLen: the slice's first address as 16 bytes (IPv4 mapped), then its length in its
@@ -243,6 +247,13 @@ type RenewalRequest struct {
 	// Want are the zone CIDRs the renewed certificate grants, with their slice lengths.
 	Want []SliceRequest
 	Now  time.Time
+	// Renews is the serial of the certificate presented for renewal. The transaction refuses it
+	// (ErrRevoked) when it or any certificate it descends from by renewal is revoked, and
+	// (ErrSuperseded) when it was already renewed; then it records the new serial as its only
+	// successor. Zero skips both checks (store tests that exercise slices alone).
+	Renews uint64
+	// HoldUntil is when the renewed certificate expires: Node stays held (see Consume) until then.
+	HoldUntil time.Time
 }
 
 // Renewal allocates the serial of a renewed node certificate and its slices, in one durable
@@ -256,9 +267,28 @@ func (s *Store) Renewal(req RenewalRequest) (uint64, []SliceRecord, error) {
 		out    []SliceRecord
 	)
 	err := s.db.Update(func(tx *bolt.Tx) error {
+		out = nil
+		if req.Renews != 0 {
+			if err := checkRenewable(tx, req.Renews, req.Node); err != nil {
+				return err
+			}
+		}
 		var err error
 		if serial, err = nextSerial(tx); err != nil {
 			return err
+		}
+		if req.Renews != 0 {
+			if err := tx.Bucket(bucketRenewed).Put(u64(req.Renews), u64(serial)); err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketRenewedFrom).Put(u64(serial), u64(req.Renews)); err != nil {
+				return err
+			}
+		}
+		if !req.HoldUntil.IsZero() && req.Node != "" {
+			if err := tx.Bucket(bucketNodeNames).Put([]byte(req.Node), nameLeaseValue(serial, req.HoldUntil)); err != nil {
+				return err
+			}
 		}
 		for _, w := range req.Want {
 			rec, ok, err := heldSlice(tx, req, w)
@@ -278,6 +308,46 @@ func (s *Store) Renewal(req RenewalRequest) (uint64, []SliceRecord, error) {
 		return 0, nil, err
 	}
 	return serial, out, nil
+}
+
+// checkRenewable refuses the renewal of serial when it, or any serial it was renewed from, is
+// revoked, and when serial already has a successor. Serials only grow along a lineage, which
+// bounds the walk and catches a damaged store that would make it loop.
+func checkRenewable(tx *bolt.Tx, serial uint64, node string) error {
+	switch s := lineageRevoked(tx, serial); {
+	case s == serial:
+		return fmt.Errorf("%w: serial %d of node %s; the node must rejoin with a new token", ErrRevoked, serial, node)
+	case s != 0:
+		return fmt.Errorf("%w: serial %d of node %s was renewed from revoked serial %d; the node must rejoin with a new token", ErrRevoked, serial, node, s)
+	}
+	if v := tx.Bucket(bucketRenewed).Get(u64(serial)); v != nil {
+		next, _ := getU64(v)
+		return fmt.Errorf("%w: serial %d of node %s was already renewed as serial %d; if this node did not renew it, its key was copied: revoke serial %d and rejoin with a new token",
+			ErrSuperseded, serial, node, next, next)
+	}
+	return nil
+}
+
+// lineageRevoked returns serial, or the serial it descends from by renewal, that is revoked; 0 if
+// none is. Serials only grow along a lineage, which bounds the walk; a link that does not (a
+// damaged store) counts as revoked, so damage fails closed.
+func lineageRevoked(tx *bolt.Tx, serial uint64) uint64 {
+	revoked, from := tx.Bucket(bucketRevoked), tx.Bucket(bucketRenewedFrom)
+	for s := serial; s != 0; {
+		if revoked.Get(u64(s)) != nil {
+			return s
+		}
+		v := from.Get(u64(s))
+		if v == nil {
+			return 0
+		}
+		prev, err := getU64(v)
+		if err != nil || prev >= s {
+			return s
+		}
+		s = prev
+	}
+	return 0
 }
 
 func heldSlice(tx *bolt.Tx, req RenewalRequest, w SliceRequest) (SliceRecord, bool, error) {

@@ -129,7 +129,7 @@ func OpenStore(path string, timeout time.Duration) (*Store, error) {
 		return nil, fmt.Errorf("open authority store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit, bucketSlices4, bucketSlices6, bucketNodeSlices} {
+		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit, bucketSlices4, bucketSlices6, bucketNodeSlices, bucketRenewed, bucketRenewedFrom, bucketNodeNames} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -263,6 +263,10 @@ type ConsumeRequest struct {
 	// the zone CIDRs the node gets a slice of; a non-nil error refuses the join without consuming
 	// the token.
 	Check func(TokenRecord) ([]SliceRequest, error)
+	// HoldUntil, called after Check, is when the certificate about to be signed expires. When set,
+	// the join is refused with ErrNameTaken if Consumer names a node whose newest certificate is
+	// still live (unexpired and not revoked), and otherwise Consumer is held until that time.
+	HoldUntil func() time.Time
 }
 
 // Consumed is the outcome of a successful Consume.
@@ -314,6 +318,11 @@ func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
 		if serial, err = nextSerial(tx); err != nil {
 			return err
 		}
+		if req.HoldUntil != nil {
+			if err := holdName(tx, req.Consumer, serial, req.HoldUntil(), req.Now); err != nil {
+				return err
+			}
+		}
 		consumer := req.Consumer
 		if consumer == "" {
 			consumer = "?"
@@ -341,6 +350,42 @@ func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
 		return Consumed{}, err
 	}
 	return Consumed{Token: rec, Serial: serial, Slices: sl}, nil
+}
+
+// bucketNodeNames maps a node name to the serial of its newest certificate and that
+// certificate's expiry (u64 serial ‖ i64 Unix seconds, big-endian): the name is held while that
+// certificate, or a renewal of it, lives.
+var bucketNodeNames = []byte("node_names")
+
+// holdName refuses name when it is held by a live certificate at now, and otherwise records it
+// as held by serial until until.
+func holdName(tx *bolt.Tx, name string, serial uint64, until, now time.Time) error {
+	if name == "" {
+		return nil
+	}
+	b := tx.Bucket(bucketNodeNames)
+	if v := b.Get([]byte(name)); v != nil {
+		held, heldUntil, err := nameLease(v)
+		if err != nil {
+			return fmt.Errorf("node name %q: %w", name, err)
+		}
+		if now.Before(heldUntil) && lineageRevoked(tx, held) == 0 {
+			return fmt.Errorf("%w: node %q has certificate serial %d valid until %s; choose another --name, or wait until it expires (revoking serial %d also frees the name)",
+				ErrNameTaken, name, held, heldUntil.UTC().Format(time.RFC3339), held)
+		}
+	}
+	return b.Put([]byte(name), nameLeaseValue(serial, until))
+}
+
+func nameLeaseValue(serial uint64, until time.Time) []byte {
+	return binary.BigEndian.AppendUint64(u64(serial), uint64(until.Unix()))
+}
+
+func nameLease(v []byte) (uint64, time.Time, error) {
+	if len(v) != 16 {
+		return 0, time.Time{}, fmt.Errorf("name record of %d bytes; the store is damaged", len(v))
+	}
+	return binary.BigEndian.Uint64(v[:8]), time.Unix(int64(binary.BigEndian.Uint64(v[8:])), 0), nil
 }
 
 // AllocateSerial reserves the next serial (for renewals, which spend no token).

@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/ute-project/ute/identity"
@@ -68,6 +69,11 @@ func (d *Dir) agentDir(zone, name string) string { return filepath.Join(d.path, 
 // AddAgent registers an agent: it checks the node holds the zone, allocates the lowest free overlay
 // IP of the zone (persisted before anything else so an address is never handed out twice), creates
 // the agent key (0600) and issues its certificate with the node key.
+//
+// Everything a caller can get wrong (names, labels, the executable) is checked before the
+// directory changes, and the agent's files are written into a staging directory that is renamed
+// into place last, so a refusal or a crash never leaves a half-made agent that would break Agents
+// or block the name. A refusal after the IP was persisted gives the IP back.
 func (d *Dir) AddAgent(spec AgentSpec) (*Agent, error) {
 	if err := identity.ValidateName("agent name", spec.Name); err != nil {
 		return nil, err
@@ -79,6 +85,7 @@ func (d *Dir) AddAgent(spec AgentSpec) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
+	digest := w.Digest()
 	unlock, err := d.lock()
 	if err != nil {
 		return nil, err
@@ -105,36 +112,68 @@ func (d *Dir) AddAgent(spec AgentSpec) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	alloc.allocate(spec.Zone, spec.Name, ip)
-	if err := d.writeIPAM(alloc); err != nil {
-		return nil, err
-	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, fmt.Errorf("create agent directory: %w", err)
-	}
-	key, err := identity.GenerateKey()
-	if err != nil {
-		return nil, err
-	}
-	if err := identity.WriteKey(filepath.Join(dir, fileAgentKey), key); err != nil {
-		return nil, err
-	}
-	digest := w.Digest()
 	ag := &Agent{
 		Name: spec.Name, Zone: spec.Zone, IP: ip, Exe: spec.Exe, UID: spec.UID, GID: spec.GID,
 		Labels: maps.Clone(spec.Labels), Workload: hex.EncodeToString(digest[:]), Lifetime: spec.Lifetime,
 	}
-	meta, err := json.MarshalIndent(ag, "", "  ")
-	if err != nil {
-		return nil, fmt.Errorf("encode agent.json: %w", err)
+	// The claims are checked with the IP they will carry before anything is written.
+	id := identity.AgentID(node.ID.TrustDomain, ag.Zone, ag.Name)
+	if err := agentClaims(ag, digest[:]).ValidateFor(id); err != nil {
+		return nil, fmt.Errorf("agent %s/%s: %w", ag.Zone, ag.Name, err)
 	}
-	if err := identity.WriteFileAtomic(filepath.Join(dir, fileAgentMeta), append(meta, '\n'), 0o600); err != nil {
+	alloc.allocate(spec.Zone, spec.Name, ip)
+	if err := d.writeIPAM(alloc); err != nil {
 		return nil, err
 	}
-	if err := d.issueAgent(node, nodeKey, ag, key); err != nil {
+	if err := d.createAgent(node, nodeKey, ag, dir); err != nil {
+		alloc.release(spec.Zone, ip)
+		if rerr := d.writeIPAM(alloc); rerr != nil {
+			return nil, fmt.Errorf("%w (and giving back overlay IP %s failed: %w)", err, ip, rerr)
+		}
 		return nil, err
 	}
 	return ag, nil
+}
+
+// createAgent writes the agent's key, metadata and certificate into a staging directory beside
+// dir and renames it to dir: dir exists only once the agent is complete.
+func (d *Dir) createAgent(node *identity.Certificate, nodeKey ed25519.PrivateKey, ag *Agent, dir string) (err error) {
+	zoneDir := filepath.Dir(dir)
+	if err := os.MkdirAll(zoneDir, 0o700); err != nil {
+		return fmt.Errorf("create agent directory: %w", err)
+	}
+	stage, err := os.MkdirTemp(zoneDir, "."+ag.Name+".tmp-")
+	if err != nil {
+		return fmt.Errorf("create agent directory: %w", err)
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(stage)
+		}
+	}()
+	key, err := identity.GenerateKey()
+	if err != nil {
+		return err
+	}
+	if err := identity.WriteKey(filepath.Join(stage, fileAgentKey), key); err != nil {
+		return err
+	}
+	meta, err := json.MarshalIndent(ag, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode agent.json: %w", err)
+	}
+	if err := identity.WriteFileAtomic(filepath.Join(stage, fileAgentMeta), append(meta, '\n'), 0o600); err != nil {
+		return err
+	}
+	if err := d.issueAgentIn(node, nodeKey, ag, key, stage); err != nil {
+		return err
+	}
+	if err := identity.RenameSync(stage, dir); err != nil {
+		return err
+	}
+	ag.KeyPath = filepath.Join(dir, fileAgentKey)
+	ag.CertPath = filepath.Join(dir, fileAgentCert)
+	return nil
 }
 
 // issuer loads the node certificate and key and checks the certificate can still sign.
@@ -157,8 +196,29 @@ func (d *Dir) issuer() (*identity.Certificate, ed25519.PrivateKey, error) {
 	return node, key, nil
 }
 
-// issueAgent signs the agent certificate and writes it.
+// agentClaims are the claims of ag's certificate; digest is its workload fingerprint.
+func agentClaims(ag *Agent, digest []byte) identity.Claims {
+	return identity.Claims{
+		Zones:       []identity.ZoneGrant{{Name: ag.Zone}},
+		OverlayIPs:  []netip.Addr{ag.IP},
+		Fingerprint: digest,
+		Labels:      maps.Clone(ag.Labels),
+	}
+}
+
+// issueAgent signs the agent certificate and writes it into the agent's directory.
 func (d *Dir) issueAgent(node *identity.Certificate, nodeKey ed25519.PrivateKey, ag *Agent, key ed25519.PrivateKey) error {
+	dir := d.agentDir(ag.Zone, ag.Name)
+	if err := d.issueAgentIn(node, nodeKey, ag, key, dir); err != nil {
+		return err
+	}
+	ag.KeyPath = filepath.Join(dir, fileAgentKey)
+	ag.CertPath = filepath.Join(dir, fileAgentCert)
+	return nil
+}
+
+// issueAgentIn signs the agent certificate and writes it into dir.
+func (d *Dir) issueAgentIn(node *identity.Certificate, nodeKey ed25519.PrivateKey, ag *Agent, key ed25519.PrivateKey, dir string) error {
 	digest, err := hex.DecodeString(ag.Workload)
 	if err != nil || len(digest) != 32 {
 		return fmt.Errorf("%w: agent %s workload digest", ErrBadFile, ag.Name)
@@ -179,27 +239,22 @@ func (d *Dir) issueAgent(node *identity.Certificate, nodeKey ed25519.PrivateKey,
 	cert, err := identity.Issue(node, nodeKey, identity.IssueRequest{
 		ID:        identity.AgentID(node.ID.TrustDomain, ag.Zone, ag.Name),
 		PublicKey: key.Public().(ed25519.PublicKey),
-		Claims: identity.Claims{
-			Zones:       []identity.ZoneGrant{{Name: ag.Zone}},
-			OverlayIPs:  []netip.Addr{ag.IP},
-			Fingerprint: digest,
-			Labels:      maps.Clone(ag.Labels),
-		},
+		Claims:    agentClaims(ag, digest),
 		NotBefore: notBefore,
 		NotAfter:  notAfter,
 	})
 	if err != nil {
 		return fmt.Errorf("issue agent certificate for %s/%s: %w", ag.Zone, ag.Name, err)
 	}
-	dir := d.agentDir(ag.Zone, ag.Name)
-	ag.KeyPath = filepath.Join(dir, fileAgentKey)
-	ag.CertPath = filepath.Join(dir, fileAgentCert)
 	ag.Cert = cert
-	return identity.WriteFileAtomic(ag.CertPath, certPEM(cert.Raw()), 0o644)
+	return identity.WriteFileAtomic(filepath.Join(dir, fileAgentCert), certPEM(cert.Raw()), 0o644)
 }
 
 // Agent loads one agent with its certificate.
 func (d *Dir) Agent(zone, name string) (*Agent, error) {
+	if err := validAgentPath(zone, name); err != nil {
+		return nil, err
+	}
 	dir := d.agentDir(zone, name)
 	b, err := readFile(filepath.Join(dir, fileAgentMeta))
 	if err != nil {
@@ -225,6 +280,9 @@ func (d *Dir) Agent(zone, name string) (*Agent, error) {
 
 // AgentKey reads an agent's private key (agents never hold their keys; the node does).
 func (d *Dir) AgentKey(zone, name string) (ed25519.PrivateKey, error) {
+	if err := validAgentPath(zone, name); err != nil {
+		return nil, err
+	}
 	return identity.ReadKey(filepath.Join(d.agentDir(zone, name), fileAgentKey))
 }
 
@@ -247,7 +305,8 @@ func (d *Dir) Agents() ([]*Agent, error) {
 			return nil, fmt.Errorf("list agents: %w", err)
 		}
 		for _, n := range names {
-			if !n.IsDir() {
+			// A dot name is a staging directory a crash left behind in AddAgent: not an agent.
+			if !n.IsDir() || strings.HasPrefix(n.Name(), ".") {
 				continue
 			}
 			ag, err := d.Agent(z.Name(), n.Name())
@@ -294,6 +353,15 @@ func (d *Dir) ReissueAgent(zone, name string) (*Agent, error) {
 		return nil, err
 	}
 	return ag, nil
+}
+
+// validAgentPath refuses a zone or agent name that is not a DNS label before it becomes a path:
+// names reach these methods from callers (local API, CLI), and "../x" must not.
+func validAgentPath(zone, name string) error {
+	if err := identity.ValidateName("zone name", zone); err != nil {
+		return err
+	}
+	return identity.ValidateName("agent name", name)
 }
 
 func (d *Dir) readIPAM() (allocations, error) {
