@@ -38,8 +38,16 @@ fuzz:
 		done; \
 	done
 
+# Every package's benchmarks in one run (about 2 minutes on 2 cores), echoed as they run and kept in
+# BENCH_OUT, then the results table of node/internal/benchrun: each performance target of DESIGN.md
+# §7 beside its same-run baseline, as ratios. docs/benchmarks.md records a run. The pipe's status is
+# benchrun's, which fails on any FAIL line and on missing results.
+BENCHTIME ?= 2s
+BENCH_OUT ?= bin/bench.txt
 bench:
-	$(GO) test -run='^$$' -bench=. -benchmem -timeout 30m ./...
+	@mkdir -p bin $(dir $(BENCH_OUT))
+	$(GO) build -o bin/benchrun ./node/internal/benchrun
+	$(GO) test -run='^$$' -bench=. -benchmem -benchtime=$(BENCHTIME) -timeout 30m ./... 2>&1 | bin/benchrun -out $(BENCH_OUT)
 
 # The whole story in one process, no root, under a minute (cmd/ute/demo.go).
 demo: build

@@ -282,36 +282,72 @@ func signCompact(t *testing.T, a *Agent, tun *tunnel.Tunnel, hash []byte, key ed
 	return rec
 }
 
-// udpPingPong sends n datagrams from c to pc and answers each, checking content and WhoIs.
+// udpPingPong sends n datagrams from c to pc and answers each, checking content and WhoIs. QUIC
+// datagrams are unreliable by design (a packet lost on a loaded loopback is not retransmitted), so
+// like any UDP application it resends a ping until its pong arrives, and both ends skip duplicates
+// of earlier rounds.
 func udpPingPong(t *testing.T, c net.Conn, pc net.PacketConn, from *Agent, local bool, n int) {
 	t.Helper()
 	buf := make([]byte, 2048)
+	seqOf := func(b []byte, prefix string) (uint32, bool) {
+		if len(b) != 8 || string(b[:4]) != prefix {
+			return 0, false
+		}
+		return binary.BigEndian.Uint32(b[4:]), true
+	}
 	for i := range n {
 		msg := binary.BigEndian.AppendUint32([]byte("ping"), uint32(i))
-		_, err := c.Write(msg)
-		require.NoError(t, err)
-		_ = pc.SetReadDeadline(time.Now().Add(5 * time.Second))
-		k, addr, err := pc.ReadFrom(buf)
-		require.NoError(t, err)
-		require.Equal(t, msg, buf[:k])
-		ua, ok := addr.(*net.UDPAddr)
-		require.True(t, ok)
-		assert.Equal(t, from.IP(), ua.AddrPort().Addr(), "the listener sees the caller's overlay IP")
-		if i == 0 {
-			p, err := WhoIsPacket(pc, addr)
-			require.NoError(t, err)
-			assert.Equal(t, from.ID().String(), p.Agent)
-			assert.Equal(t, dtl.ProtoUDP, p.Destination.Proto)
-			assert.Equal(t, local, p.Local)
-		}
 		reply := append([]byte("pong"), msg[4:]...)
-		_, err = pc.WriteTo(reply, addr)
-		require.NoError(t, err)
-		_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
-		k, err = c.Read(buf)
-		require.NoError(t, err)
-		require.Equal(t, reply, buf[:k])
+		deadline := time.Now().Add(10 * time.Second)
+		answered := false
+		for !answered {
+			require.True(t, time.Now().Before(deadline), "no pong for ping %d within 10 s of resending", i)
+			_, err := c.Write(msg)
+			require.NoError(t, err)
+			// Listener side: read until this round's ping arrives or the resend interval passes.
+			_ = pc.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+			k, addr, err := pc.ReadFrom(buf)
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				continue
+			}
+			require.NoError(t, err)
+			seq, ok := seqOf(buf[:k], "ping")
+			require.True(t, ok, "unexpected datagram %q", buf[:k])
+			if seq < uint32(i) {
+				continue // a duplicate of an earlier round's resend
+			}
+			require.Equal(t, msg, buf[:k])
+			ua, ok := addr.(*net.UDPAddr)
+			require.True(t, ok)
+			assert.Equal(t, from.IP(), ua.AddrPort().Addr(), "the listener sees the caller's overlay IP")
+			if i == 0 {
+				p, err := WhoIsPacket(pc, addr)
+				require.NoError(t, err)
+				assert.Equal(t, from.ID().String(), p.Agent)
+				assert.Equal(t, dtl.ProtoUDP, p.Destination.Proto)
+				assert.Equal(t, local, p.Local)
+			}
+			_, err = pc.WriteTo(reply, addr)
+			require.NoError(t, err)
+			// Dialer side: this round's pong, skipping pongs of earlier resends.
+			for {
+				_ = c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+				k, err = c.Read(buf)
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					break // lost: resend the ping
+				}
+				require.NoError(t, err)
+				seq, ok := seqOf(buf[:k], "pong")
+				require.True(t, ok, "unexpected datagram %q", buf[:k])
+				if seq == uint32(i) {
+					answered = true
+					break
+				}
+			}
+		}
 	}
+	_ = pc.SetReadDeadline(time.Time{})
+	_ = c.SetReadDeadline(time.Time{})
 }
 
 func TestUDPFlows(t *testing.T) {
