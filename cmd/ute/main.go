@@ -35,23 +35,59 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	}
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
+	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {
+		return usageError{fmt.Errorf("%w; usage: %s", err, c.UseLine())}
+	})
 	root.AddCommand(commands()...)
+	for _, c := range root.Commands() {
+		guardGroup(c)
+	}
 	return root
+}
+
+// guardGroup makes a command group that is called with an unknown subcommand fail as a usage error
+// (cobra would print the group's help and exit 0), and descends into nested groups.
+func guardGroup(c *cobra.Command) {
+	if !c.HasSubCommands() {
+		return
+	}
+	if !c.Runnable() {
+		c.Args = cobra.ArbitraryArgs
+		c.RunE = func(cmd *cobra.Command, args []string) error {
+			if len(args) > 0 {
+				return usagef("unknown command %q for %q; run '%s --help' to list its commands",
+					args[0], cmd.CommandPath(), cmd.CommandPath())
+			}
+			return cmd.Help()
+		}
+	}
+	for _, sub := range c.Commands() {
+		guardGroup(sub)
+	}
 }
 
 // run executes the CLI and returns the process exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	root := newRootCmd(stdout, stderr)
 	root.SetArgs(args)
-	err := root.ExecuteContext(ctx)
+	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return 0
 	}
 	msg := strings.ReplaceAll(err.Error(), "\n", "; ")
-	fmt.Fprintln(stderr, "ute: "+msg)
 	var ue usageError
-	if errors.As(err, &ue) || isCobraUsage(err) {
+	ours := errors.As(err, &ue)
+	usage := ours || isCobraUsage(err)
+	if usage && !ours && cmd != nil {
+		// cobra's own argument errors do not say how to call the command; the usage line does.
+		if cmd.HasAvailableSubCommands() {
+			msg += fmt.Sprintf("; run '%s --help' to list its commands", cmd.CommandPath())
+		} else {
+			msg += "; usage: " + cmd.UseLine()
+		}
+	}
+	fmt.Fprintln(stderr, "ute: "+msg)
+	if usage {
 		return 2
 	}
 	return 1
