@@ -183,15 +183,30 @@ type admitter struct{ n *Node }
 
 // Admit verifies a flow's record in dtl's fixed order (decode, chain, signature with this
 // session's binding, peer, zone, claims, revocation, zones policy, minimum trust, freshness,
-// replay), then checks that the destination listens, and audits the verdict either way.
-func (a admitter) Admit(ctx context.Context, req tunnel.FlowRequest) (tunnel.Admission, error) {
-	n := a.n
-	adm, prov, err := n.admitRecord(req.Zone, req.Peer.NodeID, req.Exporter, req.Record)
-	n.auditVerdict(ctx, req.Peer.NodeID, req.Zone, prov, err)
+// replay), then checks that the destination listens. It does not audit: the endpoint may still
+// refuse an approved flow (flow limits, flow ids), so the verdict is audited once it is final, in
+// onVerdict. A refusal carries what is known of the record (Info) for that entry.
+func (a admitter) Admit(_ context.Context, req tunnel.FlowRequest) (tunnel.Admission, error) {
+	adm, prov, err := a.n.admitRecord(req.Zone, req.Peer.NodeID, req.Exporter, req.Record)
 	if err != nil {
-		return tunnel.Admission{}, err
+		if prov == nil {
+			return tunnel.Admission{}, err
+		}
+		return tunnel.Admission{Info: prov}, err
 	}
 	return adm, nil
+}
+
+// onVerdict audits the final verdict on every inbound tunnel flow (tunnel.Config.OnVerdict):
+// admissions, the admitter's refusals, and the refusals the endpoint made itself (unreadable or
+// oversized first frames, flow limits, flow ids the peer may not open).
+func (n *Node) onVerdict(v tunnel.Verdict) {
+	p := admissionProvenance(v.Admission)
+	if p == nil && v.Record != nil {
+		p = partialProvenance(v.Record)
+	}
+	// The flow's own context may already be gone (the peer hung up); its verdict is still audited.
+	n.auditVerdict(context.Background(), v.Peer.NodeID, v.Zone, p, v.Err)
 }
 
 // admitRecord is the admission of one record on the session bound to aad. The same path serves

@@ -231,6 +231,8 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 				require.Eventually(t, func() bool { return e.ns["b"].Stats().FlowsDropped == 1 }, 5*time.Second, 5*time.Millisecond)
 				return err
 			},
+			// Dropped by the endpoint before any admission, and still audited as a denial.
+			reason: "too-large",
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -269,11 +271,24 @@ func TestForgedAgentCertificateFromNodeOutsideZone(t *testing.T) {
 
 	cb, err := c.tunnelTo(context.Background(), b.ID().String(), "support")
 	require.NoError(t, err)
-	accepted, refused := b.installDirectory(context.Background(), cb.Peer(), "support", [][]byte{forged.Raw()})
+	// b installs entries under its tunnel peer's certificate: c's, the forger's (the tunnel c
+	// dialed has b as its peer, which would refuse the entry for the wrong reason).
+	bc, err := b.tunnelTo(context.Background(), c.ID().String(), "support")
+	require.NoError(t, err)
+	require.Equal(t, c.ID().String(), bc.Peer().NodeID)
+	accepted, refused := b.installDirectory(context.Background(), bc.Peer(), "support", [][]byte{forged.Raw()})
 	assert.Zero(t, accepted)
 	assert.Equal(t, 1, refused)
 	_, ok := b.lookup("payments", "mallory", netip.Addr{}, 1)
 	assert.False(t, ok)
+	var dirErr string
+	for _, r := range auditEntries(t, b) {
+		if r.Event == eventDirectory && r.Fields["peer"] == c.ID().String() && r.Fields["refused"] == "1" {
+			dirErr = r.Fields["error"]
+		}
+	}
+	assert.Contains(t, dirErr, "zone", "refused for its zone, not for a signature mismatch")
+	assert.NotContains(t, dirErr, "signature")
 
 	claims := &dtl.Claims{
 		Zone: "payments", Agent: forged.ID.String(), Chain: &dtl.CertChain{Node: c.Certificate().Raw(), Agent: forged.Raw()},

@@ -173,9 +173,16 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 	}
 	for name, e := range fresh {
 		// A name another node already serves keeps its first owner: two nodes cannot both host
-		// agent.zone, and a later claimant does not get to take the name over.
-		if old, taken := m[name]; taken && old.node != peer.NodeID {
+		// agent.zone, and a later claimant does not get to take the name over. A name this node
+		// hosts itself is never shadowed: lookups would turn ambiguous and fail, so any peer of
+		// the zone could otherwise make a local agent unreachable by announcing its name.
+		_, local := n.agents[agentKey{zone, name}]
+		if old, taken := m[name]; local || (taken && old.node != peer.NodeID) {
 			refused++
+			accepted--
+			if firstErr == nil {
+				firstErr = fmt.Errorf("%w: %s.%s is already served by another node", ErrNameTaken, name, zone)
+			}
 			continue
 		}
 		m[name] = e

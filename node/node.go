@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto/ed25519"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/sha256"
@@ -47,6 +48,7 @@ var (
 	ErrNotJoined       = errors.New("node: directory not joined")
 	ErrBadRevocation   = errors.New("node: revocation subject must be a SPIFFE ID or serial:<decimal>")
 	ErrPeerUnreachable = errors.New("node: no route to the destination's node")
+	ErrNameTaken       = errors.New("node: directory entry names an agent another node serves")
 )
 
 // Peer is a statically configured peer node (gossip will discover them later). Node is the peer's
@@ -181,7 +183,12 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		}
 		n.peers[id] = p.Addr
 	}
-	al, err := audit.Open(filepath.Join(cfg.Dir, DirAudit), audit.Options{Logger: n.log, Now: n.now, FlushInterval: cfg.AuditFlush})
+	// The head is signed with the node key, so that cutting the log's tail and rewriting the head
+	// to match is caught by `ute audit verify` (it checks the head against node.crt's key). The
+	// key changes at renewal; the log then records the change instead of refusing to open.
+	nodeKey, _ := n.key.PrivateKey.(ed25519.PrivateKey)
+	al, err := audit.Open(filepath.Join(cfg.Dir, DirAudit), audit.Options{Logger: n.log, Now: n.now, FlushInterval: cfg.AuditFlush,
+		Key: nodeKey, RecordKeyChange: true})
 	if err != nil {
 		return nil, fmt.Errorf("node: audit log: %w", err)
 	}
@@ -217,6 +224,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		StreamHandler: n.handleStream,
 		PacketHandler: n.handlePacket,
 		OnTunnel:      n.onTunnel,
+		OnVerdict:     n.onVerdict,
 		OnRefused:     n.onRefused,
 		Clock:         n.now,
 		Logger:        n.log,

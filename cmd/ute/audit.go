@@ -1,6 +1,7 @@
 package main
 
 import (
+	"crypto/ed25519"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/overlay/audit"
 )
 
@@ -45,7 +47,16 @@ func newAuditVerifyCmd() *cobra.Command {
 				return usagef("audit verify needs --dir (the node directory or the directory holding %s)", audit.LogFile)
 			}
 			logDir := auditDir(dir)
-			rep, err := audit.Verify(logDir)
+			pub, err := nodePublicKey(dir, logDir)
+			if err != nil {
+				return err
+			}
+			var rep audit.Report
+			if pub != nil {
+				rep, err = audit.VerifyWithKey(logDir, pub)
+			} else {
+				rep, err = audit.Verify(logDir)
+			}
 			if errors.Is(err, audit.ErrNoLog) {
 				return fmt.Errorf("no audit log under %s: pass the node directory (--dir) that holds audit/%s", dir, audit.LogFile)
 			}
@@ -58,6 +69,9 @@ func newAuditVerifyCmd() *cobra.Command {
 				}
 			}
 			if err != nil {
+				if errors.Is(err, audit.ErrHeadSignature) {
+					return fmt.Errorf("audit log %s: head not signed by the key of %s (forged head or cut log; if the node was renewed since it last ran, start it once and verify again): %w", logDir, filepath.Join(dir, nodeCertFile), err)
+				}
 				var ve *audit.VerifyError
 				if errors.As(err, &ve) {
 					return fmt.Errorf("audit log %s is tampered or damaged: %w", logDir, err)
@@ -65,8 +79,12 @@ func newAuditVerifyCmd() *cobra.Command {
 				return fmt.Errorf("audit log %s: %w", logDir, err)
 			}
 			if !asJSON {
-				fmt.Fprintf(out, "audit log %s: ok, %d entries (%d anchored by the head, %d pending anchor), last hash %s\n",
-					logDir, rep.Entries, rep.Anchored, rep.Unanchored, rep.LastHash)
+				signed := "head not signature-checked (pass the node directory to check it against node.crt)"
+				if pub != nil {
+					signed = "head signed by the node key"
+				}
+				fmt.Fprintf(out, "audit log %s: ok, %d entries (%d anchored by the head, %d pending anchor), %s, last hash %s\n",
+					logDir, rep.Entries, rep.Anchored, rep.Unanchored, signed, rep.LastHash)
 			}
 			return nil
 		},
@@ -74,4 +92,36 @@ func newAuditVerifyCmd() *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", "", "node directory (or the directory holding "+audit.LogFile+")")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the verification report as JSON")
 	return cmd
+}
+
+// nodeCertFile is the node certificate inside a node directory (node/state.FileNodeCert).
+const nodeCertFile = "node.crt"
+
+// nodePublicKey returns the key the node signs its audit heads with, when dir is a node directory
+// (the log in dir/audit, the certificate in dir/node.crt); nil when dir is a bare log directory.
+// A node directory whose certificate cannot be read is an error, not a silent unsigned check.
+func nodePublicKey(dir, logDir string) (ed25519.PublicKey, error) {
+	if logDir == dir {
+		return nil, nil
+	}
+	path := filepath.Join(dir, nodeCertFile)
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	certs, err := identity.ReadCertificates(path)
+	if err != nil || len(certs) == 0 {
+		return nil, fmt.Errorf("read the node certificate %s to check the audit head's signature: %w", path, errors.Join(err, errNoCert(len(certs))))
+	}
+	pub, ok := certs[0].X509.PublicKey.(ed25519.PublicKey)
+	if !ok {
+		return nil, fmt.Errorf("node certificate %s has no Ed25519 key", path)
+	}
+	return pub, nil
+}
+
+func errNoCert(n int) error {
+	if n == 0 {
+		return errors.New("no certificate in the file")
+	}
+	return nil
 }

@@ -127,6 +127,7 @@ type head struct {
 	Count uint64 `json:"count"`
 	Hash  string `json:"hash"`
 	Sig   string `json:"sig,omitempty"` // Ed25519 over headMessage, when the log has a key
+	Key   string `json:"key,omitempty"` // hex public key of the signer, so a key change can be told from a forgery
 }
 
 // headMessage is what a signed head signs: a domain-separation label, the count and the hash.
@@ -139,7 +140,19 @@ func headMessage(count uint64, hash string) []byte {
 func (h *head) sign(key ed25519.PrivateKey) {
 	if key != nil {
 		h.Sig = hex.EncodeToString(ed25519.Sign(key, headMessage(h.Count, h.Hash)))
+		h.Key = hex.EncodeToString(key.Public().(ed25519.PublicKey))
 	}
+}
+
+// signedByOther reports whether the head carries a valid signature by a key other than pub, and
+// that key: the log's key changed (a node renewed its key) rather than the head being unsigned or
+// forged without any key.
+func (h *head) signedByOther(pub ed25519.PublicKey) (string, bool) {
+	k, err := hex.DecodeString(h.Key)
+	if err != nil || len(k) != ed25519.PublicKeySize || bytes.Equal(k, pub) {
+		return "", false
+	}
+	return h.Key, h.verifySig(k) == nil
 }
 
 func (h *head) verifySig(pub ed25519.PublicKey) error {
@@ -358,7 +371,18 @@ type Options struct {
 	// Key, when set (the node key), signs every head and is required to verify the existing one on
 	// Open; see VerifyWithKey.
 	Key ed25519.PrivateKey
+	// RecordKeyChange relaxes Open for a Key that rotates (a node's key changes at renewal): a head
+	// that is unsigned or signed by another key is not refused; Open appends an EventHeadUnverified
+	// entry naming what it found (the previous key, or that the head was unsigned or forged) and
+	// signs the head with Key from then on. The evidence stays in the chain, under the new key.
+	RecordKeyChange bool
 }
+
+// EventHeadUnverified is the entry Open appends when RecordKeyChange let it continue a log whose
+// head did not verify with the current key. Fields: problem ("key-changed" or "unverified"),
+// count and hash (the head as found), from (the previous key, for key-changed) and to (the key now
+// signing).
+const EventHeadUnverified = "audit-head-unverified"
 
 // Log is an open audit log. It is safe for concurrent use.
 type Log struct {
@@ -435,8 +459,18 @@ func open(dir string, f *os.File, opts Options) (*Log, error) {
 		}
 		hdErr = nil
 	}
+	var note map[string]string
 	if hdErr == nil && opts.Key != nil {
-		hdErr = hd.verifySig(opts.Key.Public().(ed25519.PublicKey))
+		pub := opts.Key.Public().(ed25519.PublicKey)
+		hdErr = hd.verifySig(pub)
+		if hdErr != nil && opts.RecordKeyChange {
+			note = map[string]string{"problem": "unverified", "count": fmt.Sprint(hd.Count), "hash": hd.Hash, "to": hex.EncodeToString(pub)}
+			if from, ok := hd.signedByOther(pub); ok {
+				note["problem"], note["from"] = "key-changed", from
+			}
+			opts.Logger.Warn("audit: head not signed by the current key; continuing and recording it in the log", "dir", dir, "problem", note["problem"])
+			hdErr = nil
+		}
 	}
 	if torn && hdErr == nil && hd.Count <= uint64(len(lines)) {
 		opts.Logger.Warn("audit: cutting an incomplete last entry left by a crash", "dir", dir, "offset", goodLen)
@@ -449,7 +483,17 @@ func open(dir string, f *os.File, opts Options) (*Log, error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit: refusing to continue %s (move it aside to start a new log): %w", dir, err)
 	}
-	return &Log{dir: dir, opts: opts, log: opts.Logger, f: f, seq: uint64(rep.Entries), last: rep.LastHash, anchored: uint64(rep.Anchored)}, nil
+	l := &Log{dir: dir, opts: opts, log: opts.Logger, f: f, seq: uint64(rep.Entries), last: rep.LastHash, anchored: uint64(rep.Anchored)}
+	if note != nil {
+		// Appended and anchored at once, so the new signed head covers the evidence.
+		if err := l.Append(context.Background(), Entry{Event: EventHeadUnverified, Fields: note}); err != nil {
+			return nil, err
+		}
+		if err := l.syncLocked(); err != nil {
+			return nil, err
+		}
+	}
+	return l, nil
 }
 
 func validate(e *Entry) error {

@@ -59,9 +59,28 @@ type Admission struct {
 	Info   any      // the verified record, handed to the handler (WhoIs)
 }
 
+// Verdict is the endpoint's final decision on one inbound flow stream, reported to
+// Config.OnVerdict so that the node can audit every admission and every refusal, including the
+// ones this package makes itself (unreadable or oversized first frames, flow-table limits, flow ids
+// the peer may not use) and refusals after the Admitter approved the record.
+type Verdict struct {
+	Zone string // the tunnel's zone
+	Peer Peer   // the tunnel's verified peer node
+	// Record is the DTL record as received; nil when the stream never delivered a whole record
+	// frame.
+	Record []byte
+	// Admission is what the Admitter returned, with a refusal too (its Info may then describe the
+	// refused record); the zero value when the Admitter did not run.
+	Admission Admission
+	// Err is nil when the flow was admitted; otherwise why it was refused or dropped (matching the
+	// dtl sentinel of its reason code with errors.Is).
+	Err error
+}
+
 // Admitter verifies a flow's DTL record and decides whether the flow may be delivered. An error
 // refuses the flow; a *dtl.Denial (or an error wrapping a dtl sentinel) chooses the reason code
-// sent to the peer, anything else is sent as "internal".
+// sent to the peer, anything else is sent as "internal". With an error, the returned Admission is
+// never used to deliver anything; it is only passed on to Config.OnVerdict (for audit).
 type Admitter interface {
 	Admit(ctx context.Context, req FlowRequest) (Admission, error)
 }
@@ -149,6 +168,11 @@ type Config struct {
 	// endpoint-owned goroutine, so it may block (e.g. to open a flow on the tunnel), but it must
 	// return once the tunnel or the endpoint closes: Endpoint.Close waits for it.
 	OnTunnel func(*Tunnel)
+	// OnVerdict, if set, is told the final verdict on every inbound flow stream exactly once,
+	// before the peer sees the accept, reject or reset: admitted, or refused/dropped for any
+	// reason, whether the Admitter or the endpoint itself refused it. It runs on the flow's
+	// goroutine and must not block for long.
+	OnVerdict func(Verdict)
 	// OnRefused, if set, is told about every refused handshake (for audit). It must not block.
 	OnRefused func(Refusal)
 	// Clock is the time source for flow idle expiry. Default time.Now.

@@ -220,11 +220,16 @@ func (t *Tunnel) streamLoop() {
 
 // handleStream runs admission for one inbound stream (invariant I2): it reads exactly the flow-open
 // header and record, asks the Admitter, and only after an accept hands the stream to a handler.
+// Every flow's verdict goes to Config.OnVerdict exactly once, before the peer can learn it.
 func (t *Tunnel) handleStream(str *quic.Stream) {
 	e := t.ep
+	v := Verdict{Zone: t.zone, Peer: t.peer}
 	_ = str.SetReadDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
 	record, err := readFlowOpen(countingReader{str, &e.preAdmitRead}, e.lim.MaxRecordSize)
 	if err != nil {
+		// Reported before the peer can see the reset, so the audit entry exists by then.
+		v.Err = err
+		t.report(v)
 		e.stats.dropped.Add(1)
 		e.log.Warn("flow dropped before admission", "peer", t.peer.NodeID, "zone", t.zone, "err", err)
 		str.CancelRead(streamCodeBad)
@@ -232,6 +237,7 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 		return
 	}
 	_ = str.SetReadDeadline(time.Time{})
+	v.Record = record
 
 	ctx, cancel := context.WithTimeout(t.conn.Context(), e.lim.AdmitTimeout)
 	adm, err := e.cfg.Admitter.Admit(ctx, FlowRequest{
@@ -241,6 +247,7 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 		Record:   record,
 	})
 	cancel()
+	v.Admission = adm
 	if err == nil {
 		err = t.checkAdmission(adm)
 	}
@@ -248,13 +255,31 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 	if err == nil {
 		entry, err = e.table.reserve(t.peer.NodeID, adm, e.clock())
 	}
+	var pf *PacketFlow
+	if err == nil && adm.Kind == KindPacket {
+		// The id is claimed before the accept is sent, so that two concurrent admissions of one id
+		// cannot both be accepted; nothing reaches the handler before the accept.
+		pf = t.newPacketFlow(adm.FlowID, adm.Local, adm.Remote, &adm)
+		pf.entry = entry
+		if err = t.claimPacketFlow(pf); err != nil {
+			e.table.release(entry)
+		}
+	}
 	if err != nil {
+		v.Err = err
+		t.report(v)
 		t.reject(str, err)
 		return
 	}
+	// The verdict is final here; a failure to send the accept is the peer going away, not a
+	// second verdict.
+	t.report(v)
 	_ = str.SetWriteDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
 	if err := dtl.WriteFrame(str, dtl.FrameAccept, nil); err != nil {
 		e.table.release(entry)
+		if pf != nil {
+			t.removePacketFlow(pf)
+		}
 		e.stats.dropped.Add(1)
 		str.CancelRead(streamCodeBad)
 		str.CancelWrite(streamCodeBad)
@@ -268,21 +293,8 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 		fc := t.newFlowConn(str, &adm, adm.Local, adm.Remote, entry)
 		e.cfg.StreamHandler(fc)
 	case KindPacket:
-		pf := t.newPacketFlow(adm.FlowID, adm.Local, adm.Remote, &adm)
 		pf.setCtrl(str)
-		pf.entry = entry
 		e.table.activate(entry, pf.closeCode)
-		t.mu.Lock()
-		if _, dup := t.packets[adm.FlowID]; dup {
-			// checkAdmission saw it free; a concurrent admission of the same id won the race.
-			t.mu.Unlock()
-			e.table.release(entry)
-			str.CancelRead(streamCodeReject)
-			str.CancelWrite(streamCodeReject)
-			return
-		}
-		t.packets[adm.FlowID] = pf
-		t.mu.Unlock()
 		if !e.spawn(pf.controlLoop) {
 			_ = pf.Close()
 			return
@@ -291,9 +303,32 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 	}
 }
 
+// report passes a flow's verdict to the OnVerdict hook.
+func (t *Tunnel) report(v Verdict) {
+	if t.ep.cfg.OnVerdict != nil {
+		t.ep.cfg.OnVerdict(v)
+	}
+}
+
+// claimPacketFlow registers an inbound packet flow under its id unless the id is live.
+func (t *Tunnel) claimPacketFlow(pf *PacketFlow) error {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if _, dup := t.packets[pf.id]; dup {
+		return dtl.Deny(fmt.Errorf("%w: flow id %d is already open", dtl.ErrMalformed, pf.id))
+	}
+	t.packets[pf.id] = pf
+	return nil
+}
+
 func (t *Tunnel) checkAdmission(adm Admission) error {
 	if adm.Agent == "" {
 		return dtl.Deny(fmt.Errorf("%w: admitter returned no source agent", dtl.ErrConfig))
+	}
+	// The peer opens ids of the other parity than ours (docs/protocol.md, "Flow ids"), stream and
+	// packet flows alike, so that a flow id names one flow of one side.
+	if adm.FlowID > maxFlowID || adm.FlowID&1 == t.openerParity() {
+		return dtl.Deny(fmt.Errorf("%w: flow id %d is not one the peer may open", dtl.ErrMalformed, adm.FlowID))
 	}
 	switch adm.Kind {
 	case KindStream:
@@ -303,16 +338,6 @@ func (t *Tunnel) checkAdmission(adm Admission) error {
 	case KindPacket:
 		if t.ep.cfg.PacketHandler == nil {
 			return dtl.Deny(fmt.Errorf("%w: this node takes no packet flows", dtl.ErrUnreachable))
-		}
-		// The peer opens ids of the other parity than ours.
-		if adm.FlowID > maxFlowID || adm.FlowID&1 == t.openerParity() {
-			return dtl.Deny(fmt.Errorf("%w: flow id %d is not one the peer may open", dtl.ErrMalformed, adm.FlowID))
-		}
-		t.mu.Lock()
-		_, dup := t.packets[adm.FlowID]
-		t.mu.Unlock()
-		if dup {
-			return dtl.Deny(fmt.Errorf("%w: flow id %d is already open", dtl.ErrMalformed, adm.FlowID))
 		}
 	default:
 		return dtl.Deny(fmt.Errorf("%w: admitter returned flow kind %d", dtl.ErrConfig, adm.Kind))
