@@ -70,11 +70,18 @@ func newAuthorityRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			// Bound before "listening" is printed, so a caller that waits for that line reaches the
+			// daemon through the socket rather than finding the store locked.
+			admin, err := a.ListenAdmin()
+			if err != nil {
+				_ = srv.Close()
+				return err
+			}
 			ctx, cancel := context.WithCancel(cmd.Context())
 			defer cancel()
 			adminDone := make(chan error, 1)
 			go func() {
-				adminDone <- a.ServeAdmin(ctx)
+				adminDone <- admin.Serve(ctx)
 				cancel()
 			}()
 			// Tests and scripts wait for this line to learn the bound address.

@@ -196,6 +196,8 @@ func newNodeRenewCmd() *cobra.Command {
 }
 
 // renewNode renews the node certificate, installs it and re-signs every agent with the new key.
+// It is safe to repeat after any failure: a crash after the authority committed the renewal is
+// finished by the retry with the staged key.
 func renewNode(cmd *cobra.Command, d *state.Dir, addr string) (*authority.Joined, error) {
 	cur, err := d.NodeCert()
 	if err != nil {
@@ -209,7 +211,9 @@ func renewNode(cmd *cobra.Command, d *state.Dir, addr string) (*authority.Joined
 	if err != nil {
 		return nil, err
 	}
-	newKey, err := identity.GenerateKey()
+	// The new key is staged on disk before the request leaves: if the answer is lost, the next
+	// `node renew` asks for the same key and the authority sends the same certificate again.
+	newKey, err := d.RenewalKey()
 	if err != nil {
 		return nil, err
 	}

@@ -16,7 +16,7 @@ import (
 	"time"
 )
 
-// The admin socket lets `ute token create` and `ute authority audit` reach a running authority:
+// The admin socket lets `ute token create`, `ute authority audit` and `ute revoke` reach a running authority:
 // bbolt holds an exclusive lock on authority.db, so while the daemon runs only it can open the
 // store. When no daemon runs, the CLI opens the store itself (OpenAdmin decides).
 
@@ -28,6 +28,7 @@ const (
 	maxAdminBody  = 64 << 10
 	pathTokens    = "/v1/tokens"
 	pathAudit     = "/v1/audit"
+	pathRevoke    = "/v1/revocations"
 	storeWaitTime = time.Second
 )
 
@@ -52,6 +53,8 @@ type IssuedToken struct {
 type Admin interface {
 	CreateToken(ctx context.Context, spec TokenSpec) (IssuedToken, error)
 	Audit(ctx context.Context) ([]AuditRecord, error)
+	// Revoke revokes a subject ("serial:N" or a node SPIFFE ID); see Authority.RevokeSubject.
+	Revoke(ctx context.Context, subject, reason string) (Revocation, error)
 	Close() error
 }
 
@@ -83,24 +86,49 @@ func (l localAdmin) CreateToken(ctx context.Context, spec TokenSpec) (IssuedToke
 }
 func (l localAdmin) Audit(context.Context) ([]AuditRecord, error) { return l.a.store.Audit() }
 func (l localAdmin) Close() error                                 { return l.a.Close() }
+func (l localAdmin) Revoke(ctx context.Context, subject, reason string) (Revocation, error) {
+	return l.a.RevokeSubject(ctx, subject, reason)
+}
 
-// ServeAdmin serves the admin API on dir/authority.sock (mode 0600) until ctx is cancelled.
-// Connections from a uid other than the daemon's own (or root) are refused: the socket mode
-// already stops them, the credential check guards against a loosened mode.
-func (a *Authority) ServeAdmin(ctx context.Context) error {
+// AdminServer is the admin API bound to dir/authority.sock, not yet serving.
+type AdminServer struct {
+	a    *Authority
+	sock string
+	ln   net.Listener
+}
+
+// ListenAdmin binds the admin socket (mode 0600) now, so that once it returns a CLI call reaches
+// the daemon instead of finding the store locked. Serve answers on it.
+func (a *Authority) ListenAdmin() (*AdminServer, error) {
 	sock := filepath.Join(a.dir, FileSocket)
 	_ = os.Remove(sock)
 	ln, err := net.Listen("unix", sock)
 	if err != nil {
-		return fmt.Errorf("admin socket %s: %w", sock, err)
+		return nil, fmt.Errorf("admin socket %s: %w", sock, err)
 	}
 	if err := os.Chmod(sock, 0o600); err != nil {
 		_ = ln.Close()
-		return fmt.Errorf("admin socket %s: %w", sock, err)
+		return nil, fmt.Errorf("admin socket %s: %w", sock, err)
 	}
+	return &AdminServer{a: a, sock: sock, ln: ln}, nil
+}
+
+// ServeAdmin binds the admin socket and serves it until ctx is cancelled.
+func (a *Authority) ServeAdmin(ctx context.Context) error {
+	s, err := a.ListenAdmin()
+	if err != nil {
+		return err
+	}
+	return s.Serve(ctx)
+}
+
+// Serve answers admin calls until ctx is cancelled, then removes the socket.
+func (s *AdminServer) Serve(ctx context.Context) error {
+	a, sock, ln := s.a, s.sock, s.ln
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+pathTokens, a.handleCreateToken)
 	mux.HandleFunc("GET "+pathAudit, a.handleAudit)
+	mux.HandleFunc("POST "+pathRevoke, a.handleRevoke)
 	srv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: adminTimeout,
@@ -196,6 +224,29 @@ func (a *Authority) handleCreateToken(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, tok)
 }
 
+func (a *Authority) handleRevoke(w http.ResponseWriter, r *http.Request) {
+	var req RevokeRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeJSON(w, http.StatusBadRequest, adminError{"decode revocation request: " + err.Error()})
+		return
+	}
+	rev, err := a.RevokeSubject(r.Context(), req.Subject, req.Reason)
+	if err != nil {
+		status := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, ErrRevocationMalformed), errors.Is(err, ErrAgentRevocation):
+			status = http.StatusBadRequest
+		case errors.Is(err, ErrSubjectUnknown):
+			status = http.StatusNotFound
+		}
+		writeJSON(w, status, adminError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, rev)
+}
+
 func (a *Authority) handleAudit(w http.ResponseWriter, _ *http.Request) {
 	recs, err := a.store.Audit()
 	if err != nil {
@@ -274,7 +325,7 @@ func (c *adminClient) do(ctx context.Context, method, path string, in, out any) 
 // remoteAdminError restores the sentinel of an error the daemon reported, so the CLI's errors.Is
 // works the same whether it went through the socket or opened the store.
 func remoteAdminError(msg string) error {
-	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized} {
+	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized, ErrRevocationMalformed, ErrSubjectUnknown, ErrAgentRevocation} {
 		if len(msg) >= len(s.Error()) && msg[:len(s.Error())] == s.Error() {
 			return fmt.Errorf("%w%s", s, msg[len(s.Error()):])
 		}
@@ -292,6 +343,12 @@ func (c *adminClient) Audit(ctx context.Context) ([]AuditRecord, error) {
 	var recs []AuditRecord
 	err := c.do(ctx, http.MethodGet, pathAudit, nil, &recs)
 	return recs, err
+}
+
+func (c *adminClient) Revoke(ctx context.Context, subject, reason string) (Revocation, error) {
+	var rev Revocation
+	err := c.do(ctx, http.MethodPost, pathRevoke, RevokeRequest{Subject: subject, Reason: reason}, &rev)
+	return rev, err
 }
 
 func (c *adminClient) Close() error { return nil }

@@ -373,6 +373,18 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 
 // issueNode signs a node certificate with an already allocated serial and records it.
 func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord) (Response, error) {
+	rec, err := a.signNode(csr, claims, lifetime, serial, now, rec)
+	if err != nil {
+		return Response{}, err
+	}
+	if err := a.store.PutIssued(rec); err != nil {
+		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
+	}
+	return a.issuedResponse(rec), nil
+}
+
+// signNode signs a node certificate with an already allocated serial and fills rec with it.
+func (a *Authority) signNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord) (IssuedRecord, error) {
 	notAfter := a.notAfter(now, lifetime)
 	id := identity.NodeID(a.trustDomain, csr.Name)
 	cert, err := identity.Issue(a.cert, a.key, identity.IssueRequest{
@@ -380,7 +392,7 @@ func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time
 		NotBefore: now.Add(-backdate), NotAfter: notAfter, Serial: new(big.Int).SetUint64(serial),
 	})
 	if err != nil {
-		return Response{}, fmt.Errorf("sign node certificate for %s: %w", id, err)
+		return IssuedRecord{}, fmt.Errorf("sign node certificate for %s: %w", id, err)
 	}
 	rec.Serial = serial
 	rec.SPIFFEID = id.String()
@@ -388,10 +400,11 @@ func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time
 	rec.NotAfter = notAfter.UTC()
 	rec.KeyHash = cert.KeyHash()
 	rec.CertDER = cert.Raw()
-	if err := a.store.PutIssued(rec); err != nil {
-		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
-	}
-	return Response{Code: CodeOK, NodeCert: cert.Raw(), AuthorityCert: a.certDER, Policy: a.policyBytes}, nil
+	return rec, nil
+}
+
+func (a *Authority) issuedResponse(rec IssuedRecord) Response {
+	return Response{Code: CodeOK, NodeCert: rec.CertDER, AuthorityCert: a.certDER, Policy: a.policyBytes}
 }
 
 // notAfter is the expiry of a node certificate issued at now: lifetime, capped by the root's.
@@ -445,20 +458,31 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, peer []*x509.Ce
 	for _, g := range cur.Claims.Zones {
 		held[g.Name] = g.Prefixes
 	}
-	serial, sl, err := a.store.Renewal(RenewalRequest{Node: cur.ID.Name, Held: held, Want: want, Now: now, Renews: oldSerial, HoldUntil: a.notAfter(now, lifetime)})
+	// The certificate is signed inside the renewal's transaction, so the successor the store
+	// records always has its certificate stored: a retry after a lost response gets it back.
+	res, err := a.store.RenewAndIssue(RenewalRequest{
+		Node: cur.ID.Name, Held: held, Want: want, Now: now, Renews: oldSerial,
+		HoldUntil: a.notAfter(now, lifetime), KeyHash: identity.KeyHash(csr.PublicKey),
+	}, func(serial uint64, sl []SliceRecord) (IssuedRecord, error) {
+		granted := claims
+		var err error
+		if granted.Zones, err = grantSlices(claims.ZoneNames(), sl); err != nil {
+			return IssuedRecord{}, err
+		}
+		return a.signNode(csr, granted, lifetime, serial, now, IssuedRecord{Renewal: oldSerial, RemoteAdr: remote})
+	})
 	if err != nil {
 		return a.refuse(ctx, "renew", remote, "", err)
 	}
-	if claims.Zones, err = grantSlices(claims.ZoneNames(), sl); err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
+	if res.Retry {
+		a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeResent,
+			Reason: fmt.Sprintf("retry of the renewal of serial %d for the same key: certificate %d sent again", oldSerial, res.Serial)})
+		a.log.Info("node renewal retried; certificate sent again", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", res.Serial)
+		return a.issuedResponse(res.Issued)
 	}
-	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{Renewal: oldSerial, RemoteAdr: remote})
-	if err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
-	}
-	a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: serial, Outcome: OutcomeIssued, Reason: fmt.Sprintf("renews serial %d", oldSerial)})
-	a.log.Info("node renewed", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", serial)
-	return resp
+	a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeIssued, Reason: fmt.Sprintf("renews serial %d", oldSerial)})
+	a.log.Info("node renewed", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", res.Serial)
+	return a.issuedResponse(res.Issued)
 }
 
 // renewedClaims carries the node's identity, region and host fingerprint over and re-derives its

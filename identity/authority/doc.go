@@ -4,9 +4,12 @@
 //
 // It owns the single-use token consumption (one durable transaction that checks and consumes the
 // token and allocates the serial and the node's per-zone slices before anything is signed), the
-// per-node slices of zone CIDRs that node certificates grant, and the renewal check (mutual TLS
-// proof of possession of the current node key). It must never store a token secret (only its hash),
-// never reuse a serial, never give an address of one node's slice to another node, never send a
-// token secret to a server whose key does not match the token's pin, and never sign a certificate
-// whose claims were not derived from the stored policy.
+// per-node slices of zone CIDRs that node certificates grant, the renewal check (mutual TLS
+// proof of possession of the current node key, one successor per certificate, resent only to a
+// retry for the same new key) and revocation by serial or node SPIFFE ID (durable before it
+// returns). It must never store a token secret (only its hash), never reuse a serial, never give
+// an address of one node's slice to another node, never send a token secret to a server whose key
+// does not match the token's pin, never sign a certificate whose claims were not derived from the
+// stored policy, and never hand a renewed certificate to a request that did not prove possession of
+// its key.
 package authority

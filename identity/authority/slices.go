@@ -252,6 +252,10 @@ type RenewalRequest struct {
 	// (ErrSuperseded) when it was already renewed; then it records the new serial as its only
 	// successor. Zero skips both checks (store tests that exercise slices alone).
 	Renews uint64
+	// KeyHash is identity.KeyHash of the key the renewed certificate is for (RenewAndIssue only).
+	// A renewal of an already renewed Renews whose successor was issued for this same key is a
+	// retry after a lost response, answered with that successor.
+	KeyHash string
 	// HoldUntil is when the renewed certificate expires: Node stays held (see Consume) until then.
 	HoldUntil time.Time
 }
@@ -260,23 +264,54 @@ type RenewalRequest struct {
 // transaction. For each wanted zone CIDR it keeps the slice the node holds inside it (a slice of
 // the presented certificate that the store records as this node's, in this zone); a CIDR the node
 // holds no slice of (added to the zone since, or a certificate from before per-node slices) gets a
-// new slice. Slices the node no longer needs are not freed.
+// new slice. Slices the node no longer needs are not freed. It records no certificate, so it never
+// answers a retry (RenewAndIssue does).
 func (s *Store) Renewal(req RenewalRequest) (uint64, []SliceRecord, error) {
-	var (
-		serial uint64
-		out    []SliceRecord
-	)
+	req.KeyHash = ""
+	r, err := s.RenewAndIssue(req, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	return r.Serial, r.Slices, nil
+}
+
+// Renewed is the outcome of RenewAndIssue.
+type Renewed struct {
+	Serial uint64
+	// Slices are the renewed certificate's slices, one per RenewalRequest.Want; nil on a retry.
+	Slices []SliceRecord
+	// Issued is the stored record of the renewed certificate (zero when sign was nil).
+	Issued IssuedRecord
+	// Retry is true when the request repeated a renewal whose certificate was already issued for
+	// the same key: Issued is that certificate and nothing was allocated or written.
+	Retry bool
+}
+
+// RenewAndIssue is Renewal with the signature inside the same transaction: sign receives the
+// allocated serial and slices and returns the issued record, which is stored before the
+// transaction commits. So the successor recorded for req.Renews always has its certificate stored,
+// and a renewal retried after a lost response (same req.KeyHash) gets that certificate back
+// instead of ErrSuperseded. A retry is answered only while the successor is live: unexpired, not
+// revoked (its lineage included: ErrRevoked) and not itself renewed.
+func (s *Store) RenewAndIssue(req RenewalRequest, sign func(serial uint64, slices []SliceRecord) (IssuedRecord, error)) (Renewed, error) {
+	var out Renewed
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		out = nil
+		out = Renewed{}
 		if req.Renews != 0 {
-			if err := checkRenewable(tx, req.Renews, req.Node); err != nil {
+			prev, retry, err := checkRenewable(tx, req)
+			if err != nil {
 				return err
 			}
+			if retry {
+				out = Renewed{Serial: prev.Serial, Issued: prev, Retry: true}
+				return nil
+			}
 		}
-		var err error
-		if serial, err = nextSerial(tx); err != nil {
+		serial, err := nextSerial(tx)
+		if err != nil {
 			return err
 		}
+		out.Serial = serial
 		if req.Renews != 0 {
 			if err := tx.Bucket(bucketRenewed).Put(u64(req.Renews), u64(serial)); err != nil {
 				return err
@@ -300,32 +335,83 @@ func (s *Store) Renewal(req RenewalRequest) (uint64, []SliceRecord, error) {
 					return err
 				}
 			}
-			out = append(out, rec)
+			out.Slices = append(out.Slices, rec)
 		}
+		if sign == nil {
+			return nil
+		}
+		rec, err := sign(serial, out.Slices)
+		if err != nil {
+			return err
+		}
+		if rec.Serial != serial {
+			return fmt.Errorf("signed record has serial %d, want %d", rec.Serial, serial)
+		}
+		if err := putIssued(tx, rec); err != nil {
+			return err
+		}
+		out.Issued = rec
 		return nil
 	})
 	if err != nil {
-		return 0, nil, err
+		return Renewed{}, err
 	}
-	return serial, out, nil
+	return out, nil
 }
 
-// checkRenewable refuses the renewal of serial when it, or any serial it was renewed from, is
-// revoked, and when serial already has a successor. Serials only grow along a lineage, which
-// bounds the walk and catches a damaged store that would make it loop.
-func checkRenewable(tx *bolt.Tx, serial uint64, node string) error {
+// checkRenewable refuses the renewal of req.Renews when it, or any serial it was renewed from, is
+// revoked, and when it already has a successor, unless that successor is a live certificate for
+// req.KeyHash: then the request is a retry and the successor's record is returned. Serials only
+// grow along a lineage, which bounds the walk and catches a damaged store that would make it loop.
+func checkRenewable(tx *bolt.Tx, req RenewalRequest) (IssuedRecord, bool, error) {
+	serial, node := req.Renews, req.Node
 	switch s := lineageRevoked(tx, serial); {
 	case s == serial:
-		return fmt.Errorf("%w: serial %d of node %s; the node must rejoin with a new token", ErrRevoked, serial, node)
+		return IssuedRecord{}, false, fmt.Errorf("%w: serial %d of node %s; the node must rejoin with a new token", ErrRevoked, serial, node)
 	case s != 0:
-		return fmt.Errorf("%w: serial %d of node %s was renewed from revoked serial %d; the node must rejoin with a new token", ErrRevoked, serial, node, s)
+		return IssuedRecord{}, false, fmt.Errorf("%w: serial %d of node %s was renewed from revoked serial %d; the node must rejoin with a new token", ErrRevoked, serial, node, s)
 	}
-	if v := tx.Bucket(bucketRenewed).Get(u64(serial)); v != nil {
-		next, _ := getU64(v)
-		return fmt.Errorf("%w: serial %d of node %s was already renewed as serial %d; if this node did not renew it, its key was copied: revoke serial %d and rejoin with a new token",
-			ErrSuperseded, serial, node, next, next)
+	v := tx.Bucket(bucketRenewed).Get(u64(serial))
+	if v == nil {
+		return IssuedRecord{}, false, nil
 	}
-	return nil
+	next, err := getU64(v)
+	if err != nil {
+		return IssuedRecord{}, false, fmt.Errorf("successor of serial %d: %w; the store is damaged", serial, err)
+	}
+	if prev, ok, err := retryOf(tx, req, next); err != nil || ok {
+		return prev, ok, err
+	}
+	return IssuedRecord{}, false, fmt.Errorf("%w: serial %d of node %s was already renewed as serial %d; if this node did not renew it, its key was copied: revoke serial %d and rejoin with a new token",
+		ErrSuperseded, serial, node, next, next)
+}
+
+// retryOf reports whether a renewal of req.Renews, already renewed as next, repeats that renewal:
+// same key (the CSR's signature proved possession of it), and next still live and not renewed
+// itself. Anything else stays ErrSuperseded: a thief holding the old key and certificate has its
+// own new key, never the node's.
+func retryOf(tx *bolt.Tx, req RenewalRequest, next uint64) (IssuedRecord, bool, error) {
+	if req.KeyHash == "" {
+		return IssuedRecord{}, false, nil
+	}
+	v := tx.Bucket(bucketIssued).Get(u64(next))
+	if v == nil {
+		return IssuedRecord{}, false, nil
+	}
+	var rec IssuedRecord
+	if err := decodeRecord(v, &rec); err != nil {
+		return IssuedRecord{}, false, err
+	}
+	if rec.Renewal != req.Renews || rec.KeyHash != req.KeyHash || len(rec.CertDER) == 0 {
+		return IssuedRecord{}, false, nil
+	}
+	if tx.Bucket(bucketRenewed).Get(u64(next)) != nil || !req.Now.Before(rec.NotAfter) {
+		return IssuedRecord{}, false, nil
+	}
+	if s := lineageRevoked(tx, next); s != 0 {
+		return IssuedRecord{}, false, fmt.Errorf("%w: serial %d of node %s (the renewal of serial %d this request repeats); the node must rejoin with a new token", ErrRevoked, s, req.Node, req.Renews)
+	}
+	return rec, true, nil
 }
 
 // lineageRevoked returns serial, or the serial it descends from by renewal, that is revoked; 0 if

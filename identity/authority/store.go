@@ -85,6 +85,10 @@ const (
 	OutcomeIssued  Outcome = "issued"
 	OutcomeRefused Outcome = "refused"
 	OutcomeCreated Outcome = "created"
+	// OutcomeResent: a renewal retried after a lost response got the certificate already issued.
+	OutcomeResent Outcome = "resent"
+	// OutcomeRevoked: a serial was added to the revoked set (or already was: see the reason).
+	OutcomeRevoked Outcome = "revoked"
 )
 
 // AuditRecord is one event of the authority's audit trail.
@@ -414,17 +418,19 @@ func nextSerial(tx *bolt.Tx) (uint64, error) {
 
 // PutIssued records a signed certificate.
 func (s *Store) PutIssued(rec IssuedRecord) error {
+	return s.db.Update(func(tx *bolt.Tx) error { return putIssued(tx, rec) })
+}
+
+func putIssued(tx *bolt.Tx, rec IssuedRecord) error {
 	val, err := storeEnc.Marshal(rec)
 	if err != nil {
 		return fmt.Errorf("encode issued record: %w", err)
 	}
-	return s.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketIssued)
-		if b.Get(u64(rec.Serial)) != nil {
-			return fmt.Errorf("serial %d already issued", rec.Serial)
-		}
-		return b.Put(u64(rec.Serial), val)
-	})
+	b := tx.Bucket(bucketIssued)
+	if b.Get(u64(rec.Serial)) != nil {
+		return fmt.Errorf("serial %d already issued", rec.Serial)
+	}
+	return b.Put(u64(rec.Serial), val)
 }
 
 // Issued lists every issued certificate in serial order.
@@ -445,10 +451,7 @@ func (s *Store) Issued() ([]IssuedRecord, error) {
 
 // Revoke adds a serial to the revoked set. Revoking twice is not an error (I5: idempotent).
 func (s *Store) Revoke(serial uint64, reason string, now time.Time) error {
-	val, err := storeEnc.Marshal(struct {
-		Time   time.Time `cbor:"1,keyasint"`
-		Reason string    `cbor:"2,keyasint"`
-	}{now.UTC(), reason})
+	val, err := storeEnc.Marshal(revocationValue{Time: now.UTC(), Reason: reason})
 	if err != nil {
 		return err
 	}
@@ -473,20 +476,22 @@ func (s *Store) IsRevoked(serial uint64) (bool, error) {
 
 // AppendAudit appends one event to the audit trail, assigning its sequence number.
 func (s *Store) AppendAudit(rec AuditRecord) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketAudit)
-		seq, err := b.NextSequence()
-		if err != nil {
-			return err
-		}
-		rec.Seq = seq
-		rec.Time = rec.Time.UTC()
-		val, err := storeEnc.Marshal(rec)
-		if err != nil {
-			return fmt.Errorf("encode audit record: %w", err)
-		}
-		return b.Put(u64(seq), val)
-	})
+	return s.db.Update(func(tx *bolt.Tx) error { return appendAudit(tx, rec) })
+}
+
+func appendAudit(tx *bolt.Tx, rec AuditRecord) error {
+	b := tx.Bucket(bucketAudit)
+	seq, err := b.NextSequence()
+	if err != nil {
+		return err
+	}
+	rec.Seq = seq
+	rec.Time = rec.Time.UTC()
+	val, err := storeEnc.Marshal(rec)
+	if err != nil {
+		return fmt.Errorf("encode audit record: %w", err)
+	}
+	return b.Put(u64(seq), val)
 }
 
 // Audit returns the audit trail in order.

@@ -195,6 +195,35 @@ func (d *Dir) AuthorityCert() (*identity.Certificate, error) {
 // Policy returns the policy bytes received from the authority.
 func (d *Dir) Policy() ([]byte, error) { return readFile(d.file(FilePolicy)) }
 
+// RenewalKey returns the key the next renewal asks a certificate for: the one already staged as
+// node.key.next, or a new key staged there (synced to disk) before it is returned. Staging it
+// before the request is sent is what makes a renewal retryable: if the response is lost (crash,
+// network), the retry sends a CSR for the same key and the authority answers with the certificate
+// it already issued, instead of refusing the old certificate as superseded. InstallRenewal
+// consumes the staged key. A staged key that does not parse is replaced: it never reached a
+// certificate the node could use.
+func (d *Dir) RenewalKey() (ed25519.PrivateKey, error) {
+	unlock, err := d.lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	staged := d.file(FileNodeKey + suffixNext)
+	if key, err := identity.ReadKey(staged); err == nil {
+		return key, nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		_ = os.Remove(staged)
+	}
+	key, err := identity.GenerateKey()
+	if err != nil {
+		return nil, err
+	}
+	if err := identity.WriteKey(staged, key); err != nil {
+		return nil, fmt.Errorf("stage the renewal key: %w", err)
+	}
+	return key, nil
+}
+
 // InstallRenewal replaces the node key and certificate with a renewed pair. Each file is renamed
 // atomically; the new pair is first staged as *.next files so that Open can finish an installation
 // a crash interrupted, and a key never sits next to a certificate it does not match for longer
@@ -230,12 +259,13 @@ func (d *Dir) finishRenewal() error {
 }
 
 // recoverRenewal finishes or rolls back an interrupted InstallRenewal: a staged certificate
-// whose staged or installed key matches it is installed; anything else staged is discarded.
+// whose staged or installed key matches it is installed; anything else staged with a certificate
+// is discarded. A staged key alone is a renewal in flight (RenewalKey) and is kept, so the retry
+// asks for the same key.
 func (d *Dir) recoverRenewal() error {
 	nextCert := d.file(FileNodeCert + suffixNext)
 	nextKey := d.file(FileNodeKey + suffixNext)
 	if _, err := os.Stat(nextCert); errors.Is(err, fs.ErrNotExist) {
-		_ = os.Remove(nextKey)
 		return nil
 	}
 	cert, err := readCert(nextCert)
