@@ -41,8 +41,10 @@ func newAttackEnv(t *testing.T, limitsA tunnel.Limits) *attackEnv {
 	e.ab, err = ns["a"].tunnelTo(context.Background(), ns["b"].ID().String(), "payments")
 	require.NoError(t, err)
 	// The tunnel-up directory exchange is a flow of its own; let it finish so that it cannot race
-	// with what a case does to the session (revocations, clock jumps).
+	// with what a case does to the session (revocations, clock jumps). Both sides: b learns a's
+	// agents when a's half arrives, a learns b's only when b's answer has been processed.
 	waitDirectory(t, ns["b"], "payments", "billing-api")
+	waitDirectory(t, ns["a"], "payments", "ledger")
 	return e
 }
 

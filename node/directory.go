@@ -229,6 +229,11 @@ func (n *Node) refresh(ctx context.Context, k refreshKey, force bool, do func(co
 	c.err = do(ctx)
 	n.mu.Lock()
 	delete(n.inflight, k)
+	if c.err != nil && n.refreshed[k].Equal(now) {
+		// A failed exchange taught us nothing: the next lookup miss must try again rather than
+		// be told the directory is fresh.
+		delete(n.refreshed, k)
+	}
 	n.mu.Unlock()
 	close(c.done)
 	return c.err

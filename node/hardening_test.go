@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"encoding/json"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"
@@ -36,6 +37,7 @@ func TestAuditRecordsEndpointRefusalsAsDenials(t *testing.T) {
 	_, err := a.tunnelTo(context.Background(), b.ID().String(), "payments")
 	require.NoError(t, err)
 	waitDirectory(t, b, "payments", "billing-api")
+	waitDirectory(t, a, "payments", "ledger")
 	// The tunnel-up directory exchange is itself a flow of billing-api; wait until it is gone.
 	require.Eventually(t, func() bool { return b.Stats().ActiveFlows == 0 }, 5*time.Second, 5*time.Millisecond)
 
@@ -150,4 +152,21 @@ func TestAuditHeadIsSignedByNodeKey(t *testing.T) {
 	require.NoError(t, err, "the unkeyed chain alone cannot see the cut")
 	_, err = audit.VerifyWithKey(dir, pub)
 	require.ErrorIs(t, err, audit.ErrHeadSignature)
+}
+
+// A directory exchange that failed (the tunnel closed under it, the peer refused) must not make
+// the next lookup miss believe the directory is fresh: the retry runs at once, not a refresh
+// interval later.
+func TestFailedDirectoryRefreshIsRetriedAtOnce(t *testing.T) {
+	ns := cluster(t, nodeSpec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}})
+	a := ns["a"]
+	k := refreshKey{"spiffe://acme.internal/node/b", "payments"}
+	ctx := context.Background()
+	failed := errors.New("tunnel closed during the exchange")
+	require.ErrorIs(t, a.refresh(ctx, k, false, func(context.Context) error { return failed }), failed)
+	calls := 0
+	require.NoError(t, a.refresh(ctx, k, false, func(context.Context) error { calls++; return nil }))
+	assert.Equal(t, 1, calls, "a failed refresh must not suppress the next one")
+	require.NoError(t, a.refresh(ctx, k, false, func(context.Context) error { calls++; return nil }))
+	assert.Equal(t, 1, calls, "a successful refresh does suppress an immediate repeat")
 }
