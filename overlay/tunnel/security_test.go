@@ -218,7 +218,9 @@ func TestBadFirstFrames(t *testing.T) {
 				require.NoError(t, err)
 			}
 			if tc.fin {
-				require.NoError(t, str.Close())
+				// The receiver may already have read the bad bytes and reset the stream, in which
+				// case quic-go refuses the FIN; the reset asserted below is what matters.
+				_ = str.Close()
 			}
 			_ = str.SetReadDeadline(time.Now().Add(5 * time.Second))
 			_, err = io.ReadAll(str)
