@@ -73,6 +73,14 @@ func OpenAdmin(ctx context.Context, dir string, opts Options) (Admin, error) {
 		opts.StoreTimeout = storeWaitTime
 	}
 	a, err := Open(dir, opts)
+	if errors.Is(err, ErrStoreLocked) {
+		// A daemon holds the store: its socket was bound but not yet answering when we first
+		// looked (it is starting), and Open's wait for the lock gave it time to come up.
+		c := &adminClient{sock: sock}
+		if perr := c.ping(ctx); perr == nil {
+			return c, nil
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
