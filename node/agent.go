@@ -374,8 +374,9 @@ func (a *Agent) resolve(ctx context.Context, addr string) (destination, error) {
 }
 
 // lookup finds a destination by name (or, when name is empty, by overlay IP) among local agents
-// and the zone view. Nodes currently allocate overlay IPs from the whole zone CIDR, so an IP may
-// name agents on two nodes: such an IP is refused as ambiguous rather than guessed.
+// and the zone view. Each node's agents hold addresses from that node's own slice of the zone, so
+// an IP names at most one agent; a second match could only come from a forged or stale entry and
+// is refused as ambiguous rather than guessed.
 func (n *Node) lookup(zone, name string, ip netip.Addr, port uint16) (destination, bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()

@@ -149,9 +149,7 @@ func threeNodes(t testing.TB) map[string]*testNode {
 		nodeSpec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
 		nodeSpec{name: "b", zones: []string{"payments", "support"}, agents: []state.AgentSpec{
 			{Name: "ledger", Zone: "payments"}, {Name: "billing-batch", Zone: "payments"},
-			// Every node allocates from the whole zone CIDR (see docs/sdk.md), so b registers a
-			// spare support agent first to keep tickets' overlay IP distinct from helpdesk's.
-			{Name: "spare", Zone: "support"}, {Name: "tickets", Zone: "support"}}},
+			{Name: "tickets", Zone: "support"}}},
 		nodeSpec{name: "c", zones: []string{"support"}, agents: []state.AgentSpec{{Name: "helpdesk", Zone: "support"}}},
 	)
 }

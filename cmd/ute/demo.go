@@ -174,7 +174,7 @@ func (d *demo) startNodes(ctx context.Context) error {
 	}{
 		{"a", []string{"payments"}, [][2]string{{"payments", "billing-api"}}},
 		{"b", []string{"payments", "support"}, [][2]string{{"payments", "ledger"}, {"support", "tickets"}}},
-		{"c", []string{"support"}, [][2]string{{"support", "spare"}, {"support", "helpdesk"}}},
+		{"c", []string{"support"}, [][2]string{{"support", "helpdesk"}}},
 	}
 	d.tokens, d.nodes, d.servers = map[string]string{}, map[string]*node.Node{}, map[string]*demoServer{}
 	for _, p := range plan {
