@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/ed25519"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/big"
@@ -47,6 +48,9 @@ type Options struct {
 	StoreTimeout time.Duration
 	// NodeLifetime overrides DefaultNodeLifetime (zones may still cap it lower).
 	NodeLifetime time.Duration
+	// Limits bound the audit records and the work unauthenticated peers can cause; zero fields
+	// take the defaults.
+	Limits Limits
 }
 
 func (o Options) withDefaults() Options {
@@ -62,6 +66,7 @@ func (o Options) withDefaults() Options {
 	if o.NodeLifetime == 0 {
 		o.NodeLifetime = DefaultNodeLifetime
 	}
+	o.Limits = o.Limits.withDefaults()
 	return o
 }
 
@@ -77,6 +82,7 @@ type Authority struct {
 	policyBytes []byte
 	opts        Options
 	log         *slog.Logger
+	noise       *noiseLimiter
 }
 
 // Init creates a new authority in dir: the directory (0700), the root key (0600), the self-signed
@@ -173,12 +179,26 @@ func open(dir string, key ed25519.PrivateKey, cert *identity.Certificate, st *St
 	return &Authority{
 		dir: dir, key: key, cert: cert, certDER: cert.Raw(), store: st,
 		trustDomain: meta.TrustDomain, policy: policy, policyBytes: meta.Policy,
-		opts: opts, log: opts.Logger,
+		opts: opts, log: opts.Logger, noise: newNoiseLimiter(opts.Limits, opts.Now()),
 	}, nil
 }
 
-// Close releases the store.
-func (a *Authority) Close() error { return a.store.Close() }
+// Close writes the pending summaries of suppressed refusals and releases the store.
+func (a *Authority) Close() error {
+	a.FlushSuppressed()
+	return a.store.Close()
+}
+
+// FlushSuppressed writes every pending summary of suppressed refusals now, interval ended or not
+// (shutdown does it, so a restart never loses a count).
+func (a *Authority) FlushSuppressed() {
+	a.auditMany(a.noise.flush(a.opts.Now(), true))
+}
+
+// flushDueSuppressed writes the summaries whose interval has ended.
+func (a *Authority) flushDueSuppressed() {
+	a.auditMany(a.noise.flush(a.opts.Now(), false))
+}
 
 // TrustDomain is the authority's trust domain.
 func (a *Authority) TrustDomain() string { return a.trustDomain }
@@ -256,20 +276,65 @@ func (a *Authority) zoneNames() []string {
 // Audit returns the audit trail.
 func (a *Authority) Audit() ([]AuditRecord, error) { return a.store.Audit() }
 
-func (a *Authority) audit(rec AuditRecord) {
-	if rec.Time.IsZero() {
-		rec.Time = a.opts.Now()
+func (a *Authority) audit(rec AuditRecord) { a.auditMany([]AuditRecord{rec}) }
+
+func (a *Authority) auditMany(recs []AuditRecord) {
+	if len(recs) == 0 {
+		return
 	}
-	if err := a.store.AppendAudit(rec); err != nil {
-		a.log.Error("audit write failed", "err", err, "event", rec.Event, "outcome", rec.Outcome)
+	for i := range recs {
+		if recs[i].Time.IsZero() {
+			recs[i].Time = a.opts.Now()
+		}
+	}
+	if err := a.store.AppendAudit(recs...); err != nil {
+		a.log.Error("audit write failed", "err", err, "event", recs[0].Event, "outcome", recs[0].Outcome, "records", len(recs))
 	}
 }
 
-// refuse records a refused request and builds the wire response for it.
-func (a *Authority) refuse(_ context.Context, event, remote, tokenID string, err error) Response {
+// peer is where a request came from: the address as audited and its accounting source.
+type peer struct {
+	remote string
+	src    netip.Prefix
+}
+
+// refuse records a refused request that got past authentication (the token's secret matched, or
+// the renewing node's certificate verified) and builds the wire response for it. Such refusals
+// are always audited one by one: I3 wants every second use of a token on the record.
+func (a *Authority) refuse(_ context.Context, event string, p peer, tokenID string, err error) Response {
 	code := codeOf(err)
-	a.audit(AuditRecord{Event: event, Remote: remote, TokenID: tokenID, Outcome: OutcomeRefused, Reason: err.Error(), WireCode: code})
-	a.log.Warn(event+" refused", "remote", remote, "token_id", tokenID, "code", code, "err", err)
+	a.audit(AuditRecord{Event: event, Remote: p.remote, TokenID: tokenID, Outcome: OutcomeRefused, Reason: err.Error(), WireCode: code})
+	a.log.Warn(event+" refused", "remote", p.remote, "token_id", tokenID, "code", code, "err", err)
+	return refusal(code, err)
+}
+
+// refuseNoise handles a refusal of a request nobody has authenticated yet (malformed bytes, an
+// unknown token or wrong secret, a bad CSR before the token was checked, an unverifiable renewal
+// certificate). Anyone who completes a handshake can send these as fast as they like, so they go
+// through the noise limiter: a few per source per interval are audited individually, the rest are
+// counted into a summary.
+func (a *Authority) refuseNoise(event string, p peer, tokenID string, err error) Response {
+	code := codeOf(err)
+	individual, due := a.noise.admit(p.src, reasonKey(event, code), a.opts.Now(), false)
+	if individual {
+		due = append(due, AuditRecord{Event: event, Remote: p.remote, TokenID: tokenID, Outcome: OutcomeRefused, Reason: err.Error(), WireCode: code})
+		a.log.Warn(event+" refused", "remote", p.remote, "token_id", tokenID, "code", code, "err", err)
+	} else {
+		a.log.Debug(event+" refused (audit suppressed)", "remote", p.remote, "code", code, "err", err)
+	}
+	a.auditMany(due)
+	return refusal(code, err)
+}
+
+// noteBusy counts a request refused for lack of capacity: never its own record (that would hand
+// the flood an fsync per attempt), only a line in its source's summary.
+func (a *Authority) noteBusy(p peer, what string) {
+	_, due := a.noise.admit(p.src, "busy/"+what, a.opts.Now(), true)
+	a.log.Debug("request refused: busy", "remote", p.remote, "limit", what)
+	a.auditMany(due)
+}
+
+func refusal(code Code, err error) Response {
 	msg := err.Error()
 	if code == CodeInternal {
 		// Internals stay in the log and the audit trail, never on the wire.
@@ -279,20 +344,23 @@ func (a *Authority) refuse(_ context.Context, event, remote, tokenID string, err
 }
 
 // join serves one join request: the transport-independent core of OpJoin.
-func (a *Authority) join(ctx context.Context, req JoinRequest, remote string) Response {
+// Refusals before the store has matched the token's secret are unauthenticated noise; from the
+// match on, every refusal is audited one by one.
+func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response {
+	remote := p.remote
 	if len(req.TokenID) != identity.TokenIDLen || len(req.Secret) != tokenSecretBytes {
-		return a.refuse(ctx, "join", remote, "", fmt.Errorf("%w: token id or secret has the wrong length", ErrMalformedToken))
+		return a.refuseNoise("join", p, "", fmt.Errorf("%w: token id or secret has the wrong length", ErrMalformedToken))
 	}
 	csr, err := parseCSR(req.CSR)
 	if err != nil {
-		return a.refuse(ctx, "join", remote, req.TokenID, err)
+		return a.refuseNoise("join", p, req.TokenID, err)
 	}
 	region := req.Region
 	switch {
 	case region == "":
 		region = csr.Region
 	case csr.Region != "" && csr.Region != region:
-		return a.refuse(ctx, "join", remote, req.TokenID, fmt.Errorf("%w: CSR says region %q but the request says %q", ErrCSR, csr.Region, region))
+		return a.refuseNoise("join", p, req.TokenID, fmt.Errorf("%w: CSR says region %q but the request says %q", ErrCSR, csr.Region, region))
 	}
 	now := a.opts.Now()
 	hash := identity.SecretHash(req.Secret)
@@ -312,16 +380,19 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, remote string) Re
 		},
 		HoldUntil: func() time.Time { return a.notAfter(now, lifetime) },
 	})
+	if errors.Is(err, ErrTokenUnknown) {
+		return a.refuseNoise("join", p, req.TokenID, err)
+	}
 	if err != nil {
-		return a.refuse(ctx, "join", remote, req.TokenID, err)
+		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
 	tok, serial := consumed.Token, consumed.Serial
 	if claims.Zones, err = grantSlices(claims.ZoneNames(), consumed.Slices); err != nil {
-		return a.refuse(ctx, "join", remote, req.TokenID, err)
+		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
 	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote})
 	if err != nil {
-		return a.refuse(ctx, "join", remote, req.TokenID, err)
+		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
 	a.audit(AuditRecord{Event: "join", Remote: remote, TokenID: tok.ID, Subject: identity.NodeID(a.trustDomain, csr.Name).String(), Serial: serial, Outcome: OutcomeIssued})
 	a.log.Info("node joined", "remote", remote, "token_id", tok.ID, "node", csr.Name, "serial", serial, "zones", claims.ZoneNames(), "regions", claims.Regions)
@@ -418,41 +489,45 @@ func (a *Authority) notAfter(now time.Time, lifetime time.Duration) time.Time {
 
 // renew serves one renewal: the presented certificate (already proven by the TLS handshake to
 // belong to the peer) must be a valid, unrevoked node certificate of this authority.
-func (a *Authority) renew(ctx context.Context, req RenewRequest, peer []*x509.Certificate, remote string) Response {
+// Until the presented certificate verifies as a current node certificate of this authority the
+// caller is unauthenticated (any self-signed or expired certificate completes the handshake), so
+// those refusals are noise; after that every refusal is audited one by one.
+func (a *Authority) renew(ctx context.Context, req RenewRequest, certs []*x509.Certificate, p peer) Response {
 	now := a.opts.Now()
-	if len(peer) == 0 {
-		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: no client certificate presented", ErrRenewalRefused))
+	remote := p.remote
+	if len(certs) == 0 {
+		return a.refuseNoise("renew", p, "", fmt.Errorf("%w: no client certificate presented", ErrRenewalRefused))
 	}
-	cur, err := identity.ParseCertificate(peer[0].Raw)
+	cur, err := identity.ParseCertificate(certs[0].Raw)
 	if err != nil {
-		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: %w", ErrRenewalRefused, err))
+		return a.refuseNoise("renew", p, "", fmt.Errorf("%w: %w", ErrRenewalRefused, err))
 	}
 	if err := (identity.Verifier{Authority: a.cert}).VerifyNode(cur, now); err != nil {
-		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: %w", ErrRenewalRefused, err))
+		return a.refuseNoise("renew", p, "", fmt.Errorf("%w: %w", ErrRenewalRefused, err))
 	}
 	oldSerial, ok := serialUint64(cur.Serial())
 	if !ok {
-		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: serial %s was never issued by this authority", ErrRenewalRefused, cur.Serial()))
+		return a.refuse(ctx, "renew", p, "", fmt.Errorf("%w: serial %s was never issued by this authority", ErrRenewalRefused, cur.Serial()))
 	}
 	if revoked, err := a.store.IsRevoked(oldSerial); err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
+		return a.refuse(ctx, "renew", p, "", err)
 	} else if revoked {
-		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: serial %d of %s; the node must rejoin with a new token", ErrRevoked, oldSerial, cur.ID))
+		return a.refuse(ctx, "renew", p, "", fmt.Errorf("%w: serial %d of %s; the node must rejoin with a new token", ErrRevoked, oldSerial, cur.ID))
 	}
 	csr, err := parseCSR(req.CSR)
 	if err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
+		return a.refuse(ctx, "renew", p, "", err)
 	}
 	if csr.Name != cur.ID.Name {
-		return a.refuse(ctx, "renew", remote, "", fmt.Errorf("%w: CSR names %q but the presented certificate is %s", ErrCSR, csr.Name, cur.ID))
+		return a.refuse(ctx, "renew", p, "", fmt.Errorf("%w: CSR names %q but the presented certificate is %s", ErrCSR, csr.Name, cur.ID))
 	}
 	claims, lifetime, err := a.renewedClaims(cur)
 	if err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
+		return a.refuse(ctx, "renew", p, "", err)
 	}
 	want, err := a.sliceRequests(claims.ZoneNames())
 	if err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
+		return a.refuse(ctx, "renew", p, "", err)
 	}
 	held := make(map[string][]netip.Prefix, len(cur.Claims.Zones))
 	for _, g := range cur.Claims.Zones {
@@ -472,7 +547,7 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, peer []*x509.Ce
 		return a.signNode(csr, granted, lifetime, serial, now, IssuedRecord{Renewal: oldSerial, RemoteAdr: remote})
 	})
 	if err != nil {
-		return a.refuse(ctx, "renew", remote, "", err)
+		return a.refuse(ctx, "renew", p, "", err)
 	}
 	if res.Retry {
 		a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeResent,

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"time"
 
@@ -175,9 +176,53 @@ func checkIssued(resp Response, key ed25519.PrivateKey, now time.Time) (*Joined,
 	return &Joined{Node: node, Authority: ca, Policy: resp.Policy, NodeCertDER: resp.NodeCert, AuthorityDER: resp.AuthorityCert}, nil
 }
 
-// roundTrip dials addr over one quic.Transport, checks the server with verify during the handshake
-// (so nothing is sent to a server that fails it), sends one request and reads the response.
+// Retries of a request the authority refused as busy. Busy means nothing was read or stored, so
+// a retry is always safe; the backoff is short because the limits are about concurrency, and
+// jittered so that a burst of joiners does not come back in lockstep.
+const (
+	busyAttempts   = 8
+	busyMinBackoff = 25 * time.Millisecond
+	busyMaxBackoff = time.Second
+)
+
+// roundTrip performs one request, retrying it (a few times, with backoff) while the authority
+// answers ErrBusy.
 func roundTrip(ctx context.Context, addr string, verify func(tls.ConnectionState) error, clientCert *tls.Certificate, op byte, req any) (Response, error) {
+	backoff := busyMinBackoff
+	for attempt := 1; ; attempt++ {
+		resp, err := roundTripOnce(ctx, addr, verify, clientCert, op, req)
+		if !errors.Is(err, ErrBusy) || attempt == busyAttempts {
+			return resp, err
+		}
+		wait := backoff/2 + rand.N(backoff/2+1)
+		backoff = min(2*backoff, busyMaxBackoff)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return Response{}, fmt.Errorf("%w (gave up: %w)", err, ctx.Err())
+		case <-t.C:
+		}
+	}
+}
+
+// busyError turns the authority's busy connection close into ErrBusy; other errors pass through.
+func busyError(err error) error {
+	var appErr *quic.ApplicationError
+	if errors.As(err, &appErr) && appErr.Remote && appErr.ErrorCode == closeBusy {
+		msg := appErr.ErrorMessage
+		if msg == "" {
+			msg = ErrBusy.Error()
+		}
+		return &RefusalError{Code: CodeBusy, Message: msg}
+	}
+	return err
+}
+
+// roundTripOnce dials addr over one quic.Transport, checks the server with verify during the
+// handshake (so nothing is sent to a server that fails it), sends one request and reads the
+// response.
+func roundTripOnce(ctx context.Context, addr string, verify func(tls.ConnectionState) error, clientCert *tls.Certificate, op byte, req any) (Response, error) {
 	raddr, err := net.ResolveUDPAddr("udp", addr)
 	if err != nil {
 		return Response{}, fmt.Errorf("authority address %q: %w", addr, err)
@@ -210,7 +255,7 @@ func roundTrip(ctx context.Context, addr string, verify func(tls.ConnectionState
 		if errors.Is(err, ErrPinMismatch) {
 			return Response{}, pinError(err)
 		}
-		return Response{}, fmt.Errorf("connect to authority at %s: %w", addr, err)
+		return Response{}, fmt.Errorf("connect to authority at %s: %w", addr, busyError(err))
 	}
 	defer func() { _ = conn.CloseWithError(closeOK, "") }()
 	if conn.ConnectionState().Used0RTT {
@@ -218,18 +263,18 @@ func roundTrip(ctx context.Context, addr string, verify func(tls.ConnectionState
 	}
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
-		return Response{}, fmt.Errorf("open stream to authority at %s: %w", addr, err)
+		return Response{}, fmt.Errorf("open stream to authority at %s: %w", addr, busyError(err))
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = str.SetDeadline(dl)
 	}
 	if err := writeFrame(str, op, req); err != nil {
-		return Response{}, fmt.Errorf("send request to authority at %s: %w", addr, err)
+		return Response{}, fmt.Errorf("send request to authority at %s: %w", addr, busyError(err))
 	}
 	_ = str.Close()
 	body, err := readFrame(str, maxResponse)
 	if err != nil {
-		return Response{}, fmt.Errorf("read response from authority at %s: %w", addr, err)
+		return Response{}, fmt.Errorf("read response from authority at %s: %w", addr, busyError(err))
 	}
 	resp, err := DecodeResponse(body)
 	if err != nil {

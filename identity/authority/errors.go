@@ -35,6 +35,10 @@ var (
 	// certificate holds: one SPIFFE ID never names two nodes at once, so a token for one zone
 	// cannot mint a second identity for a node of another zone.
 	ErrNameTaken = errors.New("node name already held by a live certificate")
+	// ErrBusy means the authority refused to serve the request now: this source, or all sources
+	// together, already have as many connections or requests in flight as the authority serves
+	// at once. Nothing was read or stored; the request can be retried (Join and Renew do, briefly).
+	ErrBusy = errors.New("authority busy: too many concurrent requests; retry shortly")
 
 	ErrAlreadyInitialized = errors.New("authority directory already initialized")
 	ErrNotInitialized     = errors.New("authority directory not initialized")
@@ -63,7 +67,35 @@ const (
 	CodeZoneFull
 	CodeSuperseded
 	CodeNameTaken
+	CodeBusy
 )
+
+// codeNames name the codes in audit summaries and logs; they never change either.
+var codeNames = [...]string{
+	CodeOK:             "ok",
+	CodeTokenUnknown:   "token_unknown",
+	CodeTokenUsed:      "token_used",
+	CodeTokenExpired:   "token_expired",
+	CodeTokenZone:      "token_zone",
+	CodeTokenRegion:    "token_region",
+	CodeMalformedToken: "malformed_token",
+	CodeCSR:            "csr",
+	CodeRenewalRefused: "renewal_refused",
+	CodeRevoked:        "revoked",
+	CodeProtocol:       "protocol",
+	CodeInternal:       "internal",
+	CodeZoneFull:       "zone_full",
+	CodeSuperseded:     "superseded",
+	CodeNameTaken:      "name_taken",
+	CodeBusy:           "busy",
+}
+
+func (c Code) String() string {
+	if int(c) < len(codeNames) {
+		return codeNames[c]
+	}
+	return fmt.Sprintf("code_%d", uint8(c))
+}
 
 var codeErrors = [...]error{
 	CodeTokenUnknown:   ErrTokenUnknown,
@@ -80,6 +112,7 @@ var codeErrors = [...]error{
 	CodeZoneFull:       ErrZoneFull,
 	CodeSuperseded:     ErrSuperseded,
 	CodeNameTaken:      ErrNameTaken,
+	CodeBusy:           ErrBusy,
 }
 
 // codeOf returns the wire code for err; anything not a known refusal is internal, so that server

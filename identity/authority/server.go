@@ -27,15 +27,20 @@ const (
 	closeOK       quic.ApplicationErrorCode = 0
 	closeProtocol quic.ApplicationErrorCode = 1
 	close0RTT     quic.ApplicationErrorCode = 2
+	// closeBusy refuses a connection beyond the per-source or total connection limit; the client
+	// maps it to ErrBusy.
+	closeBusy quic.ApplicationErrorCode = 3
 )
 
 // Server is the authority's QUIC endpoint: one UDP socket, one quic.Transport, one listener.
 type Server struct {
-	a   *Authority
-	udp *net.UDPConn
-	tr  *quic.Transport
-	ln  *quic.Listener
-	log *slog.Logger
+	a        *Authority
+	udp      *net.UDPConn
+	tr       *quic.Transport
+	ln       *quic.Listener
+	log      *slog.Logger
+	conns    *connLimiter
+	inFlight chan struct{} // a semaphore of Limits.MaxInFlight requests being processed
 }
 
 // Listen binds the authority's QUIC endpoint on addr (e.g. "127.0.0.1:7443", port 0 for an
@@ -56,7 +61,10 @@ func (a *Authority) Listen(addr string) (*Server, error) {
 		_ = udp.Close()
 		return nil, fmt.Errorf("listen on %s: %w", addr, err)
 	}
-	return &Server{a: a, udp: udp, tr: tr, ln: ln, log: a.log}, nil
+	return &Server{
+		a: a, udp: udp, tr: tr, ln: ln, log: a.log,
+		conns: newConnLimiter(a.opts.Limits), inFlight: make(chan struct{}, a.opts.Limits.MaxInFlight),
+	}, nil
 }
 
 // Addr is the bound UDP address.
@@ -85,8 +93,8 @@ func (a *Authority) serverTLS() *tls.Config {
 	}
 }
 
-// Serve accepts connections until ctx is cancelled, then closes the endpoint and waits for every
-// in-flight request handler to return.
+// Serve accepts connections until ctx is cancelled, then closes the endpoint, waits for every
+// in-flight request handler to return and writes the pending summaries of suppressed refusals.
 func (s *Server) Serve(ctx context.Context) error {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
@@ -94,7 +102,22 @@ func (s *Server) Serve(ctx context.Context) error {
 		cancel()
 		_ = s.Close()
 		wg.Wait()
+		s.a.FlushSuppressed()
 	}()
+	// Summaries are also written lazily on the next refusal; the ticker writes them when the
+	// noise stops, so a summary lands within about a quarter interval of its interval's end.
+	wg.Go(func() {
+		t := time.NewTicker(max(s.a.opts.Limits.Interval/4, time.Second))
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				s.a.flushDueSuppressed()
+			}
+		}
+	})
 	s.log.Info("authority listening", "addr", s.Addr().String(), "alpn", ALPN, "trust_domain", s.a.trustDomain)
 	for {
 		conn, err := s.ln.Accept(ctx)
@@ -127,10 +150,19 @@ func (s *Server) Close() error {
 
 func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
 	remote := conn.RemoteAddr().String()
+	p := peer{remote: remote, src: sourceOf(conn.RemoteAddr())}
 	if conn.ConnectionState().Used0RTT {
 		_ = conn.CloseWithError(close0RTT, "0-RTT refused")
 		return
 	}
+	release, why, ok := s.conns.acquire(p.src)
+	if !ok {
+		// Refused before any stream is read: this costs the authority no store access at all.
+		s.a.noteBusy(p, "connections")
+		_ = conn.CloseWithError(closeBusy, ErrBusy.Error()+": "+why)
+		return
+	}
+	defer release()
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
 	str, err := conn.AcceptStream(ctx)
@@ -139,7 +171,7 @@ func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
 		return
 	}
 	_ = str.SetDeadline(time.Now().Add(requestTimeout))
-	resp := s.dispatch(ctx, str, conn.ConnectionState().TLS.PeerCertificates, remote)
+	resp := s.dispatch(ctx, str, conn.ConnectionState().TLS.PeerCertificates, p)
 	if err := writeFrame(str, 0, resp); err != nil {
 		s.log.Warn("write response", "remote", remote, "err", err)
 		_ = conn.CloseWithError(closeProtocol, "write failed")
@@ -158,27 +190,34 @@ func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
 	_ = conn.CloseWithError(closeOK, "")
 }
 
-func (s *Server) dispatch(ctx context.Context, str *quic.Stream, peer []*x509.Certificate, remote string) Response {
+func (s *Server) dispatch(ctx context.Context, str *quic.Stream, certs []*x509.Certificate, p peer) Response {
 	op, err := readOp(str)
 	if err != nil {
-		return s.a.refuse(ctx, "request", remote, "", err)
+		return s.a.refuseNoise("request", p, "", err)
 	}
 	body, err := readFrame(str, maxRequest)
 	if err != nil {
-		return s.a.refuse(ctx, "request", remote, "", err)
+		return s.a.refuseNoise("request", p, "", err)
+	}
+	select {
+	case s.inFlight <- struct{}{}:
+		defer func() { <-s.inFlight }()
+	default:
+		s.a.noteBusy(p, "requests")
+		return Response{Code: CodeBusy, Message: fmt.Sprintf("%s: %d requests already being processed", ErrBusy, cap(s.inFlight))}
 	}
 	switch op {
 	case OpJoin:
 		req, err := DecodeJoinRequest(body)
 		if err != nil {
-			return s.a.refuse(ctx, "join", remote, "", err)
+			return s.a.refuseNoise("join", p, "", err)
 		}
-		return s.a.join(ctx, req, remote)
+		return s.a.join(ctx, req, p)
 	default:
 		req, err := DecodeRenewRequest(body)
 		if err != nil {
-			return s.a.refuse(ctx, "renew", remote, "", err)
+			return s.a.refuseNoise("renew", p, "", err)
 		}
-		return s.a.renew(ctx, req, peer, remote)
+		return s.a.renew(ctx, req, certs, p)
 	}
 }

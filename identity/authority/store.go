@@ -89,7 +89,14 @@ const (
 	OutcomeResent Outcome = "resent"
 	// OutcomeRevoked: a serial was added to the revoked set (or already was: see the reason).
 	OutcomeRevoked Outcome = "revoked"
+	// OutcomeSuppressed: a summary of unauthenticated refusals that were counted instead of
+	// being audited one by one (Count, First, Last, Reasons say how many, when and why).
+	OutcomeSuppressed Outcome = "suppressed"
 )
+
+// EventSuppressed is the event of a suppressed-refusals summary; Remote is the source (an IPv4
+// address, an IPv6 /64, or "*" for refusals folded once the global budget was spent).
+const EventSuppressed = "refusals"
 
 // AuditRecord is one event of the authority's audit trail.
 type AuditRecord struct {
@@ -103,6 +110,12 @@ type AuditRecord struct {
 	Outcome  Outcome   `cbor:"8,keyasint" json:"outcome"`
 	Reason   string    `cbor:"9,keyasint,omitempty" json:"reason,omitempty"`
 	WireCode Code      `cbor:"10,keyasint,omitempty" json:"code,omitempty"`
+	// Count, First, Last and Reasons are set on summaries only (OutcomeSuppressed): how many
+	// refusals were folded, the first and last of them, and how many per event/code name.
+	Count   uint64            `cbor:"11,keyasint,omitempty" json:"count,omitempty"`
+	First   time.Time         `cbor:"12,keyasint,omitempty" json:"first,omitzero"`
+	Last    time.Time         `cbor:"13,keyasint,omitempty" json:"last,omitzero"`
+	Reasons map[string]uint64 `cbor:"14,keyasint,omitempty" json:"reasons,omitempty"`
 }
 
 // Meta is the authority's identity-independent configuration held in the store.
@@ -474,9 +487,20 @@ func (s *Store) IsRevoked(serial uint64) (bool, error) {
 	return revoked, err
 }
 
-// AppendAudit appends one event to the audit trail, assigning its sequence number.
-func (s *Store) AppendAudit(rec AuditRecord) error {
-	return s.db.Update(func(tx *bolt.Tx) error { return appendAudit(tx, rec) })
+// AppendAudit appends events to the audit trail in one transaction (one fsync), assigning their
+// sequence numbers in order.
+func (s *Store) AppendAudit(recs ...AuditRecord) error {
+	if len(recs) == 0 {
+		return nil
+	}
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, rec := range recs {
+			if err := appendAudit(tx, rec); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 func appendAudit(tx *bolt.Tx, rec AuditRecord) error {
