@@ -80,8 +80,9 @@ func (v peerVerifier) VerifyPeer(zone string, rawCerts [][]byte) (tunnel.Peer, e
 	if len(cert.Claims.Regions) > 0 {
 		region = cert.Claims.Regions[0]
 	}
+	self := n.certificate()
 	d := n.policy.Tunnel(zone,
-		zones.Node{Name: n.cert.ID.Name, Zones: n.cert.Claims.ZoneNames(), Region: n.region},
+		zones.Node{Name: self.ID.Name, Zones: self.Claims.ZoneNames(), Region: n.region},
 		zones.Node{Name: cert.ID.Name, Zones: cert.Claims.ZoneNames(), Region: region})
 	if !d.Allow {
 		return tunnel.Peer{}, &PolicyError{Decision: d}

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
 	"github.com/ute-project/ute/zones"
@@ -27,11 +28,28 @@ const listenBacklog = 128
 // node. It Listens and Dials like package net; every flow it opens carries a DTL record signed
 // with its key.
 type Agent struct {
-	n    *Node
-	id   identity.ID
-	ip   netip.Addr
-	cert *identity.Certificate
-	key  ed25519.PrivateKey
+	n  *Node
+	id identity.ID
+	ip netip.Addr
+	// cert, key and issuer (the node certificate that signed cert) change when the node renews;
+	// they are guarded by n.credMu and read together through creds.
+	cert   *identity.Certificate
+	key    ed25519.PrivateKey
+	issuer *identity.Certificate
+}
+
+// agentCreds is one consistent snapshot of an agent's chain and key: a record signed with it
+// carries a node certificate that really issued its agent certificate, even while a renewal
+// swaps them.
+type agentCreds struct {
+	node, cert *identity.Certificate
+	key        ed25519.PrivateKey
+}
+
+func (a *Agent) creds() agentCreds {
+	a.n.credMu.RLock()
+	defer a.n.credMu.RUnlock()
+	return agentCreds{node: a.issuer, cert: a.cert, key: a.key}
 }
 
 // Agent returns the local agent name of zone, registered in the node directory (`ute agent add`
@@ -44,7 +62,7 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	n.mu.Lock()
 	a := n.open[k]
 	n.mu.Unlock()
-	if a != nil && n.now().Before(a.cert.RenewAt()) {
+	if a != nil && n.now().Before(a.creds().cert.RenewAt()) {
 		return a, nil
 	}
 	if err := n.reloadAgents(); err != nil {
@@ -54,25 +72,54 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: agent %s.%s: %w; add it with `ute agent add --dir %s --zone %s --name %s`", name, zone, err, n.cfg.Dir, zone, name)
 	}
+	if err := n.usable(); err != nil {
+		return nil, err
+	}
+	self := n.certificate()
 	// Past half-life, or signed by a node key this node no longer holds (after a renewal): reissue.
-	if !n.now().Before(st.Cert.RenewAt()) || n.verif.VerifyAgent(n.cert, st.Cert, n.now()) != nil {
+	if !n.now().Before(st.Cert.RenewAt()) || n.verif.VerifyAgent(self, st.Cert, n.now()) != nil {
 		if st, err = n.dir.ReissueAgent(zone, name); err != nil {
 			return nil, fmt.Errorf("node: reissue agent %s.%s: %w", name, zone, err)
 		}
 	}
-	if err := n.verif.VerifyAgent(n.cert, st.Cert, n.now()); err != nil {
+	if err := n.verif.VerifyAgent(self, st.Cert, n.now()); err != nil {
+		if n.certificate() != self {
+			return n.Agent(zone, name) // a renewal landed meanwhile: check against the new certificate
+		}
 		return nil, fmt.Errorf("node: agent %s.%s certificate does not verify under this node: %w", name, zone, err)
 	}
 	key, err := n.dir.AgentKey(zone, name)
 	if err != nil {
 		return nil, err
 	}
-	a = &Agent{n: n, id: st.Cert.ID, ip: st.IP, cert: st.Cert, key: key}
+	if a, ok := n.register(k, st, key, self); ok {
+		return a, nil
+	}
+	// A renewal swapped the node certificate while this agent's was being checked; the renewal
+	// reissued it, so the next pass finds it issued under the new one.
+	return n.Agent(zone, name)
+}
+
+// register records st as agent k's current certificate, issued by self, unless the node
+// certificate is no longer self. One *Agent per identity is handed out, so that a renewal
+// updates every holder.
+func (n *Node) register(k agentKey, st *state.Agent, key ed25519.PrivateKey, self *identity.Certificate) (*Agent, bool) {
 	n.mu.Lock()
-	n.open[k] = a
+	defer n.mu.Unlock()
+	n.credMu.Lock()
+	defer n.credMu.Unlock()
+	if n.cert != self {
+		return nil, false
+	}
+	a := n.open[k]
+	if a != nil {
+		a.cert, a.key, a.issuer = st.Cert, key, self
+	} else {
+		a = &Agent{n: n, id: st.Cert.ID, ip: st.IP, cert: st.Cert, key: key, issuer: self}
+		n.open[k] = a
+	}
 	n.agents[k] = st
-	n.mu.Unlock()
-	return a, nil
+	return a, true
 }
 
 // ID is the agent's SPIFFE ID.
@@ -220,6 +267,9 @@ type destination struct {
 // (TCP), "udp" a datagram flow (see ListenPacket). The destination must be in the agent's own
 // zone. The flow is admitted by the destination's node before Dial returns.
 func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	if err := a.n.usable(); err != nil {
+		return nil, refused(addr, "resolve", "expired", err)
+	}
 	udp := isUDP(network)
 	if !isTCP(network) && !udp {
 		return nil, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: network %q; SDK agents dial tcp or udp", ErrUnsupported, network))
@@ -266,7 +316,8 @@ func dialErr(addr string, err error) error {
 
 // revocationIDs are the identities whose revocation ends this agent's flows.
 func (a *Agent) revocationIDs() []string {
-	return []string{a.id.String(), serialKey(a.cert), a.n.cert.ID.String(), serialKey(a.n.cert)}
+	c := a.creds()
+	return []string{a.id.String(), serialKey(c.cert), c.node.ID.String(), serialKey(c.node)}
 }
 
 // dialedConn is a stream flow a local agent opened. Close also stops tracking it for revocation.
@@ -289,12 +340,13 @@ func (c *dialedConn) NetConn() net.Conn { return c.FlowConn }
 // peer answers chain-unknown (it evicted the chain, or it restarted its session state).
 func (a *Agent) openFlowWithChain(ctx context.Context, t *tunnel.Tunnel, dst dtl.Destination, open func(rec []byte, flowID uint64) error) error {
 	ts := a.n.track(t)
-	chain := dtl.CertChain{Node: a.n.cert.Raw(), Agent: a.cert.Raw()}
+	cr := a.creds()
+	chain := dtl.CertChain{Node: cr.node.Raw(), Agent: cr.cert.Raw()}
 	h := chain.Hash()
 	compact := ts.known.Known(h)
 	for {
 		flowID := t.NewFlowID()
-		rec, err := a.sign(t.Exporter(), flowID, ts.seq.Add(1), dst, compact)
+		rec, err := a.signWith(cr, t.Exporter(), flowID, ts.seq.Add(1), dst, compact)
 		if err != nil {
 			return err
 		}
@@ -419,6 +471,9 @@ func (n *Node) Tunnel(ctx context.Context, peer, zone string) (*tunnel.Tunnel, e
 
 // tunnelTo returns the live tunnel to node for zone, dialing the node's configured address.
 func (n *Node) tunnelTo(ctx context.Context, node, zone string) (*tunnel.Tunnel, error) {
+	if err := n.usable(); err != nil {
+		return nil, err
+	}
 	n.mu.Lock()
 	addr := n.peers[node]
 	n.mu.Unlock()
@@ -469,9 +524,15 @@ func (a *Agent) Record(t *tunnel.Tunnel, dst dtl.Destination) ([]byte, error) {
 	return a.sign(t.Exporter(), t.NewFlowID(), ts.seq.Add(1), dst, false)
 }
 
-// sign signs a record; compact names the chain by its hash instead of carrying it.
+// sign signs a record with the agent's current chain; compact names the chain by its hash
+// instead of carrying it.
 func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination, compact bool) ([]byte, error) {
-	chain := &dtl.CertChain{Node: a.n.cert.Raw(), Agent: a.cert.Raw()}
+	return a.signWith(a.creds(), aad, flowID, seq, dst, compact)
+}
+
+// signWith signs a record with the chain and key of cr.
+func (a *Agent) signWith(cr agentCreds, aad []byte, flowID, seq uint64, dst dtl.Destination, compact bool) ([]byte, error) {
+	chain := &dtl.CertChain{Node: cr.node.Raw(), Agent: cr.cert.Raw()}
 	var hash []byte
 	if compact {
 		h := chain.Hash()
@@ -483,8 +544,8 @@ func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination, compac
 		Agent:       a.id.String(),
 		Chain:       chain,
 		ChainHash:   hash,
-		Node:        a.n.cert.ID.String(),
-		Fingerprint: a.cert.Claims.Fingerprint,
+		Node:        cr.node.ID.String(),
+		Fingerprint: cr.cert.Claims.Fingerprint,
 		Region:      a.n.region,
 		Trust:       a.n.trust,
 		Destination: dst,
@@ -492,7 +553,7 @@ func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination, compac
 		Seq:         seq,
 		IssuedAt:    a.n.now(),
 	}
-	rec, err := dtl.Sign(c, a.key, aad)
+	rec, err := dtl.Sign(c, cr.key, aad)
 	if err != nil {
 		return nil, fmt.Errorf("node: sign record for %s: %w", a.id, err)
 	}

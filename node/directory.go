@@ -248,7 +248,7 @@ func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
 	n.mu.Lock()
 	var todo []string
 	for node := range n.peers {
-		if node != n.cert.ID.String() {
+		if node != n.certificate().ID.String() {
 			todo = append(todo, node)
 		}
 	}
@@ -359,6 +359,16 @@ func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
 // serveDirectory answers a peer's directory flow: read its entries, install them, send ours.
 func (n *Node) serveDirectory(fc *tunnel.FlowConn, df *directoryFlow) {
 	defer func() { _ = fc.Close() }()
+	if fc.Tunnel().Stale() {
+		// This node renewed since the tunnel's handshake: the peer verified the old certificate,
+		// and our agents' certificates are now signed by the new key, so every entry we sent
+		// would fail its check and the peer would drop our agents from its view. Refusing the
+		// exchange leaves the peer's view as it is (its refresh fails), and its next tunnel to us
+		// verifies the new certificate and exchanges afresh.
+		n.log.Debug("directory exchange refused on a tunnel from before the renewal", "peer", df.peer, "zone", df.zone)
+		fc.Abort()
+		return
+	}
 	ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
 	defer cancel()
 	_ = fc.SetDeadline(time.Now().Add(directoryTimeout))

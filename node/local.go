@@ -62,7 +62,7 @@ func (a *Agent) dialLocal(ctx context.Context, addr string, dst destination) (ne
 	if err != nil {
 		return nil, err
 	}
-	self := n.cert.ID.String()
+	self := n.certificate().ID.String()
 	adm, prov, err := n.admitRecord(zone, self, aad, rec)
 	n.auditVerdict(ctx, self, zone, prov, err)
 	if err != nil {

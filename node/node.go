@@ -83,15 +83,28 @@ type Config struct {
 	Limits tunnel.Limits
 	// AuditFlush is the audit log's flush interval (audit.Options.FlushInterval).
 	AuditFlush time.Duration
+	// Authority is the authority's UDP address. When set, the node renews its certificate by
+	// itself at half-life (see renew.go); empty leaves renewal to `ute node renew`. Use the
+	// address in node.json (state.Info.Authority) for the authority the node joined.
+	Authority string
+	// After is the timer of the renewal loop; nil means time.After. Tests inject a fake one
+	// together with Clock.
+	After func(time.Duration) <-chan time.Time
+	// RenewMinRetry and RenewMaxRetry bound the backoff after a failed renewal (defaults 5 s and
+	// 5 min, authority.Renewer); RenewTimeout bounds one attempt (default 30 s).
+	RenewMinRetry, RenewMaxRetry, RenewTimeout time.Duration
 }
 
 // Node is a running UTE node. All its methods are safe for concurrent use.
 type Node struct {
-	cfg    Config
-	log    *slog.Logger
-	now    func() time.Time
-	dir    *state.Dir
-	info   state.Info
+	cfg  Config
+	log  *slog.Logger
+	now  func() time.Time
+	dir  *state.Dir
+	info state.Info
+	// credMu guards the credentials a renewal replaces: cert and key here, and cert, issuer of
+	// every Agent handed out. Readers take one consistent snapshot (certificate, Agent.creds).
+	credMu sync.RWMutex
 	cert   *identity.Certificate
 	key    tls.Certificate
 	anchor *identity.Certificate
@@ -99,7 +112,7 @@ type Node struct {
 	policy *zones.Policy
 	region string
 	trust  uint8
-	audit  *audit.Log
+	audit  *auditLog
 	ep     *tunnel.Endpoint
 	pc     net.PacketConn
 	ownPC  bool
@@ -187,8 +200,8 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	// to match is caught by `ute audit verify` (it checks the head against node.crt's key). The
 	// key changes at renewal; the log then records the change instead of refusing to open.
 	nodeKey, _ := n.key.PrivateKey.(ed25519.PrivateKey)
-	al, err := audit.Open(filepath.Join(cfg.Dir, DirAudit), audit.Options{Logger: n.log, Now: n.now, FlushInterval: cfg.AuditFlush,
-		Key: nodeKey, RecordKeyChange: true})
+	al, err := openAuditLog(filepath.Join(cfg.Dir, DirAudit), audit.Options{Logger: n.log, Now: n.now, FlushInterval: cfg.AuditFlush,
+		Key: nodeKey})
 	if err != nil {
 		return nil, fmt.Errorf("node: audit log: %w", err)
 	}
@@ -240,6 +253,9 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	n.ep = ep
 	n.log.Info("node up", "node", n.cert.ID.String(), "addr", ep.Addr().String(), "zones", n.cert.Claims.ZoneNames())
+	if cfg.Authority != "" {
+		n.startRenewal()
+	}
 	return n, nil
 }
 
@@ -334,10 +350,17 @@ func (n *Node) Close() error {
 }
 
 // ID is the node's SPIFFE ID.
-func (n *Node) ID() identity.ID { return n.cert.ID }
+func (n *Node) ID() identity.ID { return n.certificate().ID }
 
-// Certificate is the node's certificate.
-func (n *Node) Certificate() *identity.Certificate { return n.cert }
+// Certificate is the node's current certificate (it changes when the node renews).
+func (n *Node) Certificate() *identity.Certificate { return n.certificate() }
+
+// certificate is the node certificate in use now.
+func (n *Node) certificate() *identity.Certificate {
+	n.credMu.RLock()
+	defer n.credMu.RUnlock()
+	return n.cert
+}
 
 // Addr is the node's underlay (UDP) address.
 func (n *Node) Addr() netip.AddrPort {
@@ -349,7 +372,7 @@ func (n *Node) Addr() netip.AddrPort {
 }
 
 // Zones lists the zones the node's certificate grants.
-func (n *Node) Zones() []string { return n.cert.Claims.ZoneNames() }
+func (n *Node) Zones() []string { return n.certificate().Claims.ZoneNames() }
 
 // Region is the region the node attests in its records.
 func (n *Node) Region() string { return n.region }
@@ -383,7 +406,7 @@ func (n *Node) peerID(s string) (string, error) {
 	if err := identity.ValidateName("peer node name", s); err != nil {
 		return "", fmt.Errorf("%w: %w", ErrConfig, err)
 	}
-	return identity.NodeID(n.cert.ID.TrustDomain, s).String(), nil
+	return identity.NodeID(n.certificate().ID.TrustDomain, s).String(), nil
 }
 
 // Revoke adds a subject to the node's revocation set and cuts the subject off at once: tunnels

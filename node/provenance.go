@@ -31,6 +31,7 @@ type Provenance struct {
 	Seq         uint64
 	IssuedAt    time.Time
 	AgentSerial string // "serial:<decimal>" of the agent certificate
+	NodeSerial  string // "serial:<decimal>" of the node certificate in the record's chain
 	Local       bool   // the flow came from an agent of this same node (no tunnel)
 
 	verified    bool
@@ -52,7 +53,7 @@ func newProvenance(ok *dtl.Admitted, s *session) (*Provenance, error) {
 		Agent: ok.Agent.Agent, AgentName: id.Name, Zone: c.Zone, Node: ok.Agent.Node,
 		Fingerprint: append([]byte(nil), ok.Agent.Fingerprint...), Region: c.Region, Trust: c.Trust,
 		Drift: c.Drift, Destination: c.Destination, FlowID: c.FlowID, Seq: c.Seq, IssuedAt: c.IssuedAt,
-		AgentSerial: ok.Agent.AgentSerial, verified: true, ids: ok.Agent.RevocationIDs(),
+		AgentSerial: ok.Agent.AgentSerial, NodeSerial: ok.Agent.NodeSerial, verified: true, ids: ok.Agent.RevocationIDs(),
 	}
 	if c.Chain == nil {
 		ip, found := s.source(c.ChainHash)

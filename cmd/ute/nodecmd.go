@@ -14,6 +14,7 @@ import (
 
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/state"
 )
 
@@ -197,41 +198,15 @@ func newNodeRenewCmd() *cobra.Command {
 
 // renewNode renews the node certificate, installs it and re-signs every agent with the new key.
 // It is safe to repeat after any failure: a crash after the authority committed the renewal is
-// finished by the retry with the staged key.
+// finished by the retry with the staged key. A running node with --authority does the same by
+// itself at half-life (package node).
 func renewNode(cmd *cobra.Command, d *state.Dir, addr string) (*authority.Joined, error) {
-	cur, err := d.NodeCert()
+	r, err := node.RenewDir(cmd.Context(), d, addr, nil)
 	if err != nil {
 		return nil, err
 	}
-	key, err := d.NodeKey()
-	if err != nil {
-		return nil, err
+	if _, err := node.ReissueAgents(d); err != nil {
+		return nil, fmt.Errorf("node renewed, but %w", err)
 	}
-	ca, err := d.AuthorityCert()
-	if err != nil {
-		return nil, err
-	}
-	// The new key is staged on disk before the request leaves: if the answer is lost, the next
-	// `node renew` asks for the same key and the authority sends the same certificate again.
-	newKey, err := d.RenewalKey()
-	if err != nil {
-		return nil, err
-	}
-	r, err := authority.Renew(cmd.Context(), authority.RenewParams{Addr: addr, Authority: ca, Current: cur, Key: key, NewKey: newKey})
-	if err != nil {
-		return nil, err
-	}
-	if err := d.InstallRenewal(newKey, r.NodeCertDER); err != nil {
-		return nil, err
-	}
-	agents, err := d.Agents()
-	if err != nil {
-		return nil, err
-	}
-	for _, ag := range agents {
-		if _, err := d.ReissueAgent(ag.Zone, ag.Name); err != nil {
-			return nil, fmt.Errorf("node renewed, but reissuing agent %s/%s failed: %w", ag.Zone, ag.Name, err)
-		}
-	}
-	return r, nil
+	return r.Joined, nil
 }

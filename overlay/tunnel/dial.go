@@ -39,7 +39,7 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 			e.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if t := e.live[key]; t != nil && t.Alive() {
+		if t := e.live[key]; t != nil && t.Alive() && !t.Stale() {
 			e.mu.Unlock()
 			return t, nil
 		}
@@ -125,8 +125,13 @@ func (e *Endpoint) dialOnce(ctx context.Context, addr netip.AddrPort, nodeID, zo
 		mu       sync.Mutex
 		verified *Peer
 		verr     error
+		local    *tls.Certificate
 	)
-	tc := e.baseTLS()
+	tc := e.baseTLS(func(c *tls.Certificate) {
+		mu.Lock()
+		local = c
+		mu.Unlock()
+	})
 	tc.NextProtos = []string{ALPN(zone)}
 	tc.VerifyConnection = func(cs tls.ConnectionState) error {
 		var err error
@@ -158,7 +163,7 @@ func (e *Endpoint) dialOnce(ctx context.Context, addr netip.AddrPort, nodeID, zo
 	qc.MaxIncomingUniStreams = 1 // the server's ready stream
 	conn, err := e.tr.Dial(hctx, net.UDPAddrFromAddrPort(addr), tc, qc)
 	mu.Lock()
-	peer, vErr := verified, verr
+	peer, vErr, presented := verified, verr, local
 	mu.Unlock()
 	if err != nil {
 		if vErr != nil {
@@ -166,7 +171,7 @@ func (e *Endpoint) dialOnce(ctx context.Context, addr netip.AddrPort, nodeID, zo
 		}
 		return nil, classifyDialErr(nodeID, zone, err)
 	}
-	if peer == nil {
+	if peer == nil || presented == nil {
 		_ = conn.CloseWithError(codeNoPeer, "peer not verified")
 		return nil, fmt.Errorf("%w: handshake finished without verification", ErrPeerRefused)
 	}
@@ -174,7 +179,7 @@ func (e *Endpoint) dialOnce(ctx context.Context, addr netip.AddrPort, nodeID, zo
 		_ = conn.CloseWithError(codeShutdown, "no ready signal")
 		return nil, classifyDialErr(nodeID, zone, err)
 	}
-	return e.newTunnel(conn, *peer, zone, true)
+	return e.newTunnel(conn, *peer, presented, zone, true)
 }
 
 // awaitReady waits for the server's ready stream (see readyByte).

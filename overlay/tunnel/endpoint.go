@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -46,6 +47,10 @@ type Endpoint struct {
 	ln    *quic.Listener
 	qconf *quic.Config
 
+	// cert is the chain every new handshake presents; SetCertificate replaces it. Each tunnel
+	// remembers the pointer its handshake used, so a replaced one marks the tunnel stale.
+	cert atomic.Pointer[tls.Certificate]
+
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -64,10 +69,12 @@ type Endpoint struct {
 
 type tunnelKey struct{ node, zone string }
 
-// peerHolder carries the peer verified inside the server-side handshake to the accept loop.
+// peerHolder carries the peer verified inside the server-side handshake, and the certificate
+// this side presented in it, to the accept loop.
 type peerHolder struct {
-	mu   sync.Mutex
-	peer *Peer
+	mu    sync.Mutex
+	peer  *Peer
+	local *tls.Certificate
 }
 
 type holderKey struct{}
@@ -76,6 +83,10 @@ type holderKey struct{}
 func New(cfg Config) (*Endpoint, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
+	}
+	cert, err := withLeaf(cfg.Certificate)
+	if err != nil {
+		return nil, fmt.Errorf("tunnel: invalid config: %w", err)
 	}
 	e := &Endpoint{
 		cfg:     cfg,
@@ -96,6 +107,7 @@ func New(cfg Config) (*Endpoint, error) {
 	if e.cfg.SessionBinding == nil {
 		e.cfg.SessionBinding = dtl.Exporter
 	}
+	e.cert.Store(&cert)
 	for _, z := range cfg.Zones {
 		e.zones[z] = true
 	}
@@ -113,7 +125,7 @@ func New(cfg Config) (*Endpoint, error) {
 	}
 	e.tr = &quic.Transport{
 		Conn:              cfg.PacketConn,
-		StatelessResetKey: resetKey(cfg.Certificate),
+		StatelessResetKey: resetKey(cert),
 		ConnContext: func(ctx context.Context, _ *quic.ClientInfo) (context.Context, error) {
 			return context.WithValue(ctx, holderKey{}, &peerHolder{}), nil
 		},
@@ -133,6 +145,12 @@ func New(cfg Config) (*Endpoint, error) {
 // resetKey derives the stateless reset key from the node key, so that a restarted node can reset
 // connections its previous incarnation held and peers reconnect at once instead of waiting for the
 // idle timeout. The derivation is one-way and domain-separated, so the key itself is not exposed.
+//
+// It is derived once, in New, from the key the endpoint starts with, and SetCertificate does not
+// change it: the reset tokens of every live connection were computed from it (quic-go fixes the
+// key for the transport's lifetime), so a renewal must not invalidate them. After a renewal and a
+// restart the key differs, and the peers of the previous incarnation fall back to the idle
+// timeout, as they would for a node restarted with a new key for any other reason.
 func resetKey(cert tls.Certificate) *quic.StatelessResetKey {
 	priv, ok := cert.PrivateKey.(ed25519.PrivateKey)
 	if !ok {
@@ -145,6 +163,53 @@ func resetKey(cert tls.Certificate) *quic.StatelessResetKey {
 	copy(k[:], h.Sum(nil))
 	return &k
 }
+
+// withLeaf checks that c is usable as the node's TLS certificate and fills in its parsed leaf.
+func withLeaf(c tls.Certificate) (tls.Certificate, error) {
+	if len(c.Certificate) == 0 || c.PrivateKey == nil {
+		return tls.Certificate{}, errors.New("the node certificate needs a chain and a private key")
+	}
+	if c.Leaf == nil {
+		leaf, err := x509.ParseCertificate(c.Certificate[0])
+		if err != nil {
+			return tls.Certificate{}, fmt.Errorf("the node certificate does not parse: %w", err)
+		}
+		c.Leaf = leaf
+	}
+	if priv, ok := c.PrivateKey.(ed25519.PrivateKey); ok {
+		if pub, ok := c.Leaf.PublicKey.(ed25519.PublicKey); !ok || !pub.Equal(priv.Public()) {
+			return tls.Certificate{}, errors.New("the node certificate is not for its private key")
+		}
+	}
+	return c, nil
+}
+
+// SetCertificate replaces the certificate chain and key this endpoint presents, without
+// restarting it: every handshake that starts afterwards, inbound or outbound, presents the new
+// chain (tls.Config GetCertificate / GetClientCertificate). Tunnels already established keep
+// running, since their peer verified the old certificate, which is still valid; they are marked
+// stale (Tunnel.Stale), Dial no longer reuses them for new flows, and the idle sweep closes each
+// one once the certificate its handshake presented has expired by the endpoint's clock.
+func (e *Endpoint) SetCertificate(c tls.Certificate) error {
+	c, err := withLeaf(c)
+	if err != nil {
+		return fmt.Errorf("tunnel: set certificate: %w", err)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.cert.Store(&c)
+	// A stale tunnel stays in e.tunnels (Close and the sweep find it) but leaves e.live, so the
+	// next Dial of its (peer, zone) handshakes afresh with the new chain.
+	for k, t := range e.live {
+		if t.Stale() {
+			delete(e.live, k)
+		}
+	}
+	return nil
+}
+
+// Certificate returns the certificate chain new handshakes present.
+func (e *Endpoint) Certificate() tls.Certificate { return *e.cert.Load() }
 
 // Addr is the endpoint's underlay address.
 func (e *Endpoint) Addr() net.Addr { return e.cfg.PacketConn.LocalAddr() }
@@ -227,10 +292,25 @@ func (e *Endpoint) Close() error {
 	return nil
 }
 
-func (e *Endpoint) baseTLS() *tls.Config {
+// baseTLS is the TLS configuration of one handshake. The certificate is looked up when the
+// handshake asks for it, so SetCertificate takes effect on the next handshake; presented, when not
+// nil, learns which certificate that was (the tunnel is stale once it is replaced).
+func (e *Endpoint) baseTLS(presented func(*tls.Certificate)) *tls.Config {
+	current := func() *tls.Certificate {
+		c := e.cert.Load()
+		if presented != nil {
+			presented(c)
+		}
+		return c
+	}
 	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
-		Certificates: []tls.Certificate{e.cfg.Certificate},
+		MinVersion: tls.VersionTLS13,
+		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return current(), nil
+		},
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return current(), nil
+		},
 		// Session resumption would skip certificate verification on later handshakes and enable
 		// 0-RTT; every tunnel must prove its node certificate afresh.
 		SessionTicketsDisabled: true,
@@ -242,7 +322,7 @@ func (e *Endpoint) baseTLS() *tls.Config {
 }
 
 func (e *Endpoint) serverTLS() *tls.Config {
-	base := e.baseTLS()
+	base := e.baseTLS(nil)
 	base.ClientAuth = tls.RequireAnyClientCert
 	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		holder, _ := hello.Context().Value(holderKey{}).(*peerHolder)
@@ -250,7 +330,13 @@ func (e *Endpoint) serverTLS() *tls.Config {
 		if hello.Conn != nil {
 			remote = hello.Conn.RemoteAddr()
 		}
-		c := e.baseTLS()
+		c := e.baseTLS(func(cert *tls.Certificate) {
+			if holder != nil {
+				holder.mu.Lock()
+				holder.local = cert
+				holder.mu.Unlock()
+			}
+		})
 		c.ClientAuth = tls.RequireAnyClientCert
 		// Offering only the zones held makes a client for another zone fail ALPN negotiation.
 		for _, z := range e.Zones() {
@@ -325,26 +411,29 @@ func (e *Endpoint) acceptLoop() {
 			return
 		}
 		holder, _ := conn.Context().Value(holderKey{}).(*peerHolder)
-		var peer *Peer
+		var (
+			peer  *Peer
+			local *tls.Certificate
+		)
 		if holder != nil {
 			holder.mu.Lock()
-			peer = holder.peer
+			peer, local = holder.peer, holder.local
 			holder.mu.Unlock()
 		}
-		if peer == nil {
+		if peer == nil || local == nil {
 			// Unreachable while VerifyConnection guards the handshake; fail closed anyway.
 			_ = conn.CloseWithError(codeNoPeer, "peer not verified")
 			continue
 		}
 		zone, _ := zoneFromALPN(conn.ConnectionState().TLS.NegotiatedProtocol)
-		if _, err := e.newTunnel(conn, *peer, zone, false); err != nil {
+		if _, err := e.newTunnel(conn, *peer, local, zone, false); err != nil {
 			e.log.Warn("tunnel inbound connection dropped", "remote", addrString(conn.RemoteAddr()), "err", err)
 		}
 	}
 }
 
 // newTunnel wraps an established connection, registers it and starts its loops.
-func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, zone string, outbound bool) (*Tunnel, error) {
+func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, local *tls.Certificate, zone string, outbound bool) (*Tunnel, error) {
 	cs := conn.ConnectionState()
 	if cs.Used0RTT {
 		_ = conn.CloseWithError(code0RTT, "0-RTT is never allowed")
@@ -362,6 +451,7 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, zone string, outbound b
 		zone:     zone,
 		exporter: binding,
 		outbound: outbound,
+		local:    local,
 		packets:  make(map[uint64]*PacketFlow),
 	}
 	key := tunnelKey{peer.NodeID, zone}
@@ -372,7 +462,7 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, zone string, outbound b
 		return nil, ErrClosed
 	}
 	e.tunnels[t] = struct{}{}
-	if old, ok := e.live[key]; !ok || !old.Alive() {
+	if old, ok := e.live[key]; !ok || !old.Alive() || old.Stale() {
 		e.live[key] = t
 	}
 	e.wg.Go(t.streamLoop)
@@ -455,9 +545,25 @@ func (e *Endpoint) sweepLoop() {
 
 // SweepIdle closes inbound flows idle longer than Limits.FlowIdleTimeout by the injected clock and
 // returns how many it closed. The endpoint calls it every SweepInterval.
+//
+// It also closes stale tunnels (see SetCertificate) whose own certificate has expired: a tunnel
+// must not outlive the certificate this node proved in its handshake (invariant I1). Their peers
+// redial and verify the current certificate. Those closures are not counted in the return value.
 func (e *Endpoint) SweepIdle() int {
-	n := e.table.sweep(e.clock())
+	now := e.clock()
+	n := e.table.sweep(now)
 	e.stats.expired.Add(uint64(n))
+	e.mu.Lock()
+	var expired []*Tunnel
+	for t := range e.tunnels {
+		if t.Stale() && t.local.Leaf != nil && !now.Before(t.local.Leaf.NotAfter) {
+			expired = append(expired, t)
+		}
+	}
+	e.mu.Unlock()
+	for _, t := range expired {
+		t.closeWith(codeShutdown, "certificate renewed; the old one expired")
+	}
 	return n
 }
 

@@ -2,6 +2,8 @@ package tunnel
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
@@ -30,6 +32,7 @@ type Tunnel struct {
 	zone     string
 	exporter []byte
 	outbound bool
+	local    *tls.Certificate // the certificate this side presented in the handshake
 
 	nextFlow atomic.Uint64
 
@@ -48,6 +51,14 @@ func (t *Tunnel) Exporter() []byte { return append([]byte(nil), t.exporter...) }
 
 // Outbound reports whether this node dialed the tunnel.
 func (t *Tunnel) Outbound() bool { return t.outbound }
+
+// Stale reports whether this node has replaced the certificate it presented in the tunnel's
+// handshake (Endpoint.SetCertificate). A stale tunnel keeps carrying its flows, and the peer may
+// still open flows on it; this side's Dial no longer picks it.
+func (t *Tunnel) Stale() bool { return t.local != t.ep.cert.Load() }
+
+// LocalCertificate is the leaf certificate this node presented in the tunnel's handshake.
+func (t *Tunnel) LocalCertificate() *x509.Certificate { return t.local.Leaf }
 
 // Alive reports whether the connection is still open.
 func (t *Tunnel) Alive() bool { return t.conn.Context().Err() == nil }

@@ -152,8 +152,8 @@ func TestNo0RTTNoResumption(t *testing.T) {
 	cs = again.conn.ConnectionState()
 	assert.False(t, cs.Used0RTT)
 	assert.False(t, cs.TLS.DidResume)
-	assert.True(t, a.ep.baseTLS().SessionTicketsDisabled)
-	assert.Nil(t, a.ep.baseTLS().ClientSessionCache)
+	assert.True(t, a.ep.baseTLS(nil).SessionTicketsDisabled)
+	assert.Nil(t, a.ep.baseTLS(nil).ClientSessionCache)
 	assert.False(t, a.ep.qconf.Allow0RTT)
 }
 

@@ -1,0 +1,92 @@
+package node
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/ute-project/ute/overlay/audit"
+)
+
+// errAuditUnavailable is returned by appends after the log could not be reopened with a renewed key.
+var errAuditUnavailable = errors.New("node: audit log unavailable")
+
+// auditLog is the node's audit log, re-keyable at run time. The log signs its head with the node
+// key, and `ute audit verify` checks that head against node.crt; after a renewal installs a new
+// key, the log is closed (its head signed by the old key) and reopened with the new one, which
+// records the key change in the chain (audit.Options.RecordKeyChange) instead of leaving a head
+// that no longer verifies against node.crt while the node runs.
+type auditLog struct {
+	dir  string
+	opts audit.Options
+
+	mu  sync.RWMutex
+	log *audit.Log
+	err error // why log is nil after a failed rekey
+}
+
+func openAuditLog(dir string, opts audit.Options) (*auditLog, error) {
+	opts.RecordKeyChange = true
+	l, err := audit.Open(dir, opts)
+	if err != nil {
+		return nil, err
+	}
+	return &auditLog{dir: dir, opts: opts, log: l}, nil
+}
+
+// Append appends one entry (audit.Log.Append).
+func (a *auditLog) Append(ctx context.Context, e audit.Entry) error {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	if a.log == nil {
+		return fmt.Errorf("%w: %w", errAuditUnavailable, a.err)
+	}
+	return a.log.Append(ctx, e)
+}
+
+// Sync flushes buffered entries and the head.
+func (a *auditLog) Sync() error {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	if a.log == nil {
+		return fmt.Errorf("%w: %w", errAuditUnavailable, a.err)
+	}
+	return a.log.Sync()
+}
+
+// Close closes the log.
+func (a *auditLog) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.log == nil {
+		return nil
+	}
+	err := a.log.Close()
+	a.log = nil
+	a.err = ErrClosed
+	return err
+}
+
+// rekey reopens the log so that its head is signed with key from now on. Appends wait for it.
+func (a *auditLog) rekey(key ed25519.PrivateKey) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.log == nil {
+		return fmt.Errorf("%w: %w", errAuditUnavailable, a.err)
+	}
+	if err := a.log.Close(); err != nil {
+		a.log, a.err = nil, err
+		return fmt.Errorf("node: audit log: close before rekey: %w", err)
+	}
+	opts := a.opts
+	opts.Key = key
+	l, err := audit.Open(a.dir, opts)
+	if err != nil {
+		a.log, a.err = nil, err
+		return fmt.Errorf("node: audit log: reopen with the renewed key: %w", err)
+	}
+	a.log, a.opts = l, opts
+	return nil
+}
