@@ -53,7 +53,8 @@ func (a *Agent) creds() agentCreds {
 }
 
 // Agent returns the local agent name of zone, registered in the node directory (`ute agent add`
-// or state.Dir.AddAgent). Its certificate is reissued when past half-life.
+// or state.Dir.AddAgent). The node's credential scheduler keeps its certificate renewed for as
+// long as the node runs; Agent reissues it itself only if it finds it due first (same rule).
 func (n *Node) Agent(zone, name string) (*Agent, error) {
 	if n.isClosed() {
 		return nil, ErrClosed
@@ -62,8 +63,11 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	n.mu.Lock()
 	a := n.open[k]
 	n.mu.Unlock()
-	if a != nil && n.now().Before(a.creds().cert.RenewAt()) {
-		return a, nil
+	if a != nil {
+		cr, now := a.creds(), n.now()
+		if at, ok := n.agentRenewAt(n.certificate(), cr.cert, now); !ok || now.Before(at) {
+			return a, nil
+		}
 	}
 	if err := n.reloadAgents(); err != nil {
 		return nil, err
@@ -76,11 +80,13 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 		return nil, err
 	}
 	self := n.certificate()
-	// Past half-life, or signed by a node key this node no longer holds (after a renewal): reissue.
-	if !n.now().Before(st.Cert.RenewAt()) || n.verif.VerifyAgent(self, st.Cert, n.now()) != nil {
+	// Due (past half-life, or signed by a node key this node no longer holds): reissue.
+	if at, ok := n.agentRenewAt(self, st.Cert, n.now()); ok && !n.now().Before(at) {
+		old := st.Cert
 		if st, err = n.dir.ReissueAgent(zone, name); err != nil {
 			return nil, fmt.Errorf("node: reissue agent %s.%s: %w", name, zone, err)
 		}
+		n.auditAgentRenewed(old, st, causeOnDemand)
 	}
 	if err := n.verif.VerifyAgent(self, st.Cert, n.now()); err != nil {
 		if n.certificate() != self {
@@ -92,7 +98,7 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	if err != nil {
 		return nil, err
 	}
-	if a, ok := n.register(k, st, key, self); ok {
+	if a, ok := n.registerAgent(k, st, key, self); ok {
 		return a, nil
 	}
 	// A renewal swapped the node certificate while this agent's was being checked; the renewal
@@ -122,6 +128,15 @@ func (n *Node) register(k agentKey, st *state.Agent, key ed25519.PrivateKey, sel
 	return a, true
 }
 
+// registerAgent is register, then tells the scheduler about the certificate.
+func (n *Node) registerAgent(k agentKey, st *state.Agent, key ed25519.PrivateKey, self *identity.Certificate) (*Agent, bool) {
+	a, ok := n.register(k, st, key, self)
+	if ok {
+		n.noteAgents(st.Cert)
+	}
+	return a, ok
+}
+
 // ID is the agent's SPIFFE ID.
 func (a *Agent) ID() identity.ID { return a.id }
 
@@ -140,21 +155,11 @@ func (a *Agent) Node() *Node { return a.n }
 // Listen accepts admitted flows to this agent on a TCP port: network "tcp" (or tcp4/tcp6), addr
 // ":PORT" or "IP:PORT" with the agent's overlay IP.
 func (a *Agent) Listen(network, addr string) (net.Listener, error) {
-	if !isTCP(network) {
-		return nil, fmt.Errorf("%w: network %q; SDK agents listen on tcp", ErrUnsupported, network)
-	}
-	host, ps, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("%w: listen address %q: %w", ErrUnsupported, addr, err)
-	}
-	if host != "" && host != a.ip.String() && host != "0.0.0.0" && host != "::" {
-		return nil, fmt.Errorf("%w: %s is not agent %s's overlay IP %s", ErrUnsupported, host, a.id.Name, a.ip)
-	}
-	port, err := parsePort(ps)
+	k, err := a.listenKey(dtl.ProtoTCP, network, addr)
 	if err != nil {
 		return nil, err
 	}
-	k := listenKey{a.id.Zone, a.id.Name, port}
+	port := k.port
 	l := &listener{n: a.n, key: k, addr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(a.ip, port)),
 		ch: make(chan net.Conn, listenBacklog), done: make(chan struct{})}
 	a.n.mu.Lock()
@@ -167,6 +172,32 @@ func (a *Agent) Listen(network, addr string) (net.Listener, error) {
 	}
 	a.n.listeners[k] = l
 	return l, nil
+}
+
+// listenKey parses and checks the arguments of Listen (proto tcp) and ListenPacket (proto udp):
+// a network of that protocol, and addr ":PORT" or "IP:PORT" where IP is the agent's overlay IP or
+// unspecified (0.0.0.0, ::), PORT 1..65535.
+func (a *Agent) listenKey(proto dtl.Proto, network, addr string) (listenKey, error) {
+	switch {
+	case proto == dtl.ProtoTCP && !isTCP(network):
+		return listenKey{}, fmt.Errorf("%w: network %q; SDK agents listen on tcp", ErrUnsupported, network)
+	case proto == dtl.ProtoUDP && !isUDP(network):
+		return listenKey{}, fmt.Errorf("%w: network %q; SDK agents listen for datagrams on udp", ErrUnsupported, network)
+	case proto != dtl.ProtoTCP && proto != dtl.ProtoUDP:
+		return listenKey{}, fmt.Errorf("%w: protocol %s; SDK agents listen on tcp or udp", ErrUnsupported, proto)
+	}
+	host, ps, err := net.SplitHostPort(addr)
+	if err != nil {
+		return listenKey{}, fmt.Errorf("%w: listen address %q: %w", ErrUnsupported, addr, err)
+	}
+	if host != "" && host != a.ip.String() && host != "0.0.0.0" && host != "::" {
+		return listenKey{}, fmt.Errorf("%w: %s is not agent %s's overlay IP %s", ErrUnsupported, host, a.id.Name, a.ip)
+	}
+	port, err := parsePort(ps)
+	if err != nil {
+		return listenKey{}, err
+	}
+	return listenKey{a.id.Zone, a.id.Name, port}, nil
 }
 
 func isTCP(network string) bool { return network == "tcp" || network == "tcp4" || network == "tcp6" }

@@ -31,9 +31,10 @@ const (
 
 // viewEntry is a remote agent as a verified directory entry describes it.
 type viewEntry struct {
-	agent string // SPIFFE ID
-	node  string // SPIFFE ID of the node that issued the certificate (= the tunnel peer)
-	ip    netip.Addr
+	agent  string // SPIFFE ID
+	serial string // "serial:N" of the agent certificate last announced, so Revoke can match it
+	node   string // SPIFFE ID of the node that issued the certificate (= the tunnel peer)
+	ip     netip.Addr
 }
 
 // directoryFlow marks an admitted flow addressed to the reserved directory destination.
@@ -157,7 +158,7 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 			}
 			continue
 		}
-		fresh[ac.ID.Name] = viewEntry{agent: ac.ID.String(), node: peer.NodeID, ip: ac.Claims.OverlayIPs[0]}
+		fresh[ac.ID.Name] = viewEntry{agent: ac.ID.String(), serial: serialKey(ac), node: peer.NodeID, ip: ac.Claims.OverlayIPs[0]}
 		accepted++
 	}
 	n.mu.Lock()

@@ -3,7 +3,11 @@ package node
 import (
 	"bytes"
 	"errors"
+	"net/netip"
 	"testing"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/overlay/dtl"
 )
 
 // FuzzReadDirectory: a directory message from a peer never panics, every refusal wraps
@@ -34,6 +38,29 @@ func FuzzReadDirectory(f *testing.F) {
 		}
 		if len(certs) > MaxDirectoryEntries {
 			t.Fatalf("accepted %d entries", len(certs))
+		}
+	})
+}
+
+// FuzzListenKey: any listen network and address an SDK caller passes gives a key for a real port
+// or an ErrUnsupported refusal, never a panic.
+func FuzzListenKey(f *testing.F) {
+	a := &Agent{id: identity.AgentID("acme.internal", "payments", "ledger"), ip: netip.MustParseAddr("100.100.1.5")}
+	f.Add(uint8(dtl.ProtoTCP), "tcp", ":8080")
+	f.Add(uint8(dtl.ProtoUDP), "udp", "100.100.1.5:53")
+	f.Add(uint8(dtl.ProtoUDP), "udp6", "[::]:0")
+	f.Add(uint8(dtl.ProtoTCP), "tcp4", "[::1%eth0]:99999")
+	f.Add(uint8(dtl.ProtoICMP), "ip", "")
+	f.Fuzz(func(t *testing.T, proto uint8, network, addr string) {
+		k, err := a.listenKey(dtl.Proto(proto), network, addr)
+		if err != nil {
+			if !errors.Is(err, ErrUnsupported) {
+				t.Fatalf("error does not wrap ErrUnsupported: %v", err)
+			}
+			return
+		}
+		if k.port == 0 || k.zone != "payments" || k.name != "ledger" {
+			t.Fatalf("accepted %q %q as %+v", network, addr, k)
 		}
 	})
 }

@@ -85,13 +85,14 @@ type Config struct {
 	AuditFlush time.Duration
 	// Authority is the authority's UDP address. When set, the node renews its certificate by
 	// itself at half-life (see renew.go); empty leaves renewal to `ute node renew`. Use the
-	// address in node.json (state.Info.Authority) for the authority the node joined.
+	// address in node.json (state.Info.Authority) for the authority the node joined. Agent
+	// certificates are reissued at their half-life either way (credentials.go).
 	Authority string
-	// After is the timer of the renewal loop; nil means time.After. Tests inject a fake one
-	// together with Clock.
+	// After is the timer of the credential scheduler (node renewal and agent reissue); nil means
+	// time.After. Tests inject a fake one together with Clock.
 	After func(time.Duration) <-chan time.Time
-	// RenewMinRetry and RenewMaxRetry bound the backoff after a failed renewal (defaults 5 s and
-	// 5 min, authority.Renewer); RenewTimeout bounds one attempt (default 30 s).
+	// RenewMinRetry and RenewMaxRetry bound the backoff after a failed renewal or agent reissue
+	// (defaults 5 s and 5 min); RenewTimeout bounds one renewal attempt (default 30 s).
 	RenewMinRetry, RenewMaxRetry, RenewTimeout time.Duration
 }
 
@@ -140,6 +141,7 @@ type Node struct {
 	inflight  map[refreshKey]*refreshCall   // directory exchanges under way
 	flows     map[*liveFlow]struct{}        // flows the node must reset on revocation besides inbound tunnel flows
 	plisten   map[listenKey]*packetListener // UDP ports of SDK agents
+	sched     credSched                     // the credential scheduler's state (credentials.go)
 }
 
 type agentKey struct{ zone, name string }
@@ -166,6 +168,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		tunnels: map[*tunnel.Tunnel]*tunnelState{}, view: map[string]map[string]viewEntry{},
 		refreshed: map[refreshKey]time.Time{}, peers: map[string]netip.AddrPort{},
 		inflight: map[refreshKey]*refreshCall{}, flows: map[*liveFlow]struct{}{}, plisten: map[listenKey]*packetListener{},
+		sched: credSched{wake: make(chan struct{}, 1)},
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)
@@ -253,9 +256,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	n.ep = ep
 	n.log.Info("node up", "node", n.cert.ID.String(), "addr", ep.Addr().String(), "zones", n.cert.Claims.ZoneNames())
-	if cfg.Authority != "" {
-		n.startRenewal()
-	}
+	n.startCredentials()
 	return n, nil
 }
 
@@ -311,9 +312,16 @@ func (n *Node) reloadAgents() error {
 	for _, a := range list {
 		m[agentKey{a.Zone, a.Name}] = a
 	}
+	var changed []*identity.Certificate
 	n.mu.Lock()
+	for k, a := range m {
+		if old := n.agents[k]; a.Cert != nil && (old == nil || old.Cert == nil || old.Cert.Serial().Cmp(a.Cert.Serial()) != 0) {
+			changed = append(changed, a.Cert)
+		}
+	}
 	n.agents = m
 	n.mu.Unlock()
+	n.noteAgents(changed...)
 	return nil
 }
 
@@ -425,7 +433,7 @@ func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
 	n.revoked[key] = reason
 	for z, m := range n.view {
 		for name, e := range m {
-			if e.node == key || e.agent == key {
+			if e.node == key || e.agent == key || e.serial == key {
 				delete(n.view[z], name)
 			}
 		}

@@ -80,7 +80,10 @@ func RenewDir(ctx context.Context, d *state.Dir, addr string, now func() time.Ti
 // ReissueAgents re-signs every agent of d with the node key installed now (same agent key, IP,
 // fingerprint and labels). It carries on past a failing agent and returns the agents it reissued
 // with one error naming every failure.
-func ReissueAgents(d *state.Dir) ([]*state.Agent, error) {
+func ReissueAgents(d *state.Dir) ([]*state.Agent, error) { return reissueAgents(d, nil) }
+
+// reissueAgents is ReissueAgents leaving out the agents skip names.
+func reissueAgents(d *state.Dir, skip func(*state.Agent) bool) ([]*state.Agent, error) {
 	list, err := d.Agents()
 	if err != nil {
 		return nil, fmt.Errorf("node: list agents to reissue: %w", err)
@@ -90,6 +93,9 @@ func ReissueAgents(d *state.Dir) ([]*state.Agent, error) {
 		errs []error
 	)
 	for _, ag := range list {
+		if skip != nil && skip(ag) {
+			continue
+		}
 		st, err := d.ReissueAgent(ag.Zone, ag.Name)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("reissuing agent %s/%s failed: %w", ag.Zone, ag.Name, err))
@@ -100,20 +106,13 @@ func ReissueAgents(d *state.Dir) ([]*state.Agent, error) {
 	return out, joinErrors(errs)
 }
 
-// startRenewal runs the renewal loop on a node-owned goroutine until Close: at half-life of the
-// node certificate it renews with the authority at Config.Authority, retrying failures with
-// authority.Renewer's capped backoff.
-func (n *Node) startRenewal() {
-	r := &authority.Renewer{
-		Current:  func() (*identity.Certificate, error) { return n.certificate(), nil },
-		Renew:    n.renew,
-		Now:      n.now,
-		After:    n.cfg.After,
-		MinRetry: n.cfg.RenewMinRetry,
-		MaxRetry: n.cfg.RenewMaxRetry,
-		Logger:   n.log,
-	}
-	n.wg.Go(func() { _ = r.Run(n.ctx) })
+// reissueUnrevoked is ReissueAgents for a running node: an agent revoked here (by SPIFFE ID or
+// by the serial in service) is left as it is, since a new serial would escape a serial
+// revocation. It keeps its old chain, which the node's scheduler never reissues either.
+func (n *Node) reissueUnrevoked() ([]*state.Agent, error) {
+	return reissueAgents(n.dir, func(ag *state.Agent) bool {
+		return ag.Cert != nil && n.isRevoked(ag.Cert.ID.String(), serialKey(ag.Cert))
+	})
 }
 
 // renew performs one renewal attempt and, when it succeeds, puts the new identity in service.
@@ -158,13 +157,17 @@ func (n *Node) install(r *Renewed, old *identity.Certificate) error {
 	if err != nil {
 		return fmt.Errorf("node: renewed certificate: %w", err)
 	}
-	agents, agentErr := ReissueAgents(n.dir)
+	agents, agentErr := n.reissueUnrevoked()
 
+	olds := make([]*identity.Certificate, len(agents))
 	n.mu.Lock()
 	n.credMu.Lock()
 	n.cert, n.key = r.Node, tlsCert
-	for _, st := range agents {
+	for i, st := range agents {
 		k := agentKey{st.Zone, st.Name}
+		if prev := n.agents[k]; prev != nil {
+			olds[i] = prev.Cert
+		}
 		n.agents[k] = st
 		if a := n.open[k]; a != nil {
 			a.cert, a.issuer = st.Cert, r.Node
@@ -192,11 +195,15 @@ func (n *Node) install(r *Renewed, old *identity.Certificate) error {
 	}
 	if agentErr != nil {
 		// The node is renewed either way; retrying would renew it again. An agent left behind
-		// keeps its old, consistent chain until it is next handed out (Agent reissues it then).
+		// keeps its old, consistent chain; it no longer verifies under the new certificate, so the
+		// scheduler's agent pass, which runs right after this, reissues it (with backoff).
 		f["agent_error"] = truncate(agentErr.Error())
 		n.log.Warn("node renewed, but some agents were not reissued", "err", agentErr)
 	}
 	n.appendAudit(eventRenewed, f)
+	for i, st := range agents {
+		n.auditAgentRenewed(olds[i], st, causeNodeRenewed)
+	}
 	n.log.Info("node certificate renewed", "node", r.Node.ID.String(), "old_serial", old.Serial().String(),
 		"serial", r.Node.Serial().String(), "not_after", r.Node.X509.NotAfter, "agents_reissued", len(agents))
 	return nil

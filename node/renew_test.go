@@ -35,7 +35,7 @@ const renewPolicy = `zones:
 // renewLifetime is the node certificate lifetime in the renewal tests: half-life at 30 min.
 const renewLifetime = time.Hour
 
-// fakeTimers is the renewal loop's After: each call is recorded and fires only when the test
+// fakeTimers is the credential scheduler's After: each call is recorded and fires only when the test
 // says so, so the test sees every wait the loop asks for and no attempt happens unseen.
 type fakeTimers struct {
 	mu    sync.Mutex
@@ -62,7 +62,7 @@ func (f *fakeTimers) count() int {
 func (f *fakeTimers) await(t *testing.T, n int) time.Duration {
 	t.Helper()
 	require.Eventually(t, func() bool { return f.count() >= n }, 10*time.Second, time.Millisecond,
-		"the renewal loop never asked for timer %d", n)
+		"the credential scheduler never asked for timer %d", n)
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.waits[n-1]
@@ -224,6 +224,16 @@ func TestNodeRenewsItselfAtHalfLife(t *testing.T) {
 	cr := billing.creds()
 	assert.Same(t, cur, cr.node)
 	require.NoError(t, a.verif.VerifyAgent(cur, cr.cert, env.clk.Now()))
+	// Each reissue is audited, and the peer already holds the new certificates: the renewed node
+	// announced them over a fresh tunnel (the old one presents the old node certificate, under
+	// which they would not verify).
+	for _, name := range []string{"billing-api", "ledger-a"} {
+		recs := agentAudit(t, a, name)
+		require.Len(t, recs, 1, name)
+		assert.Equal(t, causeNodeRenewed, recs[0].Fields["cause"])
+	}
+	ledgerCert := agent(t, a, "payments", "ledger-a").creds().cert
+	assert.Equal(t, serialKey(ledgerCert), viewSerial(b, "payments", "ledger-a"))
 
 	// The flow opened before the renewal still carries bytes on its (now stale) tunnel.
 	_, err = oldFlow.Write([]byte("after renewal"))

@@ -272,21 +272,11 @@ func (a *Agent) dialLocalUDP(ctx context.Context, addr string, dst dtl.Destinati
 // of every admitted flow with the flow's source address (the caller's overlay IP and a port
 // naming the flow); WriteTo answers such an address; WhoIsPacket returns its verified provenance.
 func (a *Agent) ListenPacket(network, addr string) (net.PacketConn, error) {
-	if !isUDP(network) {
-		return nil, fmt.Errorf("%w: network %q; SDK agents listen for datagrams on udp", ErrUnsupported, network)
-	}
-	host, ps, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("%w: listen address %q: %w", ErrUnsupported, addr, err)
-	}
-	if host != "" && host != a.ip.String() && host != "0.0.0.0" && host != "::" {
-		return nil, fmt.Errorf("%w: %s is not agent %s's overlay IP %s", ErrUnsupported, host, a.id.Name, a.ip)
-	}
-	port, err := parsePort(ps)
+	k, err := a.listenKey(dtl.ProtoUDP, network, addr)
 	if err != nil {
 		return nil, err
 	}
-	k := listenKey{a.id.Zone, a.id.Name, port}
+	port := k.port
 	l := &packetListener{n: a.n, key: k, addr: net.UDPAddrFromAddrPort(netip.AddrPortFrom(a.ip, port)),
 		in: make(chan datagram, udpQueue), done: make(chan struct{}), flows: map[string]*packetFlow{}, rd: newDeadline()}
 	a.n.mu.Lock()
