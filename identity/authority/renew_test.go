@@ -3,8 +3,6 @@ package authority
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -92,66 +90,4 @@ func TestRenewRefusals(t *testing.T) {
 		_, err := Renew(ctx, rp)
 		require.ErrorIs(t, err, ErrPinMismatch)
 	})
-}
-
-// fakeClock drives the Renewer without sleeping: After returns a channel the test fires.
-type fakeClock struct {
-	now   atomic.Int64
-	waits chan time.Duration
-	fire  chan time.Time
-}
-
-func (f *fakeClock) Now() time.Time { return time.Unix(0, f.now.Load()) }
-func (f *fakeClock) After(d time.Duration) <-chan time.Time {
-	f.waits <- d
-	return f.fire
-}
-
-func TestRenewerRenewsAtHalfLifeAndRetries(t *testing.T) {
-	clock := newTestClock()
-	ta := startAuthority(t, clock)
-	j, _ := joinNode(t, ta, clock, "n1")
-
-	fc := &fakeClock{waits: make(chan time.Duration), fire: make(chan time.Time)}
-	fc.now.Store(j.Node.X509.NotBefore.UnixNano())
-	var (
-		current = j.Node
-		calls   atomic.Int32
-	)
-	r := &Renewer{
-		Current: func() (*identity.Certificate, error) { return current, nil },
-		Renew: func(context.Context) error {
-			if calls.Add(1) == 1 {
-				return ErrInternal
-			}
-			// The renewed certificate starts now: move its window forward.
-			current = &identity.Certificate{X509: cloneWindow(current, fc.Now())}
-			return nil
-		},
-		Now: fc.Now, After: fc.After, MinRetry: time.Second, MaxRetry: time.Minute,
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- r.Run(ctx) }()
-
-	half := j.Node.RenewAt().Sub(j.Node.X509.NotBefore)
-	assert.Equal(t, half, <-fc.waits, "first wait is until half-life")
-	fc.now.Add(int64(half))
-	fc.fire <- fc.Now()
-	assert.Equal(t, time.Second, <-fc.waits, "a failed renewal retries after MinRetry")
-	assert.Equal(t, int32(1), calls.Load())
-	fc.now.Add(int64(time.Second))
-	fc.fire <- fc.Now()
-	next := <-fc.waits
-	assert.Equal(t, int32(2), calls.Load())
-	assert.Equal(t, half, next, "after success the wait is the new certificate's half-life")
-	cancel()
-	require.NoError(t, <-done)
-}
-
-func cloneWindow(c *identity.Certificate, from time.Time) *x509.Certificate {
-	x := *c.X509
-	life := x.NotAfter.Sub(x.NotBefore)
-	x.NotBefore, x.NotAfter = from, from.Add(life)
-	return &x
 }
