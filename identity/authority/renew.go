@@ -10,4 +10,3 @@ import (
 func NeedsRenewal(cert *identity.Certificate, now time.Time) bool {
 	return !now.Before(cert.RenewAt())
 }
-
