@@ -7,7 +7,6 @@ import (
 	"net"
 	"net/netip"
 	"strconv"
-	"sync"
 	"time"
 
 	"github.com/ute-project/ute/identity"
@@ -31,34 +30,6 @@ const (
 type session struct {
 	dtl      dtl.Session
 	lastUsed time.Time
-
-	// sources maps the chain hashes admitted on this session to the source agent's overlay IP,
-	// which a hash-only record does not carry. It mirrors dtl's ChainCache (same bound); a hash
-	// missing here is answered chain-unknown, so the sender resends the full chain.
-	mu      sync.Mutex
-	sources map[[dtl.HashLen]byte]netip.Addr
-}
-
-func (s *session) source(h []byte) (netip.Addr, bool) {
-	var k [dtl.HashLen]byte
-	if len(h) != dtl.HashLen {
-		return netip.Addr{}, false
-	}
-	copy(k[:], h)
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	ip, ok := s.sources[k]
-	return ip, ok
-}
-
-func (s *session) remember(h [dtl.HashLen]byte, ip netip.Addr) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if _, ok := s.sources[h]; !ok && len(s.sources) >= dtl.DefaultChainCacheSize {
-		// Forgetting everything is simpler than FIFO and only costs full-chain resends.
-		clear(s.sources)
-	}
-	s.sources[h] = ip
 }
 
 // peerVerifier implements tunnel.PeerVerifier: chain to the anchor, revocation, then the zones
@@ -123,6 +94,10 @@ func (n *Node) verifyAgentChain(nodeDER, agentDER []byte, now time.Time) (dtl.Ag
 	if zs := ch.Agent.Claims.ZoneNames(); len(zs) == 1 {
 		zone = zs[0]
 	}
+	var ip netip.Addr
+	if len(ch.Agent.Claims.OverlayIPs) > 0 {
+		ip = ch.Agent.Claims.OverlayIPs[0]
+	}
 	return dtl.AgentInfo{
 		Agent:       ch.Agent.ID.String(),
 		Node:        ch.Node.ID.String(),
@@ -131,6 +106,7 @@ func (n *Node) verifyAgentChain(nodeDER, agentDER []byte, now time.Time) (dtl.Ag
 		Fingerprint: ch.Agent.Claims.Fingerprint,
 		Regions:     ch.Node.Claims.Regions,
 		Labels:      ch.Agent.Claims.Labels,
+		OverlayIP:   ip,
 		AgentSerial: serialKey(ch.Agent),
 		NodeSerial:  serialKey(ch.Node),
 		NotAfter:    notAfter,
@@ -222,7 +198,7 @@ func (n *Node) admitRecord(zone, peerNode string, aad, raw []byte) (tunnel.Admis
 		return tunnel.Admission{}, partialProvenance(raw), err
 	}
 	c := ok.Claims()
-	prov, err := newProvenance(ok, s)
+	prov, err := newProvenance(ok)
 	if err != nil {
 		return tunnel.Admission{}, partialProvenance(raw), dtl.Deny(err)
 	}
@@ -294,7 +270,6 @@ func (n *Node) session(zone, peerNode string, aad []byte) *session {
 		s = &session{
 			dtl: dtl.Session{AAD: append([]byte(nil), aad...), PeerNode: peerNode, Zone: zone,
 				Replay: &dtl.ReplayWindow{}, Chains: dtl.NewChainCache(0)},
-			sources: map[[dtl.HashLen]byte]netip.Addr{},
 		}
 		n.sessions[key] = s
 	}

@@ -377,7 +377,11 @@ func (a *Agent) openFlowWithChain(ctx context.Context, t *tunnel.Tunnel, dst dtl
 	compact := ts.known.Known(h)
 	for {
 		flowID := t.NewFlowID()
-		rec, err := a.signWith(cr, t.Exporter(), flowID, ts.seq.Add(1), dst, compact)
+		var byHash []byte
+		if compact {
+			byHash = h[:]
+		}
+		rec, err := a.signWith(cr, t.Exporter(), flowID, ts.seq.Add(1), dst, byHash)
 		if err != nil {
 			return err
 		}
@@ -552,29 +556,27 @@ func (n *Node) track(t *tunnel.Tunnel) *tunnelState {
 // The simulator and the demo use it to show that a captured record is refused elsewhere.
 func (a *Agent) Record(t *tunnel.Tunnel, dst dtl.Destination) ([]byte, error) {
 	ts := a.n.track(t)
-	return a.sign(t.Exporter(), t.NewFlowID(), ts.seq.Add(1), dst, false)
+	return a.sign(t.Exporter(), t.NewFlowID(), ts.seq.Add(1), dst)
 }
 
-// sign signs a record with the agent's current chain; compact names the chain by its hash
-// instead of carrying it.
-func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination, compact bool) ([]byte, error) {
-	return a.signWith(a.creds(), aad, flowID, seq, dst, compact)
+// sign signs a record carrying the agent's current full chain.
+func (a *Agent) sign(aad []byte, flowID, seq uint64, dst dtl.Destination) ([]byte, error) {
+	return a.signWith(a.creds(), aad, flowID, seq, dst, nil)
 }
 
-// signWith signs a record with the chain and key of cr.
-func (a *Agent) signWith(cr agentCreds, aad []byte, flowID, seq uint64, dst dtl.Destination, compact bool) ([]byte, error) {
-	chain := &dtl.CertChain{Node: cr.node.Raw(), Agent: cr.cert.Raw()}
-	var hash []byte
-	if compact {
-		h := chain.Hash()
-		chain, hash = nil, h[:]
+// signWith signs a record with the chain and key of cr. A non-nil chainHash (cr's chain hash,
+// which the caller has already computed) names the chain instead of carrying it.
+func (a *Agent) signWith(cr agentCreds, aad []byte, flowID, seq uint64, dst dtl.Destination, chainHash []byte) ([]byte, error) {
+	var chain *dtl.CertChain
+	if chainHash == nil {
+		chain = &dtl.CertChain{Node: cr.node.Raw(), Agent: cr.cert.Raw()}
 	}
 	c := &dtl.Claims{
 		Version:     dtl.Version1,
 		Zone:        a.id.Zone,
 		Agent:       a.id.String(),
 		Chain:       chain,
-		ChainHash:   hash,
+		ChainHash:   chainHash,
 		Node:        cr.node.ID.String(),
 		Fingerprint: cr.cert.Claims.Fingerprint,
 		Region:      a.n.region,

@@ -143,7 +143,7 @@ func TestAgentCertificateRenewedAtHalfLife(t *testing.T) {
 	require.NoError(t, err)
 	ts := a.track(tun)
 	rec, err := billing.signWith(old, tun.Exporter(), tun.NewFlowID(), ts.seq.Add(1),
-		dtl.Destination{Agent: "ledger-b", Port: 8080, Proto: dtl.ProtoTCP}, false)
+		dtl.Destination{Agent: "ledger-b", Port: 8080, Proto: dtl.ProtoTCP}, nil)
 	require.NoError(t, err)
 	_, err = tun.OpenFlow(context.Background(), rec, nil, nil)
 	require.ErrorIs(t, err, dtl.ErrChain, "refused by the peer's chain check")

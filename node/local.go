@@ -51,29 +51,41 @@ func (c *localConn) Close() error {
 func (c *localConn) LocalAddr() net.Addr  { return c.local }
 func (c *localConn) RemoteAddr() net.Addr { return c.remote }
 
-func (a *Agent) dialLocal(ctx context.Context, addr string, dst destination) (net.Conn, error) {
+// admitLocal signs a record for a same-node flow to dst and runs it through the admission every
+// tunnel flow takes, auditing the verdict; TCP and UDP same-node dials share it so that neither
+// can skip a check the other makes.
+func (a *Agent) admitLocal(ctx context.Context, addr string, dst dtl.Destination) (tunnel.Admission, *Provenance, error) {
 	n := a.n
 	if err := ctx.Err(); err != nil {
-		return nil, refused(addr, "admission", "canceled", err)
+		return tunnel.Admission{}, nil, refused(addr, "admission", "canceled", err)
 	}
 	zone := a.id.Zone
 	aad := n.localBinding(zone)
-	rec, err := a.sign(aad, n.localFlow.Add(1), n.localSeqs.Add(1), dtl.Destination{Agent: dst.name, Port: dst.port, Proto: dtl.ProtoTCP}, false)
+	rec, err := a.sign(aad, n.localFlow.Add(1), n.localSeqs.Add(1), dst)
 	if err != nil {
-		return nil, err
+		return tunnel.Admission{}, nil, err
 	}
 	self := n.certificate().ID.String()
 	adm, prov, err := n.admitRecord(zone, self, aad, rec)
 	n.auditVerdict(ctx, self, zone, prov, err)
 	if err != nil {
-		d := dtl.Deny(err)
-		return nil, refused(addr, "admission", d.Reason, err)
+		return tunnel.Admission{}, nil, refused(addr, "admission", dtl.Deny(err).Reason, err)
 	}
 	p, ok := adm.Info.(*Provenance)
 	if !ok {
-		return nil, refused(addr, "admission", "unreachable", fmt.Errorf("%w: not an agent destination", dtl.ErrUnreachable))
+		return tunnel.Admission{}, nil, refused(addr, "admission", "unreachable", fmt.Errorf("%w: not an agent destination", dtl.ErrUnreachable))
 	}
 	p.Local = true
+	return adm, p, nil
+}
+
+func (a *Agent) dialLocal(ctx context.Context, addr string, dst destination) (net.Conn, error) {
+	n := a.n
+	zone := a.id.Zone
+	adm, p, err := a.admitLocal(ctx, addr, dtl.Destination{Agent: dst.name, Port: dst.port, Proto: dtl.ProtoTCP})
+	if err != nil {
+		return nil, err
+	}
 	n.mu.Lock()
 	l := n.listeners[listenKey{zone, dst.name, dst.port}]
 	n.mu.Unlock()

@@ -40,38 +40,22 @@ type Provenance struct {
 	ids         []string // revocation identities of the source: agent, agent serial, node, node serial
 }
 
-// newProvenance builds the provenance of an admitted record. A full-chain record teaches the
-// session its chain's source IP; a hash-only one looks it up there, and a miss is answered
-// chain-unknown so that the sender resends the full chain.
-func newProvenance(ok *dtl.Admitted, s *session) (*Provenance, error) {
+// newProvenance builds the provenance of an admitted record from its verified claims and chain.
+// The source IP comes from the chain's verification, which dtl's session cache keeps with the
+// chain, so a hash-only record gets it without parsing a certificate again.
+func newProvenance(ok *dtl.Admitted) (*Provenance, error) {
 	c := ok.Claims()
 	id, err := identity.ParseID(ok.Agent.Agent)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", dtl.ErrConfig, err)
 	}
-	p := &Provenance{
+	return &Provenance{
 		Agent: ok.Agent.Agent, AgentName: id.Name, Zone: c.Zone, Node: ok.Agent.Node,
 		Fingerprint: append([]byte(nil), ok.Agent.Fingerprint...), Region: c.Region, Trust: c.Trust,
-		Drift: c.Drift, Destination: c.Destination, FlowID: c.FlowID, Seq: c.Seq, IssuedAt: c.IssuedAt,
-		AgentSerial: ok.Agent.AgentSerial, NodeSerial: ok.Agent.NodeSerial, verified: true, ids: ok.Agent.RevocationIDs(),
-	}
-	if c.Chain == nil {
-		ip, found := s.source(c.ChainHash)
-		if !found {
-			return nil, fmt.Errorf("%w: chain admitted but its source address was forgotten; send the full chain", dtl.ErrChainUnknown)
-		}
-		p.SourceIP, p.chainCached = ip, true
-		return p, nil
-	}
-	ac, err := identity.ParseCertificate(c.Chain.Agent)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", dtl.ErrConfig, err)
-	}
-	if len(ac.Claims.OverlayIPs) > 0 {
-		p.SourceIP = ac.Claims.OverlayIPs[0]
-	}
-	s.remember(c.Chain.Hash(), p.SourceIP)
-	return p, nil
+		SourceIP: ok.Agent.OverlayIP, Drift: c.Drift, Destination: c.Destination, FlowID: c.FlowID, Seq: c.Seq,
+		IssuedAt: c.IssuedAt, AgentSerial: ok.Agent.AgentSerial, NodeSerial: ok.Agent.NodeSerial, verified: true,
+		chainCached: c.Chain == nil, ids: ok.Agent.RevocationIDs(),
+	}, nil
 }
 
 // admissionProvenance is the provenance behind an admission (agent or directory flow).

@@ -223,27 +223,11 @@ func pumpToConn(ctx context.Context, pf *tunnel.PacketFlow, c *udpConn) {
 // dialLocalUDP admits a same-node UDP flow like any other and connects the two ends in memory.
 func (a *Agent) dialLocalUDP(ctx context.Context, addr string, dst dtl.Destination, remote net.Addr) (net.Conn, error) {
 	n := a.n
-	if err := ctx.Err(); err != nil {
-		return nil, refused(addr, "admission", "canceled", err)
-	}
 	zone := a.id.Zone
-	aad := n.localBinding(zone)
-	flowID := n.localFlow.Add(1)
-	rec, err := a.sign(aad, flowID, n.localSeqs.Add(1), dst, false)
+	adm, p, err := a.admitLocal(ctx, addr, dst)
 	if err != nil {
 		return nil, err
 	}
-	self := n.certificate().ID.String()
-	adm, prov, err := n.admitRecord(zone, self, aad, rec)
-	n.auditVerdict(ctx, self, zone, prov, err)
-	if err != nil {
-		return nil, refused(addr, "admission", dtl.Deny(err).Reason, err)
-	}
-	p, ok := adm.Info.(*Provenance)
-	if !ok {
-		return nil, refused(addr, "admission", "unreachable", fmt.Errorf("%w: not an agent destination", dtl.ErrUnreachable))
-	}
-	p.Local = true
 	n.mu.Lock()
 	l := n.plisten[listenKey{zone, dst.Agent, dst.Port}]
 	n.mu.Unlock()

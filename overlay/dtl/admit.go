@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"time"
 )
@@ -151,9 +152,10 @@ type AgentInfo struct {
 	Fingerprint []byte   // workload fingerprint in the agent certificate
 	Regions     []string // allowed regions; empty means unconstrained
 	Labels      map[string]string
-	AgentSerial string    // certificate serials, for revocation by canonical identity
-	NodeSerial  string    //
-	NotAfter    time.Time // earliest expiry in the chain; a cached verification dies with it
+	OverlayIP   netip.Addr // the agent certificate's overlay IP; zero when it names none
+	AgentSerial string     // certificate serials, for revocation by canonical identity
+	NodeSerial  string     //
+	NotAfter    time.Time  // earliest expiry in the chain; a cached verification dies with it
 }
 
 // RevocationIDs lists the canonical identities a revocation may name for this chain: the agent's
