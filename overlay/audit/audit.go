@@ -28,12 +28,9 @@ const (
 
 // Common event names. Any lowercase name matching [a-z0-9._-]{1,64} is accepted.
 const (
-	EventAdmit      = "admit"
-	EventDeny       = "deny"
-	EventRevoke     = "revoke"
-	EventIsolate    = "isolate"
-	EventJoin       = "join"
-	EventTokenReuse = "token-reuse"
+	EventAdmit  = "admit"
+	EventDeny   = "deny"
+	EventRevoke = "revoke"
 )
 
 // Limits on one entry, so a log line stays small and Verify's line buffer bounded.
