@@ -127,6 +127,23 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 			want: dtl.ErrReplay, reason: "replay",
 		},
 		{
+			name: "record replayed on the same session after the receiver forgot its replay window",
+			attack: func(t *testing.T, e *attackEnv) error {
+				rec, err := e.billing.Record(e.ab, toLedger)
+				require.NoError(t, err)
+				fc, err := e.ab.OpenFlow(context.Background(), rec, nil, nil)
+				require.NoError(t, err)
+				require.NoError(t, fc.Close())
+				require.Eventually(t, func() bool { return e.ledgerSink.conns.Load() == 1 }, 5*time.Second, 5*time.Millisecond)
+				e.ledgerSink.conns.Store(0)
+				// Past twice the freshness window b drops the idle session's state, replay window
+				// included; the record must still be refused, because by then it is stale.
+				e.ns["b"].clock.Advance(2*dtl.DefaultSkew + time.Second)
+				return open(t, e.ab, rec)
+			},
+			want: dtl.ErrStale, reason: "stale",
+		},
+		{
 			name: "valid signature from an agent of another node",
 			attack: func(t *testing.T, e *attackEnv) error {
 				// a presents a record that b's own agent signed for a's session.

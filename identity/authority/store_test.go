@@ -99,6 +99,30 @@ func TestStoreConsumeChecks(t *testing.T) {
 	}
 }
 
+// A guesser holding a token id but not its secret must learn nothing about the token: a used or
+// expired token answers a wrong secret exactly as an unknown id does, never ErrTokenUsed or
+// ErrTokenExpired (docs/architecture.md, "Token checks").
+func TestStoreConsumeWrongSecretRevealsNoState(t *testing.T) {
+	now := time.Unix(5000, 0)
+	s, _ := openTestStore(t)
+	putToken(t, s, "used", "s1", now.Add(time.Minute))
+	_, err := s.Consume(ConsumeRequest{ID: "used", SecretHash: hashOf("s1"), Consumer: "n1", Now: now})
+	require.NoError(t, err)
+	putToken(t, s, "expired", "s2", now)
+
+	for _, id := range []string{"used", "expired", "never-created"} {
+		t.Run(id, func(t *testing.T) {
+			_, err := s.Consume(ConsumeRequest{ID: id, SecretHash: hashOf("guess"), Consumer: "mallory", Now: now})
+			require.ErrorIs(t, err, ErrTokenUnknown)
+			assert.NotErrorIs(t, err, ErrTokenUsed)
+			assert.NotErrorIs(t, err, ErrTokenExpired)
+		})
+	}
+	stored, err := s.Token("used")
+	require.NoError(t, err)
+	assert.Equal(t, "n1", stored.ConsumedBy, "a guess does not change who consumed the token")
+}
+
 func TestStoreConsumeConcurrentExactlyOnce(t *testing.T) {
 	s, _ := openTestStore(t)
 	putToken(t, s, "t1", "s1", time.Unix(9000, 0))
