@@ -75,12 +75,18 @@ type testAuthority struct {
 }
 
 func startAuthority(t testing.TB) *testAuthority {
+	return startAuthorityWith(t, testPolicy, authority.Options{})
+}
+
+// startAuthorityWith initializes an authority with policy and opts in a temp dir and serves it on
+// an ephemeral loopback port until the test ends.
+func startAuthorityWith(t testing.TB, policy string, opts authority.Options) *testAuthority {
 	t.Helper()
 	dir := filepath.Join(t.TempDir(), "auth")
 	pol := filepath.Join(t.TempDir(), "policy.yaml")
-	require.NoError(t, os.WriteFile(pol, []byte(testPolicy), 0o644))
-	require.NoError(t, authority.Init(dir, "acme.internal", pol, authority.Options{}))
-	a, err := authority.Open(dir, authority.Options{})
+	require.NoError(t, os.WriteFile(pol, []byte(policy), 0o644))
+	require.NoError(t, authority.Init(dir, "acme.internal", pol, opts))
+	a, err := authority.Open(dir, opts)
 	require.NoError(t, err)
 	srv, err := a.Listen("127.0.0.1:0")
 	require.NoError(t, err)

@@ -106,26 +106,10 @@ type renewEnv struct {
 func newRenewEnv(t *testing.T) *renewEnv {
 	t.Helper()
 	clk := &clock{}
-	dir := filepath.Join(t.TempDir(), "auth")
-	pol := filepath.Join(t.TempDir(), "policy.yaml")
-	require.NoError(t, os.WriteFile(pol, []byte(renewPolicy), 0o644))
-	opts := authority.Options{Now: clk.Now, NodeLifetime: renewLifetime}
-	require.NoError(t, authority.Init(dir, "acme.internal", pol, opts))
-	a, err := authority.Open(dir, opts)
-	require.NoError(t, err)
-	srv, err := a.Listen("127.0.0.1:0")
-	require.NoError(t, err)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		require.NoError(t, <-done)
-		require.NoError(t, a.Close())
-	})
+	ta := startAuthorityWith(t, renewPolicy, authority.Options{Now: clk.Now, NodeLifetime: renewLifetime})
 	exe, err := os.Executable()
 	require.NoError(t, err)
-	return &renewEnv{clk: clk, auth: &testAuthority{Authority: a, addr: srv.Addr().String()}, exe: exe}
+	return &renewEnv{clk: clk, auth: ta, exe: exe}
 }
 
 // join joins node name with agents and returns its directory.

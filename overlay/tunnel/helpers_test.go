@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/ute-project/ute/identity"
@@ -260,4 +261,22 @@ func ctxT(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// dialConcurrently dials b's zone tunnel from a n times at once and returns every result, so that
+// tests can check the dials shared one tunnel.
+func dialConcurrently(t testing.TB, a, b *testNode, zone string, n int) []*Tunnel {
+	t.Helper()
+	ctx := ctxT(t)
+	var wg sync.WaitGroup
+	got := make([]*Tunnel, n)
+	for i := range got {
+		wg.Go(func() {
+			tun, err := a.ep.Dial(ctx, b.addr, b.id, zone)
+			assert.NoError(t, err)
+			got[i] = tun
+		})
+	}
+	wg.Wait()
+	return got
 }

@@ -96,16 +96,7 @@ func TestFlowCarriesDataBothWaysLarge(t *testing.T) {
 func TestDialReusesAndDeduplicates(t *testing.T) {
 	a, b, first := pair(t, "payments")
 	ctx := ctxT(t)
-	var wg sync.WaitGroup
-	got := make([]*Tunnel, 8)
-	for i := range got {
-		wg.Go(func() {
-			tun, err := a.ep.Dial(ctx, b.addr, b.id, "payments")
-			assert.NoError(t, err)
-			got[i] = tun
-		})
-	}
-	wg.Wait()
+	got := dialConcurrently(t, a, b, "payments", 8)
 	for _, tun := range got {
 		assert.Same(t, first, tun)
 	}
@@ -121,17 +112,7 @@ func TestConcurrentFirstDialsShareOneHandshake(t *testing.T) {
 	pki := newPKI(t, testTD)
 	a := startNode(t, pki, "a", pki.node(t, "a", "payments"), []string{"payments"}, "")
 	b := startNode(t, pki, "b", pki.node(t, "b", "payments"), []string{"payments"}, "")
-	ctx := ctxT(t)
-	var wg sync.WaitGroup
-	got := make([]*Tunnel, 8)
-	for i := range got {
-		wg.Go(func() {
-			tun, err := a.ep.Dial(ctx, b.addr, b.id, "payments")
-			assert.NoError(t, err)
-			got[i] = tun
-		})
-	}
-	wg.Wait()
+	got := dialConcurrently(t, a, b, "payments", 8)
 	for _, tun := range got[1:] {
 		assert.Same(t, got[0], tun)
 	}
