@@ -22,7 +22,7 @@ func TestClosedNodesLeaveNoGoroutines(t *testing.T) {
 		}
 		return n
 	}
-	before := settle(0)
+	before := runtime.NumGoroutine()
 	t.Run("work", func(t *testing.T) {
 		ns := threeNodes(t)
 		billing := agent(t, ns["a"], "payments", "billing-api")
