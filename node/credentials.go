@@ -44,6 +44,10 @@ const (
 // the next pass reissues it under the new one.
 var errSwapRaced = errors.New("node certificate changed while the agent was reissued")
 
+// errStaleTunnel means a directory exchange was about to run on a tunnel whose handshake
+// presented a node certificate this node has since replaced.
+var errStaleTunnel = errors.New("tunnel presents a node certificate this node has replaced")
+
 // credSched is the scheduler's published state, guarded by Node.mu: whether it sleeps and until
 // when (zero: no deadline), and a generation bumped whenever the agent set changes outside the
 // loop, so that a pass racing with such a change runs again instead of sleeping on stale data.
@@ -214,6 +218,14 @@ func (n *Node) maintainCredentials(ctx context.Context) (next time.Time, failed 
 			} else {
 				n.log.Info("certificate renewed", "node", cur.ID.String())
 				changed = n.certificate().Claims.ZoneNames()
+				// A certificate due again at once (a lifetime under the authority's backdate, or
+				// NotAfter capped by a root about to expire) would make the loop renew without
+				// pause, each pass costing the authority a signature and an audit record: back off.
+				if now, c := n.now(), n.certificate(); authority.NeedsRenewal(c, now) {
+					n.log.Warn("renewed certificate is due for renewal again at once; backing off", "node", c.ID.String(),
+						"serial", c.Serial().String(), "not_before", c.X509.NotBefore, "not_after", c.X509.NotAfter)
+					failed = true
+				}
 			}
 		}
 		if !failed {

@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -116,17 +117,24 @@ func DecodeDirectory(body []byte) ([][]byte, error) {
 	return certs, nil
 }
 
-// localCerts lists the certificates of this node's agents in zone: its directory entries.
-func (n *Node) localCerts(zone string) [][]byte {
+// localCerts lists the certificates of this node's agents in zone: its directory entries. It
+// refuses when t's handshake presented another node certificate than the one in service: the node
+// renewed since (or is renewing now), the peer checks every entry against the certificate it
+// verified on t, and would drop all of this node's agents from its view. The certificates and the
+// node certificate are read together under n.mu, which a renewal holds while it swaps both.
+func (n *Node) localCerts(t *tunnel.Tunnel, zone string) ([][]byte, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if lc := t.LocalCertificate(); lc == nil || !bytes.Equal(lc.Raw, n.certificate().Raw()) {
+		return nil, fmt.Errorf("node: directory exchange with %s zone %s: %w", t.Peer().NodeID, zone, errStaleTunnel)
+	}
 	var out [][]byte
 	for k, a := range n.agents {
 		if k.zone == zone && a.Cert != nil {
 			out = append(out, a.Cert.Raw())
 		}
 	}
-	return out
+	return out, nil
 }
 
 // installDirectory verifies every entry sent by peer over a tunnel of zone and replaces the peer's
@@ -306,7 +314,9 @@ func (n *Node) onTunnel(t *tunnel.Tunnel) {
 	err := n.refresh(ctx, refreshKey{t.Peer().NodeID, t.Zone()}, true, func(ctx context.Context) error {
 		return n.exchange(ctx, a, t)
 	})
-	if err != nil && t.Alive() && n.ctx.Err() == nil {
+	// A tunnel that went stale during its handshake is expected to fail here: Dial handshakes
+	// again with the renewed certificate, and that tunnel's exchange runs instead.
+	if err != nil && t.Alive() && n.ctx.Err() == nil && !errors.Is(err, errStaleTunnel) {
 		n.log.Warn("directory exchange on tunnel up failed", "peer", t.Peer().NodeID, "zone", t.Zone(), "err", err)
 	}
 }
@@ -334,6 +344,10 @@ func (n *Node) directorySigner(zone string) *Agent {
 // exchange opens a directory flow on t, signed by agent a of t's zone: we send our entries, the
 // peer answers with its own, and both sides install what verifies.
 func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
+	certs, err := n.localCerts(t, t.Zone())
+	if err != nil {
+		return err
+	}
 	fc, err := a.openStream(ctx, t, dtl.Destination{Agent: directoryAgent, Port: 0, Proto: dtl.ProtoTCP}, nil, nil)
 	if err != nil {
 		return err
@@ -342,7 +356,7 @@ func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
 	if d, ok := ctx.Deadline(); ok {
 		_ = fc.SetDeadline(d)
 	}
-	msg, err := EncodeDirectory(n.localCerts(t.Zone()))
+	msg, err := EncodeDirectory(certs)
 	if err != nil {
 		return err
 	}
@@ -379,7 +393,14 @@ func (n *Node) serveDirectory(fc *tunnel.FlowConn, df *directoryFlow) {
 		return
 	}
 	n.installDirectory(ctx, fc.Tunnel().Peer(), df.zone, ders)
-	msg, err := EncodeDirectory(n.localCerts(df.zone))
+	certs, err := n.localCerts(fc.Tunnel(), df.zone)
+	if err != nil {
+		// The renewal landed after the check above; same answer.
+		n.log.Debug("directory exchange refused on a tunnel from before the renewal", "peer", df.peer, "zone", df.zone)
+		fc.Abort()
+		return
+	}
+	msg, err := EncodeDirectory(certs)
 	if err != nil {
 		n.log.Error("directory encode failed", "zone", df.zone, "err", err)
 		return

@@ -57,7 +57,7 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 			if c.err != nil {
 				return nil, c.err
 			}
-			if c.t.Alive() {
+			if c.t.Alive() && !c.t.Stale() {
 				return c.t, nil
 			}
 			continue
@@ -72,6 +72,12 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 		delete(e.dials, key)
 		e.mu.Unlock()
 		close(c.done)
+		if c.err == nil && c.t.Stale() {
+			// SetCertificate ran after this handshake presented the old certificate: the peer
+			// would check everything sent on the tunnel against the superseded one. Handshake
+			// again with the new chain (the stale tunnel stays up for flows already on it).
+			continue
+		}
 		return c.t, c.err
 	}
 }

@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/sha256"
@@ -462,7 +463,7 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, local *tls.Certificate,
 		return nil, ErrClosed
 	}
 	e.tunnels[t] = struct{}{}
-	if old, ok := e.live[key]; !ok || !old.Alive() || old.Stale() {
+	if old, ok := e.live[key]; !ok || !old.Alive() || old.Stale() || renewedPeer(peer, old.peer) {
 		e.live[key] = t
 	}
 	e.wg.Go(t.streamLoop)
@@ -486,6 +487,18 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, local *tls.Certificate,
 		e.spawn(func() { e.cfg.OnTunnel(t) })
 	}
 	return t, nil
+}
+
+// renewedPeer reports whether cur proves a certificate the peer was issued after the one prev
+// proved: the peer renewed. Its tunnels from before are stale on its side (it opens no flows on
+// them and refuses directory exchanges there), so the new one becomes the live tunnel. The same
+// certificate again (concurrent handshakes of one peer) or an older one never displaces the live
+// tunnel, so the choice does not flap.
+func renewedPeer(cur, prev Peer) bool {
+	if cur.Certificate == nil || prev.Certificate == nil || bytes.Equal(cur.Certificate.Raw, prev.Certificate.Raw) {
+		return false
+	}
+	return !cur.Certificate.NotBefore.Before(prev.Certificate.NotBefore)
 }
 
 // ClosePeer closes every tunnel with the node peerNodeID, in every zone, and returns how many it
