@@ -64,6 +64,20 @@ func open(t *testing.T, tun *tunnel.Tunnel, record []byte) error {
 	return nil
 }
 
+// admitOnce has billing send ledger one legitimate flow on e.ab, waits until ledger received it,
+// and returns its record for a replay; the sink's counter is reset so that only the replay counts.
+func admitOnce(t *testing.T, e *attackEnv) []byte {
+	t.Helper()
+	rec, err := e.billing.Record(e.ab, toLedger)
+	require.NoError(t, err)
+	fc, err := e.ab.OpenFlow(context.Background(), rec, nil, nil)
+	require.NoError(t, err, "the original flow is admitted")
+	require.NoError(t, fc.Close())
+	require.Eventually(t, func() bool { return e.ledgerSink.conns.Load() == 1 }, 5*time.Second, 5*time.Millisecond)
+	e.ledgerSink.conns.Store(0)
+	return rec
+}
+
 func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
@@ -97,17 +111,12 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 		{
 			name: "record captured on one session replayed on another",
 			attack: func(t *testing.T, e *attackEnv) error {
-				rec, err := e.billing.Record(e.ab, toLedger)
-				require.NoError(t, err)
-				fc, err := e.ab.OpenFlow(context.Background(), rec, nil, nil)
-				require.NoError(t, err, "the original flow is admitted")
-				require.NoError(t, fc.Close())
+				rec := admitOnce(t, e)
 				require.NoError(t, e.ab.Close())
 				<-e.ab.Done()
 				fresh, err := e.ns["a"].tunnelTo(context.Background(), e.ns["b"].ID().String(), "payments")
 				require.NoError(t, err)
 				require.NotSame(t, e.ab, fresh)
-				e.ledgerSink.conns.Store(0) // only the replay counts
 				return open(t, fresh, rec)
 			},
 			want: dtl.ErrSignature, reason: "signature",
@@ -115,13 +124,7 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 		{
 			name: "record replayed on the same session",
 			attack: func(t *testing.T, e *attackEnv) error {
-				rec, err := e.billing.Record(e.ab, toLedger)
-				require.NoError(t, err)
-				fc, err := e.ab.OpenFlow(context.Background(), rec, nil, nil)
-				require.NoError(t, err)
-				require.NoError(t, fc.Close())
-				require.Eventually(t, func() bool { return e.ledgerSink.conns.Load() == 1 }, 5*time.Second, 5*time.Millisecond)
-				e.ledgerSink.conns.Store(0)
+				rec := admitOnce(t, e)
 				return open(t, e.ab, rec)
 			},
 			want: dtl.ErrReplay, reason: "replay",
@@ -129,13 +132,7 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 		{
 			name: "record replayed on the same session after the receiver forgot its replay window",
 			attack: func(t *testing.T, e *attackEnv) error {
-				rec, err := e.billing.Record(e.ab, toLedger)
-				require.NoError(t, err)
-				fc, err := e.ab.OpenFlow(context.Background(), rec, nil, nil)
-				require.NoError(t, err)
-				require.NoError(t, fc.Close())
-				require.Eventually(t, func() bool { return e.ledgerSink.conns.Load() == 1 }, 5*time.Second, 5*time.Millisecond)
-				e.ledgerSink.conns.Store(0)
+				rec := admitOnce(t, e)
 				// Past twice the freshness window b drops the idle session's state, replay window
 				// included; the record must still be refused, because by then it is stale.
 				e.ns["b"].clock.Advance(2*dtl.DefaultSkew + time.Second)
