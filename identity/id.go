@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"unicode/utf8"
 )
 
 // Kind says which level of the trust chain an identity sits at.
@@ -145,9 +146,6 @@ func checkLabel(label string) error {
 	if label == "" {
 		return errors.New("is empty")
 	}
-	if len(label) > maxLabelLen {
-		return fmt.Errorf("is %d characters long (limit %d)", len(label), maxLabelLen)
-	}
 	for i := 0; i < len(label); i++ {
 		c := label[i]
 		switch {
@@ -158,9 +156,20 @@ func checkLabel(label string) error {
 			}
 		case c >= 'A' && c <= 'Z':
 			return errors.New("contains an uppercase letter")
+		case c >= utf8.RuneSelf:
+			// Show the character, not its first byte: "é", not "Ã".
+			r, size := utf8.DecodeRuneInString(label[i:])
+			if r == utf8.RuneError && size <= 1 {
+				return fmt.Errorf("contains the byte %#x, which is not UTF-8 text", c)
+			}
+			return fmt.Errorf("contains %q (%U), which is not ASCII; names are ASCII only", r, r)
 		default:
 			return fmt.Errorf("contains %q", rune(c))
 		}
+	}
+	// Checked after the characters, so that the length counts ASCII characters, not bytes.
+	if len(label) > maxLabelLen {
+		return fmt.Errorf("is %d characters long (limit %d)", len(label), maxLabelLen)
 	}
 	return nil
 }

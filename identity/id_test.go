@@ -91,3 +91,25 @@ func FuzzParseID(f *testing.F) {
 		require.Equal(t, s, id.String(), "one spelling per ID")
 	})
 }
+
+// A name with non-ASCII letters is refused with the character shown as text, not byte by byte,
+// and with the rule that names are ASCII.
+func TestValidateNameNonASCII(t *testing.T) {
+	for name, want := range map[string]string{
+		"café":                  `contains 'é' (U+00E9), which is not ASCII; names are ASCII only`,
+		"straße":                `contains 'ß' (U+00DF), which is not ASCII`,
+		"Ωmega":                 `contains 'Ω' (U+03A9), which is not ASCII`,
+		"a\xffb":                `contains the byte 0xff, which is not UTF-8 text`,
+		"node-" + "ü":           `contains 'ü' (U+00FC)`,
+		strings.Repeat("é", 40): `contains 'é' (U+00E9)`,
+	} {
+		err := ValidateName("node name", name)
+		require.ErrorIs(t, err, ErrSPIFFEID, name)
+		assert.Contains(t, err.Error(), want, name)
+		assert.Contains(t, err.Error(), "use 1-63 lowercase letters, digits or '-'", name)
+		assert.NotContains(t, err.Error(), "Ã", "shown as text, not byte by byte")
+	}
+	err := ValidateName("node name", strings.Repeat("a", 64))
+	require.ErrorIs(t, err, ErrSPIFFEID)
+	assert.Contains(t, err.Error(), "is 64 characters long (limit 63)")
+}

@@ -13,6 +13,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // ErrKeyPermissions is returned by ReadKey for a key file that group or others may access.
@@ -120,12 +121,8 @@ func ReadKey(path string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("read key %s: %w: not a regular file", path, ErrKeyFile)
 	}
 	if perm := st.Mode().Perm(); perm&0o077 != 0 {
-		verb := "readable"
-		if perm&0o044 == 0 {
-			verb = "accessible"
-		}
-		return nil, fmt.Errorf("%w: key file %s is %s by others (mode %#o); run chmod 600 %s",
-			ErrKeyPermissions, path, verb, perm, path)
+		return nil, fmt.Errorf("%w: key file %s is %s (mode %#o); run chmod 600 %s",
+			ErrKeyPermissions, path, exposure(perm), perm, path)
 	}
 	data, err := io.ReadAll(io.LimitReader(f, maxKeyFile+1))
 	if err != nil {
@@ -134,7 +131,56 @@ func ReadKey(path string) (ed25519.PrivateKey, error) {
 	if len(data) > maxKeyFile {
 		return nil, fmt.Errorf("read key %s: %w: larger than %d bytes", path, ErrKeyFile, maxKeyFile)
 	}
-	return ParseKeyPEM(data)
+	key, err := ParseKeyPEM(data)
+	if err != nil {
+		return nil, fmt.Errorf("read key %s: %w", path, err)
+	}
+	return key, nil
+}
+
+// exposure says who besides the owner may use a key file of mode perm: "readable by its group",
+// "readable by others", "readable by its group and by others", or "accessible" for write or
+// execute bits only.
+func exposure(perm os.FileMode) string {
+	var who []string
+	read := false
+	for _, c := range []struct {
+		bits os.FileMode
+		name string
+	}{{0o070, "its group"}, {0o007, "others"}} {
+		if perm&c.bits != 0 {
+			who = append(who, c.name)
+			read = read || perm&c.bits&0o444 != 0
+		}
+	}
+	verb := "accessible"
+	if read {
+		verb = "readable"
+	}
+	return verb + " by " + strings.Join(who, " and by ")
+}
+
+// CheckKeyPair refuses key, with ErrKeyMismatch, unless it is the private key of the public key
+// cert names: a key file that was replaced must never be used, nor certified again by a renewal
+// (whoever can write the file would take over the identity). keyPath
+// and certPath only name the two files in the error, which is what an operator must look at: one
+// of them was replaced.
+func CheckKeyPair(key ed25519.PrivateKey, keyPath string, cert *Certificate, certPath string) error {
+	if cert == nil || cert.X509 == nil {
+		return fmt.Errorf("%w: no certificate in %s to check %s against", ErrKeyMismatch, certPath, keyPath)
+	}
+	if len(key) != ed25519.PrivateKeySize || !cert.PublicKey().Equal(key.Public()) {
+		return fmt.Errorf("%w: %s holds key %s but %s certifies key %s; one of the two files was replaced: restore the original key, or remove the identity and add or join it again",
+			ErrKeyMismatch, keyPath, shortKeyHash(key), certPath, cert.KeyHash()[:12])
+	}
+	return nil
+}
+
+func shortKeyHash(key ed25519.PrivateKey) string {
+	if len(key) != ed25519.PrivateKeySize {
+		return "(malformed)"
+	}
+	return KeyHash(key.Public().(ed25519.PublicKey))[:12]
 }
 
 // ParseKeyPEM decodes a PKCS#8 PEM Ed25519 private key.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -53,7 +54,16 @@ func TestKeyRoundTrip(t *testing.T) {
 }
 
 func TestReadKeyRefusesOpenPermissions(t *testing.T) {
-	for _, mode := range []os.FileMode{0o644, 0o640, 0o604, 0o620, 0o660} {
+	// Who may read the key is said exactly: 0640 exposes it to the group, not to "others".
+	for mode, who := range map[os.FileMode]string{
+		0o644: "readable by its group and by others",
+		0o640: "readable by its group",
+		0o604: "readable by others",
+		0o620: "accessible by its group",
+		0o660: "readable by its group",
+		0o602: "accessible by others",
+		0o622: "accessible by its group and by others",
+	} {
 		t.Run(mode.String(), func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "k")
 			require.NoError(t, WriteKey(path, mustKey(t)))
@@ -61,10 +71,22 @@ func TestReadKeyRefusesOpenPermissions(t *testing.T) {
 			_, err := ReadKey(path)
 			require.ErrorIs(t, err, ErrKeyPermissions)
 			assert.Contains(t, err.Error(), "run chmod 600 "+path)
-			if mode&0o044 != 0 {
-				assert.Contains(t, err.Error(), "is readable by others (mode 0"+formatOctal(mode)+")")
-			}
+			assert.Contains(t, err.Error(), "key file "+path+" is "+who+" (mode 0"+formatOctal(mode)+")")
 		})
+	}
+}
+
+// A key file cut short (a full disk, a copy interrupted) is refused with the file's name.
+func TestReadKeyTruncatedNamesFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "agent.key")
+	require.NoError(t, WriteKey(path, mustKey(t)))
+	data, err := os.ReadFile(path)
+	require.NoError(t, err)
+	for _, n := range []int{0, 20, len(data) / 2, len(data) - 30} {
+		require.NoError(t, os.WriteFile(path, data[:n], 0o600))
+		_, err := ReadKey(path)
+		require.ErrorIs(t, err, ErrKeyFile, "cut at %d", n)
+		assert.Contains(t, err.Error(), path, "cut at %d", n)
 	}
 }
 
@@ -125,4 +147,22 @@ func TestKeyHash(t *testing.T) {
 	assert.True(t, PinMatches(h, pub))
 	assert.False(t, PinMatches(h, other))
 	assert.False(t, PinMatches(h[:31], pub))
+}
+
+func TestCheckKeyPair(t *testing.T) {
+	key, err := GenerateKey()
+	require.NoError(t, err)
+	other, err := GenerateKey()
+	require.NoError(t, err)
+	ca, err := NewAuthority("acme.internal", key, time.Now().Add(-time.Minute), time.Hour)
+	require.NoError(t, err)
+
+	require.NoError(t, CheckKeyPair(key, "dir/x.key", ca, "dir/x.crt"))
+	for _, k := range []ed25519.PrivateKey{other, nil, key[:10]} {
+		err := CheckKeyPair(k, "dir/x.key", ca, "dir/x.crt")
+		require.ErrorIs(t, err, ErrKeyMismatch)
+		assert.Contains(t, err.Error(), "dir/x.key")
+		assert.Contains(t, err.Error(), "dir/x.crt")
+	}
+	require.ErrorIs(t, CheckKeyPair(key, "dir/x.key", nil, "dir/x.crt"), ErrKeyMismatch)
 }

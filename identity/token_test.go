@@ -3,7 +3,9 @@ package identity
 import (
 	"bytes"
 	"crypto/ed25519"
+	"fmt"
 	"log/slog"
+	"os"
 	"strings"
 	"testing"
 
@@ -129,4 +131,14 @@ func BenchmarkParseToken(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// docs/identity.md states the token's length; it must be the true one (issue 10 §8).
+func TestDocsStateTokenLength(t *testing.T) {
+	tok, err := NewToken(KeyHash(mustKey(t).Public().(ed25519.PublicKey)))
+	require.NoError(t, err)
+	require.Len(t, tok.String(), TokenLen)
+	doc, err := os.ReadFile("../docs/identity.md")
+	require.NoError(t, err)
+	assert.Contains(t, strings.Join(strings.Fields(string(doc)), " "), fmt.Sprintf("a token is %d characters in all", TokenLen))
 }

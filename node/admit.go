@@ -52,7 +52,7 @@ func (v peerVerifier) VerifyPeer(zone string, rawCerts [][]byte) (tunnel.Peer, e
 		region = cert.Claims.Regions[0]
 	}
 	self := n.certificate()
-	d := n.policy.Tunnel(zone,
+	d := n.pol().Tunnel(zone,
 		zones.Node{Name: self.ID.Name, Zones: self.Claims.ZoneNames(), Region: n.region},
 		zones.Node{Name: cert.ID.Name, Zones: cert.Claims.ZoneNames(), Region: region})
 	if !d.Allow {
@@ -139,20 +139,31 @@ func (n *Node) allowFlow(info *dtl.AgentInfo, c *dtl.Claims) error {
 	if err != nil {
 		return err
 	}
-	n.mu.Lock()
-	dst, ok := n.agents[agentKey{c.Zone, c.Destination.Agent}]
-	n.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("%w: %s in zone %s", errUnknownDestination, c.Destination.Agent, c.Zone)
-	}
-	d := n.policy.Flow(
+	d, err := n.flowDecision(n.pol(),
 		zones.Agent{Name: src.Name, Zone: src.Zone, Labels: info.Labels, Region: c.Region, Trust: zones.Score{Value: int(c.Trust), Known: true}},
-		zones.Agent{Name: dst.Name, Zone: dst.Zone, Labels: dst.Labels, Region: n.region, Trust: zones.Score{Value: int(n.trust), Known: true}},
-		c.Destination.Port, proto)
+		c.Zone, c.Destination.Agent, c.Destination.Port, proto)
+	if err != nil {
+		return err
+	}
 	if !d.Allow {
 		return &PolicyError{Decision: d}
 	}
 	return nil
+}
+
+// flowDecision is the zones decision on a flow from src to the local agent dstName of zone under
+// pol. Admission and a policy reload both ask it, so a reload cuts exactly what admission would
+// now refuse.
+func (n *Node) flowDecision(pol *zones.Policy, src zones.Agent, zone, dstName string, port uint16, proto zones.Proto) (zones.Decision, error) {
+	n.mu.Lock()
+	dst, ok := n.agents[agentKey{zone, dstName}]
+	n.mu.Unlock()
+	if !ok {
+		return zones.Decision{}, fmt.Errorf("%w: %s in zone %s", errUnknownDestination, dstName, zone)
+	}
+	return pol.Flow(src,
+		zones.Agent{Name: dst.Name, Zone: dst.Zone, Labels: dst.Labels, Region: n.region, Trust: zones.Score{Value: int(n.trust), Known: true}},
+		port, proto), nil
 }
 
 // admitter implements tunnel.Admitter.
@@ -295,14 +306,19 @@ func (n *Node) auditVerdict(ctx context.Context, peer, zone string, p *Provenanc
 		f["seq"] = strconv.FormatUint(p.Seq, 10)
 	}
 	ev := audit.EventAdmit
+	reason := ""
 	if err != nil {
 		ev = audit.EventDeny
 		d := dtl.Deny(err)
+		reason = d.Reason
 		f["reason"] = d.Reason
 		f["error"] = truncate(err.Error())
 		if p != nil {
 			f["verified"] = strconv.FormatBool(p.verified)
 		}
+	}
+	if n.cfg.OnVerdict != nil {
+		n.cfg.OnVerdict(zone, reason)
 	}
 	if aerr := n.audit.Append(ctx, audit.Entry{Event: ev, Fields: f}); aerr != nil {
 		n.log.Error("audit append failed", "event", ev, "err", aerr)

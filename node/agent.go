@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
@@ -348,7 +349,7 @@ func dialErr(addr string, err error) error {
 // revocationIDs are the identities whose revocation ends this agent's flows.
 func (a *Agent) revocationIDs() []string {
 	c := a.creds()
-	return []string{a.id.String(), serialKey(c.cert), c.node.ID.String(), serialKey(c.node)}
+	return record.ChainKeys(c.node, c.cert)
 }
 
 // dialedConn is a stream flow a local agent opened. Close also stops tracking it for revocation.
@@ -428,7 +429,7 @@ func (a *Agent) resolve(ctx context.Context, addr string) (destination, error) {
 	ip, ipErr := netip.ParseAddr(host)
 	if ipErr == nil {
 		ip = ip.Unmap()
-		if z, ok := a.n.policy.ZoneForAddr(ip); !ok || z.Name != zone {
+		if z, ok := a.n.pol().ZoneForAddr(ip); !ok || z.Name != zone {
 			other := "no zone"
 			if ok {
 				other = "zone " + z.Name
@@ -512,6 +513,11 @@ func (n *Node) tunnelTo(ctx context.Context, node, zone string) (*tunnel.Tunnel,
 	n.mu.Lock()
 	addr := n.peers[node]
 	n.mu.Unlock()
+	if !addr.IsValid() && n.cfg.Resolve != nil {
+		if a, ok := n.cfg.Resolve(node); ok {
+			addr = a
+		}
+	}
 	t, err := n.ep.Dial(ctx, addr, node, zone)
 	if err != nil {
 		if !addr.IsValid() && !errors.Is(err, tunnel.ErrZoneNotServed) {

@@ -5,8 +5,11 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"path/filepath"
 	"sync"
 
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/audit"
 )
 
@@ -14,10 +17,12 @@ import (
 var errAuditUnavailable = errors.New("node: audit log unavailable")
 
 // auditLog is the node's audit log, re-keyable at run time. The log signs its head with the node
-// key, and `ute audit verify` checks that head against node.crt; after a renewal installs a new
-// key, the log is closed (its head signed by the old key) and reopened with the new one, which
-// records the key change in the chain (audit.Options.RecordKeyChange) instead of leaving a head
-// that no longer verifies against node.crt while the node runs.
+// key, and `ute audit verify` checks that head against node.crt and the key handovers recorded
+// at each renewal (state.FileKeyHistory). The node opens the log with audit.Options.SetAside: it
+// never signs over entries it cannot verify against its own last signed head (a forged append, a
+// cut or edited log); it moves them aside, kept and named, and records that in the log. After a
+// renewal installs a new key, the log is closed (its head signed by the old key) and reopened
+// with the new one, which accepts the old key's head through its handover and records the change.
 type auditLog struct {
 	dir  string
 	opts audit.Options
@@ -28,7 +33,12 @@ type auditLog struct {
 }
 
 func openAuditLog(dir string, opts audit.Options) (*auditLog, error) {
-	opts.RecordKeyChange = true
+	opts.SetAside = opts.Key != nil
+	opts.RecordKeyChange = opts.Key == nil
+	var err error
+	if opts.TrustedKeys, err = earlierKeys(dir, opts.Key); err != nil {
+		return nil, err
+	}
 	l, err := audit.Open(dir, opts)
 	if err != nil {
 		return nil, err
@@ -82,6 +92,11 @@ func (a *auditLog) rekey(key ed25519.PrivateKey) error {
 	}
 	opts := a.opts
 	opts.Key = key
+	var err error
+	if opts.TrustedKeys, err = earlierKeys(a.dir, key); err != nil {
+		a.log, a.err = nil, err
+		return fmt.Errorf("node: audit log: %w", err)
+	}
 	l, err := audit.Open(a.dir, opts)
 	if err != nil {
 		a.log, a.err = nil, err
@@ -89,4 +104,17 @@ func (a *auditLog) rekey(key ed25519.PrivateKey) error {
 	}
 	a.log, a.opts = l, opts
 	return nil
+}
+
+// earlierKeys returns the node keys that handed over, directly or not, to key: the audit log in
+// dir (the node directory's audit/) accepts a head they signed.
+func earlierKeys(dir string, key ed25519.PrivateKey) ([]ed25519.PublicKey, error) {
+	if key == nil {
+		return nil, nil
+	}
+	hist, err := state.ReadKeyHistory(filepath.Dir(dir))
+	if err != nil {
+		return nil, fmt.Errorf("node: audit log: key history: %w", err)
+	}
+	return identity.Predecessors(key.Public().(ed25519.PublicKey), hist)[1:], nil
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/node/state"
 )
 
@@ -189,7 +190,7 @@ func (n *Node) noteAgents(certs ...*identity.Certificate) {
 // c is due at once when it does not verify under self (issued under a node key the node no
 // longer holds, expired, or not yet valid); otherwise at its half-life.
 func (n *Node) agentRenewAt(self, c *identity.Certificate, now time.Time) (time.Time, bool) {
-	if n.isRevoked(c.ID.String(), serialKey(c)) || !now.Before(self.X509.NotAfter) {
+	if n.isRevoked(record.ChainKeys(self, c)...) || !now.Before(self.X509.NotAfter) {
 		return time.Time{}, false
 	}
 	if n.verif.VerifyAgent(self, c, now) != nil {

@@ -16,6 +16,7 @@ import (
 	"github.com/fxamacker/cbor/v2"
 
 	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/overlay/audit"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
@@ -156,7 +157,7 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 		if err == nil && ac.ID.Zone != zone {
 			err = fmt.Errorf("%w: agent %s is in zone %s, tunnel carries %s", dtl.ErrZone, ac.ID, ac.ID.Zone, zone)
 		}
-		if err == nil && n.isRevoked(ac.ID.String(), serialKey(ac), peer.NodeID, serialKey(pc)) {
+		if err == nil && n.isRevoked(record.ChainKeys(pc, ac)...) {
 			err = fmt.Errorf("%w: %s", dtl.ErrRevoked, ac.ID)
 		}
 		if err != nil {

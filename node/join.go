@@ -21,7 +21,10 @@ type JoinParams struct {
 	// HostFingerprint overrides the host fingerprint digest; nil reads it from this host
 	// (machine-id, region, running binary). Several in-process demo nodes set their own.
 	HostFingerprint []byte
-	Now             func() time.Time
+	// Advertise is the underlay address (host:port) the authority hands other members as this
+	// node's bootstrap address; empty leaves it unknown.
+	Advertise string
+	Now       func() time.Time
 }
 
 // Join generates the node key, joins the trust domain with the token and saves the result in a
@@ -53,7 +56,7 @@ func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
 		return nil, err
 	}
 	j, err := authority.Join(ctx, authority.JoinParams{
-		Addr: p.Authority, Token: p.Token, Key: key, Name: p.Name, Region: p.Region, HostFingerprint: fp, Now: p.Now,
+		Addr: p.Authority, Token: p.Token, Key: key, Name: p.Name, Region: p.Region, HostFingerprint: fp, Now: p.Now, Advertise: p.Advertise,
 	})
 	if err != nil {
 		return nil, err
@@ -72,5 +75,18 @@ func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
 	}); err != nil {
 		return nil, err
 	}
+	if err := SaveBootstrap(d, j); err != nil {
+		return nil, err
+	}
 	return state.Open(p.Dir, state.WithClock(now))
+}
+
+// SaveBootstrap keeps what a join or renewal returned besides the identity: the bootstrap members
+// the daemon joins gossip through, and the signed policy release.
+func SaveBootstrap(d *state.Dir, j *authority.Joined) error {
+	ms := make([]state.Member, 0, len(j.Members))
+	for _, m := range j.Members {
+		ms = append(ms, state.Member{ID: m.ID, Addr: m.Addr, Zones: m.Zones})
+	}
+	return d.SaveBootstrap(ms, j.PolicyRelease)
 }

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/audit"
 	"github.com/ute-project/ute/overlay/dtl"
@@ -94,6 +95,27 @@ type Config struct {
 	// RenewMinRetry and RenewMaxRetry bound the backoff after a failed renewal or agent reissue
 	// (defaults 5 s and 5 min); RenewTimeout bounds one renewal attempt (default 30 s).
 	RenewMinRetry, RenewMaxRetry, RenewTimeout time.Duration
+	// Revoked seeds the revocation set (canonical key of a verified record, identity/record's
+	// Revocation.Keys, → reason) before the endpoint accepts
+	// its first handshake: the daemon passes every record of its durable store here, so that a
+	// node restarted after a crash enforces each accepted revocation from its first packet.
+	Revoked map[string]string
+	// ControlHandler and ControlDatagram receive the node-level control traffic of every tunnel
+	// (tunnel.Config: gossip runs there, overlay/gossip's Mux plugs in); nil refuses it.
+	ControlHandler  func(t *tunnel.Tunnel, channel byte, c net.Conn)
+	ControlDatagram func(t *tunnel.Tunnel, payload []byte)
+	// Policy, when set, is put in force instead of the policy stored at join: the daemon passes
+	// the newest signed policy release it holds, so a restarted node never runs an older one.
+	Policy *zones.Policy
+	// OnVerdict, if set, is told every audited flow verdict (metrics): reason is empty for an
+	// admission, else the dtl reason code. It must not block.
+	OnVerdict func(zone, reason string)
+	// Resolve, if set, names an address for a peer node ID this node has none for (the daemon
+	// answers from gossip and its bootstrap members). The handshake still proves the identity.
+	Resolve func(nodeID string) (netip.AddrPort, bool)
+	// Advertise is the underlay address (host:port) the node tells the authority at each
+	// renewal, for the bootstrap members it hands to other nodes; empty keeps the recorded one.
+	Advertise string
 }
 
 // Node is a running UTE node. All its methods are safe for concurrent use.
@@ -110,7 +132,7 @@ type Node struct {
 	key    tls.Certificate
 	anchor *identity.Certificate
 	verif  identity.Verifier
-	policy *zones.Policy
+	policy atomic.Pointer[zones.Policy] // replaced whole by SetPolicy
 	region string
 	trust  uint8
 	audit  *auditLog
@@ -183,6 +205,9 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	if n.trust > dtl.MaxTrust {
 		return nil, fmt.Errorf("%w: trust %d is outside 0..%d", ErrConfig, n.trust, dtl.MaxTrust)
 	}
+	for key, reason := range cfg.Revoked {
+		n.revoked[key] = reason
+	}
 	if err := n.load(); err != nil {
 		return nil, err
 	}
@@ -232,19 +257,21 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
 	ep, err := tunnel.New(tunnel.Config{
-		PacketConn:    n.pc,
-		Certificate:   n.key,
-		Zones:         n.cert.Claims.ZoneNames(),
-		Verifier:      peerVerifier{n},
-		Admitter:      admitter{n},
-		StreamHandler: n.handleStream,
-		PacketHandler: n.handlePacket,
-		OnTunnel:      n.onTunnel,
-		OnVerdict:     n.onVerdict,
-		OnRefused:     n.onRefused,
-		Clock:         n.now,
-		Logger:        n.log,
-		Limits:        cfg.Limits,
+		PacketConn:      n.pc,
+		Certificate:     n.key,
+		Zones:           n.cert.Claims.ZoneNames(),
+		Verifier:        peerVerifier{n},
+		Admitter:        admitter{n},
+		StreamHandler:   n.handleStream,
+		PacketHandler:   n.handlePacket,
+		OnTunnel:        n.onTunnel,
+		OnVerdict:       n.onVerdict,
+		OnRefused:       n.onRefused,
+		ControlHandler:  cfg.ControlHandler,
+		ControlDatagram: cfg.ControlDatagram,
+		Clock:           n.now,
+		Logger:          n.log,
+		Limits:          cfg.Limits,
 	})
 	if err != nil {
 		n.cancel()
@@ -291,9 +318,13 @@ func (n *Node) load() error {
 	if err != nil {
 		return err
 	}
-	if n.policy, err = zones.Parse(filepath.Join(n.cfg.Dir, state.FilePolicy), pol); err != nil {
-		return fmt.Errorf("node: stored policy: %w", err)
+	p := n.cfg.Policy
+	if p == nil {
+		if p, err = zones.Parse(filepath.Join(n.cfg.Dir, state.FilePolicy), pol); err != nil {
+			return fmt.Errorf("node: stored policy: %w", err)
+		}
 	}
+	n.policy.Store(p)
 	n.region = n.info.Region
 	if n.region == "" && len(n.cert.Claims.Regions) > 0 {
 		n.region = n.cert.Claims.Regions[0]
@@ -422,25 +453,43 @@ func (n *Node) peerID(s string) (string, error) {
 // revoked agent — inbound from a peer, outbound from a local agent, or same-node — is reset, so a
 // revoked subject loses its established connections, not just new ones. subject is a SPIFFE ID
 // (node or agent; revoking a node revokes its agents) or "serial:<decimal>" naming a certificate
-// serial. Revocation is idempotent. The set is in memory; signed, durable, gossiped revocation
-// records replace it in a later issue.
+// serial. Revocation is idempotent. The set is in memory: the daemon (node/daemon) persists every
+// signed record before it calls ApplyRevocation, and seeds the set at start (Config.Revoked).
 func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
 	key, err := canonicalSubject(subject)
 	if err != nil {
 		return err
 	}
+	_, err = n.ApplyRevocation(ctx, []string{key}, reason)
+	return err
+}
+
+// ApplyRevocation is Revoke for the canonical keys of a verified revocation record
+// (identity/record: a subject, or a serial as issued by one node). It returns how many tunnels it
+// closed and flows it reset.
+func (n *Node) ApplyRevocation(ctx context.Context, keys []string, reason string) (cut int, err error) {
+	match := func(ids ...string) bool {
+		for _, id := range ids {
+			if slices.Contains(keys, id) {
+				return true
+			}
+		}
+		return false
+	}
 	n.mu.Lock()
-	n.revoked[key] = reason
+	for _, key := range keys {
+		n.revoked[key] = reason
+	}
 	for z, m := range n.view {
 		for name, e := range m {
-			if e.node == key || e.agent == key || e.serial == key {
+			if match(e.node, e.agent, e.serial, e.serial+"@"+e.node) {
 				delete(n.view[z], name)
 			}
 		}
 	}
 	var abort []*liveFlow
 	for f := range n.flows {
-		if slices.Contains(f.ids, key) {
+		if match(f.ids...) {
 			abort = append(abort, f)
 		}
 	}
@@ -448,17 +497,20 @@ func (n *Node) Revoke(ctx context.Context, subject, reason string) error {
 	// The set is updated first: a handshake or admission racing with this call either sees the
 	// revocation or finishes before the sweeps below, which then close what it opened (onTunnel
 	// and the flow handlers re-check revocation after registering, for the remaining window).
-	tunnels := n.ep.CloseTunnels(func(p tunnel.Peer) bool { return peerMatches(p, key) })
+	tunnels := n.ep.CloseTunnels(func(p tunnel.Peer) bool {
+		return slices.ContainsFunc(keys, func(k string) bool { return peerMatches(p, k) })
+	})
 	inbound := n.ep.CloseFlows(func(_ string, adm tunnel.Admission) bool {
 		p := admissionProvenance(adm)
-		return p != nil && slices.Contains(p.ids, key)
+		return p != nil && match(p.ids...)
 	})
 	for _, f := range abort {
 		f.abort()
 	}
-	n.log.Info("revoked", "subject", key, "reason", reason, "tunnels_closed", tunnels, "flows_reset", inbound+len(abort))
-	return n.audit.Append(ctx, audit.Entry{Event: audit.EventRevoke, Fields: map[string]string{
-		"subject": key, "reason": reason,
+	subject := strings.Join(keys, ",")
+	n.log.Info("revoked", "subject", subject, "reason", reason, "tunnels_closed", tunnels, "flows_reset", inbound+len(abort))
+	return tunnels + inbound + len(abort), n.audit.Append(ctx, audit.Entry{Event: audit.EventRevoke, Fields: map[string]string{
+		"subject": subject, "reason": reason,
 		"tunnels_closed": strconv.Itoa(tunnels), "flows_reset": strconv.Itoa(inbound + len(abort)),
 	}})
 }
@@ -517,26 +569,11 @@ func (n *Node) untrackTunnel(t *tunnel.Tunnel) {
 }
 
 func canonicalSubject(s string) (string, error) {
-	if rest, ok := strings.CutPrefix(s, "serial:"); ok {
-		if rest == "" || len(rest) > 40 || !allDigits(rest) || (len(rest) > 1 && rest[0] == '0') {
-			return "", fmt.Errorf("%w: %q", ErrBadRevocation, s)
-		}
-		return "serial:" + rest, nil
-	}
-	id, err := identity.ParseID(s)
-	if err != nil || (id.Kind != identity.KindNode && id.Kind != identity.KindAgent) {
+	key, err := record.CanonicalSubject(s)
+	if err != nil {
 		return "", fmt.Errorf("%w: %q", ErrBadRevocation, s)
 	}
-	return id.String(), nil
-}
-
-func allDigits(s string) bool {
-	for _, c := range s {
-		if c < '0' || c > '9' {
-			return false
-		}
-	}
-	return true
+	return key, nil
 }
 
 func serialKey(c *identity.Certificate) string { return "serial:" + c.Serial().String() }
@@ -562,7 +599,7 @@ func (n *Node) localBinding(zone string) []byte {
 }
 
 func (n *Node) minTrust(zone string) (int, bool) {
-	z, ok := n.policy.Zone(zone)
+	z, ok := n.pol().Zone(zone)
 	if !ok {
 		return 0, false
 	}

@@ -35,9 +35,10 @@ type Provenance struct {
 	Local       bool   // the flow came from an agent of this same node (no tunnel)
 
 	verified    bool
-	chainCached bool     // the record named its chain by hash (docs/protocol.md §4)
-	recordSize  int      // bytes of the record as received
-	ids         []string // revocation identities of the source: agent, agent serial, node, node serial
+	chainCached bool              // the record named its chain by hash (docs/protocol.md §4)
+	recordSize  int               // bytes of the record as received
+	ids         []string          // revocation identities of the source: agent, agent serial, node, node serial
+	labels      map[string]string // the source agent's certificate labels, for a policy reload
 }
 
 // newProvenance builds the provenance of an admitted record from its verified claims and chain.
@@ -54,7 +55,7 @@ func newProvenance(ok *dtl.Admitted) (*Provenance, error) {
 		Fingerprint: append([]byte(nil), ok.Agent.Fingerprint...), Region: c.Region, Trust: c.Trust,
 		SourceIP: ok.Agent.OverlayIP, Drift: c.Drift, Destination: c.Destination, FlowID: c.FlowID, Seq: c.Seq,
 		IssuedAt: c.IssuedAt, AgentSerial: ok.Agent.AgentSerial, NodeSerial: ok.Agent.NodeSerial, verified: true,
-		chainCached: c.Chain == nil, ids: ok.Agent.RevocationIDs(),
+		chainCached: c.Chain == nil, ids: ok.Agent.RevocationIDs(), labels: ok.Agent.Labels,
 	}, nil
 }
 

@@ -12,6 +12,7 @@ import (
 
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/audit"
 )
@@ -46,6 +47,12 @@ type Renewed struct {
 // refuses to renew it again, authority.ErrSuperseded). Agents still carry certificates issued
 // with the old key; ReissueAgents replaces them.
 func RenewDir(ctx context.Context, d *state.Dir, addr string, now func() time.Time) (*Renewed, error) {
+	return renewDir(ctx, d, addr, "", now)
+}
+
+// renewDir is RenewDir telling the authority the node's advertised address (empty keeps the one
+// it recorded), and keeping the bootstrap members and policy release the answer carries.
+func renewDir(ctx context.Context, d *state.Dir, addr, advertise string, now func() time.Time) (*Renewed, error) {
 	if addr == "" {
 		return nil, fmt.Errorf("%w: no authority address to renew with; pass --authority", ErrConfig)
 	}
@@ -67,12 +74,15 @@ func RenewDir(ctx context.Context, d *state.Dir, addr string, now func() time.Ti
 	if err != nil {
 		return nil, err
 	}
-	j, err := authority.Renew(ctx, authority.RenewParams{Addr: addr, Authority: ca, Current: cur, Key: key, NewKey: newKey, Now: now})
+	j, err := authority.Renew(ctx, authority.RenewParams{Addr: addr, Authority: ca, Current: cur, Key: key, NewKey: newKey, Now: now, Advertise: advertise})
 	if err != nil {
 		return nil, err
 	}
 	if err := d.InstallRenewal(newKey, j.NodeCertDER); err != nil {
 		return nil, err
+	}
+	if err := SaveBootstrap(d, j); err != nil {
+		return nil, fmt.Errorf("renewed, but %w", err)
 	}
 	return &Renewed{Joined: j, Key: newKey}, nil
 }
@@ -111,7 +121,7 @@ func reissueAgents(d *state.Dir, skip func(*state.Agent) bool) ([]*state.Agent, 
 // revocation. It keeps its old chain, which the node's scheduler never reissues either.
 func (n *Node) reissueUnrevoked() ([]*state.Agent, error) {
 	return reissueAgents(n.dir, func(ag *state.Agent) bool {
-		return ag.Cert != nil && n.isRevoked(ag.Cert.ID.String(), serialKey(ag.Cert))
+		return ag.Cert != nil && n.isRevoked(record.ChainKeys(n.certificate(), ag.Cert)...)
 	})
 }
 
@@ -124,7 +134,7 @@ func (n *Node) renew(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	old := n.certificate()
-	r, err := RenewDir(ctx, n.dir, n.cfg.Authority, n.now)
+	r, err := renewDir(ctx, n.dir, n.cfg.Authority, n.cfg.Advertise, n.now)
 	if err != nil {
 		if n.ctx.Err() != nil {
 			return err

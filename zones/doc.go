@@ -4,7 +4,8 @@
 //
 // A policy is loaded from strict YAML (Parse, Load) or built in Go (New); either way it is validated
 // completely and compiled into per-zone indexes, after which it is immutable and safe for concurrent
-// use. Every decision returns a machine-readable Reason and a human sentence, and every decision
+// use. Parsing is bounded: before the YAML library builds a tree, a document nested deeper than
+// MaxDepth is refused (ErrTooDeep), so no policy file can exhaust a node's memory. Every decision returns a machine-readable Reason and a human sentence, and every decision
 // fails closed: a nil policy, an unknown zone, an empty name, a missing region or an absent trust
 // score is a denial, never an allow.
 //

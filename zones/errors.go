@@ -26,6 +26,7 @@ var (
 	ErrUnknownZone     = errors.New("unknown zone")
 	ErrBadPort         = errors.New("bad port")
 	ErrNodePrefix      = errors.New("bad node slice prefix")
+	ErrTooDeep         = errors.New("policy nested too deeply")
 )
 
 // ParseError locates a policy error: the file, the line and column when known, and the field as a

@@ -11,6 +11,7 @@ import (
 
 	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
+	"github.com/goccy/go-yaml/lexer"
 	"github.com/goccy/go-yaml/parser"
 )
 
@@ -48,8 +49,17 @@ func Parse(filename string, data []byte) (*Policy, error) {
 	if len(data) > MaxPolicySize {
 		return nil, errf(filename, pos{}, "", ErrTooLarge, "the file is larger than %d bytes", MaxPolicySize)
 	}
-	file, err := parseYAML(data)
+	// Nesting is checked on the raw bytes before the YAML library sees them, and again on its
+	// tokens before it builds a tree: its memory grows with the square of the depth.
+	if _, err := checkDepth(filename, data, MaxDepth); err != nil {
+		return nil, err
+	}
+	file, err := parseYAML(filename, data)
 	if err != nil {
+		var pe *ParseError
+		if errors.As(err, &pe) {
+			return nil, err
+		}
 		return nil, syntaxError(filename, err)
 	}
 	w := &walker{loc: &locator{file: filename}}
@@ -66,13 +76,17 @@ func Parse(filename string, data []byte) (*Policy, error) {
 // parseYAML runs the YAML parser, turning a panic inside it into an error: the parser is a
 // dependency fed with untrusted bytes, and a crash of the authority or a node on a bad file would
 // break invariant I8.
-func parseYAML(data []byte) (f *ast.File, err error) {
+func parseYAML(filename string, data []byte) (f *ast.File, err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			f, err = nil, fmt.Errorf("the YAML parser failed on this input (%v)", r)
 		}
 	}()
-	return parser.ParseBytes(data, 0)
+	tokens := lexer.Tokenize(string(data))
+	if _, err := checkTokenDepth(filename, tokens, MaxDepth); err != nil {
+		return nil, err
+	}
+	return parser.Parse(tokens, 0)
 }
 
 func syntaxError(filename string, err error) error {

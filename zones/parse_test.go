@@ -268,6 +268,9 @@ func FuzzParse(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
+	for _, deep := range deepDocs(100) { // nesting past MaxDepth in every shape (issue 10 §1)
+		f.Add([]byte(deep))
+	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := Parse("fuzz.yaml", data)
 		if err != nil {

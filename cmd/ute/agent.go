@@ -2,13 +2,16 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/ute-project/ute/node/localapi"
 	"github.com/ute-project/ute/node/state"
 )
 
@@ -61,11 +64,19 @@ func newAgentAddCmd() *cobra.Command {
 			if len(lm) == 0 {
 				lm = nil
 			}
+			spec := state.AgentSpec{Name: name, Zone: zone, Exe: exe, UID: uint32(uid), GID: uint32(gid), Labels: lm, Lifetime: lifetime}
+			if c, err := localapi.Dial(cmd.Context(), localapi.SocketPath(dir)); err == nil {
+				// A running daemon registers the agent itself, so that it is live at once.
+				defer func() { _ = c.Close() }()
+				return addAgentLive(cmd, c, spec, asJSON)
+			} else if !errors.Is(err, localapi.ErrNotRunning) {
+				return err
+			}
 			d, err := state.Open(dir)
 			if err != nil {
 				return err
 			}
-			ag, err := d.AddAgent(state.AgentSpec{Name: name, Zone: zone, Exe: exe, UID: uint32(uid), GID: uint32(gid), Labels: lm, Lifetime: lifetime})
+			ag, err := d.AddAgent(spec)
 			if err != nil {
 				return err
 			}
@@ -89,4 +100,24 @@ func newAgentAddCmd() *cobra.Command {
 	cmd.Flags().DurationVar(&lifetime, "lifetime", state.DefaultAgentLifetime, "certificate lifetime (capped by the node certificate)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the agent as JSON")
 	return cmd
+}
+
+// addAgentLive registers an agent through the running daemon's local API.
+func addAgentLive(cmd *cobra.Command, c *localapi.Client, spec state.AgentSpec, asJSON bool) error {
+	exe, err := filepath.Abs(spec.Exe)
+	if err != nil {
+		return err
+	}
+	uid, gid := spec.UID, spec.GID
+	ag, err := c.AddAgent(cmd.Context(), localapi.AgentSpec{Name: spec.Name, Zone: spec.Zone, Exe: exe, UID: &uid, GID: &gid,
+		Labels: spec.Labels, Lifetime: int64(spec.Lifetime / time.Second)})
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return json.NewEncoder(cmd.OutOrStdout()).Encode(agentView{Name: ag.Name, Zone: ag.Zone, IP: ag.OverlayIP, SPIFFEID: ag.ID,
+			Serial: strings.TrimPrefix(ag.Serial, "serial:"), NotAfter: ag.NotAfter, Labels: spec.Labels})
+	}
+	_, err = fmt.Fprintln(cmd.OutOrStdout(), ag.OverlayIP)
+	return err
 }

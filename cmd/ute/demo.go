@@ -27,6 +27,8 @@ import (
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/config"
+	nodedaemon "github.com/ute-project/ute/node/daemon"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
@@ -89,7 +91,9 @@ type demo struct {
 	authAddr string
 	tokens   map[string]string
 	nodes    map[string]*node.Node
+	daemons  map[string]*nodedaemon.Daemon
 	servers  map[string]*demoServer
+	sockets  []net.PacketConn
 	// stopAuthority stops the authority's server and closes its store.
 	stopAuthority func()
 }
@@ -127,6 +131,9 @@ func (d *demo) run(ctx context.Context) error {
 	d.replay(ctx)
 	d.tokenReuse(ctx)
 	d.forgedAgent(ctx)
+
+	fmt.Fprintln(d.out, "\nRevocation (signed record: authority watch, then gossip; cuts live flows)")
+	d.revocation(ctx)
 
 	fmt.Fprintf(d.out, "\n%d node(s), %d zone(s), finished in %s\n", len(d.nodes), 2, time.Since(start).Round(time.Millisecond))
 	if len(d.failures) > 0 {
@@ -177,6 +184,7 @@ func (d *demo) startNodes(ctx context.Context) error {
 		{"c", []string{"support"}, [][2]string{{"support", "helpdesk"}}},
 	}
 	d.tokens, d.nodes, d.servers = map[string]string{}, map[string]*node.Node{}, map[string]*demoServer{}
+	d.daemons = map[string]*nodedaemon.Daemon{}
 	for _, p := range plan {
 		t0 := time.Now()
 		tok, err := d.auth.CreateToken(ctx, authority.TokenSpec{Zones: p.zones, TTL: 5 * time.Minute})
@@ -185,7 +193,15 @@ func (d *demo) startNodes(ctx context.Context) error {
 		}
 		d.tokens[p.name] = tok.Token
 		fp := sha256.Sum256([]byte("demo host " + p.name))
-		sd, err := node.Join(ctx, node.JoinParams{Dir: filepath.Join(d.dir, p.name), Authority: d.authAddr, Token: tok.Token, Name: p.name, HostFingerprint: fp[:]})
+		// The node's UDP socket is bound before the join, so that the authority can hand its
+		// address to the nodes that join after it: the only bootstrap gossip needs.
+		pc, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			return fmt.Errorf("demo: node %s socket: %w", p.name, err)
+		}
+		d.sockets = append(d.sockets, pc)
+		sd, err := node.Join(ctx, node.JoinParams{Dir: filepath.Join(d.dir, p.name), Authority: d.authAddr, Token: tok.Token, Name: p.name,
+			HostFingerprint: fp[:], Advertise: pc.LocalAddr().String()})
 		if err != nil {
 			return fmt.Errorf("demo: node %s join: %w", p.name, err)
 		}
@@ -197,22 +213,18 @@ func (d *demo) startNodes(ctx context.Context) error {
 			}
 			names = append(names, fmt.Sprintf("%s.%s=%s", ag[1], ag[0], a.IP))
 		}
-		n, err := node.Open(ctx, node.Config{Dir: sd.Path(), Logger: slog.New(slog.DiscardHandler)})
+		dm, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: sd.Path(), Config: config.Default(), PacketConn: pc,
+			Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			return fmt.Errorf("demo: node %s: %w", p.name, err)
 		}
-		d.nodes[p.name] = n
+		n := dm.Node()
+		d.daemons[p.name], d.nodes[p.name] = dm, n
 		fmt.Fprintf(d.out, "  node %s  joined with a one-time token in %-6s zones %-17s udp %s  agents %s\n",
 			p.name, time.Since(t0).Round(time.Millisecond), strings.Join(p.zones, ","), n.Addr(), strings.Join(names, " "))
 	}
-	for an, a := range d.nodes {
-		for bn, b := range d.nodes {
-			if an != bn {
-				if err := a.AddPeer(node.Peer{Node: bn, Addr: b.Addr()}); err != nil {
-					return err
-				}
-			}
-		}
+	if err := d.awaitGossip(ctx); err != nil {
+		return err
 	}
 	for _, s := range []struct{ node, zone, name string }{{"b", "payments", "ledger"}, {"b", "support", "tickets"}, {"a", "payments", "billing-api"}} {
 		if err := d.serve(s.node, s.zone, s.name); err != nil {
@@ -254,8 +266,11 @@ func (d *demo) stop() {
 	for _, s := range d.servers {
 		_ = s.srv.Close()
 	}
-	for _, n := range d.nodes {
-		_ = n.Close()
+	for _, dm := range d.daemons {
+		_ = dm.Close()
+	}
+	for _, pc := range d.sockets {
+		_ = pc.Close()
 	}
 	if d.stopAuthority != nil {
 		d.stopAuthority()
@@ -539,3 +554,83 @@ func (c *countingConn) Read(p []byte) (int, error) {
 }
 
 func (c *countingConn) NetConn() net.Conn { return c.Conn }
+
+// awaitGossip waits until every node's zone pools hold the zone's other nodes: no node was given
+// a peer; each learned the others from the authority's join response and gossip.
+func (d *demo) awaitGossip(ctx context.Context) error {
+	t0 := time.Now()
+	want := map[string]map[string]int{"a": {"payments": 1}, "b": {"payments": 1, "support": 1}, "c": {"support": 1}}
+	for {
+		done := true
+		var seen []string
+		for name, zones := range want {
+			for z, n := range zones {
+				got := len(d.daemons[name].Members(z)) - 1
+				if got < n {
+					done = false
+				}
+				seen = append(seen, fmt.Sprintf("%s/%s:%d", name, z, got))
+			}
+		}
+		if done {
+			fmt.Fprintf(d.out, "  gossip   every node found its zone peers by itself in %s (no static peers; join gave each a bootstrap member)\n",
+				time.Since(t0).Round(time.Millisecond))
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("demo: gossip did not converge: %s", strings.Join(seen, " "))
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// revocation revokes an agent at the authority while it holds a live flow, and shows the record
+// reaching every node of its zone and the flow being cut.
+func (d *demo) revocation(ctx context.Context) {
+	a, err := d.nodes["a"].Agent("payments", "billing-api")
+	if err != nil {
+		d.failf("billing-api: %v", err)
+		return
+	}
+	conn, err := a.Dial(ctx, "tcp", "ledger.payments:8080")
+	if err != nil {
+		d.failf("billing-api → ledger before revocation: %v", err)
+		return
+	}
+	defer func() { _ = conn.Close() }()
+	subject := a.ID().String()
+	t0 := time.Now()
+	rev, err := d.auth.RevokeSubject(ctx, subject, "token stolen from the agent's browser session")
+	if err != nil {
+		d.failf("revoke %s: %v", subject, err)
+		return
+	}
+	for _, name := range []string{"a", "b"} {
+		for !d.daemons[name].Store().Revoked(subject) {
+			if time.Since(t0) > 5*time.Second {
+				d.failf("node %s never held the revocation of %s", name, subject)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	held := time.Since(t0)
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, rerr := conn.Read(make([]byte, 1))
+	cut := time.Since(t0)
+	if rerr == nil || errors.Is(rerr, os.ErrDeadlineExceeded) {
+		d.failf("the revoked agent's live flow was not cut: %v", rerr)
+		return
+	}
+	fmt.Fprintf(d.out, "  ok       authority revoked %s (record seq %d, signed, durable)\n", subject, rev.Seq)
+	fmt.Fprintf(d.out, "           nodes a and b held the record %s later (watch + gossip); the live flow was cut after %s\n",
+		held.Round(10*time.Microsecond), cut.Round(10*time.Microsecond))
+	d.expectRefused("revoked billing-api.payments → ledger.payments:8080 (new flow)", &d.servers["ledger"].received, dtl.ErrRevoked, func() error {
+		c, err := a.Dial(ctx, "tcp", "ledger.payments:8080")
+		if err == nil {
+			_ = c.Close()
+		}
+		return err
+	})
+}

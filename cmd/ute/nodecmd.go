@@ -2,10 +2,12 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -16,6 +18,7 @@ import (
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/zones"
 )
 
 // newNodeCmd groups the node commands. extra lets the daemon's file attach `node run` without
@@ -44,20 +47,28 @@ type joinView struct {
 // while the join runs, a process's environment and stdin are visible only to its owner and root.
 const envJoinToken = "UTE_JOIN_TOKEN"
 
-// joinToken resolves the --token flag: "-" reads one line from stdin, "" falls back to the
-// environment, anything else is the token itself.
+// maxTokenInput bounds what `--token -` reads from stdin: blank lines before the token (a here
+// document, an echo with a leading newline) and the token itself.
+const maxTokenInput = 4096 + 4*identity.TokenLen
+
+// joinToken resolves the --token flag: "-" reads the first non-blank line from stdin, "" falls
+// back to the environment, anything else is the token itself.
 func joinToken(flag string, stdin io.Reader, getenv func(string) string) (string, error) {
 	switch flag {
 	case "-":
-		line, err := bufio.NewReader(io.LimitReader(stdin, int64(4*identity.TokenLen))).ReadString('\n')
-		if err != nil && !errors.Is(err, io.EOF) {
-			return "", fmt.Errorf("read the join token from stdin: %w", err)
+		r := bufio.NewReader(io.LimitReader(stdin, int64(maxTokenInput)))
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil && !errors.Is(err, io.EOF) {
+				return "", fmt.Errorf("read the join token from stdin: %w", err)
+			}
+			if tok := strings.TrimSpace(line); tok != "" {
+				return tok, nil
+			}
+			if err != nil {
+				return "", usagef("--token - read no token from stdin; pipe the token printed by `ute token create`")
+			}
 		}
-		tok := strings.TrimSpace(line)
-		if tok == "" {
-			return "", usagef("--token - read no token from stdin; pipe the token printed by `ute token create`")
-		}
-		return tok, nil
 	case "":
 		return strings.TrimSpace(getenv(envJoinToken)), nil
 	default:
@@ -65,10 +76,25 @@ func joinToken(flag string, stdin io.Reader, getenv func(string) string) (string
 	}
 }
 
+// joinRetryAdvice completes a join that timed out with what the operator needs next: whether the
+// token may already be spent. A failed join keeps nothing here (the directory it created is
+// removed), so a retry is always harmless; what differs is whether it can succeed.
+func joinRetryAdvice(err error) error {
+	var ne net.Error
+	if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, os.ErrDeadlineExceeded) && !(errors.As(err, &ne) && ne.Timeout()) {
+		return err
+	}
+	if strings.Contains(err.Error(), "connect to authority") {
+		return fmt.Errorf("%w; the authority was not reached, so the token was not used: retrying with the same token is safe", err)
+	}
+	return fmt.Errorf("%w; the request was sent and the authority may have redeemed the token: retrying is safe (nothing was kept here), "+
+		"and if the retry is refused with \"token already used\" the join did not complete here: create a new token (`ute token create`)", err)
+}
+
 func newNodeJoinCmd() *cobra.Command {
 	var (
-		dir, addr, token, name, region string
-		asJSON                         bool
+		dir, addr, token, name, region, advertise string
+		asJSON                                    bool
 	)
 	cmd := &cobra.Command{
 		Use:   "join --dir N --authority ADDR --token T [--name NAME] [--region R]",
@@ -82,6 +108,11 @@ func newNodeJoinCmd() *cobra.Command {
 			token = resolved
 			if dir == "" || addr == "" || token == "" {
 				return usagef("node join needs --dir, --authority and --token (or --token - with the token on stdin, or %s)", envJoinToken)
+			}
+			// An explicitly empty --name (an unset shell variable) is a mistake, not a request
+			// for the host name: refuse it before the one-time token is spent.
+			if name == "" && cmd.Flags().Changed("name") {
+				return usagef("--name is empty; give the node name, or leave --name out to use the host name")
 			}
 			if name == "" {
 				h, err := os.Hostname()
@@ -119,10 +150,15 @@ func newNodeJoinCmd() *cobra.Command {
 				return err
 			}
 			j, err := authority.Join(cmd.Context(), authority.JoinParams{
-				Addr: addr, Token: token, Key: key, Name: name, Region: region, HostFingerprint: fp[:],
+				Addr: addr, Token: token, Key: key, Name: name, Region: region, HostFingerprint: fp[:], Advertise: advertise,
 			})
 			if err != nil {
-				return err
+				return joinRetryAdvice(err)
+			}
+			// The policy is checked (bounded nesting included) before it is stored: a node that
+			// joined with a policy it cannot parse could never start.
+			if _, err := zones.Parse("policy received from the authority at "+addr, j.Policy); err != nil {
+				return fmt.Errorf("node join: %w", err)
 			}
 			nodeRegion := ""
 			if len(j.Node.Claims.Regions) > 0 {
@@ -132,6 +168,9 @@ func newNodeJoinCmd() *cobra.Command {
 				Key: key, NodeCert: j.NodeCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
 				Info: state.Info{Name: name, Region: nodeRegion, TrustDomain: j.Node.ID.TrustDomain, Authority: addr, JoinedAt: time.Now().UTC()},
 			}); err != nil {
+				return err
+			}
+			if err := node.SaveBootstrap(d, j); err != nil {
 				return err
 			}
 			v := joinView{Dir: dir, Node: j.Node.ID.String(), Serial: j.Node.Serial().String(),
@@ -149,6 +188,7 @@ func newNodeJoinCmd() *cobra.Command {
 	cmd.Flags().StringVar(&token, "token", "", "join token from `ute token create`; - reads it from stdin (keeps it out of ps), default $"+envJoinToken)
 	cmd.Flags().StringVar(&name, "name", "", "node name (default: the hostname)")
 	cmd.Flags().StringVar(&region, "region", "", "region this node runs in (default: the token's only region)")
+	cmd.Flags().StringVar(&advertise, "advertise", "", "underlay address host:port other nodes will reach this node at; the authority hands it to them as a bootstrap member")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the result as JSON")
 	return cmd
 }

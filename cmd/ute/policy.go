@@ -16,9 +16,9 @@ import (
 func newPolicyCmd(extra ...*cobra.Command) *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "policy",
-		Short: "Validate and explain zone policy files",
+		Short: "Validate, explain and apply zone policy files",
 	}
-	cmd.AddCommand(newPolicyCheckCmd(), newPolicyExplainCmd())
+	cmd.AddCommand(newPolicyCheckCmd(), newPolicyExplainCmd(), newPolicyApplyCmd())
 	cmd.AddCommand(extra...)
 	return cmd
 }

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -135,4 +136,25 @@ func TestPolicyExplain(t *testing.T) {
 	code, _, errOut := runPolicyCLI(t, "policy", "explain", filepath.Join(t.TempDir(), "none.yaml"), "--from", "a/b", "--to", "a/c", "--port", "1")
 	assert.Equal(t, 1, code, "a missing policy file is a failure, not a usage error")
 	assert.Contains(t, errOut, "none.yaml")
+}
+
+// TestPolicyDeepDocumentRefused is issue 10 §1 through the CLI: the reproduction from the issue
+// (50,000 nested lists) is refused at once by check and by explain, naming the file, the line and
+// the limit.
+func TestPolicyDeepDocumentRefused(t *testing.T) {
+	deep := filepath.Join(t.TempDir(), "deep.yaml")
+	require.NoError(t, os.WriteFile(deep, []byte("zones: "+strings.Repeat("[", 50000)+strings.Repeat("]", 50000)+"\n"), 0o600))
+	for _, args := range [][]string{
+		{"policy", "check", deep},
+		{"policy", "explain", deep, "--from", "payments/a", "--to", "payments/b", "--port", "443"},
+	} {
+		start := time.Now()
+		code, out, errOut := runPolicyCLI(t, args...)
+		assert.Less(t, time.Since(start), time.Second, args[1])
+		assert.Equal(t, 1, code, errOut)
+		assert.Empty(t, out)
+		assert.Contains(t, errOut, deep+":1:", args[1])
+		assert.Contains(t, errOut, "more than 32 levels", args[1])
+		assert.Equal(t, 1, strings.Count(errOut, "\n"), "one line: %q", errOut)
+	}
 }

@@ -81,7 +81,10 @@ func TestRevokeCLIOffline(t *testing.T) {
 
 	runCLI(t, "revoke", "--dir", authDir, "spiffe://acme.internal/node/ghost", "--reason", "x").fails(t, 1, "revocation subject unknown: no certificate was ever issued to spiffe://acme.internal/node/ghost")
 	runCLI(t, "revoke", "--dir", authDir, "serial:42", "--reason", "x").fails(t, 1, "serial 42 was never issued")
-	runCLI(t, "revoke", "--dir", authDir, "spiffe://acme.internal/zone/payments/agent/billing", "--reason", "x").fails(t, 1, "revoked by their node")
+	agentOut := runCLI(t, "revoke", "--dir", authDir, "spiffe://acme.internal/zone/payments/agent/billing", "--reason", "x").ok(t)
+	assert.Contains(t, agentOut, "revocation record seq 2 for spiffe://acme.internal/zone/payments/agent/billing, durable")
+	agentOut = runCLI(t, "revoke", "--dir", authDir, "spiffe://acme.internal/zone/payments/agent/billing", "--reason", "x").ok(t)
+	assert.Contains(t, agentOut, "already revoked by revocation record seq 2")
 	runCLI(t, "revoke", "--dir", authDir, "node/n1", "--reason", "x").fails(t, 2, "revocation request malformed")
 	runCLI(t, "revoke", "--dir", authDir, "serial:0", "--reason", "x").fails(t, 2, "serial:0")
 	runCLI(t, "revoke", "--dir", authDir, "serial:1").fails(t, 2, "--reason")
@@ -155,7 +158,9 @@ func TestRevokeAndRenewRetryThroughDaemon(t *testing.T) {
 
 	ute(t, "node", "renew", "--dir", nodeDir, "--authority", d.addr).fails(t, 1, "certificate revoked")
 	ute(t, "revoke", "--dir", authDir, "spiffe://acme.internal/node/ghost", "--reason", "x").fails(t, 1, "revocation subject unknown")
-	ute(t, "revoke", "--dir", authDir, "spiffe://acme.internal/zone/payments/agent/billing", "--reason", "x").fails(t, 1, "revoked by their node")
+	assert.Contains(t, out, "revocation record seq 1 for spiffe://acme.internal/node/n1, durable")
+	agentOut := ute(t, "revoke", "--dir", authDir, "spiffe://acme.internal/zone/payments/agent/billing", "--reason", "x").ok(t)
+	assert.Contains(t, agentOut, "revocation record seq 2 for spiffe://acme.internal/zone/payments/agent/billing")
 	ute(t, "revoke", "--dir", authDir, "spiffe://acme.internal/node/N1", "--reason", "x").fails(t, 2, "revocation request malformed")
 
 	// The name is free again: a new node joins as n1.

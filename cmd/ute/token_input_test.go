@@ -33,6 +33,8 @@ func TestJoinTokenSources(t *testing.T) {
 		{"flag", tok, "", noEnv, tok},
 		{"stdin line", "-", tok + "\n", noEnv, tok},
 		{"stdin without newline", "-", tok, noEnv, tok},
+		{"stdin after blank lines", "-", "\n  \n\r\n\t\n" + tok + "\n", noEnv, tok},
+		{"stdin after blank lines, no newline", "-", "\n\n" + tok, noEnv, tok},
 		{"stdin wins over env", "-", tok + "\n", func(string) string { return "other" }, tok},
 		{"environment", "", "", env, tok},
 		{"nothing", "", "", noEnv, ""},
@@ -47,10 +49,12 @@ func TestJoinTokenSources(t *testing.T) {
 }
 
 func TestJoinTokenEmptyStdinIsUsageError(t *testing.T) {
-	_, err := joinToken("-", strings.NewReader("\n"), func(string) string { return "" })
-	var ue usageError
-	require.ErrorAs(t, err, &ue)
-	assert.Contains(t, err.Error(), "read no token from stdin")
+	for _, in := range []string{"", "\n", "\n\n  \n\r\n", strings.Repeat("\n", maxTokenInput+10) + "ute1.a.b.c\n"} {
+		_, err := joinToken("-", strings.NewReader(in), func(string) string { return "" })
+		var ue usageError
+		require.ErrorAs(t, err, &ue, "%.20q", in)
+		assert.Contains(t, err.Error(), "read no token from stdin")
+	}
 }
 
 // The whole join flow with the token piped on stdin.

@@ -12,8 +12,9 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"syscall"
 	"time"
+
+	"github.com/ute-project/ute/identity/localsock"
 )
 
 // The admin socket lets `ute token create`, `ute authority audit` and `ute revoke` reach a running authority:
@@ -55,6 +56,8 @@ type Admin interface {
 	Audit(ctx context.Context) ([]AuditRecord, error)
 	// Revoke revokes a subject ("serial:N" or a node SPIFFE ID); see Authority.RevokeSubject.
 	Revoke(ctx context.Context, subject, reason string) (Revocation, error)
+	// ApplyPolicy replaces the policy (name: the file it came from); see Authority.ApplyPolicy.
+	ApplyPolicy(ctx context.Context, name string, policy []byte) (PolicyApplied, error)
 	Close() error
 }
 
@@ -102,21 +105,18 @@ func (l localAdmin) Revoke(ctx context.Context, subject, reason string) (Revocat
 type AdminServer struct {
 	a    *Authority
 	sock string
-	ln   net.Listener
+	ln   *localsock.Listener
 }
 
 // ListenAdmin binds the admin socket (mode 0600) now, so that once it returns a CLI call reaches
 // the daemon instead of finding the store locked. Serve answers on it.
 func (a *Authority) ListenAdmin() (*AdminServer, error) {
 	sock := filepath.Join(a.dir, FileSocket)
-	_ = os.Remove(sock)
-	ln, err := net.Listen("unix", sock)
+	// localsock removes a stale socket left by a killed daemon, refuses one a live process
+	// answers on, and removes the file again when the listener closes.
+	ln, err := localsock.Listen(sock)
 	if err != nil {
-		return nil, fmt.Errorf("admin socket %s: %w", sock, err)
-	}
-	if err := os.Chmod(sock, 0o600); err != nil {
-		_ = ln.Close()
-		return nil, fmt.Errorf("admin socket %s: %w", sock, err)
+		return nil, fmt.Errorf("admin socket: %w", err)
 	}
 	return &AdminServer{a: a, sock: sock, ln: ln}, nil
 }
@@ -137,6 +137,7 @@ func (s *AdminServer) Serve(ctx context.Context) error {
 	mux.HandleFunc("POST "+pathTokens, a.handleCreateToken)
 	mux.HandleFunc("GET "+pathAudit, a.handleAudit)
 	mux.HandleFunc("POST "+pathRevoke, a.handleRevoke)
+	mux.HandleFunc("POST "+pathPolicy, a.handleApplyPolicy)
 	srv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: adminTimeout,
@@ -145,67 +146,26 @@ func (s *AdminServer) Serve(ctx context.Context) error {
 		ErrorLog:          slog.NewLogLogger(a.log.Handler(), slog.LevelWarn),
 		ConnContext:       func(ctx context.Context, _ net.Conn) context.Context { return ctx },
 	}
-	allowed := &peerCheckListener{Listener: ln, uid: uint32(os.Getuid()), log: a.log}
+	// Only root and the daemon's own user get through: the socket's mode is the first gate, this
+	// is the second, for a mode or directory loosened by mistake.
+	allowed := localsock.AllowRootAnd(uint32(os.Getuid())).CheckedListener(ln, func(c localsock.Cred, err error) {
+		a.log.Warn("admin socket: refused connection", "peer_uid", c.UID, "peer_pid", c.PID, "err", err)
+	})
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(allowed) }()
+	// Closing the listener (Shutdown, or Serve on its way out) removes the socket file.
 	select {
 	case <-ctx.Done():
 		shutCtx, cancel := context.WithTimeout(context.Background(), adminTimeout)
 		defer cancel()
 		_ = srv.Shutdown(shutCtx)
 		<-done
-		_ = os.Remove(sock)
+		_ = ln.Close()
 		return nil
 	case err := <-done:
-		_ = os.Remove(sock)
-		return fmt.Errorf("admin socket: %w", err)
+		_ = ln.Close()
+		return fmt.Errorf("admin socket %s: %w", sock, err)
 	}
-}
-
-// peerCheckListener drops connections whose SO_PEERCRED uid is neither root nor the daemon's.
-type peerCheckListener struct {
-	net.Listener
-	uid uint32
-	log *slog.Logger
-}
-
-func (l *peerCheckListener) Accept() (net.Conn, error) {
-	for {
-		c, err := l.Listener.Accept()
-		if err != nil {
-			return nil, err
-		}
-		uid, err := peerUID(c)
-		if err == nil && (uid == 0 || uid == l.uid) {
-			return c, nil
-		}
-		l.log.Warn("admin socket: refused connection", "peer_uid", uid, "err", err)
-		_ = c.Close()
-	}
-}
-
-func peerUID(c net.Conn) (uint32, error) {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return 0, errors.New("not a unix connection")
-	}
-	raw, err := uc.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var (
-		cred *syscall.Ucred
-		cerr error
-	)
-	if err := raw.Control(func(fd uintptr) {
-		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-	}); err != nil {
-		return 0, err
-	}
-	if cerr != nil {
-		return 0, cerr
-	}
-	return cred.Uid, nil
 }
 
 type adminError struct {
@@ -333,7 +293,7 @@ func (c *adminClient) do(ctx context.Context, method, path string, in, out any) 
 // remoteAdminError restores the sentinel of an error the daemon reported, so the CLI's errors.Is
 // works the same whether it went through the socket or opened the store.
 func remoteAdminError(msg string) error {
-	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized, ErrRevocationMalformed, ErrSubjectUnknown, ErrAgentRevocation} {
+	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized, ErrRevocationMalformed, ErrSubjectUnknown, ErrAgentRevocation, ErrPolicyInvalid} {
 		if len(msg) >= len(s.Error()) && msg[:len(s.Error())] == s.Error() {
 			return fmt.Errorf("%w%s", s, msg[len(s.Error()):])
 		}

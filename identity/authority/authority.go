@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"time"
 
 	"github.com/ute-project/ute/identity"
@@ -78,11 +79,17 @@ type Authority struct {
 	certDER     []byte
 	store       *Store
 	trustDomain string
-	policy      *zones.Policy
-	policyBytes []byte
 	opts        Options
 	log         *slog.Logger
 	noise       *noiseLimiter
+	// watch fans committed revocation records and policy releases out to watch connections.
+	watch *watchHub
+
+	// mu guards the policy, which `ute policy apply` replaces while joins and renewals read it.
+	mu            sync.RWMutex
+	policy        *zones.Policy
+	policyBytes   []byte
+	policyRelease []byte
 }
 
 // Init creates a new authority in dir: the directory (0700), the root key (0600), the self-signed
@@ -176,11 +183,16 @@ func open(dir string, key ed25519.PrivateKey, cert *identity.Certificate, st *St
 	if err != nil {
 		return nil, fmt.Errorf("stored policy: %w", err)
 	}
-	return &Authority{
+	a := &Authority{
 		dir: dir, key: key, cert: cert, certDER: cert.Raw(), store: st,
 		trustDomain: meta.TrustDomain, policy: policy, policyBytes: meta.Policy,
 		opts: opts, log: opts.Logger, noise: newNoiseLimiter(opts.Limits, opts.Now()),
-	}, nil
+		watch: newWatchHub(opts.Limits),
+	}
+	if err := a.ensurePolicyRelease(); err != nil {
+		return nil, err
+	}
+	return a, nil
 }
 
 // Close writes the pending summaries of suppressed refusals and releases the store.
@@ -213,11 +225,24 @@ func (a *Authority) Pin() string { return identity.KeyHash(a.cert.PublicKey()) }
 func (a *Authority) Store() *Store { return a.store }
 
 // Policy returns the policy the authority hands to nodes.
-func (a *Authority) Policy() *zones.Policy { return a.policy }
+func (a *Authority) Policy() *zones.Policy { return a.pol() }
 
-// Revoke adds a certificate serial to the revoked set: that certificate can no longer renew.
+// PolicyRelease returns the current policy version and its signed release.
+func (a *Authority) PolicyRelease() (uint64, []byte, error) { return a.store.PolicyRelease() }
+
+// pol is the current policy. A join or renewal that races a policy apply may see the old policy
+// in one check and the new one in the next; each check is against a validated policy either way.
+func (a *Authority) pol() *zones.Policy {
+	a.mu.RLock()
+	defer a.mu.RUnlock()
+	return a.policy
+}
+
+// Revoke revokes one certificate serial (RevokeSubject of "serial:N"): that certificate can no
+// longer renew, and a revocation record tells the nodes.
 func (a *Authority) Revoke(serial uint64, reason string) error {
-	return a.store.Revoke(serial, reason, a.opts.Now())
+	_, err := a.RevokeSubject(context.Background(), Subject{Serial: serial}.String(), reason)
+	return err
 }
 
 // CreateToken mints a join token for zones (and optionally regions) valid for spec.TTL. The
@@ -237,7 +262,7 @@ func (a *Authority) CreateToken(_ context.Context, spec TokenSpec) (IssuedToken,
 	slices.Sort(zs)
 	zs = slices.Compact(zs)
 	for _, name := range zs {
-		z, ok := a.policy.Zone(name)
+		z, ok := a.pol().Zone(name)
 		if !ok {
 			return IssuedToken{}, fmt.Errorf("%w: %q; the policy has %v", ErrZoneUnknown, name, a.zoneNames())
 		}
@@ -266,8 +291,9 @@ func (a *Authority) CreateToken(_ context.Context, spec TokenSpec) (IssuedToken,
 }
 
 func (a *Authority) zoneNames() []string {
-	out := make([]string, 0, len(a.policy.Zones))
-	for _, z := range a.policy.Zones {
+	pol := a.pol()
+	out := make([]string, 0, len(pol.Zones))
+	for _, z := range pol.Zones {
 		out = append(out, z.Name)
 	}
 	return out
@@ -390,10 +416,11 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response 
 	if claims.Zones, err = grantSlices(claims.ZoneNames(), consumed.Slices); err != nil {
 		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
-	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote})
+	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote}, req.Advertise)
 	if err != nil {
 		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
+	resp.Members = a.members(csr.Name, claims.ZoneNames(), now)
 	a.audit(AuditRecord{Event: "join", Remote: remote, TokenID: tok.ID, Subject: identity.NodeID(a.trustDomain, csr.Name).String(), Serial: serial, Outcome: OutcomeIssued})
 	a.log.Info("node joined", "remote", remote, "token_id", tok.ID, "node", csr.Name, "serial", serial, "zones", claims.ZoneNames(), "regions", claims.Regions)
 	return resp
@@ -408,7 +435,7 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 		placement []string
 	)
 	for i, name := range tok.Zones {
-		z, ok := a.policy.Zone(name)
+		z, ok := a.pol().Zone(name)
 		if !ok {
 			return identity.Claims{}, 0, fmt.Errorf("%w: token zone %q is no longer in the policy; create a token for %v", ErrTokenZone, name, a.zoneNames())
 		}
@@ -442,13 +469,14 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 	return identity.Claims{Zones: grants, Regions: []string{region}, Fingerprint: slices.Clone(fingerprint)}, lifetime, nil
 }
 
-// issueNode signs a node certificate with an already allocated serial and records it.
-func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord) (Response, error) {
+// issueNode signs a node certificate with an already allocated serial and records it, with the
+// address the node advertised (empty: none).
+func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord, advertise string) (Response, error) {
 	rec, err := a.signNode(csr, claims, lifetime, serial, now, rec)
 	if err != nil {
 		return Response{}, err
 	}
-	if err := a.store.PutIssued(rec); err != nil {
+	if err := a.store.PutJoined(csr.Name, rec, claims.ZoneNames(), advertise, now); err != nil {
 		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
 	}
 	return a.issuedResponse(rec), nil
@@ -475,7 +503,8 @@ func (a *Authority) signNode(csr csrInfo, claims identity.Claims, lifetime time.
 }
 
 func (a *Authority) issuedResponse(rec IssuedRecord) Response {
-	return Response{Code: CodeOK, NodeCert: rec.CertDER, AuthorityCert: a.certDER, Policy: a.policyBytes}
+	_, policy, release := a.currentPolicy()
+	return Response{Code: CodeOK, NodeCert: rec.CertDER, AuthorityCert: a.certDER, Policy: policy, PolicyRelease: release}
 }
 
 // notAfter is the expiry of a node certificate issued at now: lifetime, capped by the root's.
@@ -537,7 +566,7 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, certs []*x509.C
 	// records always has its certificate stored: a retry after a lost response gets it back.
 	res, err := a.store.RenewAndIssue(RenewalRequest{
 		Node: cur.ID.Name, Held: held, Want: want, Now: now, Renews: oldSerial,
-		HoldUntil: a.notAfter(now, lifetime), KeyHash: identity.KeyHash(csr.PublicKey),
+		HoldUntil: a.notAfter(now, lifetime), KeyHash: identity.KeyHash(csr.PublicKey), Advertise: req.Advertise,
 	}, func(serial uint64, sl []SliceRecord) (IssuedRecord, error) {
 		granted := claims
 		var err error
@@ -553,11 +582,15 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, certs []*x509.C
 		a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeResent,
 			Reason: fmt.Sprintf("retry of the renewal of serial %d for the same key: certificate %d sent again", oldSerial, res.Serial)})
 		a.log.Info("node renewal retried; certificate sent again", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", res.Serial)
-		return a.issuedResponse(res.Issued)
+		resp := a.issuedResponse(res.Issued)
+		resp.Members = a.members(cur.ID.Name, claims.ZoneNames(), now)
+		return resp
 	}
 	a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeIssued, Reason: fmt.Sprintf("renews serial %d", oldSerial)})
 	a.log.Info("node renewed", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", res.Serial)
-	return a.issuedResponse(res.Issued)
+	resp := a.issuedResponse(res.Issued)
+	resp.Members = a.members(cur.ID.Name, claims.ZoneNames(), now)
+	return resp
 }
 
 // renewedClaims carries the node's identity, region and host fingerprint over and re-derives its
@@ -567,7 +600,7 @@ func (a *Authority) renewedClaims(cur *identity.Certificate) (identity.Claims, t
 	lifetime := a.opts.NodeLifetime
 	var grants []identity.ZoneGrant
 	for _, g := range cur.Claims.Zones {
-		z, ok := a.policy.Zone(g.Name)
+		z, ok := a.pol().Zone(g.Name)
 		if !ok {
 			continue
 		}
@@ -595,7 +628,7 @@ func (a *Authority) renewedClaims(cur *identity.Certificate) (identity.Claims, t
 func (a *Authority) sliceRequests(zoneNames []string) ([]SliceRequest, error) {
 	var out []SliceRequest
 	for _, name := range zoneNames {
-		z, ok := a.policy.Zone(name)
+		z, ok := a.pol().Zone(name)
 		if !ok {
 			return nil, fmt.Errorf("%w: zone %q is not in the policy", ErrTokenZone, name)
 		}

@@ -34,6 +34,9 @@ type JoinParams struct {
 	Region string
 	// HostFingerprint is the 32-byte host fingerprint digest placed in the CSR.
 	HostFingerprint []byte
+	// Advertise is the underlay address (host:port) other members reach this node at; the
+	// authority records it and names it to other nodes of the same zones. Empty: none.
+	Advertise string
 	// Now is the clock used to check the returned certificate; nil means time.Now.
 	Now func() time.Time
 }
@@ -46,6 +49,13 @@ type Joined struct {
 	NodeCertDER   []byte
 	AuthorityDER  []byte
 	AuthorityAddr string
+	// Members are up to MaxMembers live members sharing a zone with this node (IDs are node IDs
+	// of this trust domain, addresses pass ValidateAdvertise): bootstrap hints, to be verified at
+	// the handshake like any peer.
+	Members []Member
+	// PolicyRelease is the authority-signed release of Policy (identity/record); nil from an
+	// authority that predates releases.
+	PolicyRelease []byte
 }
 
 // Join runs the join protocol against the authority at p.Addr. It refuses, with ErrPinMismatch and
@@ -58,6 +68,11 @@ func Join(ctx context.Context, p JoinParams) (*Joined, error) {
 	now := time.Now
 	if p.Now != nil {
 		now = p.Now
+	}
+	if p.Advertise != "" {
+		if err := ValidateAdvertise(p.Advertise); err != nil {
+			return nil, err
+		}
 	}
 	csr, err := createCSR(p.Key, p.Name, p.Region, p.HostFingerprint)
 	if err != nil {
@@ -73,7 +88,7 @@ func Join(ctx context.Context, p JoinParams) (*Joined, error) {
 		}
 		return nil
 	}
-	resp, err := roundTrip(ctx, p.Addr, verify, nil, OpJoin, JoinRequest{TokenID: tok.ID, Secret: tok.Secret, CSR: csr, Region: p.Region})
+	resp, err := roundTrip(ctx, p.Addr, verify, nil, OpJoin, JoinRequest{TokenID: tok.ID, Secret: tok.Secret, CSR: csr, Region: p.Region, Advertise: p.Advertise})
 	if err != nil {
 		return nil, err
 	}
@@ -95,6 +110,8 @@ type RenewParams struct {
 	Current   *identity.Certificate // the node certificate presented over mutual TLS
 	Key       ed25519.PrivateKey    // the current key, proving possession in the TLS handshake
 	NewKey    ed25519.PrivateKey    // the key the renewed certificate is issued for
+	// Advertise replaces the underlay address recorded for this node; empty keeps the recorded one.
+	Advertise string
 	Now       func() time.Time
 }
 
@@ -107,6 +124,11 @@ func Renew(ctx context.Context, p RenewParams) (*Joined, error) {
 	now := time.Now
 	if p.Now != nil {
 		now = p.Now
+	}
+	if p.Advertise != "" {
+		if err := ValidateAdvertise(p.Advertise); err != nil {
+			return nil, err
+		}
 	}
 	tlsCert, err := identity.TLSCertificate(p.Key, p.Current)
 	if err != nil {
@@ -127,7 +149,7 @@ func Renew(ctx context.Context, p RenewParams) (*Joined, error) {
 		}
 		return nil
 	}
-	resp, err := roundTrip(ctx, p.Addr, verify, &tlsCert, OpRenew, RenewRequest{CSR: csr})
+	resp, err := roundTrip(ctx, p.Addr, verify, &tlsCert, OpRenew, RenewRequest{CSR: csr, Advertise: p.Advertise})
 	if err != nil {
 		return nil, err
 	}
@@ -173,7 +195,20 @@ func checkIssued(resp Response, key ed25519.PrivateKey, now time.Time) (*Joined,
 	if !bytes.Equal(node.PublicKey(), key.Public().(ed25519.PublicKey)) {
 		return nil, fmt.Errorf("%w: issued certificate is not for this node's key", ErrProtocol)
 	}
-	return &Joined{Node: node, Authority: ca, Policy: resp.Policy, NodeCertDER: resp.NodeCert, AuthorityDER: resp.AuthorityCert}, nil
+	if len(resp.Members) > MaxMembers {
+		return nil, fmt.Errorf("%w: %d members, at most %d", ErrProtocol, len(resp.Members), MaxMembers)
+	}
+	for _, m := range resp.Members {
+		id, err := identity.ParseID(m.ID)
+		if err != nil || id.Kind != identity.KindNode || id.TrustDomain != ca.ID.TrustDomain {
+			return nil, fmt.Errorf("%w: member %q is not a node of trust domain %s", ErrProtocol, m.ID, ca.ID.TrustDomain)
+		}
+		if err := ValidateAdvertise(m.Addr); err != nil {
+			return nil, fmt.Errorf("%w: member %s: %w", ErrProtocol, m.ID, err)
+		}
+	}
+	return &Joined{Node: node, Authority: ca, Policy: resp.Policy, NodeCertDER: resp.NodeCert, AuthorityDER: resp.AuthorityCert,
+		Members: resp.Members, PolicyRelease: resp.PolicyRelease}, nil
 }
 
 // Retries of a request the authority refused as busy. Busy means nothing was read or stored, so

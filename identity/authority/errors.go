@@ -39,6 +39,11 @@ var (
 	// together, already have as many connections or requests in flight as the authority serves
 	// at once. Nothing was read or stored; the request can be retried (Join and Renew do, briefly).
 	ErrBusy = errors.New("authority busy: too many concurrent requests; retry shortly")
+	// ErrAdvertise means the underlay address a node advertised is not a valid host:port.
+	ErrAdvertise = errors.New("advertised address malformed")
+	// ErrWatchRefused means the certificate presented to open a watch is not a valid, current
+	// node certificate of this authority (none, another authority's, expired, not a node's).
+	ErrWatchRefused = errors.New("watch refused: presented certificate is not a valid node certificate of this authority")
 
 	ErrAlreadyInitialized = errors.New("authority directory already initialized")
 	ErrNotInitialized     = errors.New("authority directory not initialized")
@@ -68,6 +73,8 @@ const (
 	CodeSuperseded
 	CodeNameTaken
 	CodeBusy
+	CodeAdvertise
+	CodeWatchRefused
 )
 
 // codeNames name the codes in audit summaries and logs; they never change either.
@@ -88,6 +95,8 @@ var codeNames = [...]string{
 	CodeSuperseded:     "superseded",
 	CodeNameTaken:      "name_taken",
 	CodeBusy:           "busy",
+	CodeAdvertise:      "advertise",
+	CodeWatchRefused:   "watch_refused",
 }
 
 func (c Code) String() string {
@@ -113,6 +122,8 @@ var codeErrors = [...]error{
 	CodeSuperseded:     ErrSuperseded,
 	CodeNameTaken:      ErrNameTaken,
 	CodeBusy:           ErrBusy,
+	CodeAdvertise:      ErrAdvertise,
+	CodeWatchRefused:   ErrWatchRefused,
 }
 
 // codeOf returns the wire code for err; anything not a known refusal is internal, so that server

@@ -62,8 +62,12 @@ func FuzzResponse(f *testing.F) {
 	require.NoError(f, err)
 	refused, err := wireEnc.Marshal(Response{Code: CodeTokenUsed, Message: "join token already used"})
 	require.NoError(f, err)
+	withMembers, err := wireEnc.Marshal(Response{Code: CodeOK, NodeCert: []byte{1}, AuthorityCert: []byte{2}, PolicyRelease: []byte{3},
+		Members: []Member{{ID: "spiffe://acme.internal/node/n1", Addr: "127.0.0.1:7946", Zones: []string{"payments"}}}})
+	require.NoError(f, err)
 	f.Add(ok)
 	f.Add(refused)
+	f.Add(withMembers)
 	f.Add([]byte{0xa1, 0x01, 0x18, 0xff})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		resp, err := DecodeResponse(b)
@@ -72,6 +76,70 @@ func FuzzResponse(f *testing.F) {
 		}
 		if resp.Code != CodeOK {
 			require.Error(t, errOf(resp.Code, resp.Message))
+		}
+	})
+}
+
+func FuzzWatchRequest(f *testing.F) {
+	valid, err := wireEnc.Marshal(WatchRequest{SinceSeq: 7, PolicyVersion: 2})
+	require.NoError(f, err)
+	f.Add(valid)
+	f.Add([]byte{0xa0})
+	f.Add([]byte{})
+	f.Add([]byte{0xa1, 0x01, 0x1b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}) // since = 2^64-1
+	f.Add([]byte{0xa1, 0x01, 0x20})                                                 // negative since
+	f.Add([]byte{0xa1, 0x03, 0x00})                                                 // unknown field 3
+	f.Add([]byte{0xa2, 0x01, 0x00, 0x01, 0x01})                                     // duplicate key
+	f.Fuzz(func(t *testing.T, b []byte) {
+		req, err := DecodeWatchRequest(b)
+		if err != nil {
+			require.ErrorIs(t, err, ErrProtocol)
+			require.Zero(t, req)
+			return
+		}
+		// What decodes re-encodes to a request that decodes to the same values.
+		again, err := wireEnc.Marshal(req)
+		require.NoError(t, err)
+		back, err := DecodeWatchRequest(again)
+		require.NoError(t, err)
+		require.Equal(t, req, back)
+	})
+}
+
+func FuzzWatchFrame(f *testing.F) {
+	for _, fr := range []WatchFrame{
+		{Kind: FrameRevocation, Seq: 1, Body: []byte{0xd2, 0x84}},
+		{Kind: FramePolicy, Seq: 3, Body: bytes.Repeat([]byte{1}, 64)},
+		{Kind: FrameClose, Code: CodeRevoked, Message: "certificate revoked: serial 7"},
+		{Kind: FrameClose},
+		{Kind: 9, Seq: 1},
+		{Kind: FrameRevocation, Seq: 0, Body: []byte{1}},
+		{Kind: FrameRevocation, Seq: 2, Body: []byte{1}, Code: CodeBusy},
+	} {
+		b, err := wireEnc.Marshal(fr)
+		require.NoError(f, err)
+		f.Add(b)
+	}
+	f.Add([]byte{0xa1, 0x01, 0x01})
+	f.Add([]byte{0xbf, 0x01, 0x01, 0xff})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fr, err := DecodeWatchFrame(b)
+		if err != nil {
+			require.ErrorIs(t, err, ErrProtocol)
+			require.Zero(t, fr.Kind)
+			return
+		}
+		switch fr.Kind {
+		case FrameRevocation, FramePolicy:
+			require.NotZero(t, fr.Seq)
+			require.NotEmpty(t, fr.Body)
+			require.Equal(t, CodeOK, fr.Code)
+		case FrameClose:
+			// A close always maps to an error the watcher can classify.
+			require.NotEqual(t, CodeOK, fr.Code)
+			require.Error(t, errOf(fr.Code, fr.Message))
+		default:
+			t.Fatalf("kind %d accepted", fr.Kind)
 		}
 	})
 }

@@ -11,8 +11,8 @@ import (
 )
 
 // Serve owns every goroutine it starts (connections, streams, the admin socket, the audit
-// summary ticker): after joins, a refused replay, a renewal and an admin call, stopping the
-// authority brings the goroutine count back to where it was.
+// summary ticker, watch connections): after joins, a refused replay, a renewal, an open watch
+// and an admin call, stopping the authority brings the goroutine count back to where it was.
 func TestStoppedAuthorityLeavesNoGoroutines(t *testing.T) {
 	settle := func(limit int) int {
 		deadline := time.Now().Add(5 * time.Second)
@@ -28,7 +28,7 @@ func TestStoppedAuthorityLeavesNoGoroutines(t *testing.T) {
 		clock := newTestClock()
 		dir := filepath.Join(t.TempDir(), "auth")
 		require.NoError(t, Init(dir, "acme.internal", writePolicy(t, testPolicy), Options{Now: clock.Now}))
-		ta, _ := serveAuthority(t, dir, clock)
+		ta, stop := serveAuthority(t, dir, clock)
 		admin, err := ta.ListenAdmin()
 		require.NoError(t, err)
 		ctx, cancel := context.WithCancel(context.Background())
@@ -44,8 +44,18 @@ func TestStoppedAuthorityLeavesNoGoroutines(t *testing.T) {
 		_, err = Join(context.Background(), p)
 		require.ErrorIs(t, err, ErrTokenUsed)
 		clock.Advance(13 * time.Hour)
-		_, err = Renew(context.Background(), RenewParams{Addr: ta.addr, Authority: j.Authority, Current: j.Node, Key: nodeKey, NewKey: newKey(t), Now: clock.Now})
+		renewedKey := newKey(t)
+		r, err := Renew(context.Background(), RenewParams{Addr: ta.addr, Authority: j.Authority, Current: j.Node, Key: nodeKey, NewKey: renewedKey, Now: clock.Now})
 		require.NoError(t, err)
+		// A watch is open when the authority stops: both ends must let go of it.
+		w := startWatch(t, ta.addr, r.Authority, r.Node, renewedKey, 0, 0)
+		nextPolicy(t, w)
+		require.Eventually(t, func() bool { return ta.Watchers() == 1 }, 5*time.Second, 10*time.Millisecond)
+		defer func() {
+			stop()
+			require.Eventually(t, func() bool { return w.lastErr() != nil }, 5*time.Second, 10*time.Millisecond)
+			w.stop()
+		}()
 		adm, err := OpenAdmin(ctx, dir, Options{})
 		require.NoError(t, err)
 		_, err = adm.CreateToken(ctx, TokenSpec{Zones: []string{"payments"}})

@@ -38,19 +38,28 @@ type Limits struct {
 	// MaxInFlight is how many read requests (joins and renewals) are processed at once: parsed,
 	// checked against the store, signed. More are answered CodeBusy without touching the store.
 	MaxInFlight int
+	// MaxWatchers is how many watch connections are served at once in total; more are refused
+	// with CodeBusy. An accepted watcher stops counting against MaxConns and MaxConnsPerSource.
+	MaxWatchers int
+	// MaxWatchersPerNode is how many watch connections one node ID holds at once; a new one
+	// beyond it replaces the node's oldest (a node that reconnects is not locked out by its own
+	// half-dead connection).
+	MaxWatchersPerNode int
 }
 
 // Default limits. The audit budgets are per minute: a flood from one source costs 5 individual
 // records and one summary a minute; all sources together at most 100 records (individual or a new
 // summary) plus one global summary a minute.
 const (
-	DefaultLimitInterval     = time.Minute
-	DefaultPerSourceBurst    = 5
-	DefaultGlobalBurst       = 100
-	DefaultMaxSources        = 4096
-	DefaultMaxConnsPerSource = 8
-	DefaultMaxConns          = 256
-	DefaultMaxInFlight       = 16
+	DefaultLimitInterval      = time.Minute
+	DefaultPerSourceBurst     = 5
+	DefaultGlobalBurst        = 100
+	DefaultMaxSources         = 4096
+	DefaultMaxConnsPerSource  = 8
+	DefaultMaxConns           = 256
+	DefaultMaxInFlight        = 16
+	DefaultMaxWatchers        = 4096
+	DefaultMaxWatchersPerNode = 2
 )
 
 func (l Limits) withDefaults() Limits {
@@ -74,6 +83,12 @@ func (l Limits) withDefaults() Limits {
 	}
 	if l.MaxInFlight <= 0 {
 		l.MaxInFlight = DefaultMaxInFlight
+	}
+	if l.MaxWatchers <= 0 {
+		l.MaxWatchers = DefaultMaxWatchers
+	}
+	if l.MaxWatchersPerNode <= 0 {
+		l.MaxWatchersPerNode = DefaultMaxWatchersPerNode
 	}
 	return l
 }

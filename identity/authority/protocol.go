@@ -15,12 +15,14 @@ const ALPN = "ute-authority/1"
 const (
 	OpJoin  byte = 1
 	OpRenew byte = 2
+	// OpWatch opens a long-lived stream of revocation records and policy releases (watch.go).
+	OpWatch byte = 3
 )
 
 // Size caps of the wire protocol. A request larger than maxRequest is refused before it is read.
 const (
 	maxRequest       = 16 << 10
-	maxResponse      = 1 << 20
+	maxResponse      = 4 << 20 // a policy and its signed release (each up to 1 MiB) fit
 	maxCSR           = 8 << 10
 	maxTokenPart     = 128
 	maxRegion        = 64
@@ -34,11 +36,15 @@ type JoinRequest struct {
 	Secret  []byte `cbor:"2,keyasint"`
 	CSR     []byte `cbor:"3,keyasint"`
 	Region  string `cbor:"4,keyasint,omitempty"`
+	// Advertise is the node's underlay address (host:port) other members reach it at; optional.
+	Advertise string `cbor:"5,keyasint,omitempty"`
 }
 
 // RenewRequest is sent over a connection authenticated by the node's current certificate.
 type RenewRequest struct {
 	CSR []byte `cbor:"1,keyasint"`
+	// Advertise replaces the node's recorded underlay address; empty keeps the recorded one.
+	Advertise string `cbor:"2,keyasint,omitempty"`
 }
 
 // Response answers both operations. On refusal only Code and Message are set.
@@ -48,11 +54,34 @@ type Response struct {
 	NodeCert      []byte `cbor:"3,keyasint,omitempty"`
 	AuthorityCert []byte `cbor:"4,keyasint,omitempty"`
 	Policy        []byte `cbor:"5,keyasint,omitempty"`
+	// Members are a few live members of the node's zones (bootstrap peers for gossip).
+	Members []Member `cbor:"6,keyasint,omitempty"`
+	// PolicyRelease is the authority-signed release of Policy (COSE_Sign1, identity/record).
+	PolicyRelease []byte `cbor:"7,keyasint,omitempty"`
+	// Head is, on an accepted watch, the authority's last revocation sequence number. A watcher
+	// holding more (the authority was restored from a backup) is sent every record from 1.
+	Head uint64 `cbor:"8,keyasint,omitempty"`
+}
+
+// Member is a live node the authority names to a joining or renewing node: unexpired, unrevoked,
+// sharing at least one zone with it, with an advertised address. It is a hint for finding the
+// gossip pool, never a credential: the node still verifies the member's certificate at the
+// handshake.
+type Member struct {
+	// ID is the member's node SPIFFE ID.
+	ID string `cbor:"1,keyasint" json:"id"`
+	// Addr is the underlay address the member advertised (host:port).
+	Addr string `cbor:"2,keyasint" json:"addr"`
+	// Zones are the zones the member shares with the requesting node, sorted.
+	Zones []string `cbor:"3,keyasint" json:"zones"`
 }
 
 var (
 	wireEnc cbor.EncMode
 	wireDec cbor.DecMode
+	// respDec decodes responses, which carry member lists (up to maxMembers members of up to
+	// 64 zones each) and so need more room than requests.
+	respDec cbor.DecMode
 )
 
 func init() {
@@ -66,6 +95,18 @@ func init() {
 		TagsMd:            cbor.TagsForbidden,
 		MaxNestedLevels:   4,
 		MaxArrayElements:  16,
+		MaxMapPairs:       16,
+		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
+	}.DecMode()
+	if err != nil {
+		panic(err)
+	}
+	respDec, err = cbor.DecOptions{
+		DupMapKey:         cbor.DupMapKeyEnforcedAPF,
+		IndefLength:       cbor.IndefLengthForbidden,
+		TagsMd:            cbor.TagsForbidden,
+		MaxNestedLevels:   6,
+		MaxArrayElements:  64,
 		MaxMapPairs:       16,
 		ExtraReturnErrors: cbor.ExtraDecErrorUnknownField,
 	}.DecMode()
@@ -92,6 +133,11 @@ func DecodeJoinRequest(b []byte) (JoinRequest, error) {
 	case len(req.Region) > maxRegion:
 		return JoinRequest{}, fmt.Errorf("%w: region longer than %d", ErrTokenRegion, maxRegion)
 	}
+	if req.Advertise != "" {
+		if err := ValidateAdvertise(req.Advertise); err != nil {
+			return JoinRequest{}, err
+		}
+	}
 	return req, nil
 }
 
@@ -107,13 +153,21 @@ func DecodeRenewRequest(b []byte) (RenewRequest, error) {
 	if len(req.CSR) == 0 || len(req.CSR) > maxCSR {
 		return RenewRequest{}, fmt.Errorf("%w: CSR missing or longer than %d bytes", ErrCSR, maxCSR)
 	}
+	if req.Advertise != "" {
+		if err := ValidateAdvertise(req.Advertise); err != nil {
+			return RenewRequest{}, err
+		}
+	}
 	return req, nil
 }
 
 // DecodeResponse strictly decodes a response body.
 func DecodeResponse(b []byte) (Response, error) {
 	var resp Response
-	if err := wireDec.Unmarshal(b, &resp); err != nil {
+	if len(b) > maxResponse {
+		return Response{}, fmt.Errorf("%w: response of %d bytes exceeds %d", ErrProtocol, len(b), maxResponse)
+	}
+	if err := respDec.Unmarshal(b, &resp); err != nil {
 		return Response{}, fmt.Errorf("%w: response: %w", ErrProtocol, err)
 	}
 	return resp, nil
@@ -158,7 +212,7 @@ func readOp(r io.Reader) (byte, error) {
 	if _, err := io.ReadFull(r, op[:]); err != nil {
 		return 0, fmt.Errorf("%w: read operation: %w", ErrProtocol, err)
 	}
-	if op[0] != OpJoin && op[0] != OpRenew {
+	if op[0] != OpJoin && op[0] != OpRenew && op[0] != OpWatch {
 		return 0, fmt.Errorf("%w: unknown operation %d", ErrProtocol, op[0])
 	}
 	return op[0], nil

@@ -15,6 +15,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/record"
 )
 
 // Refusals of `ute revoke` at the authority. They are admin-side only (never on the QUIC wire).
@@ -23,8 +24,9 @@ var (
 	ErrRevocationMalformed = errors.New("revocation request malformed")
 	// ErrSubjectUnknown means the subject names nothing this authority ever issued.
 	ErrSubjectUnknown = errors.New("revocation subject unknown")
-	// ErrAgentRevocation means the subject is an agent: the authority never issues agent
-	// certificates, so it holds nothing to revoke; the agent's node revokes it.
+	// ErrAgentRevocation was returned for agent subjects before the authority signed revocation
+	// records; an agent SPIFFE ID is now revoked by a record (see RevokeSubject). Kept so that
+	// callers comparing against it still compile; nothing returns it any more.
 	ErrAgentRevocation = errors.New("agent certificates are revoked by their node, not the authority")
 )
 
@@ -34,26 +36,42 @@ const MaxRevokeReason = 256
 // subjectSerialPrefix introduces a subject given by certificate serial.
 const subjectSerialPrefix = "serial:"
 
-// Subject is what a revocation names: one certificate serial, or a node SPIFFE ID (every live
-// certificate issued to it).
+// Subject is what a revocation names: one certificate serial, a node SPIFFE ID (every live
+// certificate issued to it), or an agent SPIFFE ID (every certificate any node of its zone issues
+// under that name, through the signed record alone: the authority issues no agent certificate).
 type Subject struct {
 	// Serial is set for "serial:N".
 	Serial uint64
 	// Node is set (Kind == identity.KindNode) for "spiffe://<td>/node/<name>".
 	Node identity.ID
+	// Agent is set (Kind == identity.KindAgent) for "spiffe://<td>/zone/<zone>/agent/<name>".
+	Agent identity.ID
 }
 
 // String is the subject in the form ParseSubject reads.
 func (s Subject) String() string {
-	if s.Serial != 0 {
+	switch {
+	case s.Serial != 0:
 		return subjectSerialPrefix + strconv.FormatUint(s.Serial, 10)
+	case s.Agent.Kind == identity.KindAgent:
+		return s.Agent.String()
 	}
 	return s.Node.String()
 }
 
-// ParseSubject parses a revocation subject: "serial:N" (N a decimal serial, 1 or more) or a node
-// SPIFFE ID. An agent SPIFFE ID is well formed but refused with ErrAgentRevocation; anything else
-// that does not parse is ErrRevocationMalformed.
+// trustDomain is the subject's trust domain; empty for a serial.
+func (s Subject) trustDomain() string {
+	switch {
+	case s.Serial != 0:
+		return ""
+	case s.Agent.Kind == identity.KindAgent:
+		return s.Agent.TrustDomain
+	}
+	return s.Node.TrustDomain
+}
+
+// ParseSubject parses a revocation subject: "serial:N" (N a decimal serial, 1 or more), a node
+// SPIFFE ID or an agent SPIFFE ID; anything else is ErrRevocationMalformed.
 func ParseSubject(s string) (Subject, error) {
 	if num, ok := strings.CutPrefix(s, subjectSerialPrefix); ok {
 		// ParseUint alone accepts "+1" and leading zeros; a serial has one spelling.
@@ -65,16 +83,16 @@ func ParseSubject(s string) (Subject, error) {
 	}
 	id, err := identity.ParseID(s)
 	if err != nil {
-		return Subject{}, fmt.Errorf("%w: %w; give spiffe://<trust-domain>/node/<name> or serial:<N>", ErrRevocationMalformed, err)
+		return Subject{}, fmt.Errorf("%w: %w; give spiffe://<trust-domain>/node/<name>, spiffe://<trust-domain>/zone/<zone>/agent/<name> or serial:<N>", ErrRevocationMalformed, err)
 	}
 	switch id.Kind {
 	case identity.KindNode:
 		return Subject{Node: id}, nil
 	case identity.KindAgent:
-		return Subject{}, fmt.Errorf("%w: %s is an agent; its node issued its certificate and revokes it (node-side revocation arrives with the node daemon); to cut off the whole node, revoke spiffe://%s/node/<name>",
-			ErrAgentRevocation, id, id.TrustDomain)
+		return Subject{Agent: id}, nil
 	default:
-		return Subject{}, fmt.Errorf("%w: %s is the authority itself, which cannot be revoked; give spiffe://%s/node/<name> or serial:<N>", ErrRevocationMalformed, id, id.TrustDomain)
+		return Subject{}, fmt.Errorf("%w: %s is the authority itself, which cannot be revoked; give spiffe://%s/node/<name>, spiffe://%s/zone/<zone>/agent/<name> or serial:<N>",
+			ErrRevocationMalformed, id, id.TrustDomain, id.TrustDomain)
 	}
 }
 
@@ -115,12 +133,25 @@ type RevokedSerial struct {
 	Reason    string    `json:"reason"`
 }
 
-// Revocation is the outcome of a revocation: the serials it covers, in serial order. For a node it
-// is every certificate issued to the node that has not expired; none means nothing was live.
+// Revocation is the outcome of a revocation: the serials it covers, in serial order, and the
+// signed revocation record that carries it to the nodes. For a node the serials are every
+// certificate issued to the node that has not expired; none (and no record) means nothing was
+// live. An agent subject has no serials (the authority issued none of its certificates), only the
+// record.
 type Revocation struct {
 	Subject string          `json:"subject"`
 	Reason  string          `json:"reason"`
 	Serials []RevokedSerial `json:"serials"`
+	// Seq is the sequence number of the authority-signed revocation record covering the subject
+	// (the one this call wrote, or, when Already, the one written before); 0 when there is none.
+	Seq uint64 `json:"seq,omitempty"`
+	// Expires is when every certificate the record covers has expired (nodes drop it then).
+	Expires time.Time `json:"expires,omitzero"`
+	// Already is true when this call changed nothing: the subject's serials (and its record, if it
+	// has one) were revoked before.
+	Already bool `json:"already_revoked"`
+	// Record is the signed record (COSE_Sign1, identity/record) when this call wrote one.
+	Record []byte `json:"record,omitempty"`
 }
 
 // revocationValue is the value of the revoked bucket.
@@ -134,30 +165,65 @@ type revocationValue struct {
 // keeps its first revocation and is reported Already. Revoking a node revokes every unexpired
 // certificate issued to its SPIFFE ID (superseded ones included, which may still be presented to
 // peers until they expire), which also stops any renewal from them and frees the node's name.
+//
+// Every revocation that revokes something new also writes one revocation record, signed by the
+// authority with the next sequence number, in the same transaction; watchers (watch.go) receive
+// it once the transaction has committed. The record expires when every certificate it covers has:
+// a node's or serial's latest NotAfter; for an agent (whose certificates nodes issue, each within
+// its node certificate's lifetime) the latest NotAfter of any live node certificate of its zone,
+// and never earlier than now plus the node certificate lifetime, which bounds every node
+// certificate issued so far. Revoking an agent twice keeps the first record.
 func (a *Authority) RevokeSubject(_ context.Context, subject, reason string) (Revocation, error) {
 	sub, err := ParseSubject(subject)
 	if err == nil {
 		err = ValidateRevokeReason(reason)
 	}
-	if err == nil && sub.Serial == 0 && sub.Node.TrustDomain != a.trustDomain {
-		err = fmt.Errorf("%w: %s is in trust domain %s; this authority is %s", ErrSubjectUnknown, sub.Node, sub.Node.TrustDomain, a.trustDomain)
+	if td := sub.trustDomain(); err == nil && sub.Serial == 0 && td != a.trustDomain {
+		err = fmt.Errorf("%w: %s is in trust domain %s; this authority is %s", ErrSubjectUnknown, sub, td, a.trustDomain)
 	}
-	var out []RevokedSerial
+	now := a.opts.Now()
+	var res revokeResult
 	if err == nil {
-		out, err = a.store.RevokeSubject(sub, reason, a.opts.Now())
+		res, err = a.store.revokeSubject(sub, reason, now, a.notAfter(now, a.opts.NodeLifetime), a.recordSigner(reason, now))
 	}
 	if err != nil {
 		a.audit(AuditRecord{Event: "revoke", Subject: auditSubject(subject), Outcome: OutcomeRefused, Reason: err.Error()})
 		a.log.Warn("revocation refused", "subject", auditSubject(subject), "err", err)
 		return Revocation{}, err
 	}
-	for _, r := range out {
+	if res.raw != nil {
+		a.watch.notify()
+	}
+	for _, r := range res.serials {
 		a.log.Info("revoked", "subject", sub.String(), "serial", r.Serial, "spiffe_id", r.SPIFFEID, "already", r.Already, "reason", reason)
 	}
+	a.log.Info("revocation record", "subject", sub.String(), "seq", res.seq, "expires", res.expires, "new", res.raw != nil)
+	out := res.serials
 	if out == nil {
 		out = []RevokedSerial{}
 	}
-	return Revocation{Subject: sub.String(), Reason: reason, Serials: out}, nil
+	return Revocation{Subject: sub.String(), Reason: reason, Serials: out, Seq: res.seq, Expires: res.expires, Already: res.already, Record: res.raw}, nil
+}
+
+// recordSigner signs the authority's revocation record of subject with sequence number seq.
+func (a *Authority) recordSigner(reason string, now time.Time) func(seq uint64, subject string, expires time.Time) ([]byte, error) {
+	return func(seq uint64, subject string, expires time.Time) ([]byte, error) {
+		// A record can outlive nothing the authority signed, and must expire after it is issued.
+		if ca := a.cert.X509.NotAfter; expires.After(ca) {
+			expires = ca
+		}
+		if floor := now.Truncate(time.Millisecond).Add(time.Millisecond); expires.Before(floor) {
+			expires = floor
+		}
+		raw, err := record.SignRevocation(record.RevocationClaims{
+			TrustDomain: a.trustDomain, Subject: subject, Reason: reason, IssuedAt: now, Expires: expires,
+			Signer: identity.AuthorityID(a.trustDomain).String(), Seq: seq,
+		}, a.key)
+		if err != nil {
+			return nil, fmt.Errorf("sign revocation record %d for %s: %w", seq, subject, err)
+		}
+		return raw, nil
+	}
 }
 
 // auditSubject keeps a refused subject printable and bounded in the audit trail.
@@ -172,18 +238,81 @@ func auditSubject(s string) string {
 // RevokeSubject resolves sub to serials and revokes them, with one audit record per serial, in
 // one durable transaction. A serial subject must have been allocated by this authority; a node
 // subject must have had a certificate issued to it (or its name held), else ErrSubjectUnknown.
+// It writes no revocation record (Authority.RevokeSubject does); an agent subject revokes nothing
+// here.
 func (s *Store) RevokeSubject(sub Subject, reason string, now time.Time) ([]RevokedSerial, error) {
+	res, err := s.revokeSubject(sub, reason, now, time.Time{}, nil)
+	return res.serials, err
+}
+
+// revokeResult is what revokeSubject did.
+type revokeResult struct {
+	serials []RevokedSerial
+	seq     uint64    // the subject's record: new (raw set) or earlier; 0 if none
+	expires time.Time // the new record's expiry
+	raw     []byte    // the record written now, nil if none
+	already bool
+}
+
+// revokeSubject is RevokeSubject that also, when sign is set and the call revokes something new
+// (or an agent subject not revoked before), assigns the next revocation sequence number, has sign
+// produce the record for it and stores the record, all in the same transaction. bound is the
+// expiry used when no certificate gives one: an agent's (raised to the latest NotAfter of its
+// zone's live members) or a serial allocated but never recorded as issued.
+func (s *Store) revokeSubject(sub Subject, reason string, now, bound time.Time, sign func(seq uint64, subject string, expires time.Time) ([]byte, error)) (revokeResult, error) {
 	val, err := storeEnc.Marshal(revocationValue{Time: now.UTC(), Reason: reason})
 	if err != nil {
-		return nil, fmt.Errorf("encode revocation: %w", err)
+		return revokeResult{}, fmt.Errorf("encode revocation: %w", err)
 	}
-	var out []RevokedSerial
+	var res revokeResult
 	err = s.db.Update(func(tx *bolt.Tx) error {
-		targets, err := resolveSubject(tx, sub, now)
-		if err != nil {
-			return err
+		res = revokeResult{}
+		var targets []RevokedSerial
+		if sub.Agent.Kind != identity.KindAgent {
+			if targets, err = resolveSubject(tx, sub, now); err != nil {
+				return err
+			}
 		}
-		out = nil
+		subjects := tx.Bucket(bucketRevSubjects)
+		if v := subjects.Get([]byte(sub.String())); v != nil {
+			if res.seq, err = getU64(v); err != nil {
+				return fmt.Errorf("revocation record of %s: %w; the store is damaged", sub, err)
+			}
+		}
+		fresh, expires := false, time.Time{}
+		for _, t := range targets {
+			if tx.Bucket(bucketRevoked).Get(u64(t.Serial)) == nil {
+				fresh = true
+			}
+			if t.NotAfter.IsZero() {
+				expires = later(expires, bound)
+			}
+			expires = later(expires, t.NotAfter)
+		}
+		if sub.Agent.Kind == identity.KindAgent {
+			fresh = res.seq == 0
+			if expires, err = zoneExpiry(tx, sub.Agent.Zone, bound); err != nil {
+				return err
+			}
+		}
+		var recordNote string
+		if sign != nil && fresh {
+			if res.seq, err = nextRevocationSeq(tx); err != nil {
+				return err
+			}
+			if res.raw, err = sign(res.seq, sub.String(), expires); err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketRevRecords).Put(u64(res.seq), res.raw); err != nil {
+				return err
+			}
+			if err := subjects.Put([]byte(sub.String()), u64(res.seq)); err != nil {
+				return err
+			}
+			res.expires = expires.UTC()
+			recordNote = fmt.Sprintf(" (revocation record %d, expires %s)", res.seq, expires.UTC().Format(time.RFC3339))
+		}
+		res.already = !fresh && (len(targets) > 0 || res.seq != 0)
 		revoked := tx.Bucket(bucketRevoked)
 		for _, t := range targets {
 			if v := revoked.Get(u64(t.Serial)); v != nil {
@@ -198,25 +327,57 @@ func (s *Store) RevokeSubject(sub Subject, reason string, now time.Time) ([]Revo
 				}
 				t.RevokedAt, t.Reason = now.UTC(), reason
 			}
-			why := reason
+			why := reason + recordNote
 			if t.Already {
 				why = fmt.Sprintf("already revoked at %s (%s); requested again: %s", t.RevokedAt.Format(time.RFC3339), t.Reason, reason)
 			}
 			if err := appendAudit(tx, AuditRecord{Time: now, Event: "revoke", Subject: t.SPIFFEID, Serial: t.Serial, Outcome: OutcomeRevoked, Reason: why}); err != nil {
 				return err
 			}
-			out = append(out, t)
+			res.serials = append(res.serials, t)
 		}
-		if len(targets) == 0 {
+		switch {
+		case len(targets) > 0:
+			return nil
+		case sub.Agent.Kind == identity.KindAgent && recordNote != "":
+			return appendAudit(tx, AuditRecord{Time: now, Event: "revoke", Subject: sub.String(), Outcome: OutcomeRevoked, Reason: reason + recordNote})
+		case sub.Agent.Kind == identity.KindAgent && res.seq != 0:
 			return appendAudit(tx, AuditRecord{Time: now, Event: "revoke", Subject: sub.String(), Outcome: OutcomeRevoked,
-				Reason: "no live certificate, nothing to revoke: " + reason})
+				Reason: fmt.Sprintf("already revoked by revocation record %d; requested again: %s", res.seq, reason)})
+		}
+		return appendAudit(tx, AuditRecord{Time: now, Event: "revoke", Subject: sub.String(), Outcome: OutcomeRevoked,
+			Reason: "no live certificate, nothing to revoke: " + reason})
+	})
+	if err != nil {
+		return revokeResult{}, err
+	}
+	return res, nil
+}
+
+func later(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// zoneExpiry bounds the certificates of an agent of zone: each was issued by a node certificate
+// of that zone and ends no later than it. It is the latest NotAfter among the recorded node
+// certificates holding zone, and at least bound (now plus the node lifetime, which no node
+// certificate issued so far outlives, including any the members bucket predates).
+func zoneExpiry(tx *bolt.Tx, zone string, bound time.Time) (time.Time, error) {
+	out := bound
+	err := tx.Bucket(bucketMembers).ForEach(func(k, v []byte) error {
+		var m memberRecord
+		if err := decodeRecord(v, &m); err != nil {
+			return fmt.Errorf("member %q: %w", k, err)
+		}
+		if slices.Contains(m.Zones, zone) {
+			out = later(out, m.NotAfter)
 		}
 		return nil
 	})
-	if err != nil {
-		return nil, err
-	}
-	return out, nil
+	return out, err
 }
 
 // resolveSubject lists the serials sub names, in serial order.

@@ -35,7 +35,7 @@ func TestParseSubject(t *testing.T) {
 		{in: "spiffe://acme.internal/node/N1", err: ErrRevocationMalformed},
 		{in: "spiffe://acme.internal/node/n1/", err: ErrRevocationMalformed},
 		{in: "spiffe://acme.internal", err: ErrRevocationMalformed},
-		{in: "spiffe://acme.internal/zone/payments/agent/billing", err: ErrAgentRevocation},
+		{in: "spiffe://acme.internal/zone/payments/agent/billing", want: Subject{Agent: identity.AgentID("acme.internal", "payments", "billing")}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.in, func(t *testing.T) {
@@ -74,7 +74,13 @@ func FuzzParseSubject(f *testing.F) {
 		}
 		// What parses prints back to exactly the input: no two spellings name one subject.
 		require.Equal(t, s, sub.String())
-		require.True(t, (sub.Serial != 0) != (sub.Node.Kind == identity.KindNode))
+		kinds := 0
+		for _, set := range []bool{sub.Serial != 0, sub.Node.Kind == identity.KindNode, sub.Agent.Kind == identity.KindAgent} {
+			if set {
+				kinds++
+			}
+		}
+		require.Equal(t, 1, kinds, "exactly one kind of subject")
 	})
 }
 
@@ -169,7 +175,7 @@ func TestRevokeSerialAndRefusals(t *testing.T) {
 		{"serial:99", "x", ErrSubjectUnknown, "serial 99 was never issued (the last serial is 1)"},
 		{"spiffe://acme.internal/node/ghost", "x", ErrSubjectUnknown, "no certificate was ever issued to spiffe://acme.internal/node/ghost"},
 		{"spiffe://other.internal/node/n1", "x", ErrSubjectUnknown, "trust domain other.internal"},
-		{"spiffe://acme.internal/zone/payments/agent/billing", "x", ErrAgentRevocation, "its node"},
+		{"spiffe://other.internal/zone/payments/agent/billing", "x", ErrSubjectUnknown, "trust domain other.internal"},
 		{"serial:1x", "x", ErrRevocationMalformed, "serial:1x"},
 		{"serial:1", "", ErrRevocationMalformed, "--reason"},
 	}
@@ -216,8 +222,9 @@ func TestRevokeThroughAdminSocketAndRestart(t *testing.T) {
 	assert.Equal(t, j.Node.Serial().Uint64(), rev.Serials[0].Serial)
 	_, err = adm.Revoke(ctx, "spiffe://acme.internal/node/ghost", "x")
 	require.ErrorIs(t, err, ErrSubjectUnknown)
-	_, err = adm.Revoke(ctx, "spiffe://acme.internal/zone/payments/agent/a", "x")
-	require.ErrorIs(t, err, ErrAgentRevocation)
+	agent, err := adm.Revoke(ctx, "spiffe://acme.internal/zone/payments/agent/a", "x")
+	require.NoError(t, err, "the authority revokes an agent by a signed record")
+	assert.NotZero(t, agent.Seq)
 	_, err = adm.Revoke(ctx, "serial:0", "x")
 	require.ErrorIs(t, err, ErrRevocationMalformed)
 	_, err = Renew(context.Background(), rp)

@@ -41,6 +41,13 @@ type Server struct {
 	log      *slog.Logger
 	conns    *connLimiter
 	inFlight chan struct{} // a semaphore of Limits.MaxInFlight requests being processed
+
+	// watchConns are the connections serving a watch: Serve closes them itself before the
+	// transport, so their nodes learn at once that the authority went away (a closed transport
+	// sends nothing, and they would wait out the idle timeout).
+	wmu        sync.Mutex
+	watchConns map[*quic.Conn]struct{}
+	closing    bool
 }
 
 // Listen binds the authority's QUIC endpoint on addr (e.g. "127.0.0.1:7443", port 0 for an
@@ -64,6 +71,7 @@ func (a *Authority) Listen(addr string) (*Server, error) {
 	return &Server{
 		a: a, udp: udp, tr: tr, ln: ln, log: a.log,
 		conns: newConnLimiter(a.opts.Limits), inFlight: make(chan struct{}, a.opts.Limits.MaxInFlight),
+		watchConns: make(map[*quic.Conn]struct{}),
 	}, nil
 }
 
@@ -100,6 +108,7 @@ func (s *Server) Serve(ctx context.Context) error {
 	var wg sync.WaitGroup
 	defer func() {
 		cancel()
+		s.closeWatches()
 		_ = s.Close()
 		wg.Wait()
 		s.a.FlushSuppressed()
@@ -163,6 +172,7 @@ func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
 		return
 	}
 	defer release()
+	serveCtx := ctx
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
 	str, err := conn.AcceptStream(ctx)
@@ -171,10 +181,20 @@ func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
 		return
 	}
 	_ = str.SetDeadline(time.Now().Add(requestTimeout))
-	resp := s.dispatch(ctx, str, conn.ConnectionState().TLS.PeerCertificates, p)
+	resp, watch := s.dispatch(ctx, str, conn.ConnectionState().TLS.PeerCertificates, p)
 	if err := writeFrame(str, 0, resp); err != nil {
 		s.log.Warn("write response", "remote", remote, "err", err)
+		if watch != nil {
+			s.a.watch.remove(watch.w)
+		}
 		_ = conn.CloseWithError(closeProtocol, "write failed")
+		return
+	}
+	if watch != nil {
+		// From here the watch limits count this connection, not the request limits: a watch
+		// lives for hours, and must not starve joins of connection slots.
+		release()
+		s.serveWatch(serveCtx, conn, str, watch)
 		return
 	}
 	_ = str.Close()
@@ -190,34 +210,69 @@ func (s *Server) handleConn(ctx context.Context, conn *quic.Conn) {
 	_ = conn.CloseWithError(closeOK, "")
 }
 
-func (s *Server) dispatch(ctx context.Context, str *quic.Stream, certs []*x509.Certificate, p peer) Response {
+// dispatch reads and serves one request. For an accepted watch it also returns the session to
+// serve once the response is written.
+func (s *Server) dispatch(ctx context.Context, str *quic.Stream, certs []*x509.Certificate, p peer) (Response, *watchSession) {
 	op, err := readOp(str)
 	if err != nil {
-		return s.a.refuseNoise("request", p, "", err)
+		return s.a.refuseNoise("request", p, "", err), nil
 	}
 	body, err := readFrame(str, maxRequest)
 	if err != nil {
-		return s.a.refuseNoise("request", p, "", err)
+		return s.a.refuseNoise("request", p, "", err), nil
 	}
 	select {
 	case s.inFlight <- struct{}{}:
 		defer func() { <-s.inFlight }()
 	default:
 		s.a.noteBusy(p, "requests")
-		return Response{Code: CodeBusy, Message: fmt.Sprintf("%s: %d requests already being processed", ErrBusy, cap(s.inFlight))}
+		return Response{Code: CodeBusy, Message: fmt.Sprintf("%s: %d requests already being processed", ErrBusy, cap(s.inFlight))}, nil
 	}
 	switch op {
 	case OpJoin:
 		req, err := DecodeJoinRequest(body)
 		if err != nil {
-			return s.a.refuseNoise("join", p, "", err)
+			return s.a.refuseNoise("join", p, "", err), nil
 		}
-		return s.a.join(ctx, req, p)
+		return s.a.join(ctx, req, p), nil
+	case OpWatch:
+		req, err := DecodeWatchRequest(body)
+		if err != nil {
+			return s.a.refuseNoise("watch", p, "", err), nil
+		}
+		return s.a.openWatch(req, certs, p)
 	default:
 		req, err := DecodeRenewRequest(body)
 		if err != nil {
-			return s.a.refuseNoise("renew", p, "", err)
+			return s.a.refuseNoise("renew", p, "", err), nil
 		}
-		return s.a.renew(ctx, req, certs, p)
+		return s.a.renew(ctx, req, certs, p), nil
+	}
+}
+
+// trackWatch registers a watch connection for closeWatches; false means the server is closing.
+func (s *Server) trackWatch(conn *quic.Conn) bool {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.watchConns[conn] = struct{}{}
+	return true
+}
+
+func (s *Server) untrackWatch(conn *quic.Conn) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	delete(s.watchConns, conn)
+}
+
+// closeWatches closes every watch connection with a close frame the node receives at once.
+func (s *Server) closeWatches() {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	s.closing = true
+	for c := range s.watchConns {
+		_ = c.CloseWithError(closeOK, "authority shutting down")
 	}
 }

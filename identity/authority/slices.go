@@ -258,6 +258,9 @@ type RenewalRequest struct {
 	KeyHash string
 	// HoldUntil is when the renewed certificate expires: Node stays held (see Consume) until then.
 	HoldUntil time.Time
+	// Advertise is the underlay address the renewing node advertises (RenewAndIssue only); empty
+	// keeps the one recorded for the certificate it renews.
+	Advertise string
 }
 
 // Renewal allocates the serial of a renewed node certificate and its slices, in one durable
@@ -348,6 +351,15 @@ func (s *Store) RenewAndIssue(req RenewalRequest, sign func(serial uint64, slice
 			return fmt.Errorf("signed record has serial %d, want %d", rec.Serial, serial)
 		}
 		if err := putIssued(tx, rec); err != nil {
+			return err
+		}
+		var zones []string
+		for _, sl := range out.Slices {
+			if !slices.Contains(zones, sl.Zone) {
+				zones = append(zones, sl.Zone)
+			}
+		}
+		if err := putMember(tx, req.Node, rec, zones, req.Advertise, req.Renews, req.Now); err != nil {
 			return err
 		}
 		out.Issued = rec

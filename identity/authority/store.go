@@ -146,7 +146,7 @@ func OpenStore(path string, timeout time.Duration) (*Store, error) {
 		return nil, fmt.Errorf("open authority store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit, bucketSlices4, bucketSlices6, bucketNodeSlices, bucketRenewed, bucketRenewedFrom, bucketNodeNames} {
+		for _, b := range [][]byte{bucketMeta, bucketTokens, bucketIssued, bucketRevoked, bucketAudit, bucketSlices4, bucketSlices6, bucketNodeSlices, bucketRenewed, bucketRenewedFrom, bucketNodeNames, bucketMembers, bucketRevRecords, bucketRevSubjects} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -432,6 +432,17 @@ func nextSerial(tx *bolt.Tx) (uint64, error) {
 // PutIssued records a signed certificate.
 func (s *Store) PutIssued(rec IssuedRecord) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return putIssued(tx, rec) })
+}
+
+// PutJoined records the certificate signed at a join and makes it the newest of node name, with
+// its zones and advertised address (empty: none), in one transaction.
+func (s *Store) PutJoined(name string, rec IssuedRecord, zones []string, addr string, now time.Time) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if err := putIssued(tx, rec); err != nil {
+			return err
+		}
+		return putMember(tx, name, rec, zones, addr, 0, now)
+	})
 }
 
 func putIssued(tx *bolt.Tx, rec IssuedRecord) error {

@@ -178,16 +178,9 @@ func (d *Dir) createAgent(node *identity.Certificate, nodeKey ed25519.PrivateKey
 
 // issuer loads the node certificate and key and checks the certificate can still sign.
 func (d *Dir) issuer() (*identity.Certificate, ed25519.PrivateKey, error) {
-	node, err := d.NodeCert()
+	node, key, err := d.NodeIdentity()
 	if err != nil {
 		return nil, nil, err
-	}
-	key, err := d.NodeKey()
-	if err != nil {
-		return nil, nil, err
-	}
-	if !node.PublicKey().Equal(key.Public()) {
-		return nil, nil, fmt.Errorf("%w: %s does not match %s", ErrBadFile, FileNodeKey, FileNodeCert)
 	}
 	if now := d.now(); !now.Before(node.X509.NotAfter) {
 		return nil, nil, fmt.Errorf("%w: node certificate expired at %s; renew it (`ute node renew --dir %s`) or rejoin",
@@ -278,12 +271,17 @@ func (d *Dir) Agent(zone, name string) (*Agent, error) {
 	return &ag, nil
 }
 
-// AgentKey reads an agent's private key (agents never hold their keys; the node does).
+// AgentKey reads an agent's private key (agents never hold their keys; the node does) and
+// refuses it (identity.ErrKeyMismatch, naming both files) unless the agent's certificate
+// certifies it. Every use of an agent key (the SDK, a reissue after renewal or near expiry) loads
+// it here, so an agent.key replaced by another valid key is neither used nor certified again.
 func (d *Dir) AgentKey(zone, name string) (ed25519.PrivateKey, error) {
 	if err := validAgentPath(zone, name); err != nil {
 		return nil, err
 	}
-	return identity.ReadKey(filepath.Join(d.agentDir(zone, name), fileAgentKey))
+	dir := d.agentDir(zone, name)
+	_, key, err := loadKeyPair(filepath.Join(dir, fileAgentKey), filepath.Join(dir, fileAgentCert))
+	return key, err
 }
 
 // Agents lists every agent, sorted by zone then name.

@@ -24,6 +24,7 @@ const (
 	FilePolicy        = "policy.yaml"
 	FileNodeInfo      = "node.json"
 	FileIPAM          = "ipam.json"
+	FileKeyHistory    = "key-history.jsonl"
 	DirAgents         = "agents"
 	fileLock          = ".lock"
 	suffixNext        = ".next"
@@ -178,8 +179,35 @@ func (d *Dir) Info() (Info, error) {
 	return info, nil
 }
 
-// NodeKey reads the node's private key.
-func (d *Dir) NodeKey() (ed25519.PrivateKey, error) { return identity.ReadKey(d.file(FileNodeKey)) }
+// NodeKey reads the node's private key and refuses it (identity.ErrKeyMismatch, naming both
+// files) unless node.crt certifies it. Every user of the node key (start, renewal, agent issue)
+// loads it here, so a node.key replaced by another valid key is never used nor renewed.
+func (d *Dir) NodeKey() (ed25519.PrivateKey, error) {
+	_, key, err := d.NodeIdentity()
+	return key, err
+}
+
+// NodeIdentity reads the node certificate and its private key, checked to belong together.
+func (d *Dir) NodeIdentity() (*identity.Certificate, ed25519.PrivateKey, error) {
+	return loadKeyPair(d.file(FileNodeKey), d.file(FileNodeCert))
+}
+
+// loadKeyPair reads a certificate and its private key and refuses the pair unless the
+// certificate names that key.
+func loadKeyPair(keyPath, certPath string) (*identity.Certificate, ed25519.PrivateKey, error) {
+	cert, err := readCert(certPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	key, err := identity.ReadKey(keyPath)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := identity.CheckKeyPair(key, keyPath, cert, certPath); err != nil {
+		return nil, nil, err
+	}
+	return cert, key, nil
+}
 
 // NodeCert reads and parses the node certificate.
 func (d *Dir) NodeCert() (*identity.Certificate, error) { return readCert(d.file(FileNodeCert)) }
@@ -241,6 +269,15 @@ func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
 		return err
 	}
 	defer unlock()
+	// The retiring key signs its successor before it is replaced, so that what it signed (the
+	// audit log's head) stays verifiable from node.crt after it is gone.
+	old, err := d.NodeKey()
+	if err != nil {
+		return fmt.Errorf("renewal: the current key must sign its successor: %w", err)
+	}
+	if err := d.appendHandover(identity.SignHandover(old, key.Public().(ed25519.PublicKey))); err != nil {
+		return err
+	}
 	if err := identity.WriteFileAtomic(d.file(FileNodeCert+suffixNext), certPEM(certDER), 0o644); err != nil {
 		return err
 	}
@@ -248,6 +285,55 @@ func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
 		return err
 	}
 	return d.finishRenewal()
+}
+
+// maxHandovers bounds key-history.jsonl: only the handovers back to the key that signed the
+// audit head before the last renewals matter, and a head is re-signed on every flush.
+const maxHandovers = 64
+
+func (d *Dir) appendHandover(h identity.Handover) error {
+	hist, err := ReadKeyHistory(d.path)
+	if err != nil {
+		return err
+	}
+	hist = append(hist, h)
+	if len(hist) > maxHandovers {
+		hist = hist[len(hist)-maxHandovers:]
+	}
+	var b []byte
+	for _, x := range hist {
+		line, err := json.Marshal(x)
+		if err != nil {
+			return fmt.Errorf("encode %s: %w", FileKeyHistory, err)
+		}
+		b = append(append(b, line...), '\n')
+	}
+	return identity.WriteFileAtomic(d.file(FileKeyHistory), b, 0o644)
+}
+
+// KeyHistory returns the key handovers recorded at each renewal, oldest first.
+func (d *Dir) KeyHistory() ([]identity.Handover, error) { return ReadKeyHistory(d.path) }
+
+// ReadKeyHistory reads key-history.jsonl in the node directory dir; a directory that never renewed
+// has none. Lines that do not parse are skipped: a handover proves something only if its
+// signature verifies, which the reader checks (identity.Predecessors).
+func ReadKeyHistory(dir string) ([]identity.Handover, error) {
+	b, err := readFile(filepath.Join(dir, FileKeyHistory))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []identity.Handover
+	for line := range bytes.SplitSeq(b, []byte{'\n'}) {
+		var h identity.Handover
+		if len(line) == 0 || json.Unmarshal(line, &h) != nil {
+			continue
+		}
+		out = append(out, h)
+	}
+	return out, nil
 }
 
 // finishRenewal renames the staged key then the staged certificate into place.

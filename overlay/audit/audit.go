@@ -225,15 +225,21 @@ type Report struct {
 	Unanchored int    `json:"unanchored"` // entries after the head: chained, not yet anchored
 	LastHash   string `json:"last_hash"`
 	Signed     bool   `json:"signed"` // the head carries a signature (checked only by VerifyWithKey)
-	OK         bool   `json:"ok"`
-	FirstBad   int    `json:"first_bad"` // 0-based index of the first bad entry, -1 when OK
-	Problem    string `json:"problem,omitempty"`
+	// Key is the public key (hex) whose signature on the head verified, with VerifyWithKeys.
+	Key string `json:"key,omitempty"`
+	// Aside lists the parts a node set aside because it could not verify them (SetAside): files
+	// in the log directory, kept as they were found, each recorded by an EventSetAside entry.
+	Aside    []AsidePart `json:"aside,omitempty"`
+	OK       bool        `json:"ok"`
+	FirstBad int         `json:"first_bad"` // 0-based index of the first bad entry, -1 when OK
+	Problem  string      `json:"problem,omitempty"`
 }
 
 type scanned struct {
 	rec  *Record
 	hash string
 	err  error
+	size int64 // bytes of the line, newline included
 }
 
 // scan reads every line; torn reports a final line without newline (its byte offset in tornAt).
@@ -261,7 +267,7 @@ func scan(r io.Reader) (lines []scanned, torn bool, goodLen int64, err error) {
 		}
 		goodLen += int64(len(line))
 		rec, h, derr := decodeLine(line[:len(line)-1])
-		lines = append(lines, scanned{rec: rec, hash: h, err: derr})
+		lines = append(lines, scanned{rec: rec, hash: h, err: derr, size: int64(len(line))})
 	}
 }
 
@@ -331,13 +337,32 @@ func Verify(dir string) (Report, error) { return verify(dir, nil) }
 // key the log was opened with (Options.Key). It catches an attacker who rewrote the whole log and
 // head consistently but does not hold the node key.
 func VerifyWithKey(dir string, pub ed25519.PublicKey) (Report, error) {
-	if len(pub) != ed25519.PublicKeySize {
-		return Report{Dir: dir, FirstBad: -1}, fmt.Errorf("audit: verify: public key is %d bytes, want %d", len(pub), ed25519.PublicKeySize)
-	}
-	return verify(dir, pub)
+	return VerifyWithKeys(dir, pub)
 }
 
-func verify(dir string, pub ed25519.PublicKey) (Report, error) {
+// VerifyWithKeys is VerifyWithKey accepting a head signed by any of keys: the node's current key
+// and the earlier keys that handed over to it at renewal (identity.Predecessors). Report.Key
+// names the key that verified.
+func VerifyWithKeys(dir string, keys ...ed25519.PublicKey) (Report, error) {
+	if len(keys) == 0 {
+		return Report{Dir: dir, FirstBad: -1}, errors.New("audit: verify: no key given")
+	}
+	for _, pub := range keys {
+		if len(pub) != ed25519.PublicKeySize {
+			return Report{Dir: dir, FirstBad: -1}, fmt.Errorf("audit: verify: public key is %d bytes, want %d", len(pub), ed25519.PublicKeySize)
+		}
+	}
+	return verify(dir, keys)
+}
+
+func verify(dir string, keys []ed25519.PublicKey) (Report, error) {
+	rep, err := verifyLog(dir, keys)
+	aside, aerr := listAside(dir)
+	rep.Aside = aside
+	return rep, errors.Join(err, aerr)
+}
+
+func verifyLog(dir string, keys []ed25519.PublicKey) (Report, error) {
 	f, err := os.Open(filepath.Join(dir, LogFile))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -351,12 +376,53 @@ func verify(dir string, pub ed25519.PublicKey) (Report, error) {
 		return Report{Dir: dir, FirstBad: len(lines)}, &VerifyError{Index: len(lines), Err: err}
 	}
 	hd, hdErr := readHead(dir)
-	if hdErr == nil && pub != nil {
-		hdErr = hd.verifySig(pub)
+	signer := -1
+	if hdErr == nil && keys != nil {
+		if signer = hd.signer(keys); signer < 0 {
+			hdErr = ErrHeadSignature
+		}
 	}
 	rep, err := check(dir, lines, torn, hd, hdErr)
 	rep.Signed = hdErr == nil && hd.Sig != ""
+	if signer >= 0 {
+		rep.Key = hex.EncodeToString(keys[signer])
+	}
 	return rep, err
+}
+
+// signer returns the index of the key in keys whose signature on the head verifies, or -1.
+func (h *head) signer(keys []ed25519.PublicKey) int {
+	for i, k := range keys {
+		if h.verifySig(k) == nil {
+			return i
+		}
+	}
+	return -1
+}
+
+// AsidePart is a file holding entries a node set aside (see Options.SetAside).
+type AsidePart struct {
+	File    string `json:"file"`
+	Entries int    `json:"entries"` // lines in the file
+}
+
+// asideInfix marks set-aside files: audit.log.aside-<time> (and audit.head.aside-<time>).
+const asideInfix = ".aside-"
+
+func listAside(dir string) ([]AsidePart, error) {
+	names, err := filepath.Glob(filepath.Join(dir, LogFile+asideInfix+"*"))
+	if err != nil {
+		return nil, fmt.Errorf("audit: list set-aside parts: %w", err)
+	}
+	var out []AsidePart
+	for _, name := range names {
+		b, err := os.ReadFile(name)
+		if err != nil {
+			return out, fmt.Errorf("audit: read set-aside part: %w", err)
+		}
+		out = append(out, AsidePart{File: filepath.Base(name), Entries: bytes.Count(b, []byte{'\n'})})
+	}
+	return out, nil
 }
 
 // Options tune a Log.
@@ -373,7 +439,27 @@ type Options struct {
 	// entry naming what it found (the previous key, or that the head was unsigned or forged) and
 	// signs the head with Key from then on. The evidence stays in the chain, under the new key.
 	RecordKeyChange bool
+	// SetAside is how a node opens its log: it never signs over what it cannot verify, and never
+	// refuses to start over it either. Entries after the last head signed by Key or TrustedKeys
+	// (a forged append, or a crash before the flush) are moved to a file beside the log; a log
+	// whose head is missing, unsigned, forged, or does not match the entries (edited, reordered,
+	// cut) is moved aside whole with its head, and a new log starts. Either way the file is kept
+	// as found, and an EventSetAside entry, signed with the rest, names it. Takes precedence over
+	// RecordKeyChange; requires Key.
+	SetAside bool
+	// TrustedKeys are earlier keys of this log's owner (a node's keys before its renewals, proven
+	// by its key handovers) whose signature on the head is accepted by SetAside; continuing
+	// under Key is then recorded as EventKeyChanged.
+	TrustedKeys []ed25519.PublicKey
 }
+
+// EventSetAside is the entry a SetAside open appends for each part it moved aside. Fields: part
+// ("tail" or "log"), file, entries, reason, and for a tail first_seq.
+const EventSetAside = "audit-set-aside"
+
+// EventKeyChanged is the entry a SetAside open appends when the head was signed by one of
+// TrustedKeys rather than Key. Fields: from, to (hex public keys).
+const EventKeyChanged = "audit-key-changed"
 
 // EventHeadUnverified is the entry Open appends when RecordKeyChange let it continue a log whose
 // head did not verify with the current key. Fields: problem ("key-changed" or "unverified"),
@@ -433,7 +519,13 @@ func Open(dir string, opts Options) (*Log, error) {
 	return l, nil
 }
 
-func open(dir string, f *os.File, opts Options) (*Log, error) {
+func open(dir string, f *os.File, opts Options) (_ *Log, retErr error) {
+	orig := f
+	defer func() {
+		if retErr != nil && f != orig {
+			_ = f.Close() // the new log started after setting the old one aside
+		}
+	}()
 	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrLocked, dir, err)
 	}
@@ -448,6 +540,19 @@ func open(dir string, f *os.File, opts Options) (*Log, error) {
 		return nil, fmt.Errorf("audit: refusing to continue %s: %w", dir, err)
 	}
 	hd, hdErr := readHead(dir)
+	var notes []Entry
+	if opts.SetAside && opts.Key != nil && (hdErr == nil || len(lines) > 0 || torn) {
+		var nf *os.File
+		nf, lines, hd, notes, err = triage(dir, f, lines, torn, hd, hdErr, opts)
+		if err != nil {
+			return nil, err
+		}
+		if nf != f {
+			_ = f.Close() // renamed aside; its lock goes with it
+			f = nf
+		}
+		torn, hdErr = false, nil
+	}
 	if hdErr != nil && len(lines) == 0 && !torn {
 		hd = &head{Hash: genesis}
 		hd.sign(opts.Key)
@@ -457,7 +562,7 @@ func open(dir string, f *os.File, opts Options) (*Log, error) {
 		hdErr = nil
 	}
 	var note map[string]string
-	if hdErr == nil && opts.Key != nil {
+	if hdErr == nil && opts.Key != nil && !opts.SetAside {
 		pub := opts.Key.Public().(ed25519.PublicKey)
 		hdErr = hd.verifySig(pub)
 		if hdErr != nil && opts.RecordKeyChange {
@@ -481,6 +586,16 @@ func open(dir string, f *os.File, opts Options) (*Log, error) {
 		return nil, fmt.Errorf("audit: refusing to continue %s (move it aside to start a new log): %w", dir, err)
 	}
 	l := &Log{dir: dir, opts: opts, log: opts.Logger, f: f, seq: uint64(rep.Entries), last: rep.LastHash, anchored: uint64(rep.Anchored)}
+	for _, e := range notes {
+		if err := l.Append(context.Background(), e); err != nil {
+			return nil, err
+		}
+	}
+	if len(notes) > 0 {
+		if err := l.syncLocked(); err != nil {
+			return nil, err
+		}
+	}
 	if note != nil {
 		// Appended and anchored at once, so the new signed head covers the evidence.
 		if err := l.Append(context.Background(), Entry{Event: EventHeadUnverified, Fields: note}); err != nil {
@@ -639,4 +754,117 @@ func (l *Log) Close() error {
 	serr := l.syncLocked()
 	cerr := l.f.Close()
 	return errors.Join(serr, cerr)
+}
+
+// triage is the SetAside part of open: it keeps the verified prefix of the log in place and
+// moves anything it cannot verify aside, returning the file to continue (f, or a new one when the
+// whole log went aside), the verified lines, the head to continue from and the entries to record.
+func triage(dir string, f *os.File, lines []scanned, torn bool, hd *head, hdErr error, opts Options) (*os.File, []scanned, *head, []Entry, error) {
+	pub := opts.Key.Public().(ed25519.PublicKey)
+	keys := append([]ed25519.PublicKey{pub}, opts.TrustedKeys...)
+	var notes []Entry
+	reason, signer := "", -1
+	if hdErr == nil {
+		signer = hd.signer(keys)
+	}
+	switch {
+	case hdErr != nil:
+		reason = "head missing or unreadable"
+	case signer < 0:
+		reason = "head not signed by this node's key (unsigned, forged, or signed by an unknown key)"
+	case hd.Count > uint64(len(lines)):
+		reason = fmt.Sprintf("log cut: the signed head records %d entries, the log has %d", hd.Count, len(lines))
+	default:
+		if _, err := check(dir, lines[:hd.Count], false, hd, nil); err != nil {
+			reason = err.Error()
+			break
+		}
+		if signer > 0 {
+			notes = append(notes, Entry{Event: EventKeyChanged, Fields: map[string]string{
+				"from": hex.EncodeToString(keys[signer]), "to": hex.EncodeToString(pub)}})
+		}
+	}
+	stamp := opts.Now().UTC().Format("20060102T150405.000000000Z")
+	if reason != "" {
+		nf, err := asideWhole(dir, f, stamp)
+		if err != nil {
+			return nil, nil, nil, nil, err
+		}
+		name := LogFile + asideInfix + stamp
+		opts.Logger.Warn("audit: log could not be verified; set aside whole, starting a new log", "dir", dir, "file", name, "reason", reason)
+		notes = append(notes, Entry{Event: EventSetAside, Fields: map[string]string{
+			"part": "log", "file": name, "entries": fmt.Sprint(len(lines)), "reason": reason}})
+		h := &head{Hash: genesis}
+		h.sign(opts.Key)
+		if err := writeHead(dir, *h); err != nil {
+			return nil, nil, nil, nil, err
+		}
+		return nf, nil, h, notes, nil
+	}
+	if uint64(len(lines)) > hd.Count || torn {
+		var keep int64
+		for _, l := range lines[:hd.Count] {
+			keep += l.size
+		}
+		name := LogFile + asideInfix + stamp
+		if err := asideTail(dir, f, keep, name); err != nil {
+			return nil, nil, nil, nil, err
+		}
+		n := len(lines) - int(hd.Count)
+		if torn {
+			n++
+		}
+		opts.Logger.Warn("audit: entries after the last signed head set aside", "dir", dir, "file", name, "entries", n)
+		notes = append(notes, Entry{Event: EventSetAside, Fields: map[string]string{
+			"part": "tail", "file": name, "entries": fmt.Sprint(n), "first_seq": fmt.Sprint(hd.Count + 1),
+			"reason": "entries after the last head signed by this node's key (appended by another writer, or not yet anchored at a crash)"}})
+		lines = lines[:hd.Count]
+	}
+	return f, lines, hd, notes, nil
+}
+
+// asideWhole renames the log and its head aside and opens a new, locked, empty log.
+func asideWhole(dir string, f *os.File, stamp string) (*os.File, error) {
+	logPath := filepath.Join(dir, LogFile)
+	if err := os.Rename(logPath, logPath+asideInfix+stamp); err != nil {
+		return nil, fmt.Errorf("audit: set the log aside: %w", err)
+	}
+	headPath := filepath.Join(dir, HeadFile)
+	if err := os.Rename(headPath, headPath+asideInfix+stamp); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("audit: set the head aside: %w", err)
+	}
+	nf, err := os.OpenFile(logPath, os.O_RDWR|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("audit: start a new log: %w", err)
+	}
+	if err := syscall.Flock(int(nf.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		_ = nf.Close()
+		return nil, fmt.Errorf("%w: %s: %v", ErrLocked, dir, err)
+	}
+	return nf, nil
+}
+
+// asideTail copies the log from byte keep on into name (0600, synced) and cuts it off the log.
+func asideTail(dir string, f *os.File, keep int64, name string) error {
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("audit: set the tail aside: %w", err)
+	}
+	af, err := os.OpenFile(filepath.Join(dir, name), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("audit: set the tail aside: %w", err)
+	}
+	_, werr := io.Copy(af, io.NewSectionReader(f, keep, st.Size()-keep))
+	serr := af.Sync()
+	cerr := af.Close()
+	if err := errors.Join(werr, serr, cerr); err != nil {
+		return fmt.Errorf("audit: set the tail aside: %w", err)
+	}
+	if err := f.Truncate(keep); err != nil {
+		return fmt.Errorf("audit: cut the set-aside tail: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("audit: cut the set-aside tail: %w", err)
+	}
+	return nil
 }

@@ -22,6 +22,12 @@
 // then Ed25519-signed, and VerifyWithKey requires the signature) or when the head hash was shipped
 // off-host (gossip, metrics).
 //
+// A node opens its log with Options.SetAside: it never signs over what it cannot verify against
+// its own last signed head (Key, or TrustedKeys: its keys before renewals). Entries after that
+// head are moved to audit.log.aside-<time>; a log whose head does not verify or whose entries do
+// not match it is moved aside whole; either way an EventSetAside entry, signed, names the file.
+// VerifyWithKeys lists the set-aside parts (Report.Aside) and names the key that verified.
+//
 // It must never rewrite or reorder committed entries, never continue a chain it could not verify on
 // open (a tampered log refuses to open), and never log secrets: callers pass identities and reasons
 // only.

@@ -161,11 +161,16 @@ type AgentInfo struct {
 // RevocationIDs lists the canonical identities a revocation may name for this chain: the agent's
 // and its node's SPIFFE IDs and certificate serials (revoking a node revokes its agents).
 func (a *AgentInfo) RevocationIDs() []string {
-	ids := make([]string, 0, 4)
+	ids := make([]string, 0, 5)
 	for _, s := range []string{a.Agent, a.AgentSerial, a.Node, a.NodeSerial} {
 		if s != "" {
 			ids = append(ids, s)
 		}
+	}
+	// The agent serial as issued by its node ("serial:N@<node ID>", identity/record's
+	// IssuedSerialKey): what a node-signed revocation of one of its agent certificates names.
+	if a.AgentSerial != "" && a.Node != "" {
+		ids = append(ids, a.AgentSerial+"@"+a.Node)
 	}
 	return ids
 }

@@ -19,6 +19,10 @@ const (
 	FrameAccept FrameType = 2
 	// FrameReject refuses the flow; its body is the CBOR reject map. The stream is closed after it.
 	FrameReject FrameType = 3
+	// FrameControl opens a node-level control stream instead of a flow; its body is exactly one
+	// byte, the control channel. It carries no DTL record: the tunnel's mutual TLS authenticates
+	// the peer node, and such a stream never reaches an agent.
+	FrameControl FrameType = 4
 )
 
 func (t FrameType) String() string {
@@ -29,6 +33,8 @@ func (t FrameType) String() string {
 		return "accept"
 	case FrameReject:
 		return "reject"
+	case FrameControl:
+		return "control"
 	}
 	return fmt.Sprintf("frame(%d)", uint8(t))
 }
@@ -58,7 +64,7 @@ func WriteFrame(w io.Writer, t FrameType, body []byte) error {
 	return nil
 }
 
-func (t FrameType) known() bool { return t >= FrameRecord && t <= FrameReject }
+func (t FrameType) known() bool { return t >= FrameRecord && t <= FrameControl }
 
 // ReadFrame reads exactly one frame and nothing past it. Bodies longer than max are refused before
 // they are read (ErrTooLarge); an unknown type is ErrFrameType; a stream that ends inside a frame is
@@ -76,11 +82,15 @@ func ReadFrame(r io.Reader, max int) (FrameType, []byte, error) {
 	}
 	t := FrameType(hdr[0])
 	if !t.known() {
-		return 0, nil, fmt.Errorf("%w: 0x%02x is not record, accept or reject", ErrFrameType, hdr[0])
+		return 0, nil, fmt.Errorf("%w: 0x%02x is not record, accept, reject or control", ErrFrameType, hdr[0])
 	}
 	n := int(binary.BigEndian.Uint16(hdr[1:3]))
 	if n > max {
 		return 0, nil, fmt.Errorf("%w: %s frame declares %d bytes, limit %d", ErrTooLarge, t, n, max)
+	}
+	if t == FrameControl && n != 1 {
+		// Refused before the body is read, so a control frame never consumes more than 4 bytes.
+		return 0, nil, fmt.Errorf("%w: control frame must have a 1-byte body, declares %d bytes", ErrMalformed, n)
 	}
 	body := make([]byte, n)
 	if got, err := io.ReadFull(r, body); err != nil {

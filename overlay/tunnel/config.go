@@ -103,6 +103,7 @@ type Limits struct {
 	BackoffBase       time.Duration // first retry delay; default 100 ms
 	BackoffMax        time.Duration // retry delay cap; default 5 s
 	DatagramQueue     int           // queued inbound datagrams per packet flow; default 256
+	MaxControlStreams int           // concurrent inbound control streams per tunnel; default 16
 }
 
 func (l Limits) withDefaults() Limits {
@@ -134,6 +135,7 @@ func (l Limits) withDefaults() Limits {
 	def(&l.BackoffBase, 100*time.Millisecond)
 	def(&l.BackoffMax, 5*time.Second)
 	defInt(&l.DatagramQueue, 256)
+	defInt(&l.MaxControlStreams, 16)
 	return l
 }
 
@@ -175,6 +177,17 @@ type Config struct {
 	OnVerdict func(Verdict)
 	// OnRefused, if set, is told about every refused handshake (for audit). It must not block.
 	OnRefused func(Refusal)
+	// ControlHandler, if set, receives the peer node's control streams (docs/protocol.md,
+	// "Control streams and gossip"): node-level traffic such as gossip, authenticated by the
+	// tunnel's mutual TLS and never delivered to an agent. channel is the control frame's byte.
+	// It runs on an endpoint-owned goroutine and owns c (must Close it, which also frees the
+	// stream's place under Limits.MaxControlStreams); Endpoint.Close closes the tunnel under it.
+	// Without a handler, control streams are reset (stream error 0x207).
+	ControlHandler func(t *Tunnel, channel byte, c net.Conn)
+	// ControlDatagram, if set, receives the payload of every datagram tagged ControlFlowID. It
+	// runs on the tunnel's datagram goroutine and must not block; payload is its own copy.
+	// Without it such datagrams are dropped and counted.
+	ControlDatagram func(t *Tunnel, payload []byte)
 	// Clock is the time source for flow idle expiry. Default time.Now.
 	Clock func() time.Time
 	// Logger receives refusals and drops. Default slog.Default().

@@ -501,6 +501,19 @@ func renewedPeer(cur, prev Peer) bool {
 	return !cur.Certificate.NotBefore.Before(prev.Certificate.NotBefore)
 }
 
+// LiveTunnel returns the tunnel Dial would reuse for (peerNodeID, zone), without dialing: an
+// open, current tunnel with that verified peer, inbound or outbound. Gossip uses it to answer
+// over a tunnel that already exists instead of blocking on a handshake.
+func (e *Endpoint) LiveTunnel(peerNodeID, zone string) (*Tunnel, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	t := e.live[tunnelKey{peerNodeID, zone}]
+	if t == nil || !t.Alive() || t.Stale() {
+		return nil, false
+	}
+	return t, true
+}
+
 // ClosePeer closes every tunnel with the node peerNodeID, in every zone, and returns how many it
 // closed. The node calls it when the peer is revoked: its flows end at once on both sides (the
 // peer sees application error 0x104), and a new handshake is up to the PeerVerifier.

@@ -1,7 +1,6 @@
 package tunnel
 
 import (
-	"errors"
 	"fmt"
 	"io"
 
@@ -37,20 +36,14 @@ func (k FlowKind) String() string {
 
 // readFlowOpen reads the opener's record frame and nothing past it.
 func readFlowOpen(r io.Reader, maxRecord int) ([]byte, error) {
-	typ, rec, err := dtl.ReadFrame(r, maxRecord)
+	open, err := readStreamOpen(r, maxRecord)
 	if err != nil {
-		if errors.Is(err, dtl.ErrTooLarge) {
-			return nil, fmt.Errorf("%w: %w", ErrFrameTooLarge, err)
-		}
-		return nil, fmt.Errorf("%w: %w", ErrFrame, err)
+		return nil, err
 	}
-	if typ != dtl.FrameRecord {
-		return nil, fmt.Errorf("%w: first frame is %s, want record", ErrFrame, typ)
+	if open.control {
+		return nil, fmt.Errorf("%w: first frame is control, want record", ErrFrame)
 	}
-	if len(rec) == 0 {
-		return nil, fmt.Errorf("%w: empty record", ErrFrame)
-	}
-	return rec, nil
+	return open.record, nil
 }
 
 // readVerdict reads the receiver's answer to a record frame.

@@ -12,13 +12,25 @@ type Stats struct {
 	FlowsDropped      uint64 // inbound streams dropped before admission: garbage, truncated, oversized, slow
 	FlowsExpired      uint64 // inbound flows closed by idle expiry
 	DatagramsDropped  uint64 // datagrams for unknown/unadmitted flow ids, malformed, or over a full queue
-	Tunnels           int    // tunnels open now
-	ActiveFlows       int    // inbound flows in the flow table now
+	// ControlStreams counts inbound control streams handed to Config.ControlHandler.
+	ControlStreams uint64
+	// ControlStreamsRefused counts inbound control streams reset: no ControlHandler, or over
+	// Limits.MaxControlStreams on their tunnel.
+	ControlStreamsRefused uint64
+	// ControlDatagrams counts datagrams handed to Config.ControlDatagram.
+	ControlDatagrams uint64
+	// ControlDatagramsDropped counts control datagrams dropped for want of a ControlDatagram
+	// handler (they are counted in DatagramsDropped too).
+	ControlDatagramsDropped uint64
+	Tunnels                 int // tunnels open now
+	ActiveFlows             int // inbound flows in the flow table now
 }
 
 type counters struct {
 	tunnelsOpened, handshakesRefused, dialFailures     atomic.Uint64
 	admitted, denied, dropped, expired, datagramsDrops atomic.Uint64
+
+	controlStreams, controlRefused, controlDatagrams, controlDatagramDrops atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -31,5 +43,10 @@ func (c *counters) snapshot() Stats {
 		FlowsDropped:      c.dropped.Load(),
 		FlowsExpired:      c.expired.Load(),
 		DatagramsDropped:  c.datagramsDrops.Load(),
+
+		ControlStreams:          c.controlStreams.Load(),
+		ControlStreamsRefused:   c.controlRefused.Load(),
+		ControlDatagrams:        c.controlDatagrams.Load(),
+		ControlDatagramsDropped: c.controlDatagramDrops.Load(),
 	}
 }

@@ -34,7 +34,8 @@ type Tunnel struct {
 	outbound bool
 	local    *tls.Certificate // the certificate this side presented in the handshake
 
-	nextFlow atomic.Uint64
+	nextFlow       atomic.Uint64
+	controlStreams atomic.Int64 // inbound control streams open (Limits.MaxControlStreams)
 
 	mu      sync.Mutex
 	packets map[uint64]*PacketFlow // live packet flows by flow id, both directions
@@ -94,9 +95,14 @@ func (t *Tunnel) closeFlows() {
 
 // NewFlowID returns a flow id for a flow this node opens on the tunnel. The dialing side uses even
 // ids and the accepting side odd ones (as QUIC does for stream ids), so both directions share one
-// datagram id space without collisions. Sign it into the flow's record.
+// datagram id space without collisions. Sign it into the flow's record. It never returns
+// ControlFlowID: after 2^61 flows on one tunnel it returns an id above the varint range, which
+// OpenPacketFlow and the peer refuse.
 func (t *Tunnel) NewFlowID() uint64 {
 	n := t.nextFlow.Add(1) - 1
+	if n >= ControlFlowID>>1 {
+		return 1<<62 | t.openerParity()
+	}
 	return n<<1 | t.openerParity()
 }
 
@@ -123,7 +129,7 @@ func (t *Tunnel) OpenFlow(ctx context.Context, record []byte, local, remote net.
 // record is admitted on a control stream, then payload travels as datagrams. Closing the flow
 // closes the control stream, which ends the flow on both sides.
 func (t *Tunnel) OpenPacketFlow(ctx context.Context, flowID uint64, record []byte, local, remote net.Addr) (*PacketFlow, error) {
-	if flowID > maxFlowID || flowID&1 != t.openerParity() {
+	if flowID > maxFlowID || flowID == ControlFlowID || flowID&1 != t.openerParity() {
 		return nil, fmt.Errorf("tunnel: flow id %d is not one this side may open; use Tunnel.NewFlowID", flowID)
 	}
 	pf := t.newPacketFlow(flowID, local, remote, nil)
@@ -236,7 +242,13 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 	e := t.ep
 	v := Verdict{Zone: t.zone, Peer: t.peer}
 	_ = str.SetReadDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
-	record, err := readFlowOpen(countingReader{str, &e.preAdmitRead}, e.lim.MaxRecordSize)
+	open, err := readStreamOpen(countingReader{str, &e.preAdmitRead}, e.lim.MaxRecordSize)
+	if err == nil && open.control {
+		// Not a flow: no record, no Admitter, no verdict, never an agent handler.
+		t.handleControl(str, open.channel)
+		return
+	}
+	record := open.record
 	if err != nil {
 		// Reported before the peer can see the reset, so the audit entry exists by then.
 		v.Err = err
@@ -341,6 +353,9 @@ func (t *Tunnel) checkAdmission(adm Admission) error {
 	if adm.FlowID > maxFlowID || adm.FlowID&1 == t.openerParity() {
 		return dtl.Deny(fmt.Errorf("%w: flow id %d is not one the peer may open", dtl.ErrMalformed, adm.FlowID))
 	}
+	if adm.FlowID == ControlFlowID {
+		return dtl.Deny(fmt.Errorf("%w: flow id %d is reserved for control datagrams", dtl.ErrMalformed, adm.FlowID))
+	}
 	switch adm.Kind {
 	case KindStream:
 		if t.ep.cfg.StreamHandler == nil {
@@ -404,6 +419,9 @@ func (t *Tunnel) deliverDatagram(b []byte) bool {
 	id, payload, err := dtl.ParseDatagram(b)
 	if err != nil {
 		return false
+	}
+	if id == ControlFlowID {
+		return t.deliverControlDatagram(payload)
 	}
 	t.mu.Lock()
 	pf := t.packets[id]

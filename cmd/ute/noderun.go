@@ -1,0 +1,125 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/ute-project/ute/node/config"
+	nodedaemon "github.com/ute-project/ute/node/daemon"
+)
+
+// shutdownBudget is how long SIGTERM may take: flows closed, gossip left, state flushed.
+const shutdownBudget = 5 * time.Second
+
+func newNodeRunCmd() *cobra.Command {
+	var (
+		dir, cfgPath string
+		ov           config.Overrides
+	)
+	flags := map[string]**string{}
+	cmd := &cobra.Command{
+		Use:   "run --dir N [--config FILE] [--listen ADDR] [--advertise ADDR] [--metrics ADDR] [--log-format text|json]",
+		Short: "Run this node: tunnels, gossip, revocations, the local API (SIGTERM stops, SIGHUP reloads the config)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return usagef("node run needs --dir (the directory `ute node join` created)")
+			}
+			for name, p := range flags {
+				if cmd.Flags().Changed(name) {
+					v, _ := cmd.Flags().GetString(name)
+					*p = &v
+				}
+			}
+			load := func() (config.Config, error) {
+				c := config.Default()
+				if cfgPath != "" {
+					var err error
+					if c, err = config.Load(cfgPath); err != nil {
+						return config.Config{}, err
+					}
+				}
+				return c.Apply(ov)
+			}
+			cfg, err := load()
+			if err != nil {
+				return err
+			}
+			if cfg.Interface != config.InterfaceNetstack {
+				return fmt.Errorf("interface %q is not available in this version: run with --interface netstack (the default)", cfg.Interface)
+			}
+			if cfg.Transport != config.TransportQUIC {
+				return fmt.Errorf("transport %q is not available in this version: run with --transport quic (the default)", cfg.Transport)
+			}
+			level := new(slog.LevelVar)
+			level.Set(cfg.Log.Level)
+			log := slog.New(cfg.Log.Handler(cmd.ErrOrStderr(), level))
+			return runNode(cmd.Context(), nodedaemon.Options{Dir: dir, Config: cfg, Logger: log, LogLevel: level}, load, cmd)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&dir, "dir", "", "node directory (created by `ute node join`)")
+	f.StringVar(&cfgPath, "config", "", "YAML config file (docs/operations.md lists every key)")
+	for name, usage := range map[string]struct {
+		p     **string
+		usage string
+	}{
+		"listen":     {&ov.Listen, "UDP address to listen on (default 0.0.0.0:7444)"},
+		"advertise":  {&ov.Advertise, "address other nodes reach this one at (default: the listen address when it is specific)"},
+		"metrics":    {&ov.Metrics, "loopback address for Prometheus metrics (empty: off)"},
+		"log-format": {&ov.LogFormat, "log format: text or json"},
+		"log-level":  {&ov.LogLevel, "log level: debug, info, warn or error"},
+		"interface":  {&ov.Interface, "agent interface: netstack (tun comes with a later version)"},
+		"transport":  {&ov.Transport, "data plane: quic (wireguard comes with a later version)"},
+		"authority":  {&ov.Authority, "authority address (default: the one joined, from node.json)"},
+	} {
+		f.String(name, "", usage.usage)
+		flags[name] = usage.p
+	}
+	return cmd
+}
+
+// runNode runs the daemon until ctx ends (SIGINT, SIGTERM), reloading the config on SIGHUP.
+func runNode(ctx context.Context, opts nodedaemon.Options, load func() (config.Config, error), cmd *cobra.Command) error {
+	d, err := nodedaemon.Start(ctx, opts)
+	if err != nil {
+		return err
+	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	fmt.Fprintf(cmd.OutOrStdout(), "node %s up on %s\n", d.Node().ID(), d.Addr())
+	for {
+		select {
+		case <-ctx.Done():
+			done := make(chan error, 1)
+			go func() { done <- d.Close() }()
+			select {
+			case err := <-done:
+				if err != nil {
+					opts.Logger.Warn("shutdown", "err", err)
+				}
+				return nil
+			case <-time.After(shutdownBudget):
+				return errors.New("node did not stop within 5 s; state written so far is durable, check the log for what hung")
+			}
+		case <-hup:
+			next, err := load()
+			if err != nil {
+				opts.Logger.Error("config reload refused; the running config stays", "err", err)
+				continue
+			}
+			if _, err := d.Reload(next); err != nil {
+				opts.Logger.Error("config reload refused; the running config stays", "err", err)
+			}
+		}
+	}
+}

@@ -1,0 +1,319 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"slices"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/record"
+	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/membership"
+)
+
+// pools runs the node's gossip: one memberlist pool per zone over the node's tunnels.
+type pools struct {
+	m *membership.Membership
+}
+
+func (p *pools) close() error { return p.m.Close() }
+
+// timing maps the config's gossip section onto memberlist's LAN profile.
+func timing(g config.Gossip) membership.Timing {
+	t := membership.LANTiming()
+	if g.Interval > 0 {
+		t.GossipInterval = g.Interval
+	}
+	if g.ProbeInterval > 0 {
+		t.ProbeInterval = g.ProbeInterval
+		t.ProbeTimeout = min(t.ProbeTimeout, g.ProbeInterval/2)
+	}
+	if g.PushPullInterval > 0 {
+		t.PushPullInterval = g.PushPullInterval
+	}
+	if g.RetransmitMult > 0 {
+		t.RetransmitMult = g.RetransmitMult
+	}
+	return t
+}
+
+// startPools creates the pools of the node's zones and starts joining them.
+func (d *Daemon) startPools() error {
+	adv, ok := d.cfg.AdvertiseAddr(d.node.Addr())
+	if !ok {
+		return fmt.Errorf("daemon: the node listens on %s, which other hosts cannot dial: set advertise (or --advertise) to an address they reach", d.node.Addr())
+	}
+	d.advertise = adv
+	m, err := membership.New(membership.Config{
+		NodeID: d.node.ID().String(), Advertise: adv, Endpoint: d.node.Endpoint(), Mux: d.mux,
+		Records: poolRecords{d}, Revoked: func(id string) bool { return d.node.Revoked(id) },
+		Timing: d.timing(), Logger: d.log, MaxRecordSize: maxGossipRecord,
+	})
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.pools = &pools{m: m}
+	d.mu.Unlock()
+	for _, z := range d.node.Endpoint().Zones() {
+		if err := m.AddZone(z); err != nil {
+			return err
+		}
+	}
+	d.wg.Go(d.poolLoop)
+	return nil
+}
+
+// maxGossipRecord bounds a record in gossip: revocation records are well under it; a policy
+// release larger than this reaches nodes through the authority watch only.
+const maxGossipRecord = 256 << 10
+
+func (d *Daemon) timing() membership.Timing {
+	if d.opts.Timing != nil {
+		return *d.opts.Timing
+	}
+	return timing(d.cfg.Gossip)
+}
+
+// syncPools makes the pools match the zones the node serves (after a policy release).
+func (d *Daemon) syncPools(zones []string) {
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	if p == nil {
+		return
+	}
+	have := p.m.Zones()
+	for _, z := range have {
+		if !slices.Contains(zones, z) {
+			if err := p.m.RemoveZone(z); err != nil {
+				d.log.Warn("leave zone pool", "zone", z, "err", err)
+			}
+			d.metrics.ForgetZone(z)
+		}
+	}
+	for _, z := range zones {
+		if !slices.Contains(have, z) {
+			if err := p.m.AddZone(z); err != nil {
+				d.log.Warn("join zone pool", "zone", z, "err", err)
+			}
+		}
+	}
+}
+
+// members is zone's live gossip members (this node included); nil without a pool.
+func (d *Daemon) members(zone string) []membership.Member {
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	if p == nil {
+		return nil
+	}
+	return p.m.Members(zone)
+}
+
+// poolLoop joins each zone's pool through the bootstrap members until it has a peer, and feeds
+// the members gossip discovers to the node as peers (the node still verifies each one at the
+// handshake: a member is only a hint of where a node ID can be reached).
+func (d *Daemon) poolLoop() {
+	const syncEvery = 250 * time.Millisecond
+	wait := 200 * time.Millisecond
+	nextJoin := time.Now()
+	t := time.NewTicker(syncEvery)
+	defer t.Stop()
+	for {
+		d.syncMembers()
+		if now := time.Now(); !now.Before(nextJoin) {
+			if d.joinPools() {
+				wait = min(wait*2, 5*time.Second)
+			} else {
+				wait = time.Second
+			}
+			nextJoin = now.Add(wait + time.Duration(rand.Int64N(int64(wait)/4)))
+		}
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// joinPools tries to join every zone pool that has no other member yet. It reports whether it
+// tried and failed somewhere (so the caller backs off).
+func (d *Daemon) joinPools() (failed bool) {
+	d.mu.Lock()
+	p, cfg := d.pools, d.cfg
+	d.mu.Unlock()
+	stored, err := d.dir.Members()
+	if err != nil {
+		d.log.Warn("bootstrap members", "err", err)
+	}
+	td := d.node.ID().TrustDomain
+	for _, z := range p.m.Zones() {
+		if len(p.m.Members(z)) > 1 {
+			continue
+		}
+		var seeds []membership.Seed
+		for _, s := range stored {
+			if len(s.Zones) > 0 && !slices.Contains(s.Zones, z) {
+				continue
+			}
+			ap, err := netip.ParseAddrPort(s.Addr)
+			if err != nil {
+				continue
+			}
+			seeds = append(seeds, membership.Seed{NodeID: s.ID, Addr: ap})
+		}
+		for _, peer := range cfg.Peers {
+			id := peer.Node
+			if pid, err := identity.ParseID(peer.Node); err != nil || pid.Kind != identity.KindNode {
+				id = identity.NodeID(td, peer.Node).String()
+			}
+			seeds = append(seeds, membership.Seed{NodeID: id, Addr: peer.Addr})
+		}
+		if len(seeds) == 0 {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
+		n, err := p.m.Join(ctx, z, seeds)
+		cancel()
+		if err != nil {
+			failed = true
+			d.log.Debug("join zone pool", "zone", z, "err", err)
+			continue
+		}
+		d.log.Info("joined zone pool", "zone", z, "through", n)
+	}
+	return failed
+}
+
+// syncMembers hands the node every member it does not know yet and updates the gauges.
+func (d *Daemon) syncMembers() {
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	self := d.node.ID().String()
+	tunnels := map[string]int{}
+	for _, t := range d.node.Snapshot().Tunnels {
+		tunnels[t.Zone]++
+	}
+	for _, z := range p.m.Zones() {
+		ms := p.m.Members(z)
+		d.metrics.SetGossipMembers(z, len(ms))
+		d.metrics.SetTunnels(z, tunnels[z])
+		for _, m := range ms {
+			if m.NodeID == self || !m.Addr.IsValid() {
+				continue
+			}
+			if err := d.node.AddPeer(node.Peer{Node: m.NodeID, Addr: m.Addr}); err != nil {
+				d.log.Debug("gossiped member refused", "member", m.NodeID, "err", err)
+			}
+		}
+	}
+}
+
+// spread publishes a record that just changed the store in the pools it concerns. A record gossip
+// brought is re-broadcast by its pool already; it still crosses into this node's other pools
+// that it concerns (a node revoked in two zones).
+func (d *Daemon) spread(raw []byte, from Origin, arrivedOn ...string) {
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	if p == nil {
+		return
+	}
+	var zones []string
+	for _, z := range p.m.Zones() {
+		if !slices.Contains(arrivedOn, z) && d.concerns(raw, z) {
+			zones = append(zones, z)
+		}
+	}
+	if len(zones) == 0 {
+		return
+	}
+	if err := p.m.Publish(raw, zones...); err != nil {
+		d.log.Warn("publish record", "from", string(from), "err", err)
+	}
+}
+
+// concerns reports whether a held record belongs in zone's pool: an agent's revocation only in
+// the agent's zone (so that members of other zones never receive it), everything else (nodes,
+// serials, policy releases) in every pool.
+func (d *Daemon) concerns(raw []byte, zone string) bool {
+	rev, err := d.verif.ReverifyRevocation(raw, d.now())
+	if err != nil {
+		return true // a policy release
+	}
+	return recordZone(rev) == "" || recordZone(rev) == zone
+}
+
+// recordZone is the zone of an agent revocation's subject, or "" for any other subject.
+func recordZone(rev *record.Revocation) string {
+	id, err := identity.ParseID(rev.Claims.Subject)
+	if err != nil || id.Kind != identity.KindAgent {
+		return ""
+	}
+	return id.Zone
+}
+
+// poolRecords is the store as the gossip pools see it.
+type poolRecords struct{ d *Daemon }
+
+func (r poolRecords) Add(zone string, raw []byte) (bool, error) {
+	return r.d.accept(r.d.ctx, raw, FromGossip, zone)
+}
+
+func (r poolRecords) Snapshot(zone string) [][]byte {
+	d := r.d
+	var out [][]byte
+	for _, e := range d.store.All() {
+		if z := recordZone(e.Record); z == "" || z == zone {
+			out = append(out, e.Record.Raw())
+		}
+	}
+	if rel := d.store.PolicyRelease(); rel != nil && len(rel.Raw()) <= maxGossipRecord {
+		out = append(out, rel.Raw())
+	}
+	return out
+}
+
+// resolve names an address for a node ID: a gossip member first, then a bootstrap member, then a
+// configured peer. Every answer is only a hint: the tunnel handshake proves the identity.
+func (d *Daemon) resolve(nodeID string) (netip.AddrPort, bool) {
+	d.mu.Lock()
+	p, cfg := d.pools, d.cfg
+	d.mu.Unlock()
+	if p != nil {
+		for _, z := range p.m.Zones() {
+			for _, m := range p.m.Members(z) {
+				if m.NodeID == nodeID && m.Addr.IsValid() {
+					return m.Addr, true
+				}
+			}
+		}
+	}
+	if stored, err := d.dir.Members(); err == nil {
+		for _, s := range stored {
+			if s.ID == nodeID {
+				if ap, err := netip.ParseAddrPort(s.Addr); err == nil {
+					return ap, true
+				}
+			}
+		}
+	}
+	td := d.node.ID().TrustDomain
+	for _, peer := range cfg.Peers {
+		if peer.Node == nodeID || identity.NodeID(td, peer.Node).String() == nodeID {
+			return peer.Addr, true
+		}
+	}
+	return netip.AddrPort{}, false
+}
+
+// Members is zone's live gossip members, this node included (empty without a pool for zone).
+func (d *Daemon) Members(zone string) []membership.Member { return d.members(zone) }

@@ -1,0 +1,837 @@
+package membership
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/overlay/gossip"
+	"github.com/ute-project/ute/overlay/tunnel"
+)
+
+// Records is the node's signed-record store as gossip sees it. Records are opaque here.
+type Records interface {
+	// Add verifies raw, persists it and acts on it, all before returning; zone is the pool it
+	// arrived on. isNew is false for a record already held. An error means raw is refused
+	// (malformed, unsigned, wrongly signed, stale...): it is dropped, counted and never spread.
+	Add(zone string, raw []byte) (isNew bool, err error)
+	// Snapshot returns the records zone's pool reconciles in push/pull: those that concern the
+	// zone. It must not return records of other zones, which would leak them into this pool.
+	Snapshot(zone string) [][]byte
+}
+
+// Sentinel errors, matched with errors.Is.
+var (
+	// ErrName means a member name is not a node SPIFFE ID of this trust domain.
+	ErrName = errors.New("membership: member name is not a node of this trust domain")
+	// ErrRevokedMember means a member name is revoked.
+	ErrRevokedMember = errors.New("membership: member is revoked")
+	// ErrUnknownZone means this node runs no pool for the zone.
+	ErrUnknownZone = errors.New("membership: no pool for zone")
+	// ErrClosed is returned after Close.
+	ErrClosed = errors.New("membership: closed")
+	// ErrRecordSize means a record is empty or over Config.MaxRecordSize.
+	ErrRecordSize = errors.New("membership: record size out of range")
+)
+
+// Timing are memberlist's gossip and failure-detection timings.
+type Timing struct {
+	GossipInterval      time.Duration // how often queued broadcasts are sent
+	GossipNodes         int           // members each gossip round goes to
+	ProbeInterval       time.Duration // failure-detection probe period
+	ProbeTimeout        time.Duration // time to wait for a probe's ack
+	PushPullInterval    time.Duration // full state exchange with one random member
+	SuspicionMult       int           // suspicion timeout = mult * log(N+1) * ProbeInterval
+	RetransmitMult      int           // a broadcast is sent mult * log(N+1) times by each sender
+	TCPTimeout          time.Duration // stream operations: push/pull, join, fallback probes
+	GossipToTheDeadTime time.Duration // dead members still gossiped to, so they can refute
+}
+
+// LANTiming is memberlist's LAN profile (200 ms gossip to 3 members, 1 s probes, 30 s push/pull).
+func LANTiming() Timing {
+	c := memberlist.DefaultLANConfig()
+	return Timing{
+		GossipInterval:      c.GossipInterval,
+		GossipNodes:         c.GossipNodes,
+		ProbeInterval:       c.ProbeInterval,
+		ProbeTimeout:        c.ProbeTimeout,
+		PushPullInterval:    c.PushPullInterval,
+		SuspicionMult:       c.SuspicionMult,
+		RetransmitMult:      c.RetransmitMult,
+		TCPTimeout:          c.TCPTimeout,
+		GossipToTheDeadTime: c.GossipToTheDeadTime,
+	}
+}
+
+// FastTiming is for tests and the simulator on loopback.
+func FastTiming() Timing {
+	return Timing{
+		GossipInterval:      20 * time.Millisecond,
+		GossipNodes:         3,
+		ProbeInterval:       500 * time.Millisecond,
+		ProbeTimeout:        250 * time.Millisecond,
+		PushPullInterval:    time.Second,
+		SuspicionMult:       4,
+		RetransmitMult:      4,
+		TCPTimeout:          5 * time.Second, // a timeout, not a pace: loaded machines need slack
+		GossipToTheDeadTime: 2 * time.Second,
+	}
+}
+
+// udpBufferSize is memberlist's packet budget: a gossip packet of this size fits in one control
+// datagram right after the handshake (1,235 bytes minus the mux's channel byte), so packets
+// rarely fall back to a stream.
+const udpBufferSize = 1200
+
+// maxBroadcast is the largest gossip message that fits beside memberlist's headers; larger
+// records travel by direct push and push/pull only.
+const maxBroadcast = udpBufferSize - 16
+
+// Config configures a Membership. Zero sizes and durations take the defaults listed.
+type Config struct {
+	NodeID    string         // this node's SPIFFE ID; its memberlist name
+	Advertise netip.AddrPort // this node's underlay address as members dial it
+	Endpoint  gossip.Dialer  // the node's tunnel endpoint
+	Mux       *gossip.Mux    // plugged into that endpoint's control hooks
+	Records   Records
+	// Revoked reports whether a node ID is revoked; its gossip names are refused. Optional.
+	Revoked func(nodeID string) bool
+	Timing  Timing // default LANTiming()
+
+	MaxRecordSize int           // default 64 KiB
+	MaxStateBytes int           // push/pull state cap; default 1 MiB, at least MaxRecordSize+9 (memberlist allows 20 MiB)
+	SeenSize      int           // dedupe set entries; default 65,536
+	WorkQueue     int           // gossiped records awaiting Add; default 1,024
+	PushTimeout   time.Duration // one direct record push; default 5 s
+	PushParallel  int           // concurrent direct pushes; default 8
+	LeaveTimeout  time.Duration // Close announces the leave this long at most; default 500 ms
+	// NoRequeue turns off re-broadcast on first receipt and the publisher's immediate send over
+	// open tunnels, leaving memberlist's own broadcast alone (retransmissions from the publisher
+	// only). For the benchmark baseline only.
+	NoRequeue bool
+	Logger    *slog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	if c.Timing == (Timing{}) {
+		c.Timing = LANTiming()
+	}
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&c.MaxRecordSize, 64<<10)
+	def(&c.MaxStateBytes, 1<<20)
+	// A record that cannot fit in a state would never be reconciled.
+	c.MaxStateBytes = max(c.MaxStateBytes, c.MaxRecordSize+9)
+	def(&c.SeenSize, 1<<16)
+	def(&c.WorkQueue, 1024)
+	def(&c.PushParallel, 8)
+	if c.PushTimeout <= 0 {
+		c.PushTimeout = 5 * time.Second
+	}
+	if c.LeaveTimeout <= 0 {
+		c.LeaveTimeout = 500 * time.Millisecond
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c
+}
+
+// Seed is a member to join through: its node ID and underlay address.
+type Seed struct {
+	NodeID string
+	Addr   netip.AddrPort
+}
+
+// Member is a pool member as memberlist sees it: an unverified claim until a tunnel handshake
+// with NodeID at Addr succeeds.
+type Member struct {
+	NodeID string
+	Addr   netip.AddrPort
+	State  string // alive, suspect
+}
+
+// Stats are the record and name counters, for metrics.
+type Stats struct {
+	RecordsAccepted   uint64 // records Add took as new
+	RecordsKnown      uint64 // records Add already held
+	RecordsDropped    uint64 // records Add refused (malformed, unsigned, wrong signature...)
+	RecordsDuplicate  uint64 // copies skipped by the seen-set without calling Add
+	RecordsViaState   uint64 // records Add took as new from a push/pull state (catch-up)
+	MessagesMalformed uint64 // gossip messages, push/pull states and record pushes that did not parse
+	QueueDropped      uint64 // gossiped records dropped because the Add queue was full
+	Rebroadcasts      uint64 // records re-queued on first receipt
+	DirectSends       uint64 // published records sent at once to a member with an open tunnel
+	DirectPushes      uint64 // records pushed to a member over a control stream
+	PushFailures      uint64 // direct pushes that failed
+	StateTruncated    uint64 // records left out of a push/pull state by MaxStateBytes
+	NamesRefused      uint64 // member names refused: foreign, not a node, revoked
+}
+
+type counters struct {
+	accepted, known, dropped, duplicate, malformed, queueDropped atomic.Uint64
+	viaState, directSends                                        atomic.Uint64
+	rebroadcasts, pushes, pushFailures, truncated, namesRefused  atomic.Uint64
+}
+
+// source is how a record arrived.
+type source uint8
+
+const (
+	fromGossip source = iota // a broadcast
+	fromPush                 // a direct push
+	fromState                // a push/pull state
+)
+
+type job struct {
+	zone string
+	raw  []byte
+}
+
+// Membership runs the node's gossip pools, one per zone.
+type Membership struct {
+	cfg  Config
+	td   string
+	log  *slog.Logger
+	seen *seenSet
+	work chan job
+	sem  chan struct{}
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	closed bool
+	pools  map[string]*pool
+
+	st counters
+}
+
+// New validates cfg, registers the record-push channel on the mux and starts the worker that
+// feeds gossiped records to Records.Add. Add zones with AddZone.
+func New(cfg Config) (*Membership, error) {
+	cfg = cfg.withDefaults()
+	id, err := identity.ParseID(cfg.NodeID)
+	var errs []error
+	if err != nil || id.Kind != identity.KindNode {
+		errs = append(errs, fmt.Errorf("node ID %q is not a node SPIFFE ID", cfg.NodeID))
+	}
+	if cfg.Endpoint == nil || cfg.Mux == nil || cfg.Records == nil {
+		errs = append(errs, errors.New("an Endpoint, a Mux and Records are required"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, fmt.Errorf("membership: invalid config: %w", err)
+	}
+	m := &Membership{
+		cfg:   cfg,
+		td:    id.TrustDomain,
+		log:   cfg.Logger,
+		seen:  newSeenSet(cfg.SeenSize),
+		work:  make(chan job, cfg.WorkQueue),
+		sem:   make(chan struct{}, cfg.PushParallel),
+		pools: map[string]*pool{},
+	}
+	if err := cfg.Mux.HandleStream(gossip.ChannelRecords, m.handlePush); err != nil {
+		return nil, fmt.Errorf("membership: %w", err)
+	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	m.wg.Go(m.worker)
+	return m, nil
+}
+
+// AddZone starts the zone's pool. It is alone until Join (or until a member joins it).
+func (m *Membership) AddZone(zone string) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return ErrClosed
+	}
+	if _, ok := m.pools[zone]; ok {
+		return nil
+	}
+	p, err := m.newPool(zone)
+	if err != nil {
+		return err
+	}
+	m.pools[zone] = p
+	return nil
+}
+
+// RemoveZone leaves the zone's pool and stops it.
+func (m *Membership) RemoveZone(zone string) error {
+	m.mu.Lock()
+	p := m.pools[zone]
+	delete(m.pools, zone)
+	m.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("%w: %q", ErrUnknownZone, zone)
+	}
+	return p.stop(m.cfg.LeaveTimeout)
+}
+
+// Zones returns the zones with a pool, sorted.
+func (m *Membership) Zones() []string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]string, 0, len(m.pools))
+	for z := range m.pools {
+		out = append(out, z)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (m *Membership) pool(zone string) (*pool, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, ErrClosed
+	}
+	p := m.pools[zone]
+	if p == nil {
+		return nil, fmt.Errorf("%w: %q", ErrUnknownZone, zone)
+	}
+	return p, nil
+}
+
+// Transport returns the zone pool's transport (its counters; SetPartitioned for fault injection).
+func (m *Membership) Transport(zone string) (*gossip.Transport, error) {
+	p, err := m.pool(zone)
+	if err != nil {
+		return nil, err
+	}
+	return p.tr, nil
+}
+
+// Join joins zone's pool through seeds. Each seed is dialed first over the zone's tunnel, which
+// proves its identity (a seed whose address answers with another certificate, or that refuses
+// ours, fails here with the tunnel's sentinel); then memberlist exchanges state with the seeds
+// that answered. It returns how many seeds it joined through, and the seeds' errors when none.
+func (m *Membership) Join(ctx context.Context, zone string, seeds []Seed) (int, error) {
+	p, err := m.pool(zone)
+	if err != nil {
+		return 0, err
+	}
+	var (
+		errs  []error
+		addrs []string
+	)
+	for _, s := range seeds {
+		if s.NodeID == m.cfg.NodeID {
+			continue
+		}
+		if _, err := m.cfg.Endpoint.Dial(ctx, s.Addr, s.NodeID, zone); err != nil {
+			errs = append(errs, fmt.Errorf("membership: seed %s at %s: %w", s.NodeID, s.Addr, err))
+			continue
+		}
+		// memberlist's Join takes "name/addr" strings, and a SPIFFE ID holds slashes; the
+		// transport learns the name for the address instead.
+		release := p.tr.Hint(s.Addr, s.NodeID)
+		defer release()
+		addrs = append(addrs, s.Addr.String())
+	}
+	if len(addrs) == 0 {
+		if len(errs) == 0 {
+			return 0, errors.New("membership: no seeds to join")
+		}
+		return 0, errors.Join(errs...)
+	}
+	n, err := p.ml().Join(addrs)
+	if n == 0 {
+		return 0, errors.Join(append(errs, fmt.Errorf("membership: join zone %s: %w", zone, err))...)
+	}
+	return n, nil
+}
+
+// Publish spreads a record this node originated (or learned outside gossip, e.g. from the
+// authority) in zones, or in every pool when none is named. The caller has already stored it:
+// Publish does not call Records.Add. Small records are broadcast; records too large for a gossip
+// packet are pushed directly to every member over control streams; push/pull reconciles both.
+func (m *Membership) Publish(raw []byte, zones ...string) error {
+	if len(raw) == 0 || len(raw) > m.cfg.MaxRecordSize {
+		return fmt.Errorf("%w: %d bytes, limit %d", ErrRecordSize, len(raw), m.cfg.MaxRecordSize)
+	}
+	if len(zones) == 0 {
+		zones = m.Zones()
+	}
+	raw = slices.Clone(raw)
+	var errs []error
+	for _, z := range zones {
+		p, err := m.pool(z)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		m.seen.add(key(z, raw))
+		p.spread(raw, true)
+	}
+	return errors.Join(errs...)
+}
+
+// Members returns zone's members that memberlist has not declared dead or left, this node
+// included, without revoked or foreign names, sorted by node ID. The view comes from
+// memberlist's join, update and leave events, copied while memberlist holds its lock (the nodes
+// Memberlist.Members returns are mutated under that lock afterwards); memberlist raises no event
+// for suspicion, so State is "alive" for every listed member, and an address a live member
+// changes without a new incarnation's metadata is not seen until it leaves and rejoins.
+func (m *Membership) Members(zone string) []Member {
+	p, err := m.pool(zone)
+	if err != nil {
+		return nil
+	}
+	p.mu.Lock()
+	out := make([]Member, 0, len(p.members))
+	for _, mem := range p.members {
+		out = append(out, mem)
+	}
+	p.mu.Unlock()
+	out = slices.DeleteFunc(out, func(mem Member) bool { return m.checkName(mem.NodeID) != nil })
+	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.NodeID, b.NodeID) })
+	return out
+}
+
+func stateName(s memberlist.NodeStateType) string {
+	switch s {
+	case memberlist.StateAlive:
+		return "alive"
+	case memberlist.StateSuspect:
+		return "suspect"
+	case memberlist.StateDead:
+		return "dead"
+	case memberlist.StateLeft:
+		return "left"
+	}
+	return "unknown"
+}
+
+// Stats returns the counters.
+func (m *Membership) Stats() Stats {
+	return Stats{
+		RecordsAccepted:   m.st.accepted.Load(),
+		RecordsKnown:      m.st.known.Load(),
+		RecordsDropped:    m.st.dropped.Load(),
+		RecordsDuplicate:  m.st.duplicate.Load(),
+		RecordsViaState:   m.st.viaState.Load(),
+		MessagesMalformed: m.st.malformed.Load(),
+		QueueDropped:      m.st.queueDropped.Load(),
+		Rebroadcasts:      m.st.rebroadcasts.Load(),
+		DirectSends:       m.st.directSends.Load(),
+		DirectPushes:      m.st.pushes.Load(),
+		PushFailures:      m.st.pushFailures.Load(),
+		StateTruncated:    m.st.truncated.Load(),
+		NamesRefused:      m.st.namesRefused.Load(),
+	}
+}
+
+// Close leaves every pool, stops them and waits for every goroutine this package started.
+func (m *Membership) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	pools := m.pools
+	m.pools = map[string]*pool{}
+	m.mu.Unlock()
+	m.cfg.Mux.RemoveStream(gossip.ChannelRecords)
+	var errs []error
+	for _, p := range pools {
+		errs = append(errs, p.stop(m.cfg.LeaveTimeout))
+	}
+	m.cancel()
+	m.wg.Wait()
+	return errors.Join(errs...)
+}
+
+// checkName admits a member name only if it is a node of this trust domain and not revoked.
+func (m *Membership) checkName(name string) error {
+	id, err := identity.ParseID(name)
+	if err != nil {
+		return fmt.Errorf("%w: %q: %w", ErrName, name, err)
+	}
+	if id.Kind != identity.KindNode || id.TrustDomain != m.td {
+		return fmt.Errorf("%w: %q", ErrName, name)
+	}
+	if m.cfg.Revoked != nil && m.cfg.Revoked(name) {
+		return fmt.Errorf("%w: %q", ErrRevokedMember, name)
+	}
+	return nil
+}
+
+func key(zone string, raw []byte) seenKey {
+	return seenKey{zone: zone, hash: sha256.Sum256(raw)}
+}
+
+// enqueue hands a gossiped record to the worker without blocking memberlist.
+func (m *Membership) enqueue(zone string, raw []byte) {
+	select {
+	case m.work <- job{zone, raw}:
+	default:
+		m.st.queueDropped.Add(1)
+	}
+}
+
+func (m *Membership) worker() {
+	for {
+		select {
+		case <-m.ctx.Done():
+			return
+		case j := <-m.work:
+			m.receive(j.zone, j.raw, fromGossip)
+		}
+	}
+}
+
+// receive runs a record through the seen-set and Records.Add, and re-broadcasts it on first
+// receipt. From a push/pull state only records new to the store are re-broadcast, so that a
+// restarted node does not re-broadcast its whole set.
+func (m *Membership) receive(zone string, raw []byte, src source) {
+	if m.ctx.Err() != nil {
+		// Closed: a push still being read on an endpoint goroutine must not reach a store the
+		// caller may be closing.
+		return
+	}
+	k := key(zone, raw)
+	if m.seen.has(k) {
+		m.st.duplicate.Add(1)
+		return
+	}
+	isNew, err := m.cfg.Records.Add(zone, raw)
+	if err != nil {
+		m.st.dropped.Add(1)
+		m.log.Debug("gossiped record refused", "zone", zone, "err", err)
+		return
+	}
+	if isNew {
+		m.st.accepted.Add(1)
+		if src == fromState {
+			m.st.viaState.Add(1)
+		}
+	} else {
+		m.st.known.Add(1)
+	}
+	if !m.seen.add(k) || m.cfg.NoRequeue || (src == fromState && !isNew) {
+		return
+	}
+	p, err := m.pool(zone)
+	if err != nil {
+		return
+	}
+	if p.spread(raw, false) {
+		m.st.rebroadcasts.Add(1)
+	}
+}
+
+// handlePush takes a direct record push (control channel gossip.ChannelRecords).
+func (m *Membership) handlePush(t *tunnel.Tunnel, c net.Conn) {
+	defer func() { _ = c.Close() }()
+	zone := t.Zone()
+	if _, err := m.pool(zone); err != nil {
+		return
+	}
+	_ = c.SetDeadline(time.Now().Add(m.cfg.PushTimeout))
+	for range maxPushRecords {
+		raw, err := readPushRecord(c, m.cfg.MaxRecordSize)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			m.st.malformed.Add(1)
+			m.log.Debug("record push dropped", "peer", t.Peer().NodeID, "zone", zone, "err", err)
+			return
+		}
+		m.receive(zone, raw, fromPush)
+	}
+	// Answering end-of-stream tells the pusher its records were processed.
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+}
+
+// maxPushRecords bounds one record push stream.
+const maxPushRecords = 64
+
+// pushTo pushes raw to one member over a control stream of the zone's tunnel.
+func (m *Membership) pushTo(zone string, to Member, raw []byte) error {
+	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.PushTimeout)
+	defer cancel()
+	tun, ok := m.cfg.Endpoint.LiveTunnel(to.NodeID, zone)
+	if !ok {
+		var err error
+		if tun, err = m.cfg.Endpoint.Dial(ctx, to.Addr, to.NodeID, zone); err != nil {
+			return err
+		}
+	}
+	c, err := tun.OpenControl(ctx, gossip.ChannelRecords)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = c.Close() }()
+	_ = c.SetDeadline(time.Now().Add(m.cfg.PushTimeout))
+	if err := writePushRecord(c, raw); err != nil {
+		return err
+	}
+	if err := c.CloseWrite(); err != nil {
+		return err
+	}
+	_, err = io.Copy(io.Discard, io.LimitReader(c, 1))
+	return err
+}
+
+// spawnPush runs a direct push on a Membership-owned goroutine, PushParallel at a time.
+func (m *Membership) spawnPush(zone string, to Member, raw []byte) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return
+	}
+	m.wg.Go(func() {
+		select {
+		case m.sem <- struct{}{}:
+		case <-m.ctx.Done():
+			return
+		}
+		defer func() { <-m.sem }()
+		if err := m.pushTo(zone, to, raw); err != nil {
+			m.st.pushFailures.Add(1)
+			m.log.Debug("record push failed", "peer", to.NodeID, "zone", zone, "err", err)
+			return
+		}
+		m.st.pushes.Add(1)
+	})
+}
+
+// pool is one zone's memberlist and its delegates.
+type pool struct {
+	m     *Membership
+	zone  string
+	tr    *gossip.Transport
+	queue *memberlist.TransmitLimitedQueue
+	list  atomic.Pointer[memberlist.Memberlist]
+
+	mu      sync.Mutex
+	members map[string]Member // from memberlist's events
+}
+
+func (m *Membership) newPool(zone string) (*pool, error) {
+	tr, err := gossip.NewTransport(gossip.TransportConfig{
+		Zone:      zone,
+		Advertise: m.cfg.Advertise,
+		Dialer:    m.cfg.Endpoint,
+		Mux:       m.cfg.Mux,
+		Logger:    m.log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)
+	}
+	p := &pool{m: m, zone: zone, tr: tr, members: map[string]Member{}}
+	p.queue = &memberlist.TransmitLimitedQueue{NumNodes: p.numNodes, RetransmitMult: m.cfg.Timing.RetransmitMult}
+
+	t := m.cfg.Timing
+	conf := memberlist.DefaultLANConfig()
+	conf.Name = m.cfg.NodeID
+	conf.Transport = tr
+	conf.Delegate = p
+	conf.Alive = p
+	conf.Merge = p
+	conf.Events = p
+	// No gossip key: the tunnels' mutual TLS authenticates and encrypts every byte.
+	conf.SecretKey = nil
+	conf.Keyring = nil
+	conf.UDPBufferSize = udpBufferSize
+	// Gossip packets are small and the tunnel encrypts them; compressing each one cost a
+	// fifth of an idle pool's CPU.
+	conf.EnableCompression = false
+	conf.GossipInterval = t.GossipInterval
+	conf.GossipNodes = t.GossipNodes
+	conf.ProbeInterval = t.ProbeInterval
+	conf.ProbeTimeout = t.ProbeTimeout
+	conf.PushPullInterval = t.PushPullInterval
+	conf.SuspicionMult = t.SuspicionMult
+	conf.RetransmitMult = t.RetransmitMult
+	conf.TCPTimeout = t.TCPTimeout
+	conf.GossipToTheDeadTime = t.GossipToTheDeadTime
+	conf.LogOutput = nil
+	conf.Logger = slog.NewLogLogger(m.log.With("zone", zone).Handler(), slog.LevelDebug)
+	ml, err := memberlist.Create(conf)
+	if err != nil {
+		_ = tr.Shutdown()
+		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)
+	}
+	p.list.Store(ml)
+	return p, nil
+}
+
+func (p *pool) ml() *memberlist.Memberlist { return p.list.Load() }
+
+func (p *pool) numNodes() int {
+	if ml := p.ml(); ml != nil {
+		return ml.NumMembers()
+	}
+	return 1
+}
+
+func (p *pool) stop(leave time.Duration) error {
+	ml := p.ml()
+	_ = ml.Leave(leave)
+	return ml.Shutdown()
+}
+
+// spread broadcasts raw if it fits in a gossip packet; otherwise, when this node originated it,
+// pushes it to every member directly. It reports whether it queued or pushed anything.
+func (p *pool) spread(raw []byte, origin bool) bool {
+	msg := encodeMessage(raw)
+	if len(msg) <= maxBroadcast {
+		p.queue.QueueBroadcast(broadcast(msg))
+		if origin && !p.m.cfg.NoRequeue {
+			p.sendOpen(msg)
+		}
+		return true
+	}
+	if !origin {
+		return false
+	}
+	for _, mem := range p.m.Members(p.zone) {
+		if mem.NodeID != p.m.cfg.NodeID {
+			p.m.spawnPush(p.zone, mem, raw)
+		}
+	}
+	return true
+}
+
+// sendOpen sends msg at once, as one best-effort packet, to every member this node already holds
+// a tunnel with: no handshake, no waiting for a gossip round. Only the publisher does this (each
+// receiver re-queues instead), so a record costs at most one such packet per open tunnel.
+func (p *pool) sendOpen(msg []byte) {
+	ml := p.ml()
+	for _, mem := range p.m.Members(p.zone) {
+		if mem.NodeID == p.m.cfg.NodeID {
+			continue
+		}
+		if _, ok := p.m.cfg.Endpoint.LiveTunnel(mem.NodeID, p.zone); !ok {
+			continue
+		}
+		to := &memberlist.Node{Name: mem.NodeID, Addr: net.IP(mem.Addr.Addr().AsSlice()), Port: mem.Addr.Port()}
+		if err := ml.SendBestEffort(to, msg); err == nil {
+			p.m.st.directSends.Add(1)
+		}
+	}
+}
+
+// broadcast is one record message; each is unique, so none invalidates another.
+type broadcast []byte
+
+func (b broadcast) Invalidates(memberlist.Broadcast) bool { return false }
+func (b broadcast) Message() []byte                       { return b }
+func (b broadcast) Finished()                             {}
+func (b broadcast) UniqueBroadcast()                      {}
+
+var _ memberlist.UniqueBroadcast = broadcast(nil)
+
+// NodeMeta: members carry no metadata; nothing they could claim there is trusted anyway.
+func (p *pool) NodeMeta(int) []byte { return nil }
+
+// NotifyMsg takes a gossip message; it copies what it keeps and never blocks.
+func (p *pool) NotifyMsg(b []byte) {
+	raw, err := parseMessage(b, p.m.cfg.MaxRecordSize)
+	if err != nil {
+		p.m.st.malformed.Add(1)
+		return
+	}
+	p.m.enqueue(p.zone, slices.Clone(raw))
+}
+
+// GetBroadcasts returns queued record messages that fit in limit.
+func (p *pool) GetBroadcasts(overhead, limit int) [][]byte {
+	return p.queue.GetBroadcasts(overhead, limit)
+}
+
+// LocalState sends the zone's records, at most MaxStateBytes of them, starting at a random
+// record so that successive exchanges of a set over the cap carry different parts of it.
+func (p *pool) LocalState(bool) []byte {
+	recs := p.m.cfg.Records.Snapshot(p.zone)
+	start := 0
+	if len(recs) > 1 {
+		start = rand.IntN(len(recs))
+	}
+	b, skipped := encodeState(recs, start, p.m.cfg.MaxStateBytes)
+	p.m.st.truncated.Add(uint64(skipped))
+	return b
+}
+
+// MergeRemoteState adds each record of a peer's state (it runs on memberlist's push/pull
+// goroutine, not its packet loop).
+func (p *pool) MergeRemoteState(buf []byte, _ bool) {
+	recs, err := parseState(buf, p.m.cfg.MaxStateBytes, p.m.cfg.MaxRecordSize)
+	if err != nil {
+		p.m.st.malformed.Add(1)
+		return
+	}
+	for _, r := range recs {
+		p.m.receive(p.zone, slices.Clone(r), fromState)
+	}
+}
+
+// NotifyAlive refuses alive claims for names that are not nodes of this trust domain or that
+// are revoked: memberlist then ignores the claim.
+func (p *pool) NotifyAlive(n *memberlist.Node) error {
+	if err := p.m.checkName(n.Name); err != nil {
+		p.m.st.namesRefused.Add(1)
+		return err
+	}
+	return nil
+}
+
+// NotifyMerge refuses a join whose member list names anything but nodes of this trust domain.
+// Revoked names are left to NotifyAlive, one by one: an honest peer may not have learned of a
+// revocation yet, and refusing its whole list would keep this node out of the pool.
+func (p *pool) NotifyMerge(peers []*memberlist.Node) error {
+	for _, n := range peers {
+		if err := p.m.checkName(n.Name); err != nil && !errors.Is(err, ErrRevokedMember) {
+			p.m.st.namesRefused.Add(1)
+			return err
+		}
+	}
+	return nil
+}
+
+// NotifyJoin records a member memberlist now considers alive. It runs under memberlist's node
+// lock, so n is read safely here.
+func (p *pool) NotifyJoin(n *memberlist.Node) { p.setMember(n) }
+
+// NotifyUpdate records a member's new address or metadata.
+func (p *pool) NotifyUpdate(n *memberlist.Node) { p.setMember(n) }
+
+// NotifyLeave forgets a member declared dead or gone.
+func (p *pool) NotifyLeave(n *memberlist.Node) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.members, n.Name)
+}
+
+func (p *pool) setMember(n *memberlist.Node) {
+	addr, _ := netip.AddrFromSlice(n.Addr)
+	mem := Member{NodeID: n.Name, Addr: netip.AddrPortFrom(addr.Unmap(), n.Port), State: stateName(memberlist.StateAlive)}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.members[n.Name] = mem
+}
