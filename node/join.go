@@ -9,6 +9,7 @@ import (
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/zones"
 )
 
 // JoinParams is what Join needs to turn an empty directory into a joined node.
@@ -60,6 +61,11 @@ func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
 	})
 	if err != nil {
 		return nil, err
+	}
+	// The policy is parsed (depth limit, strict schema) before it is stored: a node never keeps
+	// a document it would refuse to run with.
+	if _, err := zones.Parse("policy from the authority", j.Policy); err != nil {
+		return nil, fmt.Errorf("the authority's policy does not parse: %w", err)
 	}
 	region := ""
 	if len(j.Node.Claims.Regions) > 0 {

@@ -10,7 +10,7 @@ import (
 	"github.com/ute-project/ute/overlay/gossip/gossiptest"
 )
 
-// BenchmarkRevocationConvergence measures, for 10 and 50 in-process nodes of one zone over real
+// BenchmarkRevocationConvergence measures, for 10, 50 and 100 in-process nodes of one zone over real
 // QUIC on loopback with memberlist's LAN timings, the time from Publish of a revocation-sized
 // record (~200 bytes) at a random member until the last member holds it: with re-broadcast on
 // first receipt (this package) and with memberlist's own broadcast alone (NoRequeue), in the same
@@ -19,7 +19,7 @@ import (
 //
 //	go test -run '^$' -bench RevocationConvergence -benchtime 10x ./node/membership/
 func BenchmarkRevocationConvergence(b *testing.B) {
-	for _, n := range []int{10, 50} {
+	for _, n := range []int{10, 50, 100} {
 		for _, mode := range []struct {
 			name      string
 			noRequeue bool
