@@ -84,7 +84,7 @@ func benchConvergence(b *testing.B, n int, noRequeue bool) {
 // repairs a missed alive broadcast only by push/pull, every 30 s or more; re-joining through a
 // random member runs that exchange at once.
 func settle(b *testing.B, ms []*member, zone string) {
-	deadline := time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(time.Duration(len(ms)) * 1200 * time.Millisecond) // 2 min at 100 nodes
 	for time.Now().Before(deadline) {
 		short := slices.DeleteFunc(slices.Clone(ms), func(m *member) bool { return len(m.m.Members(zone)) == len(ms) })
 		if len(short) == 0 {
@@ -98,5 +98,5 @@ func settle(b *testing.B, ms []*member, zone string) {
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
-	b.Fatalf("membership of %d nodes did not settle in 60 s", len(ms))
+	b.Fatalf("membership of %d nodes did not settle in %v", len(ms), time.Duration(len(ms))*1200*time.Millisecond)
 }

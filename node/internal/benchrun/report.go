@@ -34,6 +34,9 @@ const (
 	targetThroughputRatio = 0.8
 	targetAdmitCPUus      = 150.0
 	targetFlowsPerSec     = 5000.0
+	targetConvergenceMs   = 1000.0
+	targetRestRSSMiB      = 60.0
+	targetRestCPUPct      = 1.0
 )
 
 // metricGetter is Results.Metric.
@@ -148,6 +151,35 @@ func Evaluate(rs *Results) []Check {
 		add(Check{"DTL record, chain-hash form", fmt.Sprintf("%.0f B", hash), fmt.Sprintf("full chain %.0f B", full), fmt.Sprintf("%.2f×", hash/full), "", MetContext, ""})
 	default:
 		add(missing("DTL record size", "reported"))
+	}
+
+	// 5. Revocation convergence over real QUIC on loopback (node/membership), beside memberlist's
+	// own broadcast measured in the same run.
+	for _, n := range []string{"10", "50", "100"} {
+		name := "BenchmarkRevocationConvergence/nodes=" + n
+		label := "Revocation reaches all " + n + " nodes (gossip)"
+		worst, ok := m("node/membership", name+"/requeue", "max-ms")
+		if !ok {
+			add(missing(label, "≤ 1.0 s"))
+			continue
+		}
+		mean, _ := m("node/membership", name+"/requeue", "ms/converge")
+		reached, _ := m("node/membership", name+"/requeue", "reached-%")
+		c := Check{Measure: label, Result: fmt.Sprintf("mean %.0f ms, worst %.0f ms, %.0f%% reached", mean, worst, reached),
+			Target: "100% ≤ 1.0 s", Met: met(reached >= 100 && worst <= targetConvergenceMs)}
+		if base, ok := m("node/membership", name+"/memberlist-only", "reached-%"); ok {
+			c.Baseline = fmt.Sprintf("memberlist broadcast alone: %.0f%% reached in 3 s", base)
+		}
+		add(c)
+	}
+
+	// 6. A node process at rest with 100 peers (cmd/ute, a `ute node run` subprocess).
+	if rss, ok := m("cmd/ute", "BenchmarkNodeAtRest", "rss-MiB"); ok {
+		cpu, _ := m("cmd/ute", "BenchmarkNodeAtRest", "cpu-%")
+		add(Check{"Node at rest, 100 peers: RSS", fmt.Sprintf("%.1f MiB", rss), "", "", fmt.Sprintf("≤ %.0f MiB", targetRestRSSMiB), met(rss <= targetRestRSSMiB), ""})
+		add(Check{"Node at rest, 100 peers: CPU", fmt.Sprintf("%.2f%% of a core", cpu), "", "", fmt.Sprintf("≤ %.0f%%", targetRestCPUPct), met(cpu <= targetRestCPUPct), ""})
+	} else {
+		add(missing("Node at rest, 100 peers", "≤ 60 MiB, ≤ 1% CPU"))
 	}
 
 	// Tunnel layer alone, for context: the cost of the node and crypto is the gap to these.
