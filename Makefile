@@ -7,8 +7,11 @@ TEST_TIMEOUT ?= 14m
 
 .PHONY: build test test-deps lint fuzz bench demo clean
 
+VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT      ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+
 build:
-	$(GO) build -o $(BIN) ./cmd/ute
+	$(GO) build -ldflags "-X main.version=$(VERSION) -X main.commit=$(COMMIT)" -o $(BIN) ./cmd/ute
 
 # Root-only tests (TUN devices, network namespaces) run automatically when this is run as root and
 # skip with a message otherwise; test-deps installs what they need on a fresh Debian machine.

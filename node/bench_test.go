@@ -2,7 +2,7 @@
 
 package node
 
-// Whole-node benchmarks for the performance targets of issue 4 (the design brief §7). Every benchmark
+// Whole-node benchmarks for the data-plane performance targets of docs/design.md. Every benchmark
 // measures its baseline in the same process and the same run and reports the ratio: on a shared
 // 2-core machine absolute numbers drift from run to run, ratios measured side by side much less.
 // `make bench` runs them and node/internal/benchrun turns their metrics into the results table;

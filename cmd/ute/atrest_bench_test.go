@@ -28,7 +28,7 @@ import (
 // other 99 run in this process as real daemons (QUIC on loopback, memberlist's LAN timings), the
 // measured one is a subprocess so that its RSS and CPU are its own. After every member has joined,
 // it samples the process for 10 s: resident memory at the end (rss-MiB) and CPU over the window as
-// a percentage of one core (cpu-%). Targets (the design brief §7): ≤ 60 MiB and ≤ 1 %.
+// a percentage of one core (cpu-%). Targets (docs/design.md (performance targets)): ≤ 60 MiB and ≤ 1 %.
 func BenchmarkNodeAtRest(b *testing.B) {
 	const peers = 99
 	tmp := b.TempDir()

@@ -32,7 +32,9 @@ func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 		Short:         "UTE: cryptographic identity for AI agents, enforced at the transport layer",
 		SilenceUsage:  true,
 		SilenceErrors: true,
+		Version:       versionString(),
 	}
+	root.SetVersionTemplate("ute {{.Version}}\n")
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error {

@@ -185,7 +185,7 @@ func newNodeJoinCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "node directory to create (0700)")
 	cmd.Flags().StringVar(&addr, "authority", "", "authority address host:port (UDP)")
-	cmd.Flags().StringVar(&token, "token", "", "join token from `ute token create`; - reads it from stdin (keeps it out of ps), default $"+envJoinToken)
+	cmd.Flags().StringVar(&token, "token", "", "join TOKEN printed by ute token create; - reads it from stdin (keeps it out of ps), default $"+envJoinToken)
 	cmd.Flags().StringVar(&name, "name", "", "node name (default: the hostname)")
 	cmd.Flags().StringVar(&region, "region", "", "region this node runs in (default: the token's only region)")
 	cmd.Flags().StringVar(&advertise, "advertise", "", "underlay address host:port other nodes will reach this node at; the authority hands it to them as a bootstrap member")

@@ -68,7 +68,7 @@ func pump(b *testing.B, w io.Writer, bytes int) time.Duration {
 }
 
 // BenchmarkFlowThroughput moves the same bytes over an admitted flow and over a bare quic-go stream
-// in the same run and reports the ratio (target ≥ 0.8 for the whole agent path, the design brief §7).
+// in the same run and reports the ratio (target ≥ 0.8 for the whole agent path, docs/design.md (performance targets)).
 func BenchmarkFlowThroughput(b *testing.B) {
 	_, srv, tun := pair(b, "payments")
 	ctx, cancel := context.WithCancel(context.Background())

@@ -1,5 +1,5 @@
 // Command benchrun turns the output of `go test -bench` into UTE's performance results table
-// (the design brief §7, issue 4): each result beside its same-run baseline, the ratio, the target and
+// (docs/design.md, performance targets): each result beside its same-run baseline, the ratio, the target and
 // whether it is met. `make bench` pipes the whole benchmark run through it:
 //
 //	go test -run='^$' -bench=. -benchmem ./... 2>&1 | benchrun -out bin/bench.txt

@@ -29,7 +29,7 @@ type Check struct {
 	Load string
 }
 
-// Targets of the design brief §7 that the table checks.
+// Targets of docs/design.md (performance targets) that the table checks.
 const (
 	targetThroughputRatio = 0.8
 	targetAdmitCPUus      = 150.0
