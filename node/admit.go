@@ -30,6 +30,9 @@ const (
 type session struct {
 	dtl      dtl.Session
 	lastUsed time.Time
+	// bound: the session of a live tunnel, kept until the tunnel closes (sessions.go), so that
+	// its chain cache outlives idle time and the sender's hash-only records stay admissible.
+	bound bool
 }
 
 // peerVerifier implements tunnel.PeerVerifier: chain to the anchor, revocation, then the zones
@@ -73,10 +76,12 @@ func (n *Node) onRefused(r tunnel.Refusal) {
 	if r.Remote != nil {
 		remote = r.Remote.String()
 	}
-	// OnRefused must not block: the audit append is one buffered write.
-	_ = n.audit.Append(context.Background(), audit.Entry{Event: eventTunnelRefused, Fields: map[string]string{
-		"zone": r.Zone, "remote": remote, "error": truncate(r.Err.Error()),
-	}})
+	// OnRefused must not block: the audit append is one buffered write, or a count. Refusals
+	// from one source prefix for one reason collapse (refusals.go).
+	_ = n.audit.Refuse(context.Background(), audit.Entry{Event: eventTunnelRefused, Fields: map[string]string{
+		"zone": r.Zone, "remote": remote, "source": refusalSource(r.Remote), "reason": handshakeReason(r.Err),
+		"error": truncate(r.Err.Error()),
+	}}, tunnelRefusalKey...)
 }
 
 // verifyAgentChain is the dtl.ChainVerifier: identity's full chain check, then the facts admission
@@ -134,6 +139,16 @@ func (n *Node) allowFlow(info *dtl.AgentInfo, c *dtl.Claims) error {
 		proto = zones.ProtoUDP
 	default:
 		return fmt.Errorf("this node carries TCP and UDP flows for SDK agents, not %s", c.Destination.Proto)
+	}
+	// The receiver admits on the lower of the score the sender attests and its own view of the
+	// source agent and node (TrustFlow); the provenance then carries that lower score.
+	if v := n.trustView(info.Agent, info.Node); v < int(c.Trust) {
+		c.Trust = uint8(v)
+	}
+	if minTrust, ok := n.minTrust(c.Zone); ok && int(c.Trust) < minTrust {
+		// Step 10 of dtl.Verifier.Admit, which runs right after this checker, refuses the flow
+		// with reason "trust"; the zones trust gate would report the same refusal as "policy".
+		return nil
 	}
 	src, err := identity.ParseID(info.Agent)
 	if err != nil {
@@ -262,18 +277,23 @@ func tcpAddr(ip netip.Addr, port uint16) net.Addr {
 // one is then stale, so forgetting its replay window cannot let a replay through.
 func (n *Node) session(zone, peerNode string, aad []byte) *session {
 	now := n.now()
-	key := string(aad)
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	idle := 2 * n.skew()
 	if now.Sub(n.lastSweep) > idle {
 		for k, s := range n.sessions {
-			if now.Sub(s.lastUsed) > idle {
+			if now.Sub(s.lastUsed) > idle && !s.bound {
 				delete(n.sessions, k)
 			}
 		}
 		n.lastSweep = now
 	}
+	return n.sessionLocked(zone, peerNode, aad, now)
+}
+
+// sessionLocked returns the session bound to aad, creating it; n.mu is held.
+func (n *Node) sessionLocked(zone, peerNode string, aad []byte, now time.Time) *session {
+	key := string(aad)
 	s := n.sessions[key]
 	if s == nil || s.dtl.Zone != zone || s.dtl.PeerNode != peerNode {
 		// Chains: after a full-chain record is admitted, the sender names that chain by hash
@@ -320,7 +340,19 @@ func (n *Node) auditVerdict(ctx context.Context, peer, zone string, p *Provenanc
 	if n.cfg.OnVerdict != nil {
 		n.cfg.OnVerdict(zone, reason)
 	}
-	if aerr := n.audit.Append(ctx, audit.Entry{Event: ev, Fields: f}); aerr != nil {
+	if n.cfg.OnFlowVerdict != nil {
+		fv := FlowVerdict{Zone: zone, Peer: peer, Reason: reason, Local: peer == n.certificate().ID.String()}
+		if p != nil {
+			fv.Agent, fv.Node, fv.Destination = p.Agent, p.Node, p.Destination.String()
+		}
+		n.cfg.OnFlowVerdict(fv)
+	}
+	// Admissions are written one by one; identical denials collapse (refusals.go).
+	write := n.audit.Append
+	if err != nil {
+		write = func(ctx context.Context, e audit.Entry) error { return n.audit.Refuse(ctx, e, denyKey...) }
+	}
+	if aerr := write(ctx, audit.Entry{Event: ev, Fields: f}); aerr != nil {
 		n.log.Error("audit append failed", "event", ev, "err", aerr)
 	}
 }

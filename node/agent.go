@@ -275,9 +275,17 @@ type RefusedError struct {
 	Stage  string // "resolve", "tunnel" or "admission"
 	Reason string
 	Err    error
+	// ClockOffset, with Reason "skew" (a peer refused this node's record as stale or in the
+	// future, at resolve or admission), is this node's clock minus the peer's as the peer
+	// measured it: positive when this node is ahead. OffsetKnown says the peer stated it.
+	ClockOffset time.Duration
+	OffsetKnown bool
 }
 
 func (e *RefusedError) Error() string {
+	if e.Reason == reasonSkew {
+		return fmt.Sprintf("dial %s refused at %s (%s: %s): %v", e.Addr, e.Stage, e.Reason, e.skewText(), e.Err)
+	}
 	return fmt.Sprintf("dial %s refused at %s (%s): %v", e.Addr, e.Stage, e.Reason, e.Err)
 }
 
@@ -335,6 +343,9 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 }
 
 func dialErr(addr string, err error) error {
+	if serr := skewRefused(addr, "admission", err); serr != nil {
+		return serr
+	}
 	var rej *tunnel.RejectedError
 	if errors.As(err, &rej) {
 		return refused(addr, "admission", rej.Reason, err)
@@ -456,6 +467,11 @@ func (a *Agent) resolve(ctx context.Context, addr string) (destination, error) {
 		return d, nil
 	}
 	if rerr != nil {
+		// Peers that refused the directory exchange's record for the clocks' skew: the name may
+		// well exist; say why it could not be looked up.
+		if serr := skewRefused(addr, "resolve", fmt.Errorf("%s in zone %s could not be looked up: %w", host, zone, rerr)); serr != nil {
+			return destination{}, serr
+		}
 		return destination{}, refused(addr, "resolve", "unknown-name", fmt.Errorf("%w: %s in zone %s (peers not reached: %w)", ErrUnknownName, host, zone, rerr))
 	}
 	return destination{}, refused(addr, "resolve", "unknown-name", fmt.Errorf("%w: %s in zone %s", ErrUnknownName, host, zone))
@@ -542,6 +558,7 @@ func (n *Node) track(t *tunnel.Tunnel) *tunnelState {
 	}
 	ts = newTunnelState()
 	n.tunnels[t] = ts
+	n.bindSessionLocked(t)
 	n.wg.Go(func() {
 		select {
 		case <-t.Done():
@@ -549,6 +566,7 @@ func (n *Node) track(t *tunnel.Tunnel) *tunnelState {
 		}
 		n.mu.Lock()
 		delete(n.tunnels, t)
+		n.dropSessionLocked(t)
 		n.mu.Unlock()
 		n.untrackTunnel(t)
 	})
@@ -586,7 +604,7 @@ func (a *Agent) signWith(cr agentCreds, aad []byte, flowID, seq uint64, dst dtl.
 		Node:        cr.node.ID.String(),
 		Fingerprint: cr.cert.Claims.Fingerprint,
 		Region:      a.n.region,
-		Trust:       a.n.trust,
+		Trust:       a.n.attestedTrust(a.id.String(), cr.node.ID.String()),
 		Destination: dst,
 		FlowID:      flowID,
 		Seq:         seq,

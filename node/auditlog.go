@@ -26,13 +26,16 @@ var errAuditUnavailable = errors.New("node: audit log unavailable")
 type auditLog struct {
 	dir  string
 	opts audit.Options
+	// refusals writes denials and refused handshakes through audit.Flood, so that a flood of
+	// them is collapsed and budgeted (docs/protocol.md §8); every other entry goes to the log as is.
+	refusals *audit.Flood
 
 	mu  sync.RWMutex
 	log *audit.Log
 	err error // why log is nil after a failed rekey
 }
 
-func openAuditLog(dir string, opts audit.Options) (*auditLog, error) {
+func openAuditLog(dir string, opts audit.Options, refusals audit.FloodOptions) (*auditLog, error) {
 	opts.SetAside = opts.Key != nil
 	opts.RecordKeyChange = opts.Key == nil
 	var err error
@@ -43,8 +46,26 @@ func openAuditLog(dir string, opts audit.Options) (*auditLog, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &auditLog{dir: dir, opts: opts, log: l}, nil
+	a := &auditLog{dir: dir, opts: opts, log: l}
+	if refusals.Now == nil {
+		refusals.Now = opts.Now
+	}
+	if refusals.Logger == nil {
+		refusals.Logger = opts.Logger
+	}
+	// The flood appends through a, so it keeps writing across a rekey.
+	a.refusals = audit.NewFlood(a, refusals)
+	return a, nil
 }
+
+// Refuse appends a refusal through the flood control (audit.Flood.Refuse): key names the fields
+// that make two refusals identical.
+func (a *auditLog) Refuse(ctx context.Context, e audit.Entry, key ...string) error {
+	return a.refusals.Refuse(ctx, e, key...)
+}
+
+// flushRefusals writes the pending refusal summaries now (audit.Flood.Flush).
+func (a *auditLog) flushRefusals() error { return a.refusals.Flush(context.Background()) }
 
 // Append appends one entry (audit.Log.Append).
 func (a *auditLog) Append(ctx context.Context, e audit.Entry) error {
@@ -66,8 +87,9 @@ func (a *auditLog) Sync() error {
 	return a.log.Sync()
 }
 
-// Close closes the log.
+// Close writes the pending refusal summaries and closes the log.
 func (a *auditLog) Close() error {
+	ferr := a.refusals.Close() // before a.mu: it appends through a
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.log == nil {
@@ -76,8 +98,12 @@ func (a *auditLog) Close() error {
 	err := a.log.Close()
 	a.log = nil
 	a.err = ErrClosed
-	return err
+	return errors.Join(ferr, err)
 }
+
+// AuditRefusals reports how the audit log's flood control handled refusals: written one by one,
+// collapsed into summaries, or dropped over the hourly budget (each counted exactly in the log).
+func (n *Node) AuditRefusals() audit.FloodStats { return n.audit.refusals.Stats() }
 
 // rekey reopens the log so that its head is signed with key from now on. Appends wait for it.
 func (a *auditLog) rekey(key ed25519.PrivateKey) error {

@@ -305,6 +305,7 @@ func (n *Node) reissueDueAgents(ctx context.Context) (next time.Time, zones []st
 			failed = true
 			n.log.Warn("agent certificate reissue failed; retrying", "agent", it.cert.ID.String(),
 				"serial", it.cert.Serial().String(), "not_after", it.cert.X509.NotAfter, "err", err)
+			n.credentialFailed(it.cert.ID.String(), err)
 			n.appendAudit(eventAgentRenewFailed, map[string]string{
 				"agent": truncate(it.cert.ID.String()), "serial": it.cert.Serial().String(), "error": truncate(err.Error()),
 			})

@@ -242,7 +242,15 @@ func TestChainCaching(t *testing.T) {
 		p := dialFrom(ops)
 		assert.False(t, p.chainCached, "the retry carried the full chain")
 		assert.Equal(t, ops.ID().String(), p.Agent)
-		assert.Equal(t, []string{"chain-unknown", "chain-unknown"}, denials(t, b)[before-1:], "the raw probe, then the SDK's first try")
+		// The SDK's first try is the raw probe's kind (same peer, reason, destination): the audit
+		// log collapses it, and the summary counts it.
+		require.NoError(t, b.audit.flushRefusals())
+		assert.Equal(t, []string{"chain-unknown"}, denials(t, b)[before-1:], "the raw probe only: the SDK's first try is counted below")
+		recs := auditEntries(t, b)
+		last := recs[len(recs)-1]
+		assert.Equal(t, audit.EventCollapsed, last.Event)
+		assert.Equal(t, "chain-unknown", last.Fields["reason"])
+		assert.Equal(t, "1", last.Fields["count"], "the SDK's first try")
 		assert.True(t, ts.known.Known(h), "the full-chain accept re-teaches the sender")
 		assert.True(t, dialFrom(ops).chainCached)
 	})

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
 	"time"
 
@@ -124,8 +125,8 @@ func TestAuditHeadIsSignedByNodeKey(t *testing.T) {
 	)
 	a := ns["a"]
 	billing := agent(t, a, "payments", "billing-api")
-	for range 3 {
-		_, err := billing.Dial(context.Background(), "tcp", "billing-api.payments:9") // no rule: denied
+	for port := range 3 { // three destinations: three kinds of denial, each written at once
+		_, err := billing.Dial(context.Background(), "tcp", "billing-api.payments:"+strconv.Itoa(9+port)) // no rule: denied
 		require.ErrorIs(t, err, dtl.ErrPolicy)
 	}
 	require.NoError(t, a.audit.Sync())

@@ -106,6 +106,8 @@ type nodeSpec struct {
 	zones  []string
 	agents []state.AgentSpec
 	limits tunnel.Limits
+	// refusals tunes the audit log's flood control (Config.AuditRefusals).
+	refusals audit.FloodOptions
 }
 
 type testNode struct {
@@ -134,7 +136,7 @@ func cluster(t testing.TB, specs ...nodeSpec) map[string]*testNode {
 			require.NoError(t, err)
 		}
 		c := &clock{}
-		n, err := Open(context.Background(), Config{Dir: dir, Clock: c.Now, Limits: s.limits})
+		n, err := Open(context.Background(), Config{Dir: dir, Clock: c.Now, Limits: s.limits, AuditRefusals: s.refusals})
 		require.NoError(t, err)
 		t.Cleanup(func() { require.NoError(t, n.Close()) })
 		out[s.name] = &testNode{Node: n, dir: dir, clock: c}

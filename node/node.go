@@ -84,6 +84,10 @@ type Config struct {
 	Limits tunnel.Limits
 	// AuditFlush is the audit log's flush interval (audit.Options.FlushInterval).
 	AuditFlush time.Duration
+	// AuditRefusals tunes how refusals are audited (window, hourly budget; zero fields take
+	// audit.Flood's defaults, a 10 s window and 8 MiB per hour). Clock and Logger are used when
+	// its own are nil.
+	AuditRefusals audit.FloodOptions
 	// Authority is the authority's UDP address. When set, the node renews its certificate by
 	// itself at half-life (see renew.go); empty leaves renewal to `ute node renew`. Use the
 	// address in node.json (state.Info.Authority) for the authority the node joined. Agent
@@ -116,6 +120,17 @@ type Config struct {
 	// Advertise is the underlay address (host:port) the node tells the authority at each
 	// renewal, for the bootstrap members it hands to other nodes; empty keeps the recorded one.
 	Advertise string
+	// OnFlowVerdict, if set, is told every audited flow verdict with the record's source and
+	// the tunnel's peer (TrustFlow's signals, trusthook.go). It must not block.
+	OnFlowVerdict func(FlowVerdict)
+	// TrustView, if set, is this node's own TrustFlow view (0..100) of a subject (agent or node
+	// SPIFFE ID). The node attests the lower of Trust and its view of the agent and of itself,
+	// and admits a flow on the lower of the record's score and its view of the source agent and
+	// node. It must not block.
+	TrustView func(subject string) int
+	// OnCredentialFailure, if set, is told each failed renewal of the node certificate (subject:
+	// the node ID) or reissue of an agent certificate (the agent ID). It must not block.
+	OnCredentialFailure func(subject string, err error)
 }
 
 // Node is a running UTE node. All its methods are safe for concurrent use.
@@ -229,7 +244,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 	// key changes at renewal; the log then records the change instead of refusing to open.
 	nodeKey, _ := n.key.PrivateKey.(ed25519.PrivateKey)
 	al, err := openAuditLog(filepath.Join(cfg.Dir, DirAudit), audit.Options{Logger: n.log, Now: n.now, FlushInterval: cfg.AuditFlush,
-		Key: nodeKey})
+		Key: nodeKey}, cfg.AuditRefusals)
 	if err != nil {
 		return nil, fmt.Errorf("node: audit log: %w", err)
 	}
@@ -267,6 +282,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		OnTunnel:        n.onTunnel,
 		OnVerdict:       n.onVerdict,
 		OnRefused:       n.onRefused,
+		OnStalled:       n.onStalled,
 		ControlHandler:  cfg.ControlHandler,
 		ControlDatagram: cfg.ControlDatagram,
 		Clock:           n.now,

@@ -143,6 +143,7 @@ func (n *Node) renew(ctx context.Context) error {
 			n.log.Error("node certificate expired without renewal; flows stop until the node rejoins",
 				"node", old.ID.String(), "not_after", old.X509.NotAfter, "authority", n.cfg.Authority, "err", err)
 		}
+		n.credentialFailed(old.ID.String(), err)
 		n.appendAudit(eventRenewFailed, map[string]string{
 			"serial": old.Serial().String(), "authority": truncate(n.cfg.Authority), "error": truncate(err.Error()),
 		})

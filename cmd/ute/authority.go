@@ -21,7 +21,7 @@ func newAuthorityCmd() *cobra.Command {
 		Use:   "authority",
 		Short: "Run the trust domain's authority: root key, join tokens, node certificates",
 	}
-	cmd.AddCommand(newAuthorityInitCmd(), newAuthorityRunCmd(), newAuthorityAuditCmd())
+	cmd.AddCommand(newAuthorityInitCmd(), newAuthorityRunCmd(), newAuthorityAuditCmd(), newAuthorityReleaseCmd())
 	return cmd
 }
 
@@ -111,13 +111,13 @@ func newAuthorityRunCmd() *cobra.Command {
 
 func newAuthorityAuditCmd() *cobra.Command {
 	var (
-		dir     string
-		asJSON  bool
-		timeout time.Duration
+		dir, lineage string
+		asJSON       bool
+		timeout      time.Duration
 	)
 	cmd := &cobra.Command{
-		Use:   "audit --dir D [--json]",
-		Short: "Print the authority's audit trail (token creations, joins, renewals, refusals)",
+		Use:   "audit --dir D [--lineage NAME] [--json]",
+		Short: "Print the authority's audit trail (token creations, joins, renewals, refusals) or one node's certificate lineage",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
@@ -128,6 +128,9 @@ func newAuthorityAuditCmd() *cobra.Command {
 				return err
 			}
 			defer func() { _ = adm.Close() }()
+			if cmd.Flags().Changed("lineage") {
+				return printLineage(cmd, adm, lineage, asJSON)
+			}
 			recs, err := adm.Audit(cmd.Context())
 			if err != nil {
 				return err
@@ -151,7 +154,96 @@ func newAuthorityAuditCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")
+	cmd.Flags().StringVar(&lineage, "lineage", "", "print the certificate lineage of node NAME (joins, renewals, revocations) instead")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
+	cmd.Flags().DurationVar(&timeout, "lock-timeout", time.Second, "how long to wait for the store when no daemon answers")
+	return cmd
+}
+
+// printLineage prints one line per certificate of node name, each join starting a lineage and
+// each renewal indented under what it renews, with the revocation that covers it.
+func printLineage(cmd *cobra.Command, adm authority.Admin, name string, asJSON bool) error {
+	lin, err := adm.Lineage(cmd.Context(), name)
+	if err != nil {
+		return err
+	}
+	out := cmd.OutOrStdout()
+	if asJSON {
+		enc := json.NewEncoder(out)
+		enc.SetIndent("", "  ")
+		return enc.Encode(lin)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	_, _ = fmt.Fprintln(tw, "SERIAL\tORIGIN\tISSUED\tNOT AFTER\tSTATE")
+	for _, e := range lin {
+		origin := "join (token " + e.TokenID + ")"
+		serial := fmt.Sprintf("%d", e.Serial)
+		if e.Renews != 0 {
+			origin = fmt.Sprintf("renews %d", e.Renews)
+			serial = "  └ " + serial
+		}
+		state := "live"
+		switch {
+		case e.Revoked && e.RevokedBy == e.Serial:
+			state = fmt.Sprintf("revoked %s: %s", e.RevokedAt.Format(time.RFC3339), e.Reason)
+		case e.Revoked || e.RevokedBy != 0:
+			state = fmt.Sprintf("revoked with its lineage (serial %d)", e.RevokedBy)
+		case !time.Now().Before(e.NotAfter):
+			state = "expired"
+		}
+		_, _ = fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", serial, origin, e.IssuedAt.Format(time.RFC3339), e.NotAfter.Format(time.RFC3339), state)
+	}
+	return tw.Flush()
+}
+
+func newAuthorityReleaseCmd() *cobra.Command {
+	var (
+		dir, reason string
+		asJSON      bool
+		timeout     time.Duration
+	)
+	cmd := &cobra.Command{
+		Use:   "release --dir D NAME --reason TEXT",
+		Short: "Reopen a node name whose certificate lineage was revoked, so that a new join may take it (audited)",
+		Long: `Revoking a node, or any serial of its lineage, closes its name: a join under that name is
+refused (name_revoked) however many tokens the joiner holds and however long ago the certificates
+expired. When the operator has rebuilt the host and wants the name back, this command reopens it
+for the next join (which starts a new lineage). The release and its reason are written to the
+authority's audit trail. A name still held by a live, unrevoked certificate is refused: revoke it
+first. Works while ` + "`ute authority run`" + ` runs (through its admin socket) and when it does not.`,
+		Args: func(_ *cobra.Command, args []string) error {
+			if len(args) != 1 {
+				return usagef("authority release takes one node NAME, got %d arguments", len(args))
+			}
+			return nil
+		},
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if dir == "" {
+				return usagef("authority release needs --dir (the authority directory) and --reason")
+			}
+			if err := authority.ValidateRevokeReason(reason); err != nil {
+				return usageError{err}
+			}
+			adm, err := authority.OpenAdmin(cmd.Context(), dir, authority.Options{StoreTimeout: timeout})
+			if err != nil {
+				return err
+			}
+			defer func() { _ = adm.Close() }()
+			rel, err := adm.Release(cmd.Context(), args[0], reason)
+			if err != nil {
+				return err
+			}
+			if asJSON {
+				return json.NewEncoder(cmd.OutOrStdout()).Encode(rel)
+			}
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "released %s (last serial %d, lineage revoked at serial %d): the next join may take the name; audited\n",
+				rel.SPIFFEID, rel.Serial, rel.RevokedSerial)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")
+	cmd.Flags().StringVar(&reason, "reason", "", "why (required; stored in the audit trail)")
+	cmd.Flags().BoolVar(&asJSON, "json", false, "print the release as JSON")
 	cmd.Flags().DurationVar(&timeout, "lock-timeout", time.Second, "how long to wait for the store when no daemon answers")
 	return cmd
 }

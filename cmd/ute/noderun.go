@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -53,8 +54,8 @@ func newNodeRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if cfg.Interface != config.InterfaceNetstack {
-				return fmt.Errorf("interface %q is not available in this version: run with --interface netstack (the default)", cfg.Interface)
+			if cfg.Interface != config.InterfaceNetstack && cfg.Interface != config.InterfaceProxy {
+				return fmt.Errorf("interface %q is not available in this version: run with --interface netstack (the default) or --interface proxy", cfg.Interface)
 			}
 			if cfg.Transport != config.TransportQUIC {
 				return fmt.Errorf("transport %q is not available in this version: run with --transport quic (the default)", cfg.Transport)
@@ -66,7 +67,7 @@ func newNodeRunCmd() *cobra.Command {
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&dir, "dir", "", "node directory (created by `ute node join`)")
+	f.StringVar(&dir, "dir", "", "node directory (created by ute node join)")
 	f.StringVar(&cfgPath, "config", "", "YAML config file (docs/operations.md lists every key)")
 	for name, usage := range map[string]struct {
 		p     **string
@@ -77,8 +78,8 @@ func newNodeRunCmd() *cobra.Command {
 		"metrics":    {&ov.Metrics, "loopback address for Prometheus metrics (empty: off)"},
 		"log-format": {&ov.LogFormat, "log format: text or json"},
 		"log-level":  {&ov.LogLevel, "log level: debug, info, warn or error"},
-		"interface":  {&ov.Interface, "agent interface: netstack (tun comes with a later version)"},
-		"transport":  {&ov.Transport, "data plane: quic (wireguard comes with a later version)"},
+		"interface":  {&ov.Interface, "agent interface: netstack, or proxy (a SOCKS5 and an HTTP proxy per agent on loopback; tun is not built yet)"},
+		"transport":  {&ov.Transport, "data plane: quic (wireguard is not built yet)"},
 		"authority":  {&ov.Authority, "authority address (default: the one joined, from node.json)"},
 	} {
 		f.String(name, "", usage.usage)
@@ -97,6 +98,9 @@ func runNode(ctx context.Context, opts nodedaemon.Options, load func() (config.C
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	fmt.Fprintf(cmd.OutOrStdout(), "node %s up on %s\n", d.Node().ID(), d.Addr())
+	for _, p := range d.Proxies() {
+		fmt.Fprintf(cmd.OutOrStdout(), "agent %s.%s  socks5 %s  http %s%s\n", p.Agent, p.Zone, p.SOCKS, p.HTTP, forwardsText(p.Forward))
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -122,4 +126,13 @@ func runNode(ctx context.Context, opts nodedaemon.Options, load func() (config.C
 			}
 		}
 	}
+}
+
+// forwardsText lists an agent's inbound forwards for the startup lines.
+func forwardsText(fs []config.Forward) string {
+	var b strings.Builder
+	for _, f := range fs {
+		fmt.Fprintf(&b, "  forward %d -> %s", f.Port, f.Target)
+	}
+	return b.String()
 }

@@ -4,6 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -214,4 +217,134 @@ func TestNodeRunGossipRevokeAndRestart(t *testing.T) {
 	took, err := a.stop(t, syscall.SIGTERM)
 	require.NoError(t, err, "logs: %s", a.log())
 	assert.Less(t, took, 5*time.Second)
+}
+
+const proxyPolicy = `zones:
+  - name: payments
+    cidr: 100.100.1.0/24
+    regions: [eu-west-1]
+    min_trust: 50
+    isolate_below: 20
+    rules:
+      - from: billing-*
+        to: ledger
+        ports: [tcp/8080]
+`
+
+func freeTCP(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	addr := l.Addr().String()
+	require.NoError(t, l.Close())
+	return addr
+}
+
+// An agent flow between two `ute node run` processes (interface proxy: this test process is the
+// agent's enrolled workload and connects through its HTTP CONNECT proxy; the other node forwards
+// the admitted flow to a local echo server), then `ute revoke` at the authority: the live flow is
+// cut and a new one is refused.
+func TestNodeRunAgentFlowCutByRevocation(t *testing.T) {
+	tmp := t.TempDir()
+	authDir, policy := filepath.Join(tmp, "auth"), filepath.Join(tmp, "policy.yaml")
+	require.NoError(t, os.WriteFile(policy, []byte(proxyPolicy), 0o644))
+	ute(t, "authority", "init", "--dir", authDir, "--trust-domain", "acme.internal", "--policy", policy).ok(t)
+	auth := startDaemon(t, authDir)
+	self, err := os.Executable()
+	require.NoError(t, err)
+
+	echo, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = echo.Close() })
+	go func() {
+		for {
+			c, err := echo.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer func() { _ = c.Close() }(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+
+	httpProxy := freeTCP(t)
+	cfgs := map[string]string{
+		"a": "interface: proxy\nagents:\n  - name: billing-api\n    zone: payments\n    http: " + httpProxy + "\n",
+		"b": "interface: proxy\nagents:\n  - name: ledger\n    zone: payments\n    forward:\n      8080: " + echo.Addr().String() + "\n",
+	}
+	agents := map[string]string{"a": "billing-api", "b": "ledger"}
+	nodes := map[string]*nodeProc{}
+	for _, name := range []string{"a", "b"} {
+		tok := ute(t, "token", "create", "--dir", authDir, "--zone", "payments")
+		require.Equal(t, 0, tok.code, tok.stderr)
+		dir, listen := filepath.Join(tmp, name), freeUDP(t)
+		r := ute(t, "node", "join", "--dir", dir, "--authority", auth.addr, "--token", strings.TrimSpace(tok.stdout), "--name", name, "--advertise", listen)
+		require.Equal(t, 0, r.code, r.stderr)
+		r = ute(t, "agent", "add", "--dir", dir, "--name", agents[name], "--zone", "payments", "--exe", self)
+		require.Equal(t, 0, r.code, r.stderr)
+		cfg := filepath.Join(tmp, name+".yaml")
+		require.NoError(t, os.WriteFile(cfg, []byte(cfgs[name]), 0o600))
+		nodes[name] = startNode(t, name, dir, listen, "--config", cfg)
+	}
+	require.Eventually(t, func() bool {
+		return slices.Contains(zonePeers(nodeStatus(t, nodes["a"].dir), "payments"), "spiffe://acme.internal/node/b")
+	}, 15*time.Second, 100*time.Millisecond)
+
+	connect := func() (net.Conn, error) {
+		c, err := net.DialTimeout("tcp", httpProxy, 5*time.Second)
+		if err != nil {
+			return nil, err
+		}
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := fmt.Fprintf(c, "CONNECT ledger.payments:8080 HTTP/1.1\r\nHost: ledger.payments:8080\r\n\r\n"); err != nil {
+			_ = c.Close()
+			return nil, err
+		}
+		br := bufio.NewReader(c)
+		line, err := br.ReadString('\n')
+		if err != nil || !strings.Contains(line, " 200") {
+			_ = c.Close()
+			return nil, fmt.Errorf("CONNECT answered %q: %v", line, err)
+		}
+		for {
+			l, err := br.ReadString('\n')
+			if err != nil {
+				_ = c.Close()
+				return nil, err
+			}
+			if l == "\r\n" {
+				break
+			}
+		}
+		return c, nil
+	}
+	c, err := connect()
+	require.NoError(t, err, "logs a: %s\nlogs b: %s", nodes["a"].log(), nodes["b"].log())
+	defer func() { _ = c.Close() }()
+	_, err = c.Write([]byte("ping"))
+	require.NoError(t, err)
+	buf := make([]byte, 4)
+	_, err = io.ReadFull(c, buf)
+	require.NoError(t, err)
+	require.Equal(t, "ping", string(buf), "the admitted flow reached ledger's server and came back")
+
+	subject := "spiffe://acme.internal/zone/payments/agent/billing-api"
+	r := ute(t, "revoke", "--dir", authDir, subject, "--reason", "token stolen")
+	require.Equal(t, 0, r.code, r.stderr)
+	start := time.Now()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, err = c.Read(buf)
+	require.Error(t, err, "the revoked agent's live flow is cut")
+	var ne net.Error
+	require.False(t, errors.As(err, &ne) && ne.Timeout(), "the flow was cut, not left hanging: %v", err)
+	t.Logf("flow cut %v after ute revoke returned", time.Since(start))
+	for _, n := range nodes {
+		require.Eventually(t, func() bool { return holdsRevocation(nodeStatus(t, n.dir), subject) }, 5*time.Second, 50*time.Millisecond)
+	}
+	if c2, err := connect(); err == nil {
+		_, _ = c2.Write([]byte("ping"))
+		_ = c2.SetReadDeadline(time.Now().Add(3 * time.Second))
+		_, err = io.ReadFull(c2, buf)
+		_ = c2.Close()
+		require.Error(t, err, "a new flow of the revoked agent carries nothing")
+	}
 }

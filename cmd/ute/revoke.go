@@ -29,8 +29,10 @@ func newRevokeCmd() *cobra.Command {
 The authority signs a revocation record with the next sequence number and stores it with the
 revocation; both are durable before the command returns, and the record's sequence number is
 printed. Nodes watching the authority receive the record at once. Revoking twice is harmless and
-keeps the first record. A revoked node can no longer renew, and its name is free for a rejoin with
-a new token. Works while ` + "`ute authority run`" + ` runs (through its admin socket) and when it does
+keeps the first record. Revocation follows the lineage: revoking serial:N also revokes every live
+renewal of N, and a revoked node can no longer renew from any certificate of its lineage. Its name
+stays closed to new joins until the operator reopens it with ` + "`ute authority release NAME`" + `
+(audited). Works while ` + "`ute authority run`" + ` runs (through its admin socket) and when it does
 not (on the store directly; watchers receive the record when they reconnect to the daemon).`,
 		Args: func(_ *cobra.Command, args []string) error {
 			if len(args) != 1 {

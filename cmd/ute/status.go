@@ -83,6 +83,7 @@ func printStatus(w io.Writer, st localapi.Status) error {
 	for _, r := range st.Revocations {
 		fmt.Fprintf(tw, "  revoked\t%s by %s: %s\n", r.Subject, r.Issuer, r.Reason)
 	}
+	printTrustScores(tw, st.Trust)
 	return tw.Flush()
 }
 

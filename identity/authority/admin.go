@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"time"
@@ -30,6 +31,8 @@ const (
 	pathTokens    = "/v1/tokens"
 	pathAudit     = "/v1/audit"
 	pathRevoke    = "/v1/revocations"
+	pathRelease   = "/v1/releases"
+	pathLineage   = "/v1/lineage"
 	storeWaitTime = time.Second
 )
 
@@ -58,6 +61,10 @@ type Admin interface {
 	Revoke(ctx context.Context, subject, reason string) (Revocation, error)
 	// ApplyPolicy replaces the policy (name: the file it came from); see Authority.ApplyPolicy.
 	ApplyPolicy(ctx context.Context, name string, policy []byte) (PolicyApplied, error)
+	// Release reopens a node name whose lineage was revoked; see Authority.ReleaseName.
+	Release(ctx context.Context, name, reason string) (Released, error)
+	// Lineage lists the certificates of a node name; see Authority.Lineage.
+	Lineage(ctx context.Context, name string) ([]LineageEntry, error)
 	Close() error
 }
 
@@ -100,6 +107,12 @@ func (l localAdmin) Close() error                                 { return l.a.C
 func (l localAdmin) Revoke(ctx context.Context, subject, reason string) (Revocation, error) {
 	return l.a.RevokeSubject(ctx, subject, reason)
 }
+func (l localAdmin) Release(ctx context.Context, name, reason string) (Released, error) {
+	return l.a.ReleaseName(ctx, name, reason)
+}
+func (l localAdmin) Lineage(ctx context.Context, name string) ([]LineageEntry, error) {
+	return l.a.Lineage(ctx, name)
+}
 
 // AdminServer is the admin API bound to dir/authority.sock, not yet serving.
 type AdminServer struct {
@@ -138,6 +151,8 @@ func (s *AdminServer) Serve(ctx context.Context) error {
 	mux.HandleFunc("GET "+pathAudit, a.handleAudit)
 	mux.HandleFunc("POST "+pathRevoke, a.handleRevoke)
 	mux.HandleFunc("POST "+pathPolicy, a.handleApplyPolicy)
+	mux.HandleFunc("POST "+pathRelease, a.handleRelease)
+	mux.HandleFunc("GET "+pathLineage, a.handleLineage)
 	srv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: adminTimeout,
@@ -293,7 +308,7 @@ func (c *adminClient) do(ctx context.Context, method, path string, in, out any) 
 // remoteAdminError restores the sentinel of an error the daemon reported, so the CLI's errors.Is
 // works the same whether it went through the socket or opened the store.
 func remoteAdminError(msg string) error {
-	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized, ErrRevocationMalformed, ErrSubjectUnknown, ErrAgentRevocation, ErrPolicyInvalid} {
+	for _, s := range []error{ErrZoneUnknown, ErrRegionUnknown, ErrNotInitialized, ErrRevocationMalformed, ErrSubjectUnknown, ErrAgentRevocation, ErrPolicyInvalid, ErrReleaseRefused} {
 		if len(msg) >= len(s.Error()) && msg[:len(s.Error())] == s.Error() {
 			return fmt.Errorf("%w%s", s, msg[len(s.Error()):])
 		}
@@ -317,6 +332,54 @@ func (c *adminClient) Revoke(ctx context.Context, subject, reason string) (Revoc
 	var rev Revocation
 	err := c.do(ctx, http.MethodPost, pathRevoke, RevokeRequest{Subject: subject, Reason: reason}, &rev)
 	return rev, err
+}
+
+func (c *adminClient) Release(ctx context.Context, name, reason string) (Released, error) {
+	var rel Released
+	err := c.do(ctx, http.MethodPost, pathRelease, ReleaseRequest{Name: name, Reason: reason}, &rel)
+	return rel, err
+}
+
+func (c *adminClient) Lineage(ctx context.Context, name string) ([]LineageEntry, error) {
+	var out []LineageEntry
+	err := c.do(ctx, http.MethodGet, pathLineage+"?name="+url.QueryEscape(name), nil, &out)
+	return out, err
+}
+
+func (a *Authority) handleRelease(w http.ResponseWriter, r *http.Request) {
+	var req ReleaseRequest
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&req); err != nil {
+		writeJSON(w, http.StatusBadRequest, adminError{"decode release request: " + err.Error()})
+		return
+	}
+	rel, err := a.ReleaseName(r.Context(), req.Name, req.Reason)
+	if err != nil {
+		status := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, ErrRevocationMalformed):
+			status = http.StatusBadRequest
+		case errors.Is(err, ErrReleaseRefused):
+			status = http.StatusConflict
+		}
+		writeJSON(w, status, adminError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, rel)
+}
+
+func (a *Authority) handleLineage(w http.ResponseWriter, r *http.Request) {
+	out, err := a.Lineage(r.Context(), r.URL.Query().Get("name"))
+	if err != nil {
+		status := http.StatusInternalServerError
+		if errors.Is(err, ErrSubjectUnknown) {
+			status = http.StatusNotFound
+		}
+		writeJSON(w, status, adminError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
 }
 
 func (c *adminClient) Close() error { return nil }

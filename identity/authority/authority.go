@@ -238,8 +238,9 @@ func (a *Authority) pol() *zones.Policy {
 	return a.policy
 }
 
-// Revoke revokes one certificate serial (RevokeSubject of "serial:N"): that certificate can no
-// longer renew, and a revocation record tells the nodes.
+// Revoke revokes one certificate serial (RevokeSubject of "serial:N") and its lineage: that
+// certificate and every renewal of it can no longer renew, its node's name is closed until
+// ReleaseName, and revocation records tell the nodes.
 func (a *Authority) Revoke(serial uint64, reason string) error {
 	_, err := a.RevokeSubject(context.Background(), Subject{Serial: serial}.String(), reason)
 	return err

@@ -35,6 +35,10 @@ var (
 	// certificate holds: one SPIFFE ID never names two nodes at once, so a token for one zone
 	// cannot mint a second identity for a node of another zone.
 	ErrNameTaken = errors.New("node name already held by a live certificate")
+	// ErrNameRevoked means a join asked for a node name whose certificate lineage was revoked:
+	// the name stays closed, whatever the expiry, until an operator releases it (ReleaseName),
+	// so that a token holder cannot quietly take over an identity an operator cut off.
+	ErrNameRevoked = errors.New("node name revoked: its certificate lineage was revoked")
 	// ErrBusy means the authority refused to serve the request now: this source, or all sources
 	// together, already have as many connections or requests in flight as the authority serves
 	// at once. Nothing was read or stored; the request can be retried (Join and Renew do, briefly).
@@ -75,6 +79,7 @@ const (
 	CodeBusy
 	CodeAdvertise
 	CodeWatchRefused
+	CodeNameRevoked
 )
 
 // codeNames name the codes in audit summaries and logs; they never change either.
@@ -97,6 +102,7 @@ var codeNames = [...]string{
 	CodeBusy:           "busy",
 	CodeAdvertise:      "advertise",
 	CodeWatchRefused:   "watch_refused",
+	CodeNameRevoked:    "name_revoked",
 }
 
 func (c Code) String() string {
@@ -124,6 +130,7 @@ var codeErrors = [...]error{
 	CodeBusy:           ErrBusy,
 	CodeAdvertise:      ErrAdvertise,
 	CodeWatchRefused:   ErrWatchRefused,
+	CodeNameRevoked:    ErrNameRevoked,
 }
 
 // codeOf returns the wire code for err; anything not a known refusal is internal, so that server

@@ -131,6 +131,9 @@ type RevokedSerial struct {
 	Already   bool      `json:"already_revoked"`
 	RevokedAt time.Time `json:"revoked_at"`
 	Reason    string    `json:"reason"`
+	// Via is set when the serial was revoked because it descends by renewal from the revoked
+	// serial Via: revocation follows the lineage (lineage.go).
+	Via uint64 `json:"via_serial,omitempty"`
 }
 
 // Revocation is the outcome of a revocation: the serials it covers, in serial order, and the
@@ -312,6 +315,33 @@ func (s *Store) revokeSubject(sub Subject, reason string, now, bound time.Time, 
 			res.expires = expires.UTC()
 			recordNote = fmt.Sprintf(" (revocation record %d, expires %s)", res.seq, expires.UTC().Format(time.RFC3339))
 		}
+		// Peers check a certificate's own serial, so each live descendant revoked through the
+		// lineage gets a record of its own.
+		descNotes := map[uint64]string{}
+		for _, t := range targets {
+			if sign == nil || t.Via == 0 || tx.Bucket(bucketRevoked).Get(u64(t.Serial)) != nil {
+				continue
+			}
+			dsub := Subject{Serial: t.Serial}.String()
+			if subjects.Get([]byte(dsub)) != nil {
+				continue
+			}
+			seq, err := nextRevocationSeq(tx)
+			if err != nil {
+				return err
+			}
+			raw, err := sign(seq, dsub, t.NotAfter)
+			if err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketRevRecords).Put(u64(seq), raw); err != nil {
+				return err
+			}
+			if err := subjects.Put([]byte(dsub), u64(seq)); err != nil {
+				return err
+			}
+			descNotes[t.Serial] = fmt.Sprintf(" (revocation record %d, expires %s)", seq, t.NotAfter.UTC().Format(time.RFC3339))
+		}
 		res.already = !fresh && (len(targets) > 0 || res.seq != 0)
 		revoked := tx.Bucket(bucketRevoked)
 		for _, t := range targets {
@@ -328,6 +358,9 @@ func (s *Store) revokeSubject(sub Subject, reason string, now, bound time.Time, 
 				t.RevokedAt, t.Reason = now.UTC(), reason
 			}
 			why := reason + recordNote
+			if t.Via != 0 {
+				why = fmt.Sprintf("descends by renewal from revoked serial %d: %s%s", t.Via, reason, descNotes[t.Serial])
+			}
 			if t.Already {
 				why = fmt.Sprintf("already revoked at %s (%s); requested again: %s", t.RevokedAt.Format(time.RFC3339), t.Reason, reason)
 			}
@@ -389,7 +422,13 @@ func resolveSubject(tx *bolt.Tx, sub Subject, now time.Time) ([]RevokedSerial, e
 			if err := decodeRecord(v, &rec); err != nil {
 				return nil, err
 			}
-			return []RevokedSerial{{Serial: rec.Serial, SPIFFEID: rec.SPIFFEID, NotAfter: rec.NotAfter}}, nil
+			// Every live renewal of it goes too: otherwise a node revoked by serial keeps a working
+			// identity in the successor a routine renewal gave it.
+			desc, err := descendants(tx, sub.Serial, now)
+			if err != nil {
+				return nil, err
+			}
+			return append([]RevokedSerial{{Serial: rec.Serial, SPIFFEID: rec.SPIFFEID, NotAfter: rec.NotAfter}}, desc...), nil
 		}
 		last, err := getU64(tx.Bucket(bucketMeta).Get(keySerial))
 		if err != nil {

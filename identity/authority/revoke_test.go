@@ -87,7 +87,7 @@ func FuzzParseSubject(f *testing.F) {
 // Revoking a node by SPIFFE ID revokes every unexpired certificate issued to it (the superseded
 // one included, since a copy of it may still be presented to peers), stops renewal, frees the
 // name for a rejoin, and is idempotent.
-func TestRevokeNodeStopsRenewalAndFreesName(t *testing.T) {
+func TestRevokeNodeStopsRenewalAndClosesName(t *testing.T) {
 	clock := newTestClock()
 	ta := startAuthority(t, clock)
 	ctx := context.Background()
@@ -135,7 +135,12 @@ func TestRevokeNodeStopsRenewalAndFreesName(t *testing.T) {
 	}
 	assert.Contains(t, lastAudit(t, ta).Reason, "already revoked")
 
-	// The name is free: a rejoin under it works, and revoking the name again reaches the new one.
+	// The name is closed until the operator releases it; then a rejoin under it works, and
+	// revoking the name again reaches the new one.
+	_, err = Join(ctx, joinParams(t, ta, ta.token(t, TokenSpec{Zones: []string{"payments"}}), "n1", clock))
+	require.ErrorIs(t, err, ErrNameRevoked)
+	_, err = ta.ReleaseName(ctx, "n1", "rebuilt")
+	require.NoError(t, err)
 	rejoined, err := Join(ctx, joinParams(t, ta, ta.token(t, TokenSpec{Zones: []string{"payments"}}), "n1", clock))
 	require.NoError(t, err)
 	third, err := ta.RevokeSubject(ctx, "spiffe://acme.internal/node/n1", "decommissioned")

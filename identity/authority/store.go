@@ -374,8 +374,9 @@ func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
 // certificate, or a renewal of it, lives.
 var bucketNodeNames = []byte("node_names")
 
-// holdName refuses name when it is held by a live certificate at now, and otherwise records it
-// as held by serial until until.
+// holdName refuses name when it is held by a live certificate at now (ErrNameTaken) or when the
+// lineage of its last holder was revoked and no operator released it since (ErrNameRevoked), and
+// otherwise records it as held by serial until until.
 func holdName(tx *bolt.Tx, name string, serial uint64, until, now time.Time) error {
 	if name == "" {
 		return nil
@@ -386,8 +387,15 @@ func holdName(tx *bolt.Tx, name string, serial uint64, until, now time.Time) err
 		if err != nil {
 			return fmt.Errorf("node name %q: %w", name, err)
 		}
-		if now.Before(heldUntil) && lineageRevoked(tx, held) == 0 {
-			return fmt.Errorf("%w: node %q has certificate serial %d valid until %s; choose another --name, or wait until it expires (revoking serial %d also frees the name)",
+		// A revoked lineage closes the name for good, expired or not: the operator revoked the
+		// identity, so only the operator reopens it (ReleaseName), and that act is audited.
+		if lineageRevoked(tx, held) != 0 {
+			r := oldestRevoked(tx, held)
+			return fmt.Errorf("%w: node %q (serial %d) descends from revoked serial %d; to register the name again an operator runs `ute authority release --dir <authority dir> %s --reason TEXT` (audited), or join under another --name",
+				ErrNameRevoked, name, held, r, name)
+		}
+		if now.Before(heldUntil) {
+			return fmt.Errorf("%w: node %q has certificate serial %d valid until %s; choose another --name, or wait until it expires (revoking serial %d and releasing the name with `ute authority release` also frees it)",
 				ErrNameTaken, name, held, heldUntil.UTC().Format(time.RFC3339), held)
 		}
 	}

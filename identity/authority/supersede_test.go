@@ -126,8 +126,13 @@ func TestJoinRefusesNameHeldByLiveNode(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, stored.ConsumedBy, "a refused join leaves the token unused")
 
-	// Revoking the live certificate frees the name: the documented way to rejoin under it.
+	// Revoking the live certificate closes the name; the operator's release reopens it: the
+	// documented way to rejoin under it.
 	require.NoError(t, ta.Revoke(victim.Node.Serial().Uint64(), "decommissioned"))
+	_, err = Join(ctx, joinParams(t, ta, squat, "n1", clock))
+	require.ErrorIs(t, err, ErrNameRevoked)
+	_, err = ta.ReleaseName(ctx, "n1", "decommissioned host rebuilt")
+	require.NoError(t, err)
 	_, err = Join(ctx, joinParams(t, ta, squat, "n1", clock))
 	require.NoError(t, err)
 }

@@ -25,6 +25,9 @@ type Interface string
 const (
 	InterfaceNetstack Interface = "netstack" // gVisor userspace stack, no root (the default)
 	InterfaceTUN      Interface = "tun"      // kernel TUN device ute0, needs CAP_NET_ADMIN
+	// InterfaceProxy serves each agent a SOCKS5 and an HTTP proxy on loopback, and forwards its
+	// inbound flows to local ports (Agents); no root needed.
+	InterfaceProxy Interface = "proxy"
 )
 
 // Transport says how agent traffic crosses between nodes.
@@ -64,6 +67,9 @@ type Config struct {
 	Renewal Renewal
 	// Authority overrides the authority address recorded in node.json at join; "" keeps it.
 	Authority string
+	// Agents are per-agent settings of the proxy interface (proxy addresses, inbound forwards,
+	// attestation); used with Interface proxy only.
+	Agents []AgentProxy
 }
 
 // Peer is a bootstrap peer: a node name or node SPIFFE ID, and its UDP address. The name is
@@ -181,6 +187,7 @@ func (c Config) Apply(o Overrides) (Config, error) {
 		{"--authority", o.Authority, func(s string) (err error) { c.Authority, err = parseAuthority(s); return }},
 	}
 	c.Peers = slices.Clone(c.Peers)
+	c.Agents = slices.Clone(c.Agents)
 	for _, s := range steps {
 		if s.v == nil {
 			continue
@@ -235,6 +242,7 @@ func (c Config) ReloadPlan(next Config) (Plan, error) {
 	diff("gossip", c.Gossip != next.Gossip)
 	diff("renewal", c.Renewal != next.Renewal)
 	diff("authority", c.Authority != next.Authority)
+	diff("agents", !slices.EqualFunc(c.Agents, next.Agents, AgentProxy.Equal))
 	if len(restart) > 0 {
 		return Plan{}, fmt.Errorf("%w: %s changed; restart the daemon to apply (nothing was reloaded; runtime-reloadable keys are %s)",
 			ErrRestartRequired, strings.Join(restart, ", "), strings.Join(Reloadable, ", "))
@@ -335,10 +343,10 @@ func parseAuthority(s string) (string, error) {
 
 func parseInterface(s string) (Interface, error) {
 	switch i := Interface(s); i {
-	case InterfaceNetstack, InterfaceTUN:
+	case InterfaceNetstack, InterfaceTUN, InterfaceProxy:
 		return i, nil
 	}
-	return "", valueError(ErrBadValue, "%q is not an interface; write netstack or tun", s)
+	return "", valueError(ErrBadValue, "%q is not an interface; write netstack or tun, or proxy (SOCKS5/HTTP proxies per agent, no root)", s)
 }
 
 func parseTransport(s string) (Transport, error) {

@@ -277,7 +277,7 @@ func (w *walker) duration(e entry, field string, lo, hi time.Duration) (time.Dur
 	return d, nil
 }
 
-var topFields = []string{"listen", "advertise", "interface", "transport", "peers", "metrics", "log", "gossip", "renewal", "authority"}
+var topFields = []string{"listen", "advertise", "interface", "transport", "peers", "metrics", "log", "gossip", "renewal", "authority", "agents"}
 
 func (w *walker) document(f *ast.File) (Config, error) {
 	c := Default()
@@ -332,7 +332,7 @@ func (w *walker) top(c *Config, e entry) (err error) {
 		return scalar("write the authority's UDP address such as 10.0.0.1:7443", true,
 			func(s string) (err error) { c.Authority, err = parseAuthority(s); return })
 	case "interface":
-		return scalar("write netstack or tun", false, func(s string) (err error) { c.Interface, err = parseInterface(s); return })
+		return scalar("write netstack, tun or proxy", false, func(s string) (err error) { c.Interface, err = parseInterface(s); return })
 	case "transport":
 		return scalar("write quic or wireguard", false, func(s string) (err error) { c.Transport, err = parseTransport(s); return })
 	case "peers":
@@ -344,6 +344,9 @@ func (w *walker) top(c *Config, e entry) (err error) {
 		return w.gossip(c, e)
 	case "renewal":
 		return w.renewal(c, e)
+	case "agents":
+		c.Agents, err = w.agents(e)
+		return err
 	}
 	return nil
 }

@@ -107,12 +107,15 @@ func (b backend) Status(context.Context) (localapi.Status, error) {
 		st.Revocations = append(st.Revocations, localapi.Revocation{Subject: c.Subject, Reason: c.Reason, Issuer: c.Signer,
 			IssuedAt: c.IssuedAt.UTC(), ReceivedAt: e.Arrived.UTC()})
 	}
-	st.Trust = []localapi.TrustScore{}
+	st.Trust = d.trust.trustScores()
 	return st, nil
 }
 
 func (b backend) WhoIs(_ context.Context, addr netip.AddrPort) (localapi.WhoIs, error) {
 	p, ok := b.d.node.WhoIsAddr(addr)
+	if !ok {
+		p, ok = b.d.proxyWhoIs(addr) // a flow the proxy interface forwarded to a local server
+	}
 	if !ok {
 		return localapi.WhoIs{}, fmt.Errorf("%w: no admitted flow from %s on this node", localapi.ErrNotFound, addr)
 	}
@@ -150,6 +153,7 @@ func (b backend) AddAgent(_ context.Context, spec localapi.AgentSpec) (localapi.
 		return localapi.Agent{}, err
 	}
 	d.log.Info("agent added", "agent", ag.Cert.ID.String(), "ip", ag.IP.String())
+	d.proxyAgentAdded(ag) // interface proxy: its proxies start now (proxy.go)
 	return localapi.Agent{Name: ag.Name, Zone: ag.Zone, ID: ag.Cert.ID.String(), OverlayIP: ag.IP.String(),
 		Serial: record.SerialKey(ag.Cert.Serial()), NotAfter: ag.Cert.X509.NotAfter.UTC(),
 		Fingerprint: hex.EncodeToString(ag.Cert.Claims.Fingerprint), Exe: spec.Exe, UID: spec.UID}, nil

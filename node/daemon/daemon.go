@@ -44,6 +44,13 @@ type Options struct {
 	Timing *membership.Timing
 	// PruneInterval is how often expired revocations are dropped from the store; default 10 min.
 	PruneInterval time.Duration
+	// OnMismatch is told when a process that is not an agent's enrolled workload connects to the
+	// agent's proxy (interface proxy; proxy.go); TrustFlow can lower the agent's trust with it.
+	OnMismatch func(agent, reason string)
+	// DuplicateConfirm is how long a node ID must stay live at two underlay addresses before
+	// TrustFlow counts it as a duplicate identity (trust.go); default 45 s, above QUIC's idle
+	// timeout, so that a peer restarted on another port is not its own duplicate.
+	DuplicateConfirm time.Duration
 }
 
 // Daemon is a running node with its gossip, authority watch, local API and metrics.
@@ -69,9 +76,14 @@ type Daemon struct {
 	mu     sync.Mutex
 	cfg    config.Config
 	pools  *pools
+	proxy  *proxySet // interface proxy (proxy.go)
+	trust  *trust    // TrustFlow (trust.go); set before the node opens
 	api    closer
 	msrv   closer
 	closed bool
+	// retired is set once this node learns that it is revoked (records.go).
+	retired, retiring bool
+	stopWatch         context.CancelFunc
 }
 
 type closer interface{ Close() error }
@@ -142,6 +154,11 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		},
 	}
 	ncfg.Resolve = d.resolve
+	if d.trust, err = newTrust(d); err != nil {
+		_ = store.Close()
+		return nil, err
+	}
+	d.trust.hook(&ncfg)
 	bound := d.cfg.Listen
 	if opts.PacketConn != nil {
 		bound, _ = netip.ParseAddrPort(opts.PacketConn.LocalAddr().String())
@@ -180,6 +197,11 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		d.abort()
 		return nil, err
 	}
+	// Proxies before the local API, so that an agent added through the API is never missed.
+	if err := d.startProxies(); err != nil {
+		d.abort()
+		return nil, err
+	}
 	if err := d.startAPI(); err != nil {
 		d.abort()
 		return nil, err
@@ -194,9 +216,15 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		d.wg.Go(func() { _ = srv.Serve(d.ctx) })
 	}
 	if !opts.NoAuthority && ncfg.Authority != "" {
-		d.wg.Go(func() { d.watchAuthority(ncfg.Authority) })
+		wctx, stop := context.WithCancel(d.ctx)
+		d.mu.Lock()
+		d.stopWatch = stop
+		d.mu.Unlock()
+		d.wg.Go(func() { d.watchAuthority(wctx, ncfg.Authority) })
 	}
 	d.wg.Go(d.pruneLoop)
+	d.retireIfRevoked()
+	d.wg.Go(func() { d.trust.loop(d.ctx) })
 	d.log.Info("node daemon up", "node", n.ID().String(), "addr", n.Addr().String(), "zones", n.Zones(),
 		"revocations", store.Len(), "policy_version", rep.PolicyVersion)
 	return d, nil
@@ -253,6 +281,7 @@ func (d *Daemon) Close() error {
 	if msrv != nil {
 		_ = msrv.Close()
 	}
+	d.closeProxies()
 	if p != nil {
 		errs = append(errs, p.close())
 	}

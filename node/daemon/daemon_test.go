@@ -2,9 +2,9 @@ package daemon
 
 import (
 	"context"
-	"fmt"
 	"crypto/ed25519"
 	"crypto/rand"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -181,6 +181,11 @@ func TestRestartEnforcesStoredRevocations(t *testing.T) {
 	_, err := ta.RevokeSubject(context.Background(), subject, "host compromised")
 	require.NoError(t, err)
 	require.Eventually(t, func() bool { return b.Store().Revoked(subject) }, time.Second, 5*time.Millisecond)
+	// a learns it is revoked and stops gossiping (a revoked node would only keep retrying); its
+	// local API still answers.
+	require.Eventually(t, func() bool { return len(a.Members("payments")) == 0 }, 3*retireGrace, 10*time.Millisecond)
+	_, err = backend{a.Daemon}.Status(context.Background())
+	require.NoError(t, err)
 
 	// Restart b on the same directory (its store was closed uncleanly in a real crash; bbolt's
 	// commit is durable either way).
@@ -191,7 +196,16 @@ func TestRestartEnforcesStoredRevocations(t *testing.T) {
 	t.Cleanup(func() { _ = b2.Close() })
 	require.True(t, b2.Node().Revoked(subject), "the stored revocation is in force when Start returns")
 
-	// a (revoked) cannot open a tunnel to the restarted b.
+	// a (revoked) cannot open a tunnel to the restarted b. First wait until a has seen its old
+	// tunnel to b end, so that the dial below is a new handshake, not the stale tunnel.
+	require.Eventually(t, func() bool {
+		for _, tn := range a.Node().Snapshot().Tunnels {
+			if tn.Peer == "spiffe://acme.internal/node/b" {
+				return false
+			}
+		}
+		return true
+	}, 5*time.Second, 10*time.Millisecond)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_, err = a.Node().Tunnel(ctx, "b", "payments")
@@ -275,7 +289,6 @@ func TestTwentyNodesRevocationByGossip(t *testing.T) {
 
 	billing, err := pay[0].Node().Agent("payments", "billing-api")
 	require.NoError(t, err)
-	var conns []io.ReadWriteCloser
 	for i := 1; i < 10; i++ {
 		ledger, err := pay[i].Node().Agent("payments", fmt.Sprintf("ledger-%d", i))
 		require.NoError(t, err)
@@ -296,7 +309,6 @@ func TestTwentyNodesRevocationByGossip(t *testing.T) {
 		cancel()
 		require.NoError(t, err)
 		t.Cleanup(func() { _ = c.Close() })
-		conns = append(conns, c)
 	}
 	countFlows := func(d *testDaemon) int {
 		n := 0

@@ -156,5 +156,5 @@ func waitMembers(t testing.TB, zone string, want int, ds ...*testDaemon) {
 			}
 		}
 		return true
-	}, 10*time.Second, 20*time.Millisecond, "zone %s never reached %d members", zone, want)
+	}, 20*time.Second, 20*time.Millisecond, "zone %s never reached %d members", zone, want)
 }

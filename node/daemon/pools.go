@@ -149,6 +149,9 @@ func (d *Daemon) joinPools() (failed bool) {
 	d.mu.Lock()
 	p, cfg := d.pools, d.cfg
 	d.mu.Unlock()
+	if p == nil {
+		return false
+	}
 	stored, err := d.dir.Members()
 	if err != nil {
 		d.log.Warn("bootstrap members", "err", err)
@@ -197,6 +200,9 @@ func (d *Daemon) syncMembers() {
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
+	if p == nil {
+		return
+	}
 	self := d.node.ID().String()
 	tunnels := map[string]int{}
 	for _, t := range d.node.Snapshot().Tunnels {

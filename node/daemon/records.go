@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"time"
 
 	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/node/revstore"
@@ -38,6 +39,7 @@ func (d *Daemon) accept(ctx context.Context, raw []byte, from Origin, arrivedOn 
 		if changed {
 			d.applyRevocation(ctx, rev, from)
 			d.spread(raw, from, arrivedOn...)
+			d.retireIfRevoked()
 		}
 		return changed, nil
 	}
@@ -87,6 +89,52 @@ func (d *Daemon) applyRevocation(ctx context.Context, rev *record.Revocation, fr
 	d.metrics.SetRevocationsHeld(d.store.Len())
 	d.log.Info("revocation accepted", "subject", rev.Claims.Subject, "key", rev.Key(), "signer", rev.Claims.Signer,
 		"seq", rev.Claims.Seq, "from", string(from), "cut", cut)
+}
+
+// retireGrace is how long a node that learns of its own revocation keeps gossiping, so that the
+// record (often its own, signed as it retires) reaches its peers before it stops.
+const retireGrace = 2 * time.Second
+
+// retireIfRevoked retires this node after retireGrace when it is itself revoked.
+func (d *Daemon) retireIfRevoked() {
+	self := d.node.Certificate()
+	if !d.node.Revoked(self.ID.String(), record.SerialKey(self.Serial())) {
+		return
+	}
+	d.mu.Lock()
+	if d.retiring || d.closed {
+		d.mu.Unlock()
+		return
+	}
+	d.retiring = true
+	d.mu.Unlock()
+	d.wg.Go(func() {
+		select {
+		case <-d.ctx.Done():
+		case <-time.After(retireGrace):
+			d.retire()
+		}
+	})
+}
+
+// retire stops what a revoked node would only keep retrying — gossip and the authority watch —
+// and says so once. The local API stays up so that `ute status` shows why.
+func (d *Daemon) retire() {
+	d.mu.Lock()
+	p, done := d.pools, d.retired
+	d.pools, d.retired = nil, true
+	d.mu.Unlock()
+	if done {
+		return
+	}
+	d.log.Error("this node is revoked: gossip and the authority watch are stopped; rejoin with a new token (`ute node join`)")
+	if d.stopWatch != nil {
+		d.stopWatch()
+	}
+	if p != nil {
+		// Not on the caller's goroutine: a record can arrive on a pool's own worker.
+		d.wg.Go(func() { _ = p.close() })
+	}
 }
 
 // applyPolicy parses a verified release and puts it in force with its reload plan.

@@ -14,7 +14,7 @@ import (
 // gossip round, and this node then spreads them through its pools. It starts from sequence 0 on
 // every run: records already held are idempotent no-ops, and a record that gossip brought out of
 // order (seq 5 before 4) must not make the watch skip the one in between.
-func (d *Daemon) watchAuthority(addr string) {
+func (d *Daemon) watchAuthority(ctx context.Context, addr string) {
 	anchor, err := d.dir.AuthorityCert()
 	if err != nil {
 		d.log.Error("authority watch not started", "err", err)
@@ -24,7 +24,7 @@ func (d *Daemon) watchAuthority(addr string) {
 	if rel := d.store.PolicyRelease(); rel != nil {
 		policyVersion = rel.Claims.PolicyVersion
 	}
-	_, err = authority.Watch(d.ctx, authority.WatchParams{
+	_, err = authority.Watch(ctx, authority.WatchParams{
 		Addr:   addr,
 		Anchor: anchor,
 		Credentials: func() (*identity.Certificate, ed25519.PrivateKey, error) {
@@ -47,7 +47,7 @@ func (d *Daemon) watchAuthority(addr string) {
 		Logger: d.log,
 		Now:    d.now,
 	})
-	if err != nil && d.ctx.Err() == nil {
+	if err != nil && ctx.Err() == nil {
 		d.log.Error("authority watch stopped", "err", err)
 	}
 }

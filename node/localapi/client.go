@@ -147,3 +147,10 @@ func (c *Client) Audit(ctx context.Context, recent int) (Audit, error) {
 	err := c.do(ctx, http.MethodGet, PathAudit+"?recent="+strconv.Itoa(recent), nil, &a)
 	return a, err
 }
+
+// TrustExplain returns TrustFlow's view of subject with the signals and the arithmetic.
+func (c *Client) TrustExplain(ctx context.Context, subject string) (TrustExplanation, error) {
+	var x TrustExplanation
+	err := c.do(ctx, http.MethodGet, PathTrust+"?subject="+url.QueryEscape(subject), nil, &x)
+	return x, err
+}

@@ -113,6 +113,19 @@ func (f *fakeBackend) Audit(ctx context.Context, q AuditQuery) (Audit, error) {
 	return a, nil
 }
 
+func (f *fakeBackend) TrustExplain(ctx context.Context, subject string) (TrustExplanation, error) {
+	if err := f.enter(ctx, subject); err != nil {
+		return TrustExplanation{}, err
+	}
+	if subject != testStat.Trust[0].Subject {
+		return TrustExplanation{}, fmt.Errorf("%w: %q is not a SPIFFE ID", ErrBadRequest, subject)
+	}
+	return TrustExplanation{Subject: subject, Score: 90, Action: "allow", MinTrust: 50, IsolateBelow: 20, Penalty: 10,
+		DecayPerHour: 10, Now: fixedTime, Full: fixedTime.Add(time.Hour), Events: []TrustEvent{{Kind: "policy_denial",
+			Weight: 10, Reason: "no rule", At: fixedTime, PenaltyAfter: 10, ScoreBefore: 100, ScoreAfter: 90}},
+		Steps: []string{"one", "two"}}, nil
+}
+
 // sockDir is a short directory for sockets (sun_path is limited to 108 bytes, which a long test
 // name inside t.TempDir can exceed).
 func sockDir(t *testing.T) string {

@@ -134,6 +134,7 @@ func (s *Server) handler(timeout time.Duration) http.Handler {
 	mux.HandleFunc("DELETE "+PathAgents+"/{zone}/{name}", s.handleRemoveAgent)
 	mux.HandleFunc("POST "+PathRevocations, s.handleRevoke)
 	mux.HandleFunc("GET "+PathAudit, s.handleAudit)
+	mux.HandleFunc("GET "+PathTrust, s.handleTrust)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, fmt.Errorf("%w: no endpoint %s %s", ErrNotFound, r.Method, truncate(r.URL.Path, 80)))
 	})
@@ -453,4 +454,23 @@ func (s *Server) handleAudit(w http.ResponseWriter, r *http.Request) {
 		a.Recent = []AuditEntry{}
 	}
 	writeJSON(w, http.StatusOK, a)
+}
+
+func (s *Server) handleTrust(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	if len(q) != 1 || len(q["subject"]) != 1 {
+		writeError(w, fmt.Errorf("%w: trust takes exactly one query parameter, subject=SPIFFE-ID or NAME.ZONE", ErrBadRequest))
+		return
+	}
+	subject := q.Get("subject")
+	if err := text("subject", subject, maxSubjectLen); err != nil {
+		writeError(w, err)
+		return
+	}
+	x, err := s.b.TrustExplain(r.Context(), subject)
+	if err != nil {
+		writeError(w, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, x)
 }

@@ -16,6 +16,7 @@ const (
 	PathAgents      = "/v1/agents"      // POST AgentSpec; DELETE /v1/agents/{zone}/{name}
 	PathRevocations = "/v1/revocations" // POST RevokeRequest
 	PathAudit       = "/v1/audit"       // ?recent=N
+	PathTrust       = "/v1/trust"       // ?subject=SPIFFE-ID or NAME.ZONE
 )
 
 // Backend is what the daemon implements. Errors should wrap one of this package's sentinels
@@ -34,6 +35,9 @@ type Backend interface {
 	// once it is durable.
 	Revoke(ctx context.Context, req RevokeRequest) (Revocation, error)
 	Audit(ctx context.Context, q AuditQuery) (Audit, error)
+	// TrustExplain returns TrustFlow's view of subject (a SPIFFE ID, or NAME.ZONE of a local
+	// agent): its score, the signals behind it and the arithmetic.
+	TrustExplain(ctx context.Context, subject string) (TrustExplanation, error)
 }
 
 // Status is the node's state as `ute status --json` prints it.
@@ -128,6 +132,37 @@ type TrustScore struct {
 	Subject string   `json:"subject"`
 	Score   int      `json:"score"`
 	Reasons []string `json:"reasons"`
+	// Action is what the score calls for under the subject's zone thresholds: allow,
+	// deny_flows or isolate_and_revoke; empty when no zone's thresholds apply.
+	Action string `json:"action,omitempty"`
+}
+
+// TrustExplanation is a subject's score with the signals and the arithmetic behind it.
+type TrustExplanation struct {
+	Subject      string       `json:"subject"`
+	Score        int          `json:"score"`
+	Action       string       `json:"action,omitempty"`
+	MinTrust     int          `json:"min_trust"`
+	IsolateBelow int          `json:"isolate_below"`
+	Penalty      float64      `json:"penalty"`
+	DecayPerHour int          `json:"decay_per_hour"`
+	Now          time.Time    `json:"now"`
+	Full         time.Time    `json:"full,omitzero"` // when the score is back to 100 without new signals
+	Folded       int          `json:"folded"`        // older events folded into the first listed
+	Events       []TrustEvent `json:"events"`
+	Steps        []string     `json:"steps"`
+}
+
+// TrustEvent is one signal that changed a score.
+type TrustEvent struct {
+	Kind         string    `json:"kind"`
+	Weight       int       `json:"weight"`
+	Reason       string    `json:"reason"`
+	At           time.Time `json:"at"`
+	Recovered    float64   `json:"recovered"` // points decay removed since the previous event
+	PenaltyAfter float64   `json:"penalty_after"`
+	ScoreBefore  int       `json:"score_before"`
+	ScoreAfter   int       `json:"score_after"`
 }
 
 // WhoIs is the verified DTL record of a flow, as the receiving node admitted it.

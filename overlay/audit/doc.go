@@ -28,6 +28,12 @@
 // not match it is moved aside whole; either way an EventSetAside entry, signed, names the file.
 // VerifyWithKeys lists the set-aside parts (Report.Aside) and names the key that verified.
 //
+// Flood (flood.go) keeps refusals from filling the disk: the first refusal of each kind is
+// written at once, identical ones within a window become one EventCollapsed entry with the exact
+// count, and a byte budget per hour caps refusal entries, EventBudget entries recording what was
+// dropped. Its entries are ordinary entries of the chain. It never collapses or drops an entry
+// that its caller did not pass as a refusal.
+//
 // It must never rewrite or reorder committed entries, never continue a chain it could not verify on
 // open (a tampered log refuses to open), and never log secrets: callers pass identities and reasons
 // only.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"io"
 	"unicode/utf8"
+
+	"github.com/quic-go/quic-go/quicvarint"
 )
 
 // FrameType is the first byte of a stream frame.
@@ -173,19 +175,13 @@ func (e *RejectError) Is(target error) bool {
 // (RFC 9000 §16)][packet]. The flow id is the one a DTL record admitted on a stream first.
 const maxVarint = 1<<62 - 1
 
-// AppendDatagramHeader appends the flow-id header to b.
+// AppendDatagramHeader appends the flow-id header to b. The encoding is quic-go's quicvarint (the
+// library QUIC itself uses); only the range check is ours, because quicvarint panics past 2^62-1.
 func AppendDatagramHeader(b []byte, flowID uint64) ([]byte, error) {
-	switch {
-	case flowID < 1<<6:
-		return append(b, byte(flowID)), nil
-	case flowID < 1<<14:
-		return append(b, 0x40|byte(flowID>>8), byte(flowID)), nil
-	case flowID < 1<<30:
-		return binary.BigEndian.AppendUint32(b, 0x80<<24|uint32(flowID)), nil
-	case flowID <= maxVarint:
-		return binary.BigEndian.AppendUint64(b, 0xc0<<56|flowID), nil
+	if flowID > maxVarint {
+		return nil, fmt.Errorf("%w: flow id %d does not fit a QUIC varint (max 2^62-1)", ErrMalformed, flowID)
 	}
-	return nil, fmt.Errorf("%w: flow id %d does not fit a QUIC varint (max 2^62-1)", ErrMalformed, flowID)
+	return quicvarint.Append(b, flowID), nil
 }
 
 // ParseDatagram splits a datagram into its flow id and packet. Non-minimal varints are refused so a
@@ -194,24 +190,11 @@ func ParseDatagram(b []byte) (flowID uint64, packet []byte, err error) {
 	if len(b) == 0 {
 		return 0, nil, fmt.Errorf("%w: empty datagram", ErrTruncated)
 	}
-	n := 1 << (b[0] >> 6)
-	if len(b) < n {
-		return 0, nil, fmt.Errorf("%w: datagram flow id needs %d bytes, have %d", ErrTruncated, n, len(b))
+	v, n, err := quicvarint.Parse(b)
+	if err != nil {
+		return 0, nil, fmt.Errorf("%w: datagram flow id needs %d bytes, have %d", ErrTruncated, 1<<(b[0]>>6), len(b))
 	}
-	v := uint64(b[0] & 0x3f)
-	for _, c := range b[1:n] {
-		v = v<<8 | uint64(c)
-	}
-	var minimal uint64
-	switch n {
-	case 2:
-		minimal = 1 << 6
-	case 4:
-		minimal = 1 << 14
-	case 8:
-		minimal = 1 << 30
-	}
-	if v < minimal {
+	if quicvarint.Len(v) != n {
 		return 0, nil, fmt.Errorf("%w: datagram flow id %d is not minimally encoded", ErrMalformed, v)
 	}
 	return v, b[n:], nil

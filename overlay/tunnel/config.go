@@ -98,12 +98,30 @@ type Limits struct {
 	MaxFlowsPerAgent  int           // concurrent inbound flows per source agent; default 1024
 	FlowIdleTimeout   time.Duration // inbound flows idle this long are closed; default 5 min
 	SweepInterval     time.Duration // how often idle flows are swept; default 10 s
-	MaxIncomingFlows  int64         // concurrent QUIC streams a peer may open; default 4096
+	// MaxIncomingFlows is the concurrent QUIC streams a peer may open on one tunnel (its flows,
+	// admitted or pending, and control streams); default 1024. It is also the QUIC stream credit:
+	// quic-go keeps the state of up to this many streams per tunnel before this package accepts
+	// them, so MaxConnsPerPeer × MaxIncomingFlows bounds what a peer can make the node hold (issue
+	// 10 §5 measured 4096 as too much). An opener beyond it waits in OpenFlow for a free stream.
+	MaxIncomingFlows  int64
 	DialAttempts      int           // handshake attempts per Dial; default 4
 	BackoffBase       time.Duration // first retry delay; default 100 ms
 	BackoffMax        time.Duration // retry delay cap; default 5 s
 	DatagramQueue     int           // queued inbound datagrams per packet flow; default 256
 	MaxControlStreams int           // concurrent inbound control streams per tunnel; default 16
+	// Cost before admission (budget.go): inbound tunnels one peer node may hold (default 16) and
+	// one source IP address may hold (default 64); streams accepted but not yet admitted per
+	// tunnel (default 256) and per peer node (default 1024), over which a new stream is reset at
+	// once; and the floor of the first-frame deadline, which shrinks from FirstFrameTimeout as
+	// the pending budget fills (default 250 ms). A tunnel whose pending budget is full while
+	// MaxSilentPerConn of its pending streams have not delivered their first frame is closed
+	// (default MaxPendingPerConn/2).
+	MaxConnsPerPeer      int
+	MaxConnsPerSource    int
+	MaxPendingPerConn    int
+	MaxPendingPerPeer    int
+	MinFirstFrameTimeout time.Duration
+	MaxSilentPerConn     int
 }
 
 func (l Limits) withDefaults() Limits {
@@ -129,13 +147,19 @@ func (l Limits) withDefaults() Limits {
 	def(&l.FlowIdleTimeout, 5*time.Minute)
 	def(&l.SweepInterval, 10*time.Second)
 	if l.MaxIncomingFlows <= 0 {
-		l.MaxIncomingFlows = 4096
+		l.MaxIncomingFlows = 1024
 	}
 	defInt(&l.DialAttempts, 4)
 	def(&l.BackoffBase, 100*time.Millisecond)
 	def(&l.BackoffMax, 5*time.Second)
 	defInt(&l.DatagramQueue, 256)
 	defInt(&l.MaxControlStreams, 16)
+	defInt(&l.MaxConnsPerPeer, 16)
+	defInt(&l.MaxConnsPerSource, 64)
+	defInt(&l.MaxPendingPerConn, 256)
+	defInt(&l.MaxPendingPerPeer, 1024)
+	def(&l.MinFirstFrameTimeout, 250*time.Millisecond)
+	defInt(&l.MaxSilentPerConn, max(l.MaxPendingPerConn/2, 1))
 	return l
 }
 
@@ -177,6 +201,12 @@ type Config struct {
 	OnVerdict func(Verdict)
 	// OnRefused, if set, is told about every refused handshake (for audit). It must not block.
 	OnRefused func(Refusal)
+	// OnStalled, if set, receives one StallReport per peer that had streams stalled or reset over
+	// its pending budget, or tunnels refused over its connection cap, in the last SweepInterval
+	// (and once more at Close). Such streams get no Verdict: a peer can open them by the
+	// thousand, so they are audited in aggregate (as "stalled"), never one entry each. It runs on
+	// the endpoint's sweep goroutine and must not block for long.
+	OnStalled func(StallReport)
 	// ControlHandler, if set, receives the peer node's control streams (docs/protocol.md,
 	// "Control streams and gossip"): node-level traffic such as gossip, authenticated by the
 	// tunnel's mutual TLS and never delivered to an agent. channel is the control frame's byte.

@@ -64,6 +64,7 @@ type Endpoint struct {
 	dials   map[tunnelKey]*dialCall
 
 	table        *flowTable
+	budget       *budgets
 	stats        counters
 	preAdmitRead atomic.Int64 // bytes read from streams before their admission (test hook for I2)
 }
@@ -113,6 +114,7 @@ func New(cfg Config) (*Endpoint, error) {
 		e.zones[z] = true
 	}
 	e.table = newFlowTable(e.lim)
+	e.budget = newBudgets(e.lim)
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	e.qconf = &quic.Config{
 		HandshakeIdleTimeout: e.lim.HandshakeTimeout,
@@ -127,7 +129,12 @@ func New(cfg Config) (*Endpoint, error) {
 	e.tr = &quic.Transport{
 		Conn:              cfg.PacketConn,
 		StatelessResetKey: resetKey(cert),
-		ConnContext: func(ctx context.Context, _ *quic.ClientInfo) (context.Context, error) {
+		ConnContext: func(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
+			// A source at its connection cap is turned away before the handshake's signatures.
+			if ci != nil && e.budget.sourceFull(ci.RemoteAddr) {
+				e.stats.busyTunnels.Add(1)
+				return nil, errSourceBusy
+			}
 			return context.WithValue(ctx, holderKey{}, &peerHolder{}), nil
 		},
 	}
@@ -287,6 +294,7 @@ func (e *Endpoint) Close() error {
 	e.table.closeAll()
 	err = errors.Join(err, e.tr.Close())
 	e.wg.Wait()
+	e.flushStalls()
 	if err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, quic.ErrServerClosed) {
 		return fmt.Errorf("tunnel: close: %w", err)
 	}
@@ -462,6 +470,15 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, local *tls.Certificate,
 		_ = conn.CloseWithError(codeShutdown, "endpoint closing")
 		return nil, ErrClosed
 	}
+	if !outbound {
+		if !e.budget.addConn(peer.NodeID, conn.RemoteAddr(), e.clock()) {
+			e.mu.Unlock()
+			e.stats.busyTunnels.Add(1)
+			_ = conn.CloseWithError(codeBusy, "too many connections from this peer")
+			return nil, errPeerBusy
+		}
+		t.counted = true
+	}
 	e.tunnels[t] = struct{}{}
 	if old, ok := e.live[key]; !ok || !old.Alive() || old.Stale() || renewedPeer(peer, old.peer) {
 		e.live[key] = t
@@ -553,6 +570,9 @@ func (e *Endpoint) forget(t *Tunnel) {
 		delete(e.live, key)
 	}
 	e.mu.Unlock()
+	if t.counted {
+		e.budget.removeConn(t.peer.NodeID, t.conn.RemoteAddr())
+	}
 	t.closeFlows()
 }
 
@@ -565,6 +585,7 @@ func (e *Endpoint) sweepLoop() {
 			return
 		case <-tick.C:
 			e.SweepIdle()
+			e.flushStalls()
 		}
 	}
 }
@@ -600,5 +621,6 @@ func (e *Endpoint) Stats() Stats {
 	s.Tunnels = len(e.tunnels)
 	e.mu.Unlock()
 	s.ActiveFlows = e.table.len()
+	s.PendingStreams = e.budget.pendingTotal()
 	return s
 }

@@ -37,6 +37,10 @@ var (
 	ErrFlowAborted = errors.New("tunnel: flow aborted by the node")
 	// ErrDatagramTooLarge means a datagram does not fit in one QUIC datagram frame.
 	ErrDatagramTooLarge = errors.New("tunnel: datagram too large")
+	// errPeerBusy and errSourceBusy refuse an inbound connection over a connection cap
+	// (budget.go); only the log and StallReport see them.
+	errPeerBusy   = errors.New("tunnel: too many connections from this peer node")
+	errSourceBusy = errors.New("tunnel: too many connections from this source address")
 	// ErrRejected is matched (errors.Is) by every *RejectedError.
 	ErrRejected = errors.New("tunnel: flow rejected by peer")
 )

@@ -22,8 +22,16 @@ type Stats struct {
 	// ControlDatagramsDropped counts control datagrams dropped for want of a ControlDatagram
 	// handler (they are counted in DatagramsDropped too).
 	ControlDatagramsDropped uint64
-	Tunnels                 int // tunnels open now
-	ActiveFlows             int // inbound flows in the flow table now
+	// FlowsStalled counts inbound streams reset because their first frame missed its deadline
+	// (also counted in FlowsDropped); StreamsBusy those reset at once over a pending budget;
+	// TunnelsBusy inbound tunnels closed over a per-peer or per-source connection cap (budget.go).
+	FlowsStalled uint64
+	StreamsBusy  uint64
+	TunnelsBusy  uint64
+	Tunnels      int // tunnels open now
+	ActiveFlows  int // inbound flows in the flow table now
+	// PendingStreams is the number of inbound streams waiting for their first frame or verdict now.
+	PendingStreams int
 }
 
 type counters struct {
@@ -31,6 +39,8 @@ type counters struct {
 	admitted, denied, dropped, expired, datagramsDrops atomic.Uint64
 
 	controlStreams, controlRefused, controlDatagrams, controlDatagramDrops atomic.Uint64
+
+	stalled, busyStreams, busyTunnels atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -48,5 +58,9 @@ func (c *counters) snapshot() Stats {
 		ControlStreamsRefused:   c.controlRefused.Load(),
 		ControlDatagrams:        c.controlDatagrams.Load(),
 		ControlDatagramsDropped: c.controlDatagramDrops.Load(),
+
+		FlowsStalled: c.stalled.Load(),
+		StreamsBusy:  c.busyStreams.Load(),
+		TunnelsBusy:  c.busyTunnels.Load(),
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +37,10 @@ type Tunnel struct {
 
 	nextFlow       atomic.Uint64
 	controlStreams atomic.Int64 // inbound control streams open (Limits.MaxControlStreams)
+	counted        bool         // an inbound tunnel counted under the peer's connection cap
+	abusive        atomic.Bool  // closed by closeAbusive
+	pending        int          // streams accepted, not yet admitted; guarded by ep.budget.mu
+	silent         int          // of those, streams still waiting for their first frame; ditto
 
 	mu      sync.Mutex
 	packets map[uint64]*PacketFlow // live packet flows by flow id, both directions
@@ -227,7 +232,21 @@ func (t *Tunnel) streamLoop() {
 		if err != nil {
 			return
 		}
-		if !t.ep.spawn(func() { t.handleStream(str) }) {
+		// Over budget: reset here, before a goroutine or a buffer is spent on it.
+		timeout, ok, abusive := t.ep.budget.takePending(t, t.ep.clock())
+		if !ok {
+			t.ep.stats.busyStreams.Add(1)
+			str.CancelRead(streamCodeBusy)
+			str.CancelWrite(streamCodeBusy)
+			if abusive {
+				t.closeAbusive()
+				return
+			}
+			continue
+		}
+		if !t.ep.spawn(func() { t.handleStream(str, timeout) }) {
+			t.ep.budget.firstFrameDone(t)
+			t.ep.budget.releasePending(t)
 			str.CancelRead(streamCodeClosed)
 			str.CancelWrite(streamCodeClosed)
 			return
@@ -238,17 +257,32 @@ func (t *Tunnel) streamLoop() {
 // handleStream runs admission for one inbound stream (invariant I2): it reads exactly the flow-open
 // header and record, asks the Admitter, and only after an accept hands the stream to a handler.
 // Every flow's verdict goes to Config.OnVerdict exactly once, before the peer can learn it.
-func (t *Tunnel) handleStream(str *quic.Stream) {
+func (t *Tunnel) handleStream(str *quic.Stream, firstFrame time.Duration) {
 	e := t.ep
+	// The stream holds a place in its peer's pending budget until its verdict is final.
+	release := sync.OnceFunc(func() { e.budget.releasePending(t) })
+	defer release()
 	v := Verdict{Zone: t.zone, Peer: t.peer}
-	_ = str.SetReadDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
+	_ = str.SetReadDeadline(time.Now().Add(firstFrame))
 	open, err := readStreamOpen(countingReader{str, &e.preAdmitRead}, e.lim.MaxRecordSize)
+	e.budget.firstFrameDone(t)
 	if err == nil && open.control {
+		release()
 		// Not a flow: no record, no Admitter, no verdict, never an agent handler.
 		t.handleControl(str, open.channel)
 		return
 	}
 	record := open.record
+	if errors.Is(err, os.ErrDeadlineExceeded) || (err != nil && t.abusive.Load()) {
+		// Stalled: counted and reported in aggregate (StallReport), never one verdict each.
+		e.stats.dropped.Add(1)
+		e.stats.stalled.Add(1)
+		e.budget.stalled(t.peer.NodeID, e.clock())
+		e.log.Debug("flow stalled before its first frame", "peer", t.peer.NodeID, "zone", t.zone, "deadline", firstFrame)
+		str.CancelRead(streamCodeBad)
+		str.CancelWrite(streamCodeBad)
+		return
+	}
 	if err != nil {
 		// Reported before the peer can see the reset, so the audit entry exists by then.
 		v.Err = err
@@ -297,6 +331,7 @@ func (t *Tunnel) handleStream(str *quic.Stream) {
 	// The verdict is final here; a failure to send the accept is the peer going away, not a
 	// second verdict.
 	t.report(v)
+	release()
 	_ = str.SetWriteDeadline(time.Now().Add(e.lim.FirstFrameTimeout))
 	if err := dtl.WriteFrame(str, dtl.FrameAccept, nil); err != nil {
 		e.table.release(entry)

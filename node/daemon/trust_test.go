@@ -1,0 +1,531 @@
+package daemon
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/localapi"
+	"github.com/ute-project/ute/node/membership"
+	"github.com/ute-project/ute/node/proxy"
+	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/node/trustflow"
+	"github.com/ute-project/ute/overlay/audit"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/tunnel"
+)
+
+// payments: a hosts billing-api, b hosts ledger (rule billing-* → ledger tcp/8080, min_trust 50,
+// isolate_below 20, regions [eu-west-1]).
+func paymentsPair(t *testing.T, ta *testAuthority) (a, b *testDaemon) {
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
+	)
+	waitMembers(t, "payments", 2, ds["a"], ds["b"])
+	warm(t, ds["a"])
+	return ds["a"], ds["b"]
+}
+
+// warm waits until a knows ledger.payments (tunnel up and directory exchanged).
+func warm(t *testing.T, a *testDaemon) {
+	t.Helper()
+	var last error
+	require.Eventually(t, func() bool {
+		last = dialLedger(t, a, "8080")
+		return last == nil || errors.Is(last, dtl.ErrUnreachable)
+	}, 5*time.Second, 20*time.Millisecond, "a never resolved ledger.payments: %v", last)
+}
+
+var billingID = identity.AgentID("acme.internal", "payments", "billing-api").String()
+
+func dialLedger(t *testing.T, from *testDaemon, port string) error {
+	t.Helper()
+	billing, err := from.Node().Agent("payments", "billing-api")
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := billing.Dial(ctx, "tcp", "ledger.payments:"+port)
+	if err == nil {
+		_ = c.Close()
+	}
+	return err
+}
+
+// Scenario 3: the node an agent runs on moves into a region outside its zone's placement. The
+// node notices (its region file), its score drops to 0, it revokes itself with a signed record,
+// and its peer cuts the live flow and refuses new ones, all within a second.
+func TestTrustRegionDriftRevokesAndCutsWithinASecond(t *testing.T) {
+	ta := startAuthority(t)
+	a, b := paymentsPair(t, ta)
+	conn := openFlow(t, a, b)
+	aID := a.Node().ID().String()
+
+	start := time.Now()
+	require.NoError(t, os.WriteFile(filepath.Join(a.dir, FileRegion), []byte("us-east-1\n"), 0o644))
+	require.Eventually(t, func() bool { return b.Node().Revoked(aID) }, time.Second, 5*time.Millisecond,
+		"b did not hold a's self-revocation within 1 s of the drift")
+	require.Eventually(t, func() bool {
+		_, _ = conn.Write([]byte("x"))
+		_, err := conn.Read(make([]byte, 1))
+		return err != nil
+	}, time.Second, 5*time.Millisecond, "the live flow was not cut")
+	t.Logf("drift to revocation at the peer and flow cut: %v", time.Since(start))
+	assert.Less(t, time.Since(start), time.Second+500*time.Millisecond)
+
+	// The record is a's own, signed by a, and says why.
+	e, ok := b.Store().Lookup(aID)
+	require.True(t, ok)
+	assert.Equal(t, aID, e.Record.Claims.Signer)
+	assert.Contains(t, e.Record.Claims.Reason, "region_drift")
+	assert.Contains(t, e.Record.Claims.Reason, "us-east-1")
+
+	// New flows are refused; the explanation shows the signal and the arithmetic.
+	require.Error(t, dialLedger(t, a, "8080"))
+	x, err := backend{a.Daemon}.TrustExplain(context.Background(), aID)
+	require.NoError(t, err)
+	assert.Equal(t, 0, x.Score)
+	assert.Equal(t, "isolate_and_revoke", x.Action)
+	require.NotEmpty(t, x.Events)
+	assert.Equal(t, "region_drift", x.Events[0].Kind)
+	st, err := backend{a.Daemon}.Status(context.Background())
+	require.NoError(t, err)
+	assert.Contains(t, trustOf(st, aID).Reasons[0], "region_drift")
+	assert.Equal(t, 0, trustOf(st, billingID).Score, "the node's agents drift with it")
+
+	// The action is in a's audit log with its reasons, next to the revocation it caused, and the
+	// log still verifies.
+	require.Eventually(t, func() bool {
+		a.mu.Lock()
+		defer a.mu.Unlock()
+		return a.retired
+	}, 3*time.Second, 5*time.Millisecond, "a never finished revoking itself")
+	require.NoError(t, a.Close())
+	var trustEntries []audit.Record
+	revoked := false
+	for _, line := range strings.Split(readFile(t, filepath.Join(a.dir, node.DirAudit, audit.LogFile)), "\n") {
+		var r audit.Record
+		if line == "" || json.Unmarshal([]byte(line), &r) != nil {
+			continue
+		}
+		if r.Event == node.EventTrust {
+			trustEntries = append(trustEntries, r)
+		}
+		revoked = revoked || (r.Event == audit.EventRevoke && r.Fields["subject"] == aID)
+	}
+	require.NotEmpty(t, trustEntries)
+	f := trustEntries[0].Fields
+	assert.Equal(t, aID, f["subject"])
+	assert.Equal(t, "isolate_and_revoke", f["action"])
+	assert.Equal(t, "0", f["score"])
+	assert.Contains(t, f["reasons"], "region_drift")
+	assert.Contains(t, f["revocation"], "signed self-revocation")
+	assert.True(t, revoked, "the revocation's own audit entry")
+	rep, err := audit.VerifyWithKey(filepath.Join(a.dir, node.DirAudit), a.Node().Certificate().PublicKey())
+	require.NoError(t, err)
+	assert.True(t, rep.OK)
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	return string(b)
+}
+
+func trustOf(st localapi.Status, subject string) localapi.TrustScore {
+	for _, ts := range st.Trust {
+		if ts.Subject == subject {
+			return ts
+		}
+	}
+	return localapi.TrustScore{Subject: subject, Score: -1}
+}
+
+// Repeated policy denials (lateral probing on a port no rule allows) lower the agent's score at
+// the receiving node until even its allowed flow is refused with reason "trust"; the agent's
+// node, charged a fifth of each weight, keeps its other flows.
+func TestTrustPolicyDenialsEndInTrustRefusal(t *testing.T) {
+	ta := startAuthority(t)
+	a, b := paymentsPair(t, ta)
+	require.NoError(t, dialLedgerListening(t, a, b), "allowed before")
+	for i := range 6 {
+		err := dialLedger(t, a, "9090")
+		require.ErrorIs(t, err, dtl.ErrPolicy, "probe %d", i)
+	}
+	require.Eventually(t, func() bool { return b.TrustScore(billingID) == 40 }, 2*time.Second, 5*time.Millisecond,
+		"score at b: %d", b.TrustScore(billingID))
+	err := dialLedger(t, a, "8080")
+	require.ErrorIs(t, err, dtl.ErrTrust)
+	require.NotErrorIs(t, err, dtl.ErrPolicy)
+	assert.Equal(t, 88, b.TrustScore(a.Node().ID().String()), "node a: 6 × 10/5")
+	assert.Equal(t, 100, a.TrustScore(billingID), "a never saw the denials (trust events are not gossiped yet)")
+
+	st, err := backend{b.Daemon}.Status(context.Background())
+	require.NoError(t, err)
+	ts := trustOf(st, billingID)
+	assert.Equal(t, 40, ts.Score)
+	assert.Equal(t, "deny_flows", ts.Action)
+	require.NotEmpty(t, ts.Reasons)
+	assert.Contains(t, ts.Reasons[0], "policy_denial")
+	x, err := backend{b.Daemon}.TrustExplain(context.Background(), billingID)
+	require.NoError(t, err)
+	assert.Len(t, x.Events, 6)
+	assert.Equal(t, 50, x.MinTrust)
+	assert.False(t, b.Node().Revoked(billingID), "40 is above isolate_below 20: denied, not isolated")
+}
+
+// A legitimate agent with steady traffic to its one allowed destination keeps full trust, and so
+// does its node; nothing is listed in status.
+func TestTrustSteadyTrafficKeepsFullTrust(t *testing.T) {
+	ta := startAuthority(t)
+	a, b := paymentsPair(t, ta)
+	conn := openFlow(t, a, b)
+	_ = conn
+	for range 40 {
+		require.NoError(t, dialLedger(t, a, "8080"))
+	}
+	time.Sleep(3 * trustTick) // let the trust loops drain and tick
+	for _, d := range []*testDaemon{a, b} {
+		assert.Equal(t, 100, d.TrustScore(billingID))
+		assert.Equal(t, 100, d.TrustScore(a.Node().ID().String()))
+		st, err := backend{d.Daemon}.Status(context.Background())
+		require.NoError(t, err)
+		assert.Empty(t, st.Trust, "node %s lists no score", d.name)
+	}
+}
+
+// A node restarted on its own address is not its own duplicate; a copy of its credentials
+// running elsewhere at the same time is (scenario 4: saved credentials used elsewhere), and the
+// peer isolates that identity.
+func TestTrustDuplicateIdentity(t *testing.T) {
+	ta := startAuthority(t)
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+	)
+	a := ds["a"]
+	bdir, bpc := joinNode(t, ta, spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
+	b := startDaemonWith(t, "b", bdir, bpc, func(o *Options) { o.DuplicateConfirm = 300 * time.Millisecond })
+	waitMembers(t, "payments", 2, a, b)
+	aID := a.Node().ID().String()
+	require.NoError(t, dialLedgerListening(t, a, b))
+
+	// Restart a on the same socket address, twice.
+	for range 2 {
+		addr := a.pc.LocalAddr().String()
+		require.NoError(t, a.Close())
+		require.NoError(t, a.pc.Close())
+		pc, err := listenUDP(addr)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = pc.Close() })
+		a = startDaemon(t, "a", a.dir, pc, true)
+		require.Eventually(t, func() bool { return dialLedger(t, a, "8080") == nil }, 5*time.Second, 50*time.Millisecond)
+	}
+	time.Sleep(1200 * time.Millisecond) // four times the confirmation time
+	assert.Equal(t, 100, b.TrustScore(aID), "a restarted node is not its own duplicate")
+	assert.False(t, b.Node().Revoked(aID))
+
+	// A thief runs a copy of a's directory from another address.
+	thiefDir := filepath.Join(t.TempDir(), "a-copy")
+	copyDir(t, a.dir, thiefDir)
+	tpc, err := listenUDP("127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = tpc.Close() })
+	thief := startDaemon(t, "thief", thiefDir, tpc, true)
+	require.NoError(t, thief.Node().AddPeer(node.Peer{Node: "b", Addr: b.Addr()}))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_, err = thief.Node().Tunnel(ctx, "b", "payments")
+	require.NoError(t, err)
+	// Both copies dial b (the signal compares the sources of inbound tunnels): a tunnel b
+	// opened to a is closed so that a dials b itself.
+	aAddr := a.Addr().String()
+	require.Eventually(t, func() bool {
+		inbound := false
+		for _, tn := range b.Node().Endpoint().Tunnels() {
+			if tn.Peer().NodeID != aID || !tn.Alive() {
+				continue
+			}
+			if tn.Outbound() {
+				_ = tn.Close()
+			} else if tn.RemoteAddr().String() == aAddr {
+				inbound = true
+			}
+		}
+		if !inbound {
+			_, _ = a.Node().Tunnel(ctx, "b", "payments")
+		}
+		return inbound
+	}, 3*time.Second, 20*time.Millisecond, "a never held an inbound tunnel at b")
+	start := time.Now()
+	require.Eventually(t, func() bool { return b.Node().Revoked(aID) }, 3*time.Second, 10*time.Millisecond,
+		"b did not isolate the duplicated identity (score %d)", b.TrustScore(aID))
+	t.Logf("duplicate isolated %v after both copies held tunnels (confirmation 300ms)", time.Since(start))
+	x, err := backend{b.Daemon}.TrustExplain(context.Background(), aID)
+	require.NoError(t, err)
+	require.NotEmpty(t, x.Events)
+	assert.Equal(t, "duplicate_identity", x.Events[len(x.Events)-1].Kind)
+	// Both copies are cut at b: once the old tunnel is gone, a new handshake is refused.
+	require.Eventually(t, func() bool {
+		_, err := thief.Node().Tunnel(ctx, "b", "payments")
+		return errors.Is(err, tunnel.ErrRefusedByPeer)
+	}, 3*time.Second, 20*time.Millisecond)
+	require.Eventually(t, func() bool {
+		_, err := a.Node().Tunnel(ctx, "b", "payments")
+		return errors.Is(err, tunnel.ErrRefusedByPeer)
+	}, 3*time.Second, 20*time.Millisecond)
+}
+
+// startDaemonWith is startDaemon with changed options.
+func startDaemonWith(t *testing.T, name, dir string, pc net.PacketConn, mod func(*Options)) *testDaemon {
+	t.Helper()
+	ft := membership.FastTiming()
+	opts := Options{Dir: dir, Config: config.Default(), Logger: testLogger(name), PacketConn: pc, NoAuthority: true, Timing: &ft}
+	mod(&opts)
+	d, err := Start(context.Background(), opts)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = d.Close() })
+	return &testDaemon{Daemon: d, name: name, dir: dir, pc: pc, opts: opts}
+}
+
+func listenUDP(addr string) (net.PacketConn, error) { return net.ListenPacket("udp", addr) }
+
+func dialLedgerListening(t *testing.T, a, b *testDaemon) error {
+	t.Helper()
+	ledger, err := b.Node().Agent("payments", "ledger")
+	require.NoError(t, err)
+	l, err := ledger.Listen("tcp", ":8080")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.Close()
+		}
+	}()
+	var last error
+	require.Eventually(t, func() bool { last = dialLedger(t, a, "8080"); return last == nil }, 5*time.Second, 20*time.Millisecond,
+		"first flow: %v", last)
+	return last
+}
+
+// copyDir copies the regular files of a node directory (not its socket).
+func copyDir(t *testing.T, from, to string) {
+	t.Helper()
+	require.NoError(t, filepath.WalkDir(from, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		rel, _ := filepath.Rel(from, p)
+		dst := filepath.Join(to, rel)
+		if d.IsDir() {
+			return os.MkdirAll(dst, 0o700)
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		in, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		defer func() { _ = in.Close() }()
+		info, _ := d.Info()
+		out, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, info.Mode().Perm())
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(out, in)
+		return errors.Join(err, out.Close())
+	}))
+}
+
+// A node whose authority is gone while its certificate is past three quarters of its life: the
+// credential scheduler's failed renewal and the expiring certificate both become signals, from
+// the real events (a renewal attempt against a dead authority, the certificate's own dates).
+func TestTrustRenewalFailureAndExpiry(t *testing.T) {
+	ta := startAuthority(t)
+	dir, pc := joinNode(t, ta, spec{name: "a", zones: []string{"payments"}})
+	ta.stop()
+	st, err := state.Open(dir)
+	require.NoError(t, err)
+	cert, err := st.NodeCert()
+	require.NoError(t, err)
+	life := cert.X509.NotAfter.Sub(cert.X509.NotBefore)
+	skew := time.Until(cert.X509.NotBefore.Add(life * 8 / 10))
+	a := startDaemonWith(t, "a", dir, pc, func(o *Options) {
+		o.Clock = func() time.Time { return time.Now().Add(skew) }
+		o.Config.Renewal.Timeout = 300 * time.Millisecond
+	})
+	id := a.Node().ID().String()
+	require.Eventually(t, func() bool { return a.TrustScore(id) == 75 }, 5*time.Second, 10*time.Millisecond,
+		"score %d", a.TrustScore(id))
+	x, err := backend{a.Daemon}.TrustExplain(context.Background(), id)
+	require.NoError(t, err)
+	var kinds []string
+	for _, ev := range x.Events {
+		kinds = append(kinds, ev.Kind)
+	}
+	assert.ElementsMatch(t, []string{"renewal_failure", "expiring_certificate"}, kinds)
+	assert.Equal(t, "allow", x.Action, "75 is above min_trust: a failing renewal alone never isolates")
+}
+
+// An agent that probes destinations of its own node: its node sees the denials, attests the
+// lowered score in the records it signs (so a peer with no signal of its own refuses the
+// agent's allowed flow with reason "trust"); refused probes do not push it further; once the
+// score is below isolate_below the node revokes its own agent with a signed record that reaches
+// the peer.
+func TestTrustOwnAgentAttestedThenRevoked(t *testing.T) {
+	ta := startAuthority(t)
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}, {Name: "vault", Zone: "payments"}}},
+		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
+	)
+	a, b := ds["a"], ds["b"]
+	waitMembers(t, "payments", 2, a, b)
+	require.NoError(t, dialLedgerListening(t, a, b))
+	billing, err := a.Node().Agent("payments", "billing-api")
+	require.NoError(t, err)
+	probe := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		c, err := billing.Dial(ctx, "tcp", "vault.payments:9090")
+		if err == nil {
+			_ = c.Close()
+		}
+		return err
+	}
+	for range 6 {
+		require.ErrorIs(t, probe(), dtl.ErrPolicy)
+	}
+	require.Eventually(t, func() bool { return a.TrustScore(billingID) == 40 }, 2*time.Second, 5*time.Millisecond)
+	assert.Equal(t, 100, b.TrustScore(billingID), "b has seen nothing")
+	err = dialLedger(t, a, "8080")
+	require.ErrorIs(t, err, dtl.ErrTrust, "b refuses on the score a attests")
+
+	// Refused for trust, further probes are consequences, not new evidence: the score stays.
+	for range 3 {
+		require.ErrorIs(t, probe(), dtl.ErrTrust)
+	}
+	time.Sleep(2 * trustTick)
+	assert.Equal(t, 40, a.TrustScore(billingID))
+	// One more signal of another kind (the queue other evidence enters by) takes the agent to
+	// 0 < isolate_below 20: a revokes its own agent and the record reaches b.
+	a.trust.observe(trustflow.Signal{Subject: billingID, Kind: trustflow.KindSignerMismatch, Reason: "test evidence"})
+	require.Eventually(t, func() bool {
+		for _, e := range b.Store().All() {
+			if e.Record.Claims.Subject == billingID {
+				return true
+			}
+		}
+		return false
+	}, 2*time.Second, 10*time.Millisecond, "b never held a's revocation of its agent (score at a: %d)", a.TrustScore(billingID))
+	for _, e := range b.Store().All() {
+		if e.Record.Claims.Subject == billingID {
+			assert.Equal(t, a.Node().ID().String(), e.Record.Claims.Signer)
+			assert.Contains(t, e.Record.Claims.Reason, "signer_mismatch")
+		}
+	}
+	require.ErrorIs(t, dialLedger(t, a, "8080"), dtl.ErrRevoked)
+	assert.False(t, a.Node().Revoked(a.Node().ID().String()), "the node itself stays")
+}
+
+// From the attacker's side: a compromised payments node (m) sends records that name another
+// node's agent (billing-api on a). Each is refused, and the refusal is charged to m, the tunnel's
+// authenticated peer, never to the agent the records name: nobody can lower a victim's score by
+// sending records in its name.
+func TestTrustCannotBeLoweredInAnotherAgentsName(t *testing.T) {
+	ta := startAuthority(t)
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
+		spec{name: "m", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "mallory", Zone: "payments"}}},
+	)
+	a, b, m := ds["a"], ds["b"], ds["m"]
+	waitMembers(t, "payments", 3, a, b, m)
+	require.NoError(t, dialLedgerListening(t, a, b))
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	tn, err := m.Node().Tunnel(ctx, "b", "payments")
+	require.NoError(t, err)
+	mdir, err := state.Open(m.dir)
+	require.NoError(t, err)
+	agents, err := mdir.Agents()
+	require.NoError(t, err)
+	require.Len(t, agents, 1)
+	mallory := agents[0].Cert
+	key, err := mdir.AgentKey("payments", "mallory")
+	require.NoError(t, err)
+	_, stranger, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	dst := dtl.Destination{Agent: "ledger", Port: 8080, Proto: dtl.ProtoTCP}
+	send := func(agent string, k []byte) error {
+		c := &dtl.Claims{Version: dtl.Version1, Zone: "payments", Agent: agent,
+			Chain: &dtl.CertChain{Node: m.Node().Certificate().Raw(), Agent: mallory.Raw()}, Node: m.Node().ID().String(),
+			Fingerprint: mallory.Claims.Fingerprint, Region: "eu-west-1", Trust: 100, Destination: dst,
+			FlowID: tn.NewFlowID(), Seq: 1, IssuedAt: time.Now()}
+		rec, err := dtl.Sign(c, k, tn.Exporter())
+		require.NoError(t, err)
+		fc, err := tn.OpenFlow(ctx, rec, nil, nil)
+		if err == nil {
+			_ = fc.Close()
+		}
+		return err
+	}
+	require.ErrorIs(t, send(billingID, key), dtl.ErrClaimMismatch, "mallory's chain, billing-api's name")
+	require.ErrorIs(t, send(billingID, stranger), dtl.ErrSignature, "billing-api's name, a stranger's signature")
+	mID := m.Node().ID().String()
+	require.Eventually(t, func() bool { return b.TrustScore(mID) == 20 }, 2*time.Second, 5*time.Millisecond,
+		"m's score at b: %d", b.TrustScore(mID))
+	assert.Equal(t, 100, b.TrustScore(billingID), "the named agent is untouched")
+	assert.Equal(t, 100, b.TrustScore(a.Node().ID().String()), "and so is its node")
+	require.NoError(t, dialLedger(t, a, "8080"), "billing-api still reaches ledger")
+}
+
+// Scenario 2 from a real event: a process that is not billing-api's enrolled executable uses
+// billing-api's proxy. The proxy refuses it, and TrustFlow lowers the agent's score by the
+// proxy-mismatch weight, once per minute however often the impostor tries; the enrolled workload
+// keeps working at 75.
+func TestTrustWorkloadMismatchLowersAgent(t *testing.T) {
+	pc := startProxyCluster(t)
+	p := proxyOf(t, pc.a, "billing-api.payments")
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	b, err := os.ReadFile(exe)
+	require.NoError(t, err)
+	impostor := filepath.Join(t.TempDir(), "billing-api")
+	require.NoError(t, os.WriteFile(impostor, append(b, 0), 0o755))
+	for range 2 {
+		runHelper(t, impostor, p.SOCKS.String(), "ledger.payments:8080")
+		<-pc.mismatch
+	}
+	require.Eventually(t, func() bool { return pc.a.TrustScore(billingID) == 75 }, 2*time.Second, 5*time.Millisecond,
+		"score %d", pc.a.TrustScore(billingID))
+	time.Sleep(2 * trustTick)
+	x, err := backend{pc.a.Daemon}.TrustExplain(context.Background(), "billing-api.payments")
+	require.NoError(t, err)
+	require.Len(t, x.Events, 1, "rate-limited: one signal a minute")
+	assert.Equal(t, "fingerprint_mismatch", x.Events[0].Kind)
+	assert.Contains(t, x.Events[0].Reason, impostor)
+	out := runHelper(t, exe, p.SOCKS.String(), "ledger.payments:8080")
+	assert.Equal(t, fmt.Sprint(proxy.ReplySucceeded), out, "the enrolled workload still gets through at 75")
+}

@@ -1,0 +1,787 @@
+package sim
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"io"
+	"math/big"
+	"net/netip"
+	"net/url"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/daemon"
+	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/tunnel"
+	"github.com/ute-project/ute/sim/scenario"
+)
+
+// leakWait is how long the runner waits after a refused attempt before counting the bytes that
+// reached the target, so that anything wrongly admitted has arrived.
+const leakWait = 20 * time.Millisecond
+
+func (r *runner) topology() Topology {
+	var t Topology
+	for _, z := range r.sc.Zones {
+		zi := ZoneInfo{Name: z.Name, CIDR: z.CIDR, Regions: z.Regions}
+		for _, name := range r.order {
+			if slices.Contains(r.nodes[name].zones(), z.Name) {
+				zi.Nodes = append(zi.Nodes, name)
+			}
+		}
+		t.Zones = append(t.Zones, zi)
+	}
+	for _, name := range r.order {
+		n := r.nodes[name]
+		ni := NodeInfo{Name: name, Group: n.group.Name, Addr: n.addr.String(), Region: n.group.Region, Zones: n.zones()}
+		for _, a := range n.agents {
+			ni.Agents = append(ni.Agents, a.String())
+		}
+		t.Nodes = append(t.Nodes, ni)
+	}
+	return t
+}
+
+func (r *runner) runTimeline(ctx context.Context, res *Result) {
+	r.t0 = time.Now()
+	r.startTraffic(ctx)
+	starts := make([]time.Duration, len(r.sc.Timeline))
+	for i, e := range r.sc.Timeline {
+		if wait := e.At.D() - time.Since(r.t0); wait > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(wait):
+			}
+		}
+		if ctx.Err() != nil {
+			res.Events = append(res.Events, EventResult{Index: i, Line: e.Line(), Kind: e.Kind, Name: e.Label(), Outcome: "not run", Failure: "the run was cancelled"})
+			continue
+		}
+		starts[i] = time.Since(r.t0)
+		er := r.event(ctx, e)
+		er.Index, er.Line, er.At, er.Kind, er.Name = i, e.Line(), starts[i], e.Kind, e.Label()
+		res.Events = append(res.Events, er)
+		mark := "ok  "
+		if !er.Pass {
+			mark = "FAIL"
+		}
+		r.say("  %s %-9s %s: %s", mark, fmtDur(starts[i]), er.Name, er.Observed)
+	}
+	if s := r.sc.Settle.D(); s > 0 {
+		select {
+		case <-ctx.Done():
+		case <-time.After(s):
+		}
+	}
+	r.traffic.stop()
+	end := time.Since(r.t0)
+	// False denials are charged to the event during which they happened.
+	for i := range res.Events {
+		e := &res.Events[i]
+		to := end
+		if i+1 < len(res.Events) {
+			to = res.Events[i+1].At
+		}
+		e.FalseDenials = r.traffic.denialsBetween(e.At, to)
+		if want := r.sc.Timeline[i].Expect.FalseDenials; want != nil && e.FalseDenials > *want && e.Pass {
+			e.Pass = false
+			e.Failure = fmt.Sprintf("%d legitimate flow(s) failed during the event, at most %d expected", e.FalseDenials, *want)
+		}
+	}
+}
+
+func (r *runner) event(ctx context.Context, e scenario.Event) EventResult {
+	switch e.Kind {
+	case scenario.KindFlow, scenario.KindLateral:
+		return r.flowEvent(ctx, e)
+	case scenario.KindReplay:
+		return r.replayEvent(ctx, e)
+	case scenario.KindTokenReuse:
+		return r.tokenReuseEvent(ctx, e)
+	case scenario.KindForged:
+		return r.forgedEvent(ctx, e)
+	case scenario.KindRevoke:
+		return r.revokeEvent(ctx, e)
+	case scenario.KindPartition:
+		return r.partitionEvent(e)
+	case scenario.KindHeal:
+		return r.healEvent(ctx, e)
+	case scenario.KindCrash:
+		return r.crashEvent(e)
+	case scenario.KindRejoin:
+		return r.rejoinEvent(ctx, e)
+	}
+	return EventResult{Outcome: "not run", Failure: "event " + e.Kind + " is not supported in this version"}
+}
+
+// judge sets Pass and Failure of an attack-or-flow result against e's expectation.
+func judge(er *EventResult, x scenario.Expect) {
+	er.Expectation = x.Outcome
+	if x.Outcome == "blocked" {
+		er.Expectation = fmt.Sprintf("blocked within %s, ≤ %d B leaked", fmtDur(x.Within.D()), x.LeakedBytes)
+	} else if x.Outcome == "allowed" {
+		er.Expectation = fmt.Sprintf("allowed within %s", fmtDur(x.Within.D()))
+	}
+	er.Pass = true
+	switch {
+	case er.Outcome != x.Outcome:
+		er.Pass, er.Failure = false, fmt.Sprintf("expected %s, was %s", x.Outcome, er.Outcome)
+	case er.TimeToBlock > x.Within.D():
+		er.Pass, er.Failure = false, fmt.Sprintf("took %s, expected within %s", fmtDur(er.TimeToBlock), fmtDur(x.Within.D()))
+	case x.Outcome == "blocked" && er.LeakedBytes > x.LeakedBytes:
+		er.Pass, er.Failure = false, fmt.Sprintf("%d bytes reached the target, at most %d expected", er.LeakedBytes, x.LeakedBytes)
+	}
+}
+
+// refusal names why an attempt was refused, as the node or the authority said it.
+func refusal(err error) string {
+	var re *node.RefusedError
+	var rj *tunnel.RejectedError
+	var vr *authority.RefusalError
+	switch {
+	case errors.As(err, &rj):
+		return "peer rejected: " + rj.Reason
+	case errors.As(err, &re):
+		return "refused locally: " + re.Reason
+	case errors.Is(err, authority.ErrTokenUsed):
+		return "authority: token already used"
+	case errors.As(err, &vr):
+		return "authority: " + vr.Message
+	case errors.Is(err, errNodeDown):
+		return "node down"
+	}
+	msg := err.Error()
+	if len(msg) > 80 {
+		msg = msg[:80] + "…"
+	}
+	return msg
+}
+
+func (r *runner) flowEvent(ctx context.Context, e scenario.Event) EventResult {
+	from, _ := scenario.ParseAgentRef(e.From)
+	to, _ := scenario.ParseDest(e.To)
+	before := r.received(to)
+	t0 := time.Now()
+	err := r.attempt(ctx, from, to)
+	el := time.Since(t0)
+	er := EventResult{TimeToBlock: el}
+	if err != nil {
+		time.Sleep(leakWait)
+		er.Outcome, er.Reason = "blocked", refusal(err)
+		er.Observed = fmt.Sprintf("%s → %s blocked in %s (%s)", from, to, fmtDur(el), er.Reason)
+	} else {
+		er.Outcome = "allowed"
+		er.Observed = fmt.Sprintf("%s → %s allowed; answered in %s", from, to, fmtDur(el))
+	}
+	if err != nil || e.Expect.Outcome == "blocked" {
+		// Bytes that reached the target count as leaked where a block was expected.
+		er.LeakedBytes = r.received(to) - before
+	}
+	judge(&er, e.Expect)
+	return er
+}
+
+// attempt opens a flow from → to and exchanges a line. When from's node also serves to's zone
+// (a node shared by two zones), the agent's record is pushed over that zone's tunnel directly,
+// as a compromised shared node could: the SDK would refuse it locally.
+func (r *runner) attempt(ctx context.Context, from scenario.AgentRef, to scenario.Dest) error {
+	if from.Zone != to.Zone {
+		a, fn, err := r.agent(from)
+		if err != nil {
+			return err
+		}
+		if slices.Contains(fn.zones(), to.Zone) {
+			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			t, err := a.Node().Tunnel(ctx, r.agentAt[to.AgentRef.String()], to.Zone)
+			if err != nil {
+				return err
+			}
+			rec, err := a.Record(t, dtl.Destination{Agent: to.Agent, Port: to.Port, Proto: dtl.ProtoTCP})
+			if err != nil {
+				return err
+			}
+			return openAndSend(ctx, t, rec)
+		}
+	}
+	return r.exchange(ctx, from, to, attackMarker+"flow\n")
+}
+
+// openAndSend opens a flow with rec and, were it admitted, sends a line on it.
+func openAndSend(ctx context.Context, t *tunnel.Tunnel, rec []byte) error {
+	fc, err := t.OpenFlow(ctx, rec, nil, nil)
+	if err != nil {
+		return err
+	}
+	_, _ = fc.Write([]byte(attackMarker + "flow\n"))
+	buf := make([]byte, 5)
+	_ = fc.SetReadDeadline(time.Now().Add(time.Second))
+	_, _ = io.ReadFull(fc, buf)
+	_ = fc.Close()
+	return nil
+}
+
+// step runs one refused-or-not attempt of a composite event against target.
+func (r *runner) step(what string, target scenario.Dest, want error, attempt func() error) Step {
+	before := r.received(target)
+	t0 := time.Now()
+	err := attempt()
+	el := time.Since(t0)
+	time.Sleep(leakWait)
+	s := Step{What: what, Time: el, Leaked: r.received(target) - before, Outcome: "allowed", Expected: refusalName(want)}
+	if err != nil {
+		s.Outcome, s.Reason = "blocked", refusal(err)
+		if !errors.Is(err, want) {
+			s.Reason += " (expected " + refusalName(want) + ")"
+		}
+	}
+	return s
+}
+
+func refusalName(err error) string {
+	switch {
+	case errors.Is(err, dtl.ErrReplay):
+		return "replay"
+	case errors.Is(err, dtl.ErrSignature):
+		return "signature"
+	case errors.Is(err, dtl.ErrChain):
+		return "chain"
+	}
+	return err.Error()
+}
+
+// composite folds steps into an event result: blocked only if every step was.
+func composite(steps []Step, x scenario.Expect) EventResult {
+	er := EventResult{Steps: steps, Outcome: "blocked"}
+	var parts []string
+	for _, s := range steps {
+		if s.Outcome != "blocked" {
+			er.Outcome = "allowed"
+		}
+		er.TimeToBlock = max(er.TimeToBlock, s.Time)
+		er.LeakedBytes += s.Leaked
+		parts = append(parts, fmt.Sprintf("%s: %s", s.What, orStr(s.Reason, s.Outcome)))
+	}
+	er.Observed = strings.Join(parts, "; ")
+	if len(steps) > 0 {
+		er.Reason = steps[len(steps)-1].Reason
+	}
+	judge(&er, x)
+	return er
+}
+
+func orStr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// replayEvent captures a DTL record of an admitted flow and replays it on its own session, on a
+// new session between the same nodes, and (with via) from another node of the zone: the stolen
+// session of the seed's first scenario.
+func (r *runner) replayEvent(ctx context.Context, e scenario.Event) EventResult {
+	from, _ := scenario.ParseAgentRef(e.From)
+	to, _ := scenario.ParseDest(e.To)
+	fail := func(format string, args ...any) EventResult {
+		er := EventResult{Outcome: "not run", Failure: fmt.Sprintf(format, args...)}
+		er.Observed = er.Failure
+		return er
+	}
+	a, _, err := r.agent(from)
+	if err != nil {
+		return fail("%v", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	dstNode := r.agentAt[to.AgentRef.String()]
+	t1, err := a.Node().Tunnel(ctx, dstNode, to.Zone)
+	if err != nil {
+		return fail("tunnel for the original flow: %v", err)
+	}
+	dst := dtl.Destination{Agent: to.Agent, Port: to.Port, Proto: dtl.ProtoTCP}
+	rec, err := a.Record(t1, dst)
+	if err != nil {
+		return fail("record: %v", err)
+	}
+	fc, err := t1.OpenFlow(ctx, rec, nil, nil)
+	if err != nil {
+		return fail("the original flow was refused, so there is nothing to replay: %v", err)
+	}
+	_ = fc.Close()
+	steps := []Step{r.step("same session", to, dtl.ErrReplay, func() error { return openAndSend(ctx, t1, rec) })}
+	_ = t1.Close()
+	<-t1.Done()
+	steps = append(steps, r.step("new session", to, dtl.ErrSignature, func() error {
+		t2, err := a.Node().Tunnel(ctx, dstNode, to.Zone)
+		if err != nil {
+			return err
+		}
+		return openAndSend(ctx, t2, rec)
+	}))
+	if e.Via != "" {
+		steps = append(steps, r.step("from node "+e.Via, to, dtl.ErrSignature, func() error {
+			r.mu.RLock()
+			d := r.nodes[e.Via].d
+			r.mu.RUnlock()
+			if d == nil {
+				return fmt.Errorf("%w: %s", errNodeDown, e.Via)
+			}
+			tv, err := d.Node().Tunnel(ctx, dstNode, to.Zone)
+			if err != nil {
+				return err
+			}
+			return openAndSend(ctx, tv, rec)
+		}))
+	}
+	return composite(steps, e.Expect)
+}
+
+func (r *runner) tokenReuseEvent(ctx context.Context, e scenario.Event) EventResult {
+	n := r.node(e.Node)
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	t0 := time.Now()
+	mallory := fmt.Sprintf("mallory-%d", time.Now().UnixNano()%1e6)
+	_, err := node.Join(ctx, node.JoinParams{Dir: filepath.Join(r.dir, "attacker", mallory), Authority: r.authAddr, Token: n.token,
+		Name: mallory, Region: n.group.Region, HostFingerprint: hostFingerprint(mallory)})
+	er := EventResult{TimeToBlock: time.Since(t0)}
+	if err != nil {
+		er.Outcome, er.Reason = "blocked", refusal(err)
+		er.Observed = fmt.Sprintf("node %s's join token presented by another host: %s in %s", e.Node, er.Reason, fmtDur(er.TimeToBlock))
+	} else {
+		er.Outcome = "allowed"
+		er.Observed = fmt.Sprintf("node %s's join token was accepted a second time", e.Node)
+	}
+	judge(&er, e.Expect)
+	return er
+}
+
+// forgedEvent: node via signs an agent certificate for a zone it does not hold and sends a
+// flow with it over a tunnel it does hold to the target's node.
+func (r *runner) forgedEvent(ctx context.Context, e scenario.Event) EventResult {
+	to, _ := scenario.ParseDest(e.To)
+	fv := r.node(e.Via)
+	r.mu.RLock()
+	d := fv.d
+	r.mu.RUnlock()
+	if d == nil {
+		return EventResult{Outcome: "not run", Failure: "node " + e.Via + " is down", Observed: "node " + e.Via + " is down"}
+	}
+	n := d.Node()
+	dstNode := r.node(r.agentAt[to.AgentRef.String()])
+	var zone string
+	for _, z := range fv.zones() {
+		if slices.Contains(dstNode.zones(), z) {
+			zone = z
+			break
+		}
+	}
+	step := r.step(fmt.Sprintf("agent certificate for zone %s signed by node %s, sent on its %s tunnel", e.Zone, e.Via, zone), to, dtl.ErrChain, func() error {
+		sd, err := state.Open(fv.dir)
+		if err != nil {
+			return err
+		}
+		key, err := sd.NodeKey()
+		if err != nil {
+			return err
+		}
+		forged, agentKey, err := forgeAgentCert(n.Certificate(), key, e.Zone, "mallory", forgedIP(r.sc, e.Zone))
+		if err != nil {
+			return err
+		}
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		t, err := n.Tunnel(ctx, dstNode.name, zone)
+		if err != nil {
+			return err
+		}
+		rec, err := dtl.Sign(&dtl.Claims{
+			Zone: e.Zone, Agent: forged.ID.String(), Chain: &dtl.CertChain{Node: n.Certificate().Raw(), Agent: forged.Raw()},
+			Node: n.ID().String(), Fingerprint: forged.Claims.Fingerprint, Region: n.Region(), Trust: 100,
+			Destination: dtl.Destination{Agent: to.Agent, Port: to.Port, Proto: dtl.ProtoTCP}, FlowID: t.NewFlowID(), Seq: 1 << 40, IssuedAt: time.Now(),
+		}, agentKey, t.Exporter())
+		if err != nil {
+			return err
+		}
+		return openAndSend(ctx, t, rec)
+	})
+	return composite([]Step{step}, e.Expect)
+}
+
+// forgedIP is an address inside zone's CIDR for the forged certificate.
+func forgedIP(sc *scenario.Scenario, zone string) netip.Addr {
+	for _, z := range sc.Zones {
+		if z.Name == zone {
+			p := netip.MustParsePrefix(z.CIDR)
+			a := p.Addr()
+			for range 77 {
+				if n := a.Next(); p.Contains(n) {
+					a = n
+				}
+			}
+			return a
+		}
+	}
+	return netip.Addr{}
+}
+
+// forgeAgentCert signs an agent certificate with a node key directly, skipping identity.Issue's
+// constraint checks, as a compromised node could.
+func forgeAgentCert(issuer *identity.Certificate, issuerKey ed25519.PrivateKey, zone, name string, ip netip.Addr) (*identity.Certificate, ed25519.PrivateKey, error) {
+	pub, key, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	fp := sha256.Sum256([]byte(name))
+	ext, err := identity.MarshalClaims(identity.Claims{Zones: []identity.ZoneGrant{{Name: zone}}, OverlayIPs: []netip.Addr{ip}, Fingerprint: fp[:]})
+	if err != nil {
+		return nil, nil, err
+	}
+	u, err := url.Parse(identity.AgentID(issuer.ID.TrustDomain, zone, name).String())
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: name},
+		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
+		URIs: []*url.URL{u}, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.X509, pub, issuerKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := identity.ParseCertificate(der)
+	return c, key, err
+}
+
+// revokeEvent revokes a subject at the authority, hands the signed record to one live member
+// (as the authority's watch would) and measures gossip carrying it to every other live member
+// that can be reached.
+func (r *runner) revokeEvent(ctx context.Context, e scenario.Event) EventResult {
+	var is issued
+	var label string
+	if e.Agent != "" {
+		ref, _ := scenario.ParseAgentRef(e.Agent)
+		is = issued{subject: r.agentID(ref), zones: []string{ref.Zone}}
+		label = "agent " + ref.String()
+	} else {
+		n := r.node(e.Node)
+		is = issued{subject: r.nodeID(n.name), zones: n.zones(), node: n.name}
+		label = "node " + n.name
+	}
+	rev, err := r.auth.RevokeSubject(ctx, is.subject, "ute sim: "+e.Label())
+	if err != nil || rev.Record == nil {
+		er := EventResult{Outcome: "not run", Failure: fmt.Sprintf("the authority did not revoke %s: %v", is.subject, err)}
+		er.Observed = er.Failure
+		return er
+	}
+	is.raw = rev.Record
+	r.mu.Lock()
+	r.revoked[is.subject] = true
+	r.records = append(r.records, is)
+	r.gen++
+	r.mu.Unlock()
+	members := r.holders(is)
+	var seed *simNode
+	for _, m := range members {
+		if m.name != is.node {
+			seed = m
+			break
+		}
+	}
+	if seed == nil {
+		er := EventResult{Outcome: "not run", Failure: "no live member of " + strings.Join(is.zones, ",") + " to receive the record"}
+		er.Observed = er.Failure
+		return er
+	}
+	// Only the members the seed can reach are expected to converge now; the others catch up at
+	// the heal.
+	r.mu.RLock()
+	side := r.side[seed.name]
+	var reach []*simNode
+	for _, m := range members {
+		if r.side[m.name] == side {
+			reach = append(reach, m)
+		}
+	}
+	r.mu.RUnlock()
+	t0 := time.Now()
+	if _, err := seed.d.Accept(ctx, is.raw, daemon.FromAuthority); err != nil {
+		er := EventResult{Outcome: "not run", Failure: fmt.Sprintf("node %s refused the authority's record: %v", seed.name, err)}
+		er.Observed = er.Failure
+		return er
+	}
+	er := r.converge(ctx, t0, []issued{is}, reach, e.Expect)
+	er.Observed = fmt.Sprintf("%s revoked (record seq %d); ", label, rev.Seq) + er.Observed
+	if len(reach) < len(members) {
+		er.Observed += fmt.Sprintf(" (%d member(s) across the partition wait for the heal)", len(members)-len(reach))
+	}
+	return er
+}
+
+// holders is the live members that must hold record is: live nodes of its zones, without the
+// revoked node itself.
+func (r *runner) holders(is issued) []*simNode {
+	var out []*simNode
+	for _, n := range r.live("") {
+		if n.name == is.node {
+			continue
+		}
+		for _, z := range is.zones {
+			if slices.Contains(n.zones(), z) {
+				out = append(out, n)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// converge polls members until each holds every record in recs.
+func (r *runner) converge(ctx context.Context, t0 time.Time, recs []issued, members []*simNode, x scenario.Expect) EventResult {
+	return r.convergeWith(ctx, t0, func(_ *simNode, d *daemon.Daemon) bool {
+		for _, is := range recs {
+			if !d.Store().Revoked(is.subject) {
+				return false
+			}
+		}
+		return true
+	}, members, x)
+}
+
+// convergeWith polls members until holds is true of each, recording the fraction of members
+// for which it is over time.
+func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*simNode, *daemon.Daemon) bool, members []*simNode, x scenario.Expect) EventResult {
+	er := EventResult{Members: len(members), Expectation: fmt.Sprintf("%.0f%% of live members within %s", x.Converged*100, fmtDur(x.Within.D()))}
+	limit := x.Within.D() + x.Within.D()/2 + time.Second
+	have := make([]bool, len(members))
+	count := 0
+	last := -1.0
+	var reached time.Duration
+	for {
+		for i, m := range members {
+			if have[i] {
+				continue
+			}
+			r.mu.RLock()
+			d := m.d
+			r.mu.RUnlock()
+			if d == nil {
+				continue
+			}
+			if holds(m, d) {
+				have[i] = true
+				count++
+			}
+		}
+		el := time.Since(t0)
+		frac := 1.0
+		if len(members) > 0 {
+			frac = float64(count) / float64(len(members))
+		}
+		if frac != last {
+			er.Curve = append(er.Curve, CurvePoint{T: el, Fraction: frac})
+			last = frac
+		}
+		if frac >= x.Converged && reached == 0 {
+			reached = el
+		}
+		if frac >= 1 || el > limit || ctx.Err() != nil {
+			break
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+	final := er.Curve[len(er.Curve)-1]
+	er.TimeToBlock = reached
+	switch {
+	case final.Fraction >= 1:
+		er.Outcome = "converged"
+		er.Observed = fmt.Sprintf("100%% of %d member(s) held the record(s) after %s", len(members), fmtDur(final.T))
+	case reached > 0:
+		er.Outcome = "converged"
+		er.Observed = fmt.Sprintf("%.1f%% of %d member(s) after %s (%.0f%% reached at %s)", final.Fraction*100, len(members), fmtDur(final.T), x.Converged*100, fmtDur(reached))
+	default:
+		er.Outcome = "partial"
+		er.Observed = fmt.Sprintf("only %.1f%% of %d member(s) held the record(s) after %s", final.Fraction*100, len(members), fmtDur(final.T))
+	}
+	er.Model = predict(len(members), r.fanout(), r.interval(), final.T)
+	er.Pass = true
+	switch {
+	case er.Outcome != "converged":
+		er.Pass, er.Failure = false, fmt.Sprintf("%.0f%% expected within %s", x.Converged*100, fmtDur(x.Within.D()))
+	case reached > x.Within.D():
+		er.Pass, er.Failure = false, fmt.Sprintf("%.0f%% took %s, expected within %s", x.Converged*100, fmtDur(reached), fmtDur(x.Within.D()))
+	}
+	return er
+}
+
+func (r *runner) fanout() int {
+	if r.timing != nil {
+		return r.timing.GossipNodes
+	}
+	return 3
+}
+
+func (r *runner) interval() time.Duration {
+	if r.timing != nil {
+		return r.timing.GossipInterval
+	}
+	return config.Default().Gossip.Interval
+}
+
+func (r *runner) partitionEvent(e scenario.Event) EventResult {
+	var sets [][]netip.Addr
+	side := map[string]int{}
+	var parts []string
+	for i, set := range e.Sets {
+		var addrs []netip.Addr
+		var names []string
+		for _, name := range set {
+			for _, n := range r.order {
+				if n == name || r.groupOf[n] == name {
+					addrs = append(addrs, r.nodes[n].addr.Addr())
+					side[n] = i + 1
+					names = append(names, n)
+				}
+			}
+		}
+		sets = append(sets, addrs)
+		parts = append(parts, fmt.Sprintf("{%s}", abbreviate(names)))
+	}
+	r.net.Partition(sets...)
+	r.mu.Lock()
+	r.side = side
+	r.gen++
+	r.mu.Unlock()
+	return EventResult{Outcome: "done", Pass: true, Expectation: "—", Observed: "underlay split: " + strings.Join(parts, " | ") + " | rest"}
+}
+
+func abbreviate(names []string) string {
+	if len(names) <= 4 {
+		return strings.Join(names, ",")
+	}
+	return fmt.Sprintf("%s,%s … %s (%d)", names[0], names[1], names[len(names)-1], len(names))
+}
+
+// healEvent ends the partition and measures every live member catching up on every record
+// issued so far (push/pull and re-broadcast).
+func (r *runner) healEvent(ctx context.Context, e scenario.Event) EventResult {
+	r.net.Heal()
+	r.mu.Lock()
+	r.side = map[string]int{}
+	r.gen++
+	recs := slices.Clone(r.records)
+	r.mu.Unlock()
+	return r.catchUp(ctx, recs, nil, e.Expect, "partition healed; ")
+}
+
+// catchUp measures the live members (or only), each holding the records of its zones.
+func (r *runner) catchUp(ctx context.Context, recs []issued, only *simNode, x scenario.Expect, prefix string) EventResult {
+	t0 := time.Now()
+	// Each member must hold the records of its own zones: converge per record set.
+	seen := map[string]bool{}
+	var members []*simNode
+	for _, is := range recs {
+		for _, m := range r.holders(is) {
+			if (only == nil || m == only) && !seen[m.name] {
+				seen[m.name] = true
+				members = append(members, m)
+			}
+		}
+	}
+	if len(recs) == 0 {
+		return EventResult{Outcome: "converged", Pass: true, Expectation: "—", Observed: prefix + "no revocation issued yet, nothing to catch up"}
+	}
+	er := r.convergeEach(ctx, t0, recs, members, x)
+	er.Observed = prefix + er.Observed
+	return er
+}
+
+// convergeEach is converge where each member needs only the records of its zones.
+func (r *runner) convergeEach(ctx context.Context, t0 time.Time, recs []issued, members []*simNode, x scenario.Expect) EventResult {
+	need := map[*simNode][]issued{}
+	for _, is := range recs {
+		for _, m := range r.holders(is) {
+			need[m] = append(need[m], is)
+		}
+	}
+	var wrapped []*simNode
+	for _, m := range members {
+		if len(need[m]) > 0 {
+			wrapped = append(wrapped, m)
+		}
+	}
+	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) bool {
+		for _, is := range need[m] {
+			if !d.Store().Revoked(is.subject) {
+				return false
+			}
+		}
+		return true
+	}, wrapped, x)
+}
+
+func (r *runner) crashEvent(e scenario.Event) EventResult {
+	n := r.node(e.Node)
+	r.crash(n)
+	r.bump()
+	return EventResult{Outcome: "done", Pass: true, Expectation: "—", Observed: "node " + n.name + " stopped (daemon closed, socket gone)"}
+}
+
+// rejoinEvent starts a crashed node again on its directory with a few live members of its zones
+// as static peers, and measures it catching up on the records issued while it was down.
+func (r *runner) rejoinEvent(ctx context.Context, e scenario.Event) EventResult {
+	n := r.node(e.Node)
+	var peers []config.Peer
+	for _, z := range n.zones() {
+		for _, m := range r.live(z) {
+			if len(peers) >= 3*len(n.zones()) {
+				break
+			}
+			peers = append(peers, config.Peer{Node: r.nodeID(m.name), Addr: m.addr})
+		}
+	}
+	t0 := time.Now()
+	if err := r.startWith(ctx, n, peers); err != nil {
+		return EventResult{Outcome: "not run", Failure: err.Error(), Observed: err.Error()}
+	}
+	if err := r.startServersOf(n.name); err != nil {
+		return EventResult{Outcome: "not run", Failure: err.Error(), Observed: err.Error()}
+	}
+	r.bump()
+	r.mu.RLock()
+	recs := slices.Clone(r.records)
+	r.mu.RUnlock()
+	started := time.Since(t0)
+	er := r.catchUp(ctx, recs, n, e.Expect, fmt.Sprintf("node %s restarted in %s; ", n.name, fmtDur(started)))
+	return er
+}
+
+func fmtDur(d time.Duration) string {
+	switch {
+	case d >= 10*time.Second:
+		return d.Round(100 * time.Millisecond).String()
+	case d >= time.Second:
+		return d.Round(10 * time.Millisecond).String()
+	case d >= time.Millisecond:
+		return d.Round(100 * time.Microsecond).String()
+	}
+	return d.Round(time.Microsecond).String()
+}

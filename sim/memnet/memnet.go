@@ -1,0 +1,489 @@
+package memnet
+
+import (
+	"container/heap"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+)
+
+// Link is the behaviour of the path between two hosts, applied to each packet independently.
+type Link struct {
+	// Latency is the one-way delay of every packet.
+	Latency time.Duration
+	// Jitter adds a uniformly drawn extra delay in [0, Jitter); packets may then be reordered,
+	// as on a real network.
+	Jitter time.Duration
+	// Loss is the probability in [0, 1] that a packet is dropped.
+	Loss float64
+}
+
+func (l Link) validate() error {
+	if l.Latency < 0 || l.Jitter < 0 || l.Loss < 0 || l.Loss > 1 {
+		return fmt.Errorf("memnet: invalid link %+v: latency and jitter must be >= 0 and loss in [0, 1]", l)
+	}
+	return nil
+}
+
+// Stats counts the packets the network has handled.
+type Stats struct {
+	Sent        uint64 // WriteTo calls that handed a packet to the network
+	Delivered   uint64 // packets placed in a receiver's queue
+	Lost        uint64 // dropped by a link's loss rate
+	Partitioned uint64 // dropped because sender and receiver were in different partitions
+	Unreachable uint64 // no conn at the destination, or its queue was full
+	Bytes       uint64 // payload bytes delivered
+}
+
+// ErrAddrInUse is returned by Listen for an address that already has a conn.
+var ErrAddrInUse = errors.New("memnet: address already in use")
+
+// DefaultQueueBytes is a conn's receive queue; beyond it packets are dropped, like a full socket
+// buffer. SetReadBuffer changes it.
+const DefaultQueueBytes = 4 << 20
+
+// Network is one simulated underlay. Its zero value is not usable: call New.
+type Network struct {
+	seed uint64
+
+	mu          sync.Mutex
+	conns       map[netip.AddrPort]*Conn
+	def         Link
+	links       map[pair]Link
+	linkRNG     map[pair]*rand.Rand
+	group       map[netip.Addr]int
+	stats       Stats
+	queue       pending
+	nextSeq     uint64
+	closed      bool
+	wake        chan struct{}
+	done        chan struct{}
+	schedulerWG sync.WaitGroup
+}
+
+type pair struct{ a, b netip.Addr }
+
+func mkpair(a, b netip.Addr) pair {
+	if b.Less(a) {
+		a, b = b, a
+	}
+	return pair{a, b}
+}
+
+// New returns a network whose links all behave like def until SetLink says otherwise. Close
+// stops it.
+func New(seed uint64, def Link) (*Network, error) {
+	if err := def.validate(); err != nil {
+		return nil, err
+	}
+	n := &Network{
+		seed: seed, conns: map[netip.AddrPort]*Conn{}, def: def, links: map[pair]Link{},
+		linkRNG: map[pair]*rand.Rand{}, group: map[netip.Addr]int{},
+		wake: make(chan struct{}, 1), done: make(chan struct{}),
+	}
+	n.schedulerWG.Go(n.scheduler)
+	return n, nil
+}
+
+// HostAddr is the i-th simulated host address, in 198.18.0.0/15 (RFC 2544's benchmarking range):
+// a label only, never a socket. It covers 131,070 hosts.
+func HostAddr(i int) netip.Addr {
+	i++ // skip 198.18.0.0
+	return netip.AddrFrom4([4]byte{198, 18 + byte(i>>16&1), byte(i >> 8), byte(i)})
+}
+
+// SetLink sets the behaviour of the path between hosts a and b (both directions).
+func (n *Network) SetLink(a, b netip.Addr, l Link) error {
+	if err := l.validate(); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.links[mkpair(a, b)] = l
+	return nil
+}
+
+// SetDefaultLink changes the behaviour of every link without its own setting.
+func (n *Network) SetDefaultLink(l Link) error {
+	if err := l.validate(); err != nil {
+		return err
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.def = l
+	return nil
+}
+
+// Partition splits the network: the hosts of each set can reach each other, and the hosts of no
+// set reach each other, but no packet crosses between two different groups. It replaces any
+// earlier partition.
+func (n *Network) Partition(sets ...[]netip.Addr) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.group = map[netip.Addr]int{}
+	for i, s := range sets {
+		for _, a := range s {
+			n.group[a] = i + 1
+		}
+	}
+}
+
+// Heal removes every partition.
+func (n *Network) Heal() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	n.group = map[netip.Addr]int{}
+}
+
+// Stats returns the counters so far.
+func (n *Network) Stats() Stats {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.stats
+}
+
+// Listen returns the conn of host address addr.
+func (n *Network) Listen(addr netip.AddrPort) (*Conn, error) {
+	if !addr.IsValid() || addr.Port() == 0 {
+		return nil, fmt.Errorf("memnet: listen on %s: an address with a port is required", addr)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return nil, net.ErrClosed
+	}
+	if _, ok := n.conns[addr]; ok {
+		return nil, fmt.Errorf("%w: %s", ErrAddrInUse, addr)
+	}
+	c := &Conn{net: n, addr: addr, udp: net.UDPAddrFromAddrPort(addr), limit: DefaultQueueBytes,
+		wake: make(chan struct{}, 1), closed: make(chan struct{}), deadlineChanged: make(chan struct{}, 1)}
+	n.conns[addr] = c
+	return c, nil
+}
+
+// Close closes every conn and stops the delivery of packets still in flight.
+func (n *Network) Close() error {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return nil
+	}
+	n.closed = true
+	conns := make([]*Conn, 0, len(n.conns))
+	for _, c := range n.conns {
+		conns = append(conns, c)
+	}
+	n.mu.Unlock()
+	for _, c := range conns {
+		_ = c.Close()
+	}
+	close(n.done)
+	n.schedulerWG.Wait()
+	return nil
+}
+
+// send routes one packet; it is called with a private copy of the payload.
+func (n *Network) send(from, to netip.AddrPort, data []byte) {
+	n.mu.Lock()
+	if n.closed {
+		n.mu.Unlock()
+		return
+	}
+	n.stats.Sent++
+	if n.group[from.Addr()] != n.group[to.Addr()] {
+		n.stats.Partitioned++
+		n.mu.Unlock()
+		return
+	}
+	p := mkpair(from.Addr(), to.Addr())
+	l, ok := n.links[p]
+	if !ok {
+		l = n.def
+	}
+	var delay time.Duration
+	if l.Loss > 0 || l.Jitter > 0 {
+		rng := n.linkRNG[p]
+		if rng == nil {
+			h := fnv.New64a()
+			_, _ = h.Write(p.a.AsSlice())
+			_, _ = h.Write(p.b.AsSlice())
+			rng = rand.New(rand.NewPCG(n.seed, h.Sum64()))
+			n.linkRNG[p] = rng
+		}
+		if l.Loss > 0 && rng.Float64() < l.Loss {
+			n.stats.Lost++
+			n.mu.Unlock()
+			return
+		}
+		if l.Jitter > 0 {
+			delay = time.Duration(rng.Int64N(int64(l.Jitter)))
+		}
+	}
+	delay += l.Latency
+	if delay <= 0 {
+		n.deliverLocked(from, to, data)
+		n.mu.Unlock()
+		return
+	}
+	n.nextSeq++
+	at := time.Now().Add(delay)
+	first := len(n.queue) == 0 || at.Before(n.queue[0].at)
+	heap.Push(&n.queue, &packet{at: at, seq: n.nextSeq, from: from, to: to, data: data})
+	n.mu.Unlock()
+	if first {
+		select {
+		case n.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// deliverLocked places a packet in its receiver's queue; n.mu is held.
+func (n *Network) deliverLocked(from, to netip.AddrPort, data []byte) {
+	c := n.conns[to]
+	if c == nil || !c.push(from, data) {
+		n.stats.Unreachable++
+		return
+	}
+	n.stats.Delivered++
+	n.stats.Bytes += uint64(len(data))
+}
+
+// scheduler delivers delayed packets when they are due; Close stops it.
+func (n *Network) scheduler() {
+	t := time.NewTimer(time.Hour)
+	defer t.Stop()
+	for {
+		n.mu.Lock()
+		now := time.Now()
+		for len(n.queue) > 0 && !n.queue[0].at.After(now) {
+			p := heap.Pop(&n.queue).(*packet)
+			n.deliverLocked(p.from, p.to, p.data)
+		}
+		wait := time.Hour
+		if len(n.queue) > 0 {
+			wait = n.queue[0].at.Sub(now)
+		}
+		n.mu.Unlock()
+		t.Reset(wait)
+		select {
+		case <-n.done:
+			return
+		case <-n.wake:
+		case <-t.C:
+		}
+	}
+}
+
+type packet struct {
+	at       time.Time
+	seq      uint64 // ties keep send order
+	from, to netip.AddrPort
+	data     []byte
+}
+
+type pending []*packet
+
+func (q pending) Len() int { return len(q) }
+func (q pending) Less(i, j int) bool {
+	if q[i].at.Equal(q[j].at) {
+		return q[i].seq < q[j].seq
+	}
+	return q[i].at.Before(q[j].at)
+}
+func (q pending) Swap(i, j int) { q[i], q[j] = q[j], q[i] }
+func (q *pending) Push(x any)   { *q = append(*q, x.(*packet)) }
+func (q *pending) Pop() any {
+	old := *q
+	p := old[len(old)-1]
+	old[len(old)-1] = nil
+	*q = old[:len(old)-1]
+	return p
+}
+
+// Conn is one host's socket on the network; it implements net.PacketConn.
+type Conn struct {
+	net  *Network
+	addr netip.AddrPort
+	udp  *net.UDPAddr
+
+	mu              sync.Mutex
+	q               []queued
+	qBytes          int
+	limit           int
+	isClosed        bool
+	readDeadline    time.Time
+	wake            chan struct{}
+	closed          chan struct{}
+	deadlineChanged chan struct{}
+}
+
+type queued struct {
+	from netip.AddrPort
+	data []byte
+}
+
+var _ net.PacketConn = (*Conn)(nil)
+
+// push queues a packet; false when the conn is closed or its queue is full.
+func (c *Conn) push(from netip.AddrPort, data []byte) bool {
+	c.mu.Lock()
+	if c.isClosed || c.qBytes+len(data) > c.limit {
+		c.mu.Unlock()
+		return false
+	}
+	c.q = append(c.q, queued{from, data})
+	c.qBytes += len(data)
+	c.mu.Unlock()
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+	return true
+}
+
+// ReadFrom blocks until a packet arrives, the read deadline passes or the conn is closed.
+func (c *Conn) ReadFrom(p []byte) (int, net.Addr, error) {
+	for {
+		c.mu.Lock()
+		if c.isClosed {
+			c.mu.Unlock()
+			return 0, nil, c.opErr("read", net.ErrClosed)
+		}
+		if len(c.q) > 0 {
+			pk := c.q[0]
+			c.q[0] = queued{}
+			c.q = c.q[1:]
+			c.qBytes -= len(pk.data)
+			more := len(c.q) > 0
+			c.mu.Unlock()
+			if more { // another reader may be waiting
+				select {
+				case c.wake <- struct{}{}:
+				default:
+				}
+			}
+			return copy(p, pk.data), net.UDPAddrFromAddrPort(pk.from), nil
+		}
+		dl := c.readDeadline
+		c.mu.Unlock()
+		var timeout <-chan time.Time
+		var t *time.Timer
+		if !dl.IsZero() {
+			d := time.Until(dl)
+			if d <= 0 {
+				return 0, nil, c.opErr("read", os.ErrDeadlineExceeded)
+			}
+			t = time.NewTimer(d)
+			timeout = t.C
+		}
+		select {
+		case <-c.wake:
+		case <-c.closed:
+		case <-c.deadlineChanged:
+		case <-timeout:
+		}
+		if t != nil {
+			t.Stop()
+		}
+	}
+}
+
+// WriteTo sends a packet; like UDP it succeeds whether or not the packet arrives.
+func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
+	c.mu.Lock()
+	closed := c.isClosed
+	c.mu.Unlock()
+	if closed {
+		return 0, c.opErr("write", net.ErrClosed)
+	}
+	to, err := addrPort(addr)
+	if err != nil {
+		return 0, c.opErr("write", err)
+	}
+	c.net.send(c.addr, to, append([]byte(nil), p...))
+	return len(p), nil
+}
+
+func addrPort(a net.Addr) (netip.AddrPort, error) {
+	if u, ok := a.(*net.UDPAddr); ok {
+		ap := u.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), nil
+	}
+	if a == nil {
+		return netip.AddrPort{}, errors.New("no destination address")
+	}
+	ap, err := netip.ParseAddrPort(a.String())
+	if err != nil {
+		return netip.AddrPort{}, fmt.Errorf("destination %q: %w", a.String(), err)
+	}
+	return ap, nil
+}
+
+func (c *Conn) opErr(op string, err error) error {
+	return &net.OpError{Op: op, Net: "udp", Source: c.udp, Err: err}
+}
+
+// Close removes the conn from the network; packets queued for it are dropped.
+func (c *Conn) Close() error {
+	c.mu.Lock()
+	if c.isClosed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.isClosed = true
+	c.q, c.qBytes = nil, 0
+	close(c.closed)
+	c.mu.Unlock()
+	c.net.mu.Lock()
+	if c.net.conns[c.addr] == c {
+		delete(c.net.conns, c.addr)
+	}
+	c.net.mu.Unlock()
+	return nil
+}
+
+// LocalAddr is the conn's simulated address (a *net.UDPAddr).
+func (c *Conn) LocalAddr() net.Addr { return c.udp }
+
+// AddrPort is the conn's simulated address.
+func (c *Conn) AddrPort() netip.AddrPort { return c.addr }
+
+// SetDeadline sets the read deadline; writes never block.
+func (c *Conn) SetDeadline(t time.Time) error { return c.SetReadDeadline(t) }
+
+// SetReadDeadline makes blocked and future reads fail with os.ErrDeadlineExceeded after t.
+func (c *Conn) SetReadDeadline(t time.Time) error {
+	c.mu.Lock()
+	c.readDeadline = t
+	c.mu.Unlock()
+	select {
+	case c.deadlineChanged <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// SetWriteDeadline is accepted and ignored: writes never block.
+func (c *Conn) SetWriteDeadline(time.Time) error { return nil }
+
+// SetReadBuffer sets the receive queue's size in bytes. quic-go calls it (and would log a
+// warning about UDP buffer sizes on a conn without it).
+func (c *Conn) SetReadBuffer(bytes int) error {
+	if bytes <= 0 {
+		return fmt.Errorf("memnet: read buffer of %d bytes", bytes)
+	}
+	c.mu.Lock()
+	c.limit = bytes
+	c.mu.Unlock()
+	return nil
+}
+
+// SetWriteBuffer is accepted and ignored (sends never queue at the sender).
+func (c *Conn) SetWriteBuffer(int) error { return nil }

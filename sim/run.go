@@ -1,0 +1,658 @@
+package sim
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/goccy/go-yaml"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/daemon"
+	"github.com/ute-project/ute/node/membership"
+	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/sim/memnet"
+	"github.com/ute-project/ute/sim/scenario"
+)
+
+// Options tune a run; the zero value runs the scenario as written.
+type Options struct {
+	// Seed overrides the scenario's seed when non-zero.
+	Seed uint64
+	// MaxNodes, when positive, scales the node groups down so the topology has at most this
+	// many nodes (tests use it to keep large scenarios inside their budget).
+	MaxNodes int
+	// Dir holds the authority's and nodes' directories; empty uses a temporary directory that
+	// the run removes.
+	Dir string
+	// Logger receives the simulator's progress; nil discards it. The nodes' own logs go to
+	// NodeLogger (nil discards them).
+	Logger, NodeLogger *slog.Logger
+	// Progress, when set, receives one line per phase and event as the run goes.
+	Progress io.Writer
+	// Parallel is how many nodes join and start at once; 0 means 4.
+	Parallel int
+}
+
+// nodePort is the underlay port every simulated node listens on (each has its own address).
+const nodePort = 7946
+
+// runner holds one run's state; its methods are called from Run's goroutine except where noted.
+type runner struct {
+	sc   *scenario.Scenario
+	opts Options
+	seed uint64
+	dir  string
+	log  *slog.Logger
+	exe  string
+
+	auth     *authority.Authority
+	authAddr string
+	stopAuth func()
+	net      *memnet.Network
+	timing   *membership.Timing
+
+	mu      sync.RWMutex // guards the fields below (traffic goroutines read them)
+	nodes   map[string]*simNode
+	order   []string
+	groupOf map[string]string // node -> group
+	agentAt map[string]string // agent.zone -> node
+	revoked map[string]bool   // subjects (SPIFFE IDs) revoked so far
+	side    map[string]int    // node -> partition set (0: none)
+	records []issued          // every revocation record the authority issued, in order
+	gen     uint64            // see epoch
+
+	servers  map[string]*server // agent.zone:port
+	srvWG    sync.WaitGroup
+	traffic  *trafficStats
+	t0       time.Time
+	progress io.Writer
+}
+
+type issued struct {
+	subject string
+	zones   []string // the zones whose members must hold it
+	raw     []byte
+	node    string // the revoked node, if a node was revoked
+}
+
+type simNode struct {
+	name   string
+	group  *scenario.Group
+	index  int
+	dir    string
+	addr   netip.AddrPort
+	token  string
+	agents []scenario.AgentRef
+	conn   *memnet.Conn
+	d      *daemon.Daemon // nil while crashed
+}
+
+func (n *simNode) zones() []string { return n.group.Zones }
+
+// Run runs a scenario and returns its result. An error means the run itself could not proceed
+// (setup failed); failed expectations are in the result (Result.Failed).
+func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, error) {
+	sc = scale(sc, opts.MaxNodes)
+	r := &runner{sc: sc, opts: opts, seed: sc.Seed, log: opts.Logger, progress: opts.Progress,
+		nodes: map[string]*simNode{}, groupOf: map[string]string{}, agentAt: map[string]string{},
+		revoked: map[string]bool{}, side: map[string]int{}, servers: map[string]*server{}}
+	if opts.Seed != 0 {
+		r.seed = opts.Seed
+	}
+	if r.log == nil {
+		r.log = slog.New(slog.DiscardHandler)
+	}
+	if r.opts.Parallel <= 0 {
+		r.opts.Parallel = 4
+	}
+	if r.opts.NodeLogger == nil {
+		r.opts.NodeLogger = slog.New(slog.DiscardHandler)
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("sim: %w", err)
+	}
+	r.exe = exe
+	r.dir = opts.Dir
+	if r.dir == "" {
+		d, err := os.MkdirTemp("", "ute-sim-")
+		if err != nil {
+			return nil, fmt.Errorf("sim: temporary directory: %w", err)
+		}
+		r.dir = d
+		defer func() { _ = os.RemoveAll(d) }()
+	}
+	res := &Result{Scenario: sc.Name, Description: sc.Description, File: sc.File(), Seed: r.seed, Nodes: sc.NodeCount(), Zones: len(sc.Zones),
+		Network: NetworkInfo{Latency: sc.Network.Latency.D(), Jitter: sc.Network.Jitter.D(), Loss: sc.Network.Loss}, Gossip: sc.Gossip,
+		Nondeterminism: nondeterminism}
+	start := time.Now()
+	defer r.stop()
+	if err := r.setup(ctx, res); err != nil {
+		return nil, err
+	}
+	res.Topology = r.topology()
+	r.runTimeline(ctx, res)
+	res.Traffic = r.traffic.summary()
+	res.NetworkStats = r.net.Stats()
+	res.Duration = time.Since(start)
+	for _, e := range res.Events {
+		if !e.Pass {
+			res.Failed++
+		}
+	}
+	return res, nil
+}
+
+const nondeterminism = "The network's loss and jitter are drawn per link from the seed, so the n-th packet on a link " +
+	"meets the same fate in every run. Not deterministic: the order in which goroutines send (Go's scheduler), " +
+	"the real-time timers of quic-go and memberlist (gossip targets are chosen by memberlist's own random source), " +
+	"and key generation, so measured times vary from run to run."
+
+func (r *runner) say(format string, args ...any) {
+	if r.progress != nil {
+		fmt.Fprintf(r.progress, format+"\n", args...)
+	}
+	r.log.Info(fmt.Sprintf(format, args...))
+}
+
+// scale reduces group counts so the topology has at most max nodes, keeping every node that an
+// event names.
+func scale(sc *scenario.Scenario, maxNodes int) *scenario.Scenario {
+	total := sc.NodeCount()
+	if maxNodes <= 0 || total <= maxNodes {
+		return sc
+	}
+	out := *sc
+	out.Nodes = slices.Clone(sc.Nodes)
+	named := map[string]bool{}
+	for _, e := range sc.Timeline {
+		for _, n := range append([]string{e.Node, e.Via}, slices.Concat(e.Sets...)...) {
+			named[n] = true
+		}
+	}
+	for i := range out.Nodes {
+		g := &out.Nodes[i]
+		if g.Count <= 1 {
+			continue
+		}
+		keep := 1
+		for j, n := range g.NodeNames() {
+			if named[n] {
+				keep = max(keep, j+1)
+			}
+		}
+		g.Count = max(keep, g.Count*maxNodes/total)
+	}
+	return &out
+}
+
+func (r *runner) setup(ctx context.Context, res *Result) error {
+	t := time.Now()
+	var err error
+	if r.net, err = memnet.New(r.seed, memnet.Link{Latency: r.sc.Network.Latency.D(), Jitter: r.sc.Network.Jitter.D(), Loss: r.sc.Network.Loss}); err != nil {
+		return err
+	}
+	if r.sc.Gossip == "fast" {
+		ft := membership.FastTiming()
+		r.timing = &ft
+		res.GossipInterval, res.Fanout = ft.GossipInterval, ft.GossipNodes
+	} else {
+		lt := membership.LANTiming()
+		res.GossipInterval, res.Fanout = config.Default().Gossip.Interval, lt.GossipNodes
+	}
+	if err := r.startAuthority(); err != nil {
+		return err
+	}
+	r.traffic = newTrafficStats()
+	// Plan the nodes.
+	i := 0
+	for gi := range r.sc.Nodes {
+		g := &r.sc.Nodes[gi]
+		for k, name := range g.NodeNames() {
+			n := &simNode{name: name, group: g, index: k, dir: filepath.Join(r.dir, "nodes", name),
+				addr: netip.AddrPortFrom(memnet.HostAddr(i), nodePort)}
+			for _, a := range g.Agents {
+				ref := scenario.AgentRef{Agent: g.AgentName(a, k), Zone: a.Zone}
+				n.agents = append(n.agents, ref)
+				r.agentAt[ref.String()] = name
+			}
+			r.nodes[name] = n
+			r.order = append(r.order, name)
+			r.groupOf[name] = g.Name
+			i++
+		}
+	}
+	r.say("%s: %d node(s) in %d zone(s), seed %d, gossip %s", r.sc.Name, len(r.order), len(r.sc.Zones), r.seed, r.sc.Gossip)
+	// Joins are sequential within a zone's first node so that later nodes receive bootstrap
+	// members; the rest run a few at once.
+	if err := r.each(ctx, r.order, r.join); err != nil {
+		return err
+	}
+	res.JoinTime = time.Since(t)
+	r.say("  joined %d node(s) with one-time tokens in %s", len(r.order), res.JoinTime.Round(time.Millisecond))
+	t = time.Now()
+	if err := r.each(ctx, r.order, r.start); err != nil {
+		return err
+	}
+	if err := r.awaitGossip(ctx, r.sc.Limits.Gossip.D()); err != nil {
+		return err
+	}
+	res.GossipTime = time.Since(t)
+	r.say("  every node found its zone peers by gossip in %s", res.GossipTime.Round(time.Millisecond))
+	if err := r.startServers(); err != nil {
+		return err
+	}
+	return nil
+}
+
+// each runs f for every name, Parallel at a time; the first error wins.
+func (r *runner) each(ctx context.Context, names []string, f func(context.Context, *simNode) error) error {
+	sem := make(chan struct{}, r.opts.Parallel)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var first error
+	for _, name := range names {
+		n := r.node(name)
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := f(ctx, n); err != nil {
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return first
+}
+
+func (r *runner) node(name string) *simNode {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return r.nodes[name]
+}
+
+type policyFile struct {
+	Zones []policyZone `yaml:"zones"`
+}
+
+type policyZone struct {
+	Name         string          `yaml:"name"`
+	CIDR         string          `yaml:"cidr"`
+	Regions      []string        `yaml:"regions"`
+	MinTrust     int             `yaml:"min_trust"`
+	IsolateBelow int             `yaml:"isolate_below"`
+	Rules        []scenario.Rule `yaml:"rules,omitempty"`
+}
+
+func (r *runner) startAuthority() error {
+	var pf policyFile
+	for _, z := range r.sc.Zones {
+		pf.Zones = append(pf.Zones, policyZone{Name: z.Name, CIDR: z.CIDR, Regions: z.Regions, MinTrust: 50, IsolateBelow: 20, Rules: z.Rules})
+	}
+	raw, err := yaml.Marshal(pf)
+	if err != nil {
+		return fmt.Errorf("sim: policy: %w", err)
+	}
+	pol := filepath.Join(r.dir, "policy.yaml")
+	if err := os.WriteFile(pol, raw, 0o600); err != nil {
+		return fmt.Errorf("sim: %w", err)
+	}
+	adir := filepath.Join(r.dir, "authority")
+	aopts := authority.Options{Limits: authority.Limits{MaxConnsPerSource: 64, MaxInFlight: 64}}
+	if err := authority.Init(adir, r.sc.TrustDomain, pol, aopts); err != nil {
+		return fmt.Errorf("sim: the scenario's zones are not a valid policy: %w", err)
+	}
+	a, err := authority.Open(adir, aopts)
+	if err != nil {
+		return fmt.Errorf("sim: authority: %w", err)
+	}
+	// The authority link is not simulated: joins go over real QUIC on loopback. The nodes run
+	// without the authority watch; the runner hands a revocation record to one node, as the
+	// watch would, and gossip does the rest.
+	srv, err := a.Listen("127.0.0.1:0")
+	if err != nil {
+		_ = a.Close()
+		return fmt.Errorf("sim: authority listen: %w", err)
+	}
+	r.auth, r.authAddr = a, srv.Addr().String()
+	sctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(sctx) }()
+	r.stopAuth = func() { cancel(); <-done; _ = a.Close() }
+	return nil
+}
+
+func hostFingerprint(name string) []byte {
+	fp := sha256.Sum256([]byte("ute sim host " + name))
+	return fp[:]
+}
+
+func (r *runner) join(ctx context.Context, n *simNode) error {
+	tok, err := r.auth.CreateToken(ctx, authority.TokenSpec{Zones: n.zones(), Regions: []string{n.group.Region}, TTL: 10 * time.Minute})
+	if err != nil {
+		return fmt.Errorf("sim: token for %s: %w", n.name, err)
+	}
+	n.token = tok.Token
+	jctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	sd, err := node.Join(jctx, node.JoinParams{Dir: n.dir, Authority: r.authAddr, Token: tok.Token, Name: n.name, Region: n.group.Region,
+		HostFingerprint: hostFingerprint(n.name), Advertise: n.addr.String()})
+	if err != nil {
+		return fmt.Errorf("sim: node %s join: %w", n.name, err)
+	}
+	for _, a := range n.agents {
+		if _, err := sd.AddAgent(state.AgentSpec{Name: a.Agent, Zone: a.Zone, Exe: r.exe, UID: uint32(os.Getuid()), GID: uint32(os.Getgid())}); err != nil {
+			return fmt.Errorf("sim: node %s agent %s: %w", n.name, a, err)
+		}
+	}
+	return nil
+}
+
+// start runs the node's daemon on a fresh memnet conn at its address; peers, when given, are
+// static bootstrap peers (a rejoining node uses live members, as an operator's config would).
+func (r *runner) start(ctx context.Context, n *simNode) error {
+	return r.startWith(ctx, n, nil)
+}
+
+func (r *runner) startWith(ctx context.Context, n *simNode, peers []config.Peer) error {
+	conn, err := r.net.Listen(n.addr)
+	if err != nil {
+		return fmt.Errorf("sim: node %s: %w", n.name, err)
+	}
+	cfg := config.Default()
+	cfg.Peers = peers
+	d, err := daemon.Start(ctx, daemon.Options{Dir: n.dir, Config: cfg, PacketConn: conn, NoAuthority: true, Timing: r.timing,
+		Logger: r.opts.NodeLogger.With("node", n.name)})
+	if err != nil {
+		_ = conn.Close()
+		return fmt.Errorf("sim: node %s start: %w", n.name, err)
+	}
+	r.mu.Lock()
+	n.conn, n.d = conn, d
+	r.mu.Unlock()
+	return nil
+}
+
+// crash stops a node's daemon and its socket.
+func (r *runner) crash(n *simNode) {
+	r.mu.Lock()
+	d, conn := n.d, n.conn
+	n.d, n.conn = nil, nil
+	r.mu.Unlock()
+	r.stopServers(n.name)
+	if d != nil {
+		_ = d.Close()
+	}
+	if conn != nil {
+		_ = conn.Close()
+	}
+}
+
+// live is the names of the running nodes, optionally only those serving zone.
+func (r *runner) live(zone string) []*simNode {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	var out []*simNode
+	for _, name := range r.order {
+		n := r.nodes[name]
+		if n.d != nil && (zone == "" || slices.Contains(n.zones(), zone)) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// awaitGossip waits until every live node's pools hold every live node of their zone.
+func (r *runner) awaitGossip(ctx context.Context, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for {
+		var missing []string
+		for _, z := range r.sc.Zones {
+			want := len(r.live(z.Name))
+			for _, n := range r.live(z.Name) {
+				if got := len(n.d.Members(z.Name)); got < want {
+					missing = append(missing, fmt.Sprintf("%s/%s:%d/%d", n.name, z.Name, got, want))
+				}
+			}
+		}
+		if len(missing) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if len(missing) > 8 {
+				missing = append(missing[:8], fmt.Sprintf("and %d more", len(missing)-8))
+			}
+			st := r.net.Stats()
+			return fmt.Errorf("sim: gossip did not find every zone member within %s: %s (network: %d packets sent, %d delivered, %d unreachable)",
+				limit, strings.Join(missing, " "), st.Sent, st.Delivered, st.Unreachable)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+func (r *runner) stop() {
+	if r.traffic != nil {
+		r.traffic.stop()
+	}
+	for _, name := range r.order {
+		r.stopServers(name)
+	}
+	var wg sync.WaitGroup
+	for _, name := range r.order {
+		n := r.nodes[name]
+		wg.Go(func() { r.crash(n) })
+	}
+	wg.Wait()
+	r.srvWG.Wait()
+	if r.net != nil {
+		_ = r.net.Close()
+	}
+	if r.stopAuth != nil {
+		r.stopAuth()
+	}
+}
+
+// agentID is the SPIFFE ID of agent ref.
+func (r *runner) agentID(ref scenario.AgentRef) string {
+	return identity.AgentID(r.sc.TrustDomain, ref.Zone, ref.Agent).String()
+}
+
+func (r *runner) nodeID(name string) string { return identity.NodeID(r.sc.TrustDomain, name).String() }
+
+// agent returns the SDK handle of ref on its node, or an error when the node is down.
+func (r *runner) agent(ref scenario.AgentRef) (*node.Agent, *simNode, error) {
+	r.mu.RLock()
+	n := r.nodes[r.agentAt[ref.String()]]
+	var d *daemon.Daemon
+	if n != nil {
+		d = n.d
+	}
+	r.mu.RUnlock()
+	if n == nil {
+		return nil, nil, fmt.Errorf("no node runs %s", ref)
+	}
+	if d == nil {
+		return nil, n, fmt.Errorf("%w: node %s is down", errNodeDown, n.name)
+	}
+	a, err := d.Node().Agent(ref.Zone, ref.Agent)
+	return a, n, err
+}
+
+var errNodeDown = errors.New("node down")
+
+// server is an agent's listener that answers each flow and counts the bytes of attack flows
+// that reached it: attempts send attackMarker first, legitimate traffic does not, so that
+// traffic running beside an attack is not counted as leaked.
+type server struct {
+	l        net.Listener
+	node     string
+	received counter
+}
+
+// attackMarker starts every payload an attack (or a flow event) sends.
+const attackMarker = "atk:"
+
+type counter struct {
+	mu sync.Mutex
+	n  int64
+}
+
+func (c *counter) add(k int) {
+	c.mu.Lock()
+	c.n += int64(k)
+	c.mu.Unlock()
+}
+
+func (c *counter) load() int64 {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+// destinations is every agent.zone:port that traffic or an event targets.
+func (r *runner) destinations() map[string]scenario.Dest {
+	out := map[string]scenario.Dest{}
+	add := func(s string) {
+		if d, err := scenario.ParseDest(s); err == nil {
+			out[d.String()] = d
+		}
+	}
+	for _, t := range r.sc.Traffic {
+		add(t.To)
+	}
+	for _, e := range r.sc.Timeline {
+		add(e.To)
+	}
+	return out
+}
+
+func (r *runner) startServers() error {
+	for _, d := range r.destinations() {
+		if err := r.startServer(d); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startServersOf restarts the listeners of a node's agents (after a rejoin).
+func (r *runner) startServersOf(name string) error {
+	for _, d := range r.destinations() {
+		if r.agentAt[d.AgentRef.String()] == name {
+			if err := r.startServer(d); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (r *runner) startServer(dst scenario.Dest) error {
+	a, n, err := r.agent(dst.AgentRef)
+	if err != nil {
+		return fmt.Errorf("sim: server %s: %w", dst, err)
+	}
+	l, err := a.Listen("tcp", fmt.Sprintf(":%d", dst.Port))
+	if err != nil {
+		return fmt.Errorf("sim: listen %s: %w", dst, err)
+	}
+	r.mu.Lock()
+	s := r.servers[dst.String()]
+	if s == nil {
+		s = &server{}
+		r.servers[dst.String()] = s
+	}
+	s.l, s.node = l, n.name
+	r.mu.Unlock()
+	r.srvWG.Go(func() {
+		var conns sync.WaitGroup
+		defer conns.Wait()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			conns.Go(func() {
+				defer func() { _ = c.Close() }()
+				_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+				buf := make([]byte, 512)
+				var head []byte
+				decided, attack, pending := false, false, 0
+				for {
+					k, err := c.Read(buf)
+					switch {
+					case !decided:
+						head = append(head, buf[:min(k, len(attackMarker)-len(head))]...)
+						pending += k
+						if len(head) == len(attackMarker) || err != nil {
+							decided, attack = true, string(head) == attackMarker
+							if attack {
+								s.received.add(pending)
+							}
+						}
+					case attack:
+						s.received.add(k)
+					}
+					if k > 0 {
+						if _, werr := c.Write([]byte("pong\n")); werr != nil {
+							return
+						}
+					}
+					if err != nil {
+						return
+					}
+				}
+			})
+		}
+	})
+	return nil
+}
+
+func (r *runner) stopServers(name string) {
+	r.mu.Lock()
+	var ls []net.Listener
+	for _, s := range r.servers {
+		if s.node == name && s.l != nil {
+			ls = append(ls, s.l)
+			s.l = nil
+		}
+	}
+	r.mu.Unlock()
+	for _, l := range ls {
+		_ = l.Close()
+	}
+}
+
+// received is the bytes that have reached dst so far.
+func (r *runner) received(dst scenario.Dest) int64 {
+	r.mu.RLock()
+	s := r.servers[dst.String()]
+	r.mu.RUnlock()
+	if s == nil {
+		return 0
+	}
+	return s.received.load()
+}
