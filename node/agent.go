@@ -310,6 +310,11 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	if err := a.n.usable(); err != nil {
 		return nil, refused(addr, "resolve", "expired", err)
 	}
+	// A revoked agent (or an agent of a revoked node) sends nothing: no peer would admit it, and
+	// the refusal should say why rather than how a closed tunnel looked.
+	if ids := a.revocationIDs(); a.n.isRevoked(ids...) {
+		return nil, refused(addr, "resolve", "revoked", fmt.Errorf("%w: %s or its node is revoked", dtl.ErrRevoked, a.id))
+	}
 	udp := isUDP(network)
 	if !isTCP(network) && !udp {
 		return nil, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: network %q; SDK agents dial tcp or udp", ErrUnsupported, network))

@@ -18,7 +18,8 @@ import (
 )
 
 // BenchmarkRevocationConvergence runs the shipped revocation-convergence scenario at several
-// sizes (UTE_SIM_BENCH_NODES=24,50,100 overrides the list) and reports the time until every live
+// sizes (UTE_SIM_BENCH_NODES=24,50,100 overrides the list; UTE_SIM_BENCH_GOSSIP=lan uses the
+// node's default gossip timings instead of the fast test profile) and reports the time until every live
 // member held the record (ms-to-100%), the model's time to 99.9%, the setup's wall-clock time
 // and the peak Go heap.
 func BenchmarkRevocationConvergence(b *testing.B) {
@@ -33,7 +34,10 @@ func BenchmarkRevocationConvergence(b *testing.B) {
 	}
 	sc, err := scenario.Load("scenarios/revocation-convergence.yaml")
 	require.NoError(b, err)
-	sc.Limits.Gossip = scenario.Duration(5 * time.Minute)
+	sc.Limits.Gossip = scenario.Duration(3 * time.Minute)
+	if g := os.Getenv("UTE_SIM_BENCH_GOSSIP"); g != "" {
+		sc.Gossip = g // lan: memberlist's LAN profile, the node default
+	}
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			for b.Loop() {

@@ -135,6 +135,9 @@ func (d *demo) run(ctx context.Context) error {
 	fmt.Fprintln(d.out, "\nRevocation (signed record: authority watch, then gossip; cuts live flows)")
 	d.revocation(ctx)
 
+	fmt.Fprintln(d.out, "\nTrustFlow (drift isolates: no human in the loop)")
+	d.drift(ctx)
+
 	fmt.Fprintf(d.out, "\n%d node(s), %d zone(s), finished in %s\n", len(d.nodes), 2, time.Since(start).Round(time.Millisecond))
 	if len(d.failures) > 0 {
 		return fmt.Errorf("demo: %d expectation(s) failed: %s", len(d.failures), strings.Join(d.failures, "; "))
@@ -630,6 +633,54 @@ func (d *demo) revocation(ctx context.Context) {
 		c, err := a.Dial(ctx, "tcp", "ledger.payments:8080")
 		if err == nil {
 			_ = c.Close()
+		}
+		return err
+	})
+}
+
+// drift moves node c into a region its zone does not allow (the region file a provisioning hook or
+// a cloud metadata agent writes): TrustFlow takes c's trust to 0, c revokes itself with a signed
+// record, node b cuts c's live flow and refuses c's new ones. No human in the loop.
+func (d *demo) drift(ctx context.Context) {
+	c, err := d.nodes["c"].Agent("support", "helpdesk")
+	if err != nil {
+		d.failf("helpdesk: %v", err)
+		return
+	}
+	conn, err := c.Dial(ctx, "tcp", "tickets.support:8080")
+	if err != nil {
+		d.failf("helpdesk → tickets before the drift: %v", err)
+		return
+	}
+	defer func() { _ = conn.Close() }()
+	cID := d.nodes["c"].ID().String()
+	t0 := time.Now()
+	if err := os.WriteFile(filepath.Join(d.dir, "c", nodedaemon.FileRegion), []byte("us-east-1\n"), 0o600); err != nil {
+		d.failf("move node c: %v", err)
+		return
+	}
+	for !d.daemons["b"].Store().Revoked(cID) {
+		if time.Since(t0) > 10*time.Second {
+			d.failf("node c drifted to us-east-1 but node b never held its revocation")
+			return
+		}
+		time.Sleep(time.Millisecond)
+	}
+	held := time.Since(t0)
+	_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+	_, rerr := conn.Read(make([]byte, 1))
+	if rerr == nil || errors.Is(rerr, os.ErrDeadlineExceeded) {
+		d.failf("node c's live flow was not cut after its drift: %v", rerr)
+		return
+	}
+	score := d.daemons["c"].TrustScore(cID)
+	fmt.Fprintf(d.out, "  ok       node c moved to us-east-1 (zone support allows eu-west-1): trust %d, c revoked itself\n", score)
+	fmt.Fprintf(d.out, "           node b held c's signed revocation %s after the move and cut helpdesk's live flow\n", held.Round(time.Millisecond))
+	d.expectRefused("helpdesk.support (node c, drifted) → tickets.support:8080 (new flow)", &d.servers["tickets"].received, dtl.ErrRevoked, func() error {
+		cc, err := c.Dial(ctx, "tcp", "tickets.support:8080")
+		if err == nil {
+			_ = cc.Close()
+			return nil
 		}
 		return err
 	})

@@ -100,12 +100,12 @@ const (
 
 // Unsupported maps the declared event kinds this version cannot run to the reason.
 var unsupported = map[string]string{
-	KindRegionDrift: "needs TrustFlow (region signal)",
-	KindDuplicate:   "needs TrustFlow (same identity at two endpoints)",
-	KindExeSwap:     "needs TrustFlow (workload fingerprint check at dial time)",
-	KindDirCopy:     "needs TrustFlow (same identity at two endpoints)",
-	KindChurn:       "not implemented in the runner yet; use crash and rejoin",
-	KindPolicy:      "not implemented in the runner yet",
+	KindRegionDrift: "the runner does not drive TrustFlow's region signal yet",
+	KindDuplicate:   "the runner does not drive TrustFlow's duplicate-identity signal yet",
+	KindExeSwap:     "the runner does not run agents as separate processes, so there is no executable to swap",
+	KindDirCopy:     "the runner does not drive TrustFlow's duplicate-identity signal yet",
+	KindChurn:       "the runner does not drive churn yet; use crash and rejoin",
+	KindPolicy:      "the runner does not apply policy changes yet",
 }
 
 // Event is one step of the timeline.
