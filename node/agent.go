@@ -313,7 +313,10 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	// A revoked agent (or an agent of a revoked node) sends nothing: no peer would admit it, and
 	// the refusal should say why rather than how a closed tunnel looked.
 	if ids := a.revocationIDs(); a.n.isRevoked(ids...) {
-		return nil, refused(addr, "resolve", "revoked", fmt.Errorf("%w: %s or its node is revoked", dtl.ErrRevoked, a.id))
+		err := fmt.Errorf("%w: %s or its node is revoked", dtl.ErrRevoked, a.id)
+		// Audited like any refusal: a revoked identity that still tries is the attack to see.
+		a.n.auditVerdict(ctx, a.n.ID().String(), a.id.Zone, &Provenance{Agent: a.id.String(), Node: a.n.ID().String(), Zone: a.id.Zone}, err)
+		return nil, refused(addr, "resolve", "revoked", err)
 	}
 	udp := isUDP(network)
 	if !isTCP(network) && !udp {

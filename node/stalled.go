@@ -9,8 +9,8 @@ import (
 	"github.com/ute-project/ute/overlay/tunnel"
 )
 
-// reasonStalled is the audit reason of streams a peer opened and never completed before admission
-// (issue 10 §5): stalled at their first-frame deadline, reset over the peer's pending budget, or
+// reasonStalled is the audit reason of streams a peer opened and never completed before
+// admission: stalled at their first-frame deadline, reset over the peer's pending budget, or
 // cut with a tunnel closed for filling its budget with silent streams.
 const reasonStalled = "stalled"
 

@@ -424,6 +424,7 @@ func (r *runner) live(zone string) []*simNode {
 // awaitGossip waits until every live node's pools hold every live node of their zone.
 func (r *runner) awaitGossip(ctx context.Context, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
+	nextReport := time.Now().Add(5 * time.Second)
 	for {
 		var missing []string
 		for _, z := range r.sc.Zones {
@@ -436,6 +437,10 @@ func (r *runner) awaitGossip(ctx context.Context, limit time.Duration) error {
 		}
 		if len(missing) == 0 {
 			return nil
+		}
+		if time.Now().After(nextReport) {
+			nextReport = time.Now().Add(5 * time.Second)
+			r.say("  gossip discovery: %d node/zone pool(s) still missing members (e.g. %s)", len(missing), missing[0])
 		}
 		if time.Now().After(deadline) {
 			if len(missing) > 8 {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -147,8 +148,8 @@ func newAuthorityAuditCmd() *cobra.Command {
 			tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 			_, _ = fmt.Fprintln(tw, "SEQ\tTIME\tEVENT\tOUTCOME\tTOKEN\tSUBJECT\tSERIAL\tREMOTE\tREASON")
 			for _, r := range recs {
-				_, _ = fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Event,
-					r.Outcome, r.TokenID, r.Subject, r.Serial, r.Remote, r.Reason)
+				_, _ = fmt.Fprintf(tw, "%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", r.Seq, r.Time.Format(time.RFC3339), r.Event,
+					r.Outcome, orDash(r.TokenID), orDash(r.Subject), serialOrDash(r.Serial), orDash(r.Remote), orDash(r.Reason))
 			}
 			return tw.Flush()
 		},
@@ -304,4 +305,12 @@ nodes then receive it when they reconnect to the daemon).`,
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print the new version as JSON")
 	cmd.Flags().DurationVar(&timeout, "lock-timeout", time.Second, "how long to wait for the store when no daemon answers")
 	return cmd
+}
+
+// serialOrDash prints a serial, or "-" for events that concern none (serials start at 1).
+func serialOrDash(n uint64) string {
+	if n == 0 {
+		return "-"
+	}
+	return strconv.FormatUint(n, 10)
 }

@@ -9,7 +9,7 @@ import (
 	"github.com/quic-go/quic-go"
 )
 
-// Cost before admission (issue 10 §5). Everything a peer makes this node hold before one of its
+// Cost before admission. Everything a peer makes this node hold before one of its
 // flows is admitted is bounded per peer: inbound tunnels per peer node and per source address,
 // streams waiting for their first frame or their verdict per tunnel and per peer, and the time a
 // stream may wait for its first frame, which shrinks as the peer's budget fills. A stream over a

@@ -110,7 +110,8 @@ type Limits struct {
 	DatagramQueue     int           // queued inbound datagrams per packet flow; default 256
 	MaxControlStreams int           // concurrent inbound control streams per tunnel; default 16
 	// Cost before admission (budget.go): inbound tunnels one peer node may hold (default 16) and
-	// one source IP address may hold (default 64); streams accepted but not yet admitted per
+	// one source IP address may hold (default 1024: nodes behind one NAT share an address, and the
+	// per-peer cap is the bound on one identity); streams accepted but not yet admitted per
 	// tunnel (default 256) and per peer node (default 1024), over which a new stream is reset at
 	// once; and the floor of the first-frame deadline, which shrinks from FirstFrameTimeout as
 	// the pending budget fills (default 250 ms). A tunnel whose pending budget is full while
@@ -155,7 +156,7 @@ func (l Limits) withDefaults() Limits {
 	defInt(&l.DatagramQueue, 256)
 	defInt(&l.MaxControlStreams, 16)
 	defInt(&l.MaxConnsPerPeer, 16)
-	defInt(&l.MaxConnsPerSource, 64)
+	defInt(&l.MaxConnsPerSource, 1024)
 	defInt(&l.MaxPendingPerConn, 256)
 	defInt(&l.MaxPendingPerPeer, 1024)
 	def(&l.MinFirstFrameTimeout, 250*time.Millisecond)
