@@ -164,19 +164,7 @@ func workloadOfPID(proc string, pid int, between func()) (Workload, error) {
 	if err != nil {
 		return Workload{}, fmt.Errorf("workload fingerprint of pid %d: %w", pid, err)
 	}
-	status, err := readSmall(filepath.Join(dir, "status"))
-	if err != nil {
-		return Workload{}, fmt.Errorf("workload fingerprint of pid %d: %w", pid, err)
-	}
-	uid, err := statusID(status, "Uid:")
-	if err != nil {
-		return Workload{}, fmt.Errorf("workload fingerprint of pid %d: %w", pid, err)
-	}
-	gid, err := statusID(status, "Gid:")
-	if err != nil {
-		return Workload{}, fmt.Errorf("workload fingerprint of pid %d: %w", pid, err)
-	}
-	cg, err := readSmall(filepath.Join(dir, "cgroup"))
+	w, err := ProcWorkload(dir, exe)
 	if err != nil {
 		return Workload{}, fmt.Errorf("workload fingerprint of pid %d: %w", pid, err)
 	}
@@ -190,8 +178,36 @@ func workloadOfPID(proc string, pid int, between func()) (Workload, error) {
 	if again != start {
 		return Workload{}, fmt.Errorf("workload fingerprint of pid %d: %w (start time %d, now %d)", pid, ErrPIDReused, start, again)
 	}
-	return Workload{ExeDigest: exe, UID: uid, GID: gid, Cgroup: canonicalCgroup(cg)}, nil
+	return w, nil
 }
+
+// ProcWorkload is the workload of the process whose /proc directory is dir, given the digest of
+// its executable: its effective uid and gid and its canonical cgroup. Node-side attestation
+// (node/attest) computes the digest through its own cache and must reach the same fingerprint
+// as enrollment, so both go through this function.
+func ProcWorkload(dir string, exeDigest [32]byte) (Workload, error) {
+	status, err := readSmall(filepath.Join(dir, "status"))
+	if err != nil {
+		return Workload{}, err
+	}
+	uid, err := statusID(status, "Uid:")
+	if err != nil {
+		return Workload{}, err
+	}
+	gid, err := statusID(status, "Gid:")
+	if err != nil {
+		return Workload{}, err
+	}
+	cg, err := readSmall(filepath.Join(dir, "cgroup"))
+	if err != nil {
+		return Workload{}, err
+	}
+	return Workload{ExeDigest: exeDigest, UID: uid, GID: gid, Cgroup: canonicalCgroup(cg)}, nil
+}
+
+// ProcStartTime is the start time (clock ticks since boot) of the process whose /proc directory
+// is dir: what tells a process from a later one that reuses its PID.
+func ProcStartTime(dir string) (uint64, error) { return procStartTime(dir) }
 
 // procStartTime returns field 22 of /proc/<pid>/stat. The command name (field 2) is in
 // parentheses and may itself contain spaces and parentheses, so parsing starts after the last ')'.

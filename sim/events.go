@@ -2,23 +2,15 @@ package sim
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
-	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 	"net/netip"
-	"net/url"
 	"path/filepath"
 	"slices"
 	"strings"
 	"time"
 
-	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/config"
@@ -26,6 +18,7 @@ import (
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
+	"github.com/ute-project/ute/sim/attack"
 	"github.com/ute-project/ute/sim/scenario"
 )
 
@@ -399,7 +392,7 @@ func (r *runner) forgedEvent(ctx context.Context, e scenario.Event) EventResult 
 		if err != nil {
 			return err
 		}
-		forged, agentKey, err := forgeAgentCert(n.Certificate(), key, e.Zone, "mallory", forgedIP(r.sc, e.Zone))
+		forged, agentKey, err := attack.ForgeAgentCert(n.Certificate(), key, e.Zone, "mallory", forgedIP(r.sc, e.Zone))
 		if err != nil {
 			return err
 		}
@@ -437,38 +430,6 @@ func forgedIP(sc *scenario.Scenario, zone string) netip.Addr {
 		}
 	}
 	return netip.Addr{}
-}
-
-// forgeAgentCert signs an agent certificate with a node key directly, skipping identity.Issue's
-// constraint checks, as a compromised node could.
-func forgeAgentCert(issuer *identity.Certificate, issuerKey ed25519.PrivateKey, zone, name string, ip netip.Addr) (*identity.Certificate, ed25519.PrivateKey, error) {
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	fp := sha256.Sum256([]byte(name))
-	ext, err := identity.MarshalClaims(identity.Claims{Zones: []identity.ZoneGrant{{Name: zone}}, OverlayIPs: []netip.Addr{ip}, Fingerprint: fp[:]})
-	if err != nil {
-		return nil, nil, err
-	}
-	u, err := url.Parse(identity.AgentID(issuer.ID.TrustDomain, zone, name).String())
-	if err != nil {
-		return nil, nil, err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: name},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
-		URIs: []*url.URL{u}, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.X509, pub, issuerKey)
-	if err != nil {
-		return nil, nil, err
-	}
-	c, err := identity.ParseCertificate(der)
-	return c, key, err
 }
 
 // revokeEvent revokes a subject at the authority, hands the signed record to one live member

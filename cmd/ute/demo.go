@@ -2,20 +2,14 @@ package main
 
 import (
 	"context"
-	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,7 +18,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/config"
@@ -32,6 +25,7 @@ import (
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
+	"github.com/ute-project/ute/sim/attack"
 )
 
 const demoPolicy = `zones:
@@ -465,7 +459,7 @@ func (d *demo) forgedAgent(ctx context.Context) {
 		d.failf("node c key: %v", err)
 		return
 	}
-	forged, agentKey, err := forgeAgentCert(c.Certificate(), key, "payments", "mallory", netip.MustParseAddr("100.100.1.77"))
+	forged, agentKey, err := attack.ForgeAgentCert(c.Certificate(), key, "payments", "mallory", netip.MustParseAddr("100.100.1.77"))
 	if err != nil {
 		d.failf("forging: %v", err)
 		return
@@ -496,38 +490,6 @@ func openAndSend(ctx context.Context, t *tunnel.Tunnel, rec []byte) error {
 	_, _ = fc.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
 	_ = fc.Close()
 	return nil
-}
-
-// forgeAgentCert signs an agent certificate with a node key directly, skipping identity.Issue's
-// constraint checks, as a compromised node could.
-func forgeAgentCert(issuer *identity.Certificate, issuerKey ed25519.PrivateKey, zone, name string, ip netip.Addr) (*identity.Certificate, ed25519.PrivateKey, error) {
-	pub, key, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	fp := sha256.Sum256([]byte(name))
-	ext, err := identity.MarshalClaims(identity.Claims{Zones: []identity.ZoneGrant{{Name: zone}}, OverlayIPs: []netip.Addr{ip}, Fingerprint: fp[:]})
-	if err != nil {
-		return nil, nil, err
-	}
-	u, err := url.Parse(identity.AgentID(issuer.ID.TrustDomain, zone, name).String())
-	if err != nil {
-		return nil, nil, err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: name},
-		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
-		URIs: []*url.URL{u}, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.X509, pub, issuerKey)
-	if err != nil {
-		return nil, nil, err
-	}
-	c, err := identity.ParseCertificate(der)
-	return c, key, err
 }
 
 // countingListener counts the bytes read from its conns: what reached the agent. It forwards

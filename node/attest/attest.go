@@ -1,7 +1,6 @@
 package attest
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
@@ -35,8 +34,6 @@ var (
 	ErrUnreadable = errors.New("attest: process could not be read")
 )
 
-// maxProcFile bounds reads of /proc text files (stat, status, cgroup).
-const maxProcFile = 64 << 10
 
 // maxNetFile bounds a read of /proc/net/tcp{,6}: 150 bytes a socket, so about 400k sockets.
 const maxNetFile = 64 << 20
@@ -331,7 +328,7 @@ func (a *Attester) holds(pid int, link string) bool {
 // agree, the process that holds the socket is the one whose executable, ids and cgroup were read.
 func (a *Attester) attestHolder(pid int, link string) (p Process, held bool, err error) {
 	dir := filepath.Join(a.proc, strconv.Itoa(pid))
-	start, err := startTime(dir)
+	start, err := identity.ProcStartTime(dir)
 	if err != nil {
 		return Process{}, false, nil // gone: not the holder
 	}
@@ -344,7 +341,7 @@ func (a *Attester) attestHolder(pid int, link string) (p Process, held bool, err
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
-	again, err := startTime(dir)
+	again, err := identity.ProcStartTime(dir)
 	if err != nil {
 		return Process{}, true, fmt.Errorf("%w: pid %d exited while being attested: %w", ErrPIDReused, pid, err)
 	}
@@ -361,7 +358,7 @@ func (a *Attester) Process(pid int) (Process, error) {
 		return Process{}, fmt.Errorf("%w: pid %d is not a process id", ErrNoOwner, pid)
 	}
 	dir := filepath.Join(a.proc, strconv.Itoa(pid))
-	start, err := startTime(dir)
+	start, err := identity.ProcStartTime(dir)
 	if err != nil {
 		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrNoOwner, pid, err)
 	}
@@ -372,7 +369,7 @@ func (a *Attester) Process(pid int) (Process, error) {
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
-	again, err := startTime(dir)
+	again, err := identity.ProcStartTime(dir)
 	if err != nil || again != start {
 		return Process{}, fmt.Errorf("%w: pid %d changed while being attested", ErrPIDReused, pid)
 	}
@@ -386,87 +383,11 @@ func (a *Attester) fingerprint(pid int, dir string) (Process, error) {
 	if err != nil {
 		return Process{}, fmt.Errorf("%w: pid %d executable: %w", ErrUnreadable, pid, err)
 	}
-	status, err := readLimited(filepath.Join(dir, "status"), maxProcFile)
+	w, err := identity.ProcWorkload(dir, digest)
 	if err != nil {
 		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrUnreadable, pid, err)
 	}
-	uid, err := statusID(status, "Uid:")
-	if err != nil {
-		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrUnreadable, pid, err)
-	}
-	gid, err := statusID(status, "Gid:")
-	if err != nil {
-		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrUnreadable, pid, err)
-	}
-	cg, err := readLimited(filepath.Join(dir, "cgroup"), maxProcFile)
-	if err != nil {
-		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrUnreadable, pid, err)
-	}
-	return Process{PID: pid, Exe: exe, Cached: cached,
-		Workload: identity.Workload{ExeDigest: digest, UID: uid, GID: gid, Cgroup: canonicalCgroup(cg)}}, nil
-}
-
-// startTime returns field 22 of <dir>/stat; parsing starts after the last ')' because the
-// command name may hold spaces and parentheses.
-func startTime(dir string) (uint64, error) {
-	b, err := readLimited(filepath.Join(dir, "stat"), maxProcFile)
-	if err != nil {
-		return 0, err
-	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("%s/stat: no command name", dir)
-	}
-	fields := strings.Fields(string(b[i+1:]))
-	const idx = 22 - 3
-	if len(fields) <= idx {
-		return 0, fmt.Errorf("%s/stat: %d fields, want at least 22", dir, len(fields)+2)
-	}
-	v, err := strconv.ParseUint(fields[idx], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("%s/stat: start time: %w", dir, err)
-	}
-	return v, nil
-}
-
-// statusID returns the effective ID (second column) of the Uid: or Gid: line.
-func statusID(status []byte, key string) (uint32, error) {
-	sc := bufio.NewScanner(bytes.NewReader(status))
-	for sc.Scan() {
-		rest, ok := strings.CutPrefix(sc.Text(), key)
-		if !ok {
-			continue
-		}
-		f := strings.Fields(rest)
-		if len(f) < 2 {
-			break
-		}
-		v, err := strconv.ParseUint(f[1], 10, 32)
-		if err != nil {
-			return 0, fmt.Errorf("status %s %q: %w", key, f[1], err)
-		}
-		return uint32(v), nil
-	}
-	return 0, fmt.Errorf("status has no usable %s line", key)
-}
-
-// canonicalCgroup is identity's reduction of /proc/<pid>/cgroup (the digest must be computed the
-// same way; TestWorkloadAgreesWithIdentity holds the two together): the path alone on a pure
-// cgroup v2 host, otherwise every "controllers:path" entry, sorted and joined with ';'.
-func canonicalCgroup(b []byte) string {
-	var entries []string
-	for line := range strings.SplitSeq(strings.TrimSpace(string(b)), "\n") {
-		_, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
-		if !ok {
-			continue
-		}
-		entries = append(entries, rest)
-	}
-	if len(entries) == 1 && strings.HasPrefix(entries[0], ":") {
-		return entries[0][1:]
-	}
-	slices.Sort(entries)
-	return strings.Join(entries, ";")
+	return Process{PID: pid, Exe: exe, Cached: cached, Workload: w}, nil
 }
 
 // readLimited reads a /proc file with plain system calls: os.Open's extra fcntl and poller
