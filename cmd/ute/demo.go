@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -126,6 +127,8 @@ func (d *demo) run(ctx context.Context) error {
 	d.tokenReuse(ctx)
 	d.forgedAgent(ctx)
 
+	d.workloadSwap(ctx)
+
 	fmt.Fprintln(d.out, "\nRevocation (signed record: authority watch, then gossip; cuts live flows)")
 	d.revocation(ctx)
 
@@ -210,7 +213,13 @@ func (d *demo) startNodes(ctx context.Context) error {
 			}
 			names = append(names, fmt.Sprintf("%s.%s=%s", ag[1], ag[0], a.IP))
 		}
-		dm, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: sd.Path(), Config: config.Default(), PacketConn: pc,
+		cfg := config.Default()
+		if p.name == "a" {
+			// Node a also gives its agents local proxies, for programs outside this process; each
+			// connection's process must be the agent's enrolled workload (workloadSwap below).
+			cfg.Interface = config.InterfaceProxy
+		}
+		dm, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: sd.Path(), Config: cfg, PacketConn: pc,
 			Logger: slog.New(slog.DiscardHandler)})
 		if err != nil {
 			return fmt.Errorf("demo: node %s: %w", p.name, err)
@@ -647,3 +656,45 @@ func (d *demo) drift(ctx context.Context) {
 		return err
 	})
 }
+
+// workloadSwap is the compromised service account: another program (bash, not the executable
+// billing-api was enrolled with) uses billing-api's local proxy on node a to reach ledger. Node a
+// finds the process behind the connection, compares it with the agent's enrolled workload and
+// refuses before any record is signed; TrustFlow lowers billing-api's trust.
+func (d *demo) workloadSwap(ctx context.Context) {
+	var proxyAddr string
+	for _, p := range d.daemons["a"].Proxies() {
+		if p.Agent == "billing-api" {
+			proxyAddr = p.HTTP.String()
+		}
+	}
+	bash, err := exec.LookPath("bash")
+	if proxyAddr == "" || err != nil {
+		fmt.Fprintf(d.out, "  skipped  another executable using billing-api's identity (needs bash and node a's proxy)\n")
+		return
+	}
+	host, port, _ := net.SplitHostPort(proxyAddr)
+	script := fmt.Sprintf(`exec 3<>/dev/tcp/%s/%s; printf 'CONNECT ledger.payments:8080 HTTP/1.1\r\nHost: ledger.payments:8080\r\n\r\nstolen-session-data' >&3; head -c 12 <&3`, host, port)
+	before := d.daemons["a"].TrustScore("spiffe://demo.internal/zone/payments/agent/billing-api")
+	d.expectRefused("bash uses billing-api's proxy (not its enrolled executable)", &d.servers["ledger"].received, errWorkload, func() error {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		out, err := exec.CommandContext(cctx, bash, "-c", script).Output()
+		if err != nil && len(out) == 0 {
+			return fmt.Errorf("bash: %w", err)
+		}
+		if strings.Contains(string(out), " 403") {
+			return errWorkload
+		}
+		return fmt.Errorf("proxy answered %q", out)
+	})
+	time.Sleep(300 * time.Millisecond) // the trust engine runs on its own tick
+	after := d.daemons["a"].TrustScore("spiffe://demo.internal/zone/payments/agent/billing-api")
+	fmt.Fprintf(d.out, "           node a attested the connection's process (bash) against billing-api's enrolled workload; trust %d → %d\n", before, after)
+	if after >= before {
+		d.failf("the refused workload did not lower billing-api's trust (%d → %d)", before, after)
+	}
+}
+
+// errWorkload is the proxy's refusal of a process that is not the agent's enrolled workload.
+var errWorkload = errors.New("workload mismatch")
