@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node/config"
 	"github.com/ute-project/ute/zones"
 )
 
@@ -55,16 +56,31 @@ func newAuthorityInitCmd() *cobra.Command {
 }
 
 func newAuthorityRunCmd() *cobra.Command {
-	var dir, listen string
+	var dir, listen, logFormat, logLevel string
 	cmd := &cobra.Command{
-		Use:   "run --dir D [--listen ADDR]",
+		Use:   "run --dir D [--listen ADDR] [--log-level LEVEL] [--log-format text|json]",
 		Short: "Serve joins and renewals over QUIC, and the admin socket, until interrupted",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if dir == "" {
 				return usagef("authority run needs --dir")
 			}
-			log := slog.New(slog.NewJSONHandler(cmd.ErrOrStderr(), nil))
+			// The same flags as `ute node run`, parsed by the same code so that values and errors
+			// agree; the authority keeps JSON as its default, which its log collectors expect.
+			var ov config.Overrides
+			if cmd.Flags().Changed("log-format") {
+				ov.LogFormat = &logFormat
+			}
+			if cmd.Flags().Changed("log-level") {
+				ov.LogLevel = &logLevel
+			}
+			logCfg := config.Default()
+			logCfg.Log.Format = config.LogJSON
+			logCfg, err := logCfg.Apply(ov)
+			if err != nil {
+				return err
+			}
+			log := slog.New(logCfg.Log.Handler(cmd.ErrOrStderr(), logCfg.Log.Level))
 			a, err := authority.Open(dir, authority.Options{Logger: log})
 			if err != nil {
 				return err
@@ -107,6 +123,8 @@ func newAuthorityRunCmd() *cobra.Command {
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7443", "UDP address for QUIC joins and renewals")
+	cmd.Flags().StringVar(&logFormat, "log-format", "json", "log format: text or json")
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return cmd
 }
 

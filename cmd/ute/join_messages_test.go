@@ -72,6 +72,9 @@ func TestJoinTimeoutSaysWhetherRetryIsSafe(t *testing.T) {
 	t.Cleanup(func() { _ = silent.Close() })
 	code, msg := join(silent.LocalAddr().String())
 	assert.Equal(t, 1, code, msg)
+	assert.Contains(t, msg, "ute: no authority answered at "+silent.LocalAddr().String()+" within 1.5 s: check the address")
+	assert.NotContains(t, msg, "no recent network activity")
+	assert.NotContains(t, msg, "deadline exceeded")
 	assert.Contains(t, msg, "the authority was not reached, so the token was not used: retrying with the same token is safe")
 	assert.Equal(t, 1, strings.Count(msg, "\n"), "one line: %q", msg)
 
@@ -83,6 +86,27 @@ func TestJoinTimeoutSaysWhetherRetryIsSafe(t *testing.T) {
 	assert.Contains(t, msg, "the request was sent and the authority may have redeemed the token")
 	assert.Contains(t, msg, "create a new token")
 	assert.Equal(t, 1, strings.Count(msg, "\n"), "one line: %q", msg)
+}
+
+// A server at the address holding another key than the token's pin: the error names both keys,
+// once, without the transport's "CRYPTO_ERROR 0x12a (local):" prefix.
+func TestJoinPinMismatchNamesBothKeys(t *testing.T) {
+	pinned, err := identity.GenerateKey()
+	require.NoError(t, err)
+	other, err := identity.GenerateKey()
+	require.NoError(t, err)
+	pin := identity.KeyHash(pinned.Public().(ed25519.PublicKey))
+	tok, err := identity.NewToken(pin)
+	require.NoError(t, err)
+	addr := stallingAuthority(t, other)
+
+	var stdout, stderr bytes.Buffer
+	code := run(context.Background(), []string{"node", "join", "--dir", filepath.Join(t.TempDir(), "n"), "--authority", addr,
+		"--token", tok.String(), "--name", "n1"}, &stdout, &stderr)
+	msg := stderr.String()
+	assert.Equal(t, 1, code, msg)
+	assert.Equal(t, "ute: authority key does not match the token's pin: the token pins authority key "+pin+", but the server at "+addr+
+		" presented key "+identity.KeyHash(other.Public().(ed25519.PublicKey))+"; check --authority, or ask this authority's operator for a token\n", msg)
 }
 
 func stallingAuthority(t *testing.T, key ed25519.PrivateKey) string {

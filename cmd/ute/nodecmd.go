@@ -81,10 +81,12 @@ func joinToken(flag string, stdin io.Reader, getenv func(string) string) (string
 // removed), so a retry is always harmless; what differs is whether it can succeed.
 func joinRetryAdvice(err error) error {
 	var ne net.Error
-	if !errors.Is(err, context.DeadlineExceeded) && !errors.Is(err, os.ErrDeadlineExceeded) && !(errors.As(err, &ne) && ne.Timeout()) {
+	timedOut := errors.Is(err, authority.ErrNoAnswer) || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+	if !timedOut {
 		return err
 	}
-	if strings.Contains(err.Error(), "connect to authority") {
+	if errors.Is(err, authority.ErrRequestNotSent) {
 		return fmt.Errorf("%w; the authority was not reached, so the token was not used: retrying with the same token is safe", err)
 	}
 	return fmt.Errorf("%w; the request was sent and the authority may have redeemed the token: retrying is safe (nothing was kept here), "+

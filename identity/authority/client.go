@@ -84,7 +84,7 @@ func Join(ctx context.Context, p JoinParams) (*Joined, error) {
 			return err
 		}
 		if !tok.MatchesKey(pub) {
-			return fmt.Errorf("%w: the server at %s presented key %s; check --authority or ask for a token from this authority", ErrPinMismatch, p.Addr, identity.KeyHash(pub))
+			return fmt.Errorf("%w: the token pins authority key %s, but the server at %s presented key %s; check --authority, or ask this authority's operator for a token", ErrPinMismatch, tok.Pin, p.Addr, identity.KeyHash(pub))
 		}
 		return nil
 	}
@@ -285,12 +285,19 @@ func roundTripOnce(ctx context.Context, addr string, verify func(tls.ConnectionS
 	}
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
+	wait := handshakeTimeout
+	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < wait {
+		wait = time.Until(dl)
+	}
 	conn, err := tr.Dial(ctx, raddr, tlsConf, &quic.Config{HandshakeIdleTimeout: handshakeTimeout, MaxIdleTimeout: requestTimeout})
 	if err != nil {
 		if errors.Is(err, ErrPinMismatch) {
 			return Response{}, pinError(err)
 		}
-		return Response{}, fmt.Errorf("connect to authority at %s: %w", addr, busyError(err))
+		if isTimeout(err) {
+			return Response{}, &noAnswerError{addr: addr, wait: wait, cause: err}
+		}
+		return Response{}, &notSentError{err: fmt.Errorf("connect to authority at %s: %w", addr, busyError(err))}
 	}
 	defer func() { _ = conn.CloseWithError(closeOK, "") }()
 	if conn.ConnectionState().Used0RTT {
@@ -298,7 +305,7 @@ func roundTripOnce(ctx context.Context, addr string, verify func(tls.ConnectionS
 	}
 	str, err := conn.OpenStreamSync(ctx)
 	if err != nil {
-		return Response{}, fmt.Errorf("open stream to authority at %s: %w", addr, busyError(err))
+		return Response{}, &notSentError{err: fmt.Errorf("open stream to authority at %s: %w", addr, busyError(err))}
 	}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = str.SetDeadline(dl)
@@ -321,17 +328,30 @@ func roundTripOnce(ctx context.Context, addr string, verify func(tls.ConnectionS
 	return resp, nil
 }
 
-// pinError unwraps the TLS layers quic-go adds around a VerifyConnection error, keeping our message.
+// pinError digs our pin-mismatch message out of the layers quic-go and crypto/tls add around a
+// VerifyConnection error (a transport error whose text starts "CRYPTO_ERROR 0x12a (local):"),
+// so that the operator reads which pin was expected and which key the server showed, nothing else.
 func pinError(err error) error {
-	var cur error = err
-	for cur != nil {
-		if u, ok := cur.(interface{ Unwrap() error }); ok {
-			if next := u.Unwrap(); next != nil && errors.Is(next, ErrPinMismatch) {
-				cur = next
-				continue
+	cur := err
+	for {
+		var kids []error
+		switch u := cur.(type) {
+		case interface{ Unwrap() error }:
+			kids = []error{u.Unwrap()}
+		case interface{ Unwrap() []error }:
+			kids = u.Unwrap()
+		}
+		var next error
+		for _, k := range kids {
+			if k != nil && errors.Is(k, ErrPinMismatch) {
+				next = k
+				break
 			}
 		}
-		break
+		// Stop at the error that wraps the bare sentinel: it carries the explanation.
+		if next == nil || next == ErrPinMismatch {
+			return cur
+		}
+		cur = next
 	}
-	return cur
 }

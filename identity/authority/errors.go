@@ -1,8 +1,13 @@
 package authority
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"time"
 )
 
 // Refusals of a join or renewal. The server maps each to a distinct wire code and the client maps
@@ -167,3 +172,50 @@ type RefusalError struct {
 
 func (e *RefusalError) Error() string { return e.Message }
 func (e *RefusalError) Unwrap() error { return codeErrors[e.Code] }
+
+// Failures before the request left this host. A join that fails with either never showed its
+// token to anyone, so retrying with the same token is safe; callers tell them apart with
+// errors.Is instead of reading the message.
+var (
+	// ErrRequestNotSent means the request was never sent: the connection to the authority failed
+	// (ErrNoAnswer among other causes) before the first byte of the request was written.
+	ErrRequestNotSent = errors.New("request not sent to the authority")
+	// ErrNoAnswer means nothing completed a handshake at the address in time: no authority runs
+	// there, the address is wrong, or a firewall drops the UDP packets. It wraps ErrRequestNotSent.
+	ErrNoAnswer = errors.New("no authority answered")
+)
+
+// noAnswerError says, for people, where nothing answered and for how long we waited; it still
+// matches the underlying timeout (context.DeadlineExceeded or quic-go's idle timeout) with
+// errors.Is/As, whose own text ("timeout: no recent network activity") explains nothing.
+type noAnswerError struct {
+	addr  string
+	wait  time.Duration
+	cause error
+}
+
+func (e *noAnswerError) Error() string {
+	return fmt.Sprintf("%s at %s within %s: check the address and that `ute authority run` listens there (UDP) and is not blocked by a firewall",
+		ErrNoAnswer, e.addr, humanSeconds(e.wait))
+}
+
+func (e *noAnswerError) Unwrap() []error { return []error{ErrNoAnswer, ErrRequestNotSent, e.cause} }
+
+// notSentError marks a connection failure as happening before the request was sent, keeping the
+// underlying error's text.
+type notSentError struct{ err error }
+
+func (e *notSentError) Error() string   { return e.err.Error() }
+func (e *notSentError) Unwrap() []error { return []error{ErrRequestNotSent, e.err} }
+
+// humanSeconds writes d as "5 s" or "1.5 s": the unit spelled for people, one decimal at most.
+func humanSeconds(d time.Duration) string {
+	s := strconv.FormatFloat(d.Round(100*time.Millisecond).Seconds(), 'f', -1, 64)
+	return s + " s"
+}
+
+// isTimeout reports whether err is a deadline or a network timeout.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
