@@ -34,7 +34,6 @@ var (
 	ErrUnreadable = errors.New("attest: process could not be read")
 )
 
-
 // maxNetFile bounds a read of /proc/net/tcp{,6}: 150 bytes a socket, so about 400k sockets.
 const maxNetFile = 64 << 20
 
