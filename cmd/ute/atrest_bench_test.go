@@ -22,6 +22,7 @@ import (
 	"github.com/ute-project/ute/node/config"
 	nodedaemon "github.com/ute-project/ute/node/daemon"
 	"github.com/ute-project/ute/node/localapi"
+	"github.com/ute-project/ute/node/membership"
 )
 
 // BenchmarkNodeAtRest measures one `ute node run` process at rest in a zone of 100 nodes: the
@@ -29,6 +30,15 @@ import (
 // measured one is a subprocess so that its RSS and CPU are its own. After every member has joined,
 // it samples the process for 10 s: resident memory at the end (rss-MiB) and CPU over the window as
 // a percentage of one core (cpu-%). Targets (docs/design.md (performance targets)): ≤ 60 MiB and ≤ 1 %.
+//
+// The measured node runs the production defaults (config.Default()). The 99 peers share the
+// benchmark's cores, so they run memberlist with slower probes and gossip (peerTiming): with
+// production timings 99 daemons kept 1.8 of the 2 cores of the reference machine busy, timed each
+// other out, and the member count the measured node saw fell back while joining (86 to 75) and
+// was 96 at the end of a window: that suspicion and refutation traffic (and the handshakes of
+// re-opened tunnels), not the node's own work, was most of what the benchmark measured. The
+// peers still probe, gossip and push/pull, and their tunnels to the measured node keep QUIC's
+// production keep-alive.
 func BenchmarkNodeAtRest(b *testing.B) {
 	const peers = 99
 	tmp := b.TempDir()
@@ -61,13 +71,20 @@ func BenchmarkNodeAtRest(b *testing.B) {
 	}
 	// Every node joins first, so that the joins do not compete with the running daemons.
 	quiet := slog.New(slog.DiscardHandler)
+	// peerTiming: see the comment above; only the 99 in-process peers use it.
+	peerTiming := membership.LANTiming()
+	peerTiming.GossipInterval = time.Second
+	peerTiming.ProbeInterval = 5 * time.Second
+	peerTiming.ProbeTimeout = 2 * time.Second
+	peerTiming.PushPullInterval = 60 * time.Second
 	dirs, pcs := make([]string, peers), make([]net.PacketConn, peers)
 	for i := range peers {
 		dirs[i], pcs[i] = join(fmt.Sprintf("peer%03d", i))
 	}
 	dir, pc := join("measured")
 	for i := range peers {
-		d, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: dirs[i], Config: config.Default(), PacketConn: pcs[i], Logger: quiet, NoAuthority: true})
+		d, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: dirs[i], Config: config.Default(), PacketConn: pcs[i], Logger: quiet, NoAuthority: true,
+			Timing: &peerTiming})
 		require.NoError(b, err)
 		defer func() { _ = d.Close(); _ = pcs[i].Close() }()
 	}
@@ -84,14 +101,23 @@ func BenchmarkNodeAtRest(b *testing.B) {
 	c, err := localapi.Dial(ctx, localapi.SocketPath(dir))
 	require.NoError(b, err)
 	defer func() { _ = c.Close() }()
-	deadline := time.Now().Add(2 * time.Minute)
+	// At rest means every member seen and the tunnels built: the node opens a tunnel to a
+	// member when it first probes or gossips to it (about one a second), and a window that
+	// still holds those handshakes measures the joining, not the rest. Members must all be
+	// seen within 2 minutes; tunnels get a minute more, after which the window starts anyway
+	// (the tunnels metric shows how many were up).
+	start := time.Now()
 	for {
 		st, err := c.Status(ctx)
 		require.NoError(b, err)
-		if len(st.Zones) == 1 && st.Zones[0].Members == peers+1 {
+		members := 0
+		if len(st.Zones) == 1 {
+			members = st.Zones[0].Members
+		}
+		if members == peers+1 && (tunnelsUp(st) >= peers || time.Since(start) > 3*time.Minute) {
 			break
 		}
-		require.True(b, time.Now().Before(deadline), "the measured node never saw all %d members", peers+1)
+		require.True(b, members == peers+1 || time.Since(start) < 2*time.Minute, "the measured node never saw all %d members", peers+1)
 		time.Sleep(200 * time.Millisecond)
 	}
 
@@ -107,14 +133,22 @@ func BenchmarkNodeAtRest(b *testing.B) {
 	b.StopTimer() // closing the 99 daemons is not part of the measurement
 	st, err := c.Status(ctx)
 	require.NoError(b, err)
-	up := 0
-	for _, p := range st.Zones[0].Peers {
-		if p.Tunnel == localapi.TunnelUp {
-			up++
-		}
-	}
+	up := tunnelsUp(st)
 	b.ReportMetric(float64(up), "tunnels")
 	b.ReportMetric(float64(st.Zones[0].Members), "members")
+}
+
+// tunnelsUp counts the peers the node holds a live tunnel with.
+func tunnelsUp(st localapi.Status) int {
+	up := 0
+	for _, z := range st.Zones {
+		for _, p := range z.Peers {
+			if p.Tunnel == localapi.TunnelUp {
+				up++
+			}
+		}
+	}
+	return up
 }
 
 // procCPU is a process's user plus system CPU time (/proc/PID/stat fields 14 and 15).

@@ -118,27 +118,41 @@ func (d *Daemon) members(zone string) []membership.Member {
 
 // poolLoop joins each zone's pool through the bootstrap members until it has a peer, and feeds
 // the members gossip discovers to the node as peers (the node still verifies each one at the
-// handshake: a member is only a hint of where a node ID can be reached).
+// handshake: a member is only a hint of where a node ID can be reached). It hands members over
+// when membership reports a change, not on a timer: polling every member of a 100-node zone
+// four times a second was most of an idle node's CPU. The gauges are refreshed every
+// gaugeEvery, and the full member sync runs then too, in case a notice was coalesced away
+// while a pool was being replaced.
 func (d *Daemon) poolLoop() {
-	const syncEvery = 250 * time.Millisecond
+	const gaugeEvery = 2 * time.Second
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	var changes <-chan struct{}
+	if p != nil {
+		changes = p.m.Changes()
+	}
 	wait := 200 * time.Millisecond
-	nextJoin := time.Now()
-	t := time.NewTicker(syncEvery)
-	defer t.Stop()
+	join := time.NewTimer(0)
+	defer join.Stop()
+	gauges := time.NewTicker(gaugeEvery)
+	defer gauges.Stop()
 	for {
-		d.syncMembers()
-		if now := time.Now(); !now.Before(nextJoin) {
+		select {
+		case <-d.ctx.Done():
+			return
+		case <-changes:
+			d.syncMembers(false)
+		case <-gauges.C:
+			d.syncMembers(true)
+		case <-join.C:
+			d.syncMembers(true)
 			if d.joinPools() {
 				wait = min(wait*2, 5*time.Second)
 			} else {
 				wait = time.Second
 			}
-			nextJoin = now.Add(wait + time.Duration(rand.Int64N(int64(wait)/4)))
-		}
-		select {
-		case <-d.ctx.Done():
-			return
-		case <-t.C:
+			join.Reset(wait + time.Duration(rand.Int64N(int64(wait)/4)))
 		}
 	}
 }
@@ -152,15 +166,21 @@ func (d *Daemon) joinPools() (failed bool) {
 	if p == nil {
 		return false
 	}
+	var alone []string
+	for _, z := range p.m.Zones() {
+		if len(p.m.Members(z)) <= 1 {
+			alone = append(alone, z)
+		}
+	}
+	if len(alone) == 0 {
+		return false // every pool has a peer: no need to read the bootstrap members
+	}
 	stored, err := d.dir.Members()
 	if err != nil {
 		d.log.Warn("bootstrap members", "err", err)
 	}
 	td := d.node.ID().TrustDomain
-	for _, z := range p.m.Zones() {
-		if len(p.m.Members(z)) > 1 {
-			continue
-		}
+	for _, z := range alone {
 		var seeds []membership.Seed
 		for _, s := range stored {
 			if len(s.Zones) > 0 && !slices.Contains(s.Zones, z) {
@@ -195,8 +215,9 @@ func (d *Daemon) joinPools() (failed bool) {
 	return failed
 }
 
-// syncMembers hands the node every member it does not know yet and updates the gauges.
-func (d *Daemon) syncMembers() {
+// syncMembers hands the node every member of every pool (the node keeps one address per node
+// ID, so handing a known member again costs a map write) and, with gauges, updates the gauges.
+func (d *Daemon) syncMembers(gauges bool) {
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -204,14 +225,19 @@ func (d *Daemon) syncMembers() {
 		return
 	}
 	self := d.node.ID().String()
-	tunnels := map[string]int{}
-	for _, t := range d.node.Snapshot().Tunnels {
-		tunnels[t.Zone]++
+	var tunnels map[string]int
+	if gauges {
+		tunnels = map[string]int{}
+		for _, t := range d.node.Snapshot().Tunnels {
+			tunnels[t.Zone]++
+		}
 	}
 	for _, z := range p.m.Zones() {
 		ms := p.m.Members(z)
-		d.metrics.SetGossipMembers(z, len(ms))
-		d.metrics.SetTunnels(z, tunnels[z])
+		if gauges {
+			d.metrics.SetGossipMembers(z, len(ms))
+			d.metrics.SetTunnels(z, tunnels[z])
+		}
 		for _, m := range ms {
 			if m.NodeID == self || !m.Addr.IsValid() {
 				continue

@@ -58,6 +58,20 @@ type trust struct {
 	mismatchAt map[string]time.Time // last workload-mismatch signal per agent
 	expiring   string               // serial already signalled as expiring
 	region     string               // region already signalled as drifted
+	dupAt      time.Time            // last duplicate check (see dupEvery)
+}
+
+// dupEvery is how often the trust loop compares inbound tunnels for a duplicated identity: an
+// eighth of the confirmation time, between trustTick and 2 s. The comparison walks every tunnel
+// (a node snapshot), which at 100 tunnels four times a second was the trust loop's main cost
+// at rest; a sighting must persist for the whole confirmation time anyway (45 s by default), so
+// checking every 2 s instead adds at most 2 s to it. The region file is still read every tick.
+func (t *trust) dupEvery() time.Duration {
+	confirm := t.d.opts.DuplicateConfirm
+	if confirm <= 0 {
+		confirm = 45 * time.Second // trustflow.DuplicateDetector's default
+	}
+	return min(max(confirm/8, trustTick), 2*time.Second)
 }
 
 type trustInput struct {
@@ -214,7 +228,10 @@ func (t *trust) signal(ctx context.Context, s trustflow.Signal) {
 // so that a subject recovering by decay is audited too.
 func (t *trust) check(ctx context.Context) {
 	t.checkRegion(ctx)
-	t.checkDuplicates(ctx)
+	if now := t.d.now(); now.Sub(t.dupAt) >= t.dupEvery() || now.Before(t.dupAt) {
+		t.dupAt = now
+		t.checkDuplicates(ctx)
+	}
 	t.checkExpiry(ctx)
 	for _, sc := range t.eng.Scores() {
 		t.act(ctx, sc.Subject)

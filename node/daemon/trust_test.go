@@ -529,3 +529,18 @@ func TestTrustWorkloadMismatchLowersAgent(t *testing.T) {
 	out := runHelper(t, exe, p.SOCKS.String(), "ledger.payments:8080")
 	assert.Equal(t, fmt.Sprint(proxy.ReplySucceeded), out, "the enrolled workload still gets through at 75")
 }
+
+// TestDupEveryBoundsTheDelay: the duplicate comparison runs at an eighth of the confirmation
+// time, never more often than the trust tick and never less often than every 2 s, so that it
+// adds at most 2 s to the 45 s default and nothing to a test's short confirmation.
+func TestDupEveryBoundsTheDelay(t *testing.T) {
+	for _, c := range []struct{ confirm, want time.Duration }{
+		{0, 2 * time.Second},
+		{45 * time.Second, 2 * time.Second},
+		{8 * time.Second, time.Second},
+		{300 * time.Millisecond, trustTick},
+	} {
+		tr := &trust{d: &Daemon{opts: Options{DuplicateConfirm: c.confirm}}}
+		assert.Equal(t, c.want, tr.dupEvery(), "confirm %v", c.confirm)
+	}
+}

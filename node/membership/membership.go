@@ -213,6 +213,8 @@ type Membership struct {
 	seen *seenSet
 	work chan job
 	sem  chan struct{}
+	// changed holds one pending notice that some pool's member set changed (see Changes).
+	changed chan struct{}
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -248,6 +250,8 @@ func New(cfg Config) (*Membership, error) {
 		work:  make(chan job, cfg.WorkQueue),
 		sem:   make(chan struct{}, cfg.PushParallel),
 		pools: map[string]*pool{},
+
+		changed: make(chan struct{}, 1),
 	}
 	if err := cfg.Mux.HandleStream(gossip.ChannelRecords, m.handlePush); err != nil {
 		return nil, fmt.Errorf("membership: %w", err)
@@ -285,6 +289,20 @@ func (m *Membership) RemoveZone(zone string) error {
 		return fmt.Errorf("%w: %q", ErrUnknownZone, zone)
 	}
 	return p.stop(m.cfg.LeaveTimeout)
+}
+
+// Changes delivers a notice after a member joins, changes address or leaves any pool, so that a
+// caller can react to membership instead of polling Members. Notices coalesce: one receive may
+// stand for many changes, and a change made while a notice is pending adds none; the receiver
+// re-reads Members after each. Never closed.
+func (m *Membership) Changes() <-chan struct{} { return m.changed }
+
+// notifyChanged posts a notice without blocking (memberlist calls it under its node lock).
+func (m *Membership) notifyChanged() {
+	select {
+	case m.changed <- struct{}{}:
+	default:
+	}
 }
 
 // Zones returns the zones with a pool, sorted.
@@ -824,14 +842,22 @@ func (p *pool) NotifyUpdate(n *memberlist.Node) { p.setMember(n) }
 // NotifyLeave forgets a member declared dead or gone.
 func (p *pool) NotifyLeave(n *memberlist.Node) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	_, had := p.members[n.Name]
 	delete(p.members, n.Name)
+	p.mu.Unlock()
+	if had {
+		p.m.notifyChanged()
+	}
 }
 
 func (p *pool) setMember(n *memberlist.Node) {
 	addr, _ := netip.AddrFromSlice(n.Addr)
 	mem := Member{NodeID: n.Name, Addr: netip.AddrPortFrom(addr.Unmap(), n.Port), State: stateName(memberlist.StateAlive)}
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	old, had := p.members[n.Name]
 	p.members[n.Name] = mem
+	p.mu.Unlock()
+	if !had || old != mem {
+		p.m.notifyChanged()
+	}
 }

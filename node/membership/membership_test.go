@@ -358,3 +358,44 @@ func nodes(names ...string) []*memberlist.Node {
 	}
 	return out
 }
+
+// TestChangesNotifiesJoinAndLeave: a member joining and a member leaving each post a notice on
+// Changes, and a pool at rest posts none (a caller waiting on it does no work).
+func TestChangesNotifiesJoinAndLeave(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	a := startMember(t, auth, sg, "n0", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{})
+	b := startMember(t, auth, sg, "n1", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{})
+	drain := func() {
+		for {
+			select {
+			case <-a.m.Changes():
+			default:
+				return
+			}
+		}
+	}
+	drain()
+	_, err := b.m.Join(ctxT(t), "z", []Seed{seedOf(a)})
+	require.NoError(t, err)
+	select {
+	case <-a.m.Changes():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no notice after a member joined")
+	}
+	waitMembers(t, []*member{a, b}, "z", 2, 5*time.Second)
+	drain()
+	// At rest: probes and acks change nothing, so nothing is posted.
+	select {
+	case <-a.m.Changes():
+		t.Fatal("a notice without a membership change")
+	case <-time.After(3 * FastTiming().ProbeInterval):
+	}
+	require.NoError(t, b.m.RemoveZone("z")) // b leaves the pool
+	select {
+	case <-a.m.Changes():
+	case <-time.After(5 * time.Second):
+		t.Fatal("no notice after a member left")
+	}
+	require.Eventually(t, func() bool { return len(a.m.Members("z")) == 1 }, 5*time.Second, 10*time.Millisecond)
+}
