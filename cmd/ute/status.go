@@ -23,6 +23,28 @@ func dialNode(ctx context.Context, dir string) (*localapi.Client, error) {
 	return c, nil
 }
 
+// queryNode asks the daemon of dir one read question and prints the answer, as indented JSON
+// with --json or with print otherwise: the shape of every read command against a node.
+func queryNode[T any](cmd *cobra.Command, dir string, asJSON bool, ask func(*localapi.Client, context.Context) (T, error), print func(io.Writer, T) error) error {
+	ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
+	defer cancel()
+	c, err := dialNode(ctx, dir)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = c.Close() }()
+	v, err := ask(c, ctx)
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		enc := json.NewEncoder(cmd.OutOrStdout())
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	}
+	return print(cmd.OutOrStdout(), v)
+}
+
 func newStatusCmd() *cobra.Command {
 	var (
 		dir    string
@@ -36,23 +58,7 @@ func newStatusCmd() *cobra.Command {
 			if dir == "" {
 				return usagef("status needs --dir (the node directory)")
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
-			defer cancel()
-			c, err := dialNode(ctx, dir)
-			if err != nil {
-				return err
-			}
-			defer func() { _ = c.Close() }()
-			st, err := c.Status(ctx)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(st)
-			}
-			return printStatus(cmd.OutOrStdout(), st)
+			return queryNode(cmd, dir, asJSON, (*localapi.Client).Status, printStatus)
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "node directory")
@@ -111,23 +117,13 @@ func newWhoisCmd() *cobra.Command {
 			if err != nil {
 				return usagef("%v", err)
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
-			defer cancel()
-			c, err := dialNode(ctx, dir)
-			if err != nil {
-				return err
-			}
-			defer func() { _ = c.Close() }()
-			w, err := c.WhoIs(ctx, addr)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(w)
-			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s (zone %s) via %s, region %s, trust %d, drift %s, flow %d to %s\n",
-				w.Agent, w.Zone, w.Node, orDash(w.Region), w.Trust, orDash(strings.Join(w.Drift, "|")), w.FlowID, w.Destination)
-			return err
+			return queryNode(cmd, dir, asJSON,
+				func(c *localapi.Client, ctx context.Context) (localapi.WhoIs, error) { return c.WhoIs(ctx, addr) },
+				func(out io.Writer, w localapi.WhoIs) error {
+					_, err := fmt.Fprintf(out, "%s (zone %s) via %s, region %s, trust %d, drift %s, flow %d to %s\n",
+						w.Agent, w.Zone, w.Node, orDash(w.Region), w.Trust, orDash(strings.Join(w.Drift, "|")), w.FlowID, w.Destination)
+					return err
+				})
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "node directory")

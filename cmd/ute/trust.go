@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"text/tabwriter"
@@ -42,23 +41,10 @@ func newTrustExplainCmd() *cobra.Command {
 			if dir == "" {
 				return usagef("trust explain needs --dir (the node directory)")
 			}
-			ctx, cancel := context.WithTimeout(cmd.Context(), 15*time.Second)
-			defer cancel()
-			c, err := dialNode(ctx, dir)
-			if err != nil {
-				return err
-			}
-			defer func() { _ = c.Close() }()
-			x, err := c.TrustExplain(ctx, args[0])
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				enc := json.NewEncoder(cmd.OutOrStdout())
-				enc.SetIndent("", "  ")
-				return enc.Encode(x)
-			}
-			return printTrust(cmd.OutOrStdout(), x)
+			return queryNode(cmd, dir, asJSON,
+				func(c *localapi.Client, ctx context.Context) (localapi.TrustExplanation, error) {
+					return c.TrustExplain(ctx, args[0])
+				}, printTrust)
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "node directory")
