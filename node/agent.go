@@ -340,6 +340,8 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	if err != nil {
 		return nil, dialErr(addr, err)
 	}
+	// Taken again after the record was signed: a renewal in between swapped the certificate
+	// whose serial a revocation would name.
 	f := &liveFlow{ids: a.revocationIDs(), t: t, abort: fc.Abort}
 	c := &dialedConn{FlowConn: fc, untrack: func() { a.n.untrackFlow(f) }}
 	a.n.trackFlow(f)

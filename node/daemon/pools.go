@@ -249,10 +249,12 @@ func (d *Daemon) syncMembers(gauges bool) {
 	}
 }
 
-// spread publishes a record that just changed the store in the pools it concerns. A record gossip
-// brought is re-broadcast by its pool already; it still crosses into this node's other pools
-// that it concerns (a node revoked in two zones).
-func (d *Daemon) spread(raw []byte, from Origin, arrivedOn ...string) {
+// spread publishes a record that just changed the store in the pools it concerns: an agent's
+// revocation only in the agent's zone (zone; so that members of other zones never receive it),
+// everything else (nodes, serials, policy releases: zone "") in every pool. A record gossip
+// brought is re-broadcast by its pool already; it still crosses into this node's other pools that
+// it concerns (a node revoked in two zones).
+func (d *Daemon) spread(raw []byte, zone string, from Origin, arrivedOn ...string) {
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -261,7 +263,7 @@ func (d *Daemon) spread(raw []byte, from Origin, arrivedOn ...string) {
 	}
 	var zones []string
 	for _, z := range p.m.Zones() {
-		if !slices.Contains(arrivedOn, z) && d.concerns(raw, z) {
+		if !slices.Contains(arrivedOn, z) && (zone == "" || zone == z) {
 			zones = append(zones, z)
 		}
 	}
@@ -271,17 +273,6 @@ func (d *Daemon) spread(raw []byte, from Origin, arrivedOn ...string) {
 	if err := p.m.Publish(raw, zones...); err != nil {
 		d.log.Warn("publish record", "from", string(from), "err", err)
 	}
-}
-
-// concerns reports whether a held record belongs in zone's pool: an agent's revocation only in
-// the agent's zone (so that members of other zones never receive it), everything else (nodes,
-// serials, policy releases) in every pool.
-func (d *Daemon) concerns(raw []byte, zone string) bool {
-	rev, err := d.verif.ReverifyRevocation(raw, d.now())
-	if err != nil {
-		return true // a policy release
-	}
-	return recordZone(rev) == "" || recordZone(rev) == zone
 }
 
 // recordZone is the zone of an agent revocation's subject, or "" for any other subject.

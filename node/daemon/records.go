@@ -38,7 +38,7 @@ func (d *Daemon) accept(ctx context.Context, raw []byte, from Origin, arrivedOn 
 	if err == nil {
 		if changed {
 			d.applyRevocation(ctx, rev, from)
-			d.spread(raw, from, arrivedOn...)
+			d.spread(raw, recordZone(rev), from, arrivedOn...)
 			d.retireIfRevoked()
 		}
 		return changed, nil
@@ -67,7 +67,7 @@ func (d *Daemon) accept(ctx context.Context, raw []byte, from Origin, arrivedOn 
 		d.log.Error("policy release stored but not applied", "version", rel.Claims.PolicyVersion, "err", err)
 		return true, err
 	}
-	d.spread(raw, from, arrivedOn...)
+	d.spread(raw, "", from, arrivedOn...)
 	return true, nil
 }
 
