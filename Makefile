@@ -1,7 +1,9 @@
 # UTE build, test and measurement entry points. See README.md.
 GO          ?= go
 BIN         := bin/ute
-STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
+STATICCHECK_VERSION := v0.8.2
+# Built once into bin/tools under its version's name, so lint never downloads or rebuilds it again.
+STATICCHECK := bin/tools/staticcheck-$(STATICCHECK_VERSION)
 FUZZTIME    ?= 10s
 TEST_TIMEOUT ?= 14m
 
@@ -33,11 +35,16 @@ test-deps:
 		apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
 	fi
 
-lint:
+$(STATICCHECK):
+	@mkdir -p bin/tools
+	GOBIN=$(CURDIR)/bin/tools $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	mv bin/tools/staticcheck $@
+
+lint: $(STATICCHECK)
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) mod tidy -diff
 	$(GO) vet ./...
-	$(GO) run $(STATICCHECK) ./...
+	$(STATICCHECK) ./...
 
 # Every fuzz target, each for FUZZTIME. A failing target does not stop the others; a run that
 # fails only with the Go toolchain's coordinator error ("context deadline exceeded") is retried

@@ -243,21 +243,14 @@ first. Works while ` + "`ute authority run`" + ` runs (through its admin socket)
 			if err := authority.ValidateRevokeReason(reason); err != nil {
 				return usageError{err}
 			}
-			adm, err := authority.OpenAdmin(cmd.Context(), dir, authority.Options{StoreTimeout: timeout})
-			if err != nil {
-				return err
-			}
-			defer func() { _ = adm.Close() }()
-			rel, err := adm.Release(cmd.Context(), args[0], reason)
-			if err != nil {
-				return err
-			}
-			if asJSON {
-				return json.NewEncoder(cmd.OutOrStdout()).Encode(rel)
-			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "released %s (last serial %d, lineage revoked at serial %d): the next join may take the name; audited\n",
-				rel.SPIFFEID, rel.Serial, rel.RevokedSerial)
-			return err
+			return withAdmin(cmd, dir, timeout, asJSON,
+				func(ctx context.Context, adm authority.Admin) (authority.Released, error) {
+					return adm.Release(ctx, args[0], reason)
+				},
+				func(rel authority.Released) string {
+					return fmt.Sprintf("released %s (last serial %d, lineage revoked at serial %d): the next join may take the name; audited\n",
+						rel.SPIFFEID, rel.Serial, rel.RevokedSerial)
+				})
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")
@@ -302,21 +295,13 @@ nodes then receive it when they reconnect to the daemon).`,
 			if err != nil {
 				return err
 			}
-			adm, err := authority.OpenAdmin(cmd.Context(), dir, authority.Options{StoreTimeout: timeout})
-			if err != nil {
-				return err
-			}
-			defer func() { _ = adm.Close() }()
-			applied, err := adm.ApplyPolicy(cmd.Context(), file, policy)
-			if err != nil {
-				return err
-			}
-			out := cmd.OutOrStdout()
-			if asJSON {
-				return json.NewEncoder(out).Encode(applied)
-			}
-			_, err = fmt.Fprintf(out, "policy version %d applied from %s (%d bytes, zones %s)\n", applied.Version, file, applied.Bytes, strings.Join(applied.Zones, ", "))
-			return err
+			return withAdmin(cmd, dir, timeout, asJSON,
+				func(ctx context.Context, adm authority.Admin) (authority.PolicyApplied, error) {
+					return adm.ApplyPolicy(ctx, file, policy)
+				},
+				func(applied authority.PolicyApplied) string {
+					return fmt.Sprintf("policy version %d applied from %s (%d bytes, zones %s)\n", applied.Version, file, applied.Bytes, strings.Join(applied.Zones, ", "))
+				})
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")

@@ -116,7 +116,9 @@ var (
 )
 
 // shellScript turns a documented shell block into the script the test runs.
-func shellScript(b docBlock, bin, tmp string, ports map[string]string) (string, error) {
+// A line that starts with `go ` (building a documented example program) runs in the repository
+// root, where a reader runs it; the block itself runs in a scratch directory.
+func shellScript(b docBlock, root, bin, tmp string, ports map[string]string) (string, error) {
 	var s strings.Builder
 	s.WriteString("set -e\n")
 	for i, line := range b.body {
@@ -134,6 +136,8 @@ func shellScript(b docBlock, bin, tmp string, ports map[string]string) (string, 
 		switch {
 		case trimmed == "make build":
 			s.WriteString(": make build: the test built the binary\n")
+		case strings.HasPrefix(trimmed, "go "):
+			s.WriteString("go -C " + shellQuote(root) + " " + strings.TrimPrefix(trimmed, "go ") + "\n")
 		case strings.HasSuffix(trimmed, expectFailure):
 			cmd := strings.TrimSpace(strings.TrimSuffix(trimmed, expectFailure))
 			fmt.Fprintf(&s, "if __out=$({ %s\n} 2>&1); then echo %q >&2; exit 1; fi\nprintf '%%s\\n' \"$__out\"\n",
@@ -305,7 +309,7 @@ func TestDocsRunnableBlocks(t *testing.T) {
 					}
 				}
 			}
-			script, err := shellScript(b, uteBin, filepath.Join(t.TempDir(), "ute"), ports)
+			script, err := shellScript(b, root, uteBin, filepath.Join(t.TempDir(), "ute"), ports)
 			require.NoError(t, err)
 			code, out := runScript(t, dir, script)
 			require.Equal(t, 0, code, "%s failed; output:\n%s\nscript:\n%s", b, out, script)
@@ -322,7 +326,7 @@ func TestDocsHarnessRefusesDrift(t *testing.T) {
 		t.Skip("process groups and /proc")
 	}
 	run := func(body ...string) (int, string) {
-		script, err := shellScript(docBlock{file: "x.md", line: 1, lang: "sh", body: body}, uteBin, t.TempDir(), nil)
+		script, err := shellScript(docBlock{file: "x.md", line: 1, lang: "sh", body: body}, t.TempDir(), uteBin, t.TempDir(), nil)
 		require.NoError(t, err)
 		return runScript(t, t.TempDir(), script)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -55,21 +56,10 @@ not (on the store directly; watchers receive the record when they reconnect to t
 			if err := authority.ValidateRevokeReason(reason); err != nil {
 				return usageError{err}
 			}
-			adm, err := authority.OpenAdmin(cmd.Context(), dir, authority.Options{StoreTimeout: timeout})
-			if err != nil {
-				return err
-			}
-			defer func() { _ = adm.Close() }()
-			rev, err := adm.Revoke(cmd.Context(), args[0], reason)
-			if err != nil {
-				return err
-			}
-			out := cmd.OutOrStdout()
-			if asJSON {
-				return json.NewEncoder(out).Encode(rev)
-			}
-			_, err = fmt.Fprint(out, revocationText(rev))
-			return err
+			return withAdmin(cmd, dir, timeout, asJSON,
+				func(ctx context.Context, adm authority.Admin) (authority.Revocation, error) {
+					return adm.Revoke(ctx, args[0], reason)
+				}, revocationText)
 		},
 	}
 	cmd.Flags().StringVar(&dir, "dir", "", "authority directory")

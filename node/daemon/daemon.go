@@ -190,6 +190,7 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 	d.node = n
 	d.metrics.SetRevocationsHeld(store.Len())
 	d.metrics.SetCertificateExpiry(n.Certificate().X509.NotAfter)
+	d.auditAsideMetric()
 	d.ctx, d.cancel = context.WithCancel(context.Background())
 	d.started = d.now()
 

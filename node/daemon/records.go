@@ -8,8 +8,10 @@ import (
 	"time"
 
 	"github.com/ute-project/ute/identity/record"
+	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/revstore"
 	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/audit"
 	"github.com/ute-project/ute/zones"
 )
 
@@ -194,4 +196,18 @@ func OpenStore(d *state.Dir, opts revstore.Options) (*revstore.Store, revstore.O
 	}
 	opts.Verifier.Certs.Authority = anchor
 	return revstore.Open(storePath(d.Path()), opts)
+}
+
+// auditAsideMetric publishes what the node's audit log set aside when it opened: a forged append
+// or a cut tail is then visible in a metric as well as in one entry of the log.
+func (d *Daemon) auditAsideMetric() {
+	parts, err := audit.ListAside(filepath.Join(d.opts.Dir, node.DirAudit))
+	if err != nil {
+		d.log.Warn("cannot list the audit log's set-aside parts", "err", err)
+	}
+	entries := 0
+	for _, p := range parts {
+		entries += p.Entries
+	}
+	d.metrics.SetAuditSetAside(len(parts), entries)
 }

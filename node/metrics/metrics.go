@@ -37,6 +37,7 @@ type Metrics struct {
 	renewalFailure   prometheus.Gauge
 	renewalFailures  prometheus.Counter
 	renewalSuccesses prometheus.Counter
+	auditAside       *prometheus.GaugeVec
 
 	now    func() time.Time
 	expiry atomic.Int64 // unix nanoseconds of the node certificate's NotAfter; 0 = unknown
@@ -77,9 +78,11 @@ func New(opts ...Option) *Metrics {
 			Help: "Failed node certificate renewal attempts."}),
 		renewalSuccesses: prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "renewals_total",
 			Help: "Successful node certificate renewals."}),
+		auditAside: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "audit_set_aside",
+			Help: "Audit log content the node found it could not verify at start and moved aside (kept, named in the log): files and entries."}, []string{"unit"}),
 	}
 	m.reg.MustRegister(m.tunnels, m.flowsAdmitted, m.flowsDenied, m.revocationsHeld, m.revocationAge,
-		m.gossipMembers, m.gossipDropped, m.renewalExpiry, m.renewalFailure, m.renewalFailures, m.renewalSuccesses,
+		m.gossipMembers, m.gossipDropped, m.renewalExpiry, m.renewalFailure, m.renewalFailures, m.renewalSuccesses, m.auditAside,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, o := range opts {
 		o(m)
@@ -131,6 +134,13 @@ func (m *Metrics) SetGossipMembers(zone string, n int) {
 // GossipDropped counts a dropped gossip or revocation record; reason comes from a fixed set
 // such as "malformed", "oversized", "unsigned", "signature", "other_zone".
 func (m *Metrics) GossipDropped(reason string) { m.gossipDropped.WithLabelValues(reason).Inc() }
+
+// SetAuditSetAside records the audit log parts set aside (files) and the entries they hold: a
+// non-zero value means someone wrote to or cut the log without the node key.
+func (m *Metrics) SetAuditSetAside(files, entries int) {
+	m.auditAside.WithLabelValues("files").Set(float64(files))
+	m.auditAside.WithLabelValues("entries").Set(float64(entries))
+}
 
 // Renewed records a successful renewal and the new certificate's expiry.
 func (m *Metrics) Renewed(notAfter time.Time) {

@@ -357,7 +357,7 @@ func VerifyWithKeys(dir string, keys ...ed25519.PublicKey) (Report, error) {
 
 func verify(dir string, keys []ed25519.PublicKey) (Report, error) {
 	rep, err := verifyLog(dir, keys)
-	aside, aerr := listAside(dir)
+	aside, aerr := ListAside(dir)
 	rep.Aside = aside
 	return rep, errors.Join(err, aerr)
 }
@@ -409,7 +409,9 @@ type AsidePart struct {
 // asideInfix marks set-aside files: audit.log.aside-<time> (and audit.head.aside-<time>).
 const asideInfix = ".aside-"
 
-func listAside(dir string) ([]AsidePart, error) {
+// ListAside lists the parts set aside in the log directory dir, oldest first (their names carry
+// the time they were set aside).
+func ListAside(dir string) ([]AsidePart, error) {
 	names, err := filepath.Glob(filepath.Join(dir, LogFile+asideInfix+"*"))
 	if err != nil {
 		return nil, fmt.Errorf("audit: list set-aside parts: %w", err)

@@ -89,7 +89,7 @@ type Admitter interface {
 type Limits struct {
 	HandshakeTimeout  time.Duration // per handshake attempt; default 3 s
 	MaxIdleTimeout    time.Duration // QUIC idle timeout; default 30 s
-	KeepAlivePeriod   time.Duration // QUIC keep-alive; default 10 s
+	KeepAlivePeriod   time.Duration // QUIC keep-alive, sent by the dialing side only; default 15 s (quic-go caps it at half the idle timeout); negative: none
 	FirstFrameTimeout time.Duration // time for a new stream to deliver its record; default 5 s
 	AdmitTimeout      time.Duration // time the Admitter may take; default 5 s
 	VerdictTimeout    time.Duration // time OpenFlow waits for accept/reject; default 10 s
@@ -138,7 +138,12 @@ func (l Limits) withDefaults() Limits {
 	}
 	def(&l.HandshakeTimeout, 3*time.Second)
 	def(&l.MaxIdleTimeout, 30*time.Second)
-	def(&l.KeepAlivePeriod, 10*time.Second)
+	switch {
+	case l.KeepAlivePeriod < 0: // off: idle tunnels time out (tests; links billed per packet)
+		l.KeepAlivePeriod = 0
+	case l.KeepAlivePeriod == 0:
+		l.KeepAlivePeriod = 15 * time.Second
+	}
 	def(&l.FirstFrameTimeout, 5*time.Second)
 	def(&l.AdmitTimeout, 5*time.Second)
 	def(&l.VerdictTimeout, 10*time.Second)

@@ -138,7 +138,12 @@ func New(cfg Config) (*Endpoint, error) {
 			return context.WithValue(ctx, holderKey{}, &peerHolder{}), nil
 		},
 	}
-	ln, err := e.tr.Listen(e.serverTLS(), e.qconf)
+	// Only the dialing side sends keep-alives: a PING from it keeps both ends' idle timers fresh
+	// (and the dialer is the side behind a NAT, whose mapping needs the traffic), so a second
+	// PING stream from the accepting side would only double the at-rest packets per tunnel.
+	lconf := e.qconf.Clone()
+	lconf.KeepAlivePeriod = 0
+	ln, err := e.tr.Listen(e.serverTLS(), lconf)
 	if err != nil {
 		_ = e.tr.Close()
 		e.cancel()
