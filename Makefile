@@ -7,7 +7,7 @@ STATICCHECK := bin/tools/staticcheck-$(STATICCHECK_VERSION)
 FUZZTIME    ?= 10s
 TEST_TIMEOUT ?= 14m
 
-.PHONY: build test check test-deps lint fuzz bench demo clean
+.PHONY: build test check test-deps bench-deps lint fuzz bench demo clean
 
 VERSION     ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 COMMIT      ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
@@ -30,9 +30,19 @@ check:
 	$(GO) vet ./...
 	$(GO) test -short -count=1 -timeout 5m ./...
 
+# The network-namespace suite (cmd/ute netns_test.go) runs ip, python3 and curl; the root part
+# of make bench also runs iperf3.
 test-deps:
-	@if [ "$$(id -u)" = 0 ] && ! command -v ip >/dev/null 2>&1; then \
-		apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null; \
+	@$(call apt_install,ip:iproute2 python3:python3 curl:curl)
+
+bench-deps:
+	@$(call apt_install,ip:iproute2 python3:python3 curl:curl iperf3:iperf3)
+
+# apt_install installs, as root on a Debian-like machine, the package of each COMMAND:PACKAGE pair
+# whose command is missing; otherwise the tests that need them skip with a message.
+apt_install = if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		missing=""; for p in $(1); do command -v $${p%%:*} >/dev/null 2>&1 || missing="$$missing $${p\#*:}"; done; \
+		if [ -n "$$missing" ]; then echo "installing$$missing"; apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi; \
 	fi
 
 $(STATICCHECK):
@@ -74,7 +84,7 @@ fuzz:
 # benchrun's, which fails on any FAIL line and on missing results.
 BENCHTIME ?= 2s
 BENCH_OUT ?= bin/bench.txt
-bench:
+bench: bench-deps
 	@mkdir -p bin $(dir $(BENCH_OUT))
 	$(GO) build -o bin/benchrun ./node/internal/benchrun
 	$(GO) test -run='^$$' -bench=. -benchmem -benchtime=$(BENCHTIME) -timeout 30m ./... 2>&1 | bin/benchrun -out $(BENCH_OUT)

@@ -19,10 +19,16 @@ import (
 
 // Certificate is a parsed UTE certificate: the X.509 certificate with its SPIFFE ID and claims
 // already extracted and validated against its kind.
+//
+// Issuing is true for a node's issuing certificate, the CA that signs the node's agents. As
+// SPIFFE requires of a signing certificate, its URI SAN is the bare trust domain; ID is the node
+// it belongs to, taken from its claims (Claims.Node), so that "issued by node X" reads the same
+// for every chain.
 type Certificate struct {
-	X509   *x509.Certificate
-	ID     ID
-	Claims Claims
+	X509    *x509.Certificate
+	ID      ID
+	Claims  Claims
+	Issuing bool
 }
 
 const (
@@ -47,15 +53,27 @@ func (c *Certificate) KeyHash() string { return KeyHash(c.PublicKey()) }
 // Serial returns the certificate serial number.
 func (c *Certificate) Serial() *big.Int { return c.X509.SerialNumber }
 
+// NodeSerial returns the serial of the node certificate this certificate stands for: its own for
+// a node certificate, the one its claims name for a node's issuing certificate. Revoking a node
+// by serial names this serial, so it reaches the node's agents through their issuing certificate.
+func (c *Certificate) NodeSerial() *big.Int {
+	if c.Issuing {
+		return c.Claims.NodeSerial
+	}
+	return c.X509.SerialNumber
+}
+
 // RenewAt returns the half-life point of the validity window, when a holder should renew.
 func (c *Certificate) RenewAt() time.Time {
 	return c.X509.NotBefore.Add(c.X509.NotAfter.Sub(c.X509.NotBefore) / 2)
 }
 
 // ParseCertificate parses DER and extracts the SPIFFE ID and UTE claims. It requires Ed25519,
-// exactly one URI SAN holding a valid UTE SPIFFE ID, the critical claims extension on node and
-// agent certificates (absent on the authority's), claims valid for the ID's kind, and no other
-// critical extension Go does not handle. It checks no signature or time: that is the Verifier's job.
+// exactly one URI SAN holding a valid UTE SPIFFE ID, the claims extension, not critical, on node,
+// issuing and agent certificates (absent on the authority's), claims valid for the kind, and no
+// critical extension Go does not handle. A certificate whose URI SAN is the bare trust domain is
+// the authority's without claims and a node's issuing certificate with them. It checks no
+// signature or time: that is the Verifier's job.
 func ParseCertificate(der []byte) (*Certificate, error) {
 	if len(der) > MaxCertificateSize {
 		return nil, fmt.Errorf("%w: %d bytes; the limit is %d", ErrMalformedCertificate, len(der), MaxCertificateSize)
@@ -74,11 +92,6 @@ func ParseCertificate(der []byte) (*Certificate, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, oid := range x.UnhandledCriticalExtensions {
-		if !oid.Equal(OIDClaims) {
-			return nil, fmt.Errorf("%w: %s: unsupported critical extension %s", ErrMalformedCertificate, id, oid)
-		}
-	}
 	var raw []byte
 	found := false
 	for _, ext := range x.Extensions {
@@ -88,15 +101,16 @@ func ParseCertificate(der []byte) (*Certificate, error) {
 		if found {
 			return nil, fmt.Errorf("%w: %s: claims extension appears twice", ErrClaims, id)
 		}
-		if !ext.Critical {
-			return nil, fmt.Errorf("%w: %s: claims extension is not marked critical", ErrClaims, id)
+		if ext.Critical {
+			return nil, fmt.Errorf("%w: %s: %w", ErrClaims, id, ErrLegacyProfile)
 		}
 		found, raw = true, ext.Value
 	}
+	if len(x.UnhandledCriticalExtensions) > 0 {
+		return nil, fmt.Errorf("%w: %s: unsupported critical extension %s", ErrMalformedCertificate, id, x.UnhandledCriticalExtensions[0])
+	}
 	var claims Claims
 	switch {
-	case id.Kind == KindAuthority && found:
-		return nil, fmt.Errorf("%w: %s: an authority certificate carries no claims extension", ErrClaims, id)
 	case id.Kind != KindAuthority && !found:
 		return nil, fmt.Errorf("%w: %s: claims extension %s is missing", ErrClaims, id, OIDClaims)
 	case found:
@@ -104,11 +118,22 @@ func ParseCertificate(der []byte) (*Certificate, error) {
 			return nil, fmt.Errorf("%s: %w", id, err)
 		}
 	}
+	if id.Kind == KindAuthority && found {
+		node := NodeID(id.TrustDomain, claims.Node)
+		if err := claims.ValidateIssuer(node); err != nil {
+			return nil, fmt.Errorf("%s: %w", id, err)
+		}
+		return &Certificate{X509: x, ID: node, Claims: claims, Issuing: true}, nil
+	}
 	if err := claims.ValidateFor(id); err != nil {
 		return nil, err
 	}
 	return &Certificate{X509: x, ID: id, Claims: claims}, nil
 }
+
+// ErrLegacyProfile marks a certificate of the profile before SPIFFE compatibility (a critical
+// claims extension, a node certificate that was also a CA). Its holder must join again.
+var ErrLegacyProfile = errors.New("certificate uses the profile before SPIFFE compatibility (critical claims extension); the node must join again (docs/identity.md, \"Upgrading a node directory\")")
 
 // parseURISAN re-validates the URI as text: url.URL accepts far more than a SPIFFE ID may be.
 func parseURISAN(u *url.URL) (ID, error) {
@@ -159,6 +184,10 @@ func NewAuthority(td string, key ed25519.PrivateKey, now time.Time, lifetime tim
 }
 
 // IssueRequest describes a certificate to issue. Serial nil means a random 128-bit serial.
+//
+// Issuing asks the authority for a node's issuing certificate instead of its node certificate:
+// ID is then the node's ID, and Claims carry the node's zone grants and regions, and in NodeSerial
+// the serial of the node certificate issued with it (Claims.Node is filled in from ID).
 type IssueRequest struct {
 	ID        ID
 	PublicKey ed25519.PublicKey
@@ -166,12 +195,14 @@ type IssueRequest struct {
 	NotBefore time.Time
 	NotAfter  time.Time
 	Serial    *big.Int
+	Issuing   bool
 }
 
-// Issue signs a certificate for req with issuer's key: a node certificate when the issuer is the
-// authority, an agent certificate when the issuer is a node. Before signing it runs the same
-// profile and constraint checks the Verifier runs, and refuses with the same *VerifyError, so no
-// certificate leaves Issue that verification would refuse.
+// Issue signs a certificate for req with issuer's key: the authority issues node certificates
+// (leaves) and node issuing certificates (CAs limited to path length 0); a node's issuing
+// certificate issues agent certificates (leaves). A node certificate issues nothing. Before
+// signing it runs the same profile and constraint checks the Verifier runs, and refuses with the
+// same *VerifyError, so no certificate leaves Issue that verification would refuse.
 func Issue(issuer *Certificate, issuerKey ed25519.PrivateKey, req IssueRequest) (*Certificate, error) {
 	if issuer == nil || issuer.X509 == nil {
 		return nil, fmt.Errorf("issue: %w: no issuer certificate", ErrNoTrustAnchor)
@@ -182,14 +213,18 @@ func Issue(issuer *Certificate, issuerKey ed25519.PrivateKey, req IssueRequest) 
 	if len(req.PublicKey) != ed25519.PublicKeySize {
 		return nil, fmt.Errorf("issue for %s: %w: public key is %d bytes", req.ID, ErrKeyAlgorithm, len(req.PublicKey))
 	}
-	var kind Kind
-	switch issuer.ID.Kind {
-	case KindAuthority:
-		kind = KindNode
-	case KindNode:
-		kind = KindAgent
+	var r role
+	switch {
+	case issuer.ID.Kind == KindAuthority && !issuer.Issuing && req.Issuing:
+		r = roleIssuer
+	case issuer.ID.Kind == KindAuthority && !issuer.Issuing:
+		r = roleNode
+	case issuer.Issuing && !req.Issuing:
+		r = roleAgent
+	case issuer.Issuing:
+		return nil, fmt.Errorf("issue for %s: %w: an issuing certificate cannot issue another (path length 0)", req.ID, ErrNotCA)
 	default:
-		return nil, fmt.Errorf("issue for %s: %w: a %s cannot issue certificates", req.ID, ErrNotCA, issuer.ID.Kind)
+		return nil, fmt.Errorf("issue for %s: %w: a %s certificate cannot issue certificates; agents are issued with the node's issuing certificate", req.ID, ErrNotCA, issuer.ID.Kind)
 	}
 	serial := req.Serial
 	if serial == nil {
@@ -200,11 +235,17 @@ func Issue(issuer *Certificate, issuerKey ed25519.PrivateKey, req IssueRequest) 
 	} else if serial.Sign() <= 0 || serial.BitLen() > 159 {
 		return nil, fmt.Errorf("issue for %s: serial must be positive and at most 159 bits", req.ID)
 	}
-	u, err := url.Parse(req.ID.String())
+	claims := req.Claims
+	uriID := req.ID
+	if r == roleIssuer {
+		claims.Node = req.ID.Name
+		uriID = AuthorityID(req.ID.TrustDomain)
+	}
+	u, err := url.Parse(uriID.String())
 	if err != nil {
 		return nil, fmt.Errorf("issue for %s: %w: %w", req.ID, ErrSPIFFEID, err)
 	}
-	ext, err := MarshalClaims(req.Claims)
+	ext, err := MarshalClaims(claims)
 	if err != nil {
 		return nil, fmt.Errorf("issue for %s: %w", req.ID, err)
 	}
@@ -218,17 +259,23 @@ func Issue(issuer *Certificate, issuerKey ed25519.PrivateKey, req IssueRequest) 
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions:       []pkix.Extension{{Id: OIDClaims, Critical: true, Value: ext}},
+		ExtraExtensions:       []pkix.Extension{{Id: OIDClaims, Value: ext}},
 		PublicKey:             req.PublicKey,
 	}
-	if kind == KindNode {
+	if r == roleIssuer {
+		// A SPIFFE signing certificate: CA, certificate signing only, no EKU (intermediate EKU
+		// handling differs between libraries), and a URI name constraint to the trust domain,
+		// the finest X.509 can express (URI constraints match the host only, not the path).
+		tmpl.Subject = pkix.Name{CommonName: req.ID.Name, Organization: []string{"UTE node issuing CA"}}
 		tmpl.IsCA = true
 		tmpl.MaxPathLen = 0
 		tmpl.MaxPathLenZero = true
-		tmpl.KeyUsage |= x509.KeyUsageCertSign
+		tmpl.KeyUsage = x509.KeyUsageCertSign
+		tmpl.ExtKeyUsage = nil
+		tmpl.PermittedURIDomains = []string{req.ID.TrustDomain}
 	}
-	candidate := &Certificate{X509: tmpl, ID: req.ID, Claims: req.Claims}
-	if err := checkProfile(candidate, kind, issuer.ID.TrustDomain); err != nil {
+	candidate := &Certificate{X509: tmpl, ID: req.ID, Claims: claims, Issuing: r == roleIssuer}
+	if err := checkProfile(candidate, r, issuer.ID.TrustDomain); err != nil {
 		return nil, err
 	}
 	if err := checkConstraints(issuer, candidate); err != nil {
@@ -330,4 +377,21 @@ func TLSCertificate(key ed25519.PrivateKey, chain ...*Certificate) (tls.Certific
 		tc.Certificate = append(tc.Certificate, c.Raw())
 	}
 	return tc, nil
+}
+
+// IssueIssuer signs, with the authority's certificate and key, the issuing certificate that goes
+// with node certificate node, for issuerPub (the public half of IssuerKey of the node's key): the
+// node's zone grants and regions, its name and serial, exactly its validity.
+func IssueIssuer(authority *Certificate, authorityKey ed25519.PrivateKey, node *Certificate, issuerPub ed25519.PublicKey) (*Certificate, error) {
+	if node == nil || node.X509 == nil || node.Issuing || node.ID.Kind != KindNode {
+		return nil, fmt.Errorf("issue issuing certificate: %w: not a node certificate", ErrSPIFFEID)
+	}
+	if issuerPub.Equal(node.PublicKey()) {
+		return nil, fmt.Errorf("issue issuing certificate for %s: %w: the issuing key must differ from the node key", node.ID, ErrKeyMismatch)
+	}
+	return Issue(authority, authorityKey, IssueRequest{
+		ID: node.ID, PublicKey: issuerPub, Issuing: true,
+		Claims:    Claims{Zones: node.Claims.Zones, Regions: node.Claims.Regions, NodeSerial: node.Serial()},
+		NotBefore: node.X509.NotBefore, NotAfter: node.X509.NotAfter,
+	})
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/asn1"
 	"errors"
 	"fmt"
+	"math/big"
 	"net/netip"
 	"slices"
 
@@ -18,8 +19,9 @@ import (
 // the extension cannot collide with anyone's real one. Registering a PEN changes this OID and is a
 // breaking change of the certificate profile (see docs/identity.md).
 //
-// The extension is marked critical: a verifier that does not understand UTE claims must refuse the
-// certificate rather than accept it without its zone and CIDR constraints.
+// The extension is not critical, so that verifiers that do not know it (crypto/x509, go-spiffe,
+// OpenSSL) can still validate the path: UTE's own Verifier requires it on every node, issuing and
+// agent certificate and enforces what it says. docs/identity.md explains the trade.
 var OIDClaims = asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 32473, 7, 1}
 
 // ErrClaims marks a claims extension that is missing, malformed or inconsistent with its
@@ -55,6 +57,12 @@ type Claims struct {
 	Fingerprint  []byte            // 32-byte digest: host fingerprint (node) / workload fingerprint (agent)
 	WireGuardKey []byte            // node only: its WireGuard public key, 32 bytes, or empty
 	Labels       map[string]string // agent labels used by policy selectors
+	// Node and NodeSerial appear on a node's issuing certificate only: the node it belongs to
+	// and the serial of the node certificate it was issued with. They bind what the issuing key
+	// signs to that node (admission, revocation by node serial) although the issuing
+	// certificate's URI SAN is the bare trust domain, as SPIFFE requires of signing certificates.
+	Node       string
+	NodeSerial *big.Int
 }
 
 // Zone returns the grant for the named zone.
@@ -106,6 +114,8 @@ type claimsWire struct {
 	Fingerprint  []byte            `cbor:"4,keyasint,omitempty"`
 	WireGuardKey []byte            `cbor:"5,keyasint,omitempty"`
 	Labels       map[string]string `cbor:"6,keyasint,omitempty"`
+	Node         string            `cbor:"7,keyasint,omitempty"`
+	NodeSerial   []byte            `cbor:"8,keyasint,omitempty"`
 }
 
 type zoneGrantWire struct {
@@ -200,6 +210,14 @@ func (c Claims) Validate() error {
 	if n := len(c.WireGuardKey); n != 0 && n != wgKeyLen {
 		return fmt.Errorf("%w: WireGuard key is %d bytes; want %d", ErrClaims, n, wgKeyLen)
 	}
+	if c.Node != "" {
+		if err := checkLabel(c.Node); err != nil {
+			return fmt.Errorf("%w: node name %q %s", ErrClaims, c.Node, err.Error())
+		}
+	}
+	if c.NodeSerial != nil && (c.NodeSerial.Sign() <= 0 || c.NodeSerial.BitLen() > 159) {
+		return fmt.Errorf("%w: node serial must be positive and at most 159 bits", ErrClaims)
+	}
 	if len(c.Labels) > maxLabels {
 		return fmt.Errorf("%w: %d labels; the limit is %d", ErrClaims, len(c.Labels), maxLabels)
 	}
@@ -240,9 +258,15 @@ func checkLabelKey(k string) error {
 //   - agent: exactly one zone, named as in the ID; at least one overlay IP; a 32-byte workload
 //     fingerprint; no WireGuard key.
 //   - authority: no claims at all.
+//
+// Node and NodeSerial belong to issuing certificates only (ValidateIssuer); every kind here
+// refuses them.
 func (c Claims) ValidateFor(id ID) error {
 	if err := c.Validate(); err != nil {
 		return err
+	}
+	if c.Node != "" || c.NodeSerial != nil {
+		return fmt.Errorf("%w: %s carries the node name or serial of an issuing certificate", ErrClaims, id)
 	}
 	switch id.Kind {
 	case KindAuthority:
@@ -286,9 +310,37 @@ func (c Claims) ValidateFor(id ID) error {
 	return nil
 }
 
+// ValidateIssuer checks the claims of node's issuing certificate: its node's zones, each with at
+// least one prefix (what it may grant its agents), the node's name and its certificate's serial;
+// regions allowed; nothing else.
+func (c Claims) ValidateIssuer(node ID) error {
+	if err := c.Validate(); err != nil {
+		return err
+	}
+	if node.Kind != KindNode || c.Node != node.Name {
+		return fmt.Errorf("%w: issuing certificate names node %q, expected %s", ErrClaims, c.Node, node)
+	}
+	if c.NodeSerial == nil {
+		return fmt.Errorf("%w: issuing certificate of %s does not name its node certificate's serial", ErrClaims, node)
+	}
+	if len(c.Zones) == 0 {
+		return fmt.Errorf("%w: issuing certificate of %s holds no zone", ErrClaims, node)
+	}
+	for _, z := range c.Zones {
+		if len(z.Prefixes) == 0 {
+			return fmt.Errorf("%w: issuing certificate of %s: zone %q has no CIDR", ErrClaims, node, z.Name)
+		}
+	}
+	if len(c.OverlayIPs) != 0 || len(c.Labels) != 0 || len(c.Fingerprint) != 0 || len(c.WireGuardKey) != 0 {
+		return fmt.Errorf("%w: issuing certificate of %s must carry only zones, regions, node name and serial", ErrClaims, node)
+	}
+	return nil
+}
+
 func (c Claims) isEmpty() bool {
 	return len(c.Zones) == 0 && len(c.OverlayIPs) == 0 && len(c.Regions) == 0 &&
-		len(c.Fingerprint) == 0 && len(c.WireGuardKey) == 0 && len(c.Labels) == 0
+		len(c.Fingerprint) == 0 && len(c.WireGuardKey) == 0 && len(c.Labels) == 0 &&
+		c.Node == "" && c.NodeSerial == nil
 }
 
 // MarshalClaims validates c and encodes it as deterministic CBOR (RFC 8949 core deterministic
@@ -303,6 +355,10 @@ func MarshalClaims(c Claims) ([]byte, error) {
 		Fingerprint:  c.Fingerprint,
 		WireGuardKey: c.WireGuardKey,
 		Labels:       c.Labels,
+		Node:         c.Node,
+	}
+	if c.NodeSerial != nil {
+		w.NodeSerial = c.NodeSerial.Bytes()
 	}
 	for _, z := range c.Zones {
 		zw := zoneGrantWire{Name: z.Name}
@@ -344,6 +400,11 @@ func ParseClaims(b []byte) (Claims, error) {
 		Fingerprint:  w.Fingerprint,
 		WireGuardKey: w.WireGuardKey,
 		Labels:       w.Labels,
+		Node:         w.Node,
+	}
+	if len(w.NodeSerial) > 0 {
+		// A leading zero byte is not minimal; re-encoding below refuses it.
+		c.NodeSerial = new(big.Int).SetBytes(w.NodeSerial)
 	}
 	for _, zw := range w.Zones {
 		z := ZoneGrant{Name: zw.Name}

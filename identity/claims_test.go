@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"math/big"
 	"net/netip"
 	"strings"
 	"testing"
@@ -75,7 +76,7 @@ func TestParseClaimsStrict(t *testing.T) {
 		// {3: [_ "a"]}
 		{"indefinite array", mustHex("a1 03 9f 61 61 ff"), "indefinite"},
 		// {7: 1}
-		{"unknown field", mustHex("a1 07 01"), "unknown field"},
+		{"unknown field", mustHex("a1 09 01"), "unknown field"},
 		// {"regions": ["a"]}: text keys are not the wire form
 		{"text key", mustHex("a1 67 72 65 67 69 6f 6e 73 81 61 61"), ""},
 		// {4: fp, 3: ["a"]}: keys out of order
@@ -180,7 +181,8 @@ func TestClaimsValidateFor(t *testing.T) {
 }
 
 func FuzzParseClaims(f *testing.F) {
-	for _, c := range []Claims{nodeClaims(), agentClaims("payments", "100.100.1.7"), {}} {
+	issuer := Claims{Zones: nodeClaims().Zones, Regions: []string{"eu-west-1"}, Node: "n1", NodeSerial: big.NewInt(1 << 40)}
+	for _, c := range []Claims{nodeClaims(), agentClaims("payments", "100.100.1.7"), issuer, {}} {
 		b, err := MarshalClaims(c)
 		if err != nil {
 			f.Fatal(err)
@@ -207,4 +209,29 @@ func FuzzParseClaims(f *testing.F) {
 		var generic any
 		require.NoError(t, cbor.Unmarshal(b, &generic))
 	})
+}
+
+// Keys 7 and 8 belong to issuing CAs only; their encoding has one form.
+func TestIssuerClaims(t *testing.T) {
+	c := Claims{Zones: nodeClaims().Zones, Regions: []string{"eu-west-1"}, Node: "n1", NodeSerial: big.NewInt(258)}
+	require.NoError(t, c.ValidateIssuer(NodeID(testTD, "n1")))
+	require.ErrorIs(t, c.ValidateIssuer(NodeID(testTD, "n2")), ErrClaims, "names another node")
+	require.ErrorIs(t, c.ValidateFor(NodeID(testTD, "n1")), ErrClaims, "a node certificate carries no issuing claims")
+	b, err := MarshalClaims(c)
+	require.NoError(t, err)
+	back, err := ParseClaims(b)
+	require.NoError(t, err)
+	assert.Equal(t, c, back)
+
+	// {8: h'0102'} is minimal; {8: h'000102'} spells the same serial with a leading zero.
+	_, err = ParseClaims(mustHex("a1 08 42 01 02"))
+	require.NoError(t, err)
+	_, err = ParseClaims(mustHex("a1 08 43 00 01 02"))
+	require.ErrorIs(t, err, ErrClaims)
+	noSerial := c
+	noSerial.NodeSerial = nil
+	require.ErrorIs(t, noSerial.ValidateIssuer(NodeID(testTD, "n1")), ErrClaims)
+	withFP := c
+	withFP.Fingerprint = digest("host")
+	require.ErrorIs(t, withFP.ValidateIssuer(NodeID(testTD, "n1")), ErrClaims)
 }

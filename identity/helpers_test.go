@@ -22,8 +22,8 @@ const testTD = "acme.internal"
 var t0 = time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
 
 type pki struct {
-	authKey, nodeKey, agentKey ed25519.PrivateKey
-	auth, node, agent          *Certificate
+	authKey, nodeKey, issuerKey, agentKey ed25519.PrivateKey
+	auth, node, issuer, agent             *Certificate
 }
 
 func mustKey(t testing.TB) ed25519.PrivateKey {
@@ -59,11 +59,19 @@ func agentClaims(zone string, ip string) Claims {
 	}
 }
 
-// newPKI builds authority (t0-1h .. t0+365d), node (t0-1h .. t0+24h), agent (t0-1h .. t0+1h).
+// issuerClaims are the claims of the node's issuing certificate for a node certificate.
+func issuerClaims(node *Certificate) Claims {
+	return Claims{Zones: node.Claims.Zones, Regions: node.Claims.Regions, NodeSerial: node.Serial()}
+}
+
+// newPKI builds authority (t0-1h .. t0+365d), node and its issuing certificate (t0-1h .. t0+24h),
+// agent (t0-1h .. t0+1h) issued by the node's issuing certificate.
 func newPKI(t testing.TB) *pki {
 	t.Helper()
 	p := &pki{authKey: mustKey(t), nodeKey: mustKey(t), agentKey: mustKey(t)}
 	var err error
+	p.issuerKey, err = IssuerKey(p.nodeKey)
+	require.NoError(t, err)
 	p.auth, err = NewAuthority(testTD, p.authKey, t0.Add(-time.Hour), 366*24*time.Hour)
 	require.NoError(t, err)
 	p.node, err = Issue(p.auth, p.authKey, IssueRequest{
@@ -71,7 +79,12 @@ func newPKI(t testing.TB) *pki {
 		NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(24 * time.Hour),
 	})
 	require.NoError(t, err)
-	p.agent, err = Issue(p.node, p.nodeKey, IssueRequest{
+	p.issuer, err = Issue(p.auth, p.authKey, IssueRequest{
+		ID: NodeID(testTD, "n1"), PublicKey: p.issuerKey.Public().(ed25519.PublicKey), Claims: issuerClaims(p.node),
+		NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(24 * time.Hour), Issuing: true,
+	})
+	require.NoError(t, err)
+	p.agent, err = Issue(p.issuer, p.issuerKey, IssueRequest{
 		ID: AgentID(testTD, "payments", "billing"), PublicKey: p.agentKey.Public().(ed25519.PublicKey),
 		Claims:    agentClaims("payments", "100.100.1.7"),
 		NotBefore: t0.Add(-time.Hour), NotAfter: t0.Add(time.Hour),
@@ -101,11 +114,12 @@ func forge(t testing.TB, parent *Certificate, parentKey ed25519.PrivateKey, id I
 		BasicConstraintsValid: true,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions:       []pkix.Extension{{Id: OIDClaims, Critical: true, Value: ext}},
+		ExtraExtensions:       []pkix.Extension{{Id: OIDClaims, Value: ext}},
 	}
 	if isCA {
 		tmpl.IsCA, tmpl.MaxPathLenZero = true, true
-		tmpl.KeyUsage |= x509.KeyUsageCertSign
+		tmpl.KeyUsage = x509.KeyUsageCertSign
+		tmpl.ExtKeyUsage = nil
 	}
 	if mutate != nil {
 		mutate(tmpl)
@@ -128,10 +142,10 @@ func forgeDER(t testing.TB, p *pki, mutate func(*x509.Certificate)) []byte {
 		NotBefore:             t0.Add(-time.Hour),
 		NotAfter:              t0.Add(time.Hour),
 		URIs:                  []*url.URL{&u},
-		BasicConstraintsValid: true, IsCA: true, MaxPathLenZero: true,
-		KeyUsage:        x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions: []pkix.Extension{{Id: OIDClaims, Critical: true, Value: ext}},
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
+		ExtraExtensions:       []pkix.Extension{{Id: OIDClaims, Value: ext}},
 	}
 	mutate(tmpl)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.auth.X509, p.nodeKey.Public(), p.authKey)
@@ -150,4 +164,12 @@ func errorsIsAny(err error, targets ...error) bool {
 		}
 	}
 	return false
+}
+
+// forgeIssuer signs an issuing-certificate-shaped CA for node name with parentKey, bypassing
+// Issue: what an attacker holding parentKey could mint.
+func forgeIssuer(t testing.TB, parent *Certificate, parentKey ed25519.PrivateKey, name string, claims Claims, mutate func(*x509.Certificate)) *Certificate {
+	t.Helper()
+	claims.Node = name
+	return forge(t, parent, parentKey, AuthorityID(parent.ID.TrustDomain), mustKey(t).Public().(ed25519.PublicKey), claims, true, mutate)
 }

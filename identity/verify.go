@@ -17,8 +17,8 @@ var (
 	ErrExpired              = errors.New("certificate has expired")
 	ErrNotYetValid          = errors.New("certificate is not yet valid")
 	ErrTrustDomain          = errors.New("trust domain differs from the authority's")
-	ErrNotCA                = errors.New("node certificate is not a CA limited to path length 0")
-	ErrLeafIsCA             = errors.New("agent certificate is marked as a CA")
+	ErrNotCA                = errors.New("issuer is not an issuing certificate (a CA limited to path length 0)")
+	ErrLeafIsCA             = errors.New("leaf certificate is marked as a CA")
 	ErrKeyUsage             = errors.New("key usage does not match the certificate's role")
 	ErrZoneConstraint       = errors.New("zone is not granted to the issuing node")
 	ErrCIDRConstraint       = errors.New("overlay address is outside the issuing node's zone CIDRs")
@@ -72,10 +72,21 @@ func verr(check Check, subject string, err error, format string, args ...any) *V
 	return &VerifyError{Check: check, Subject: subject, Err: err, Detail: fmt.Sprintf(format, args...)}
 }
 
-// Chain is a verified (or to-be-verified) path authority → node → agent.
+// Chain is a verified (or to-be-verified) path authority → node, or authority → node's issuing
+// certificate → agent. With an Agent, Node is the issuing certificate (Node.Issuing), whose ID is
+// the node's.
 type Chain struct {
 	Authority, Node, Agent *Certificate // Agent is nil for a node on its own
 }
+
+// role is what a certificate must be at its place in a chain.
+type role uint8
+
+const (
+	roleNode   role = iota + 1 // a node certificate: a TLS leaf
+	roleIssuer                 // a node's issuing certificate: a CA for its agents, never a leaf
+	roleAgent                  // an agent certificate: a leaf
+)
 
 // Verifier checks certificates against one trust anchor, the authority certificate. The trust
 // domain is the authority's. A Verifier is safe for concurrent use; its only mutable state is the
@@ -102,27 +113,37 @@ func (v Verifier) checkAnchor(now time.Time) error {
 	if a.ID.Kind != KindAuthority {
 		return verr(CheckAnchor, a.ID.String(), ErrNoTrustAnchor, "trust anchor is a %s, not an authority", a.ID.Kind)
 	}
-	if !a.X509.BasicConstraintsValid || !a.X509.IsCA {
+	if a.Issuing || !a.X509.BasicConstraintsValid || !a.X509.IsCA {
 		return verr(CheckAnchor, a.ID.String(), ErrNotCA, "the authority certificate is not a CA")
 	}
 	return checkTime(a, now)
 }
 
-// VerifyNode checks a node certificate against the authority at time now.
+// VerifyNode checks a node certificate against the authority at time now. A node certificate is
+// a leaf: a node's issuing certificate presented in its place is refused (ErrLeafIsCA).
 func (v Verifier) VerifyNode(node *Certificate, now time.Time) error {
 	if err := v.checkAnchor(now); err != nil {
 		return err
 	}
-	return verifyLink(v.Authority, node, KindNode, now, v.Cache)
+	return verifyLink(v.Authority, node, roleNode, now, v.Cache)
 }
 
-// VerifyAgent checks the whole chain authority → node → agent at time now, including the node's
-// zone and CIDR constraints on the agent.
-func (v Verifier) VerifyAgent(node, agent *Certificate, now time.Time) error {
-	if err := v.VerifyNode(node, now); err != nil {
+// VerifyIssuer checks a node's issuing certificate against the authority at time now.
+func (v Verifier) VerifyIssuer(issuer *Certificate, now time.Time) error {
+	if err := v.checkAnchor(now); err != nil {
 		return err
 	}
-	return verifyLink(node, agent, KindAgent, now, v.Cache)
+	return verifyLink(v.Authority, issuer, roleIssuer, now, v.Cache)
+}
+
+// VerifyAgent checks the whole chain authority → node's issuing certificate → agent at time now,
+// including the zone and CIDR constraints the issuing certificate puts on the agent. issuer must
+// be the node's issuing certificate: a node certificate issues nothing (ErrNotCA).
+func (v Verifier) VerifyAgent(issuer, agent *Certificate, now time.Time) error {
+	if err := v.VerifyIssuer(issuer, now); err != nil {
+		return err
+	}
+	return verifyLink(issuer, agent, roleAgent, now, v.Cache)
 }
 
 // VerifyChain verifies c against v: c.Node always, c.Agent when present. c.Authority, if set, must
@@ -154,9 +175,10 @@ func (v Verifier) VerifyNodeDER(der [][]byte, now time.Time) (*Certificate, erro
 	return node, nil
 }
 
-// VerifyAgentDER parses and verifies a node certificate and an agent certificate as one chain.
-func (v Verifier) VerifyAgentDER(nodeDER, agentDER []byte, now time.Time) (*Chain, error) {
-	node, err := parseFor(nodeDER, "node")
+// VerifyAgentDER parses and verifies a node's issuing certificate and an agent certificate as one
+// chain; the returned Chain's Node is the issuing certificate.
+func (v Verifier) VerifyAgentDER(issuerDER, agentDER []byte, now time.Time) (*Chain, error) {
+	node, err := parseFor(issuerDER, "issuer")
 	if err != nil {
 		return nil, err
 	}
@@ -186,12 +208,16 @@ func parseFor(der []byte, role string) (*Certificate, error) {
 	return nil, &VerifyError{Check: CheckParse, Subject: role, Err: sentinel, Detail: err.Error()}
 }
 
-// verifyLink checks child, issued by parent, as a certificate of the given kind at time now.
-func verifyLink(parent, child *Certificate, kind Kind, now time.Time, cache *SignatureCache) error {
+// verifyLink checks child, issued by parent, as a certificate of the given role at time now.
+func verifyLink(parent, child *Certificate, r role, now time.Time, cache *SignatureCache) error {
 	if child == nil || child.X509 == nil {
-		return verr(CheckParse, kind.String(), ErrMalformedCertificate, "no %s certificate given", kind)
+		return verr(CheckParse, r.String(), ErrMalformedCertificate, "no %s certificate given", r)
 	}
-	if err := checkProfile(child, kind, parent.ID.TrustDomain); err != nil {
+	if r == roleAgent && !parent.Issuing {
+		return verr(CheckBasicConstraints, child.ID.String(), ErrNotCA,
+			"issued by %s, which is not a node's issuing certificate; agents are issued only by their node's issuing certificate", parent.ID)
+	}
+	if err := checkProfile(child, r, parent.ID.TrustDomain); err != nil {
 		return err
 	}
 	if err := checkSignature(parent, child, cache); err != nil {
@@ -203,13 +229,33 @@ func verifyLink(parent, child *Certificate, kind Kind, now time.Time, cache *Sig
 	return checkConstraints(parent, child)
 }
 
+func (r role) String() string {
+	switch r {
+	case roleNode:
+		return "node"
+	case roleIssuer:
+		return "issuer"
+	case roleAgent:
+		return "agent"
+	default:
+		return "certificate"
+	}
+}
+
 // checkProfile checks what a certificate must be on its own for its role: ID kind and trust domain,
 // basic constraints, key usage, key algorithm and per-kind claims. Issue runs it on the template
-// before signing, so nothing is signed that verification would refuse.
-func checkProfile(c *Certificate, kind Kind, td string) error {
+// before signing, so nothing is signed that verification would refuse. Leaves (node, agent) follow
+// the X509-SVID leaf rules: not a CA, digitalSignature, neither keyCertSign nor cRLSign, client and
+// server authentication. An issuing certificate follows the signing-certificate rules: a CA of
+// path length 0 with keyCertSign, and nothing a leaf would need.
+func checkProfile(c *Certificate, r role, td string) error {
 	subj := c.ID.String()
 	if err := c.ID.Validate(); err != nil {
 		return verr(CheckSPIFFEID, subj, ErrSPIFFEID, "%v", err)
+	}
+	kind := KindAgent
+	if r != roleAgent {
+		kind = KindNode
 	}
 	if c.ID.Kind != kind {
 		return verr(CheckSPIFFEID, subj, ErrSPIFFEID, "this is a %s ID where a %s ID is required", c.ID.Kind, kind)
@@ -221,21 +267,32 @@ func checkProfile(c *Certificate, kind Kind, td string) error {
 		return verr(CheckSignature, subj, ErrKeyAlgorithm, "public key is %T", c.X509.PublicKey)
 	}
 	x := c.X509
-	switch kind {
-	case KindNode:
+	if r == roleIssuer {
+		if !c.Issuing {
+			return verr(CheckBasicConstraints, subj, ErrNotCA, "a node certificate where the node's issuing certificate is required")
+		}
 		if !x.BasicConstraintsValid || !x.IsCA || x.MaxPathLen != 0 || !x.MaxPathLenZero {
 			return verr(CheckBasicConstraints, subj, ErrNotCA, "want CA with path length 0, have CA=%t pathlen=%d", x.IsCA, x.MaxPathLen)
 		}
-		if x.KeyUsage&x509.KeyUsageCertSign == 0 {
-			return verr(CheckBasicConstraints, subj, ErrNotCA, "key usage lacks certificate signing")
+		if x.KeyUsage != x509.KeyUsageCertSign {
+			return verr(CheckKeyUsage, subj, ErrKeyUsage, "an issuing certificate has key usage keyCertSign only, has %#x", x.KeyUsage)
 		}
-	case KindAgent:
-		if x.IsCA {
-			return verr(CheckBasicConstraints, subj, ErrLeafIsCA, "an agent certificate must be a leaf")
+		if len(x.ExtKeyUsage) != 0 || len(x.UnknownExtKeyUsage) != 0 {
+			return verr(CheckKeyUsage, subj, ErrKeyUsage, "an issuing certificate carries no extended key usage")
 		}
-		if x.KeyUsage&x509.KeyUsageCertSign != 0 {
-			return verr(CheckKeyUsage, subj, ErrKeyUsage, "an agent certificate must not sign certificates")
+		if err := c.Claims.ValidateIssuer(c.ID); err != nil {
+			return verr(CheckClaims, subj, ErrClaims, "%v", err)
 		}
+		return nil
+	}
+	if c.Issuing {
+		return verr(CheckBasicConstraints, subj, ErrLeafIsCA, "the node's issuing certificate is a CA and is never a leaf; present the node certificate")
+	}
+	if x.IsCA {
+		return verr(CheckBasicConstraints, subj, ErrLeafIsCA, "a %s certificate must be a leaf", r)
+	}
+	if x.KeyUsage&(x509.KeyUsageCertSign|x509.KeyUsageCRLSign) != 0 {
+		return verr(CheckKeyUsage, subj, ErrKeyUsage, "a %s certificate must not sign certificates or CRLs", r)
 	}
 	if x.KeyUsage&x509.KeyUsageDigitalSignature == 0 {
 		return verr(CheckKeyUsage, subj, ErrKeyUsage, "key usage lacks digital signature")
@@ -298,6 +355,9 @@ func checkConstraints(parent, child *Certificate) error {
 	}
 	if child.ID.Kind != KindAgent {
 		return nil
+	}
+	if !parent.Issuing {
+		return verr(CheckBasicConstraints, subj, ErrNotCA, "issued by %s, which is not a node's issuing certificate", parent.ID)
 	}
 	zone := child.ID.Zone
 	grant, ok := parent.Claims.Zone(zone)

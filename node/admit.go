@@ -113,7 +113,7 @@ func (n *Node) verifyAgentChain(nodeDER, agentDER []byte, now time.Time) (dtl.Ag
 		Labels:      ch.Agent.Claims.Labels,
 		OverlayIP:   ip,
 		AgentSerial: serialKey(ch.Agent),
-		NodeSerial:  serialKey(ch.Node),
+		NodeSerial:  "serial:" + ch.Node.NodeSerial().String(), // the node certificate's, which its issuing certificate names
 		NotAfter:    notAfter,
 	}, nil
 }
@@ -235,12 +235,7 @@ func (n *Node) admitRecord(zone, peerNode string, aad, raw []byte) (tunnel.Admis
 	dport := c.Destination.Port
 	n.mu.Lock()
 	dst := n.agents[agentKey{zone, c.Destination.Agent}]
-	listening := false
-	if c.Destination.Proto == dtl.ProtoUDP {
-		listening = n.plisten[listenKey{zone, c.Destination.Agent, dport}] != nil
-	} else {
-		listening = n.listeners[listenKey{zone, c.Destination.Agent, dport}] != nil
-	}
+	listening := n.listeningLocked(zone, c.Destination.Agent, dport, c.Destination.Proto)
 	n.mu.Unlock()
 	if dst == nil || !listening {
 		return tunnel.Admission{}, prov, dtl.Deny(fmt.Errorf("%w: %s is not listening on %s/%d", dtl.ErrUnreachable, c.Destination.Agent, c.Destination.Proto, dport))
@@ -293,8 +288,7 @@ func (n *Node) session(zone, peerNode string, aad []byte) *session {
 
 // sessionLocked returns the session bound to aad, creating it; n.mu is held.
 func (n *Node) sessionLocked(zone, peerNode string, aad []byte, now time.Time) *session {
-	key := string(aad)
-	s := n.sessions[key]
+	s := n.sessions[string(aad)] // a lookup by string(aad) does not copy aad
 	if s == nil || s.dtl.Zone != zone || s.dtl.PeerNode != peerNode {
 		// Chains: after a full-chain record is admitted, the sender names that chain by hash
 		// (docs/protocol.md §4); the cache is per session, so a hash never crosses sessions.
@@ -302,7 +296,7 @@ func (n *Node) sessionLocked(zone, peerNode string, aad []byte, now time.Time) *
 			dtl: dtl.Session{AAD: append([]byte(nil), aad...), PeerNode: peerNode, Zone: zone,
 				Replay: &dtl.ReplayWindow{}, Chains: dtl.NewChainCache(0)},
 		}
-		n.sessions[key] = s
+		n.sessions[string(aad)] = s
 	}
 	s.lastUsed = now
 	return s

@@ -32,7 +32,7 @@ type Agent struct {
 	n  *Node
 	id identity.ID
 	ip netip.Addr
-	// cert, key and issuer (the node certificate that signed cert) change when the node renews;
+	// cert, key and issuer (the node's issuing certificate that signed cert) change when the node renews;
 	// they are guarded by n.credMu and read together through creds.
 	cert   *identity.Certificate
 	key    ed25519.PrivateKey
@@ -66,7 +66,7 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	n.mu.Unlock()
 	if a != nil {
 		cr, now := a.creds(), n.now()
-		if at, ok := n.agentRenewAt(n.certificate(), cr.cert, now); !ok || now.Before(at) {
+		if at, ok := n.agentRenewAt(n.issuerCertificate(), cr.cert, now); !ok || now.Before(at) {
 			return a, nil
 		}
 	}
@@ -80,7 +80,7 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	if err := n.usable(); err != nil {
 		return nil, err
 	}
-	self := n.certificate()
+	self := n.issuerCertificate()
 	// Due (past half-life, or signed by a node key this node no longer holds): reissue.
 	if at, ok := n.agentRenewAt(self, st.Cert, n.now()); ok && !n.now().Before(at) {
 		old := st.Cert
@@ -90,7 +90,7 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 		n.auditAgentRenewed(old, st, causeOnDemand)
 	}
 	if err := n.verif.VerifyAgent(self, st.Cert, n.now()); err != nil {
-		if n.certificate() != self {
+		if n.issuerCertificate() != self {
 			return n.Agent(zone, name) // a renewal landed meanwhile: check against the new certificate
 		}
 		return nil, fmt.Errorf("node: agent %s.%s certificate does not verify under this node: %w", name, zone, err)
@@ -107,15 +107,15 @@ func (n *Node) Agent(zone, name string) (*Agent, error) {
 	return n.Agent(zone, name)
 }
 
-// register records st as agent k's current certificate, issued by self, unless the node
-// certificate is no longer self. One *Agent per identity is handed out, so that a renewal
+// register records st as agent k's current certificate, issued by self, unless the node's
+// issuing certificate is no longer self. One *Agent per identity is handed out, so that a renewal
 // updates every holder.
 func (n *Node) register(k agentKey, st *state.Agent, key ed25519.PrivateKey, self *identity.Certificate) (*Agent, bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	n.credMu.Lock()
 	defer n.credMu.Unlock()
-	if n.cert != self {
+	if n.issuer != self {
 		return nil, false
 	}
 	a := n.open[k]

@@ -283,7 +283,8 @@ func TestAttacksAreRefusedBeforeDelivery(t *testing.T) {
 func TestForgedAgentCertificateFromNodeOutsideZone(t *testing.T) {
 	e := newAttackEnv(t, tunnel.Limits{})
 	c, b := e.ns["c"], e.ns["b"]
-	forged, key := forgeAgent(t, c.Certificate(), nodeKey(t, c), "payments", "mallory", netip.MustParseAddr("100.100.1.77"))
+	iss, issKey := nodeIssuer(t, c)
+	forged, key := forgeAgent(t, iss, issKey, "payments", "mallory", netip.MustParseAddr("100.100.1.77"))
 
 	cb, err := c.tunnelTo(context.Background(), b.ID().String(), "support")
 	require.NoError(t, err)
@@ -292,7 +293,7 @@ func TestForgedAgentCertificateFromNodeOutsideZone(t *testing.T) {
 	bc, err := b.tunnelTo(context.Background(), c.ID().String(), "support")
 	require.NoError(t, err)
 	require.Equal(t, c.ID().String(), bc.Peer().NodeID)
-	accepted, refused := b.installDirectory(context.Background(), bc.Peer(), "support", [][]byte{forged.Raw()})
+	accepted, refused := b.installDirectory(context.Background(), bc.Peer(), "support", [][]byte{iss.Raw(), forged.Raw()})
 	assert.Zero(t, accepted)
 	assert.Equal(t, 1, refused)
 	_, ok := b.lookup("payments", "mallory", netip.Addr{}, 1)
@@ -307,7 +308,7 @@ func TestForgedAgentCertificateFromNodeOutsideZone(t *testing.T) {
 	assert.NotContains(t, dirErr, "signature")
 
 	claims := &dtl.Claims{
-		Zone: "payments", Agent: forged.ID.String(), Chain: &dtl.CertChain{Node: c.Certificate().Raw(), Agent: forged.Raw()},
+		Zone: "payments", Agent: forged.ID.String(), Chain: &dtl.CertChain{Node: iss.Raw(), Agent: forged.Raw()},
 		Node: c.ID().String(), Fingerprint: forged.Claims.Fingerprint, Region: "eu-west-1", Trust: 100,
 		Destination: toLedger, FlowID: cb.NewFlowID(), Seq: 1, IssuedAt: time.Now(),
 	}

@@ -522,7 +522,7 @@ func BenchmarkNewFlows(b *testing.B) {
 func BenchmarkRecordSize(b *testing.B) {
 	e := newBenchEnv(b)
 	src := e.sources[0]
-	chain := &dtl.CertChain{Node: src.n.cert.Raw(), Agent: src.cert.Raw()}
+	chain := &dtl.CertChain{Node: src.n.issuer.Raw(), Agent: src.cert.Raw()}
 	h := chain.Hash()
 	aad := make([]byte, 32)
 	for _, tc := range []struct {

@@ -232,7 +232,7 @@ func (n *Node) SignRevocation(subject, reason string) ([]byte, error) {
 		return nil, err
 	}
 	n.credMu.RLock()
-	self, key := n.cert, n.key.PrivateKey
+	self, issuer, key := n.cert, n.issuer, n.key.PrivateKey
 	n.credMu.RUnlock()
 	priv, ok := key.(ed25519.PrivateKey)
 	if !ok {
@@ -257,7 +257,7 @@ func (n *Node) SignRevocation(subject, reason string) ([]byte, error) {
 	if agent == nil {
 		return nil, fmt.Errorf("%w: %q", ErrNotMine, subject)
 	}
-	return record.SignRevocation(record.AgentRevocation(self, agent, reason, now), priv)
+	return record.SignRevocation(record.AgentRevocation(self, issuer, agent, reason, now), priv)
 }
 
 // Credentials are the node's current certificate and key, for the daemon's authority watch,

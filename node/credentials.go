@@ -59,6 +59,28 @@ type credSched struct {
 	wake     chan struct{}
 }
 
+// loadIssuer reads the node's issuing certificate (its key is derived from the node key and
+// checked against it by the directory) and checks it under the trust anchor.
+func (n *Node) loadIssuer(d *state.Dir) error {
+	issuer, _, err := d.NodeIssuer()
+	if err != nil {
+		return err
+	}
+	if err := n.verif.VerifyIssuer(issuer, n.now()); err != nil {
+		return fmt.Errorf("node: own issuing certificate does not verify (renew with `ute node renew --dir %s`): %w", n.cfg.Dir, err)
+	}
+	n.issuer = issuer
+	return nil
+}
+
+// issuerCertificate is the issuing certificate in use now: the CA of this node's agents, swapped
+// together with the node certificate at renewal.
+func (n *Node) issuerCertificate() *identity.Certificate {
+	n.credMu.RLock()
+	defer n.credMu.RUnlock()
+	return n.issuer
+}
+
 // startCredentials runs the scheduler until Close.
 func (n *Node) startCredentials() {
 	n.wg.Go(func() { n.runCredentials(n.ctx) })
@@ -155,7 +177,7 @@ func (n *Node) credAwake() {
 // starts again, and a sleeping loop is woken only when one of them is due before its deadline
 // (waking it needlessly would cost a wake-up per Node.Agent call).
 func (n *Node) noteAgents(certs ...*identity.Certificate) {
-	self, now := n.certificate(), n.now()
+	self, now := n.issuerCertificate(), n.now()
 	var earliest time.Time
 	for _, c := range certs {
 		if at, ok := n.agentRenewAt(self, c, now); ok && (earliest.IsZero() || at.Before(earliest)) {
@@ -178,8 +200,9 @@ func (n *Node) noteAgents(certs ...*identity.Certificate) {
 	}
 }
 
-// agentRenewAt is when the node must reissue agent certificate c while self is its own
-// certificate; ok is false when there is nothing the node can or may do:
+// agentRenewAt is when the node must reissue agent certificate c while self is its own issuing
+// certificate (which ends with the node certificate); ok is false when there is nothing the node
+// can or may do:
 //   - the agent is revoked (by SPIFFE ID or this serial): reissuing would hand it a serial the
 //     revocation does not name;
 //   - the node certificate has expired: it can no longer issue (the node must rejoin);
@@ -252,7 +275,7 @@ func (n *Node) maintainCredentials(ctx context.Context) (next time.Time, failed 
 // reissueDueAgents reissues every local agent certificate that is due, returning the earliest
 // deadline ahead, the zones of the agents it reissued, and whether a due agent failed.
 func (n *Node) reissueDueAgents(ctx context.Context) (next time.Time, zones []string, failed bool) {
-	self, now := n.certificate(), n.now()
+	self, now := n.issuerCertificate(), n.now()
 	n.mu.Lock()
 	type item struct {
 		k    agentKey
@@ -314,7 +337,8 @@ func (n *Node) reissueDueAgents(ctx context.Context) (next time.Time, zones []st
 	return next, zones, failed
 }
 
-// reissueAgent reissues agent k (whose certificate in service is old) under self, and swaps the
+// reissueAgent reissues agent k (whose certificate in service is old) under self (the issuing
+// certificate in service), and swaps the
 // new certificate into the node's agent table and the handle given out, under the credential
 // lock, so that a record is signed either with the whole old chain or the whole new one. The
 // agent keeps its key (docs/sdk.md, "Agent certificate renewal").
@@ -330,7 +354,7 @@ func (n *Node) reissueAgent(k agentKey, old *identity.Certificate, self *identit
 	}
 	n.mu.Lock()
 	n.credMu.Lock()
-	swapped := n.cert == self
+	swapped := n.issuer == self
 	if swapped {
 		n.agents[k] = st
 		if a := n.open[k]; a != nil {

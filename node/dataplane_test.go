@@ -227,11 +227,11 @@ func TestChainCaching(t *testing.T) {
 		require.NotSame(t, old, fresh)
 		// The new session's own directory exchange is done once a knows b admitted billing-api's
 		// chain on it.
-		hAPI := dtl.CertChain{Node: a.cert.Raw(), Agent: billing.cert.Raw()}.Hash()
+		hAPI := dtl.CertChain{Node: a.issuer.Raw(), Agent: billing.cert.Raw()}.Hash()
 		require.Eventually(t, func() bool { return a.track(fresh).known.Known(hAPI) }, 5*time.Second, 2*time.Millisecond)
 
 		// Raw: a hash b never admitted on this session is refused.
-		h := dtl.CertChain{Node: a.cert.Raw(), Agent: ops.cert.Raw()}.Hash()
+		h := dtl.CertChain{Node: a.issuer.Raw(), Agent: ops.cert.Raw()}.Hash()
 		err = open(t, fresh, signCompact(t, ops, fresh, h[:], ops.key))
 		require.ErrorIs(t, err, dtl.ErrChainUnknown)
 
@@ -258,7 +258,7 @@ func TestChainCaching(t *testing.T) {
 	t.Run("forged hashes are refused", func(t *testing.T) {
 		tun, err := a.tunnelTo(ctx, b.ID().String(), "payments")
 		require.NoError(t, err)
-		h := dtl.CertChain{Node: a.cert.Raw(), Agent: billing.cert.Raw()}.Hash()
+		h := dtl.CertChain{Node: a.issuer.Raw(), Agent: billing.cert.Raw()}.Hash()
 		require.True(t, a.track(tun).known.Known(h), "precondition: b caches billing's chain on this session")
 		s := serveSink(t, agent(t, b, "payments", "billing-batch"), "8081")
 		admittedBefore := b.Stats().FlowsAdmitted

@@ -22,7 +22,8 @@ import (
 	"github.com/ute-project/ute/overlay/tunnel"
 )
 
-// Directory exchange limits. A message is [u32 length][CBOR array of agent certificate DER].
+// Directory exchange limits. A message is [u32 length][CBOR array of certificate DER]: the
+// sender's issuing certificate first, then its agent certificates.
 const (
 	MaxDirectorySize    = 1 << 20
 	MaxDirectoryEntries = 1024
@@ -129,7 +130,10 @@ func (n *Node) localCerts(t *tunnel.Tunnel, zone string) ([][]byte, error) {
 	if lc := t.LocalCertificate(); lc == nil || !bytes.Equal(lc.Raw, n.certificate().Raw()) {
 		return nil, fmt.Errorf("node: directory exchange with %s zone %s: %w", t.Peer().NodeID, zone, errStaleTunnel)
 	}
-	var out [][]byte
+	// The issuing certificate goes first: the peer verifies each agent certificate under it,
+	// and it under the trust anchor, and checks it is the one issued with the node certificate
+	// this tunnel presented.
+	out := [][]byte{n.issuerCertificate().Raw()}
 	for k, a := range n.agents {
 		if k.zone == zone && a.Cert != nil {
 			out = append(out, a.Cert.Raw())
@@ -138,9 +142,54 @@ func (n *Node) localCerts(t *tunnel.Tunnel, zone string) ([][]byte, error) {
 	return out, nil
 }
 
+// directoryIssuers picks out of a peer's directory message the issuing certificates that belong
+// to the node certificate pc the peer presented on the tunnel (same node, pc's serial) and
+// verify under the trust anchor; the other entries are returned as agent candidates. An issuing
+// certificate that does not belong is an error: a node announces only its own.
+func (n *Node) directoryIssuers(pc *identity.Certificate, ders [][]byte, now time.Time) (issuers []*identity.Certificate, agents []*identity.Certificate, errs []error) {
+	for _, der := range ders {
+		c, err := identity.ParseCertificate(der)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if !c.Issuing {
+			agents = append(agents, c)
+			continue
+		}
+		if err := n.verif.VerifyIssuer(c, now); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		if c.ID != pc.ID || c.NodeSerial().Cmp(pc.Serial()) != 0 {
+			errs = append(errs, fmt.Errorf("%w: issuing certificate of %s serial %s announced on a tunnel with %s serial %s",
+				dtl.ErrPeer, c.ID, c.NodeSerial(), pc.ID, pc.Serial()))
+			continue
+		}
+		issuers = append(issuers, c)
+	}
+	return issuers, agents, errs
+}
+
+// verifyDirectoryAgent verifies ac under one of the peer's issuing certificates.
+func (n *Node) verifyDirectoryAgent(issuers []*identity.Certificate, ac *identity.Certificate, now time.Time) (*identity.Certificate, error) {
+	if len(issuers) == 0 {
+		return nil, fmt.Errorf("%w: %s: the peer announced no issuing certificate of its own", dtl.ErrChain, ac.ID)
+	}
+	var err error
+	for _, is := range issuers {
+		if err = n.verif.VerifyAgent(is, ac, now); err == nil {
+			return is, nil
+		}
+	}
+	return nil, err
+}
+
 // installDirectory verifies every entry sent by peer over a tunnel of zone and replaces the peer's
-// entries of that zone with the ones that verify: chain authority → peer node → agent (so the
-// issuing node is the tunnel's peer), the zone, and revocation.
+// entries of that zone with the ones that verify: chain authority → the peer's issuing
+// certificate → agent, where the issuing certificate is the one issued with the node certificate
+// the peer presented on this tunnel (so the issuing node is the tunnel's peer), the zone, and
+// revocation.
 func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone string, ders [][]byte) (accepted, refused int) {
 	pc, ok := peer.Info.(*identity.Certificate)
 	if !ok {
@@ -149,11 +198,13 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 	now := n.now()
 	fresh := map[string]viewEntry{}
 	var firstErr error
-	for _, der := range ders {
-		ac, err := identity.ParseCertificate(der)
-		if err == nil {
-			err = n.verif.VerifyAgent(pc, ac, now)
-		}
+	issuers, agents, errs := n.directoryIssuers(pc, ders, now)
+	if len(errs) > 0 {
+		refused += len(errs)
+		firstErr = errs[0]
+	}
+	for _, ac := range agents {
+		_, err := n.verifyDirectoryAgent(issuers, ac, now)
 		if err == nil && ac.ID.Zone != zone {
 			err = fmt.Errorf("%w: agent %s is in zone %s, tunnel carries %s", dtl.ErrZone, ac.ID, ac.ID.Zone, zone)
 		}

@@ -87,13 +87,14 @@ func TestDirectoryCannotShadowLocalAgent(t *testing.T) {
 	grant, ok := a.Certificate().Claims.Zone("payments")
 	require.True(t, ok)
 	ip := grant.Prefixes[0].Addr().Next().Next().Next() // inside a's slice, unused
-	forged, _ := forgeAgent(t, a.Certificate(), nodeKey(t, a), "payments", "ledger", ip)
+	iss, issKey := nodeIssuer(t, a)
+	forged, _ := forgeAgent(t, iss, issKey, "payments", "ledger", ip)
 	ba, err := b.tunnelTo(context.Background(), a.ID().String(), "payments")
 	require.NoError(t, err)
 	require.Equal(t, a.ID().String(), ba.Peer().NodeID)
 	waitDirectory(t, b, "payments", "billing-api")
 
-	accepted, refused := b.installDirectory(context.Background(), ba.Peer(), "payments", [][]byte{forged.Raw()})
+	accepted, refused := b.installDirectory(context.Background(), ba.Peer(), "payments", [][]byte{iss.Raw(), forged.Raw()})
 	assert.Zero(t, accepted)
 	assert.Equal(t, 1, refused)
 	d, ok := b.lookup("payments", "ledger", ip, 8080)

@@ -256,13 +256,21 @@ func forgeAgent(t testing.TB, issuer *identity.Certificate, issuerKey ed25519.Pr
 		NotBefore: now.Add(-time.Minute).Truncate(time.Second), NotAfter: now.Add(time.Hour).Truncate(time.Second),
 		URIs: []*url.URL{u}, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
+		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Value: ext}},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.X509, pub, issuerKey)
 	require.NoError(t, err)
 	c, err := identity.ParseCertificate(der)
 	require.NoError(t, err)
 	return c, key
+}
+
+// nodeIssuer is n's issuing certificate and key, the pair that signs its agents.
+func nodeIssuer(t testing.TB, n *testNode) (*identity.Certificate, ed25519.PrivateKey) {
+	t.Helper()
+	c, k, err := n.Node.dir.NodeIssuer()
+	require.NoError(t, err)
+	return c, k
 }
 
 func nodeKey(t testing.TB, n *testNode) ed25519.PrivateKey {

@@ -76,7 +76,7 @@ func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
 		now = p.Now
 	}
 	if err := d.SaveJoin(state.Joined{
-		Key: key, NodeCert: j.NodeCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
+		Key: key, NodeCert: j.NodeCertDER, IssuerCert: j.IssuerCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
 		Info: state.Info{Name: p.Name, Region: region, TrustDomain: j.Node.ID.TrustDomain, Authority: p.Authority, JoinedAt: now().UTC()},
 	}); err != nil {
 		return nil, err

@@ -87,7 +87,7 @@ func (a *Agent) dialLocal(ctx context.Context, addr string, dst destination) (ne
 		return nil, err
 	}
 	n.mu.Lock()
-	l := n.listeners[listenKey{zone, dst.name, dst.port}]
+	l := n.streamListenerLocked(zone, dst.name, dst.port)
 	n.mu.Unlock()
 	if l == nil {
 		return nil, refused(addr, "admission", "unreachable", fmt.Errorf("%w: %s stopped listening", dtl.ErrUnreachable, dst.name))
@@ -128,7 +128,7 @@ func (n *Node) handleStream(fc *tunnel.FlowConn) {
 			return
 		}
 		n.mu.Lock()
-		l := n.listeners[listenKey{info.Zone, info.Destination.Agent, info.Destination.Port}]
+		l := n.streamListenerLocked(info.Zone, info.Destination.Agent, info.Destination.Port)
 		n.mu.Unlock()
 		if l == nil {
 			_ = fc.Close()

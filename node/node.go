@@ -144,6 +144,7 @@ type Node struct {
 	// every Agent handed out. Readers take one consistent snapshot (certificate, Agent.creds).
 	credMu sync.RWMutex
 	cert   *identity.Certificate
+	issuer *identity.Certificate // the node's issuing certificate, which signs its agents; swapped with cert
 	key    tls.Certificate
 	anchor *identity.Certificate
 	verif  identity.Verifier
@@ -329,6 +330,9 @@ func (n *Node) load() error {
 	n.verif = identity.Verifier{Authority: n.anchor, Cache: identity.NewSignatureCache(4096)}
 	if err := n.verif.VerifyNode(n.cert, n.now()); err != nil {
 		return fmt.Errorf("node: own certificate does not verify (renew with `ute node renew --dir %s`): %w", n.cfg.Dir, err)
+	}
+	if err := n.loadIssuer(d); err != nil {
+		return err
 	}
 	pol, err := d.Policy()
 	if err != nil {

@@ -78,7 +78,7 @@ func renewDir(ctx context.Context, d *state.Dir, addr, advertise string, now fun
 	if err != nil {
 		return nil, err
 	}
-	if err := d.InstallRenewal(newKey, j.NodeCertDER); err != nil {
+	if err := d.InstallRenewal(newKey, j.NodeCertDER, j.IssuerCertDER); err != nil {
 		return nil, err
 	}
 	if err := SaveBootstrap(d, j); err != nil {
@@ -121,7 +121,7 @@ func reissueAgents(d *state.Dir, skip func(*state.Agent) bool) ([]*state.Agent, 
 // revocation. It keeps its old chain, which the node's scheduler never reissues either.
 func (n *Node) reissueUnrevoked() ([]*state.Agent, error) {
 	return reissueAgents(n.dir, func(ag *state.Agent) bool {
-		return ag.Cert != nil && n.isRevoked(record.ChainKeys(n.certificate(), ag.Cert)...)
+		return ag.Cert != nil && n.isRevoked(record.ChainKeys(n.issuerCertificate(), ag.Cert)...)
 	})
 }
 
@@ -164,6 +164,9 @@ func (n *Node) install(r *Renewed, old *identity.Certificate) error {
 	if err := n.verif.VerifyNode(r.Node, n.now()); err != nil {
 		return fmt.Errorf("node: renewed certificate does not verify under the trust anchor: %w", err)
 	}
+	if err := n.verif.VerifyIssuer(r.Issuer, n.now()); err != nil {
+		return fmt.Errorf("node: renewed issuing certificate does not verify under the trust anchor: %w", err)
+	}
 	tlsCert, err := identity.TLSCertificate(r.Key, r.Node)
 	if err != nil {
 		return fmt.Errorf("node: renewed certificate: %w", err)
@@ -173,7 +176,7 @@ func (n *Node) install(r *Renewed, old *identity.Certificate) error {
 	olds := make([]*identity.Certificate, len(agents))
 	n.mu.Lock()
 	n.credMu.Lock()
-	n.cert, n.key = r.Node, tlsCert
+	n.cert, n.issuer, n.key = r.Node, r.Issuer, tlsCert
 	for i, st := range agents {
 		k := agentKey{st.Zone, st.Name}
 		if prev := n.agents[k]; prev != nil {
@@ -181,7 +184,7 @@ func (n *Node) install(r *Renewed, old *identity.Certificate) error {
 		}
 		n.agents[k] = st
 		if a := n.open[k]; a != nil {
-			a.cert, a.issuer = st.Cert, r.Node
+			a.cert, a.issuer = st.Cert, r.Issuer
 		}
 	}
 	n.credMu.Unlock()

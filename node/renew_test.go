@@ -199,15 +199,18 @@ func TestNodeRenewsItselfAtHalfLife(t *testing.T) {
 	assert.Equal(t, cur.Serial(), onDisk.Serial())
 	assert.Equal(t, cur.Serial(), a.ep.Certificate().Leaf.SerialNumber)
 
-	// Agents were reissued under the new certificate, on disk and in the handles given out.
+	// Agents were reissued under the new issuing certificate (renewed with the node certificate),
+	// on disk and in the handles given out.
+	iss := a.issuerCertificate()
+	assert.Equal(t, cur.Serial(), iss.NodeSerial(), "the issuing certificate was renewed with the node certificate")
 	for _, name := range []string{"billing-api", "ledger-a"} {
 		st, err := a.Node.dir.Agent("payments", name)
 		require.NoError(t, err)
-		require.NoError(t, a.verif.VerifyAgent(cur, st.Cert, env.clk.Now()), name)
+		require.NoError(t, a.verif.VerifyAgent(iss, st.Cert, env.clk.Now()), name)
 	}
 	cr := billing.creds()
-	assert.Same(t, cur, cr.node)
-	require.NoError(t, a.verif.VerifyAgent(cur, cr.cert, env.clk.Now()))
+	assert.Same(t, iss, cr.node)
+	require.NoError(t, a.verif.VerifyAgent(iss, cr.cert, env.clk.Now()))
 	// Each reissue is audited, and the peer already holds the new certificates: the renewed node
 	// announced them over a fresh tunnel (the old one presents the old node certificate, under
 	// which they would not verify).

@@ -229,7 +229,7 @@ func (a *Agent) dialLocalUDP(ctx context.Context, addr string, dst dtl.Destinati
 		return nil, err
 	}
 	n.mu.Lock()
-	l := n.plisten[listenKey{zone, dst.Agent, dst.Port}]
+	l := n.packetListenerLocked(zone, dst.Agent, dst.Port)
 	n.mu.Unlock()
 	if l == nil {
 		return nil, refused(addr, "admission", "unreachable", fmt.Errorf("%w: %s stopped listening", dtl.ErrUnreachable, dst.Agent))
@@ -417,7 +417,7 @@ func (n *Node) handlePacket(pf *tunnel.PacketFlow) {
 		return
 	}
 	n.mu.Lock()
-	l := n.plisten[listenKey{p.Zone, p.Destination.Agent, p.Destination.Port}]
+	l := n.packetListenerLocked(p.Zone, p.Destination.Agent, p.Destination.Port)
 	n.mu.Unlock()
 	f := &packetFlow{addr: pf.RemoteAddr(), prov: p, send: pf.Send, close: func() { _ = pf.Close() }}
 	if l == nil || !l.add(f) {

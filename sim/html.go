@@ -16,7 +16,8 @@ func WriteHTML(w io.Writer, res *Result) error {
 	for _, e := range res.Events {
 		if len(e.Curve) > 0 {
 			curves = append(curves, curveView{Name: e.Name, Observed: e.Observed, SVG: template.HTML(curveSVG(e, res)), //nolint:gosec // built from escaped strings
-				Model999: PredictTime(max(e.Members, 1), res.Fanout, res.GossipInterval, 0.999), Members: e.Members, Fanout: res.Fanout, Interval: res.GossipInterval})
+				Model999: PredictTime(max(e.Members, 1), res.Fanout, res.GossipInterval, 0.999), Members: e.Members, Fanout: res.Fanout, Interval: res.GossipInterval,
+				HasModel: len(e.Model) > 0})
 		}
 	}
 	v := pageView{Result: res, Topology: template.HTML(topologySVG(res.Topology)), Timeline: template.HTML(timelineSVG(res)), Curves: curves} //nolint:gosec // built from escaped strings
@@ -37,6 +38,7 @@ type curveView struct {
 	Members        int
 	Fanout         int
 	Interval       time.Duration
+	HasModel       bool
 }
 
 var pageTmpl = template.Must(template.New("page").Funcs(template.FuncMap{"dur": fmtDur}).Parse(`<!doctype html>
@@ -55,7 +57,7 @@ code{background:#f4f6fa;padding:1px 4px;border-radius:3px}
 <h1>UTE simulation: {{.Scenario}}</h1>
 <div class="sub">{{.Description}}</div>
 <p>{{.Nodes}} node(s), {{.Zones}} zone(s), seed {{.Seed}}; gossip <code>{{.Gossip}}</code> (interval {{.GossipInterval}}, fan-out {{.Fanout}});
-in-memory underlay: latency {{dur .Network.Latency}}, jitter {{dur .Network.Jitter}}, loss {{printf "%.1f" .LossPct}}%.
+{{if eq .Underlay "udp-loopback"}}real UDP sockets on loopback (--real; no simulated latency or loss).{{else}}in-memory underlay: latency {{dur .Network.Latency}}, jitter {{dur .Network.Jitter}}, loss {{printf "%.1f" .LossPct}}%.{{end}}
 Setup: join {{dur .JoinTime}}, gossip discovery {{dur .GossipTime}}; whole run {{dur .Duration}}.</p>
 {{if .Failed}}<div class="verdict fail">{{.Failed}} of {{len .Events}} expectation(s) failed</div>{{else}}<div class="verdict ok">every expectation held ({{len .Events}} event(s))</div>{{end}}
 
@@ -73,12 +75,13 @@ Setup: join {{dur .JoinTime}}, gossip discovery {{dur .GossipTime}}; whole run {
 <p>Legitimate traffic: {{.Traffic.Flows}} flow(s), {{.Traffic.OK}} ok, {{.Traffic.Excused}} excused (an end revoked, down or partitioned away), <b>{{.Traffic.FalseDenials}}</b> false denial(s).
 {{range .Traffic.Denials}}<br><span class="note">denied at {{dur .At}}: {{.Flow}}: {{.Error}}</span>{{end}}</p>
 
-{{if .Curves}}<h2>Revocation convergence</h2>
-<p class="note">Fraction of the live members that must hold the record(s), over time since the record was issued (measured: solid),
+{{if .Curves}}<h2>Convergence</h2>
+<p class="note">Fraction of the live members that hold what the event waits for (the revocation record(s); for a policy change the
+new policy in force; for churn a restarted node's full view), over time since it was issued (measured: solid),
 beside the epidemic push model for the same member count and fan-out (dashed): every member holding the record pushes it to
 fan-out random members per gossip interval, x' = 1 − (1 − x)(1 − f/(n−1))<sup>n·x</sup>. The model has no packet loss and no
 retransmission limit; UTE also re-broadcasts on first receipt and pushes directly over open tunnels.</p>
-{{range .Curves}}<h3>{{.Name}}</h3><p>{{.Observed}}. Model: 99.9% of {{.Members}} member(s) after {{dur .Model999}} (fan-out {{.Fanout}}, interval {{.Interval}}).</p>{{.SVG}}{{end}}{{end}}
+{{range .Curves}}<h3>{{.Name}}</h3><p>{{.Observed}}.{{if .HasModel}} Model: 99.9% of {{.Members}} member(s) after {{dur .Model999}} (fan-out {{.Fanout}}, interval {{.Interval}}).{{end}}</p>{{.SVG}}{{end}}{{end}}
 
 <h2>Network</h2>
 <p>{{.NetworkStats.Sent}} packet(s) sent, {{.NetworkStats.Delivered}} delivered ({{.NetworkStats.Bytes}} B), {{.NetworkStats.Lost}} lost, {{.NetworkStats.Partitioned}} dropped at partitions, {{.NetworkStats.Unreachable}} unreachable.</p>
@@ -183,7 +186,7 @@ func timelineSVG(res *Result) string {
 	}
 	end = max(end, time.Millisecond) * 11 / 10
 	xOf := func(d time.Duration) float64 { return left + float64(d)/float64(end)*(w-left-right) }
-	h := 70 + 18*len(res.Events)
+	h := 70 + 20*len(res.Events)
 	var b strings.Builder
 	fmt.Fprintf(&b, `<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 %d %d" width="%d" role="img" aria-label="event timeline">`, w, h, w)
 	fmt.Fprintf(&b, `<line x1="%d" y1="30" x2="%d" y2="30" stroke="#889"/>`, left, w-right)
@@ -197,12 +200,19 @@ func timelineSVG(res *Result) string {
 			col = "#b3261e"
 		}
 		x := xOf(e.At)
-		y := 52 + 18*i
+		y := 52 + 20*i
 		fmt.Fprintf(&b, `<line x1="%.1f" y1="30" x2="%.1f" y2="%d" stroke="%s" stroke-opacity="0.35"/>`, x, x, y, col)
 		if e.TimeToBlock > 0 {
-			fmt.Fprintf(&b, `<rect x="%.1f" y="%d" width="%.1f" height="8" fill="%s" fill-opacity="0.3"/>`, x, y-4, max(xOf(e.At+e.TimeToBlock)-x, 1), col)
+			// The time to block or converge, as a bar under the event's row so that it never
+			// covers the label.
+			fmt.Fprintf(&b, `<rect x="%.1f" y="%d" width="%.1f" height="4" fill="%s" fill-opacity="0.45"><title>%s</title></rect>`, x, y+7, max(xOf(e.At+e.TimeToBlock)-x, 1), col, esc(fmtDur(e.TimeToBlock)))
 		}
-		fmt.Fprintf(&b, `<circle cx="%.1f" cy="%d" r="5" fill="%s"/><text x="%.1f" y="%d" font-size="12">%s</text>`, x, y, col, x+9, y+4, esc(e.Name))
+		// Labels of late events go left of their dot so that they stay on the page.
+		tx, anchor := x+9, "start"
+		if x > w*0.6 {
+			tx, anchor = x-9, "end"
+		}
+		fmt.Fprintf(&b, `<circle cx="%.1f" cy="%d" r="5" fill="%s"/><text x="%.1f" y="%d" font-size="12" text-anchor="%s">%s</text>`, x, y, col, tx, y+4, anchor, esc(e.Name))
 	}
 	b.WriteString(`</svg>`)
 	return b.String()
@@ -228,7 +238,8 @@ func ticks(end time.Duration) []time.Duration {
 
 // curveSVG plots the measured fraction over time (a step line) and the model's (dashed).
 func curveSVG(e EventResult, res *Result) string {
-	const w, h, left, bottom, top, right = 720, 300, 56, 40, 16, 20
+	// The legend sits under the time axis, outside the plot, where no curve can run under it.
+	const w, h, left, bottom, top, right = 720, 330, 56, 70, 16, 20
 	end := e.Curve[len(e.Curve)-1].T
 	if len(e.Model) > 0 {
 		end = max(end, e.Model[len(e.Model)-1].T)
@@ -246,10 +257,16 @@ func curveSVG(e EventResult, res *Result) string {
 		x := xOf(tk)
 		fmt.Fprintf(&b, `<line x1="%.1f" y1="%d" x2="%.1f" y2="%d" stroke="#eef"/><text x="%.1f" y="%d" font-size="11" text-anchor="middle" fill="#566">%s</text>`, x, top, x, h-bottom, x, h-bottom+16, esc(fmtDur(tk)))
 	}
-	fmt.Fprintf(&b, `<text x="%d" y="%d" font-size="11" text-anchor="middle" fill="#566">time since the record was issued</text>`, (w+left)/2, h-6)
+	fmt.Fprintf(&b, `<text x="%d" y="%d" font-size="11" text-anchor="middle" fill="#566">time since the event started</text>`, (w+left)/2, h-bottom+32)
 	var pts []string
 	prev := 0.0
-	for i, p := range e.Curve {
+	curve := e.Curve
+	if curve[0].T > 0 {
+		// Before the first poll saw anyone holding it, no one is known to: the measured line
+		// starts at the origin like the model's, not in mid-air.
+		curve = append([]CurvePoint{{T: 0, Fraction: 0}}, curve...)
+	}
+	for i, p := range curve {
 		if i > 0 {
 			pts = append(pts, fmt.Sprintf("%.1f,%.1f", xOf(p.T), yOf(prev)))
 		}
@@ -262,9 +279,14 @@ func curveSVG(e EventResult, res *Result) string {
 		pts = append(pts, fmt.Sprintf("%.1f,%.1f", xOf(p.T), yOf(p.Fraction)))
 	}
 	fmt.Fprintf(&b, `<polyline fill="none" stroke="#d8873b" stroke-width="2" stroke-dasharray="6 4" points="%s"/>`, strings.Join(pts, " "))
-	lx := w - right - 250
-	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#3b6fd8" stroke-width="2.5"/><text x="%d" y="%d" font-size="12">measured (%d members)</text>`, lx, h-bottom-40, lx+24, h-bottom-40, lx+30, h-bottom-36, e.Members)
-	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#d8873b" stroke-width="2" stroke-dasharray="6 4"/><text x="%d" y="%d" font-size="12">model (fan-out %d, every %s)</text>`, lx, h-bottom-20, lx+24, h-bottom-20, lx+30, h-bottom-16, res.Fanout, esc(res.GossipInterval.String()))
+	lx, ly := left, h-14
+	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#3b6fd8" stroke-width="2.5"/><text x="%d" y="%d" font-size="12">measured (%d members)</text>`, lx, ly, lx+24, ly, lx+30, ly+4, e.Members)
+	lx += 260
+	if len(e.Model) == 0 {
+		b.WriteString(`</svg>`)
+		return b.String()
+	}
+	fmt.Fprintf(&b, `<line x1="%d" y1="%d" x2="%d" y2="%d" stroke="#d8873b" stroke-width="2" stroke-dasharray="6 4"/><text x="%d" y="%d" font-size="12">model (fan-out %d, every %s)</text>`, lx, ly, lx+24, ly, lx+30, ly+4, res.Fanout, esc(res.GossipInterval.String()))
 	b.WriteString(`</svg>`)
 	return b.String()
 }

@@ -8,16 +8,18 @@ import (
 
 // Result is what a run observed.
 type Result struct {
-	Scenario       string         `json:"scenario"`
-	Description    string         `json:"description,omitempty"`
-	File           string         `json:"file,omitempty"`
-	Seed           uint64         `json:"seed"`
-	Nodes          int            `json:"nodes"`
-	Zones          int            `json:"zones"`
-	Gossip         string         `json:"gossip"`
-	GossipInterval time.Duration  `json:"gossip_interval_ns"`
-	Fanout         int            `json:"fanout"`
-	Network        NetworkInfo    `json:"network"`
+	Scenario       string        `json:"scenario"`
+	Description    string        `json:"description,omitempty"`
+	File           string        `json:"file,omitempty"`
+	Seed           uint64        `json:"seed"`
+	Nodes          int           `json:"nodes"`
+	Zones          int           `json:"zones"`
+	Gossip         string        `json:"gossip"`
+	GossipInterval time.Duration `json:"gossip_interval_ns"`
+	Fanout         int           `json:"fanout"`
+	Network        NetworkInfo   `json:"network"`
+	// Underlay is "memnet" (the in-memory network) or "udp-loopback" (--real).
+	Underlay       string         `json:"underlay"`
 	JoinTime       time.Duration  `json:"join_ns"`
 	GossipTime     time.Duration  `json:"gossip_discovery_ns"`
 	Duration       time.Duration  `json:"duration_ns"`

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -25,6 +26,7 @@ import (
 	"github.com/ute-project/ute/node/daemon"
 	"github.com/ute-project/ute/node/membership"
 	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/tunnel"
 	"github.com/ute-project/ute/sim/memnet"
 	"github.com/ute-project/ute/sim/scenario"
 )
@@ -46,7 +48,15 @@ type Options struct {
 	Progress io.Writer
 	// Parallel is how many nodes join and start at once; 0 means 4.
 	Parallel int
+	// Real runs the nodes on real UDP sockets on 127.0.0.1 instead of the in-memory network:
+	// the scenario's latency, jitter and loss do not apply (the kernel's loopback carries the
+	// packets); partitions are applied by filtering at each socket. At most MaxRealNodes nodes.
+	Real bool
 }
+
+// MaxRealNodes bounds a run with Options.Real: every node is a socket and a QUIC endpoint on
+// the machine's loopback, where the kernel, not a model, decides what is lost when it is busy.
+const MaxRealNodes = 64
 
 // nodePort is the underlay port every simulated node listens on (each has its own address).
 const nodePort = 7946
@@ -63,18 +73,23 @@ type runner struct {
 	auth     *authority.Authority
 	authAddr string
 	stopAuth func()
-	net      *memnet.Network
+	net      underlay
 	timing   *membership.Timing
+	gate     tunnel.DialGate // shared by every node's endpoint: paces first contacts
 
 	mu      sync.RWMutex // guards the fields below (traffic goroutines read them)
 	nodes   map[string]*simNode
 	order   []string
-	groupOf map[string]string // node -> group
-	agentAt map[string]string // agent.zone -> node
-	revoked map[string]bool   // subjects (SPIFFE IDs) revoked so far
-	side    map[string]int    // node -> partition set (0: none)
-	records []issued          // every revocation record the authority issued, in order
-	gen     uint64            // see epoch
+	groupOf map[string]string          // node -> group
+	agentAt map[string]string          // agent.zone -> node
+	revoked map[string]bool            // subjects (SPIFFE IDs) revoked so far
+	side    map[string]int             // node -> partition set (0: none)
+	records []issued                   // every revocation record the authority issued, in order
+	rules   map[string][]scenario.Rule // zone -> rules, once a policy_change replaced them
+	proxied map[string]bool            // nodes that run the proxy interface (exe_swap targets)
+	clones  []clone                    // second hosts of copied directories (directory_copy)
+	cloneNo int
+	gen     uint64 // see epoch
 
 	servers  map[string]*server // agent.zone:port
 	srvWG    sync.WaitGroup
@@ -88,6 +103,7 @@ type issued struct {
 	zones   []string // the zones whose members must hold it
 	raw     []byte
 	node    string // the revoked node, if a node was revoked
+	side    int    // the partition side it was handed to (0: none)
 }
 
 type simNode struct {
@@ -98,7 +114,7 @@ type simNode struct {
 	addr   netip.AddrPort
 	token  string
 	agents []scenario.AgentRef
-	conn   *memnet.Conn
+	conn   net.PacketConn
 	d      *daemon.Daemon // nil while crashed
 }
 
@@ -110,7 +126,8 @@ func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, err
 	sc = scale(sc, opts.MaxNodes)
 	r := &runner{sc: sc, opts: opts, seed: sc.Seed, log: opts.Logger, progress: opts.Progress,
 		nodes: map[string]*simNode{}, groupOf: map[string]string{}, agentAt: map[string]string{},
-		revoked: map[string]bool{}, side: map[string]int{}, servers: map[string]*server{}}
+		revoked: map[string]bool{}, side: map[string]int{}, servers: map[string]*server{},
+		rules: map[string][]scenario.Rule{}, proxied: map[string]bool{}}
 	if opts.Seed != 0 {
 		r.seed = opts.Seed
 	}
@@ -123,23 +140,28 @@ func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, err
 	if r.opts.NodeLogger == nil {
 		r.opts.NodeLogger = slog.New(slog.DiscardHandler)
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		return nil, fmt.Errorf("sim: %w", err)
-	}
-	r.exe = exe
 	r.dir = opts.Dir
 	if r.dir == "" {
-		d, err := os.MkdirTemp("", "ute-sim-")
+		d, err := os.MkdirTemp(scratchParent(), "ute-sim-")
 		if err != nil {
 			return nil, fmt.Errorf("sim: temporary directory: %w", err)
 		}
 		r.dir = d
 		defer func() { _ = os.RemoveAll(d) }()
 	}
+	// Agents run in this process; their enrolled executable is a small stand-in file, since
+	// enrolling hashes it once per agent (hashing a 25 MB test binary per agent was 7% of a
+	// 100-node run's CPU).
+	r.exe = filepath.Join(r.dir, "workload")
+	if err := os.WriteFile(r.exe, []byte("#!/bin/false\n# ute sim: the agents' enrolled workload\n"), 0o700); err != nil {
+		return nil, fmt.Errorf("sim: %w", err)
+	}
 	res := &Result{Scenario: sc.Name, Description: sc.Description, File: sc.File(), Seed: r.seed, Nodes: sc.NodeCount(), Zones: len(sc.Zones),
 		Network: NetworkInfo{Latency: sc.Network.Latency.D(), Jitter: sc.Network.Jitter.D(), Loss: sc.Network.Loss}, Gossip: sc.Gossip,
-		Nondeterminism: nondeterminism}
+		Nondeterminism: nondeterminism, Underlay: "memnet"}
+	if opts.Real {
+		res.Underlay, res.Network = "udp-loopback", NetworkInfo{}
+	}
 	start := time.Now()
 	defer r.stop()
 	if err := r.setup(ctx, res); err != nil {
@@ -148,7 +170,7 @@ func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, err
 	res.Topology = r.topology()
 	r.runTimeline(ctx, res)
 	res.Traffic = r.traffic.summary()
-	res.NetworkStats = r.net.Stats()
+	res.NetworkStats = r.net.stats()
 	res.Duration = time.Since(start)
 	for _, e := range res.Events {
 		if !e.Pass {
@@ -203,18 +225,32 @@ func scale(sc *scenario.Scenario, maxNodes int) *scenario.Scenario {
 
 func (r *runner) setup(ctx context.Context, res *Result) error {
 	t := time.Now()
-	var err error
-	if r.net, err = memnet.New(r.seed, memnet.Link{Latency: r.sc.Network.Latency.D(), Jitter: r.sc.Network.Jitter.D(), Loss: r.sc.Network.Loss}); err != nil {
-		return err
+	if r.opts.Real {
+		if n := r.sc.NodeCount(); n > MaxRealNodes {
+			return fmt.Errorf("sim: --real runs at most %d nodes on loopback; %s has %d (scale it down with --max-nodes)", MaxRealNodes, r.sc.Name, n)
+		}
+		r.net = newUDPUnderlay()
+	} else {
+		mn, err := memnet.New(r.seed, memnet.Link{Latency: r.sc.Network.Latency.D(), Jitter: r.sc.Network.Jitter.D(), Loss: r.sc.Network.Loss})
+		if err != nil {
+			return err
+		}
+		r.net = memUnderlay{mn}
 	}
-	if r.sc.Gossip == "fast" {
+	switch r.sc.Gossip {
+	case "fast":
 		ft := membership.FastTiming()
 		r.timing = &ft
 		res.GossipInterval, res.Fanout = ft.GossipInterval, ft.GossipNodes
-	} else {
+	case "scale":
+		st := ScaleTiming()
+		r.timing = &st
+		res.GossipInterval, res.Fanout = st.GossipInterval, st.GossipNodes
+	default:
 		lt := membership.LANTiming()
 		res.GossipInterval, res.Fanout = config.Default().Gossip.Interval, lt.GossipNodes
 	}
+	r.gate = newDialGate(dialSlots(), time.Second)
 	if err := r.startAuthority(); err != nil {
 		return err
 	}
@@ -224,8 +260,11 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 	for gi := range r.sc.Nodes {
 		g := &r.sc.Nodes[gi]
 		for k, name := range g.NodeNames() {
-			n := &simNode{name: name, group: g, index: k, dir: filepath.Join(r.dir, "nodes", name),
-				addr: netip.AddrPortFrom(memnet.HostAddr(i), nodePort)}
+			addr, err := r.net.plan(i)
+			if err != nil {
+				return err
+			}
+			n := &simNode{name: name, group: g, index: k, dir: filepath.Join(r.dir, "nodes", name), addr: addr}
 			for _, a := range g.Agents {
 				ref := scenario.AgentRef{Agent: g.AgentName(a, k), Zone: a.Zone}
 				n.agents = append(n.agents, ref)
@@ -235,6 +274,11 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 			r.order = append(r.order, name)
 			r.groupOf[name] = g.Name
 			i++
+		}
+	}
+	for _, e := range r.sc.Timeline {
+		if e.Kind == scenario.KindExeSwap {
+			r.proxied[r.agentAt[e.Agent]] = true
 		}
 	}
 	r.say("%s: %d node(s) in %d zone(s), seed %d, gossip %s", r.sc.Name, len(r.order), len(r.sc.Zones), r.seed, r.sc.Gossip)
@@ -303,14 +347,28 @@ type policyZone struct {
 	Rules        []scenario.Rule `yaml:"rules,omitempty"`
 }
 
-func (r *runner) startAuthority() error {
+// policyYAML is the policy of the scenario's zones with the rules in force now (policy_change
+// replaces a zone's rules).
+func (r *runner) policyYAML() ([]byte, error) {
 	var pf policyFile
 	for _, z := range r.sc.Zones {
-		pf.Zones = append(pf.Zones, policyZone{Name: z.Name, CIDR: z.CIDR, Regions: z.Regions, MinTrust: 50, IsolateBelow: 20, Rules: z.Rules})
+		rules := z.Rules
+		if rs, ok := r.rules[z.Name]; ok {
+			rules = rs
+		}
+		pf.Zones = append(pf.Zones, policyZone{Name: z.Name, CIDR: z.CIDR, Regions: z.Regions, MinTrust: 50, IsolateBelow: 20, Rules: rules})
 	}
 	raw, err := yaml.Marshal(pf)
 	if err != nil {
-		return fmt.Errorf("sim: policy: %w", err)
+		return nil, fmt.Errorf("sim: policy: %w", err)
+	}
+	return raw, nil
+}
+
+func (r *runner) startAuthority() error {
+	raw, err := r.policyYAML()
+	if err != nil {
+		return err
 	}
 	pol := filepath.Join(r.dir, "policy.yaml")
 	if err := os.WriteFile(pol, raw, 0o600); err != nil {
@@ -374,18 +432,22 @@ func (r *runner) start(ctx context.Context, n *simNode) error {
 }
 
 func (r *runner) startWith(ctx context.Context, n *simNode, peers []config.Peer) error {
-	conn, err := r.net.Listen(n.addr)
+	conn, err := r.net.listen(n.addr)
 	if err != nil {
 		return fmt.Errorf("sim: node %s: %w", n.name, err)
 	}
 	cfg := config.Default()
 	cfg.Peers = peers
+	if r.proxied[n.name] {
+		cfg.Interface = config.InterfaceProxy
+	}
 	d, err := daemon.Start(ctx, daemon.Options{Dir: n.dir, Config: cfg, PacketConn: conn, NoAuthority: true, Timing: r.timing,
-		Logger: r.opts.NodeLogger.With("node", n.name)})
+		DuplicateConfirm: duplicateConfirm, Logger: r.opts.NodeLogger.With("node", n.name)})
 	if err != nil {
 		_ = conn.Close()
 		return fmt.Errorf("sim: node %s start: %w", n.name, err)
 	}
+	d.Node().Endpoint().SetDialGate(r.gate)
 	r.mu.Lock()
 	n.conn, n.d = conn, d
 	r.mu.Unlock()
@@ -421,39 +483,71 @@ func (r *runner) live(zone string) []*simNode {
 	return out
 }
 
+// members is the live nodes, optionally only those serving zone, that are not revoked: a
+// revoked node (by the authority, or by itself after a region drift, or cut by its peers as a
+// duplicate) has left gossip and is not expected to receive anything.
+func (r *runner) members(zone string) []*simNode {
+	live := r.live(zone)
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return slices.DeleteFunc(live, func(n *simNode) bool { return r.revoked[r.nodeID(n.name)] })
+}
+
 // awaitGossip waits until every live node's pools hold every live node of their zone.
 func (r *runner) awaitGossip(ctx context.Context, limit time.Duration) error {
 	deadline := time.Now().Add(limit)
 	nextReport := time.Now().Add(5 * time.Second)
+	// Reading a pool's members costs O(members), so a large run polls less often, and only the
+	// pools not yet complete until every one has been seen complete; then one full pass
+	// confirms (a member may have been declared failed meanwhile).
+	poll := max(50*time.Millisecond, time.Duration(len(r.order))*time.Millisecond)
+	done := map[string]bool{}
+	confirm := false
 	for {
 		var missing []string
 		for _, z := range r.sc.Zones {
-			want := len(r.live(z.Name))
-			for _, n := range r.live(z.Name) {
-				if got := len(n.d.Members(z.Name)); got < want {
+			live := r.live(z.Name)
+			want := len(live)
+			for _, n := range live {
+				k := n.name + "/" + z.Name
+				if done[k] && !confirm {
+					continue
+				}
+				if got := len(n.d.Members(z.Name)); float64(got) < r.sc.Limits.Members*float64(want) {
 					missing = append(missing, fmt.Sprintf("%s/%s:%d/%d", n.name, z.Name, got, want))
+					delete(done, k)
+				} else {
+					done[k] = true
 				}
 			}
 		}
 		if len(missing) == 0 {
-			return nil
+			if confirm {
+				return nil
+			}
+			confirm = true // every pool was complete once: confirm with a full pass at once
+			continue
 		}
+		confirm = false
 		if time.Now().After(nextReport) {
 			nextReport = time.Now().Add(5 * time.Second)
-			r.say("  gossip discovery: %d node/zone pool(s) still missing members (e.g. %s)", len(missing), missing[0])
+			var ms runtime.MemStats
+			runtime.ReadMemStats(&ms)
+			r.say("  gossip discovery: %d node/zone pool(s) still missing members (e.g. %s%s); %d tunnels, heap %d MiB",
+				len(missing), missing[0], r.lacking(missing[0]), r.tunnels(), ms.HeapInuse>>20)
 		}
 		if time.Now().After(deadline) {
 			if len(missing) > 8 {
 				missing = append(missing[:8], fmt.Sprintf("and %d more", len(missing)-8))
 			}
-			st := r.net.Stats()
+			st := r.net.stats()
 			return fmt.Errorf("sim: gossip did not find every zone member within %s: %s (network: %d packets sent, %d delivered, %d unreachable)",
 				limit, strings.Join(missing, " "), st.Sent, st.Delivered, st.Unreachable)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(poll):
 		}
 	}
 }
@@ -470,10 +564,13 @@ func (r *runner) stop() {
 		n := r.nodes[name]
 		wg.Go(func() { r.crash(n) })
 	}
+	for _, c := range r.clones {
+		wg.Go(func() { _ = c.d.Close(); _ = c.conn.Close() })
+	}
 	wg.Wait()
 	r.srvWG.Wait()
 	if r.net != nil {
-		_ = r.net.Close()
+		_ = r.net.close()
 	}
 	if r.stopAuth != nil {
 		r.stopAuth()
@@ -660,4 +757,73 @@ func (r *runner) received(dst scenario.Dest) int64 {
 		return 0
 	}
 	return s.received.load()
+}
+
+// scratchParent is where a run without Options.Dir keeps its directories: /dev/shm when it is
+// there, since every node's stores and audit log fsync, and on a disk a thousand nodes' fsyncs
+// are a large share of the run.
+func scratchParent() string {
+	if st, err := os.Stat("/dev/shm"); err == nil && st.IsDir() {
+		if f, err := os.CreateTemp("/dev/shm", "ute-sim-probe-"); err == nil {
+			_ = f.Close()
+			_ = os.Remove(f.Name())
+			return "/dev/shm"
+		}
+	}
+	return ""
+}
+
+// ScaleTiming is the "scale" gossip profile: memberlist's LAN dissemination (200 ms gossip
+// interval, fan-out 3, retransmit multiplier 4), the numbers the convergence model and Serf's
+// figures use, with relaxed failure detection. On a real network each node has its own CPU; in
+// a run of hundreds of nodes on two cores a probe to a member this node has no tunnel with yet
+// waits for a paced handshake, and with the LAN profile's 500 ms probe timeout live members are
+// declared failed faster than gossip refutes it (measured: 200 nodes fell back from 166 to
+// about 110 members each). Failure detection is not what the large scenarios measure.
+func ScaleTiming() membership.Timing {
+	t := membership.LANTiming()
+	t.ProbeInterval = 5 * time.Second
+	t.ProbeTimeout = 3 * time.Second
+	t.SuspicionMult = 8
+	// Push/pull hands a joining node the whole member list in one exchange, the cheapest
+	// discovery there is when most first contacts wait for a handshake slot; memberlist
+	// stretches the interval with the pool's size (×6 at 1,000 members: one exchange per node
+	// a minute), so its share of a record's spread in the first seconds stays negligible.
+	t.PushPullInterval = 10 * time.Second
+	t.TCPTimeout = 10 * time.Second
+	return t
+}
+
+// tunnels is the number of tunnels the live nodes hold (each counts at both ends).
+func (r *runner) tunnels() int {
+	n := 0
+	for _, m := range r.live("") {
+		n += m.d.Node().Endpoint().Stats().Tunnels
+	}
+	return n
+}
+
+// lacking names a few members that a pool (node/zone:…, as awaitGossip reports it) does not
+// see.
+func (r *runner) lacking(pool string) string {
+	name, rest, _ := strings.Cut(pool, "/")
+	zone, _, _ := strings.Cut(rest, ":")
+	n := r.node(name)
+	if n == nil || n.d == nil {
+		return ""
+	}
+	seen := map[string]bool{}
+	for _, m := range n.d.Members(zone) {
+		seen[m.NodeID] = true
+	}
+	var out []string
+	for _, m := range r.live(zone) {
+		if !seen[r.nodeID(m.name)] {
+			out = append(out, m.name)
+		}
+	}
+	if len(out) == 0 {
+		return ""
+	}
+	return ", lacks " + abbreviate(out)
 }

@@ -10,9 +10,12 @@ import (
 // WriteTable prints the run as a table: event, expectation, observed, time to block, bytes
 // leaked, false denials; then the legitimate traffic and the verdict.
 func WriteTable(w io.Writer, res *Result) error {
-	fmt.Fprintf(w, "\n%s: %d node(s), %d zone(s), seed %d, gossip %s (every %s, fan-out %d), link %s ± %s, loss %.1f%%\n",
-		res.Scenario, res.Nodes, res.Zones, res.Seed, res.Gossip, res.GossipInterval, res.Fanout,
-		fmtDur(res.Network.Latency), fmtDur(res.Network.Jitter), res.Network.Loss*100)
+	link := fmt.Sprintf("link %s ± %s, loss %.1f%%", fmtDur(res.Network.Latency), fmtDur(res.Network.Jitter), res.Network.Loss*100)
+	if res.Underlay == "udp-loopback" {
+		link = "real UDP on loopback"
+	}
+	fmt.Fprintf(w, "\n%s: %d node(s), %d zone(s), seed %d, gossip %s (every %s, fan-out %d), %s\n",
+		res.Scenario, res.Nodes, res.Zones, res.Seed, res.Gossip, res.GossipInterval, res.Fanout, link)
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "\tAT\tEVENT\tEXPECTATION\tOBSERVED\tTIME TO BLOCK\tLEAKED\tFALSE DENIALS")
 	for _, e := range res.Events {

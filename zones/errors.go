@@ -4,16 +4,18 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+
+	"github.com/ute-project/ute/zones/strictyaml"
 )
 
 // Sentinels for policy validation errors; every error of Parse, Load and New wraps exactly one.
 var (
 	ErrTooLarge        = errors.New("policy too large")
-	ErrSyntax          = errors.New("YAML syntax error")
-	ErrUnsupported     = errors.New("unsupported YAML feature")
-	ErrUnknownField    = errors.New("unknown field")
+	ErrSyntax          = strictyaml.ErrSyntax
+	ErrUnsupported     = strictyaml.ErrUnsupported
+	ErrUnknownField    = strictyaml.ErrUnknownField
 	ErrMissingField    = errors.New("missing field")
-	ErrBadValue        = errors.New("bad value")
+	ErrBadValue        = strictyaml.ErrBadValue
 	ErrNoZones         = errors.New("no zones")
 	ErrBadName         = errors.New("bad name")
 	ErrDuplicateZone   = errors.New("duplicate zone")

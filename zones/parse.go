@@ -6,13 +6,14 @@ import (
 	"io"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"time"
 
-	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/lexer"
-	"github.com/goccy/go-yaml/parser"
+
+	"github.com/ute-project/ute/zones/strictyaml"
 )
 
 // MaxPolicySize caps a policy file; a real policy is a few kilobytes.
@@ -73,12 +74,11 @@ func Parse(filename string, data []byte) (*Policy, error) {
 	return compile(zones), nil
 }
 
-// parseYAML runs the YAML parser, turning a panic inside it into an error: the parser is a
-// dependency fed with untrusted bytes, and a crash of the authority or a node on a bad file would
-// break invariant I8.
+// parseYAML runs the YAML parser after the depth check; strictyaml.Parse turns a panic inside the
+// parser into an error (a crash of the authority or a node on a bad file would break invariant I8).
 func parseYAML(filename string, data []byte) (f *ast.File, err error) {
 	defer func() {
-		if r := recover(); r != nil {
+		if r := recover(); r != nil { // the lexer and the depth check; strictyaml.Parse guards the parser
 			f, err = nil, fmt.Errorf("the YAML parser failed on this input (%v)", r)
 		}
 	}()
@@ -86,16 +86,12 @@ func parseYAML(filename string, data []byte) (f *ast.File, err error) {
 	if _, err := checkTokenDepth(filename, tokens, MaxDepth); err != nil {
 		return nil, err
 	}
-	return parser.Parse(tokens, 0)
+	return strictyaml.Parse(tokens)
 }
 
 func syntaxError(filename string, err error) error {
-	var se *yaml.SyntaxError
-	if errors.As(err, &se) && se.Token != nil && se.Token.Position != nil {
-		return errf(filename, pos{se.Token.Position.Line, se.Token.Position.Column}, "", ErrSyntax, "%s", se.Message)
-	}
-	msg := strings.ReplaceAll(err.Error(), "\n", " ")
-	return errf(filename, pos{}, "", ErrSyntax, "%s", msg)
+	at, msg := strictyaml.Syntax(err)
+	return errf(filename, pos{at.Line, at.Col}, "", ErrSyntax, "%s", msg)
 }
 
 type walker struct {
@@ -106,111 +102,44 @@ func (w *walker) err(n ast.Node, field string, sentinel error, format string, ar
 	return errf(w.loc.file, posOf(n), field, sentinel, format, args...)
 }
 
+// problem places a strictyaml problem in this package's error type.
+func (w *walker) problem(p *strictyaml.Problem) error {
+	if p == nil {
+		return nil
+	}
+	at := posOf(p.At)
+	return &ParseError{File: w.loc.file, Line: at.line, Column: at.col, Field: p.Field, Err: p.Err}
+}
+
 func posOf(n ast.Node) pos {
-	if n == nil {
-		return pos{}
-	}
-	if _, ok := n.(*ast.DocumentNode); ok {
-		// DocumentNode.GetToken dereferences a nil start token when there is no "---".
-		return pos{}
-	}
-	tk := n.GetToken()
-	if tk == nil || tk.Position == nil {
-		return pos{}
-	}
-	return pos{tk.Position.Line, tk.Position.Column}
+	p := strictyaml.PosOf(n)
+	return pos{p.Line, p.Col}
 }
 
 // kind names a node type for error messages.
-func kind(n ast.Node) string {
-	switch n.(type) {
-	case nil, *ast.NullNode:
-		return "nothing"
-	case *ast.StringNode:
-		return "a string"
-	case *ast.IntegerNode:
-		return "an integer"
-	case *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
-		return "a number"
-	case *ast.BoolNode:
-		return "a boolean"
-	case *ast.MappingNode, *ast.MappingValueNode:
-		return "a mapping"
-	case *ast.SequenceNode:
-		return "a list"
-	case *ast.LiteralNode:
-		return "a block string"
-	default:
-		return "an unsupported YAML node"
-	}
-}
+func kind(n ast.Node) string { return strictyaml.Kind(n) }
 
 // unsupported refuses YAML features whose meaning would not be obvious in a security policy.
 func (w *walker) unsupported(n ast.Node, field string) error {
-	switch n.(type) {
-	case *ast.AnchorNode, *ast.AliasNode:
-		return w.err(n, field, ErrUnsupported, "anchors and aliases are not supported; write the value out")
-	case *ast.TagNode:
-		return w.err(n, field, ErrUnsupported, "YAML tags are not supported; remove the !!tag")
-	case *ast.MergeKeyNode:
-		return w.err(n, field, ErrUnsupported, "merge keys (<<) are not supported; write the fields out")
-	}
-	return nil
+	return w.problem(strictyaml.Unsupported(n, field))
 }
 
 // fields reads a mapping, refusing keys outside allowed, and returns the value node of each key.
 func (w *walker) fields(n ast.Node, field string, allowed ...string) (map[string]*ast.MappingValueNode, error) {
-	if err := w.unsupported(n, field); err != nil {
-		return nil, err
+	es, p := strictyaml.Fields(n, field, allowed...)
+	if p != nil {
+		return nil, w.problem(p)
 	}
-	var pairs []*ast.MappingValueNode
-	switch m := n.(type) {
-	case *ast.MappingNode:
-		pairs = m.Values
-	case *ast.MappingValueNode:
-		pairs = []*ast.MappingValueNode{m}
-	default:
-		return nil, w.err(n, field, ErrBadValue, "expected a mapping of %s, got %s", strings.Join(allowed, ", "), kind(n))
-	}
-	out := make(map[string]*ast.MappingValueNode, len(pairs))
-	for _, mv := range pairs {
-		if err := w.unsupported(mv.Key, field); err != nil {
-			return nil, err
-		}
-		key, ok := mv.Key.(*ast.StringNode)
-		if !ok {
-			return nil, w.err(mv.Key, field, ErrBadValue, "keys must be plain names, got %s", kind(mv.Key))
-		}
-		sub := joinField(field, key.Value)
-		if !contains(allowed, key.Value) {
-			return nil, w.err(mv.Key, sub, ErrUnknownField, "%q is not a field here; allowed: %s", key.Value, strings.Join(allowed, ", "))
-		}
-		if _, dup := out[key.Value]; dup {
-			return nil, w.err(mv.Key, sub, ErrBadValue, "field %q is given twice", key.Value)
-		}
-		if err := w.unsupported(mv.Value, sub); err != nil {
-			return nil, err
-		}
-		out[key.Value] = mv
+	out := make(map[string]*ast.MappingValueNode, len(es))
+	for _, e := range es {
+		out[e.Key] = e.Pair
 	}
 	return out, nil
 }
 
-func joinField(parent, name string) string {
-	if parent == "" {
-		return name
-	}
-	return parent + "." + name
-}
+func joinField(parent, name string) string { return strictyaml.Join(parent, name) }
 
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
+func contains(list []string, s string) bool { return slices.Contains(list, s) }
 
 // valuePos places an error about a field's value on the value, or on the key if the value is empty.
 func valuePos(mv *ast.MappingValueNode) pos {
@@ -329,7 +258,7 @@ func (w *walker) document(f *ast.File) ([]Zone, error) {
 	return zones, nil
 }
 
-var zoneFields = []string{"name", "cidr", "regions", "min_trust", "isolate_below", "max_cert_lifetime", "node_prefix", "node_prefix6", "rules"}
+var zoneFields = []string{"name", "cidr", "regions", "min_trust", "isolate_below", "max_cert_lifetime", "node_prefix", "node_prefix6", "rules", "trustflow"}
 
 func (w *walker) zone(n ast.Node, field string) (Zone, zoneLoc, error) {
 	zl := zoneLoc{self: posOf(n), fields: map[string]pos{}}
@@ -419,6 +348,11 @@ func (w *walker) zone(n ast.Node, field string) (Zone, zoneLoc, error) {
 		}
 	}
 
+	if mv, ok := f["trustflow"]; ok {
+		if z.TrustFlow, err = w.trustflow(mv, field+".trustflow"); err != nil {
+			return Zone{}, zl, err
+		}
+	}
 	if mv, ok := f["rules"]; ok {
 		items, err := w.list(mv.Value, field+".rules", maxRulesPerZone, "write rules as a list of - from: ... to: ... ports: [...] entries, or [] for none")
 		if err != nil {

@@ -3,6 +3,7 @@ package zones
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
@@ -38,6 +39,8 @@ type Zone struct {
 	NodePrefix, NodePrefix6 int
 	// Rules allow intra-zone flows; anything no rule allows is denied.
 	Rules []Rule
+	// TrustFlow tunes TrustFlow's weights and decay for the zone's subjects; nil: the defaults.
+	TrustFlow *TrustFlow
 	// Line is the line of the zone in its policy file (0 when built with New).
 	Line int
 }
@@ -232,6 +235,14 @@ func New(zones []Zone) (*Policy, error) {
 			rules[j] = r
 		}
 		z.Rules = rules
+		if z.TrustFlow != nil {
+			tf := *z.TrustFlow
+			tf.Weights = maps.Clone(tf.Weights)
+			if err := checkTrustFlow(&tf); err != nil {
+				return nil, &ParseError{Field: fmt.Sprintf("zones[%d].trustflow", i), Err: err}
+			}
+			z.TrustFlow = &tf
+		}
 		cp[i] = z
 	}
 	if err := validate(cp, nil); err != nil {

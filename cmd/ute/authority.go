@@ -23,7 +23,7 @@ func newAuthorityCmd() *cobra.Command {
 		Use:   "authority",
 		Short: "Run the trust domain's authority: root key, join tokens, node certificates",
 	}
-	cmd.AddCommand(newAuthorityInitCmd(), newAuthorityRunCmd(), newAuthorityAuditCmd(), newAuthorityReleaseCmd())
+	cmd.AddCommand(newAuthorityInitCmd(), newAuthorityRunCmd(), newAuthorityAuditCmd(), newAuthorityReleaseCmd(), newAuthorityBundleCmd())
 	return cmd
 }
 

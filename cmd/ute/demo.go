@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -52,6 +53,7 @@ const demoPolicy = `zones:
 
 func newDemoCmd() *cobra.Command {
 	var keep bool
+	var htmlPath string
 	cmd := &cobra.Command{
 		Use:   "demo",
 		Short: "Run the whole story in one process: authority, three nodes, two zones, agents, and attacks UTE refuses",
@@ -66,7 +68,7 @@ func newDemoCmd() *cobra.Command {
 			}
 			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
 			defer cancel()
-			d := &demo{out: cmd.OutOrStdout(), dir: dir}
+			d := &demo{out: cmd.OutOrStdout(), dir: dir, html: htmlPath}
 			err = d.run(ctx)
 			if keep {
 				fmt.Fprintf(d.out, "\nstate kept in %s (node audit logs: %s/<node>/audit)\n", dir, dir)
@@ -75,11 +77,14 @@ func newDemoCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().BoolVar(&keep, "keep", false, "keep the demo's directories (authority, nodes, audit logs) for inspection")
+	cmd.Flags().StringVar(&htmlPath, "html", defaultDemoHTML(), "write the results as a self-contained HTML page to this file")
 	return cmd
 }
 
 type demo struct {
 	out      io.Writer
+	html     string        // the HTML report's path (demo_html.go)
+	report   *bytes.Buffer // a copy of the output, for the report
 	dir      string
 	failures []string
 	auth     *authority.Authority
@@ -107,6 +112,8 @@ func (d *demo) failf(format string, args ...any) {
 
 func (d *demo) run(ctx context.Context) error {
 	start := time.Now()
+	d.report = &bytes.Buffer{}
+	d.out = io.MultiWriter(d.out, d.report)
 	if err := d.startAuthority(); err != nil {
 		return err
 	}
@@ -128,6 +135,7 @@ func (d *demo) run(ctx context.Context) error {
 	d.forgedAgent(ctx)
 
 	d.workloadSwap(ctx)
+	d.trustDenied(ctx)
 
 	fmt.Fprintln(d.out, "\nRevocation (signed record: authority watch, then gossip; cuts live flows)")
 	d.revocation(ctx)
@@ -135,12 +143,16 @@ func (d *demo) run(ctx context.Context) error {
 	fmt.Fprintln(d.out, "\nTrustFlow (drift isolates: no human in the loop)")
 	d.drift(ctx)
 
+	fmt.Fprintln(d.out, "\nSaved credentials exposed by a misconfigured toolchain, used elsewhere (duplicate identity: the authority revokes on a member's evidence)")
+	d.stolenCredentials(ctx)
+
 	fmt.Fprintf(d.out, "\n%d node(s), %d zone(s), finished in %s\n", len(d.nodes), 2, time.Since(start).Round(time.Millisecond))
 	if len(d.failures) > 0 {
+		d.writeReport(start)
 		return fmt.Errorf("demo: %d expectation(s) failed: %s", len(d.failures), strings.Join(d.failures, "; "))
 	}
 	fmt.Fprintln(d.out, "every expectation held")
-	return nil
+	return d.writeReport(start)
 }
 
 func (d *demo) startAuthority() error {
@@ -179,7 +191,7 @@ func (d *demo) startNodes(ctx context.Context) error {
 		zones  []string
 		agents [][2]string // zone, name
 	}{
-		{"a", []string{"payments"}, [][2]string{{"payments", "billing-api"}}},
+		{"a", []string{"payments"}, [][2]string{{"payments", "billing-api"}, {"payments", "billing-batch"}}},
 		{"b", []string{"payments", "support"}, [][2]string{{"payments", "ledger"}, {"support", "tickets"}}},
 		{"c", []string{"support"}, [][2]string{{"support", "helpdesk"}}},
 	}
@@ -220,7 +232,7 @@ func (d *demo) startNodes(ctx context.Context) error {
 			cfg.Interface = config.InterfaceProxy
 		}
 		dm, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: sd.Path(), Config: cfg, PacketConn: pc,
-			Logger: slog.New(slog.DiscardHandler)})
+			Logger: slog.New(slog.DiscardHandler), DuplicateConfirm: demoDuplicateConfirm})
 		if err != nil {
 			return fmt.Errorf("demo: node %s: %w", p.name, err)
 		}
@@ -463,12 +475,12 @@ func (d *demo) forgedAgent(ctx context.Context) {
 		d.failf("node c state: %v", err)
 		return
 	}
-	key, err := sd.NodeKey()
+	issuer, key, err := sd.NodeIssuer()
 	if err != nil {
-		d.failf("node c key: %v", err)
+		d.failf("node c issuing key: %v", err)
 		return
 	}
-	forged, agentKey, err := attack.ForgeAgentCert(c.Certificate(), key, "payments", "mallory", netip.MustParseAddr("100.100.1.77"))
+	forged, agentKey, err := attack.ForgeAgentCert(issuer, key, "payments", "mallory", netip.MustParseAddr("100.100.1.77"))
 	if err != nil {
 		d.failf("forging: %v", err)
 		return
@@ -479,7 +491,7 @@ func (d *demo) forgedAgent(ctx context.Context) {
 			return err
 		}
 		rec, err := dtl.Sign(&dtl.Claims{
-			Zone: "payments", Agent: forged.ID.String(), Chain: &dtl.CertChain{Node: c.Certificate().Raw(), Agent: forged.Raw()},
+			Zone: "payments", Agent: forged.ID.String(), Chain: &dtl.CertChain{Node: issuer.Raw(), Agent: forged.Raw()},
 			Node: c.ID().String(), Fingerprint: forged.Claims.Fingerprint, Region: c.Region(), Trust: 100,
 			Destination: dtl.Destination{Agent: "ledger", Port: 8080, Proto: dtl.ProtoTCP}, FlowID: t.NewFlowID(), Seq: 1 << 40, IssuedAt: time.Now(),
 		}, agentKey, t.Exporter())
@@ -562,14 +574,15 @@ func (d *demo) awaitGossip(ctx context.Context) error {
 // revocation revokes an agent at the authority while it holds a live flow, and shows the record
 // reaching every node of its zone and the flow being cut.
 func (d *demo) revocation(ctx context.Context) {
-	a, err := d.nodes["a"].Agent("payments", "billing-api")
+	// billing-batch, not billing-api: TrustFlow already denies billing-api (trustDenied).
+	a, err := d.nodes["a"].Agent("payments", "billing-batch")
 	if err != nil {
-		d.failf("billing-api: %v", err)
+		d.failf("billing-batch: %v", err)
 		return
 	}
 	conn, err := a.Dial(ctx, "tcp", "ledger.payments:8080")
 	if err != nil {
-		d.failf("billing-api → ledger before revocation: %v", err)
+		d.failf("billing-batch → ledger before revocation: %v", err)
 		return
 	}
 	defer func() { _ = conn.Close() }()
@@ -600,7 +613,7 @@ func (d *demo) revocation(ctx context.Context) {
 	fmt.Fprintf(d.out, "  ok       authority revoked %s (record seq %d, signed, durable)\n", subject, rev.Seq)
 	fmt.Fprintf(d.out, "           nodes a and b held the record %s later (watch + gossip); the live flow was cut after %s\n",
 		held.Round(10*time.Microsecond), cut.Round(10*time.Microsecond))
-	d.expectRefused("revoked billing-api.payments → ledger.payments:8080 (new flow)", &d.servers["ledger"].received, dtl.ErrRevoked, func() error {
+	d.expectRefused("revoked billing-batch.payments → ledger.payments:8080 (new flow)", &d.servers["ledger"].received, dtl.ErrRevoked, func() error {
 		c, err := a.Dial(ctx, "tcp", "ledger.payments:8080")
 		if err == nil {
 			_ = c.Close()

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -72,7 +73,9 @@ func TestJoinTimeoutSaysWhetherRetryIsSafe(t *testing.T) {
 	t.Cleanup(func() { _ = silent.Close() })
 	code, msg := join(silent.LocalAddr().String())
 	assert.Equal(t, 1, code, msg)
-	assert.Contains(t, msg, "ute: no authority answered at "+silent.LocalAddr().String()+" within 1.5 s: check the address")
+	// The time named is what was left of the 1.5 s context when the handshake began: less on a
+	// loaded machine, where the join's key generation takes longer.
+	assert.Regexp(t, `^ute: no authority answered at `+regexp.QuoteMeta(silent.LocalAddr().String())+` within (1\.5|1\.[0-4]|0\.[0-9]) s: check the address`, msg)
 	assert.NotContains(t, msg, "no recent network activity")
 	assert.NotContains(t, msg, "deadline exceeded")
 	assert.Contains(t, msg, "the authority was not reached, so the token was not used: retrying with the same token is safe")

@@ -167,7 +167,7 @@ func newNodeJoinCmd() *cobra.Command {
 				nodeRegion = j.Node.Claims.Regions[0]
 			}
 			if err := d.SaveJoin(state.Joined{
-				Key: key, NodeCert: j.NodeCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
+				Key: key, NodeCert: j.NodeCertDER, IssuerCert: j.IssuerCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
 				Info: state.Info{Name: name, Region: nodeRegion, TrustDomain: j.Node.ID.TrustDomain, Authority: addr, JoinedAt: time.Now().UTC()},
 			}); err != nil {
 				return err

@@ -24,6 +24,8 @@ func newNodeRunCmd() *cobra.Command {
 	var (
 		dir, cfgPath string
 		ov           config.Overrides
+		tunName      string
+		tunMTU       int
 	)
 	flags := map[string]**string{}
 	cmd := &cobra.Command{
@@ -54,21 +56,26 @@ func newNodeRunCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if cfg.Interface != config.InterfaceNetstack && cfg.Interface != config.InterfaceProxy {
-				return fmt.Errorf("interface %q is not available in this version: run with --interface netstack (the default) or --interface proxy", cfg.Interface)
+			if cfg.Interface == config.InterfaceTUN && os.Geteuid() != 0 {
+				return errors.New("--interface tun needs root (CAP_NET_ADMIN) to create the kernel interface; without root run --interface proxy")
 			}
-			if cfg.Transport != config.TransportQUIC {
-				return fmt.Errorf("transport %q is not available in this version: run with --transport quic (the default)", cfg.Transport)
+			if cfg.Transport == config.TransportWireGuard && cfg.Interface != config.InterfaceTUN {
+				return fmt.Errorf("transport wireguard carries the kernel interface's packets: run with --interface tun --transport wireguard (root)")
 			}
 			level := new(slog.LevelVar)
 			level.Set(cfg.Log.Level)
 			log := slog.New(cfg.Log.Handler(cmd.ErrOrStderr(), level))
-			return runNode(cmd.Context(), nodedaemon.Options{Dir: dir, Config: cfg, Logger: log, LogLevel: level}, load, cmd)
+			opts := nodedaemon.Options{Dir: dir, Config: cfg, Logger: log, LogLevel: level,
+				TUN: nodedaemon.TUNOptions{Name: tunName, MTU: tunMTU}}
+			opts.WireGuard.Interface = tunName
+			return runNode(cmd.Context(), opts, load, cmd)
 		},
 	}
 	f := cmd.Flags()
 	f.StringVar(&dir, "dir", "", "node directory (created by ute node join)")
 	f.StringVar(&cfgPath, "config", "", "YAML config file (docs/operations.md lists every key)")
+	f.StringVar(&tunName, "tun-name", "", "with --interface tun: the kernel interface's name (default ute0)")
+	f.IntVar(&tunMTU, "tun-mtu", 0, "with --interface tun: the kernel interface's MTU (default 65520: TCP and UDP are terminated on this host)")
 	for name, usage := range map[string]struct {
 		p     **string
 		usage string
@@ -78,8 +85,8 @@ func newNodeRunCmd() *cobra.Command {
 		"metrics":    {&ov.Metrics, "loopback address for Prometheus metrics (empty: off)"},
 		"log-format": {&ov.LogFormat, "log format: text or json"},
 		"log-level":  {&ov.LogLevel, "log level: debug, info, warn or error"},
-		"interface":  {&ov.Interface, "agent interface: netstack, or proxy (a SOCKS5 and an HTTP proxy per agent on loopback; tun is not built yet)"},
-		"transport":  {&ov.Transport, "data plane: quic (wireguard is not built yet)"},
+		"interface":  {&ov.Interface, "agent interface: netstack, proxy (a SOCKS5 and an HTTP proxy per agent on loopback, no root), or tun (the kernel interface ute0 with every agent's overlay IP, root)"},
+		"transport":  {&ov.Transport, "data plane between nodes: quic (the default) or wireguard (needs --interface tun; every node of a zone must run the same one)"},
 		"authority":  {&ov.Authority, "authority address (default: the one joined, from node.json)"},
 	} {
 		f.String(name, "", usage.usage)

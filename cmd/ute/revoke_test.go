@@ -141,7 +141,10 @@ func TestRevokeAndRenewRetryThroughDaemon(t *testing.T) {
 	assert.Equal(t, lost.NodeCertDER, installed.Raw(), "the node installed the certificate it had lost")
 	ag, err := nd.Agent("payments", "billing")
 	require.NoError(t, err)
-	require.NoError(t, identity.Verifier{Authority: ca}.VerifyAgent(installed, ag.Cert, time.Now()),
+	issuer, _, err := nd.NodeIssuer()
+	require.NoError(t, err)
+	assert.Equal(t, installed.Serial(), issuer.NodeSerial(), "the issuing CA was installed with the node certificate")
+	require.NoError(t, identity.Verifier{Authority: ca}.VerifyAgent(issuer, ag.Cert, time.Now()),
 		"agents were re-signed with the installed key")
 
 	// Revoke the node by SPIFFE ID through the daemon's admin socket.

@@ -24,6 +24,7 @@ func newSimCmd() *cobra.Command {
 		asJSON   bool
 		report   string
 		maxNodes int
+		realUDP  bool
 	)
 	run := &cobra.Command{
 		Use:   "run [SCENARIO.yaml | NAME]",
@@ -60,7 +61,7 @@ func newSimCmd() *cobra.Command {
 			var results []*sim.Result
 			failed := 0
 			for _, sc := range scs {
-				res, err := sim.Run(cmd.Context(), sc, sim.Options{Seed: seed, MaxNodes: maxNodes, Progress: progress})
+				res, err := sim.Run(cmd.Context(), sc, sim.Options{Seed: seed, MaxNodes: maxNodes, Progress: progress, Real: realUDP})
 				if err != nil {
 					return fmt.Errorf("sim %s: %w", sc.Name, err)
 				}
@@ -101,6 +102,7 @@ func newSimCmd() *cobra.Command {
 	run.Flags().BoolVar(&asJSON, "json", false, "print the results as JSON instead of a table")
 	run.Flags().StringVar(&report, "report", "", "write a self-contained HTML report to this file")
 	run.Flags().IntVar(&maxNodes, "max-nodes", 0, "scale the node groups down to at most this many nodes")
+	run.Flags().BoolVar(&realUDP, "real", false, fmt.Sprintf("run over real UDP sockets on 127.0.0.1 instead of the in-memory network (at most %d nodes; link latency, jitter and loss do not apply)", sim.MaxRealNodes))
 	cmd.AddCommand(run)
 	return cmd
 }

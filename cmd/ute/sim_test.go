@@ -52,12 +52,12 @@ func TestSimRunRefusals(t *testing.T) {
 	drift := filepath.Join(dir, "drift.yaml")
 	src, err := os.ReadFile("../../sim/testdata/wrong-expectation.yaml")
 	require.NoError(t, err)
-	body := strings.SplitN(string(src), "timeline:", 2)[0] + "timeline:\n  - {event: region_drift, node: a}\n"
+	body := strings.SplitN(string(src), "timeline:", 2)[0] + "timeline:\n  - {event: duplicate_identity, node: a}\n"
 	require.NoError(t, os.WriteFile(drift, []byte(body), 0o600))
 	var out, errOut bytes.Buffer
 	code := run(context.Background(), []string{"sim", "run", drift}, &out, &errOut)
 	assert.Equal(t, 1, code)
-	assert.Contains(t, errOut.String(), "region_drift is not supported in this version")
+	assert.Contains(t, errOut.String(), "duplicate_identity is not supported in this version")
 	assert.Equal(t, 1, strings.Count(errOut.String(), "\n"), "one line: %q", errOut.String())
 
 	errOut.Reset()
@@ -65,4 +65,16 @@ func TestSimRunRefusals(t *testing.T) {
 	assert.Contains(t, errOut.String(), "shipped:")
 	errOut.Reset()
 	assert.Equal(t, 2, run(context.Background(), []string{"sim", "run", "--report", filepath.Join(dir, "x.html")}, &out, &errOut))
+}
+
+// --real runs a shipped scenario over real UDP on loopback and says so in the table.
+func TestSimRunReal(t *testing.T) {
+	var out, errOut bytes.Buffer
+	code := run(context.Background(), []string{"sim", "run", "token-reuse", "--real"}, &out, &errOut)
+	require.Equal(t, 0, code, errOut.String())
+	assert.Contains(t, out.String(), "real UDP on loopback")
+	errOut.Reset()
+	code = run(context.Background(), []string{"sim", "run", "revocation-convergence-1000", "--real"}, &out, &errOut)
+	assert.Equal(t, 1, code)
+	assert.Contains(t, errOut.String(), "--real runs at most 64 nodes")
 }

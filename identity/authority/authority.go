@@ -382,6 +382,10 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response 
 	if err != nil {
 		return a.refuseNoise("join", p, req.TokenID, err)
 	}
+	issuerCSR, err := parseIssuerCSR(req.IssuerCSR, csr)
+	if err != nil {
+		return a.refuseNoise("join", p, req.TokenID, err)
+	}
 	region := req.Region
 	switch {
 	case region == "":
@@ -417,7 +421,7 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response 
 	if claims.Zones, err = grantSlices(claims.ZoneNames(), consumed.Slices); err != nil {
 		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
-	resp, err := a.issueNode(csr, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote}, req.Advertise)
+	resp, err := a.issueNode(csr, issuerCSR.PublicKey, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote}, req.Advertise)
 	if err != nil {
 		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
@@ -472,7 +476,7 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 
 // issueNode signs a node certificate with an already allocated serial and records it, with the
 // address the node advertised (empty: none).
-func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord, advertise string) (Response, error) {
+func (a *Authority) issueNode(csr csrInfo, issuerPub ed25519.PublicKey, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord, advertise string) (Response, error) {
 	rec, err := a.signNode(csr, claims, lifetime, serial, now, rec)
 	if err != nil {
 		return Response{}, err
@@ -480,7 +484,23 @@ func (a *Authority) issueNode(csr csrInfo, claims identity.Claims, lifetime time
 	if err := a.store.PutJoined(csr.Name, rec, claims.ZoneNames(), advertise, now); err != nil {
 		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
 	}
-	return a.issuedResponse(rec), nil
+	return a.issuedResponse(rec, issuerPub)
+}
+
+// signIssuer signs the issuing certificate that goes with the node certificate nodeDER: the
+// node's zone grants and regions, its name and serial, the same validity. It is not stored: it
+// says nothing the stored node certificate does not, so a retried renewal simply gets a fresh
+// one for the same key.
+func (a *Authority) signIssuer(nodeDER []byte, issuerPub ed25519.PublicKey) ([]byte, error) {
+	node, err := identity.ParseCertificate(nodeDER)
+	if err != nil {
+		return nil, fmt.Errorf("sign issuing certificate: stored node certificate: %w", err)
+	}
+	cert, err := identity.IssueIssuer(a.cert, a.key, node, issuerPub)
+	if err != nil {
+		return nil, fmt.Errorf("sign issuing certificate for %s: %w", node.ID, err)
+	}
+	return cert.Raw(), nil
 }
 
 // signNode signs a node certificate with an already allocated serial and fills rec with it.
@@ -503,9 +523,13 @@ func (a *Authority) signNode(csr csrInfo, claims identity.Claims, lifetime time.
 	return rec, nil
 }
 
-func (a *Authority) issuedResponse(rec IssuedRecord) Response {
+func (a *Authority) issuedResponse(rec IssuedRecord, issuerPub ed25519.PublicKey) (Response, error) {
+	issuer, err := a.signIssuer(rec.CertDER, issuerPub)
+	if err != nil {
+		return Response{}, err
+	}
 	_, policy, release := a.currentPolicy()
-	return Response{Code: CodeOK, NodeCert: rec.CertDER, AuthorityCert: a.certDER, Policy: policy, PolicyRelease: release}
+	return Response{Code: CodeOK, NodeCert: rec.CertDER, IssuerCert: issuer, AuthorityCert: a.certDER, Policy: policy, PolicyRelease: release}, nil
 }
 
 // notAfter is the expiry of a node certificate issued at now: lifetime, capped by the root's.
@@ -551,6 +575,10 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, certs []*x509.C
 	if csr.Name != cur.ID.Name {
 		return a.refuse(ctx, "renew", p, "", fmt.Errorf("%w: CSR names %q but the presented certificate is %s", ErrCSR, csr.Name, cur.ID))
 	}
+	issuerCSR, err := parseIssuerCSR(req.IssuerCSR, csr)
+	if err != nil {
+		return a.refuse(ctx, "renew", p, "", err)
+	}
 	claims, lifetime, err := a.renewedClaims(cur)
 	if err != nil {
 		return a.refuse(ctx, "renew", p, "", err)
@@ -583,13 +611,19 @@ func (a *Authority) renew(ctx context.Context, req RenewRequest, certs []*x509.C
 		a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeResent,
 			Reason: fmt.Sprintf("retry of the renewal of serial %d for the same key: certificate %d sent again", oldSerial, res.Serial)})
 		a.log.Info("node renewal retried; certificate sent again", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", res.Serial)
-		resp := a.issuedResponse(res.Issued)
+		resp, err := a.issuedResponse(res.Issued, issuerCSR.PublicKey)
+		if err != nil {
+			return a.refuse(ctx, "renew", p, "", err)
+		}
 		resp.Members = a.members(cur.ID.Name, claims.ZoneNames(), now)
 		return resp
 	}
 	a.audit(AuditRecord{Event: "renew", Remote: remote, Subject: cur.ID.String(), Serial: res.Serial, Outcome: OutcomeIssued, Reason: fmt.Sprintf("renews serial %d", oldSerial)})
 	a.log.Info("node renewed", "remote", remote, "node", cur.ID.String(), "old_serial", oldSerial, "serial", res.Serial)
-	resp := a.issuedResponse(res.Issued)
+	resp, err := a.issuedResponse(res.Issued, issuerCSR.PublicKey)
+	if err != nil {
+		return a.refuse(ctx, "renew", p, "", err)
+	}
 	resp.Members = a.members(cur.ID.Name, claims.ZoneNames(), now)
 	return resp
 }

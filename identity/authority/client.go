@@ -43,8 +43,12 @@ type JoinParams struct {
 
 // Joined is what a successful join returns, all verified against the pinned authority key.
 type Joined struct {
-	Node          *identity.Certificate
-	Authority     *identity.Certificate
+	Node      *identity.Certificate
+	Authority *identity.Certificate
+	// Issuer is the node's issuing certificate, for the issuing key identity.IssuerKey derives
+	// from the node key; it signs the node's agents. IssuerCertDER is its DER.
+	Issuer        *identity.Certificate
+	IssuerCertDER []byte
 	Policy        []byte
 	NodeCertDER   []byte
 	AuthorityDER  []byte
@@ -78,6 +82,10 @@ func Join(ctx context.Context, p JoinParams) (*Joined, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCSR, err)
 	}
+	issuerCSR, err := createIssuerCSR(p.Key, p.Name, p.Region, p.HostFingerprint)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCSR, err)
+	}
 	verify := func(cs tls.ConnectionState) error {
 		pub, err := peerKey(cs)
 		if err != nil {
@@ -88,7 +96,7 @@ func Join(ctx context.Context, p JoinParams) (*Joined, error) {
 		}
 		return nil
 	}
-	resp, err := roundTrip(ctx, p.Addr, verify, nil, OpJoin, JoinRequest{TokenID: tok.ID, Secret: tok.Secret, CSR: csr, Region: p.Region, Advertise: p.Advertise})
+	resp, err := roundTrip(ctx, p.Addr, verify, nil, OpJoin, JoinRequest{TokenID: tok.ID, Secret: tok.Secret, CSR: csr, IssuerCSR: issuerCSR, Region: p.Region, Advertise: p.Advertise})
 	if err != nil {
 		return nil, err
 	}
@@ -138,6 +146,10 @@ func Renew(ctx context.Context, p RenewParams) (*Joined, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrCSR, err)
 	}
+	issuerCSR, err := createIssuerCSR(p.NewKey, p.Current.ID.Name, "", p.Current.Claims.Fingerprint)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrCSR, err)
+	}
 	want := p.Authority.PublicKey()
 	verify := func(cs tls.ConnectionState) error {
 		pub, err := peerKey(cs)
@@ -149,7 +161,7 @@ func Renew(ctx context.Context, p RenewParams) (*Joined, error) {
 		}
 		return nil
 	}
-	resp, err := roundTrip(ctx, p.Addr, verify, &tlsCert, OpRenew, RenewRequest{CSR: csr, Advertise: p.Advertise})
+	resp, err := roundTrip(ctx, p.Addr, verify, &tlsCert, OpRenew, RenewRequest{CSR: csr, IssuerCSR: issuerCSR, Advertise: p.Advertise})
 	if err != nil {
 		return nil, err
 	}
@@ -195,6 +207,10 @@ func checkIssued(resp Response, key ed25519.PrivateKey, now time.Time) (*Joined,
 	if !bytes.Equal(node.PublicKey(), key.Public().(ed25519.PublicKey)) {
 		return nil, fmt.Errorf("%w: issued certificate is not for this node's key", ErrProtocol)
 	}
+	issuer, err := checkIssuer(resp.IssuerCert, ca, node, key, now)
+	if err != nil {
+		return nil, err
+	}
 	if len(resp.Members) > MaxMembers {
 		return nil, fmt.Errorf("%w: %d members, at most %d", ErrProtocol, len(resp.Members), MaxMembers)
 	}
@@ -207,8 +223,32 @@ func checkIssued(resp Response, key ed25519.PrivateKey, now time.Time) (*Joined,
 			return nil, fmt.Errorf("%w: member %s: %w", ErrProtocol, m.ID, err)
 		}
 	}
-	return &Joined{Node: node, Authority: ca, Policy: resp.Policy, NodeCertDER: resp.NodeCert, AuthorityDER: resp.AuthorityCert,
-		Members: resp.Members, PolicyRelease: resp.PolicyRelease}, nil
+	return &Joined{Node: node, Authority: ca, Issuer: issuer, IssuerCertDER: resp.IssuerCert, Policy: resp.Policy,
+		NodeCertDER: resp.NodeCert, AuthorityDER: resp.AuthorityCert, Members: resp.Members, PolicyRelease: resp.PolicyRelease}, nil
+}
+
+// checkIssuer verifies the issuing certificate of a response: it chains to the authority, names
+// this node and the serial of the node certificate it came with, and is for the issuing key
+// derived from key.
+func checkIssuer(der []byte, ca, node *identity.Certificate, key ed25519.PrivateKey, now time.Time) (*identity.Certificate, error) {
+	if len(der) == 0 {
+		return nil, fmt.Errorf("%w: the authority sent no issuing certificate; upgrade the authority", ErrProtocol)
+	}
+	issuer, err := identity.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("%w: issuing certificate: %w", ErrProtocol, err)
+	}
+	if err := (identity.Verifier{Authority: ca}).VerifyIssuer(issuer, now); err != nil {
+		return nil, fmt.Errorf("%w: issuing certificate does not verify: %w", ErrProtocol, err)
+	}
+	ikey, err := identity.IssuerKey(key)
+	if err != nil {
+		return nil, err
+	}
+	if issuer.ID != node.ID || issuer.Claims.NodeSerial.Cmp(node.Serial()) != 0 || !issuer.PublicKey().Equal(ikey.Public()) {
+		return nil, fmt.Errorf("%w: issuing certificate is not for this node certificate and key", ErrProtocol)
+	}
+	return issuer, nil
 }
 
 // Retries of a request the authority refused as busy. Busy means nothing was read or stored, so

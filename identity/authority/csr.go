@@ -28,6 +28,16 @@ func createCSR(key ed25519.PrivateKey, name, region string, fingerprint []byte) 
 	return identity.CreateCSR(key, info)
 }
 
+// createIssuerCSR builds the request for the node's issuing certificate, signed by the issuing
+// key derived from the node key.
+func createIssuerCSR(nodeKey ed25519.PrivateKey, name, region string, fingerprint []byte) ([]byte, error) {
+	ikey, err := identity.IssuerKey(nodeKey)
+	if err != nil {
+		return nil, err
+	}
+	return createCSR(ikey, name, region, fingerprint)
+}
+
 // parseCSR checks a CSR from the network with identity.ParseCSR (Ed25519, valid self-signature as
 // proof of possession, strict extension) and requires a node name. Every refusal wraps ErrCSR.
 func parseCSR(der []byte) (csrInfo, error) {
@@ -42,4 +52,21 @@ func parseCSR(der []byte) (csrInfo, error) {
 		return csrInfo{}, fmt.Errorf("%w: the request names no node; pass --name", ErrCSR)
 	}
 	return csrInfo{PublicKey: c.PublicKey, Name: c.Info.Name, Region: c.Info.Region, Fingerprint: c.Info.Fingerprint[:]}, nil
+}
+
+// parseIssuerCSR checks the CSR for a node's issuing certificate: the same checks as parseCSR,
+// the same node name as the node's own CSR, and a key other than the node key, so that the key a
+// node proves in TLS handshakes never signs certificates.
+func parseIssuerCSR(der []byte, node csrInfo) (csrInfo, error) {
+	c, err := parseCSR(der)
+	if err != nil {
+		return csrInfo{}, fmt.Errorf("issuing-key CSR: %w", err)
+	}
+	if c.Name != node.Name {
+		return csrInfo{}, fmt.Errorf("%w: the issuing-key CSR names %q, the node's CSR %q", ErrCSR, c.Name, node.Name)
+	}
+	if c.PublicKey.Equal(node.PublicKey) {
+		return csrInfo{}, fmt.Errorf("%w: the issuing key must differ from the node key", ErrCSR)
+	}
+	return c, nil
 }

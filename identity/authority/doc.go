@@ -19,5 +19,7 @@
 // stored policy, never hand a renewed certificate to a request that did not prove possession of
 // its key, never reuse or reorder a revocation sequence number or a policy version, never return
 // from a revocation before its record is durable, and never stream records to a watcher whose
-// certificate is revoked, superseded or not its own.
+// certificate is revoked, superseded or not its own. It revokes a duplicated node identity on a
+// member's evidence (evidence.go) only after verifying the two presence proofs itself, never on
+// the member's word.
 package authority

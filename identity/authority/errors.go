@@ -85,6 +85,7 @@ const (
 	CodeAdvertise
 	CodeWatchRefused
 	CodeNameRevoked
+	CodeEvidence // evidence.go
 )
 
 // codeNames name the codes in audit summaries and logs; they never change either.
@@ -108,6 +109,7 @@ var codeNames = [...]string{
 	CodeAdvertise:      "advertise",
 	CodeWatchRefused:   "watch_refused",
 	CodeNameRevoked:    "name_revoked",
+	CodeEvidence:       "evidence",
 }
 
 func (c Code) String() string {
@@ -136,6 +138,7 @@ var codeErrors = [...]error{
 	CodeAdvertise:      ErrAdvertise,
 	CodeWatchRefused:   ErrWatchRefused,
 	CodeNameRevoked:    ErrNameRevoked,
+	CodeEvidence:       ErrEvidence,
 }
 
 // codeOf returns the wire code for err; anything not a known refusal is internal, so that server

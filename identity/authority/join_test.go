@@ -35,6 +35,18 @@ func TestJoinIssuesNodeCertificate(t *testing.T) {
 	assert.Equal(t, testPolicy, string(j.Policy))
 	assert.WithinDuration(t, clock.Now().Add(DefaultNodeLifetime), j.Node.X509.NotAfter, time.Second)
 	require.NoError(t, identity.Verifier{Authority: ta.Certificate()}.VerifyNode(j.Node, clock.Now()))
+	assert.False(t, j.Node.X509.IsCA, "the node certificate is a leaf")
+
+	// The issuing certificate: a CA for the node's agents, bound to this node certificate, for
+	// the issuing key derived from the node key, valid exactly as long.
+	require.NotNil(t, j.Issuer)
+	require.NoError(t, identity.Verifier{Authority: ta.Certificate()}.VerifyIssuer(j.Issuer, clock.Now()))
+	assert.True(t, j.Issuer.Issuing)
+	assert.Equal(t, j.Node.ID, j.Issuer.ID)
+	assert.Equal(t, j.Node.Serial(), j.Issuer.NodeSerial())
+	assert.Equal(t, j.Node.Claims.Zones, j.Issuer.Claims.Zones)
+	assert.Equal(t, j.Node.X509.NotAfter, j.Issuer.X509.NotAfter)
+	assert.NotEqual(t, j.Node.PublicKey(), j.Issuer.PublicKey())
 
 	issued, err := ta.Store().Issued()
 	require.NoError(t, err)
@@ -156,6 +168,30 @@ func TestJoinRefusals(t *testing.T) {
 		assert.Equal(t, CodeCSR, lastAudit(t, ta).WireCode)
 		_, err = Join(ctx, joinParams(t, ta, tok, "c1", clock))
 		require.NoError(t, err, "a refused CSR must not consume the token")
+	})
+	t.Run("no issuing-key CSR or the node key as issuing key", func(t *testing.T) {
+		tok := ta.token(t, TokenSpec{Zones: []string{"payments"}})
+		parsed, err := identity.ParseToken(tok)
+		require.NoError(t, err)
+		key := newKey(t)
+		csr, err := createCSR(key, "c2", "", fingerprint("c2"))
+		require.NoError(t, err)
+		_, err = roundTrip(ctx, ta.addr, func(tls.ConnectionState) error { return nil }, nil, OpJoin,
+			JoinRequest{TokenID: parsed.ID, Secret: parsed.Secret, CSR: csr})
+		require.ErrorIs(t, err, ErrCSR, "a node from before issuing certificates")
+		assert.Contains(t, err.Error(), "issuing-key CSR")
+		_, err = roundTrip(ctx, ta.addr, func(tls.ConnectionState) error { return nil }, nil, OpJoin,
+			JoinRequest{TokenID: parsed.ID, Secret: parsed.Secret, CSR: csr, IssuerCSR: csr})
+		require.ErrorIs(t, err, ErrCSR)
+		assert.Contains(t, err.Error(), "must differ from the node key")
+		other, err := createCSR(newKey(t), "c3", "", fingerprint("c2"))
+		require.NoError(t, err)
+		_, err = roundTrip(ctx, ta.addr, func(tls.ConnectionState) error { return nil }, nil, OpJoin,
+			JoinRequest{TokenID: parsed.ID, Secret: parsed.Secret, CSR: csr, IssuerCSR: other})
+		require.ErrorIs(t, err, ErrCSR)
+		assert.Contains(t, err.Error(), "names \"c3\"")
+		_, err = Join(ctx, joinParams(t, ta, tok, "c2", clock))
+		require.NoError(t, err, "refused issuing-key CSRs must not consume the token")
 	})
 }
 

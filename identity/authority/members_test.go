@@ -160,8 +160,10 @@ func TestMalformedAdvertiseIsRefused(t *testing.T) {
 	require.NoError(t, err)
 	csr, err := createCSR(p.Key, "n1", "", p.HostFingerprint)
 	require.NoError(t, err)
+	icsr, err := createIssuerCSR(p.Key, "n1", "", p.HostFingerprint)
+	require.NoError(t, err)
 	_, err = roundTrip(ctx, ta.addr, func(tls.ConnectionState) error { return nil }, nil, OpJoin,
-		JoinRequest{TokenID: parsed.ID, Secret: parsed.Secret, CSR: csr, Advertise: "host:99999"})
+		JoinRequest{TokenID: parsed.ID, Secret: parsed.Secret, CSR: csr, IssuerCSR: icsr, Advertise: "host:99999"})
 	require.ErrorIs(t, err, ErrAdvertise)
 	assert.Contains(t, err.Error(), "port")
 

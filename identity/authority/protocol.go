@@ -38,6 +38,9 @@ type JoinRequest struct {
 	Region  string `cbor:"4,keyasint,omitempty"`
 	// Advertise is the node's underlay address (host:port) other members reach it at; optional.
 	Advertise string `cbor:"5,keyasint,omitempty"`
+	// IssuerCSR asks for the node's issuing certificate, the CA of its agents, for the node's
+	// issuing key (identity.IssuerKey). Required.
+	IssuerCSR []byte `cbor:"6,keyasint,omitempty"`
 }
 
 // RenewRequest is sent over a connection authenticated by the node's current certificate.
@@ -45,6 +48,8 @@ type RenewRequest struct {
 	CSR []byte `cbor:"1,keyasint"`
 	// Advertise replaces the node's recorded underlay address; empty keeps the recorded one.
 	Advertise string `cbor:"2,keyasint,omitempty"`
+	// IssuerCSR asks for the issuing certificate that goes with the renewed node certificate.
+	IssuerCSR []byte `cbor:"3,keyasint,omitempty"`
 }
 
 // Response answers both operations. On refusal only Code and Message are set.
@@ -61,6 +66,9 @@ type Response struct {
 	// Head is, on an accepted watch, the authority's last revocation sequence number. A watcher
 	// holding more (the authority was restored from a backup) is sent every record from 1.
 	Head uint64 `cbor:"8,keyasint,omitempty"`
+	// IssuerCert is, on a join or renewal, the node's issuing certificate (DER): a CA limited to
+	// path length 0 that signs the node's agents, issued with NodeCert and valid exactly as long.
+	IssuerCert []byte `cbor:"9,keyasint,omitempty"`
 }
 
 // Member is a live node the authority names to a joining or renewing node: unexpired, unrevoked,
@@ -115,6 +123,10 @@ func init() {
 	}
 }
 
+// errNoIssuerCSR is what a node from before issuing certificates hears: it asked for a node
+// certificate only, and node certificates no longer sign agents.
+var errNoIssuerCSR = fmt.Errorf("the request carries no issuing-key CSR (key 6 of a join, 3 of a renewal, at most %d bytes); upgrade ute on the node, then join again", maxCSR)
+
 // DecodeJoinRequest strictly decodes and validates a join request body. It is the parser of
 // untrusted bytes on the authority's unauthenticated path.
 func DecodeJoinRequest(b []byte) (JoinRequest, error) {
@@ -130,6 +142,8 @@ func DecodeJoinRequest(b []byte) (JoinRequest, error) {
 		return JoinRequest{}, fmt.Errorf("%w: token id or secret missing or longer than %d", ErrMalformedToken, maxTokenPart)
 	case len(req.CSR) == 0 || len(req.CSR) > maxCSR:
 		return JoinRequest{}, fmt.Errorf("%w: CSR missing or longer than %d bytes", ErrCSR, maxCSR)
+	case len(req.IssuerCSR) == 0 || len(req.IssuerCSR) > maxCSR:
+		return JoinRequest{}, fmt.Errorf("%w: %w", ErrCSR, errNoIssuerCSR)
 	case len(req.Region) > maxRegion:
 		return JoinRequest{}, fmt.Errorf("%w: region longer than %d", ErrTokenRegion, maxRegion)
 	}
@@ -152,6 +166,9 @@ func DecodeRenewRequest(b []byte) (RenewRequest, error) {
 	}
 	if len(req.CSR) == 0 || len(req.CSR) > maxCSR {
 		return RenewRequest{}, fmt.Errorf("%w: CSR missing or longer than %d bytes", ErrCSR, maxCSR)
+	}
+	if len(req.IssuerCSR) == 0 || len(req.IssuerCSR) > maxCSR {
+		return RenewRequest{}, fmt.Errorf("%w: %w", ErrCSR, errNoIssuerCSR)
 	}
 	if req.Advertise != "" {
 		if err := ValidateAdvertise(req.Advertise); err != nil {
@@ -212,7 +229,7 @@ func readOp(r io.Reader) (byte, error) {
 	if _, err := io.ReadFull(r, op[:]); err != nil {
 		return 0, fmt.Errorf("%w: read operation: %w", ErrProtocol, err)
 	}
-	if op[0] != OpJoin && op[0] != OpRenew && op[0] != OpWatch {
+	if op[0] != OpJoin && op[0] != OpRenew && op[0] != OpWatch && op[0] != OpEvidence {
 		return 0, fmt.Errorf("%w: unknown operation %d", ErrProtocol, op[0])
 	}
 	return op[0], nil

@@ -35,9 +35,24 @@ func TestRenewIssuesFreshCertificateForNewKey(t *testing.T) {
 	assert.True(t, r.Node.PublicKey().Equal(rp.NewKey.Public()))
 	assert.False(t, NeedsRenewal(r.Node, clock.Now()))
 	require.NoError(t, identity.Verifier{Authority: ta.Certificate()}.VerifyNode(r.Node, clock.Now()))
+	// The issuing CA is renewed with the node certificate: the new node serial, the issuing key
+	// derived from the new node key, the same window.
+	require.NoError(t, identity.Verifier{Authority: ta.Certificate()}.VerifyIssuer(r.Issuer, clock.Now()))
+	assert.Equal(t, r.Node.Serial(), r.Issuer.NodeSerial())
+	ikey, err := identity.IssuerKey(rp.NewKey)
+	require.NoError(t, err)
+	assert.True(t, r.Issuer.PublicKey().Equal(ikey.Public()))
+	assert.Equal(t, r.Node.X509.NotAfter, r.Issuer.X509.NotAfter)
 	rec := lastAudit(t, ta)
 	assert.Equal(t, "renew", rec.Event)
 	assert.Equal(t, OutcomeIssued, rec.Outcome)
+
+	// A retry after a lost answer gets the same node certificate and an issuing CA for it.
+	again, err := Renew(context.Background(), rp)
+	require.NoError(t, err)
+	assert.Equal(t, r.NodeCertDER, again.NodeCertDER)
+	assert.Equal(t, r.Node.Serial(), again.Issuer.NodeSerial())
+	assert.Equal(t, OutcomeResent, lastAudit(t, ta).Outcome)
 }
 
 func TestRenewRefusals(t *testing.T) {
@@ -70,9 +85,12 @@ func TestRenewRefusals(t *testing.T) {
 		require.ErrorIs(t, err, ErrRevoked)
 	})
 	t.Run("no client certificate", func(t *testing.T) {
-		csr, err := createCSR(newKey(t), "anon", "", fingerprint("anon"))
+		key := newKey(t)
+		csr, err := createCSR(key, "anon", "", fingerprint("anon"))
 		require.NoError(t, err)
-		_, err = roundTrip(ctx, ta.addr, func(tls.ConnectionState) error { return nil }, nil, OpRenew, RenewRequest{CSR: csr})
+		icsr, err := createIssuerCSR(key, "anon", "", fingerprint("anon"))
+		require.NoError(t, err)
+		_, err = roundTrip(ctx, ta.addr, func(tls.ConnectionState) error { return nil }, nil, OpRenew, RenewRequest{CSR: csr, IssuerCSR: icsr})
 		require.ErrorIs(t, err, ErrRenewalRefused)
 	})
 	t.Run("CSR for another name", func(t *testing.T) {

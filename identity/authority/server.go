@@ -241,6 +241,12 @@ func (s *Server) dispatch(ctx context.Context, str *quic.Stream, certs []*x509.C
 			return s.a.refuseNoise("watch", p, "", err), nil
 		}
 		return s.a.openWatch(req, certs, p)
+	case OpEvidence: // evidence.go
+		req, err := DecodeEvidenceRequest(body)
+		if err != nil {
+			return s.a.refuseNoise("evidence", p, "", err), nil
+		}
+		return s.a.submitEvidence(ctx, req, certs, p), nil
 	default:
 		req, err := DecodeRenewRequest(body)
 		if err != nil {

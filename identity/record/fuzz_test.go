@@ -15,7 +15,7 @@ func FuzzRevocation(f *testing.F) {
 	f.Add(mustSign(f, p.authClaims(p.n1.ID.String(), 1), p.authKey))
 	f.Add(mustSign(f, p.authClaims("serial:42", 9), p.authKey))
 	f.Add(mustSign(f, NodeRevocation(p.n1, "decommissioned", t0), p.n1Key))
-	f.Add(mustSign(f, AgentRevocation(p.n2, p.a2, "drift", t0), p.n2Key))
+	f.Add(mustSign(f, AgentRevocation(p.n2, p.i2, p.a2, "drift", t0), p.n2Key))
 	f.Add([]byte{0xd2, 0x84, 0x43, 0xa1, 0x01, 0x27, 0xa0, 0x40, 0x40})
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {

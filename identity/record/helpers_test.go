@@ -23,6 +23,8 @@ var t0 = time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
 type testPKI struct {
 	authKey, n1Key, n2Key, foreignKey, foreignNodeKey ed25519.PrivateKey
 	auth, n1, n2, a1, a2, foreign, foreignNode        *identity.Certificate
+	i1, i2                                            *identity.Certificate // n1's and n2's issuing certificates
+	i1Key, i2Key                                      ed25519.PrivateKey
 	v                                                 Verifier
 }
 
@@ -53,6 +55,16 @@ func issueNode(t testing.TB, auth *identity.Certificate, authKey, key ed25519.Pr
 	return c
 }
 
+// issueIssuer signs node's issuing certificate for the issuing key derived from nodeKey.
+func issueIssuer(t testing.TB, auth *identity.Certificate, authKey ed25519.PrivateKey, node *identity.Certificate, nodeKey ed25519.PrivateKey) (*identity.Certificate, ed25519.PrivateKey) {
+	t.Helper()
+	ikey, err := identity.IssuerKey(nodeKey)
+	require.NoError(t, err)
+	c, err := identity.IssueIssuer(auth, authKey, node, ikey.Public().(ed25519.PublicKey))
+	require.NoError(t, err)
+	return c, ikey
+}
+
 func issueAgent(t testing.TB, node *identity.Certificate, nodeKey ed25519.PrivateKey, name, ip string, serial *big.Int) *identity.Certificate {
 	t.Helper()
 	c, err := identity.Issue(node, nodeKey, identity.IssueRequest{
@@ -79,8 +91,10 @@ func newTestPKI(t testing.TB) *testPKI {
 	p.n1 = issueNode(t, p.auth, p.authKey, p.n1Key, testTD, "n1", "100.100.1.0/28")
 	p.n2 = issueNode(t, p.auth, p.authKey, p.n2Key, testTD, "n2", "100.100.1.16/28")
 	p.foreignNode = issueNode(t, p.foreign, p.foreignKey, p.foreignNodeKey, "evil.internal", "n1", "100.100.1.0/28")
-	p.a1 = issueAgent(t, p.n1, p.n1Key, "billing", "100.100.1.1", nil)
-	p.a2 = issueAgent(t, p.n2, p.n2Key, "ledger", "100.100.1.17", nil)
+	p.i1, p.i1Key = issueIssuer(t, p.auth, p.authKey, p.n1, p.n1Key)
+	p.i2, p.i2Key = issueIssuer(t, p.auth, p.authKey, p.n2, p.n2Key)
+	p.a1 = issueAgent(t, p.i1, p.i1Key, "billing", "100.100.1.1", nil)
+	p.a2 = issueAgent(t, p.i2, p.i2Key, "ledger", "100.100.1.17", nil)
 	p.v = Verifier{Certs: identity.Verifier{Authority: p.auth}}
 	return p
 }

@@ -44,6 +44,7 @@ const (
 	RevKeySeq         = 8
 	RevKeySignerCert  = 9
 	RevKeyAgentCert   = 10
+	RevKeyIssuerCert  = 11
 )
 
 // RevocationClaims is the content of a revocation record.
@@ -53,7 +54,8 @@ const (
 //     subject of its trust domain, with Expires no later than the authority certificate's NotAfter;
 //   - a node (Signer = its node SPIFFE ID, Seq = 0, SignerCert = its node certificate DER): itself
 //     (Subject = Signer, no AgentCert, Expires = SignerCert's NotAfter), or one agent certificate it
-//     issued (Subject = the agent's SPIFFE ID, AgentCert = that certificate's DER, Expires = its
+//     issued (Subject = the agent's SPIFFE ID, AgentCert = that certificate's DER, IssuerCert = the
+//     issuing certificate that goes with SignerCert and signed AgentCert, Expires = AgentCert's
 //     NotAfter). The latter revokes that certificate only (IssuedSerialKey), not the agent's name.
 type RevocationClaims struct {
 	// Version is the claims format version; zero is filled in by SignRevocation.
@@ -76,6 +78,9 @@ type RevocationClaims struct {
 	SignerCert []byte
 	// AgentCert is the revoked agent certificate's DER, for a node revoking one of its agents.
 	AgentCert []byte
+	// IssuerCert is, with AgentCert, the node's issuing certificate DER that signed it: the one
+	// issued with SignerCert (its claims name SignerCert's serial).
+	IssuerCert []byte
 }
 
 // wireRevocation is the CBOR shape. Pointers keep "absent" and "zero" apart on decode, so an
@@ -91,6 +96,7 @@ type wireRevocation struct {
 	Seq         *uint64 `cbor:"8,keyasint,omitempty"`
 	SignerCert  []byte  `cbor:"9,keyasint,omitempty"`
 	AgentCert   []byte  `cbor:"10,keyasint,omitempty"`
+	IssuerCert  []byte  `cbor:"11,keyasint,omitempty"`
 }
 
 // Revocation is a verified revocation record. Only Verifier.VerifyRevocation (and
@@ -101,8 +107,10 @@ type Revocation struct {
 	SignerID identity.ID
 	// SignerCert is the signing node's verified certificate; nil for the authority.
 	SignerCert *identity.Certificate
-	// AgentCert is the revoked agent certificate, verified as issued by SignerCert; nil otherwise.
-	AgentCert *identity.Certificate
+	// AgentCert is the revoked agent certificate, verified as issued by SignerCert's node through
+	// IssuerCert, its issuing certificate; both nil otherwise.
+	AgentCert  *identity.Certificate
+	IssuerCert *identity.Certificate
 
 	raw []byte
 	key string
@@ -133,13 +141,14 @@ func NodeRevocation(node *identity.Certificate, reason string, now time.Time) Re
 	}
 }
 
-// AgentRevocation returns the claims of node revoking the agent certificate it issued, at now.
-// Expires is the agent certificate's NotAfter. Sign them with the node key.
-func AgentRevocation(node, agent *identity.Certificate, reason string, now time.Time) RevocationClaims {
+// AgentRevocation returns the claims of node revoking the agent certificate it issued with its
+// issuing certificate issuer, at now. Expires is the agent certificate's NotAfter. Sign them with
+// the node key.
+func AgentRevocation(node, issuer, agent *identity.Certificate, reason string, now time.Time) RevocationClaims {
 	return RevocationClaims{
 		Version: Version1, TrustDomain: node.ID.TrustDomain, Subject: agent.ID.String(), Reason: reason,
 		IssuedAt: now, Expires: agent.X509.NotAfter, Signer: node.ID.String(),
-		SignerCert: node.Raw(), AgentCert: agent.Raw(),
+		SignerCert: node.Raw(), AgentCert: agent.Raw(), IssuerCert: issuer.Raw(),
 	}
 }
 
@@ -194,6 +203,7 @@ func (c *RevocationClaims) toWire() *wireRevocation {
 		Seq:         u64(c.Seq),
 		SignerCert:  c.SignerCert,
 		AgentCert:   c.AgentCert,
+		IssuerCert:  c.IssuerCert,
 	}
 }
 
@@ -226,6 +236,7 @@ func (w *wireRevocation) toClaims() (RevocationClaims, error) {
 		Seq:         *w.Seq,
 		SignerCert:  w.SignerCert,
 		AgentCert:   w.AgentCert,
+		IssuerCert:  w.IssuerCert,
 	}, nil
 }
 
@@ -236,6 +247,7 @@ type parsedRevocation struct {
 	signer     identity.ID
 	signerCert *identity.Certificate // node-signed only
 	agentCert  *identity.Certificate // node revoking an agent only
+	issuerCert *identity.Certificate // node revoking an agent only
 }
 
 // check validates every claim's presence, shape and bounds, and the claim combinations each
@@ -272,7 +284,7 @@ func (c *RevocationClaims) check() (*parsedRevocation, error) {
 	if p.signer, err = identity.ParseID(c.Signer); err != nil {
 		return nil, fmt.Errorf("%w: signer (key %d): %w", ErrSigner, RevKeySigner, err)
 	}
-	for _, der := range [][]byte{c.SignerCert, c.AgentCert} {
+	for _, der := range [][]byte{c.SignerCert, c.AgentCert, c.IssuerCert} {
 		if len(der) > MaxCertLen {
 			return nil, fmt.Errorf("%w: certificate of %d bytes, limit %d", ErrTooLarge, len(der), MaxCertLen)
 		}
@@ -282,7 +294,7 @@ func (c *RevocationClaims) check() (*parsedRevocation, error) {
 		switch {
 		case c.Seq == 0:
 			return nil, fmt.Errorf("%w: an authority-signed revocation needs seq >= 1", ErrMalformed)
-		case c.SignerCert != nil || c.AgentCert != nil:
+		case c.SignerCert != nil || c.AgentCert != nil || c.IssuerCert != nil:
 			return nil, fmt.Errorf("%w: an authority-signed revocation carries no certificates", ErrMalformed)
 		}
 	case identity.KindNode:
@@ -298,9 +310,24 @@ func (c *RevocationClaims) check() (*parsedRevocation, error) {
 		if p.signerCert.ID != p.signer {
 			return nil, fmt.Errorf("%w: signer claim %s, certificate %s", ErrSigner, p.signer, p.signerCert.ID)
 		}
+		if p.signerCert.Issuing {
+			return nil, fmt.Errorf("%w: signer certificate is %s's issuing certificate, which signs nothing but certificates", ErrSigner, p.signer)
+		}
+		switch {
+		case c.AgentCert != nil && c.IssuerCert == nil:
+			return nil, fmt.Errorf("%w: a node revoking an agent certificate must carry its issuing certificate (key %d)", ErrMalformed, RevKeyIssuerCert)
+		case c.AgentCert == nil && c.IssuerCert != nil:
+			return nil, fmt.Errorf("%w: an issuing certificate (key %d) without an agent certificate", ErrMalformed, RevKeyIssuerCert)
+		}
 		if c.AgentCert != nil {
 			if p.agentCert, err = identity.ParseCertificate(c.AgentCert); err != nil {
 				return nil, fmt.Errorf("%w: agent certificate: %w", ErrNotAllowed, err)
+			}
+			if p.issuerCert, err = identity.ParseCertificate(c.IssuerCert); err != nil {
+				return nil, fmt.Errorf("%w: issuing certificate: %w", ErrNotAllowed, err)
+			}
+			if !p.issuerCert.Issuing || p.issuerCert.ID != p.signer || p.issuerCert.NodeSerial().Cmp(p.signerCert.Serial()) != 0 {
+				return nil, fmt.Errorf("%w: the issuing certificate carried is not the one issued with %s's certificate serial %s", ErrNotAllowed, p.signer, p.signerCert.Serial())
 			}
 		}
 	default:
@@ -328,11 +355,11 @@ func (p *parsedRevocation) nodeMay(v *identity.Verifier) error {
 		return fmt.Errorf("%w: subject %s is not the carried agent certificate's %s", ErrNotAllowed, truncate(c.Subject), agent.ID)
 	}
 	if v != nil {
-		if err := v.VerifyAgent(node, agent, c.IssuedAt); err != nil {
+		if err := v.VerifyAgent(p.issuerCert, agent, c.IssuedAt); err != nil {
 			return fmt.Errorf("%w: the agent certificate was not issued by %s: %w", ErrNotAllowed, node.ID, err)
 		}
-	} else if !bytes.Equal(agent.X509.RawIssuer, node.X509.RawSubject) {
-		return fmt.Errorf("%w: the agent certificate names another issuer than %s", ErrNotAllowed, node.ID)
+	} else if !bytes.Equal(agent.X509.RawIssuer, p.issuerCert.X509.RawSubject) {
+		return fmt.Errorf("%w: the agent certificate names another issuer than %s's issuing certificate", ErrNotAllowed, node.ID)
 	}
 	if agent.Serial().Sign() <= 0 {
 		return fmt.Errorf("%w: the agent certificate's serial is not positive", ErrNotAllowed)

@@ -49,7 +49,7 @@ func TestNodeSelfRevocation(t *testing.T) {
 
 func TestNodeAgentRevocationRevokesOnlyThatCertificate(t *testing.T) {
 	p := newTestPKI(t)
-	raw := mustSign(t, AgentRevocation(p.n1, p.a1, "workload drifted", t0), p.n1Key)
+	raw := mustSign(t, AgentRevocation(p.n1, p.i1, p.a1, "workload drifted", t0), p.n1Key)
 	r, err := p.v.VerifyRevocation(raw, t0)
 	require.NoError(t, err)
 	assert.Equal(t, IssuedSerialKey(p.n1.ID, p.a1.Serial()), r.Key())
@@ -59,10 +59,10 @@ func TestNodeAgentRevocationRevokesOnlyThatCertificate(t *testing.T) {
 	assert.Subset(t, ChainKeys(p.n1, p.a1), r.Keys())
 
 	// The same agent name with the same serial, issued by another node: not covered.
-	twin := issueAgent(t, p.n2, p.n2Key, "billing", "100.100.1.18", p.a1.Serial())
+	twin := issueAgent(t, p.i2, p.i2Key, "billing", "100.100.1.18", p.a1.Serial())
 	assert.NotSubset(t, ChainKeys(p.n2, twin), r.Keys())
 	// A renewed certificate of the same agent on the same node: not covered (another serial).
-	renewed := issueAgent(t, p.n1, p.n1Key, "billing", "100.100.1.1", nil)
+	renewed := issueAgent(t, p.i1, p.i1Key, "billing", "100.100.1.1", nil)
 	assert.NotSubset(t, ChainKeys(p.n1, renewed), r.Keys())
 }
 
@@ -101,13 +101,20 @@ func TestRevocationAttacks(t *testing.T) {
 	withUnknown := func(c RevocationClaims) any {
 		type extended struct {
 			wireRevocation
-			Extra string `cbor:"11,keyasint"`
+			Extra string `cbor:"12,keyasint"`
 		}
 		return &extended{wireRevocation: *c.toWire(), Extra: "surprise"}
 	}
 	nodeOther := RevocationClaims{Version: Version1, TrustDomain: testTD, Subject: p.n2.ID.String(), Reason: "x", IssuedAt: t0,
 		Expires: p.n2.X509.NotAfter, Signer: p.n1.ID.String(), SignerCert: p.n1.Raw()}
-	otherAgent := AgentRevocation(p.n1, p.a2, "not mine", t0)
+	otherAgent := AgentRevocation(p.n1, p.i1, p.a2, "not mine", t0)
+	// n1 revokes n2's agent, carrying n2's issuing certificate (which did sign it).
+	othersIssuer := AgentRevocation(p.n1, p.i2, p.a2, "not mine", t0)
+	noIssuer := AgentRevocation(p.n1, p.i1, p.a1, "x", t0)
+	noIssuer.IssuerCert = nil
+	// n1 signs with its issuing certificate in place of its node certificate.
+	issuerSigns := AgentRevocation(p.n1, p.i1, p.a1, "x", t0)
+	issuerSigns.SignerCert = p.i1.Raw()
 	otherAgent.SignerCert, otherAgent.Signer = p.n1.Raw(), p.n1.ID.String()
 	agentByName := NodeRevocation(p.n1, "x", t0)
 	agentByName.Subject = p.a2.ID.String()
@@ -129,7 +136,7 @@ func TestRevocationAttacks(t *testing.T) {
 	longLived.Expires = p.auth.X509.NotAfter.Add(time.Hour)
 	selfWrongExpiry := NodeRevocation(p.n1, "x", t0)
 	selfWrongExpiry.Expires = selfWrongExpiry.Expires.Add(365 * 24 * time.Hour)
-	agentWrongExpiry := AgentRevocation(p.n1, p.a1, "x", t0)
+	agentWrongExpiry := AgentRevocation(p.n1, p.i1, p.a1, "x", t0)
 	agentWrongExpiry.Expires = p.n1.X509.NotAfter
 	backdated := NodeRevocation(p.n1, "x", p.n1.X509.NotBefore.Add(-time.Hour))
 	v2 := p.authClaims(p.n1.ID.String(), 1)
@@ -164,6 +171,9 @@ func TestRevocationAttacks(t *testing.T) {
 		{"node certificate from a rogue CA for our trust domain", signWire(t, w(rogue), rogueNodeKey, aadRevocation), ErrSigner},
 		{"foreign trust domain", signWire(t, w(foreignTD), p.foreignKey, aadRevocation), ErrTrustDomain},
 		{"subject in a foreign trust domain", signWire(t, w(foreignSubject), p.authKey, aadRevocation), ErrTrustDomain},
+		{"agent revocation carrying another node's issuing certificate", signWire(t, w(othersIssuer), p.n1Key, aadRevocation), ErrNotAllowed},
+		{"agent revocation without the issuing certificate", signWire(t, w(noIssuer), p.n1Key, aadRevocation), ErrMalformed},
+		{"signed with the issuing key as the node's certificate", signWire(t, w(issuerSigns), p.i1Key, aadRevocation), ErrSigner},
 		{"unknown field, re-signed", signWire(t, withUnknown(p.authClaims(p.n1.ID.String(), 1)), p.authKey, aadRevocation), ErrUnknownField},
 		{"version 2", signWire(t, w(v2), p.authKey, aadRevocation), ErrVersion},
 		{"authority expiry beyond its own certificate", signWire(t, w(longLived), p.authKey, aadRevocation), ErrNotAllowed},
@@ -254,7 +264,7 @@ func TestRevocationStrictPayload(t *testing.T) {
 
 func TestRevocationTime(t *testing.T) {
 	p := newTestPKI(t)
-	raw := mustSign(t, AgentRevocation(p.n1, p.a1, "x", t0), p.n1Key)
+	raw := mustSign(t, AgentRevocation(p.n1, p.i1, p.a1, "x", t0), p.n1Key)
 	_, err := p.v.VerifyRevocation(raw, p.a1.X509.NotAfter)
 	require.NoError(t, err, "in force up to and including its expiry")
 	_, err = p.v.VerifyRevocation(raw, p.a1.X509.NotAfter.Add(time.Millisecond))
@@ -295,7 +305,7 @@ func TestSignRevocationRefusesWhatVerifyWould(t *testing.T) {
 	_, err := SignRevocation(wrongKey, p.n2Key)
 	require.ErrorIs(t, err, ErrSigner)
 
-	other := AgentRevocation(p.n1, p.a2, "x", t0)
+	other := AgentRevocation(p.n1, p.i1, p.a2, "x", t0)
 	_, err = SignRevocation(other, p.n1Key)
 	require.ErrorIs(t, err, ErrNotAllowed)
 

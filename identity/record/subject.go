@@ -69,11 +69,12 @@ func IssuedSerialKey(issuer identity.ID, serial *big.Int) string {
 // ChainKeys lists every canonical key a revocation may name for a certificate chain: the node's
 // SPIFFE ID and serial, and with an agent its SPIFFE ID, its serial and its serial as issued by
 // this node. A chain is revoked when any of them is (revoking a node revokes its agents). agent
-// may be nil for a node on its own (a tunnel peer).
+// may be nil for a node on its own (a tunnel peer). node may be the node certificate or the
+// node's issuing certificate: both give the node's ID and its node certificate's serial.
 func ChainKeys(node, agent *identity.Certificate) []string {
 	keys := make([]string, 0, 5)
 	if node != nil {
-		keys = append(keys, node.ID.String(), SerialKey(node.Serial()))
+		keys = append(keys, node.ID.String(), SerialKey(node.NodeSerial()))
 	}
 	if agent != nil {
 		keys = append(keys, agent.ID.String(), SerialKey(agent.Serial()))

@@ -107,7 +107,7 @@ func (v Verifier) verifyRevocation(b []byte, now time.Time, future bool) (*Revoc
 		if err := p.nodeMay(&v.Certs); err != nil {
 			return nil, err
 		}
-		r.SignerCert, r.AgentCert = p.signerCert, p.agentCert
+		r.SignerCert, r.AgentCert, r.IssuerCert = p.signerCert, p.agentCert, p.issuerCert
 		r.key = c.Subject
 		if p.agentCert != nil {
 			r.key = IssuedSerialKey(p.signer, p.agentCert.Serial())

@@ -4,16 +4,18 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+
+	"github.com/ute-project/ute/zones/strictyaml"
 )
 
 // Sentinels; every error of Parse, Load and Apply wraps exactly one.
 var (
 	ErrTooLarge     = errors.New("config file too large")
 	ErrTooDeep      = errors.New("config file nested too deeply")
-	ErrSyntax       = errors.New("YAML syntax error")
-	ErrUnsupported  = errors.New("unsupported YAML feature")
-	ErrUnknownField = errors.New("unknown field")
-	ErrBadValue     = errors.New("bad value")
+	ErrSyntax       = strictyaml.ErrSyntax
+	ErrUnsupported  = strictyaml.ErrUnsupported
+	ErrUnknownField = strictyaml.ErrUnknownField
+	ErrBadValue     = strictyaml.ErrBadValue
 	// ErrNotLoopback: metrics would be served on an address other hosts can reach.
 	ErrNotLoopback = errors.New("metrics address is not loopback")
 	// ErrRestartRequired: a reload changes a field the running daemon cannot change.

@@ -1,18 +1,16 @@
 package config
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"os"
-	"strings"
 	"time"
 
-	"github.com/goccy/go-yaml"
 	"github.com/goccy/go-yaml/ast"
 	"github.com/goccy/go-yaml/lexer"
-	"github.com/goccy/go-yaml/parser"
 	"github.com/goccy/go-yaml/token"
+
+	"github.com/ute-project/ute/zones/strictyaml"
 )
 
 // MaxSize caps a config file: a real one is well under a kilobyte, and the YAML parser's cost
@@ -91,29 +89,32 @@ func checkDepth(filename, src string) (err error) {
 }
 
 func tokenPos(tk *token.Token) pos {
-	if tk == nil || tk.Position == nil {
-		return pos{}
-	}
-	return pos{tk.Position.Line, tk.Position.Column}
+	p := strictyaml.TokenPos(tk)
+	return pos{p.Line, p.Col}
 }
 
-// parseYAML runs the parser, turning a panic inside it into an error: it is fed bytes an
-// operator (or whoever can write the file) controls, and the daemon must not crash on them.
-func parseYAML(data []byte) (f *ast.File, err error) {
+// parseYAML runs the parser; strictyaml.Parse turns a panic inside it into an error: it is fed
+// bytes an operator (or whoever can write the file) controls, and the daemon must not crash on them.
+func parseYAML(data []byte) (*ast.File, error) {
+	tokens, err := tokenize(string(data))
+	if err != nil {
+		return nil, err
+	}
+	return strictyaml.Parse(tokens)
+}
+
+func tokenize(src string) (tokens token.Tokens, err error) {
 	defer func() {
 		if r := recover(); r != nil {
-			f, err = nil, fmt.Errorf("the YAML parser failed on this input (%v)", r)
+			tokens, err = nil, fmt.Errorf("the YAML lexer failed on this input (%v)", r)
 		}
 	}()
-	return parser.ParseBytes(data, 0)
+	return lexer.Tokenize(src), nil
 }
 
 func syntaxError(filename string, err error) error {
-	var se *yaml.SyntaxError
-	if errors.As(err, &se) && se.Token != nil && se.Token.Position != nil {
-		return errAt(filename, pos{se.Token.Position.Line, se.Token.Position.Column}, "", valueError(ErrSyntax, "%s", se.Message))
-	}
-	return errAt(filename, pos{}, "", valueError(ErrSyntax, "%s", strings.ReplaceAll(err.Error(), "\n", " ")))
+	at, msg := strictyaml.Syntax(err)
+	return errAt(filename, pos{at.Line, at.Col}, "", valueError(ErrSyntax, "%s", msg))
 }
 
 type walker struct{ file string }
@@ -127,53 +128,23 @@ func (w *walker) wrap(n ast.Node, field string, err error) error {
 	return errAt(w.file, posOf(n), field, err)
 }
 
-func posOf(n ast.Node) pos {
-	if n == nil {
-		return pos{}
+// problem places a strictyaml problem in this package's error type.
+func (w *walker) problem(p *strictyaml.Problem) error {
+	if p == nil {
+		return nil
 	}
-	if _, ok := n.(*ast.DocumentNode); ok {
-		return pos{}
-	}
-	tk := n.GetToken()
-	if tk == nil || tk.Position == nil {
-		return pos{}
-	}
-	return pos{tk.Position.Line, tk.Position.Column}
+	return errAt(w.file, posOf(p.At), p.Field, p.Err)
 }
 
-func kind(n ast.Node) string {
-	switch n.(type) {
-	case nil, *ast.NullNode:
-		return "nothing"
-	case *ast.StringNode:
-		return "a string"
-	case *ast.IntegerNode:
-		return "an integer"
-	case *ast.FloatNode, *ast.InfinityNode, *ast.NanNode:
-		return "a number"
-	case *ast.BoolNode:
-		return "a boolean"
-	case *ast.MappingNode, *ast.MappingValueNode:
-		return "a mapping"
-	case *ast.SequenceNode:
-		return "a list"
-	case *ast.LiteralNode:
-		return "a block string"
-	default:
-		return "an unsupported YAML node"
-	}
+func posOf(n ast.Node) pos {
+	p := strictyaml.PosOf(n)
+	return pos{p.Line, p.Col}
 }
+
+func kind(n ast.Node) string { return strictyaml.Kind(n) }
 
 func (w *walker) unsupported(n ast.Node, field string) error {
-	switch n.(type) {
-	case *ast.AnchorNode, *ast.AliasNode:
-		return w.err(n, field, ErrUnsupported, "anchors and aliases are not supported; write the value out")
-	case *ast.TagNode:
-		return w.err(n, field, ErrUnsupported, "YAML tags are not supported; remove the !tag")
-	case *ast.MergeKeyNode:
-		return w.err(n, field, ErrUnsupported, "merge keys (<<) are not supported; write the fields out")
-	}
-	return nil
+	return w.problem(strictyaml.Unsupported(n, field))
 }
 
 // entry is one key of a mapping with its position, kept in file order.
@@ -185,59 +156,18 @@ type entry struct {
 
 // fields reads a mapping, refusing unknown, duplicate and non-string keys.
 func (w *walker) fields(n ast.Node, field string, allowed ...string) ([]entry, error) {
-	if err := w.unsupported(n, field); err != nil {
-		return nil, err
+	es, p := strictyaml.Fields(n, field, allowed...)
+	if p != nil {
+		return nil, w.problem(p)
 	}
-	var pairs []*ast.MappingValueNode
-	switch m := n.(type) {
-	case *ast.MappingNode:
-		pairs = m.Values
-	case *ast.MappingValueNode:
-		pairs = []*ast.MappingValueNode{m}
-	default:
-		return nil, w.err(n, field, ErrBadValue, "expected a mapping of %s, got %s", strings.Join(allowed, ", "), kind(n))
-	}
-	out := make([]entry, 0, len(pairs))
-	seen := make(map[string]bool, len(pairs))
-	for _, mv := range pairs {
-		if err := w.unsupported(mv.Key, field); err != nil {
-			return nil, err
-		}
-		k, ok := mv.Key.(*ast.StringNode)
-		if !ok {
-			return nil, w.err(mv.Key, field, ErrBadValue, "keys must be plain names, got %s", kind(mv.Key))
-		}
-		sub := join(field, k.Value)
-		if !contains(allowed, k.Value) {
-			return nil, w.err(mv.Key, sub, ErrUnknownField, "%q is not a field here; allowed: %s", k.Value, strings.Join(allowed, ", "))
-		}
-		if seen[k.Value] {
-			return nil, w.err(mv.Key, sub, ErrBadValue, "field %q is given twice", k.Value)
-		}
-		seen[k.Value] = true
-		if err := w.unsupported(mv.Value, sub); err != nil {
-			return nil, err
-		}
-		out = append(out, entry{key: k.Value, kpos: mv.Key, val: mv.Value})
+	out := make([]entry, len(es))
+	for i, e := range es {
+		out[i] = entry{key: e.Key, kpos: e.Pair.Key, val: e.Value}
 	}
 	return out, nil
 }
 
-func join(parent, name string) string {
-	if parent == "" {
-		return name
-	}
-	return parent + "." + name
-}
-
-func contains(list []string, s string) bool {
-	for _, x := range list {
-		if x == s {
-			return true
-		}
-	}
-	return false
-}
+func join(parent, name string) string { return strictyaml.Join(parent, name) }
 
 // at is the node an error about e's value points to: the value, or the key when it is empty.
 func (e entry) at() ast.Node {

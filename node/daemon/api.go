@@ -117,6 +117,9 @@ func (b backend) WhoIs(_ context.Context, addr netip.AddrPort) (localapi.WhoIs, 
 		p, ok = b.d.proxyWhoIs(addr) // a flow the proxy interface forwarded to a local server
 	}
 	if !ok {
+		p, ok = b.d.tunWhoIs(addr) // a flow the TUN interface originated to a local program
+	}
+	if !ok {
 		return localapi.WhoIs{}, fmt.Errorf("%w: no admitted flow from %s on this node", localapi.ErrNotFound, addr)
 	}
 	w := localapi.WhoIs{
@@ -154,6 +157,7 @@ func (b backend) AddAgent(_ context.Context, spec localapi.AgentSpec) (localapi.
 	}
 	d.log.Info("agent added", "agent", ag.Cert.ID.String(), "ip", ag.IP.String())
 	d.proxyAgentAdded(ag) // interface proxy: its proxies start now (proxy.go)
+	d.tunAgentAdded(ag)   // interface tun: its address and inbound flows now (tun.go)
 	return localapi.Agent{Name: ag.Name, Zone: ag.Zone, ID: ag.Cert.ID.String(), OverlayIP: ag.IP.String(),
 		Serial: record.SerialKey(ag.Cert.Serial()), NotAfter: ag.Cert.X509.NotAfter.UTC(),
 		Fingerprint: hex.EncodeToString(ag.Cert.Claims.Fingerprint), Exe: spec.Exe, UID: spec.UID}, nil

@@ -51,6 +51,10 @@ type Options struct {
 	// TrustFlow counts it as a duplicate identity (trust.go); default 45 s, above QUIC's idle
 	// timeout, so that a peer restarted on another port is not its own duplicate.
 	DuplicateConfirm time.Duration
+	// WireGuard tunes the WireGuard transport (Config.Transport wireguard; wireguard.go).
+	WireGuard WireGuardOptions
+	// TUN configures the kernel TUN interface (Config.Interface tun; tun.go).
+	TUN TUNOptions
 }
 
 // Daemon is a running node with its gossip, authority watch, local API and metrics.
@@ -77,6 +81,7 @@ type Daemon struct {
 	cfg    config.Config
 	pools  *pools
 	proxy  *proxySet // interface proxy (proxy.go)
+	tun    *tunIface // interface tun (tun.go)
 	trust  *trust    // TrustFlow (trust.go); set before the node opens
 	api    closer
 	msrv   closer
@@ -84,6 +89,9 @@ type Daemon struct {
 	// retired is set once this node learns that it is revoked (records.go).
 	retired, retiring bool
 	stopWatch         context.CancelFunc
+
+	// wgt is the WireGuard transport (wireguard.go); nil with QUIC.
+	wgt *wgTransport
 }
 
 type closer interface{ Close() error }
@@ -198,8 +206,18 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		d.abort()
 		return nil, err
 	}
+	if d.cfg.Transport == config.TransportWireGuard {
+		if err := d.startWireGuard(); err != nil {
+			d.abort()
+			return nil, err
+		}
+	}
 	// Proxies before the local API, so that an agent added through the API is never missed.
 	if err := d.startProxies(); err != nil {
+		d.abort()
+		return nil, err
+	}
+	if err := d.startTUN(); err != nil {
 		d.abort()
 		return nil, err
 	}
@@ -283,6 +301,8 @@ func (d *Daemon) Close() error {
 		_ = msrv.Close()
 	}
 	d.closeProxies()
+	d.closeTUN()
+	d.closeWireGuard()
 	if p != nil {
 		errs = append(errs, p.close())
 	}

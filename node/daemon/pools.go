@@ -302,7 +302,7 @@ func (r poolRecords) Snapshot(zone string) [][]byte {
 	if rel := d.store.PolicyRelease(); rel != nil && len(rel.Raw()) <= maxGossipRecord {
 		out = append(out, rel.Raw())
 	}
-	return out
+	return append(out, d.trustEventsSnapshot(zone)...)
 }
 
 // resolve names an address for a node ID: a gossip member first, then a bootstrap member, then a

@@ -139,17 +139,12 @@ func (d *Daemon) startAgentProxy(ps *proxySet, st *state.Agent, ac config.AgentP
 	}
 	cfg := proxy.Config{Agent: name, Dialer: a, SOCKS: socks, HTTP: httpAddr, Logger: d.log}
 	if ac.Attest {
-		digest, err := hex.DecodeString(st.Workload)
+		want, err := expectedWorkload(st)
 		if err != nil {
-			return fmt.Errorf("daemon: agent %s: enrolled workload digest: %w", name, err)
-		}
-		want := attest.Expected{Digest: digest, UID: st.UID, GID: st.GID, Exe: st.Exe}
-		cfg.Attest = func(client, server netip.AddrPort) error {
-			p, err := ps.att.Verify(client, server, want)
-			if err != nil {
-				d.workloadRefused(name, client, p, err)
-			}
 			return err
+		}
+		cfg.Attest = func(client, server netip.AddrPort) error {
+			return d.attestFlow(ps.att, "proxy", name, want, client, server)
 		}
 	}
 	srv, err := proxy.Start(cfg)
@@ -185,11 +180,17 @@ func (d *Daemon) startAgentProxy(ps *proxySet, st *state.Agent, ac config.AgentP
 	return nil
 }
 
-// workloadRefused records a connection refused by attestation: counted, audited, and — for a
-// process that is not the enrolled workload — reported to Options.OnMismatch (TrustFlow).
+// workloadRefused records a proxy connection refused by attestation (workloadRefusedVia).
 func (d *Daemon) workloadRefused(agent string, client netip.AddrPort, p attest.Process, err error) {
+	d.workloadRefusedVia("proxy", agent, client, p, err)
+}
+
+// workloadRefusedVia records a connection refused by attestation: counted, audited, and — for a
+// process that is not the enrolled workload — reported to Options.OnMismatch (TrustFlow). via
+// names the interface ("proxy", "tun").
+func (d *Daemon) workloadRefusedVia(via, agent string, client netip.AddrPort, p attest.Process, err error) {
 	d.metrics.FlowDenied("workload")
-	fields := map[string]string{"agent": agent, "client": client.String(), "error": err.Error()}
+	fields := map[string]string{"agent": agent, "client": client.String(), "error": err.Error(), "via": via}
 	if p.PID != 0 {
 		fields["pid"] = strconv.Itoa(p.PID)
 		fields["exe"] = p.Exe
@@ -198,7 +199,7 @@ func (d *Daemon) workloadRefused(agent string, client netip.AddrPort, p attest.P
 	if aerr := d.node.AppendAudit(context.Background(), EventWorkloadRefused, fields); aerr != nil {
 		d.log.Error("audit append failed", "event", EventWorkloadRefused, "err", aerr)
 	}
-	d.log.Warn("proxy connection refused by workload attestation", "agent", agent, "client", client.String(), "err", err)
+	d.log.Warn(via+" connection refused by workload attestation", "agent", agent, "client", client.String(), "err", err)
 	if errors.Is(err, attest.ErrMismatch) && d.opts.OnMismatch != nil {
 		d.opts.OnMismatch(agent, err.Error())
 	}

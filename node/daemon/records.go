@@ -36,6 +36,9 @@ func (d *Daemon) Accept(ctx context.Context, raw []byte, from Origin) (bool, err
 
 // accept is Accept for a record that arrived on the pools of zones arrivedOn (gossip).
 func (d *Daemon) accept(ctx context.Context, raw []byte, from Origin, arrivedOn ...string) (bool, error) {
+	if record.IsTrustEvent(raw) {
+		return d.acceptTrustEvent(ctx, raw, from, arrivedOn...) // soft state: trust_events.go
+	}
 	rev, changed, err := d.store.Add(raw)
 	if err == nil {
 		if changed {
@@ -152,6 +155,7 @@ func (d *Daemon) applyPolicy(ctx context.Context, rel *record.PolicyRelease) err
 	d.log.Info("policy release applied", "version", rel.Claims.PolicyVersion, "zones", res.Zones,
 		"tunnels_closed", res.TunnelsClosed, "flows_cut", res.FlowsCut)
 	d.syncPools(res.Zones)
+	d.wireguardPolicyApplied()
 	return nil
 }
 

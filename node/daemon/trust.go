@@ -59,6 +59,15 @@ type trust struct {
 	expiring   string               // serial already signalled as expiring
 	region     string               // region already signalled as drifted
 	dupAt      time.Time            // last duplicate check (see dupEvery)
+
+	// Trust events (trust_events.go): the verified events held, their counters, and what this
+	// node emitted per subject and kind in the current minute.
+	events  *eventStore
+	counts  *eventCounters
+	emitted map[string]emitWindow
+	pruneAt time.Time
+	// Duplicate evidence (trust_evidence.go).
+	ev *evidence
 }
 
 // dupEvery is how often the trust loop compares inbound tunnels for a duplicated identity: an
@@ -82,16 +91,22 @@ type trustInput struct {
 	// mismatch is NAME.ZONE of an agent whose proxy refused a process that is not its enrolled
 	// workload, for the reason mismatchWhy.
 	mismatch, mismatchWhy string
+	// act is a subject whose score a gossiped trust event changed.
+	act string
 }
 
 func newTrust(d *Daemon) (*trust, error) {
-	eng, err := trustflow.New(trustflow.Config{Clock: d.now})
+	t := &trust{d: d, in: make(chan trustInput, trustQueue), burst: trustflow.NewBurstDetector(trustflow.BurstConfig{}),
+		dup: trustflow.DuplicateDetector{Confirm: d.opts.DuplicateConfirm}, acted: map[string]zones.Action{},
+		renewedAt: map[string]time.Time{}, mismatchAt: map[string]time.Time{},
+		events: newEventStore(), counts: newEventCounters(d.metrics), emitted: map[string]emitWindow{}}
+	eng, err := trustflow.New(trustflow.Config{Clock: d.now, Tuning: t.tuning()})
 	if err != nil {
 		return nil, err
 	}
-	return &trust{d: d, eng: eng, in: make(chan trustInput, trustQueue), burst: trustflow.NewBurstDetector(trustflow.BurstConfig{}),
-		dup: trustflow.DuplicateDetector{Confirm: d.opts.DuplicateConfirm}, acted: map[string]zones.Action{},
-		renewedAt: map[string]time.Time{}, mismatchAt: map[string]time.Time{}}, nil
+	t.eng = eng
+	t.ev = newEvidence(t)
+	return t, nil
 }
 
 // hook wires the node's TrustFlow hooks into cfg, and the proxy's workload attestation
@@ -126,6 +141,7 @@ func (t *trust) observe(s trustflow.Signal) { t.push(trustInput{signal: &s}) }
 func (t *trust) loop(ctx context.Context) {
 	tick := time.NewTicker(trustTick)
 	defer tick.Stop()
+	t.ev.register()
 	t.check(ctx)
 	for {
 		select {
@@ -140,6 +156,10 @@ func (t *trust) loop(ctx context.Context) {
 }
 
 func (t *trust) handle(ctx context.Context, in trustInput) {
+	if in.act != "" {
+		t.act(ctx, in.act)
+		return
+	}
 	if in.signal != nil {
 		t.signal(ctx, *in.signal)
 		return
@@ -185,11 +205,11 @@ func (t *trust) fingerprint(ctx context.Context, nameZone, why string, now time.
 func (t *trust) verdict(ctx context.Context, v node.FlowVerdict) {
 	now := t.d.now()
 	agentAndNode := func(k trustflow.Kind, why string) {
-		w := t.eng.Weight(k)
+		w := t.eng.WeightIn(v.Zone, k)
 		if v.Agent != "" {
 			t.signal(ctx, trustflow.Signal{Subject: v.Agent, Kind: k, Reason: why, At: now})
 		}
-		t.signal(ctx, trustflow.Signal{Subject: v.Peer, Kind: k, Weight: max(1, w/nodeShare), Reason: "its agent " + v.Agent + ": " + why, At: now})
+		t.signal(ctx, trustflow.Signal{Subject: v.Peer, Kind: k, Weight: max(1, w/nodeShare), Reason: "its agent " + v.Agent + ": " + why, At: now, Zone: v.Zone})
 	}
 	switch v.Reason {
 	case "":
@@ -206,14 +226,21 @@ func (t *trust) verdict(ctx context.Context, v node.FlowVerdict) {
 	case "signature", "chain", "peer", "claim-mismatch":
 		// claim-mismatch too: the record claims an agent other than its chain's, so the name in
 		// it is exactly what must not be trusted.
-		t.signal(ctx, trustflow.Signal{Subject: v.Peer, Kind: trustflow.KindSignerMismatch, At: now,
+		t.signal(ctx, trustflow.Signal{Subject: v.Peer, Kind: trustflow.KindSignerMismatch, At: now, Zone: v.Zone,
 			Reason: fmt.Sprintf("sent a record naming %s that failed the %s check", orNone(v.Agent), v.Reason)})
 	}
 }
 
-// signal records one signal and acts on the subject's new score.
+// signal records one signal and acts on the subject's new score. A signal about a subject of
+// this node's zones becomes a signed trust event spread in the zone's pool (trust_events.go);
+// any other is scored here only.
 func (t *trust) signal(ctx context.Context, s trustflow.Signal) {
 	if s.Subject == "" {
+		return
+	}
+	if s.ID == "" && t.emit(ctx, s) {
+		t.d.log.Info("trust signal", "subject", s.Subject, "kind", string(s.Kind), "reason", s.Reason, "score", t.eng.Score(s.Subject))
+		t.act(ctx, s.Subject)
 		return
 	}
 	if _, err := t.eng.Observe(s); err != nil {
@@ -233,6 +260,16 @@ func (t *trust) check(ctx context.Context) {
 		t.checkDuplicates(ctx)
 	}
 	t.checkExpiry(ctx)
+	if now := t.d.now(); now.Sub(t.pruneAt) >= time.Second || now.Before(t.pruneAt) {
+		t.pruneAt = now
+		t.events.prune(now)
+		t.checkObservers(ctx)
+		for k, w := range t.emitted {
+			if now.Sub(w.start) >= time.Minute {
+				delete(t.emitted, k)
+			}
+		}
+	}
 	for _, sc := range t.eng.Scores() {
 		t.act(ctx, sc.Subject)
 	}
@@ -273,7 +310,11 @@ func (t *trust) checkRegion(ctx context.Context) {
 	// The agents first, so that the node's own revocation (which covers them) is the action.
 	for _, a := range d.node.Snapshot().Agents {
 		if a.SPIFFEID != "" && !a.Revoked {
-			if _, err := t.eng.Observe(trustflow.Signal{Subject: a.SPIFFEID, Kind: trustflow.KindRegionDrift, Reason: why}); err != nil {
+			s := trustflow.Signal{Subject: a.SPIFFEID, Kind: trustflow.KindRegionDrift, Reason: why}
+			if t.emit(ctx, s) {
+				continue
+			}
+			if _, err := t.eng.Observe(s); err != nil {
 				d.log.Warn("trust signal refused", "subject", a.SPIFFEID, "err", err)
 			}
 		}
@@ -287,14 +328,31 @@ func (t *trust) checkRegion(ctx context.Context) {
 // address, which may differ from the source address behind NAT), so it is no evidence.
 func (t *trust) checkDuplicates(ctx context.Context) {
 	var live []trustflow.Sighting
+	zoneOf := map[string]string{}
 	for _, tn := range t.d.node.Snapshot().Tunnels {
 		if !tn.Outbound {
 			live = append(live, trustflow.Sighting{Subject: tn.Peer, Addr: tn.Remote})
+			if z, ok := zoneOf[tn.Peer]; !ok || tn.Zone < z {
+				zoneOf[tn.Peer] = tn.Zone
+			}
+		}
+	}
+	addrs := map[string]map[string]bool{}
+	for _, s := range live {
+		if addrs[s.Subject] == nil {
+			addrs[s.Subject] = map[string]bool{}
+		}
+		addrs[s.Subject][s.Addr] = true
+	}
+	for subject, as := range addrs {
+		if len(as) >= 2 {
+			t.ev.candidate(subject) // proofs are collected before isolation closes the tunnels
 		}
 	}
 	for _, dup := range t.dup.Check(t.d.now(), live) {
-		t.signal(ctx, trustflow.Signal{Subject: dup.Subject, Kind: trustflow.KindDuplicateIdentity,
+		t.signal(ctx, trustflow.Signal{Subject: dup.Subject, Kind: trustflow.KindDuplicateIdentity, Zone: zoneOf[dup.Subject],
 			Reason: fmt.Sprintf("live at %s at once since %s", strings.Join(dup.Addrs, " and "), dup.Since.UTC().Format(time.RFC3339))})
+		t.ev.start(dup.Subject)
 	}
 }
 
@@ -355,6 +413,14 @@ func (t *trust) act(ctx context.Context, subject string) {
 	}
 	x := t.eng.Explain(subject)
 	action = th.Action(x.Score)
+	held := action == zones.ActionIsolateAndRevoke && !t.mayIsolate(x, t.own(subject), th)
+	if held {
+		// One remote member's word: deny, but do not cut or revoke (see corroborated).
+		action = zones.ActionDenyFlows
+		if prev == action {
+			return
+		}
+	}
 	if action == zones.ActionAllow {
 		delete(t.acted, subject)
 	} else {
@@ -365,6 +431,9 @@ func (t *trust) act(ctx context.Context, subject string) {
 		"subject": subject, "score": strconv.Itoa(x.Score), "action": action.String(), "previous": prev.String(),
 		"min_trust": strconv.Itoa(th.MinTrust), "isolate_below": strconv.Itoa(th.IsolateBelow), "reasons": reasons,
 	}
+	if held {
+		fields["held"] = "isolation held: the evidence comes from other members only (see docs/trustflow.md)"
+	}
 	d.log.Warn("trust action", "subject", subject, "score", x.Score, "action", action.String(), "reasons", reasons)
 	if action == zones.ActionIsolateAndRevoke {
 		fields["revocation"] = t.isolate(ctx, subject, x.Score, th, reasons)
@@ -373,6 +442,19 @@ func (t *trust) act(ctx context.Context, subject string) {
 	if err := d.node.AppendAudit(context.WithoutCancel(ctx), node.EventTrust, fields); err != nil {
 		d.log.Error("trust action not audited", "subject", subject, "err", err)
 	}
+}
+
+// own reports whether subject is this node or one of its agents.
+func (t *trust) own(subject string) bool {
+	if subject == t.d.node.ID().String() {
+		return true
+	}
+	for _, a := range t.d.node.Snapshot().Agents {
+		if a.SPIFFEID == subject {
+			return true
+		}
+	}
+	return false
 }
 
 // isolate revokes subject: a signed record for this node or one of its agents, a local cut for

@@ -43,6 +43,8 @@ func (c *clock) Set(t time.Time) {
 type pki struct {
 	authKey, n1Key, n2Key ed25519.PrivateKey
 	auth, n1, n2          *identity.Certificate
+	i1                    *identity.Certificate // n1's issuing certificate, which signs its agents
+	i1Key                 ed25519.PrivateKey
 	v                     record.Verifier
 }
 
@@ -66,6 +68,10 @@ func newPKI(t testing.TB) *pki {
 	require.NoError(t, err)
 	p.n1 = p.node(t, "n1", p.n1Key, "100.100.1.0/28")
 	p.n2 = p.node(t, "n2", p.n2Key, "100.100.1.16/28")
+	p.i1Key, err = identity.IssuerKey(p.n1Key)
+	require.NoError(t, err)
+	p.i1, err = identity.IssueIssuer(p.auth, p.authKey, p.n1, p.i1Key.Public().(ed25519.PublicKey))
+	require.NoError(t, err)
 	p.v = record.Verifier{Certs: identity.Verifier{Authority: p.auth}}
 	return p
 }
@@ -87,7 +93,7 @@ func (p *pki) node(t testing.TB, name string, key ed25519.PrivateKey, cidr strin
 // agent issues an agent certificate on node n1 expiring at notAfter.
 func (p *pki) agent(t testing.TB, name string, notAfter time.Time) *identity.Certificate {
 	t.Helper()
-	c, err := identity.Issue(p.n1, p.n1Key, identity.IssueRequest{
+	c, err := identity.Issue(p.i1, p.i1Key, identity.IssueRequest{
 		ID: identity.AgentID(testTD, "payments", name), PublicKey: mustKey(t).Public().(ed25519.PublicKey),
 		Claims: identity.Claims{
 			Zones:       []identity.ZoneGrant{{Name: "payments"}},

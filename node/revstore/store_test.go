@@ -25,7 +25,7 @@ func TestAddIsDurableAcrossReopen(t *testing.T) {
 	assert.Zero(t, rep.Loaded)
 
 	a := p.agent(t, "billing", t0.Add(time.Hour))
-	agentRaw, err := record.SignRevocation(record.AgentRevocation(p.n1, a, "drift", t0), p.n1Key)
+	agentRaw, err := record.SignRevocation(record.AgentRevocation(p.n1, p.i1, a, "drift", t0), p.n1Key)
 	require.NoError(t, err)
 	for _, raw := range [][]byte{p.byAuthority(t, p.n2.ID.String(), 4, 24*time.Hour), p.byAuthority(t, serial(9), 2, time.Hour), agentRaw} {
 		_, changed, err := s.Add(raw)
@@ -237,7 +237,7 @@ func TestPerNodeLimit(t *testing.T) {
 	t.Cleanup(func() { _ = s.Close() })
 	for i := range 3 {
 		a := p.agent(t, "a"+string(rune('a'+i)), t0.Add(time.Hour))
-		raw, err := record.SignRevocation(record.AgentRevocation(p.n1, a, "x", t0), p.n1Key)
+		raw, err := record.SignRevocation(record.AgentRevocation(p.n1, p.i1, a, "x", t0), p.n1Key)
 		require.NoError(t, err)
 		_, changed, err := s.Add(raw)
 		if i < 2 {

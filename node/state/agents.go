@@ -68,7 +68,7 @@ func (d *Dir) agentDir(zone, name string) string { return filepath.Join(d.path, 
 
 // AddAgent registers an agent: it checks the node holds the zone, allocates the lowest free overlay
 // IP of the zone (persisted before anything else so an address is never handed out twice), creates
-// the agent key (0600) and issues its certificate with the node key.
+// the agent key (0600) and issues its certificate with the node's issuing key.
 //
 // Everything a caller can get wrong (names, labels, the executable) is checked before the
 // directory changes, and the agent's files are written into a staging directory that is renamed
@@ -176,17 +176,18 @@ func (d *Dir) createAgent(node *identity.Certificate, nodeKey ed25519.PrivateKey
 	return nil
 }
 
-// issuer loads the node certificate and key and checks the certificate can still sign.
+// issuer loads the node's issuing certificate and key (NodeIssuer) and checks the certificate can
+// still sign.
 func (d *Dir) issuer() (*identity.Certificate, ed25519.PrivateKey, error) {
-	node, key, err := d.NodeIdentity()
+	issuer, key, err := d.NodeIssuer()
 	if err != nil {
 		return nil, nil, err
 	}
-	if now := d.now(); !now.Before(node.X509.NotAfter) {
+	if now := d.now(); !now.Before(issuer.X509.NotAfter) {
 		return nil, nil, fmt.Errorf("%w: node certificate expired at %s; renew it (`ute node renew --dir %s`) or rejoin",
-			ErrNodeCertState, node.X509.NotAfter.UTC().Format(time.RFC3339), d.path)
+			ErrNodeCertState, issuer.X509.NotAfter.UTC().Format(time.RFC3339), d.path)
 	}
-	return node, key, nil
+	return issuer, key, nil
 }
 
 // agentClaims are the claims of ag's certificate; digest is its workload fingerprint.
@@ -324,7 +325,7 @@ func (d *Dir) Agents() ([]*Agent, error) {
 }
 
 // ReissueAgent issues a fresh certificate for an existing agent (same key, IP, fingerprint and
-// labels) from the current node certificate: used when the agent's certificate nears expiry and
+// labels) from the current issuing certificate: used when the agent's certificate nears expiry and
 // after the node itself renewed (its new key must sign its agents again).
 func (d *Dir) ReissueAgent(zone, name string) (*Agent, error) {
 	unlock, err := d.lock()

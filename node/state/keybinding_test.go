@@ -74,7 +74,8 @@ func TestInstallRenewalRecordsHandover(t *testing.T) {
 	require.NoError(t, err)
 	grants := []identity.ZoneGrant{{Name: "payments", Prefixes: []netip.Prefix{netip.MustParsePrefix("100.100.1.0/24")}}}
 	newKey := mustKey(t)
-	require.NoError(t, f.dir.InstallRenewal(newKey, f.issueNode(t, newKey, grants).Raw()))
+	renewed := f.issueNode(t, newKey, grants)
+	require.NoError(t, f.dir.InstallRenewal(newKey, renewed.Raw(), f.issuerFor(t, renewed, newKey).Raw()))
 
 	hist, err := f.dir.KeyHistory()
 	require.NoError(t, err)
@@ -89,7 +90,8 @@ func TestInstallRenewalRecordsHandover(t *testing.T) {
 	// With node.key swapped, the renewal is refused before anything is installed.
 	replaceKey(t, filepath.Join(f.dir.Path(), FileNodeKey))
 	next := mustKey(t)
-	err = f.dir.InstallRenewal(next, f.issueNode(t, next, grants).Raw())
+	nextCert := f.issueNode(t, next, grants)
+	err = f.dir.InstallRenewal(next, nextCert.Raw(), f.issuerFor(t, nextCert, next).Raw())
 	require.ErrorIs(t, err, identity.ErrKeyMismatch)
 	hist, err = f.dir.KeyHistory()
 	require.NoError(t, err)

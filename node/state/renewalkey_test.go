@@ -37,7 +37,7 @@ func TestRenewalKeyIsStagedUntilInstalled(t *testing.T) {
 	old, err := d.NodeCert()
 	require.NoError(t, err)
 	renewed := f.issueNode(t, k1, old.Claims.Zones)
-	require.NoError(t, d.InstallRenewal(k1, renewed.Raw()))
+	require.NoError(t, d.InstallRenewal(k1, renewed.Raw(), f.issuerFor(t, renewed, k1).Raw()))
 	assert.NoFileExists(t, staged, "installing consumes the staged key")
 	installed, err := d.NodeKey()
 	require.NoError(t, err)

@@ -33,9 +33,11 @@ const slicePolicy = `zones:
 
 // realNode is a node directory that joined a real authority over QUIC on loopback.
 type realNode struct {
-	dir  *Dir
-	cert *identity.Certificate
-	key  ed25519.PrivateKey
+	dir       *Dir
+	cert      *identity.Certificate
+	key       ed25519.PrivateKey
+	issuer    *identity.Certificate // signs the node's agents
+	issuerKey ed25519.PrivateKey
 }
 
 func startRealAuthority(t *testing.T) (*authority.Authority, string) {
@@ -73,12 +75,14 @@ func joinReal(t *testing.T, a *authority.Authority, addr, name string) *realNode
 	d, err := Create(path)
 	require.NoError(t, err)
 	require.NoError(t, d.SaveJoin(Joined{
-		Key: key, NodeCert: j.NodeCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
+		Key: key, NodeCert: j.NodeCertDER, IssuerCert: j.IssuerCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
 		Info: Info{Name: name, Region: "eu-west-1", TrustDomain: "acme.internal", Authority: addr, JoinedAt: time.Now()},
 	}))
 	d, err = Open(path)
 	require.NoError(t, err)
-	return &realNode{dir: d, cert: j.Node, key: key}
+	ikey, err := identity.IssuerKey(key)
+	require.NoError(t, err)
+	return &realNode{dir: d, cert: j.Node, key: key, issuer: j.Issuer, issuerKey: ikey}
 }
 
 // Two nodes joined into one zone get disjoint slices, and every agent either of them can ever add
@@ -109,7 +113,7 @@ func TestNodesOfOneZoneNeverShareAnAgentIP(t *testing.T) {
 		for i := range 15 {
 			ag, err := n.dir.AddAgent(AgentSpec{Name: fmt.Sprintf("agent-%d", i), Zone: "payments", Exe: exe})
 			require.NoError(t, err)
-			require.NoError(t, v.VerifyAgent(n.cert, ag.Cert, time.Now()))
+			require.NoError(t, v.VerifyAgent(n.issuer, ag.Cert, time.Now()))
 			slice := g.Prefixes[0]
 			if i == 14 {
 				slice = g.Prefixes[1]
@@ -140,7 +144,7 @@ func forgeAgent(t *testing.T, node *identity.Certificate, nodeKey ed25519.Privat
 		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour), URIs: []*url.URL{u},
 		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
+		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Value: ext}},
 	}, node.X509, mustKey(t).Public(), nodeKey)
 	require.NoError(t, err)
 	c, err := identity.ParseCertificate(der)
@@ -161,13 +165,13 @@ func TestNodeCannotMintAgentInAnotherNodesSlice(t *testing.T) {
 	v := identity.Verifier{Authority: a.Certificate()}
 
 	for _, ip := range []netip.Addr{victim.IP, gb.Prefixes[0].Addr().Next().Next(), gb.Prefixes[1].Addr().Next()} {
-		forged := forgeAgent(t, na.cert, na.key, "payments", "ledger", ip)
-		err := v.VerifyAgent(na.cert, forged, time.Now())
+		forged := forgeAgent(t, na.issuer, na.issuerKey, "payments", "ledger", ip)
+		err := v.VerifyAgent(na.issuer, forged, time.Now())
 		require.ErrorIs(t, err, identity.ErrCIDRConstraint, "A minted %s inside B's slice", ip)
 		assert.Contains(t, err.Error(), ip.String())
 
 		// The honest path refuses too: identity.Issue checks the same constraint before signing.
-		_, err = identity.Issue(na.cert, na.key, identity.IssueRequest{
+		_, err = identity.Issue(na.issuer, na.issuerKey, identity.IssueRequest{
 			ID: identity.AgentID("acme.internal", "payments", "ledger"), PublicKey: mustKey(t).Public().(ed25519.PublicKey),
 			Claims:    identity.Claims{Zones: []identity.ZoneGrant{{Name: "payments"}}, OverlayIPs: []netip.Addr{ip}, Fingerprint: make32(7)},
 			NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
@@ -176,6 +180,6 @@ func TestNodeCannotMintAgentInAnotherNodesSlice(t *testing.T) {
 	}
 	// The same forgery inside A's own slice verifies: the refusal above is the slice, nothing else.
 	ga, _ := na.cert.Claims.Zone("payments")
-	own := forgeAgent(t, na.cert, na.key, "payments", "ledger", ga.Prefixes[0].Addr().Next())
-	require.NoError(t, v.VerifyAgent(na.cert, own, time.Now()))
+	own := forgeAgent(t, na.issuer, na.issuerKey, "payments", "ledger", ga.Prefixes[0].Addr().Next())
+	require.NoError(t, v.VerifyAgent(na.issuer, own, time.Now()))
 }

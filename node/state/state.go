@@ -20,6 +20,7 @@ import (
 const (
 	FileNodeKey       = "node.key"
 	FileNodeCert      = "node.crt"
+	FileIssuerCert    = "issuer.crt"
 	FileAuthorityCert = "authority.crt"
 	FilePolicy        = "policy.yaml"
 	FileNodeInfo      = "node.json"
@@ -37,6 +38,9 @@ var (
 	ErrNotJoined     = errors.New("node directory has not joined a trust domain")
 	ErrAlreadyJoined = errors.New("node directory already holds a node identity")
 	ErrBadFile       = errors.New("node directory file is damaged")
+	// ErrLegacyLayout: the directory was joined before node certificates became SPIFFE leaves
+	// with a separate issuing certificate; the node must join again.
+	ErrLegacyLayout = errors.New("node directory predates SPIFFE-compatible certificates")
 )
 
 // Info is node.json: what the node learned at join besides its certificate.
@@ -95,7 +99,25 @@ func Open(path string, opts ...Option) (*Dir, error) {
 	if err := d.recoverRenewal(); err != nil {
 		return nil, err
 	}
+	if err := d.checkLayout(); err != nil {
+		return nil, err
+	}
 	return d, nil
+}
+
+// checkLayout refuses, in one line that says what to do, a directory joined before node
+// certificates became leaves: it has no issuer.crt, and its node.crt is a CA with a critical
+// claims extension that this version refuses to load. Migrating it in place is impossible: only
+// the authority can sign the issuing certificate, and it does so at join and renewal only, for
+// a node certificate it will accept, which the old one is not.
+func (d *Dir) checkLayout() error {
+	if _, err := os.Stat(d.file(FileIssuerCert)); err == nil {
+		return nil
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("open node directory: %w", err)
+	}
+	return fmt.Errorf("%w: %s has %s but no %s; move the directory aside and join again with a new token (ute node join --dir %s ...; docs/identity.md, \"Upgrading a node directory\")",
+		ErrLegacyLayout, d.path, FileNodeCert, FileIssuerCert, d.path)
 }
 
 func newDir(path string, opts []Option) *Dir {
@@ -131,6 +153,7 @@ func (d *Dir) lock() (func(), error) {
 type Joined struct {
 	Key           ed25519.PrivateKey
 	NodeCert      []byte // DER
+	IssuerCert    []byte // DER of the node's issuing certificate, for identity.IssuerKey(Key)
 	AuthorityCert []byte // DER
 	Policy        []byte
 	Info          Info
@@ -147,7 +170,13 @@ func (d *Dir) SaveJoin(j Joined) error {
 	if _, err := os.Stat(d.file(FileNodeCert)); err == nil {
 		return fmt.Errorf("%w: %s", ErrAlreadyJoined, d.path)
 	}
+	if len(j.IssuerCert) == 0 {
+		return fmt.Errorf("%w: the join produced no issuing certificate", ErrBadFile)
+	}
 	if err := identity.WriteKey(d.file(FileNodeKey), j.Key); err != nil {
+		return err
+	}
+	if err := identity.WriteFileAtomic(d.file(FileIssuerCert), certPEM(j.IssuerCert), 0o644); err != nil {
 		return err
 	}
 	if err := identity.WriteFileAtomic(d.file(FileAuthorityCert), certPEM(j.AuthorityCert), 0o644); err != nil {
@@ -209,6 +238,45 @@ func loadKeyPair(keyPath, certPath string) (*identity.Certificate, ed25519.Priva
 	return cert, key, nil
 }
 
+// NodeIssuer reads the node's issuing certificate and derives its key from the node key
+// (identity.IssuerKey), refusing the pair unless issuer.crt certifies that key
+// (identity.ErrKeyMismatch, naming both files) and belongs to the current node certificate (same
+// node, the node certificate's serial).
+func (d *Dir) NodeIssuer() (*identity.Certificate, ed25519.PrivateKey, error) {
+	node, nodeKey, err := d.NodeIdentity()
+	if err != nil {
+		return nil, nil, err
+	}
+	issuer, err := d.IssuerCert()
+	if err != nil {
+		return nil, nil, err
+	}
+	key, err := identity.IssuerKey(nodeKey)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := identity.CheckKeyPair(key, d.file(FileNodeKey)+" (issuing key derived from it)", issuer, d.file(FileIssuerCert)); err != nil {
+		return nil, nil, err
+	}
+	if issuer.ID != node.ID || issuer.NodeSerial().Cmp(node.Serial()) != 0 {
+		return nil, nil, fmt.Errorf("%w: %s is the issuing certificate of %s serial %s, but %s is %s serial %s; one of the two files was replaced",
+			ErrBadFile, d.file(FileIssuerCert), issuer.ID, issuer.NodeSerial(), d.file(FileNodeCert), node.ID, node.Serial())
+	}
+	return issuer, key, nil
+}
+
+// IssuerCert reads and parses the node's issuing certificate.
+func (d *Dir) IssuerCert() (*identity.Certificate, error) {
+	c, err := readCert(d.file(FileIssuerCert))
+	if err != nil {
+		return nil, err
+	}
+	if !c.Issuing {
+		return nil, fmt.Errorf("%w: %s is not an issuing certificate", ErrBadFile, d.file(FileIssuerCert))
+	}
+	return c, nil
+}
+
 // NodeCert reads and parses the node certificate.
 func (d *Dir) NodeCert() (*identity.Certificate, error) { return readCert(d.file(FileNodeCert)) }
 
@@ -256,13 +324,27 @@ func (d *Dir) RenewalKey() (ed25519.PrivateKey, error) {
 // atomically; the new pair is first staged as *.next files so that Open can finish an installation
 // a crash interrupted, and a key never sits next to a certificate it does not match for longer
 // than that window.
-func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
+//
+// issuerDER is the issuing certificate that came with the renewal; it is installed with the node
+// certificate, so the agents reissued after the renewal are signed by the new issuing key.
+func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER, issuerDER []byte) error {
 	cert, err := identity.ParseCertificate(certDER)
 	if err != nil {
 		return fmt.Errorf("renewed certificate: %w", err)
 	}
 	if !bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
 		return fmt.Errorf("%w: renewed certificate does not match the new key", ErrBadFile)
+	}
+	issuer, err := identity.ParseCertificate(issuerDER)
+	if err != nil {
+		return fmt.Errorf("renewed issuing certificate: %w", err)
+	}
+	ikey, err := identity.IssuerKey(key)
+	if err != nil {
+		return err
+	}
+	if !issuer.Issuing || issuer.ID != cert.ID || issuer.NodeSerial().Cmp(cert.Serial()) != 0 || !issuer.PublicKey().Equal(ikey.Public()) {
+		return fmt.Errorf("%w: renewed issuing certificate does not belong to the renewed certificate and key", ErrBadFile)
 	}
 	unlock, err := d.lock()
 	if err != nil {
@@ -276,6 +358,9 @@ func (d *Dir) InstallRenewal(key ed25519.PrivateKey, certDER []byte) error {
 		return fmt.Errorf("renewal: the current key must sign its successor: %w", err)
 	}
 	if err := d.appendHandover(identity.SignHandover(old, key.Public().(ed25519.PublicKey))); err != nil {
+		return err
+	}
+	if err := identity.WriteFileAtomic(d.file(FileIssuerCert+suffixNext), certPEM(issuerDER), 0o644); err != nil {
 		return err
 	}
 	if err := identity.WriteFileAtomic(d.file(FileNodeCert+suffixNext), certPEM(certDER), 0o644); err != nil {
@@ -336,10 +421,21 @@ func ReadKeyHistory(dir string) ([]identity.Handover, error) {
 	return out, nil
 }
 
-// finishRenewal renames the staged key then the staged certificate into place.
+// finishRenewal renames the staged key, then the staged certificates into place.
 func (d *Dir) finishRenewal() error {
 	if err := identity.RenameSync(d.file(FileNodeKey+suffixNext), d.file(FileNodeKey)); err != nil {
 		return err
+	}
+	return d.installStagedCerts()
+}
+
+// installStagedCerts renames the staged issuing certificate (if any) and then the staged node
+// certificate into place: node.crt last, like at join.
+func (d *Dir) installStagedCerts() error {
+	if _, err := os.Stat(d.file(FileIssuerCert + suffixNext)); err == nil {
+		if err := identity.RenameSync(d.file(FileIssuerCert+suffixNext), d.file(FileIssuerCert)); err != nil {
+			return err
+		}
 	}
 	return identity.RenameSync(d.file(FileNodeCert+suffixNext), d.file(FileNodeCert))
 }
@@ -351,24 +447,31 @@ func (d *Dir) finishRenewal() error {
 func (d *Dir) recoverRenewal() error {
 	nextCert := d.file(FileNodeCert + suffixNext)
 	nextKey := d.file(FileNodeKey + suffixNext)
+	nextIssuer := d.file(FileIssuerCert + suffixNext)
+	discard := func() error {
+		_ = os.Remove(nextCert)
+		_ = os.Remove(nextKey)
+		_ = os.Remove(nextIssuer)
+		return nil
+	}
 	if _, err := os.Stat(nextCert); errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Stat(nextIssuer); err == nil {
+			// An issuing certificate staged without its node certificate never got installed.
+			_ = os.Remove(nextIssuer)
+		}
 		return nil
 	}
 	cert, err := readCert(nextCert)
 	if err != nil {
-		_ = os.Remove(nextCert)
-		_ = os.Remove(nextKey)
-		return nil
+		return discard()
 	}
 	if key, err := identity.ReadKey(nextKey); err == nil && bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
 		return d.finishRenewal()
 	}
 	if key, err := identity.ReadKey(d.file(FileNodeKey)); err == nil && bytes.Equal(certPublicKey(cert), key.Public().(ed25519.PublicKey)) {
-		return identity.RenameSync(nextCert, d.file(FileNodeCert))
+		return d.installStagedCerts()
 	}
-	_ = os.Remove(nextCert)
-	_ = os.Remove(nextKey)
-	return nil
+	return discard()
 }
 
 func certPublicKey(c *identity.Certificate) []byte {

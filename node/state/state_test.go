@@ -48,6 +48,16 @@ func (f *fixture) issueNode(t *testing.T, key ed25519.PrivateKey, grants []ident
 	return c
 }
 
+// issuerFor signs the issuing certificate that goes with node certificate node (key: its node key).
+func (f *fixture) issuerFor(t *testing.T, node *identity.Certificate, key ed25519.PrivateKey) *identity.Certificate {
+	t.Helper()
+	ikey, err := identity.IssuerKey(key)
+	require.NoError(t, err)
+	c, err := identity.IssueIssuer(f.ca, f.caKey, node, ikey.Public().(ed25519.PublicKey))
+	require.NoError(t, err)
+	return c
+}
+
 func make32(b byte) []byte {
 	out := make([]byte, 32)
 	out[0] = b
@@ -69,7 +79,7 @@ func newFixture(t *testing.T, grants ...identity.ZoneGrant) *fixture {
 	nodeKey := mustKey(t)
 	node := f.issueNode(t, nodeKey, grants)
 	require.NoError(t, d.SaveJoin(Joined{
-		Key: nodeKey, NodeCert: node.Raw(), AuthorityCert: f.ca.Raw(), Policy: []byte("zones: []\n"),
+		Key: nodeKey, NodeCert: node.Raw(), IssuerCert: f.issuerFor(t, node, nodeKey).Raw(), AuthorityCert: f.ca.Raw(), Policy: []byte("zones: []\n"),
 		Info: Info{Name: "n1", Region: "eu-west-1", TrustDomain: "acme.internal", Authority: "127.0.0.1:7443", JoinedAt: f.now},
 	}))
 	f.dir, err = Open(path, WithClock(func() time.Time { return f.now }))
@@ -121,10 +131,10 @@ func TestAddAgentAllocatesDistinctIPsInsideCIDR(t *testing.T) {
 	assert.True(t, cidr.Contains(a1.IP) && cidr.Contains(a2.IP))
 	assert.Equal(t, os.FileMode(0o600), mode(t, a1.KeyPath))
 
-	node, err := f.dir.NodeCert()
+	issuer, err := f.dir.IssuerCert()
 	require.NoError(t, err)
 	v := identity.Verifier{Authority: f.ca}
-	require.NoError(t, v.VerifyAgent(node, a1.Cert, f.now))
+	require.NoError(t, v.VerifyAgent(issuer, a1.Cert, f.now))
 	assert.Equal(t, []netip.Addr{a1.IP}, a1.Cert.Claims.OverlayIPs)
 	assert.Equal(t, map[string]string{"team": "pay"}, a1.Cert.Claims.Labels)
 	w, err := identity.WorkloadOfExe(f.exe, 1000, 1000)
@@ -170,9 +180,7 @@ func TestAddAgentRefusesZoneNodeLacks(t *testing.T) {
 // IP outside its CIDR) produces a certificate every verifier refuses.
 func TestHandForgedAgentCertificateRefusedByVerifier(t *testing.T) {
 	f := newFixture(t)
-	node, err := f.dir.NodeCert()
-	require.NoError(t, err)
-	nodeKey, err := f.dir.NodeKey()
+	node, nodeKey, err := f.dir.NodeIssuer()
 	require.NoError(t, err)
 	forge := func(zone string, ip string) *identity.Certificate {
 		ext, err := identity.MarshalClaims(identity.Claims{
@@ -187,7 +195,7 @@ func TestHandForgedAgentCertificateRefusedByVerifier(t *testing.T) {
 			NotBefore: f.now.Add(-time.Minute), NotAfter: f.now.Add(time.Hour), URIs: []*url.URL{u},
 			BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
 			ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-			ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
+			ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Value: ext}},
 		}, node.X509, agentKey.Public(), nodeKey)
 		require.NoError(t, err)
 		c, err := identity.ParseCertificate(der)
@@ -218,17 +226,25 @@ func TestInstallRenewalThenReissueAgents(t *testing.T) {
 
 	newKey := mustKey(t)
 	renewed := f.issueNode(t, newKey, old.Claims.Zones)
-	require.Error(t, f.dir.InstallRenewal(mustKey(t), renewed.Raw()), "a certificate for another key is refused")
-	require.NoError(t, f.dir.InstallRenewal(newKey, renewed.Raw()))
+	other := mustKey(t)
+	require.Error(t, f.dir.InstallRenewal(other, renewed.Raw(), f.issuerFor(t, renewed, other).Raw()), "a certificate for another key is refused")
+	require.ErrorIs(t, f.dir.InstallRenewal(newKey, renewed.Raw(), f.issuerFor(t, renewed, other).Raw()), ErrBadFile,
+		"an issuing certificate for another key is refused")
+	require.ErrorIs(t, f.dir.InstallRenewal(newKey, renewed.Raw(), f.issuerFor(t, old, newKey).Raw()), ErrBadFile,
+		"an issuing certificate of another node certificate is refused")
+	require.NoError(t, f.dir.InstallRenewal(newKey, renewed.Raw(), f.issuerFor(t, renewed, newKey).Raw()))
 	node, err := f.dir.NodeCert()
 	require.NoError(t, err)
 	require.True(t, node.PublicKey().Equal(newKey.Public()))
+	issuer, _, err := f.dir.NodeIssuer()
+	require.NoError(t, err)
+	assert.Equal(t, node.Serial(), issuer.NodeSerial())
 
 	v := identity.Verifier{Authority: f.ca}
-	require.Error(t, v.VerifyAgent(node, a.Cert, f.now), "the old agent certificate was signed by the old node key")
+	require.Error(t, v.VerifyAgent(issuer, a.Cert, f.now), "the old agent certificate was signed by the old issuing key")
 	re, err := f.dir.ReissueAgent("payments", "billing")
 	require.NoError(t, err)
-	require.NoError(t, v.VerifyAgent(node, re.Cert, f.now))
+	require.NoError(t, v.VerifyAgent(issuer, re.Cert, f.now))
 	assert.Equal(t, a.IP, re.IP)
 }
 
@@ -239,7 +255,8 @@ func TestOpenFinishesInterruptedRenewal(t *testing.T) {
 	newKey := mustKey(t)
 	renewed := f.issueNode(t, newKey, old.Claims.Zones)
 	p := f.dir.Path()
-	// Crash after both staged files were written but before either rename.
+	// Crash after the staged files were written but before any rename.
+	require.NoError(t, os.WriteFile(filepath.Join(p, FileIssuerCert+suffixNext), certPEM(f.issuerFor(t, renewed, newKey).Raw()), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(p, FileNodeCert+suffixNext), certPEM(renewed.Raw()), 0o644))
 	require.NoError(t, identity.WriteKey(filepath.Join(p, FileNodeKey+suffixNext), newKey))
 	d, err := Open(p)
@@ -250,6 +267,8 @@ func TestOpenFinishesInterruptedRenewal(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, node.PublicKey().Equal(key.Public()))
 	assert.True(t, key.Public().(ed25519.PublicKey).Equal(newKey.Public()))
+	_, _, err = d.NodeIssuer()
+	require.NoError(t, err, "the staged issuing certificate was installed with the node certificate")
 
 	// Crash with only a staged certificate and no staged key: rolled back.
 	other := f.issueNode(t, mustKey(t), old.Claims.Zones)

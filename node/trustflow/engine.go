@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 )
@@ -71,7 +73,19 @@ const (
 var (
 	ErrConfig = errors.New("trustflow: invalid configuration")
 	ErrSignal = errors.New("trustflow: invalid signal")
+	// ErrDuplicate: a signal with this ID is already held; it is not counted again.
+	ErrDuplicate = errors.New("trustflow: signal already held")
 )
+
+// Tuning is the per-zone part of the scoring rules (the policy file's trustflow blocks). The
+// engine asks it on every signal and every score, so a new policy applies at once; nil answers
+// fall back to the engine's own weights and decay.
+type Tuning interface {
+	// Weight is zone's weight for kind, ok=false when the zone does not set one.
+	Weight(zone string, k Kind) (int, bool)
+	// DecayPerHour is the decay of subject's penalty; 0 keeps the engine's.
+	DecayPerHour(subject string) int
+}
 
 // Config configures an Engine.
 type Config struct {
@@ -88,6 +102,8 @@ type Config struct {
 	// MaxSubjects bounds the subjects held; when full, the subject with the smallest penalty is
 	// forgotten first, so a flood of signals about many subjects cannot restore a low score.
 	MaxSubjects int
+	// Tuning, when set, supplies per-zone weights and per-subject decay (see SetTuning).
+	Tuning Tuning
 }
 
 // Signal is one observation about a subject.
@@ -97,9 +113,19 @@ type Signal struct {
 	// Weight is the points this signal takes off; 0 takes the engine's weight for Kind.
 	Weight int
 	Reason string
-	// At is when it was observed; zero means the engine's clock now. A time before the subject's
-	// last change counts as that time: a penalty never decays backwards.
+	// At is when it was observed; zero means the engine's clock now. Signals are ordered by At
+	// (then ID), whatever order they arrive in, so that members folding the same signals compute
+	// the same score; only a signal older than every event still listed (see MaxEvents) counts
+	// at the oldest listed time instead.
 	At time.Time
+	// Zone is the zone the signal was observed in: its trustflow weights apply, and an explicit
+	// Weight is capped at the zone's weight for Kind. Empty: the engine's weights.
+	Zone string
+	// Observer is the node that observed it (for explanations and ForgetObserver); optional.
+	Observer string
+	// ID identifies the observation (a gossiped trust event's key); a second signal with the same
+	// ID is refused with ErrDuplicate. Empty: never deduplicated.
+	ID string
 }
 
 // Event is one recorded change of a subject's score.
@@ -114,6 +140,11 @@ type Event struct {
 	PenaltyAfter float64 `json:"penalty_after"`
 	ScoreBefore  int     `json:"score_before"`
 	ScoreAfter   int     `json:"score_after"`
+	Zone         string  `json:"zone,omitempty"`
+	Observer     string  `json:"observer,omitempty"`
+	ID           string  `json:"id,omitempty"`
+
+	milli int64 // PenaltyAfter in millipoints
 }
 
 // Explanation is a subject's score with the signals and the arithmetic behind it.
@@ -143,6 +174,7 @@ type Score struct {
 // Engine holds the scores. It is safe for concurrent use.
 type Engine struct {
 	now      func() time.Time
+	tuning   atomic.Pointer[tuningBox]
 	weights  map[Kind]int
 	decay    int64 // millipoints per hour
 	maxEv    int
@@ -152,10 +184,26 @@ type Engine struct {
 }
 
 type subject struct {
-	penalty int64 // millipoints at since
+	id      string
+	penalty int64 // millipoints at since (after the newest event)
 	since   time.Time
-	events  []Event
-	folded  int
+	// base is the penalty folded events left at baseAt (0 before anything was folded).
+	base   int64
+	baseAt time.Time
+	events []Event // sorted by (At, ID)
+	folded int
+}
+
+type tuningBox struct{ t Tuning }
+
+// SetTuning replaces the per-zone tuning (after a policy change); nil removes it.
+func (e *Engine) SetTuning(t Tuning) { e.tuning.Store(&tuningBox{t}) }
+
+func (e *Engine) tune() Tuning {
+	if b := e.tuning.Load(); b != nil {
+		return b.t
+	}
+	return nil
 }
 
 // New returns an engine; cfg.Clock is required.
@@ -175,6 +223,7 @@ func New(cfg Config) (*Engine, error) {
 	}
 	e := &Engine{now: cfg.Clock, weights: w, decay: DefaultDecayPerHour * 1000, maxEv: cfg.MaxEvents,
 		maxSubj: cfg.MaxSubjects, subjects: map[string]*subject{}}
+	e.SetTuning(cfg.Tuning)
 	if cfg.DecayPerHour < 0 || cfg.DecayPerHour > 100*60 {
 		return nil, fmt.Errorf("%w: decay of %d points per hour is outside 0..6000", ErrConfig, cfg.DecayPerHour)
 	}
@@ -193,19 +242,45 @@ func New(cfg Config) (*Engine, error) {
 // Weight is the engine's weight for kind (0 for an unknown kind).
 func (e *Engine) Weight(k Kind) int { return e.weights[k] }
 
+// WeightIn is the weight of kind in zone: the zone's trustflow weight when it sets one, else the
+// engine's.
+func (e *Engine) WeightIn(zone string, k Kind) int {
+	if t := e.tune(); t != nil && zone != "" {
+		if w, ok := t.Weight(zone, k); ok && w >= 0 && w <= 100 {
+			return w
+		}
+	}
+	return e.weights[k]
+}
+
 // DecayPerHour is the engine's decay rate.
 func (e *Engine) DecayPerHour() int { return int(e.decay / 1000) }
 
+// decayOf is subject's decay in millipoints per hour.
+func (e *Engine) decayOf(subject string) int64 {
+	if t := e.tune(); t != nil {
+		if d := t.DecayPerHour(subject); d > 0 && d <= 100*60 {
+			return int64(d) * 1000
+		}
+	}
+	return e.decay
+}
+
 // decayed is the penalty of s at t (millipoints), and what decay removed since s.since.
 func (e *Engine) decayed(s *subject, t time.Time) (now, recovered int64) {
-	el := t.Sub(s.since)
-	if el <= 0 {
-		return s.penalty, 0
+	return decayFrom(s.penalty, s.since, t, e.decayOf(s.id))
+}
+
+// decayFrom is a penalty p at since, decayed at rate (millipoints per hour) until t.
+func decayFrom(p int64, since, t time.Time, rate int64) (now, recovered int64) {
+	el := t.Sub(since)
+	if el <= 0 || since.IsZero() {
+		return p, 0
 	}
 	el = min(el, maxElapsed)
-	rec := el.Milliseconds() * e.decay / int64(time.Hour/time.Millisecond)
-	rec = min(rec, s.penalty)
-	return s.penalty - rec, rec
+	rec := el.Milliseconds() * rate / int64(time.Hour/time.Millisecond)
+	rec = min(rec, p)
+	return p - rec, rec
 }
 
 // scoreOf turns a penalty in millipoints into a score: any remaining fraction of a point still
@@ -215,7 +290,8 @@ func scoreOf(milli int64) int {
 	return int(max(0, 100-min(pts, 100)))
 }
 
-// Observe records a signal and returns the subject's score after it.
+// Observe records a signal and returns the subject's score after it. A signal whose weight in
+// its zone is 0 is not recorded.
 func (e *Engine) Observe(sig Signal) (int, error) {
 	if err := checkSubject(sig.Subject); err != nil {
 		return 0, err
@@ -224,39 +300,130 @@ func (e *Engine) Observe(sig Signal) (int, error) {
 	if !ok {
 		return 0, fmt.Errorf("%w: unknown kind %q", ErrSignal, truncate(string(sig.Kind), 40))
 	}
-	w := sig.Weight
-	if w == 0 {
-		w = def
+	if sig.Zone != "" {
+		def = e.WeightIn(sig.Zone, sig.Kind)
 	}
+	w := sig.Weight
 	if w < 0 || w > 100 {
 		return 0, fmt.Errorf("%w: weight %d outside 0..100", ErrSignal, sig.Weight)
+	}
+	if w == 0 || w > def {
+		// An observer may charge less than the zone's weight (a share), never more.
+		w = def
 	}
 	at := sig.At
 	if at.IsZero() {
 		at = e.now()
 	}
+	at = at.UTC()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	s := e.subjects[sig.Subject]
+	if w == 0 {
+		if s == nil {
+			return 100, nil
+		}
+		p, _ := e.decayed(s, e.now())
+		return scoreOf(p), nil
+	}
+	if s != nil && sig.ID != "" && slices.ContainsFunc(s.events, func(ev Event) bool { return ev.ID == sig.ID }) {
+		p, _ := e.decayed(s, e.now())
+		return scoreOf(p), fmt.Errorf("%w: %s", ErrDuplicate, truncate(sig.ID, 80))
+	}
 	if s == nil {
 		e.makeRoom(at)
-		s = &subject{since: at}
+		s = &subject{id: sig.Subject}
 		e.subjects[sig.Subject] = s
 	}
-	if at.Before(s.since) {
-		at = s.since
+	if s.folded > 0 && at.Before(s.baseAt) {
+		at = s.baseAt
 	}
-	cur, rec := e.decayed(s, at)
-	next := min(cur+int64(w)*1000, 100*1000)
-	ev := Event{Kind: sig.Kind, Weight: w, Reason: truncate(sig.Reason, MaxReasonLen), At: at.UTC(),
-		Recovered: pts(rec), PenaltyAfter: pts(next), ScoreBefore: scoreOf(cur), ScoreAfter: scoreOf(next)}
-	s.penalty, s.since = next, at
-	s.events = append(s.events, ev)
+	ev := Event{Kind: sig.Kind, Weight: w, Reason: truncate(sig.Reason, MaxReasonLen), At: at,
+		Zone: truncate(sig.Zone, 63), Observer: truncate(sig.Observer, MaxSubjectLen), ID: truncate(sig.ID, MaxSubjectLen)}
+	i, _ := slices.BinarySearchFunc(s.events, ev, cmpEvent)
+	s.events = slices.Insert(s.events, i, ev)
+	e.recompute(s, i)
 	if over := len(s.events) - e.maxEv; over > 0 {
+		last := s.events[over-1]
+		s.base, s.baseAt = last.milli, last.At
 		s.events = slices.Delete(s.events, 0, over)
 		s.folded += over
 	}
-	return ev.ScoreAfter, nil
+	p, _ := e.decayed(s, e.now())
+	return scoreOf(p), nil
+}
+
+func cmpEvent(a, b Event) int {
+	if c := a.At.Compare(b.At); c != 0 {
+		return c
+	}
+	return strings.Compare(a.ID, b.ID)
+}
+
+// recompute replays s's events from index from on: each event's penalty is the previous one's,
+// decayed to the event's time, plus its weight (capped at 100 points).
+func (e *Engine) recompute(s *subject, from int) {
+	rate := e.decayOf(s.id)
+	p, t := s.base, s.baseAt
+	if from > 0 {
+		p, t = s.events[from-1].milli, s.events[from-1].At
+	}
+	for i := from; i < len(s.events); i++ {
+		ev := &s.events[i]
+		cur, rec := decayFrom(p, t, ev.At, rate)
+		next := min(cur+int64(ev.Weight)*1000, 100*1000)
+		ev.Recovered, ev.PenaltyAfter, ev.milli = pts(rec), pts(next), next
+		ev.ScoreBefore, ev.ScoreAfter = scoreOf(cur), scoreOf(next)
+		p, t = next, ev.At
+	}
+	s.penalty, s.since = p, t
+}
+
+// ScoreFrom is subject's score now counting only the listed events keep accepts (not the
+// penalty of events already folded away): e.g. what this node observed itself.
+func (e *Engine) ScoreFrom(subject string, keep func(Event) bool) int {
+	now := e.now()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	s := e.subjects[subject]
+	if s == nil {
+		return 100
+	}
+	rate := e.decayOf(subject)
+	var p int64
+	var t time.Time
+	for _, ev := range s.events {
+		if !keep(ev) {
+			continue
+		}
+		cur, _ := decayFrom(p, t, ev.At, rate)
+		p, t = min(cur+int64(ev.Weight)*1000, 100*1000), ev.At
+	}
+	p, _ = decayFrom(p, t, now, rate)
+	return scoreOf(p)
+}
+
+// ForgetObserver drops every listed event observer reported (its identity was revoked: its word
+// no longer counts) and recomputes the subjects it touched. Events already folded away stay in
+// their subject's base penalty. It returns the subjects whose score changed.
+func (e *Engine) ForgetObserver(observer string) []string {
+	if observer == "" {
+		return nil
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	var changed []string
+	for id, s := range e.subjects {
+		n := len(s.events)
+		s.events = slices.DeleteFunc(s.events, func(ev Event) bool { return ev.Observer == observer })
+		if len(s.events) == n {
+			continue
+		}
+		e.recompute(s, 0)
+		changed = append(changed, id)
+	}
+	slices.Sort(changed)
+	return changed
 }
 
 // makeRoom forgets the subject with the smallest penalty when the engine is full.
@@ -342,7 +509,8 @@ func (e *Engine) Explain(subject string) Explanation {
 	now := e.now()
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	x := Explanation{Subject: subject, Score: 100, DecayPerHour: int(e.decay / 1000), Now: now.UTC(), Events: []Event{}, Steps: []string{}}
+	rate := e.decayOf(subject)
+	x := Explanation{Subject: subject, Score: 100, DecayPerHour: int(rate / 1000), Now: now.UTC(), Events: []Event{}, Steps: []string{}}
 	s := e.subjects[subject]
 	if s == nil {
 		x.Steps = append(x.Steps, "no signal held: score 100")
@@ -354,8 +522,15 @@ func (e *Engine) Explain(subject string) Explanation {
 		x.Steps = append(x.Steps, fmt.Sprintf("%d older event(s) folded into the penalty of the first one listed", s.folded))
 	}
 	for _, ev := range s.events {
-		x.Steps = append(x.Steps, fmt.Sprintf("%s  %s: penalty recovered %s by decay, then +%d (%s) = %s, score %d → %d",
-			ev.At.Format(time.RFC3339), ev.Kind, fmtPts(ev.Recovered), ev.Weight, ev.Reason, fmtPts(ev.PenaltyAfter),
+		by := ""
+		if ev.Observer != "" {
+			by = ", observed by " + ev.Observer
+			if ev.Zone != "" {
+				by += " in zone " + ev.Zone
+			}
+		}
+		x.Steps = append(x.Steps, fmt.Sprintf("%s  %s: penalty recovered %s by decay, then +%d (%s%s) = %s, score %d → %d",
+			ev.At.Format(time.RFC3339), ev.Kind, fmtPts(ev.Recovered), ev.Weight, ev.Reason, by, fmtPts(ev.PenaltyAfter),
 			ev.ScoreBefore, ev.ScoreAfter))
 	}
 	p, rec := e.decayed(s, now)
@@ -363,8 +538,8 @@ func (e *Engine) Explain(subject string) Explanation {
 	x.Steps = append(x.Steps, fmt.Sprintf("%s  now: penalty %s − decay %s (%d/h over %s) = %s, score = 100 − ceil(%s) = %d",
 		x.Now.Format(time.RFC3339), fmtPts(pts(s.penalty)), fmtPts(pts(rec)), x.DecayPerHour,
 		now.Sub(s.since).Round(time.Second), fmtPts(x.Penalty), fmtPts(x.Penalty), x.Score))
-	if p > 0 && e.decay > 0 {
-		ms := (p*int64(time.Hour/time.Millisecond) + e.decay - 1) / e.decay
+	if p > 0 && rate > 0 {
+		ms := (p*int64(time.Hour/time.Millisecond) + rate - 1) / rate
 		x.Full = now.Add(time.Duration(ms) * time.Millisecond).UTC()
 	}
 	return x

@@ -1,7 +1,9 @@
 package trustflow
 
 import (
+	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -253,13 +255,115 @@ func TestFullEngineKeepsLowScores(t *testing.T) {
 	assert.Len(t, e.Scores(), 8)
 }
 
-func TestSignalsOutOfOrderNeverDecayBackwards(t *testing.T) {
-	e, c := newEngine(t, Config{})
+// Members receive gossiped signals in different orders; each orders them by time, so all
+// compute the same score. An earlier signal arriving late is placed where it belongs.
+func TestSignalsInAnyOrderGiveTheSameScore(t *testing.T) {
+	base := newClock().Now()
+	sigs := []Signal{
+		{Subject: agent, Kind: KindPolicyDenial, At: base, ID: "b#1"},
+		{Subject: agent, Kind: KindPolicyDenial, At: base.Add(30 * time.Minute), ID: "c#1"},
+		{Subject: agent, Kind: KindSignerMismatch, At: base.Add(40 * time.Minute), ID: "b#2"},
+		{Subject: agent, Kind: KindPolicyDenial, At: base.Add(40 * time.Minute), ID: "a#9"},
+	}
+	var scores []int
+	for _, order := range [][]int{{0, 1, 2, 3}, {3, 2, 1, 0}, {2, 0, 3, 1}} {
+		e, c := newEngine(t, Config{})
+		c.Add(time.Hour)
+		for _, i := range order {
+			_, err := e.Observe(sigs[i])
+			require.NoError(t, err)
+		}
+		scores = append(scores, e.Score(agent))
+		x := e.Explain(agent)
+		require.Len(t, x.Events, 4)
+		assert.Equal(t, "a#9", x.Events[2].ID, "ties ordered by ID")
+	}
+	// 10 at 0:00; decays 5, +10 = 15 at 0:30; decays 1.666 (in thousandths, rounded down),
+	// +40 +10 = 63.334 at 0:40; decays 3.333 by 1:00: 60.001, score 100 − ceil(60.001) = 39.
+	assert.Equal(t, []int{39, 39, 39}, scores)
+}
+
+// A signal older than every listed event (the older ones were folded) counts at the oldest
+// listed time: a penalty never decays backwards.
+func TestSignalsOlderThanTheFoldNeverDecayBackwards(t *testing.T) {
+	e, c := newEngine(t, Config{MaxEvents: 1})
 	_, err := e.Observe(Signal{Subject: agent, Kind: KindPolicyDenial})
+	require.NoError(t, err)
+	_, err = e.Observe(Signal{Subject: agent, Kind: KindPolicyDenial, At: c.Now().Add(time.Second)})
 	require.NoError(t, err)
 	_, err = e.Observe(Signal{Subject: agent, Kind: KindPolicyDenial, At: c.Now().Add(-time.Hour)})
 	require.NoError(t, err)
-	assert.Equal(t, 80, e.Score(agent))
+	assert.Equal(t, 70, e.Score(agent))
+}
+
+func TestDuplicateSignalCountsOnce(t *testing.T) {
+	e, _ := newEngine(t, Config{})
+	s := Signal{Subject: agent, Kind: KindPolicyDenial, ID: "spiffe://acme.internal/node/b#00"}
+	_, err := e.Observe(s)
+	require.NoError(t, err)
+	sc, err := e.Observe(s)
+	require.ErrorIs(t, err, ErrDuplicate)
+	assert.Equal(t, 90, sc)
+	assert.Equal(t, 90, e.Score(agent))
+}
+
+type zoneTuning map[string]testProfile
+
+type testProfile struct {
+	Weights map[Kind]int
+	Decay   int
+}
+
+func (z zoneTuning) Weight(zone string, k Kind) (int, bool) {
+	w, ok := z[zone].Weights[k]
+	return w, ok
+}
+
+func (z zoneTuning) DecayPerHour(subject string) int {
+	if strings.Contains(subject, "/zone/payments/") {
+		return z["payments"].Decay
+	}
+	return 0
+}
+
+// A zone's weights apply to signals observed in it, an observer's explicit weight is capped at
+// the zone's, a zero weight ignores the kind, and the subject's zone sets its decay.
+func TestZoneTuning(t *testing.T) {
+	e, c := newEngine(t, Config{Tuning: zoneTuning{"payments": {Weights: map[Kind]int{KindPolicyDenial: 30, KindDestinationBurst: 0}, Decay: 60}}})
+	assert.Equal(t, 30, e.WeightIn("payments", KindPolicyDenial))
+	assert.Equal(t, 10, e.WeightIn("support", KindPolicyDenial))
+	sc, err := e.Observe(Signal{Subject: agent, Kind: KindPolicyDenial, Zone: "payments"})
+	require.NoError(t, err)
+	assert.Equal(t, 70, sc)
+	sc, err = e.Observe(Signal{Subject: agent, Kind: KindPolicyDenial, Zone: "payments", Weight: 100})
+	require.NoError(t, err)
+	assert.Equal(t, 40, sc, "an observer cannot charge more than the zone's weight")
+	sc, err = e.Observe(Signal{Subject: agent, Kind: KindDestinationBurst, Zone: "payments"})
+	require.NoError(t, err)
+	assert.Equal(t, 40, sc, "weight 0: ignored in this zone")
+	c.Add(30 * time.Minute)
+	assert.Equal(t, 70, e.Score(agent), "decay 60/h")
+	assert.Equal(t, 60, e.Explain(agent).DecayPerHour)
+	e.SetTuning(nil)
+	assert.Equal(t, 10, e.WeightIn("payments", KindPolicyDenial))
+}
+
+// A revoked observer's word stops counting.
+func TestForgetObserver(t *testing.T) {
+	e, _ := newEngine(t, Config{})
+	const liar, honest = "spiffe://acme.internal/node/liar", "spiffe://acme.internal/node/b"
+	for i := range 3 {
+		_, err := e.Observe(Signal{Subject: agent, Kind: KindSignerMismatch, Observer: liar, ID: fmt.Sprintf("l%d", i)})
+		require.NoError(t, err)
+	}
+	_, err := e.Observe(Signal{Subject: agent, Kind: KindPolicyDenial, Observer: honest, ID: "h"})
+	require.NoError(t, err)
+	assert.Equal(t, 0, e.Score(agent))
+	assert.Equal(t, 90, e.ScoreFrom(agent, func(ev Event) bool { return ev.Observer == honest }))
+	assert.Equal(t, 100, e.ScoreFrom("spiffe://acme.internal/node/nobody", func(Event) bool { return true }))
+	assert.Equal(t, []string{agent}, e.ForgetObserver(liar))
+	assert.Equal(t, 90, e.Score(agent))
+	assert.Empty(t, e.ForgetObserver(liar))
 }
 
 func TestPruneForgetsRecoveredSubjects(t *testing.T) {
@@ -314,12 +418,17 @@ func FuzzObserve(f *testing.F) {
 	f.Add(agent, "region_drift", 100, strings.Repeat("é", 300), int64(1<<62))
 	f.Fuzz(func(t *testing.T, subject, kind string, weight int, reason string, offset int64) {
 		c := newClock()
-		e, err := New(Config{Clock: c.Now, MaxSubjects: 4})
+		e, err := New(Config{Clock: c.Now, MaxSubjects: 4, MaxEvents: 2,
+			Tuning: zoneTuning{"payments": {Weights: map[Kind]int{KindPolicyDenial: 0}, Decay: 1}}})
 		require.NoError(t, err)
-		for range 3 {
-			sc, err := e.Observe(Signal{Subject: subject, Kind: Kind(kind), Weight: weight, Reason: reason, At: c.Now().Add(time.Duration(offset))})
+		for i := range 3 {
+			// Arrival order differs from observation order: later ones first.
+			sc, err := e.Observe(Signal{Subject: subject, Kind: Kind(kind), Weight: weight, Reason: reason,
+				At: c.Now().Add(time.Duration(offset) - time.Duration(i)*time.Minute), Zone: "payments", ID: reason + strconv.Itoa(i%2)})
 			if err != nil {
-				require.ErrorIs(t, err, ErrSignal)
+				if !errors.Is(err, ErrDuplicate) {
+					require.ErrorIs(t, err, ErrSignal)
+				}
 				continue
 			}
 			require.True(t, sc >= 0 && sc <= 100)
@@ -330,4 +439,13 @@ func FuzzObserve(f *testing.F) {
 			}
 		}
 	})
+}
+
+// The policy file's trustflow blocks name the engine's kinds, no more and no fewer.
+func TestPolicyNamesEveryKind(t *testing.T) {
+	var names []string
+	for _, k := range Kinds() {
+		names = append(names, string(k))
+	}
+	assert.Equal(t, zones.TrustSignals(), names)
 }

@@ -79,18 +79,9 @@ var genesis = hex.EncodeToString(make([]byte, sha256.Size))
 
 // encode returns the stored line (with trailing newline) and the entry's hash.
 func (r *Record) encode() ([]byte, string, error) {
-	body, err := json.Marshal(r)
-	if err != nil {
-		return nil, "", fmt.Errorf("audit: encode entry: %w", err)
-	}
-	sum := sha256.Sum256(body)
-	h := hex.EncodeToString(sum[:])
-	line := make([]byte, 0, len(body)+len(h)+12)
-	line = append(line, body[:len(body)-1]...)
-	line = append(line, `,"hash":"`...)
-	line = append(line, h...)
-	line = append(line, "\"}\n"...)
-	return line, h, nil
+	var h [2 * sha256.Size]byte
+	line := appendLine(nil, r.Seq, r.Time, r.Event, r.Fields, r.Prev, &h)
+	return line, string(h[:]), nil
 }
 
 const hashSuffixLen = len(`,"hash":"`) + 2*sha256.Size + len(`"}`)
@@ -477,7 +468,8 @@ type Log struct {
 	mu       sync.Mutex
 	f        *os.File
 	seq      uint64
-	last     string
+	last     [2 * sha256.Size]byte // hex hash of the last entry
+	buf      []byte                // the line being appended, reused under mu
 	anchored uint64
 	err      error // sticky: after a failed write the chain cannot be trusted to continue
 	closed   bool
@@ -587,7 +579,10 @@ func open(dir string, f *os.File, opts Options) (_ *Log, retErr error) {
 	if err != nil {
 		return nil, fmt.Errorf("audit: refusing to continue %s (move it aside to start a new log): %w", dir, err)
 	}
-	l := &Log{dir: dir, opts: opts, log: opts.Logger, f: f, seq: uint64(rep.Entries), last: rep.LastHash, anchored: uint64(rep.Anchored)}
+	l := &Log{dir: dir, opts: opts, log: opts.Logger, f: f, seq: uint64(rep.Entries), anchored: uint64(rep.Anchored)}
+	if copy(l.last[:], rep.LastHash) != len(l.last) {
+		return nil, fmt.Errorf("audit: refusing to continue %s: last hash %q is not a hex SHA-256", dir, rep.LastHash)
+	}
 	for _, e := range notes {
 		if err := l.Append(context.Background(), e); err != nil {
 			return nil, err
@@ -661,19 +656,21 @@ func (l *Log) Append(ctx context.Context, e Entry) error {
 	if l.err != nil {
 		return fmt.Errorf("audit: log unusable after an earlier failure: %w", l.err)
 	}
-	rec := Record{Seq: l.seq + 1, Time: t.UTC().Format(time.RFC3339Nano), Event: e.Event, Fields: e.Fields, Prev: l.last}
-	if len(rec.Fields) == 0 {
-		rec.Fields = nil
+	// The line is built in a buffer the log reuses (under l.mu) and the time formatted into a
+	// stack array, so that the entry of an admitted flow allocates nothing here.
+	var ts [40]byte
+	seq := l.seq + 1
+	var h [2 * sha256.Size]byte
+	l.buf = appendLine(l.buf[:0], seq, t.UTC().AppendFormat(ts[:0], time.RFC3339Nano), e.Event, e.Fields, l.last[:], &h)
+	_, err := l.f.Write(l.buf)
+	if cap(l.buf) > maxKeptBuf {
+		l.buf = nil // an outsized entry does not pin its buffer
 	}
-	line, h, err := rec.encode()
 	if err != nil {
-		return err
-	}
-	if _, err := l.f.Write(line); err != nil {
 		l.err = err
 		return fmt.Errorf("audit: append: %w", err)
 	}
-	l.seq, l.last = rec.Seq, h
+	l.seq, l.last = seq, h
 	if l.opts.FlushInterval < 0 {
 		return l.syncLocked()
 	}
@@ -701,7 +698,7 @@ func (l *Log) syncLocked() error {
 		l.err = err
 		return fmt.Errorf("audit: fsync: %w", err)
 	}
-	h := head{Count: l.seq, Hash: l.last}
+	h := head{Count: l.seq, Hash: string(l.last[:])}
 	h.sign(l.opts.Key)
 	if err := writeHead(l.dir, h); err != nil {
 		l.err = err

@@ -3,7 +3,6 @@ package audit
 import (
 	"container/list"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -430,10 +429,8 @@ func (f *Flood) droppedLocked(ctx context.Context, now time.Time) error {
 // entrySize is an upper bound of the bytes e takes in the log: its line with the widest
 // sequence number.
 func entrySize(e Entry) int64 {
-	r := Record{Seq: math.MaxUint64, Time: e.Time.UTC().Format(time.RFC3339Nano), Event: e.Event, Fields: e.Fields, Prev: genesis}
-	b, err := json.Marshal(&r)
-	if err != nil {
-		return maxLine
-	}
+	var buf [512]byte
+	var ts [40]byte
+	b := appendRecord(buf[:0], math.MaxUint64, e.Time.UTC().AppendFormat(ts[:0], time.RFC3339Nano), e.Event, e.Fields, genesis)
 	return int64(len(b) + hashSuffixLen + 1)
 }

@@ -86,6 +86,44 @@ func BenchmarkAdmit(b *testing.B) {
 	}
 }
 
+// BenchmarkAdmitNewGoroutine admits a cached-chain record on a fresh goroutine each time, as the
+// tunnel endpoint does for every flow stream: it includes growing that goroutine's small starting
+// stack to what Ed25519 verification needs (see growStack).
+func BenchmarkAdmitNewGoroutine(b *testing.B) {
+	e := newAdmitEnv(b)
+	s := session(b, e.f.n1, "payments")
+	c := claimsFor(e.f.alice, 1, e.now)
+	if _, err := e.v.Admit(s, mustSign(b, c, e.f.alice.key, s.AAD)); err != nil {
+		b.Fatal(err)
+	}
+	h := c.Chain.Hash()
+	c.Chain, c.ChainHash = nil, h[:]
+	raws := make([][]byte, 0, 1<<12)
+	for i := range cap(raws) {
+		c.Seq = uint64(i + 2)
+		raws = append(raws, mustSign(b, c, e.f.alice.key, s.AAD))
+	}
+	done := make(chan error)
+	b.ReportAllocs()
+	i := 0
+	for b.Loop() {
+		if i == len(raws) {
+			b.StopTimer()
+			s.Replay, i = &ReplayWindow{}, 0
+			b.StartTimer()
+		}
+		raw := raws[i]
+		i++
+		go func() {
+			_, err := e.v.Admit(s, raw)
+			done <- err
+		}()
+		if err := <-done; err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
 func BenchmarkReplayWindow(b *testing.B) {
 	var w ReplayWindow
 	var seq uint64

@@ -44,19 +44,20 @@ func (c *ChainCache) get(h [HashLen]byte) (cacheEntry, bool) {
 	return e, ok
 }
 
-func (c *ChainCache) put(chain CertChain, info AgentInfo) {
+// put stores a copy of *info (taken by pointer to keep a large copy out of the caller's frame).
+func (c *ChainCache) put(chain *CertChain, info *AgentInfo) {
 	h := chain.Hash()
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.entries[h]; ok {
-		c.entries[h] = cacheEntry{chain: chain, info: info}
+		c.entries[h] = cacheEntry{chain: *chain, info: *info}
 		return
 	}
 	for len(c.order) >= c.max {
 		delete(c.entries, c.order[0])
 		c.order = c.order[1:]
 	}
-	c.entries[h] = cacheEntry{chain: chain, info: info}
+	c.entries[h] = cacheEntry{chain: *chain, info: *info}
 	c.order = append(c.order, h)
 }
 

@@ -1,10 +1,10 @@
 package dtl
 
 import (
-	"bytes"
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 	"unicode/utf8"
@@ -121,7 +121,11 @@ type Destination struct {
 }
 
 func (d Destination) String() string {
-	return fmt.Sprintf("%s:%d/%s", d.Agent, d.Port, d.Proto)
+	// Built by hand: the audit log writes one per admitted flow.
+	var buf [64]byte
+	b := append(append(buf[:0], d.Agent...), ':')
+	b = append(strconv.AppendUint(b, uint64(d.Port), 10), '/')
+	return string(append(b, d.Proto.String()...))
 }
 
 // CertChain is the agent's certificate chain as DER: the node certificate (signed by the authority)
@@ -136,9 +140,15 @@ type CertChain struct {
 // two-element array [node DER, agent DER] (the same bytes claim 4 carries), so both sides compute it
 // from one unambiguous form.
 func (c CertChain) Hash() [HashLen]byte {
-	// Marshalling two byte strings cannot fail.
-	b, _ := encMode.Marshal([][]byte{c.Node, c.Agent})
-	return sha256.Sum256(b)
+	// Two certificates fit the stack buffer; larger ones (up to MaxCertLen each) spill to the heap.
+	var buf [2048]byte
+	return sha256.Sum256(c.appendTo(buf[:0]))
+}
+
+// appendTo appends the chain as claim 4 carries it: [node DER, agent DER].
+func (c CertChain) appendTo(b []byte) []byte {
+	b = appendHead(b, majorArray, 2)
+	return appendBytes(appendBytes(b, c.Node), c.Agent)
 }
 
 // Claims is the content of a DTL record. Exactly one of Chain and ChainHash is set.
@@ -159,32 +169,8 @@ type Claims struct {
 	IssuedAt    time.Time // carried with millisecond precision
 }
 
-// wireClaims is the CBOR shape of Claims. Pointers mark claims whose zero value is legitimate, so
-// that "absent" and "zero" stay distinguishable on decode (absent is refused, I7).
-type wireClaims struct {
-	Version     *uint64   `cbor:"1,keyasint,omitempty"`
-	Zone        string    `cbor:"2,keyasint,omitempty"`
-	Agent       string    `cbor:"3,keyasint,omitempty"`
-	Chain       [][]byte  `cbor:"4,keyasint,omitempty"`
-	ChainHash   []byte    `cbor:"5,keyasint,omitempty"`
-	Node        string    `cbor:"6,keyasint,omitempty"`
-	Fingerprint []byte    `cbor:"7,keyasint,omitempty"`
-	Region      string    `cbor:"8,keyasint,omitempty"`
-	Trust       *uint64   `cbor:"9,keyasint,omitempty"`
-	Drift       *uint64   `cbor:"10,keyasint,omitempty"`
-	Destination *wireDest `cbor:"11,keyasint,omitempty"`
-	FlowID      *uint64   `cbor:"12,keyasint,omitempty"`
-	Seq         *uint64   `cbor:"13,keyasint,omitempty"`
-	IssuedAt    *uint64   `cbor:"14,keyasint,omitempty"`
-}
-
-type wireDest struct {
-	Agent string  `cbor:"1,keyasint,omitempty"`
-	Port  *uint64 `cbor:"2,keyasint,omitempty"`
-	Proto *uint64 `cbor:"3,keyasint,omitempty"`
-}
-
-// Encoding and decoding modes are immutable after construction and safe for concurrent use.
+// Encoding and decoding modes of the reject frame body (records have their own codec, cbor.go).
+// They are immutable after construction and safe for concurrent use.
 var (
 	encMode = mustEncMode()
 	decMode = mustDecMode()
@@ -217,133 +203,299 @@ func mustDecMode() cbor.DecMode {
 
 func u64(v uint64) *uint64 { return &v }
 
-func (c *Claims) toWire() *wireClaims {
-	w := &wireClaims{
-		Version:     u64(c.Version),
-		Zone:        c.Zone,
-		Agent:       c.Agent,
-		ChainHash:   c.ChainHash,
-		Node:        c.Node,
-		Fingerprint: c.Fingerprint,
-		Region:      c.Region,
-		Trust:       u64(uint64(c.Trust)),
-		Drift:       u64(uint64(c.Drift)),
-		Destination: &wireDest{
-			Agent: c.Destination.Agent,
-			Port:  u64(uint64(c.Destination.Port)),
-			Proto: u64(uint64(c.Destination.Proto)),
-		},
-		FlowID:   u64(c.FlowID),
-		Seq:      u64(c.Seq),
-		IssuedAt: u64(uint64(c.IssuedAt.UnixMilli())),
-	}
-	if c.Chain != nil {
-		w.Chain = [][]byte{c.Chain.Node, c.Chain.Agent}
-	}
-	return w
-}
-
 // Marshal returns the deterministic CBOR encoding of the claims after validating them, so that this
 // code never emits a record its own Parse would refuse.
 func (c *Claims) Marshal() ([]byte, error) {
-	if err := c.validate(); err != nil {
+	if err := c.checkEncodable(); err != nil {
 		return nil, err
+	}
+	return c.appendTo(make([]byte, 0, c.encodedLenHint())), nil
+}
+
+func (c *Claims) checkEncodable() error {
+	if err := c.validate(); err != nil {
+		return err
 	}
 	if c.IssuedAt.UnixMilli() < 0 {
-		return nil, fmt.Errorf("%w: issued-at before 1970", ErrMalformed)
+		return fmt.Errorf("%w: issued-at before 1970", ErrMalformed)
 	}
-	b, err := encMode.Marshal(c.toWire())
-	if err != nil {
-		return nil, fmt.Errorf("dtl: encode claims: %w", err)
-	}
-	return b, nil
+	return nil
 }
 
-// unmarshalClaims decodes strictly and refuses any encoding that is not the deterministic one: the
-// signature is checked over the received bytes anyway, but a single valid encoding per claim set keeps
-// hashes, logs and caches unambiguous.
-func unmarshalClaims(b []byte) (*Claims, error) {
-	if len(b) == 0 || b[0]>>5 != 5 {
-		return nil, fmt.Errorf("%w: claims are not a CBOR map", ErrMalformed)
+// encodedLenHint is an upper bound of the encoding's length for a buffer's capacity.
+func (c *Claims) encodedLenHint() int {
+	n := 96 + len(c.Zone) + len(c.Agent) + len(c.ChainHash) + len(c.Node) + len(c.Fingerprint) +
+		len(c.Region) + len(c.Destination.Agent)
+	if c.Chain != nil {
+		n += 8 + len(c.Chain.Node) + len(c.Chain.Agent)
 	}
-	var w wireClaims
-	if err := decMode.Unmarshal(b, &w); err != nil {
-		return nil, classifyCBOR("claims", err)
-	}
-	c, err := w.toClaims()
-	if err != nil {
-		return nil, err
-	}
-	re, err := encMode.Marshal(&w)
-	if err != nil || !bytes.Equal(re, b) {
-		return nil, fmt.Errorf("%w: claims are not in deterministic CBOR encoding", ErrMalformed)
-	}
-	return c, nil
+	return n
 }
 
-func (w *wireClaims) toClaims() (*Claims, error) {
+// appendTo appends the deterministic CBOR encoding of c: a map with its integer keys in ascending
+// order, every integer and length in its shortest form, and the empty text and byte strings of
+// optional claims left out (docs/protocol.md §4). It does not validate; Marshal and Sign do.
+func (c *Claims) appendTo(b []byte) []byte {
+	n := uint64(7) // version, trust, drift, destination, flow id, sequence and issued-at are always sent
+	for _, present := range [...]bool{c.Zone != "", c.Agent != "", c.Chain != nil, len(c.ChainHash) > 0,
+		c.Node != "", len(c.Fingerprint) > 0, c.Region != ""} {
+		if present {
+			n++
+		}
+	}
+	b = appendHead(b, majorMap, n)
+	b = appendHead(appendHead(b, majorUint, KeyVersion), majorUint, c.Version)
+	if c.Zone != "" {
+		b = appendText(appendHead(b, majorUint, KeyZone), c.Zone)
+	}
+	if c.Agent != "" {
+		b = appendText(appendHead(b, majorUint, KeyAgent), c.Agent)
+	}
+	if c.Chain != nil {
+		b = c.Chain.appendTo(appendHead(b, majorUint, KeyChain))
+	}
+	if len(c.ChainHash) > 0 {
+		b = appendBytes(appendHead(b, majorUint, KeyChainHash), c.ChainHash)
+	}
+	if c.Node != "" {
+		b = appendText(appendHead(b, majorUint, KeyNode), c.Node)
+	}
+	if len(c.Fingerprint) > 0 {
+		b = appendBytes(appendHead(b, majorUint, KeyFingerprint), c.Fingerprint)
+	}
+	if c.Region != "" {
+		b = appendText(appendHead(b, majorUint, KeyRegion), c.Region)
+	}
+	b = appendHead(appendHead(b, majorUint, KeyTrust), majorUint, uint64(c.Trust))
+	b = appendHead(appendHead(b, majorUint, KeyDrift), majorUint, uint64(c.Drift))
+	b = appendHead(b, majorUint, KeyDestination)
+	d := c.Destination
+	if d.Agent != "" {
+		b = appendText(appendHead(appendHead(b, majorMap, 3), majorUint, destKeyAgent), d.Agent)
+	} else {
+		b = appendHead(b, majorMap, 2)
+	}
+	b = appendHead(appendHead(b, majorUint, destKeyPort), majorUint, uint64(d.Port))
+	b = appendHead(appendHead(b, majorUint, destKeyProto), majorUint, uint64(d.Proto))
+	b = appendHead(appendHead(b, majorUint, KeyFlowID), majorUint, c.FlowID)
+	b = appendHead(appendHead(b, majorUint, KeySeq), majorUint, c.Seq)
+	return appendHead(appendHead(b, majorUint, KeyIssuedAt), majorUint, uint64(c.IssuedAt.UnixMilli()))
+}
+
+// Keys of the destination map (claim 11).
+const (
+	destKeyAgent = 1
+	destKeyPort  = 2
+	destKeyProto = 3
+)
+
+// Text claims are kept as offsets while decoding and turned into strings at the end, all sharing
+// one allocation.
+const (
+	textZone = iota
+	textAgent
+	textNode
+	textRegion
+	textDestAgent
+	textCount
+)
+
+type span struct{ start, end int }
+
+// unmarshalClaims decodes b into c strictly: a definite-length map of the defined claims only
+// (unknown keys are ErrUnknownClaim, repeated ones ErrDuplicateKey), every value of its one type,
+// and nothing but the deterministic encoding (ascending keys, shortest integers and lengths, no
+// empty optional claim), so that each claim set has exactly one valid encoding and hashes, logs and
+// caches stay unambiguous. The signature is checked over the received bytes regardless. Byte-string
+// claims alias b; text claims share one new string.
+func unmarshalClaims(b []byte, c *Claims) error {
+	if len(b) == 0 || b[0]>>5 != majorMap {
+		return fmt.Errorf("%w: claims are not a CBOR map", ErrMalformed)
+	}
+	r := reader{b: b}
+	n, err := r.count("claims", majorMap)
+	if err != nil {
+		return err
+	}
+	var (
+		text                [textCount]span
+		seen, destSeen      uint32
+		last                uint64
+		version, trust      uint64
+		drift, port, proto  uint64
+		flow, seq, issuedAt uint64
+		chain               *CertChain
+	)
+	readText := func(what string, slot int) error {
+		s, e, err := r.str(what, majorText)
+		text[slot] = span{s, e}
+		return err
+	}
+	for range n {
+		k, err := r.key("claims key", KeyIssuedAt, &seen, &last)
+		if err != nil {
+			return err
+		}
+		switch k {
+		case KeyVersion:
+			version, err = r.uint("version (key 1)")
+		case KeyZone:
+			err = readText("zone (key 2)", textZone)
+		case KeyAgent:
+			err = readText("agent ID (key 3)", textAgent)
+		case KeyChain:
+			chain, err = r.chain()
+		case KeyChainHash:
+			c.ChainHash, err = r.bytes("chain hash (key 5)")
+		case KeyNode:
+			err = readText("node ID (key 6)", textNode)
+		case KeyFingerprint:
+			c.Fingerprint, err = r.bytes("workload fingerprint (key 7)")
+		case KeyRegion:
+			err = readText("region (key 8)", textRegion)
+		case KeyTrust:
+			trust, err = r.uint("trust score (key 9)")
+		case KeyDrift:
+			drift, err = r.uint("drift flags (key 10)")
+		case KeyDestination:
+			err = r.destination(&destSeen, &port, &proto, &text[textDestAgent])
+		case KeyFlowID:
+			flow, err = r.uint("flow id (key 12)")
+		case KeySeq:
+			seq, err = r.uint("sequence number (key 13)")
+		case KeyIssuedAt:
+			issuedAt, err = r.uint("issued-at (key 14)")
+		}
+		if err != nil {
+			return err
+		}
+	}
+	if !r.done() {
+		return fmt.Errorf("%w: claims: %d bytes after the map", ErrMalformed, len(b)-r.i)
+	}
 	missing := func(name string, key int) error {
 		return fmt.Errorf("%w: %s (key %d)", ErrMissingClaim, name, key)
 	}
+	has := func(k int) bool { return seen&(1<<k) != 0 }
 	switch {
-	case w.Version == nil:
-		return nil, missing("version", KeyVersion)
-	case *w.Version != Version1:
-		return nil, fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, *w.Version, Version1)
-	case w.Trust == nil:
-		return nil, missing("trust score", KeyTrust)
-	case w.Drift == nil:
-		return nil, missing("drift flags", KeyDrift)
-	case w.Destination == nil:
-		return nil, missing("destination", KeyDestination)
-	case w.Destination.Port == nil:
-		return nil, missing("destination port", KeyDestination)
-	case w.Destination.Proto == nil:
-		return nil, missing("destination protocol", KeyDestination)
-	case w.FlowID == nil:
-		return nil, missing("flow id", KeyFlowID)
-	case w.Seq == nil:
-		return nil, missing("sequence number", KeySeq)
-	case w.IssuedAt == nil:
-		return nil, missing("issued-at", KeyIssuedAt)
-	case *w.Trust > MaxTrust:
-		return nil, fmt.Errorf("%w: trust score %d is outside 0..%d", ErrMalformed, *w.Trust, MaxTrust)
-	case *w.Destination.Port > 0xffff:
-		return nil, fmt.Errorf("%w: destination port %d is outside 0..65535", ErrMalformed, *w.Destination.Port)
-	case *w.Destination.Proto > 0xff:
-		return nil, fmt.Errorf("%w: destination protocol %d is outside 0..255", ErrMalformed, *w.Destination.Proto)
-	case *w.IssuedAt > 1<<53:
-		return nil, fmt.Errorf("%w: issued-at %d ms is out of range", ErrMalformed, *w.IssuedAt)
+	case !has(KeyVersion):
+		return missing("version", KeyVersion)
+	case version != Version1:
+		return fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, version, Version1)
+	case !has(KeyTrust):
+		return missing("trust score", KeyTrust)
+	case !has(KeyDrift):
+		return missing("drift flags", KeyDrift)
+	case !has(KeyDestination):
+		return missing("destination", KeyDestination)
+	case destSeen&(1<<destKeyPort) == 0:
+		return missing("destination port", KeyDestination)
+	case destSeen&(1<<destKeyProto) == 0:
+		return missing("destination protocol", KeyDestination)
+	case !has(KeyFlowID):
+		return missing("flow id", KeyFlowID)
+	case !has(KeySeq):
+		return missing("sequence number", KeySeq)
+	case !has(KeyIssuedAt):
+		return missing("issued-at", KeyIssuedAt)
+	case trust > MaxTrust:
+		return fmt.Errorf("%w: trust score %d is outside 0..%d", ErrMalformed, trust, MaxTrust)
+	case port > 0xffff:
+		return fmt.Errorf("%w: destination port %d is outside 0..65535", ErrMalformed, port)
+	case proto > 0xff:
+		return fmt.Errorf("%w: destination protocol %d is outside 0..255", ErrMalformed, proto)
+	case issuedAt > 1<<53:
+		return fmt.Errorf("%w: issued-at %d ms is out of range", ErrMalformed, issuedAt)
 	}
-	c := &Claims{
-		Version:     *w.Version,
-		Zone:        w.Zone,
-		Agent:       w.Agent,
-		ChainHash:   w.ChainHash,
-		Node:        w.Node,
-		Fingerprint: w.Fingerprint,
-		Region:      w.Region,
-		Trust:       uint8(*w.Trust),
-		Drift:       DriftFlags(*w.Drift),
-		Destination: Destination{
-			Agent: w.Destination.Agent,
-			Port:  uint16(*w.Destination.Port),
-			Proto: Proto(*w.Destination.Proto),
-		},
-		FlowID:   *w.FlowID,
-		Seq:      *w.Seq,
-		IssuedAt: time.UnixMilli(int64(*w.IssuedAt)),
-	}
-	if w.Chain != nil {
-		if len(w.Chain) != 2 {
-			return nil, fmt.Errorf("%w: certificate chain has %d elements, want [node, agent]", ErrMalformed, len(w.Chain))
-		}
-		c.Chain = &CertChain{Node: w.Chain[0], Agent: w.Chain[1]}
-	}
+	var strs [textCount]string
+	setStrings(b, &text, &strs)
+	c.Version = version
+	c.Zone, c.Agent, c.Node, c.Region = strs[textZone], strs[textAgent], strs[textNode], strs[textRegion]
+	c.Chain = chain
+	c.Trust = uint8(trust)
+	c.Drift = DriftFlags(drift)
+	c.Destination = Destination{Agent: strs[textDestAgent], Port: uint16(port), Proto: Proto(proto)}
+	c.FlowID, c.Seq = flow, seq
+	c.IssuedAt = time.UnixMilli(int64(issuedAt))
 	if err := c.validate(); err != nil {
+		return err
+	}
+	// The one claim that validate lets through empty is the optional region; sent empty, it is not
+	// the deterministic encoding, which leaves it out.
+	if has(KeyRegion) && c.Region == "" {
+		return fmt.Errorf("%w: empty region (key %d) must be left out; not in deterministic CBOR encoding", ErrMalformed, KeyRegion)
+	}
+	return nil
+}
+
+// setStrings turns the text spans of b into strings backed by a single allocation.
+func setStrings(b []byte, spans *[textCount]span, out *[textCount]string) {
+	total := 0
+	for _, s := range spans {
+		total += s.end - s.start
+	}
+	if total == 0 {
+		return
+	}
+	var sb strings.Builder
+	sb.Grow(total)
+	for _, s := range spans {
+		sb.Write(b[s.start:s.end])
+	}
+	all := sb.String()
+	off := 0
+	for i, s := range spans {
+		n := s.end - s.start
+		out[i] = all[off : off+n]
+		off += n
+	}
+}
+
+// chain reads claim 4: exactly [node DER, agent DER].
+func (r *reader) chain() (*CertChain, error) {
+	n, err := r.count("certificate chain (key 4)", majorArray)
+	if err != nil {
 		return nil, err
 	}
-	return c, nil
+	if n != 2 {
+		return nil, fmt.Errorf("%w: certificate chain has %d elements, want [node, agent]", ErrMalformed, n)
+	}
+	node, err := r.bytes("node certificate (key 4)")
+	if err != nil {
+		return nil, err
+	}
+	agent, err := r.bytes("agent certificate (key 4)")
+	if err != nil {
+		return nil, err
+	}
+	return &CertChain{Node: node, Agent: agent}, nil
+}
+
+// destination reads claim 11: {1: agent name, 2: port, 3: protocol}.
+func (r *reader) destination(seen *uint32, port, proto *uint64, agent *span) error {
+	n, err := r.count("destination (key 11)", majorMap)
+	if err != nil {
+		return err
+	}
+	var last uint64
+	for range n {
+		k, err := r.key("destination key", destKeyProto, seen, &last)
+		if err != nil {
+			return err
+		}
+		switch k {
+		case destKeyAgent:
+			agent.start, agent.end, err = r.str("destination agent (key 11)", majorText)
+		case destKeyPort:
+			*port, err = r.uint("destination port (key 11)")
+		case destKeyProto:
+			*proto, err = r.uint("destination protocol (key 11)")
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // validate checks presence and bounds of every claim; it is shared by the encoder and the decoder.

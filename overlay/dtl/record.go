@@ -3,12 +3,9 @@ package dtl
 import (
 	"bytes"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/tls"
-	"errors"
 	"fmt"
-
-	"github.com/veraison/go-cose"
+	"sync"
 )
 
 // MaxRecordSize caps an encoded record. A record with a full chain of two Ed25519 certificates is
@@ -57,6 +54,21 @@ func checkAAD(aad []byte) error {
 	return nil
 }
 
+// Fixed parts of a record and of its Sig_structure (RFC 9052 §4.4): tag 18 and an array of four,
+// the protected header, the empty unprotected header; ["Signature1", protected header, external AAD,
+// payload], with the 32-byte AAD's head.
+const (
+	recordPrefix   = "\xd2\x84" + protectedHeaderBstr + emptyUnprotected
+	sigStructStart = "\x84\x6aSignature1" + protectedHeaderBstr + "\x58\x20"
+	sigHead        = "\x58\x40" // bstr of 64 bytes
+)
+
+// appendSigStructure appends the bytes an Ed25519 signature of a record covers.
+func appendSigStructure(b, aad, payload []byte) []byte {
+	b = append(append(b, sigStructStart...), aad...)
+	return appendBytes(b, payload)
+}
+
 // Sign encodes the claims, signs them as a tagged COSE_Sign1 with the agent's key, binds the
 // signature to the session through aad (the Exporter value), and returns the record bytes.
 // A zero Version is set to Version1.
@@ -71,45 +83,41 @@ func Sign(c *Claims, key ed25519.PrivateKey, aad []byte) ([]byte, error) {
 	if cc.Version == 0 {
 		cc.Version = Version1
 	}
-	payload, err := cc.Marshal()
-	if err != nil {
+	if err := cc.checkEncodable(); err != nil {
 		return nil, err
 	}
-	signer, err := cose.NewSigner(cose.AlgorithmEdDSA, key)
-	if err != nil {
-		return nil, fmt.Errorf("dtl: sign: %w", err)
+	// A hash-only record's claims (about 230 bytes) and Sig_structure fit these stack buffers; a
+	// full chain spills to the heap once per session.
+	var pbuf [384]byte
+	payload := cc.appendTo(pbuf[:0])
+	size := len(recordPrefix) + headLen(uint64(len(payload))) + len(payload) + len(sigHead) + ed25519.SignatureSize
+	if size > MaxRecordSize {
+		return nil, fmt.Errorf("%w: record is %d bytes, limit %d; send the chain hash instead of the chain", ErrTooLarge, size, MaxRecordSize)
 	}
-	msg := cose.Sign1Message{
-		Headers: cose.Headers{Protected: cose.ProtectedHeader{cose.HeaderLabelAlgorithm: cose.AlgorithmEdDSA}},
-		Payload: payload,
-	}
-	if err := msg.Sign(rand.Reader, aad, signer); err != nil {
-		return nil, fmt.Errorf("dtl: sign: %w", err)
-	}
-	b, err := msg.MarshalCBOR()
-	if err != nil {
-		return nil, fmt.Errorf("dtl: sign: encode: %w", err)
-	}
-	if len(b) > MaxRecordSize {
-		return nil, fmt.Errorf("%w: record is %d bytes, limit %d; send the chain hash instead of the chain", ErrTooLarge, len(b), MaxRecordSize)
-	}
-	return b, nil
+	var sbuf [448]byte
+	sig := ed25519.Sign(key, appendSigStructure(sbuf[:0], aad, payload))
+	out := make([]byte, 0, size)
+	out = appendBytes(append(out, recordPrefix...), payload)
+	return append(append(out, sigHead...), sig...), nil
 }
 
 // Record is a parsed, not yet verified, DTL record. Its Claims must not be trusted before Verify
 // (or Verifier.Admit) succeeds.
 type Record struct {
-	Claims Claims
-	raw    []byte
-	msg    cose.Sign1Message
+	Claims  Claims
+	raw     []byte
+	payload []byte // the claims bytes inside raw, as signed
+	sig     []byte // the signature inside raw
 }
 
-// Raw returns the record bytes exactly as received.
+// Raw returns the record bytes exactly as received. The byte-string claims share its memory:
+// callers must not modify it.
 func (r *Record) Raw() []byte { return r.raw }
 
 // Parse decodes a record strictly: size cap, tagged COSE_Sign1 with exactly this profile's headers,
-// a 64-byte signature, and claims decoded with duplicate keys, indefinite lengths, unknown claims and
-// non-deterministic encodings refused. It does not verify the signature.
+// a 64-byte signature, definite lengths in their shortest form, and claims decoded with duplicate
+// keys, indefinite lengths, unknown claims and non-deterministic encodings refused. It does not
+// verify the signature.
 func Parse(b []byte) (*Record, error) {
 	if len(b) > MaxRecordSize {
 		return nil, fmt.Errorf("%w: record is %d bytes, limit %d", ErrTooLarge, len(b), MaxRecordSize)
@@ -117,29 +125,37 @@ func Parse(b []byte) (*Record, error) {
 	if len(b) < 2 || b[0] != 0xd2 || b[1] != 0x84 {
 		return nil, fmt.Errorf("%w: not a tagged COSE_Sign1 (want prefix d284)", ErrMalformed)
 	}
-	raw := bytes.Clone(b)
-	var msg cose.Sign1Message
-	if err := msg.UnmarshalCBOR(raw); err != nil {
-		return nil, classifyCBOR("COSE_Sign1", err)
-	}
-	// RawProtected is the bstr item; its content must be exactly {1: -8}.
-	if string(msg.Headers.RawProtected) != protectedHeaderBstr {
+	// The headers are fixed bytes: their content must be exactly {1: -8} and {}.
+	if len(b) < len(recordPrefix) || string(b[2:2+len(protectedHeaderBstr)]) != protectedHeaderBstr {
 		return nil, fmt.Errorf("%w: protected header must be exactly {1: -8} (alg EdDSA)", ErrMalformed)
 	}
-	if string(msg.Headers.RawUnprotected) != emptyUnprotected {
+	if b[len(recordPrefix)-1] != emptyUnprotected[0] {
 		return nil, fmt.Errorf("%w: unprotected header must be empty", ErrMalformed)
 	}
-	if msg.Payload == nil {
+	rec := &Record{raw: bytes.Clone(b)}
+	r := reader{b: rec.raw, i: len(recordPrefix)}
+	if r.i < len(r.b) && r.b[r.i] == 0xf6 {
 		return nil, fmt.Errorf("%w: detached payload is not allowed", ErrMalformed)
 	}
-	if len(msg.Signature) != ed25519.SignatureSize {
-		return nil, fmt.Errorf("%w: signature is %d bytes, want %d", ErrMalformed, len(msg.Signature), ed25519.SignatureSize)
-	}
-	c, err := unmarshalClaims(msg.Payload)
+	payload, err := r.bytes("COSE_Sign1 payload")
 	if err != nil {
 		return nil, err
 	}
-	return &Record{Claims: *c, raw: raw, msg: msg}, nil
+	sig, err := r.bytes("COSE_Sign1 signature")
+	if err != nil {
+		return nil, err
+	}
+	if len(sig) != ed25519.SignatureSize {
+		return nil, fmt.Errorf("%w: signature is %d bytes, want %d", ErrMalformed, len(sig), ed25519.SignatureSize)
+	}
+	if !r.done() {
+		return nil, fmt.Errorf("%w: COSE_Sign1: %d bytes after the record", ErrMalformed, len(r.b)-r.i)
+	}
+	if err := unmarshalClaims(payload, &rec.Claims); err != nil {
+		return nil, err
+	}
+	rec.payload, rec.sig = payload, sig
+	return rec, nil
 }
 
 // Verify checks the signature with pub over the exact received protected header and payload bytes and
@@ -151,15 +167,37 @@ func (r *Record) Verify(pub ed25519.PublicKey, aad []byte) error {
 	if len(pub) != ed25519.PublicKeySize {
 		return fmt.Errorf("%w: agent public key is %d bytes", ErrSignature, len(pub))
 	}
-	v, err := cose.NewVerifier(cose.AlgorithmEdDSA, pub)
-	if err != nil {
-		return fmt.Errorf("%w: %v", ErrSignature, err)
+	return r.verify(pub, aad)
+}
+
+// verify is Verify once the key and AAD sizes are known to be right (Admit checks them first). Its
+// frame sits right above Ed25519 verification, the deepest point of admission (see
+// Verifier.Admit), so it keeps the Sig_structure in a pooled buffer rather than on the stack, and
+// its refusals are built elsewhere.
+func (r *Record) verify(pub ed25519.PublicKey, aad []byte) error {
+	if len(r.sig) != ed25519.SignatureSize || len(pub) != ed25519.PublicKeySize {
+		return errNotVerifiable
 	}
-	if err := r.msg.Verify(aad, v); err != nil {
-		if errors.Is(err, cose.ErrVerification) {
-			return fmt.Errorf("%w: does not verify with the agent key on this session", ErrSignature)
-		}
-		return fmt.Errorf("%w: %v", ErrSignature, err)
+	bp := sigBufs.Get().(*[]byte)
+	tbs := appendSigStructure((*bp)[:0], aad, r.payload)
+	ok := ed25519.Verify(pub, tbs, r.sig)
+	if cap(tbs) <= maxPooledSigBuf {
+		*bp = tbs
+		sigBufs.Put(bp)
+	}
+	if !ok {
+		return errBadSignature
 	}
 	return nil
 }
+
+var (
+	errNotVerifiable = fmt.Errorf("%w: record was not parsed, or the agent key is not an Ed25519 public key", ErrSignature)
+	errBadSignature  = fmt.Errorf("%w: does not verify with the agent key on this session", ErrSignature)
+)
+
+// sigBufs holds Sig_structure buffers for Verify; a full-chain record's (up to MaxRecordSize)
+// is not kept.
+var sigBufs = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+
+const maxPooledSigBuf = 2 << 10

@@ -163,6 +163,11 @@ func (e *Endpoint) dialOnce(ctx context.Context, addr netip.AddrPort, nodeID, zo
 		verified = &peer
 		return nil
 	}
+	release, err := e.acquireDial(ctx, nodeID, zone)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	hctx, cancel := context.WithTimeout(ctx, e.lim.HandshakeTimeout)
 	defer cancel()
 	qc := e.qconf.Clone()

@@ -37,7 +37,7 @@ func newDTLAdmitter(pki *testPKI) *dtlAdmitter {
 				return dtl.AgentInfo{
 					Agent: ch.Agent.ID.String(), Node: ch.Node.ID.String(), Zone: ch.Agent.ID.Zone,
 					AgentKey: ch.Agent.PublicKey(), Fingerprint: ch.Agent.Claims.Fingerprint,
-					AgentSerial: ch.Agent.Serial().String(), NodeSerial: ch.Node.Serial().String(),
+					AgentSerial: ch.Agent.Serial().String(), NodeSerial: ch.Node.NodeSerial().String(),
 					NotAfter: ch.Agent.X509.NotAfter,
 				}, nil
 			}),
@@ -75,16 +75,22 @@ type agentFixture struct {
 	node  string
 }
 
-func issueAgent(t *testing.T, nodeTLS tls.Certificate, td, zone, name string) agentFixture {
+// issueAgent issues an agent of the node whose TLS certificate is nodeTLS, the way a node does:
+// with the node's issuing certificate (signed by the authority) and key (derived from the node key).
+func issueAgent(t *testing.T, pki *testPKI, nodeTLS tls.Certificate, td, zone, name string) agentFixture {
 	t.Helper()
 	nodeCert, err := identity.ParseCertificate(nodeTLS.Certificate[0])
 	require.NoError(t, err)
+	issuerKey, err := identity.IssuerKey(nodeTLS.PrivateKey.(ed25519.PrivateKey))
+	require.NoError(t, err)
+	issuer, err := identity.IssueIssuer(pki.cert, pki.key, nodeCert, issuerKey.Public().(ed25519.PublicKey))
+	require.NoError(t, err)
 	key, err := identity.GenerateKey()
 	require.NoError(t, err)
-	grant, ok := nodeCert.Claims.Zone(zone)
+	grant, ok := issuer.Claims.Zone(zone)
 	require.True(t, ok)
 	id := identity.AgentID(td, zone, name)
-	agent, err := identity.Issue(nodeCert, nodeTLS.PrivateKey.(ed25519.PrivateKey), identity.IssueRequest{
+	agent, err := identity.Issue(issuer, issuerKey, identity.IssueRequest{
 		ID:        id,
 		PublicKey: key.Public().(ed25519.PublicKey),
 		Claims: identity.Claims{
@@ -97,7 +103,7 @@ func issueAgent(t *testing.T, nodeTLS tls.Certificate, td, zone, name string) ag
 	})
 	require.NoError(t, err)
 	return agentFixture{id: id, key: key, node: nodeCert.ID.String(),
-		chain: dtl.CertChain{Node: nodeCert.Raw(), Agent: agent.Raw()}}
+		chain: dtl.CertChain{Node: issuer.Raw(), Agent: agent.Raw()}}
 }
 
 func (a agentFixture) record(t *testing.T, tun *Tunnel, seq uint64) []byte {
@@ -122,7 +128,7 @@ func TestDTLRecordsBoundToSession(t *testing.T) {
 	a := startNode(t, pki, "a", aTLS, []string{"payments"}, "")
 	b := startNode(t, pki, "b", pki.node(t, "b", "payments"), []string{"payments"}, "",
 		func(c *Config) { c.Admitter = newDTLAdmitter(pki) })
-	agent := issueAgent(t, aTLS, testTD, "payments", "billing")
+	agent := issueAgent(t, pki, aTLS, testTD, "payments", "billing")
 
 	first, err := a.ep.Dial(ctxT(t), b.addr, b.id, "payments")
 	require.NoError(t, err)

@@ -51,6 +51,8 @@ type Endpoint struct {
 	// cert is the chain every new handshake presents; SetCertificate replaces it. Each tunnel
 	// remembers the pointer its handshake used, so a replaced one marks the tunnel stale.
 	cert atomic.Pointer[tls.Certificate]
+	// gate, when set, paces outbound handshakes (gate.go).
+	gate atomic.Pointer[gateHolder]
 
 	ctx    context.Context
 	cancel context.CancelFunc

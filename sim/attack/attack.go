@@ -39,7 +39,7 @@ func ForgeAgentCert(issuer *identity.Certificate, issuerKey ed25519.PrivateKey, 
 		NotBefore: now.Add(-time.Minute), NotAfter: now.Add(time.Hour),
 		URIs: []*url.URL{u}, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Critical: true, Value: ext}},
+		ExtraExtensions: []pkix.Extension{{Id: identity.OIDClaims, Value: ext}},
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, issuer.X509, pub, issuerKey)
 	if err != nil {

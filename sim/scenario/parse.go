@@ -243,12 +243,18 @@ func (v *validator) scenario(s *Scenario) error {
 	switch s.Gossip {
 	case "":
 		s.Gossip = "fast"
-	case "fast", "lan":
+	case "fast", "lan", "scale":
 	default:
-		return v.errf("$.gossip", "%q: use fast or lan", s.Gossip)
+		return v.errf("$.gossip", "%q: use fast, lan or scale", s.Gossip)
 	}
 	if s.Network.Loss < 0 || s.Network.Loss >= 1 {
 		return v.errf("$.network.loss", "%v: must be in [0, 1)", s.Network.Loss)
+	}
+	if s.Limits.Members == 0 {
+		s.Limits.Members = 1
+	}
+	if s.Limits.Members < 0.5 || s.Limits.Members > 1 {
+		return v.errf("$.limits.members", "%v: a fraction in [0.5, 1]", s.Limits.Members)
 	}
 	if s.Limits.Gossip == 0 {
 		s.Limits.Gossip = Duration(60e9)
@@ -512,6 +518,106 @@ func (v *validator) scenario(s *Scenario) error {
 					seen[name] = true
 				}
 			}
+		case KindRegionDrift:
+			if err := need("node", e.Node); err != nil {
+				return err
+			}
+			if err := node(p+".node", e.Node); err != nil {
+				return err
+			}
+			if err := need("region", e.Region); err != nil {
+				return err
+			}
+			if !nameRE.MatchString(e.Region) {
+				return v.errf(p+".region", "%q is not a region name (lowercase letters, digits, -)", e.Region)
+			}
+			if err := need("to", e.To); err != nil {
+				return err
+			}
+			if _, err := dest(p+".to", e.To); err != nil {
+				return err
+			}
+			if e.From != "" {
+				from, err := agentRef(p+".from", e.From)
+				if err != nil {
+					return err
+				}
+				if agents[from.String()] != e.Node {
+					return v.errf(p+".from", "agent %s runs on node %s, not on the drifting node %s", from, agents[from.String()], e.Node)
+				}
+			} else if len(nodes[e.Node].Agents) == 0 {
+				return v.errf(p+".node", "node %s runs no agent to send the flows that show the drift", e.Node)
+			}
+			blocking = true
+		case KindExeSwap:
+			if err := need("agent", e.Agent); err != nil {
+				return err
+			}
+			if _, err := agentRef(p+".agent", e.Agent); err != nil {
+				return err
+			}
+			if err := need("to", e.To); err != nil {
+				return err
+			}
+			if _, err := dest(p+".to", e.To); err != nil {
+				return err
+			}
+			blocking = true
+		case KindDirCopy:
+			if err := need("node", e.Node); err != nil {
+				return err
+			}
+			if err := node(p+".node", e.Node); err != nil {
+				return err
+			}
+			if err := need("to", e.To); err != nil {
+				return err
+			}
+			to, err := dest(p+".to", e.To)
+			if err != nil {
+				return err
+			}
+			if agents[to.AgentRef.String()] == e.Node {
+				return v.errf(p+".to", "%s runs on the copied node itself; name an agent on another node", to.AgentRef)
+			}
+			var ok bool
+			for _, a := range nodes[e.Node].Agents {
+				ok = ok || a.Zone == to.Zone
+			}
+			if !ok {
+				return v.errf(p+".node", "node %s runs no agent in zone %s to send the copy's flows", e.Node, to.Zone)
+			}
+			blocking = true
+		case KindChurn:
+			if err := need("group", e.Group); err != nil {
+				return err
+			}
+			if !groups[e.Group] {
+				return v.errf(p+".group", "no group is named %q", e.Group)
+			}
+			if e.Count == 0 {
+				e.Count = 1
+			}
+			if e.Rounds == 0 {
+				e.Rounds = 1
+			}
+			if e.Down == 0 {
+				e.Down = Duration(500e6)
+			}
+			gi := slices.IndexFunc(s.Nodes, func(g Group) bool { return g.Name == e.Group })
+			if e.Count < 0 || e.Count >= s.Nodes[gi].Count {
+				return v.errf(p+".count", "%d: between 1 and the group's size minus one (%d)", e.Count, s.Nodes[gi].Count-1)
+			}
+			if e.Rounds < 0 || e.Rounds > 100 {
+				return v.errf(p+".rounds", "%d: between 1 and 100", e.Rounds)
+			}
+		case KindPolicy:
+			if err := need("zone", e.Zone); err != nil {
+				return err
+			}
+			if !zones[e.Zone] {
+				return v.errf(p+".zone", "zone %q is not declared", e.Zone)
+			}
 		case KindHeal:
 		case KindCrash, KindRejoin:
 			if err := need("node", e.Node); err != nil {
@@ -535,7 +641,7 @@ func (v *validator) scenario(s *Scenario) error {
 func (v *validator) expect(p string, e *Event, blocking bool) error {
 	x := &e.Expect
 	switch e.Kind {
-	case KindRevoke, KindHeal, KindRejoin:
+	case KindRevoke, KindHeal, KindRejoin, KindChurn, KindPolicy:
 		if x.Outcome == "" {
 			x.Outcome = "converged"
 		}

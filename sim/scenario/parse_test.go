@@ -22,6 +22,33 @@ nodes:
     agents: [{name: x, zone: payments}]
 `
 
+// two is minimal with a second node b running agent y.
+const two = minimal + `  - name: b
+    region: eu-west-1
+    zones: [payments]
+    agents: [{name: y, zone: payments}]
+`
+
+func TestNewEventDefaults(t *testing.T) {
+	s, err := Parse("c.yaml", []byte(two+`  - name: w
+    count: 4
+    region: eu-west-1
+    zones: [payments]
+timeline:
+  - {event: churn, group: w}
+  - {event: policy_change, zone: payments, rules: [{from: x, to: y, ports: [tcp/80]}]}
+`))
+	require.NoError(t, err)
+	c := s.Timeline[0]
+	assert.Equal(t, 1, c.Count)
+	assert.Equal(t, 1, c.Rounds)
+	assert.Equal(t, Duration(500e6), c.Down)
+	assert.Equal(t, "converged", c.Expect.Outcome)
+	p := s.Timeline[1]
+	assert.Equal(t, []Rule{{From: "x", To: "y", Ports: []string{"tcp/80"}}}, p.Rules)
+	assert.Equal(t, float64(1), p.Expect.Converged)
+}
+
 func TestShippedScenariosParse(t *testing.T) {
 	files, err := filepath.Glob("../scenarios/*.yaml")
 	require.NoError(t, err)
@@ -56,7 +83,17 @@ func TestRefusals(t *testing.T) {
 		{"unknown zone", strings.Replace(minimal, "zones: [payments]", "zones: [nope]", 1), ErrInvalid, "s.yaml:9:"},
 		{"region not allowed", strings.Replace(minimal, "region: eu-west-1\n", "region: us-east-1\n", 1), ErrInvalid, "nodes[0].region"},
 		{"unknown event", minimal + "timeline:\n  - {event: teleport}\n", ErrInvalid, "s.yaml:12:"},
-		{"drift needs trustflow", minimal + "timeline:\n  - {event: region_drift, node: a}\n", ErrUnsupported, "not supported in this version"},
+		{"duplicate is written as a copy", minimal + "timeline:\n  - {event: duplicate_identity, node: a}\n", ErrUnsupported, "write directory_copy"},
+		{"drift needs a region", minimal + "timeline:\n  - {event: region_drift, node: a, to: x.payments:80, expect: {outcome: blocked}}\n", ErrInvalid, "needs region"},
+		{"drift needs a target", minimal + "timeline:\n  - {event: region_drift, node: a, region: us-east-1, expect: {outcome: blocked}}\n", ErrInvalid, "needs to"},
+		{"drift from another node's agent", two + "timeline:\n  - {event: region_drift, node: a, region: us-east-1, from: y.payments, to: x.payments:80, expect: {outcome: blocked}}\n", ErrInvalid, "not on the drifting node a"},
+		{"exe swap of an unknown agent", minimal + "timeline:\n  - {event: exe_swap, agent: y.payments, to: x.payments:80, expect: {outcome: blocked}}\n", ErrInvalid, "no node runs agent y.payments"},
+		{"copy targets itself", minimal + "timeline:\n  - {event: directory_copy, node: a, to: x.payments:80, expect: {outcome: blocked}}\n", ErrInvalid, "copied node itself"},
+		{"churn of a whole group", minimal + "timeline:\n  - {event: churn, group: a, count: 1}\n", ErrInvalid, "between 1 and the group's size minus one"},
+		{"churn of an unknown group", minimal + "timeline:\n  - {event: churn, group: z}\n", ErrInvalid, "no group is named"},
+		{"policy change of an unknown zone", minimal + "timeline:\n  - {event: policy_change, zone: z}\n", ErrInvalid, "not declared"},
+		{"policy change expects convergence", minimal + "timeline:\n  - {event: policy_change, zone: payments, expect: {outcome: blocked}}\n", ErrInvalid, "expects converged"},
+		{"unknown gossip profile", minimal + "gossip: wan\n", ErrInvalid, "use fast, lan or scale"},
 		{"lateral in one zone", minimal + "timeline:\n  - {event: lateral_movement, from: x.payments, to: x.payments:80, expect: {outcome: blocked}}\n", ErrInvalid, "crosses zones"},
 		{"outcome missing", minimal + "timeline:\n  - {event: flow, from: x.payments, to: x.payments:80}\n", ErrInvalid, "blocked or allowed"},
 		{"unknown agent", minimal + "timeline:\n  - {event: revoke, agent: y.payments}\n", ErrInvalid, "no node runs agent y.payments"},
@@ -77,7 +114,7 @@ func TestRefusals(t *testing.T) {
 
 func FuzzParse(f *testing.F) {
 	f.Add([]byte(minimal))
-	for _, p := range []string{"../scenarios/lateral-movement.yaml"} {
+	for _, p := range []string{"../scenarios/lateral-movement.yaml", "../scenarios/trust-signals.yaml", "../scenarios/churn-partition-soak.yaml"} {
 		if b, err := os.ReadFile(p); err == nil {
 			f.Add(b)
 		}

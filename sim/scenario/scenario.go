@@ -14,7 +14,7 @@ type Scenario struct {
 	Description string    `yaml:"description"`
 	Seed        uint64    `yaml:"seed"`
 	Network     Network   `yaml:"network"`
-	Gossip      string    `yaml:"gossip"` // "fast" (default) or "lan"
+	Gossip      string    `yaml:"gossip"` // "fast" (default), "lan" or "scale" (see GossipTiming in package sim)
 	TrustDomain string    `yaml:"trust_domain"`
 	Zones       []Zone    `yaml:"zones"`
 	Nodes       []Group   `yaml:"nodes"`
@@ -29,6 +29,11 @@ type Scenario struct {
 type RunLimits struct {
 	// Gossip is how long the nodes may take to find their zone peers before the run fails.
 	Gossip Duration `yaml:"gossip"`
+	// Members is the fraction of its zone's live members every node must see before the
+	// timeline starts (default 1: all of them). Large runs may accept slightly less: memberlist
+	// can hold a member it declared failed, while the member itself never heard so, until a
+	// push/pull reaches the member (minutes at hundreds of nodes); gossip still reaches both.
+	Members float64 `yaml:"members"`
 }
 
 // Network is the in-memory underlay's default link.
@@ -80,46 +85,47 @@ type Traffic struct {
 
 // Event kinds.
 const (
-	KindFlow        = "flow"              // From dials To; expect says whether it must be blocked
-	KindLateral     = "lateral_movement"  // a flow whose ends are in different zones
-	KindReplay      = "replay"            // a captured DTL record replayed: same session, new session, other node
-	KindTokenReuse  = "token_reuse"       // a used join token presented by another host
-	KindForged      = "forged_provenance" // a node signs an agent certificate for a zone it lacks
-	KindRevoke      = "revoke"            // the authority revokes an agent or a node
-	KindPartition   = "partition"         // the underlay splits into sets of groups
-	KindHeal        = "heal"              // the partition ends; records catch up
-	KindCrash       = "crash"             // a node stops
-	KindRejoin      = "rejoin"            // a crashed node starts again on its directory
-	KindRegionDrift = "region_drift"      // needs TrustFlow
-	KindDuplicate   = "duplicate_identity"
-	KindExeSwap     = "exe_swap"
-	KindDirCopy     = "directory_copy"
-	KindChurn       = "churn"
-	KindPolicy      = "policy_change"
+	KindFlow        = "flow"               // From dials To; expect says whether it must be blocked
+	KindLateral     = "lateral_movement"   // a flow whose ends are in different zones
+	KindReplay      = "replay"             // a captured DTL record replayed: same session, new session, other node
+	KindTokenReuse  = "token_reuse"        // a used join token presented by another host
+	KindForged      = "forged_provenance"  // a node signs an agent certificate for a zone it lacks
+	KindRevoke      = "revoke"             // the authority revokes an agent or a node
+	KindPartition   = "partition"          // the underlay splits into sets of groups
+	KindHeal        = "heal"               // the partition ends; records catch up
+	KindCrash       = "crash"              // a node stops
+	KindRejoin      = "rejoin"             // a crashed node starts again on its directory
+	KindRegionDrift = "region_drift"       // the node's region file names another region (TrustFlow)
+	KindDuplicate   = "duplicate_identity" // refused: write directory_copy
+	KindExeSwap     = "exe_swap"           // another executable uses an agent's proxy (workload attestation)
+	KindDirCopy     = "directory_copy"     // a node's directory runs on a second host (TrustFlow duplicates)
+	KindChurn       = "churn"              // rounds of nodes of a group crashing and restarting
+	KindPolicy      = "policy_change"      // the authority releases a policy with a zone's rules replaced
 )
 
 // Unsupported maps the declared event kinds this version cannot run to the reason.
 var unsupported = map[string]string{
-	KindRegionDrift: "the runner does not drive TrustFlow's region signal yet",
-	KindDuplicate:   "the runner does not drive TrustFlow's duplicate-identity signal yet",
-	KindExeSwap:     "the runner does not run agents as separate processes, so there is no executable to swap",
-	KindDirCopy:     "the runner does not drive TrustFlow's duplicate-identity signal yet",
-	KindChurn:       "the runner does not drive churn yet; use crash and rejoin",
-	KindPolicy:      "the runner does not apply policy changes yet",
+	KindDuplicate: "a duplicated identity is made by copying a node's directory to a second host: write directory_copy",
 }
 
 // Event is one step of the timeline.
 type Event struct {
 	At     Duration   `yaml:"at"` // offset from the timeline's start; events run in order
 	Kind   string     `yaml:"event"`
-	Name   string     `yaml:"name"`  // label in the report; defaults to the kind
-	From   string     `yaml:"from"`  // agent.zone (flow, lateral_movement, replay)
-	To     string     `yaml:"to"`    // agent.zone:port
-	Via    string     `yaml:"via"`   // replay: the node that replays; forged_provenance: the forger
-	Node   string     `yaml:"node"`  // token_reuse, crash, rejoin, revoke (a node)
-	Agent  string     `yaml:"agent"` // revoke (an agent): agent.zone
-	Zone   string     `yaml:"zone"`  // forged_provenance: the zone the forged certificate claims
-	Sets   [][]string `yaml:"sets"`  // partition: groups or node names per side
+	Name   string     `yaml:"name"`   // label in the report; defaults to the kind
+	From   string     `yaml:"from"`   // agent.zone (flow, lateral_movement, replay)
+	To     string     `yaml:"to"`     // agent.zone:port
+	Via    string     `yaml:"via"`    // replay: the node that replays; forged_provenance: the forger
+	Node   string     `yaml:"node"`   // token_reuse, crash, rejoin, revoke (a node)
+	Agent  string     `yaml:"agent"`  // revoke (an agent): agent.zone
+	Zone   string     `yaml:"zone"`   // forged_provenance: the zone the forged certificate claims
+	Sets   [][]string `yaml:"sets"`   // partition: groups or node names per side
+	Region string     `yaml:"region"` // region_drift: where the node runs now
+	Group  string     `yaml:"group"`  // churn: the group whose nodes restart
+	Count  int        `yaml:"count"`  // churn: nodes restarted per round (default 1)
+	Rounds int        `yaml:"rounds"` // churn: rounds (default 1)
+	Down   Duration   `yaml:"down"`   // churn: how long each restarted node stays down (default 500ms)
+	Rules  []Rule     `yaml:"rules"`  // policy_change: the zone's rules from now on (empty: none)
 	Expect Expect     `yaml:"expect"`
 	line   int
 }
@@ -138,9 +144,11 @@ func (e Event) Label() string {
 // Expect is what the run checks for an event.
 type Expect struct {
 	// Outcome is "blocked" or "allowed" (flow, lateral_movement, replay, token_reuse,
-	// forged_provenance); revoke, heal and rejoin are "converged".
+	// forged_provenance, region_drift, exe_swap, directory_copy); revoke, heal, rejoin, churn
+	// and policy_change are "converged".
 	Outcome string `yaml:"outcome"`
-	// Within bounds the time to block (attacks) or to converge (revoke, heal, rejoin).
+	// Within bounds the time to block (attacks) or to converge (revoke, heal, rejoin, churn,
+	// policy_change).
 	Within Duration `yaml:"within"`
 	// LeakedBytes is the most bytes that may reach the target of a blocked attempt.
 	LeakedBytes int64 `yaml:"leaked_bytes"`

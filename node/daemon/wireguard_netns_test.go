@@ -1,0 +1,319 @@
+//go:build linux
+
+package daemon
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.zx2c4.com/wireguard/conn"
+	"golang.zx2c4.com/wireguard/device"
+	"golang.zx2c4.com/wireguard/tun"
+	"golang.zx2c4.com/wireguard/tun/tuntest"
+
+	"github.com/ute-project/ute/identity/authority"
+	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/attest"
+	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/membership"
+	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/tundev"
+	"github.com/ute-project/ute/overlay/wireguard"
+	"github.com/ute-project/ute/sim/netlab"
+)
+
+// nsBind opens wireguard-go's UDP sockets inside a lab host, whichever goroutine asks.
+type nsBind struct {
+	conn.Bind
+	h *netlab.Host
+}
+
+func (b *nsBind) Open(port uint16) (fns []conn.ReceiveFunc, actual uint16, err error) {
+	derr := b.h.Do(func() error {
+		fns, actual, err = b.Bind.Open(port)
+		return nil
+	})
+	if derr != nil {
+		return nil, 0, derr
+	}
+	return fns, actual, err
+}
+
+// wgHost is one lab host running an in-process daemon in WireGuard mode on a kernel TUN in the
+// host's namespace; its agents are real programs started in the namespace.
+type wgHost struct {
+	h    *netlab.Host
+	d    *Daemon
+	kdev *tundev.Device
+	ips  map[string]netip.Addr
+}
+
+func realExe(t *testing.T, name string) string {
+	t.Helper()
+	p, err := exec.LookPath(name)
+	if err != nil {
+		t.Skipf("skipping: %s is not installed", name)
+	}
+	if name == "python3" {
+		out, err := exec.Command(p, "-c", "import sys; print(sys.executable)").Output()
+		require.NoError(t, err)
+		p = strings.TrimSpace(string(out))
+	}
+	p, err = filepath.EvalSymlinks(p)
+	require.NoError(t, err)
+	return p
+}
+
+func startWGHost(t *testing.T, ta *testAuthority, h *netlab.Host, zones []string, agents []state.AgentSpec) *wgHost {
+	t.Helper()
+	ctx := context.Background()
+	tok, err := ta.CreateToken(ctx, authority.TokenSpec{Zones: zones, TTL: time.Minute})
+	require.NoError(t, err)
+	dir := filepath.Join(t.TempDir(), h.Name)
+	fp := sha256.Sum256([]byte(h.Name))
+	listen := netip.AddrPortFrom(h.Addr, config.DefaultPort)
+	st, err := node.Join(ctx, node.JoinParams{Dir: dir, Authority: ta.addr, Token: tok.Token, Name: h.Name,
+		HostFingerprint: fp[:], Advertise: listen.String()})
+	require.NoError(t, err)
+	w := &wgHost{h: h, ips: map[string]netip.Addr{}}
+	var addrs []netip.Prefix
+	for _, as := range agents {
+		a, err := st.AddAgent(as)
+		require.NoError(t, err)
+		w.ips[as.Name] = a.IP
+		addrs = append(addrs, netip.PrefixFrom(a.IP, 32))
+	}
+	require.NoError(t, h.Do(func() error {
+		var err error
+		w.kdev, err = tundev.Open(ctx, tundev.Config{Name: "ute0", MTU: DefaultWireGuardMTU, Addrs: addrs,
+			Routes: []netip.Prefix{netip.MustParsePrefix("100.100.1.0/24")}}, testLogger(h.Name))
+		return err
+	}))
+	t.Cleanup(func() { _ = w.kdev.Close() })
+	pc, err := h.ListenPacket("udp", listen.String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = pc.Close() })
+	att := attest.New(attest.Options{})
+	cfg := config.Default()
+	cfg.Transport, cfg.Interface = config.TransportWireGuard, config.InterfaceTUN
+	ft := membership.FastTiming()
+	w.d, err = Start(ctx, Options{Dir: dir, Config: cfg, Logger: testLogger(h.Name), PacketConn: pc, NoAuthority: true, Timing: &ft,
+		WireGuard: WireGuardOptions{TUN: w.kdev.TUN(), Bind: &nsBind{Bind: conn.NewDefaultBind(), h: h},
+			Attest: func(tp wireguard.Tuple, wl node.Workload) (p attest.Process, err error) {
+				// The socket lives in the host's namespace: look it up from there.
+				derr := h.Do(func() error {
+					p, err = att.Verify(tp.Source(), tp.Destination(), attest.Expected{Digest: wl.Digest, UID: wl.UID, GID: wl.GID, Exe: wl.Exe})
+					return nil
+				})
+				if derr != nil {
+					return p, derr
+				}
+				return p, err
+			}}})
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = w.d.Close() })
+	return w
+}
+
+func curlArgs(src netip.Addr, url string, maxTime int) []string {
+	return []string{"-sS", "--max-time", fmt.Sprint(maxTime), "--interface", src.String(), url}
+}
+
+// TestWireGuardNetns is the virtual-interface suite in WireGuard mode: two hosts (network
+// namespaces on a bridge) with kernel TUNs and in-process daemons, curl and python's http.server
+// as agents. Root only.
+func TestWireGuardNetns(t *testing.T) {
+	if testing.Short() {
+		t.Skip("network-namespace test: not in -short")
+	}
+	lab := netlab.New(t, netlab.Options{Hosts: []string{"a", "b", "f"}})
+	curl, python := realExe(t, "curl"), realExe(t, "python3")
+	ta := startAuthority(t)
+	a := startWGHost(t, ta, lab.Host("a"), []string{"payments"}, []state.AgentSpec{{Name: "billing-api", Zone: "payments", Exe: curl}})
+	b := startWGHost(t, ta, lab.Host("b"), []string{"payments"}, []state.AgentSpec{{Name: "ledger", Zone: "payments", Exe: python}})
+	billing, ledger := a.ips["billing-api"], b.ips["ledger"]
+
+	www := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(www, "hello.txt"), []byte("ledger here\n"), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(www, "big.bin"), nil, 0o644))
+	require.NoError(t, os.Truncate(filepath.Join(www, "big.bin"), 1<<30))
+	srv, err := b.h.Start(python, "-u", "-m", "http.server", "8080", "--bind", ledger.String(), "--directory", www)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	require.NoError(t, srv.WaitOutput(ctx, "Serving HTTP"))
+	requests := func() int { return strings.Count(srv.Output(), "GET /") }
+
+	// Same zone: reached by overlay IP, through the kernel TUN and wireguard-go.
+	url := fmt.Sprintf("http://%s:8080/hello.txt", ledger)
+	require.Eventually(t, func() bool {
+		out, err := a.h.Run(ctx, curl, curlArgs(billing, url, 3)...)
+		return err == nil && out == "ledger here\n"
+	}, 30*time.Second, 200*time.Millisecond, "billing-api never reached ledger")
+	infoA, _ := a.d.WireGuard()
+	require.Len(t, infoA.Peers, 1)
+
+	// Cross zone: an address of zone support is not routed into the overlay for billing-api
+	// (and would be refused at resolve): nothing leaves.
+	_, err = a.h.Run(ctx, curl, curlArgs(billing, "http://100.100.2.5:8080/", 2)...)
+	require.Error(t, err)
+
+	// Another executable on billing-api's address: python3 is not the enrolled curl.
+	before := requests()
+	out, err := a.h.Run(ctx, python, "-c", fmt.Sprintf(
+		"import socket,sys\ns=socket.socket(); s.settimeout(2); s.bind(('%s',0))\ntry:\n s.connect(('%s',8080)); print('connected')\nexcept Exception as e:\n print('refused', e)", billing, ledger))
+	require.NoError(t, err)
+	require.Contains(t, out, "refused")
+	require.Equal(t, before, requests(), "ledger's server saw no request")
+	infoA, _ = a.d.WireGuard()
+	// At least once: a SYN the kernel retransmits while the first is being attested is refused again.
+	require.GreaterOrEqual(t, infoA.Refused["workload"], uint64(1), "refused by workload attestation: %v", infoA.Refused)
+
+	// A foreign WireGuard key pointed at b from host f: its handshake is never answered.
+	infoB, _ := b.d.WireGuard()
+	foreign, err := wireguard.GenerateKeyPair()
+	require.NoError(t, err)
+	fch := tuntest.NewChannelTUN()
+	fdev := device.NewDevice(fch.TUN(), &nsBind{Bind: conn.NewDefaultBind(), h: lab.Host("f")}, device.NewLogger(device.LogLevelSilent, ""))
+	t.Cleanup(fdev.Close)
+	require.NoError(t, fdev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=0\npublic_key=%x\nendpoint=%s\nallowed_ip=0.0.0.0/0\npersistent_keepalive_interval=1\n",
+		foreign.Private[:], infoB.Key[:], infoB.Endpoint)))
+	require.NoError(t, fdev.Up())
+	unadmitted := infoB.Filter.Unadmitted
+	for range 5 {
+		fch.Outbound <- tuntest.Ping(ledger, billing)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	fcfg, err := fdev.IpcGet()
+	require.NoError(t, err)
+	require.Contains(t, fcfg, "last_handshake_time_sec=0\n")
+	infoB, _ = b.d.WireGuard()
+	require.Equal(t, unadmitted, infoB.Filter.Unadmitted, "nothing of the foreign device reached b's filter")
+
+	// Partition and heal: with a's link cut no flow passes; restored, a new flow succeeds.
+	require.NoError(t, a.h.Cut(ctx))
+	_, err = a.h.Run(ctx, curl, curlArgs(billing, url, 2)...)
+	require.Error(t, err, "no flow while a's link is cut")
+	require.NoError(t, a.h.Restore(ctx))
+	restored := time.Now()
+	require.Eventually(t, func() bool {
+		out, err := a.h.Run(ctx, curl, curlArgs(billing, url, 3)...)
+		return err == nil && out == "ledger here\n"
+	}, 30*time.Second, 200*time.Millisecond, "no flow after a's link was restored")
+	t.Logf("a new flow succeeded %v after a's link was restored", time.Since(restored).Round(time.Millisecond))
+
+	// Revocation: a live download; billing-api is revoked at its own node; within 1 s no byte
+	// moves any more.
+	dl := filepath.Join(t.TempDir(), "dl.bin")
+	live, err := a.h.Start(curl, "-sS", "--interface", billing.String(), "--limit-rate", "16M", "-o", dl, fmt.Sprintf("http://%s:8080/big.bin", ledger))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { st, err := os.Stat(dl); return err == nil && st.Size() > 1<<20 }, 20*time.Second, 20*time.Millisecond,
+		"the download is flowing; curl: %s", live.Output())
+	_, err = a.d.Revoke(ctx, "billing-api.payments", "revoked by test")
+	require.NoError(t, err)
+	returned := time.Now()
+	size := func() int64 { st, err := os.Stat(dl); require.NoError(t, err); return st.Size() }
+	// What the kernel had buffered for curl drains first; then the size must stand still.
+	time.Sleep(time.Second)
+	frozen := size()
+	time.Sleep(2 * time.Second)
+	require.Equal(t, frozen, size(), "bytes still arrived 1 s after the revocation returned (%v ago)", time.Since(returned))
+	require.Eventually(t, func() bool { return b.d.Store().Len() == 1 }, 10*time.Second, 20*time.Millisecond,
+		"the revocation reached b by gossip")
+	_, err = a.h.Run(ctx, curl, curlArgs(billing, url, 2)...)
+	require.Error(t, err, "a new flow of the revoked agent fails")
+}
+
+// iperf3Gbps runs `iperf3 -c server -B bind -t secs -J` in h and returns the received rate.
+func iperf3Gbps(t *testing.T, ctx context.Context, h *netlab.Host, iperf string, bind, server netip.Addr, secs int) float64 {
+	t.Helper()
+	out, err := h.Run(ctx, iperf, "-c", server.String(), "-p", "8080", "-B", bind.String(), "-t", fmt.Sprint(secs), "-J")
+	require.NoError(t, err)
+	var res struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(out), &res), out)
+	return res.End.SumReceived.BitsPerSecond / 1e9
+}
+
+// TestWireGuardIperf compares iperf3 TCP agent to agent in WireGuard mode with bare wireguard-go
+// devices between two other namespaces of the same lab, same MTU, same process. Root only, and
+// only with UTE_BENCH=1 (it takes about 30 s).
+func TestWireGuardIperf(t *testing.T) {
+	if os.Getenv("UTE_BENCH") == "" {
+		t.Skip("iperf3 comparison: set UTE_BENCH=1 (root)")
+	}
+	lab := netlab.New(t, netlab.Options{Hosts: []string{"a", "b", "c", "d"}})
+	iperf := realExe(t, "iperf3")
+	ta := startAuthority(t)
+	a := startWGHost(t, ta, lab.Host("a"), []string{"payments"}, []state.AgentSpec{{Name: "billing-api", Zone: "payments", Exe: iperf}})
+	b := startWGHost(t, ta, lab.Host("b"), []string{"payments"}, []state.AgentSpec{{Name: "ledger", Zone: "payments", Exe: iperf}})
+	billing, ledger := a.ips["billing-api"], b.ips["ledger"]
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	srv, err := b.h.Start(iperf, "-s", "-p", "8080", "--forceflush", "-B", ledger.String())
+	require.NoError(t, err)
+	require.NoError(t, srv.WaitOutput(ctx, "Server listening"))
+	// Warm-up: peers configured, first flows admitted.
+	require.Eventually(t, func() bool {
+		_, err := a.h.Run(ctx, iperf, "-c", ledger.String(), "-p", "8080", "-B", billing.String(), "-t", "1")
+		return err == nil
+	}, 30*time.Second, 500*time.Millisecond, "iperf3 through UTE never ran; refusals %v", func() map[string]uint64 { i, _ := a.d.WireGuard(); return i.Refused }())
+	ute := iperf3Gbps(t, ctx, a.h, iperf, billing, ledger, 5)
+
+	// Bare wireguard-go between c and d: kernel TUNs, same MTU, peers configured by hand.
+	c, d := lab.Host("c"), lab.Host("d")
+	type bare struct {
+		dev  *device.Device
+		kp   wireguard.KeyPair
+		ip   netip.Addr
+		port uint16
+	}
+	mk := func(h *netlab.Host, ip string) *bare {
+		kp, err := wireguard.GenerateKeyPair()
+		require.NoError(t, err)
+		var td tun.Device
+		require.NoError(t, h.Do(func() error { var err error; td, err = tun.CreateTUN("wg0", DefaultWireGuardMTU); return err }))
+		_, err = h.Run(ctx, "ip", "addr", "add", ip+"/24", "dev", "wg0")
+		require.NoError(t, err)
+		_, err = h.Run(ctx, "ip", "link", "set", "wg0", "up")
+		require.NoError(t, err)
+		dev := device.NewDevice(td, &nsBind{Bind: conn.NewDefaultBind(), h: h}, device.NewLogger(device.LogLevelSilent, ""))
+		t.Cleanup(dev.Close)
+		require.NoError(t, dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=51820\n", kp.Private[:])))
+		return &bare{dev: dev, kp: kp, ip: netip.MustParseAddr(ip), port: 51820}
+	}
+	bc, bd := mk(c, "10.200.0.1"), mk(d, "10.200.0.2")
+	for _, p := range []struct {
+		from, to *bare
+		h        *netlab.Host
+	}{{bc, bd, d}, {bd, bc, c}} {
+		require.NoError(t, p.from.dev.IpcSet(fmt.Sprintf("public_key=%x\nendpoint=%s\nallowed_ip=%s/32\n",
+			p.to.kp.Public[:], netip.AddrPortFrom(p.h.Addr, p.to.port), p.to.ip)))
+		require.NoError(t, p.from.dev.Up())
+	}
+	bsrv, err := d.Start(iperf, "-s", "-p", "8080", "--forceflush", "-B", bd.ip.String())
+	require.NoError(t, err)
+	require.NoError(t, bsrv.WaitOutput(ctx, "Server listening"))
+	require.Eventually(t, func() bool {
+		_, err := c.Run(ctx, iperf, "-c", bd.ip.String(), "-p", "8080", "-B", bc.ip.String(), "-t", "1")
+		return err == nil
+	}, 30*time.Second, 500*time.Millisecond)
+	bareGbps := iperf3Gbps(t, ctx, c, iperf, bc.ip, bd.ip, 5)
+	t.Logf("iperf3 TCP, 5 s, MTU %d: UTE WireGuard mode %.2f Gbit/s, bare wireguard-go %.2f Gbit/s, ratio %.2f",
+		DefaultWireGuardMTU, ute, bareGbps, ute/bareGbps)
+}

@@ -1,0 +1,354 @@
+package daemon
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"net/netip"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+	"golang.zx2c4.com/wireguard/tun/tuntest"
+
+	"github.com/ute-project/ute/identity"
+	"github.com/ute-project/ute/node"
+	"github.com/ute-project/ute/node/attest"
+	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/membership"
+	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/dtl"
+	"github.com/ute-project/ute/overlay/wireguard"
+)
+
+// wgd is a daemon in WireGuard mode whose kernel side is a channel TUN: kernel(p) is a packet
+// an agent sends, delivered receives what reaches the agents.
+type wgd struct {
+	*Daemon
+	ch        *tuntest.ChannelTUN
+	delivered chan []byte
+	// refuseExe makes attestation refuse tuples from this source port (a different executable).
+	refuseExe atomic.Uint32
+}
+
+func startWGDaemon(t *testing.T, ta *testAuthority, s spec) *wgd {
+	t.Helper()
+	dir, pc := joinNode(t, ta, s)
+	w := &wgd{ch: tuntest.NewChannelTUN(), delivered: make(chan []byte, 64)}
+	cfg := config.Default()
+	cfg.Transport = config.TransportWireGuard
+	ft := membership.FastTiming()
+	lpc, err := netListenUDP()
+	require.NoError(t, err)
+	port := uint16(lpc.LocalAddr().(interface{ AddrPort() netip.AddrPort }).AddrPort().Port())
+	require.NoError(t, lpc.Close())
+	opts := Options{Dir: dir, Config: cfg, Logger: testLogger(s.name), PacketConn: pc, NoAuthority: true, Timing: &ft,
+		WireGuard: WireGuardOptions{TUN: w.ch.TUN(), Port: port, Attest: func(tp wireguard.Tuple, wl node.Workload) (attest.Process, error) {
+			if p := w.refuseExe.Load(); p != 0 && uint32(tp.SrcPort) == p {
+				return attest.Process{PID: 4242, Exe: "/usr/bin/curl"}, fmt.Errorf("%w: pid 4242 runs /usr/bin/curl", attest.ErrMismatch)
+			}
+			return attest.Process{}, nil
+		}}}
+	d, err := Start(context.Background(), opts)
+	require.NoError(t, err)
+	w.Daemon = d
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case p := <-w.ch.Inbound:
+				select {
+				case w.delivered <- p:
+				case <-stop:
+					return
+				}
+			case <-stop:
+				return
+			}
+		}
+	})
+	t.Cleanup(func() {
+		_ = d.Close()
+		close(stop)
+		wg.Wait()
+	})
+	return w
+}
+
+func (w *wgd) agentIP(t *testing.T, name string) netip.Addr {
+	t.Helper()
+	for _, a := range w.Node().Snapshot().Agents {
+		if a.Name == name {
+			return a.IP
+		}
+	}
+	t.Fatalf("no agent %s", name)
+	return netip.Addr{}
+}
+
+// tcpPacket is a minimal IPv4 TCP packet (the filter and wireguard-go read addresses and ports
+// only; the channel TUN has no kernel to check sums).
+func tcpPacket(src, dst netip.AddrPort, payload int) []byte {
+	p := make([]byte, 40+payload)
+	p[0] = 0x45
+	binary.BigEndian.PutUint16(p[2:4], uint16(len(p)))
+	p[8] = 64
+	p[9] = 6
+	s, d := src.Addr().As4(), dst.Addr().As4()
+	copy(p[12:16], s[:])
+	copy(p[16:20], d[:])
+	binary.BigEndian.PutUint16(p[20:22], src.Port())
+	binary.BigEndian.PutUint16(p[22:24], dst.Port())
+	p[32] = 5 << 4
+	return p
+}
+
+func waitPacket(t *testing.T, c chan []byte, want []byte) {
+	t.Helper()
+	select {
+	case p := <-c:
+		require.Equal(t, want, p)
+	case <-time.After(10 * time.Second):
+		t.Fatal("the packet never arrived")
+	}
+}
+
+func noPacket(t *testing.T, c chan []byte, within time.Duration) {
+	t.Helper()
+	select {
+	case p := <-c:
+		t.Fatalf("a packet passed: % x", p[:min(len(p), 40)])
+	case <-time.After(within):
+	}
+}
+
+// TestWireGuardTransport runs two daemons in WireGuard mode with real wireguard-go devices over
+// loopback UDP (channel TUNs stand in for the kernel interface): peers come only from verified
+// bindings, an admitted flow crosses at WireGuard speed, and every refusal — policy, cross-zone,
+// spoofed source, wrong executable, revocation — keeps its packets off the other side.
+func TestWireGuardTransport(t *testing.T) {
+	ta := startAuthority(t)
+	n1 := startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-1", Zone: "payments"}}})
+	n2 := startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	require.NoError(t, n2.Node().AddPeer(node.Peer{Node: n1.Node().ID().String(), Addr: n1.Addr()}))
+	billing, ledger := n1.agentIP(t, "billing-1"), n2.agentIP(t, "ledger")
+
+	src, dst := netip.AddrPortFrom(billing, 40000), netip.AddrPortFrom(ledger, 8080)
+	syn := tcpPacket(src, dst, 0)
+	n1.ch.Outbound <- syn
+	waitPacket(t, n2.delivered, syn)
+	reply := tcpPacket(dst, src, 0)
+	n2.ch.Outbound <- reply
+	waitPacket(t, n1.delivered, reply)
+	for i := range 20 {
+		p := tcpPacket(src, dst, 100+i)
+		n1.ch.Outbound <- p
+		waitPacket(t, n2.delivered, p)
+	}
+	info1, ok := n1.WireGuard()
+	require.True(t, ok)
+	require.Len(t, info1.Peers, 1)
+	require.Equal(t, n2.Node().ID().String(), info1.Peers[0].Node)
+	require.Equal(t, []netip.Prefix{netip.PrefixFrom(ledger, 32)}, info1.Peers[0].AllowedIPs, "allowed IPs are exactly the agents' addresses")
+	info2, _ := n2.WireGuard()
+	require.Equal(t, []netip.Prefix{netip.PrefixFrom(billing, 32)}, info2.Peers[0].AllowedIPs)
+	require.Equal(t, uint64(1), info1.Filter.Admissions)
+
+	refusedAt := func(w *wgd, reason string) uint64 { i, _ := w.WireGuard(); return i.Refused[reason] }
+	expectRefused := func(reason string, p []byte) {
+		t.Helper()
+		before := refusedAt(n1, reason)
+		n1.ch.Outbound <- p
+		require.Eventually(t, func() bool { return refusedAt(n1, reason) == before+1 }, 10*time.Second, 10*time.Millisecond, reason)
+		noPacket(t, n2.delivered, 100*time.Millisecond)
+	}
+	// The policy allows billing-* to ledger on tcp/8080 only: n2 refuses port 9090.
+	expectRefused("policy", tcpPacket(netip.AddrPortFrom(billing, 40001), netip.AddrPortFrom(ledger, 9090), 0))
+	// An address of zone support: refused by n1 before any record is signed.
+	expectRefused("resolve", tcpPacket(netip.AddrPortFrom(billing, 40002), netip.MustParseAddrPort("100.100.2.5:8080"), 0))
+	// A source address that is not an agent of n1.
+	expectRefused("spoofed", tcpPacket(netip.MustParseAddrPort("100.100.1.250:40003"), dst, 0))
+	// Another executable behind billing-1's address.
+	n1.refuseExe.Store(40004)
+	expectRefused("workload", tcpPacket(netip.AddrPortFrom(billing, 40004), dst, 0))
+
+	// Isolation (a local revocation at the receiver) of billing-1: n2 drops its admitted tuple
+	// before Revoke returns, though n1 still sends it.
+	subject := identity.AgentID("acme.internal", "payments", "billing-1").String()
+	require.NoError(t, n2.Node().Revoke(context.Background(), subject, "isolated by test"))
+	unadmitted := func() uint64 { i, _ := n2.WireGuard(); return i.Filter.Unadmitted }
+	before := unadmitted()
+	for i := range 5 {
+		n1.ch.Outbound <- tcpPacket(src, dst, 200+i)
+	}
+	require.Eventually(t, func() bool { return unadmitted() >= before+5 }, 5*time.Second, 10*time.Millisecond)
+	noPacket(t, n2.delivered, 200*time.Millisecond)
+
+	// Revoking the peer node removes it from the device at once.
+	require.NoError(t, n2.Node().Revoke(context.Background(), n1.Node().ID().String(), "node revoked by test"))
+	info2, _ = n2.WireGuard()
+	require.Empty(t, info2.Peers)
+}
+
+// TestWireGuardBindingFromOtherNodeRefused is the key binding from the attacker's side over a
+// real tunnel: n2 presents n1's signed binding (a replay) and a binding it signs for n1's
+// identity; both are refused with their sentinels and n3 never configures the key.
+func TestWireGuardBindingFromOtherNodeRefused(t *testing.T) {
+	ta := startAuthority(t)
+	n1 := startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}})
+	n2 := startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}})
+	n3 := startWGDaemon(t, ta, spec{name: "n3", zones: []string{"payments"}})
+	for _, d := range []*wgd{n1, n2} {
+		require.NoError(t, n3.Node().AddPeer(node.Peer{Node: d.Node().ID().String(), Addr: d.Addr()}))
+	}
+	ctx := context.Background()
+	n1raw, err := n1.wgt.ownBinding()
+	require.NoError(t, err)
+	// What n3 does with a hello arriving on its tunnel with n2: acceptBinding against the
+	// certificate that tunnel's handshake verified.
+	t32, err := n3.Node().Tunnel(ctx, n2.Node().ID().String(), "payments")
+	require.NoError(t, err)
+	err = n3.wgt.acceptBinding(t32, n1raw)
+	require.ErrorIs(t, err, wireguard.ErrBindingSignature)
+
+	_, key, err := n2.Node().Credentials()
+	require.NoError(t, err)
+	info1, _ := n1.WireGuard()
+	forged, err := wireguard.SignBinding(wireguard.Binding{Node: n1.Node().ID().String(), Zones: []string{"payments"},
+		Key: info1.Key, Endpoint: info1.Endpoint, IssuedAt: time.Now(), Expires: time.Now().Add(time.Hour)}, key)
+	require.NoError(t, err)
+	err = n3.wgt.acceptBinding(t32, forged)
+	require.ErrorIs(t, err, wireguard.ErrBindingNode)
+	for _, p := range n3.wgt.dev.Peers() {
+		require.NotEqual(t, info1.Key, p.Key, "n1's key configured from n2's statements")
+	}
+	require.False(t, n3.wgt.hasBinding(n1.Node().ID().String(), "payments"))
+}
+
+// TestWireGuardRefusesQUICPeer: a node of the zone running the QUIC transport is refused with
+// ErrTransportMismatch, never bridged.
+func TestWireGuardRefusesQUICPeer(t *testing.T) {
+	ta := startAuthority(t)
+	n1 := startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}})
+	dir, pc := joinNode(t, ta, spec{name: "q", zones: []string{"payments"}})
+	q := startDaemon(t, "q", dir, pc, true)
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: q.Node().ID().String(), Addr: q.Addr()}))
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	err := n1.wgt.exchange(ctx, q.Node().ID().String(), "payments")
+	require.ErrorIs(t, err, ErrTransportMismatch)
+}
+
+func netListenUDP() (interface {
+	Close() error
+	LocalAddr() net.Addr
+}, error) {
+	return net.ListenPacket("udp", "127.0.0.1:0")
+}
+
+// TestWireGuardPolicyChangeCutsFlows: a policy release that no longer allows an admitted tuple
+// removes it at the receiver while Accept applies the release; its packets stop at once.
+func TestWireGuardPolicyChangeCutsFlows(t *testing.T) {
+	ta := startAuthority(t)
+	n1 := startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-1", Zone: "payments"}}})
+	n2 := startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	src, dst := netip.AddrPortFrom(n1.agentIP(t, "billing-1"), 40000), netip.AddrPortFrom(n2.agentIP(t, "ledger"), 8080)
+	syn := tcpPacket(src, dst, 0)
+	n1.ch.Outbound <- syn
+	waitPacket(t, n2.delivered, syn)
+	info, _ := n2.WireGuard()
+	require.Equal(t, 1, info.Filter.Flows)
+
+	_, err := ta.ApplyPolicy(context.Background(), "narrow.yaml", []byte(strings.Replace(testPolicy, "ports: [tcp/8080]", "ports: [tcp/8081]", 1)))
+	require.NoError(t, err)
+	_, rel, err := ta.PolicyRelease()
+	require.NoError(t, err)
+	_, err = n2.Accept(context.Background(), rel, FromAuthority)
+	require.NoError(t, err)
+	info, _ = n2.WireGuard()
+	require.Zero(t, info.Filter.Flows, "the tuple the new policy refuses is gone when Accept returns")
+	before := info.Filter.Unadmitted
+	n1.ch.Outbound <- tcpPacket(src, dst, 10)
+	require.Eventually(t, func() bool { i, _ := n2.WireGuard(); return i.Filter.Unadmitted == before+1 }, 5*time.Second, 10*time.Millisecond)
+	noPacket(t, n2.delivered, 100*time.Millisecond)
+}
+
+// admissionRig is two WireGuard-mode daemons with n1's admission stream to n2 open, for sending
+// hand-made admission requests.
+type admissionRig struct {
+	n1, n2 *wgd
+	c      *admitClient
+	send   func(agent string, tp wireguard.Tuple) (rec []byte, err error)
+}
+
+func newAdmissionRig(t *testing.T, agents ...string) *admissionRig {
+	ta := startAuthority(t)
+	var specs []state.AgentSpec
+	for _, a := range agents {
+		specs = append(specs, state.AgentSpec{Name: a, Zone: "payments"})
+	}
+	r := &admissionRig{}
+	r.n1 = startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}, agents: specs})
+	r.n2 = startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
+	require.NoError(t, r.n1.Node().AddPeer(node.Peer{Node: r.n2.Node().ID().String(), Addr: r.n2.Addr()}))
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	peer := r.n2.Node().ID().String()
+	require.NoError(t, r.n1.wgt.exchange(ctx, peer, "payments"))
+	tn, err := r.n1.Node().Tunnel(ctx, peer, "payments")
+	require.NoError(t, err)
+	r.c, err = r.n1.wgt.client(ctx, tn)
+	require.NoError(t, err)
+	r.send = func(agent string, tp wireguard.Tuple) (last []byte, err error) {
+		a, _, err := r.n1.Node().AgentByAddr(r.n1.agentIP(t, agent))
+		require.NoError(t, err)
+		err = a.OpenTuple(ctx, tn, dtl.Destination{Agent: "ledger", Port: 8080, Proto: dtl.ProtoTCP}, func(ctx context.Context, rec []byte) error {
+			last = rec
+			return r.c.request(ctx, tp, rec)
+		})
+		return last, err
+	}
+	return r
+}
+
+func tcpTuple(src, dst netip.Addr, dport uint16) wireguard.Tuple {
+	return wireguard.Tuple{Src: src, Dst: dst, SrcPort: 40000, DstPort: dport, Proto: wireguard.ProtoTCP}
+}
+
+// TestWireGuardAdmissionRefusesMismatchedTuples is the receiver's check from the sender's side:
+// a valid record sent with a 5-tuple that is not the record's is refused with the dtl sentinel
+// and nothing is admitted. (Three such refusals are as many as the test makes: TrustFlow at the
+// receiver lowers a node that keeps sending them, and later refusals would say "trust".)
+func TestWireGuardAdmissionRefusesMismatchedTuples(t *testing.T) {
+	r := newAdmissionRig(t, "billing-1", "billing-2", "billing-3")
+	ledger := r.n2.agentIP(t, "ledger")
+	_, err := r.send("billing-1", tcpTuple(netip.MustParseAddr("100.100.1.99"), ledger, 8080))
+	require.ErrorIs(t, err, dtl.ErrClaimMismatch, "source is not the agent's address")
+	_, err = r.send("billing-2", tcpTuple(r.n1.agentIP(t, "billing-2"), netip.MustParseAddr("100.100.1.200"), 8080))
+	require.ErrorIs(t, err, dtl.ErrUnreachable, "destination is not the record's agent")
+	_, err = r.send("billing-3", tcpTuple(r.n1.agentIP(t, "billing-3"), ledger, 9090))
+	require.ErrorIs(t, err, dtl.ErrClaimMismatch, "port is not the record's")
+	info, _ := r.n2.WireGuard()
+	require.Zero(t, info.Filter.Flows)
+	require.Empty(t, info.Peers[0].AllowedIPs, "no refused source became an allowed IP")
+}
+
+// TestWireGuardAdmissionRefusesReplay: the same record sent again is refused as a replay.
+func TestWireGuardAdmissionRefusesReplay(t *testing.T) {
+	r := newAdmissionRig(t, "billing-1")
+	good := tcpTuple(r.n1.agentIP(t, "billing-1"), r.n2.agentIP(t, "ledger"), 8080)
+	rec, err := r.send("billing-1", good)
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.ErrorIs(t, r.c.request(ctx, good, rec), dtl.ErrReplay)
+	info, _ := r.n2.WireGuard()
+	require.Equal(t, 1, info.Filter.Flows)
+}
