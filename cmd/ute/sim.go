@@ -50,6 +50,11 @@ func newSimCmd() *cobra.Command {
 					if err != nil {
 						return err
 					}
+					// The large scenarios take minutes and gigabytes: only by name, or scaled.
+					if n := sc.NodeCount(); maxNodes == 0 && n > allScenariosMaxNodes {
+						fmt.Fprintf(cmd.ErrOrStderr(), "skipping %s (%d nodes): run it by name, or add --max-nodes\n", name, n)
+						continue
+					}
 					scs = append(scs, sc)
 				}
 			}
@@ -106,6 +111,9 @@ func newSimCmd() *cobra.Command {
 	cmd.AddCommand(run)
 	return cmd
 }
+
+// allScenariosMaxNodes is the largest shipped scenario `ute sim run` without a name runs as is.
+const allScenariosMaxNodes = 100
 
 // shippedNames lists the scenarios built into the binary.
 func shippedNames() []string {
