@@ -3,6 +3,7 @@ package membership
 import (
 	"context"
 	"fmt"
+	"net"
 	"testing"
 	"time"
 
@@ -398,4 +399,29 @@ func TestChangesNotifiesJoinAndLeave(t *testing.T) {
 		t.Fatal("no notice after a member left")
 	}
 	require.Eventually(t, func() bool { return len(a.m.Members("z")) == 1 }, 5*time.Second, 10*time.Millisecond)
+}
+
+// A seed that never answers (down, or behind a partition) does not use up the join's deadline
+// before the seeds that do answer are tried: they are dialed at once. Tried in order, the dead
+// seed's retries ran until ctx ended and the live seed was never dialed.
+func TestJoinDoesNotWaitOnADeadSeed(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	a := startMember(t, auth, sg, "n0", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{})
+	b := startMember(t, auth, sg, "n1", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{})
+	dead, err := net.ListenPacket("udp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = dead.Close() })
+	deadSeed := Seed{NodeID: identity.NodeID(td, "gone").String(), Addr: dead.LocalAddr().(*net.UDPAddr).AddrPort()}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+	defer cancel()
+	start := time.Now()
+	n, err := b.m.Join(ctx, "z", []Seed{deadSeed, seedOf(a)})
+	took := time.Since(start)
+	require.NoError(t, err, "the live seed joins although the first one is dead")
+	assert.Equal(t, 1, n)
+	waitMembers(t, []*member{a, b}, "z", 2, 10*time.Second)
+	assert.Less(t, took, 4*time.Second, "the live seed answers at once; the dead one gets a second more, not the deadline")
+	t.Logf("joined through the live seed in %s with a dead seed first", took)
 }
