@@ -133,7 +133,7 @@ func BenchmarkParseToken(b *testing.B) {
 	}
 }
 
-// docs/identity.md states the token's length; it must be the true one (issue 10 §8).
+// docs/identity.md states the token's length; it must be the true one.
 func TestDocsStateTokenLength(t *testing.T) {
 	tok, err := NewToken(KeyHash(mustKey(t).Public().(ed25519.PublicKey)))
 	require.NoError(t, err)

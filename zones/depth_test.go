@@ -67,7 +67,7 @@ func deepDocs(n int) map[string]string {
 	}
 }
 
-// TestDeepPolicyRefused is the attack of issue 10 §1: a policy nested tens of thousands of levels
+// TestDeepPolicyRefused is the deep-nesting attack: a policy nested tens of thousands of levels
 // deep made the YAML parser take 13 s and 3.85 GB. Every shape must be refused with ErrTooDeep, a
 // line and the limit, quickly and without allocating in proportion to the depth.
 func TestDeepPolicyRefused(t *testing.T) {

@@ -268,7 +268,7 @@ func FuzzParse(f *testing.F) {
 	} {
 		f.Add([]byte(s))
 	}
-	for _, deep := range deepDocs(100) { // nesting past MaxDepth in every shape (issue 10 §1)
+	for _, deep := range deepDocs(100) { // nesting past MaxDepth in every shape
 		f.Add([]byte(deep))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {

@@ -61,7 +61,7 @@ const (
 	netnsSOCKS    = "127.0.0.1:1080" // every host is its own namespace: fixed ports never collide
 	netnsHTTP     = "127.0.0.1:3128"
 	netnsMetrics  = "127.0.0.1:9464"
-	// revokeBudget is the bound: a revoked node loses connectivity within 1 s.
+	// revokeBudget is the design's bound: a revoked node loses connectivity within 1 s.
 	revokeBudget = time.Second
 	// healBudget bounds the time from restoring a cut link to the first new flow that succeeds.
 	healBudget = 30 * time.Second

@@ -138,7 +138,7 @@ func TestPolicyExplain(t *testing.T) {
 	assert.Contains(t, errOut, "none.yaml")
 }
 
-// TestPolicyDeepDocumentRefused is issue 10 §1 through the CLI: the reproduction from the issue
+// TestPolicyDeepDocumentRefused is the deep-nesting attack through the CLI: the reproduction as reported
 // (50,000 nested lists) is refused at once by check and by explain, naming the file, the line and
 // the limit.
 func TestPolicyDeepDocumentRefused(t *testing.T) {

@@ -166,7 +166,7 @@ func TestRevokeAndRenewRetryThroughDaemon(t *testing.T) {
 	assert.Contains(t, agentOut, "revocation record seq 2 for spiffe://acme.internal/zone/payments/agent/billing")
 	ute(t, "revoke", "--dir", authDir, "spiffe://acme.internal/node/N1", "--reason", "x").fails(t, 2, "revocation request malformed")
 
-	// The name stays closed until the operator releases it (issue 10 §7); then a new node joins as n1.
+	// The name stays closed until the operator releases it; then a new node joins as n1.
 	tok2 := ute(t, "token", "create", "--dir", authDir, "--zone", "payments").ok(t)
 	ute(t, "node", "join", "--dir", filepath.Join(tmp, "n1x"), "--authority", d.addr, "--token", tok2, "--name", "n1").fails(t, 1, "ute authority release")
 	lin := ute(t, "authority", "audit", "--dir", authDir, "--lineage", "n1").ok(t)

@@ -12,7 +12,7 @@ import (
 	"github.com/ute-project/ute/identity"
 )
 
-// TestRevokedSerialRevokesLineage is the attack of issue 10 §7 from the attacker's side: a node
+// TestRevokedSerialRevokesLineage is the lineage attack from the attacker's side: a node
 // revoked by one serial tries to live on through its renewal lineage and through its name.
 // Renewal with the revoked certificate's key, renewal with the successor's key, and a rejoin under
 // the same name with a fresh token are each refused with a sentinel; only the operator's audited

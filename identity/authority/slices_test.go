@@ -298,7 +298,7 @@ func TestSlicesSurviveRestartAndAreNeverReissued(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{"100.100.1.0/28"}, prefixes(t, n1), "n1's slice is remembered after the restart")
 	_, err = ta2.ReleaseName(ctx, "n1", "rebuilt")
-	require.NoError(t, err, "a revoked name is reopened by the operator (issue 10 §7)")
+	require.NoError(t, err, "a revoked name is reopened by the operator")
 	j2, err := Join(ctx, joinParams(t, ta2, pending, "n1", clock))
 	require.NoError(t, err, "a token created before the restart still works")
 	assert.Equal(t, []netip.Prefix{netip.MustParsePrefix("100.100.1.16/28")}, grantOf(t, j2.Node, "payments"),

@@ -20,7 +20,7 @@ func replaceKey(t *testing.T, path string) {
 }
 
 // A valid but different agent.key is never used nor certified again: every load of it goes
-// through AgentKey, which checks it against agent.crt (issue 10 §2).
+// through AgentKey, which checks it against agent.crt.
 func TestSwappedAgentKeyNeverCertified(t *testing.T) {
 	f := newFixture(t)
 	ag, err := f.dir.AddAgent(AgentSpec{Name: "ledger", Zone: "payments", Exe: f.exe})

@@ -106,7 +106,7 @@ func tallies(t *testing.T, recs []Record) map[string]*tally {
 	return out
 }
 
-// The flood: refused flows from one peer at full speed. Scaled: a 200 ms window and a 2 s
+// The reported flood: refused flows from one peer at full speed. Scaled: a 200 ms window and a 2 s
 // flood (ten windows); UTE_AUDIT_FLOOD=10s runs the true figure, a 10 s flood with the default
 // 10 s window (docs/benchmarks.md). Every refusal is accounted for exactly, admits written
 // meanwhile are all there, and the log stays small.

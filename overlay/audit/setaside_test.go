@@ -169,7 +169,7 @@ func TestCutTailDetectedBeforeAndAfterRestart(t *testing.T) {
 	require.Len(t, rep.Aside, 1)
 }
 
-// The attack of the issue: cut the tail and rewrite the head (unsigned, or signed by another key)
+// The reported attack: cut the tail and rewrite the head (unsigned, or signed by another key)
 // to anchor what is left. The restart no longer signs over it.
 func TestCutTailWithRewrittenHeadPlusRestart(t *testing.T) {
 	for name, sign := range map[string]ed25519.PrivateKey{"unsigned": nil, "other key": newKey(t)} {

@@ -104,7 +104,7 @@ const (
 	envFloodStreams = "UTE_TEST_FLOOD_STREAMS"
 )
 
-// TestStalledStreamFloodBoundedPerPeer reproduces the attack of issue 10 §5, scaled to run in
+// TestStalledStreamFloodBoundedPerPeer reproduces the stalled-stream flood attack, scaled to run in
 // seconds: a legitimate peer opens 5 tunnels with 5,000 streams each that never deliver their
 // first frame. The attacker runs in a process of its own (this test binary, re-executed), so that
 // what is measured is the receiving node alone: its live memory (heap after a collection, plus
