@@ -101,6 +101,9 @@ func TestRunLeavesNoGoroutines(t *testing.T) {
 // --real runs the same scenario over real UDP sockets on loopback; the partition is applied at
 // the sockets, and the heal and the rejoin still converge.
 func TestPartitionHealRealUDP(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: real UDP scenario")
+	}
 	res := runFile(t, "partition-heal.yaml", Options{Real: true})
 	requireAllPass(t, res)
 	require.Equal(t, "udp-loopback", res.Underlay)
@@ -111,11 +114,17 @@ func TestPartitionHealRealUDP(t *testing.T) {
 }
 
 func TestTrustSignals(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: a trust scenario of real daemons")
+	}
 	res := runFile(t, "trust-signals.yaml", Options{})
 	requireAllPass(t, res)
 }
 
 func TestChurnPartitionSoak(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: a soak scenario")
+	}
 	res := runFile(t, "churn-partition-soak.yaml", Options{})
 	requireAllPass(t, res)
 	require.Zero(t, res.Traffic.FalseDenials, "%+v", res.Traffic.Denials)
@@ -129,6 +138,9 @@ func TestChurnPartitionSoak(t *testing.T) {
 // slower, and the first pass of make test) it runs at 20: at 32 nodes discovery alone took
 // 1–2.5 minutes under the race detector on the loaded machine.
 func TestRevocationConvergenceAtScaleLarge(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: the at-scale scenario")
+	}
 	n := 20
 	if !raceEnabled && os.Getenv("UTE_LONG") == "1" {
 		n = 100

@@ -210,6 +210,9 @@ func TestTrustEventsCannotBeForged(t *testing.T) {
 // checking the proofs itself, revokes a for everyone: a's sessions end. Before that, a restarts,
 // renews its certificate and reconnects from its address: not a duplicate of itself.
 func TestTrustDuplicateRevokedByAuthorityOnEvidence(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: end-to-end duplicate identity through the authority (8 s)")
+	}
 	ta := startAuthority(t)
 	ds := cluster(t, ta,
 		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},

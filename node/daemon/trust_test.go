@@ -223,6 +223,9 @@ func TestTrustSteadyTrafficKeepsFullTrust(t *testing.T) {
 // running elsewhere at the same time is (scenario 4: saved credentials used elsewhere), and the
 // peer isolates that identity.
 func TestTrustDuplicateIdentity(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: waits out the duplicate confirmation")
+	}
 	ta := startAuthority(t)
 	ds := cluster(t, ta,
 		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},

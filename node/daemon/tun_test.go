@@ -190,6 +190,9 @@ func waitTunnel(t testing.TB, a, b *tunNode) {
 // TestTUNRealPrograms: curl in namespace A fetches a page from `python3 -m http.server` bound to
 // agent ledger's overlay IP in namespace B, both unmodified, through the kernel interfaces.
 func TestTUNRealPrograms(t *testing.T) {
+	if testing.Short() {
+		t.Skip("-short: two namespaces with real programs")
+	}
 	needRoot(t, "curl", "python3")
 	curl, python := realPath(t, "curl"), realPath(t, "python3")
 	// The interpreter itself (python3 may be a launcher script, e.g. pyenv's shim).

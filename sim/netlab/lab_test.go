@@ -1,6 +1,7 @@
 package netlab
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -180,6 +181,12 @@ func TestSweepRemovesLeftoversOfDeadRuns(t *testing.T) {
 	require.NoError(t, orphan.Start())
 	orphanDone := make(chan error, 1)
 	go func() { orphanDone <- orphan.Wait() }()
+	// `ip netns exec` enters the namespace after it starts; the sweep can only find the process
+	// once it is in there.
+	require.Eventually(t, func() bool {
+		out, err := exec.CommandContext(ctx, "ip", "netns", "pids", stale).Output()
+		return err == nil && len(bytes.TrimSpace(out)) > 0
+	}, 5*time.Second, 10*time.Millisecond, "the orphan never entered the stale namespace")
 
 	lab := New(t, Options{Hosts: []string{"x"}}) // sweeps first
 	names, err := listNS()
