@@ -65,7 +65,7 @@ func newNodeRunCmd() *cobra.Command {
 			level := new(slog.LevelVar)
 			level.Set(cfg.Log.Level)
 			log := slog.New(cfg.Log.Handler(cmd.ErrOrStderr(), level))
-			opts := nodedaemon.Options{Dir: dir, Config: cfg, Logger: log, LogLevel: level,
+			opts := nodedaemon.Options{Version: versionString(), Dir: dir, Config: cfg, Logger: log, LogLevel: level,
 				TUN: nodedaemon.TUNOptions{Name: tunName, MTU: tunMTU}}
 			opts.WireGuard.Interface = tunName
 			return runNode(cmd.Context(), opts, load, cmd)

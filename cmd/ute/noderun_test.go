@@ -176,6 +176,8 @@ func TestNodeRunGossipRevokeAndRestart(t *testing.T) {
 			len(zonePeers(nodeStatus(t, b.dir), "payments")) == 1 && len(zonePeers(nodeStatus(t, b.dir), "research")) == 1
 	}, 15*time.Second, 100*time.Millisecond, "no gossip discovery; a: %s\nb: %s", a.log(), b.log())
 	assert.Empty(t, zonePeers(nodeStatus(t, a.dir), "research"), "a is not in research")
+	// The daemon reports the version line `ute --version` prints.
+	assert.Equal(t, strings.TrimPrefix(strings.TrimSpace(ute(t, "--version").stdout), "ute "), nodeStatus(t, a.dir).Version)
 
 	// `ute agent add` while the daemon runs: the agent is live without a restart.
 	r0 := ute(t, "agent", "add", "--dir", b.dir, "--name", "ledger", "--zone", "payments", "--exe", uteBin)

@@ -69,6 +69,9 @@ func newStatusCmd() *cobra.Command {
 func printStatus(w io.Writer, st localapi.Status) error {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "node\t%s\n", st.Node)
+	if st.Version != "" {
+		fmt.Fprintf(tw, "daemon\t%s\n", st.Version)
+	}
 	fmt.Fprintf(tw, "listen\t%s (advertise %s)\n", st.Listen, orDash(st.Advertise))
 	fmt.Fprintf(tw, "certificate\t%s, valid until %s, renewal %s\n", st.Serial, st.NotAfter.Format(time.RFC3339), st.Renewal.State)
 	fmt.Fprintf(tw, "policy\tversion %d\n", st.PolicyVersion)

@@ -43,7 +43,7 @@ func (b backend) Status(context.Context) (localapi.Status, error) {
 	cfg := d.cfg
 	d.mu.Unlock()
 	st := localapi.Status{
-		Node: snap.ID, Name: cert.ID.Name, TrustDomain: cert.ID.TrustDomain, Region: snap.Region,
+		Node: snap.ID, Name: cert.ID.Name, Version: d.opts.Version, TrustDomain: cert.ID.TrustDomain, Region: snap.Region,
 		Serial: record.SerialKey(cert.Serial()), NotAfter: cert.X509.NotAfter.UTC(), StartedAt: d.started,
 		Interface: string(cfg.Interface), Transport: string(cfg.Transport), Listen: snap.Addr,
 		Authority: d.authority,

@@ -51,6 +51,8 @@ type Options struct {
 	// TrustFlow counts it as a duplicate identity (trust.go); default 45 s, above QUIC's idle
 	// timeout, so that a peer restarted on another port is not its own duplicate.
 	DuplicateConfirm time.Duration
+	// Version is the running binary's version line, reported by the local API's status.
+	Version string
 	// WireGuard tunes the WireGuard transport (Config.Transport wireguard; wireguard.go).
 	WireGuard WireGuardOptions
 	// TUN configures the kernel TUN interface (Config.Interface tun; tun.go).

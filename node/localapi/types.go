@@ -44,6 +44,7 @@ type Backend interface {
 type Status struct {
 	Node          string       `json:"node"` // SPIFFE ID
 	Name          string       `json:"name"`
+	Version       string       `json:"version,omitempty"` // the daemon's `ute --version` line
 	TrustDomain   string       `json:"trust_domain"`
 	Region        string       `json:"region,omitempty"`
 	Serial        string       `json:"serial"` // "serial:<decimal>" of the node certificate

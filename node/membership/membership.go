@@ -339,12 +339,6 @@ func (m *Membership) Transport(zone string) (*gossip.Transport, error) {
 	return p.tr, nil
 }
 
-// seedGrace is how long Join waits for the other seeds once one has answered.
-const seedGrace = time.Second
-
-// errSeedSelf marks a seed not (yet) dialed: this node itself, or one still pending.
-var errSeedSelf = errors.New("membership: seed not dialed")
-
 // Join joins zone's pool through seeds. Each seed is dialed first over the zone's tunnel, which
 // proves its identity (a seed whose address answers with another certificate, or that refuses
 // ours, fails here with the tunnel's sentinel); then memberlist exchanges state with the seeds
@@ -354,65 +348,16 @@ func (m *Membership) Join(ctx context.Context, zone string, seeds []Seed) (int, 
 	if err != nil {
 		return 0, err
 	}
-	// Every seed is dialed at once: a seed that does not answer (down, or on the far side of a
-	// partition) retries until ctx ends, and tried one after the other it would use up the whole
-	// deadline before the seeds that answer were tried. Once one seed answers, the others get
-	// seedGrace more before the join goes ahead without them.
-	dialErr := make([]error, len(seeds))
-	for i := range dialErr {
-		dialErr[i] = errSeedSelf
-	}
-	dctx, stopDials := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	defer func() { stopDials(); wg.Wait() }()
-	type dialed struct {
-		i   int
-		err error
-	}
-	results := make(chan dialed, len(seeds))
-	pending := 0
-	for i, s := range seeds {
-		if s.NodeID == m.cfg.NodeID {
-			continue
-		}
-		pending++
-		wg.Go(func() {
-			_, err := m.cfg.Endpoint.Dial(dctx, s.Addr, s.NodeID, zone)
-			results <- dialed{i, err}
-		})
-	}
-	var grace <-chan time.Time
-	for pending > 0 {
-		select {
-		case r := <-results:
-			pending--
-			dialErr[r.i] = nil
-			if r.err != nil {
-				dialErr[r.i] = fmt.Errorf("membership: seed %s at %s: %w", seeds[r.i].NodeID, seeds[r.i].Addr, r.err)
-			} else if grace == nil {
-				t := time.NewTimer(seedGrace)
-				defer t.Stop()
-				grace = t.C
-			}
-		case <-grace:
-			for i, e := range dialErr {
-				if errors.Is(e, errSeedSelf) && seeds[i].NodeID != m.cfg.NodeID {
-					dialErr[i] = fmt.Errorf("membership: seed %s at %s: no answer within %s of another seed's", seeds[i].NodeID, seeds[i].Addr, seedGrace)
-				}
-			}
-			pending = 0
-		}
-	}
 	var (
 		errs  []error
 		addrs []string
 	)
-	for i, s := range seeds {
+	for _, s := range seeds {
 		if s.NodeID == m.cfg.NodeID {
 			continue
 		}
-		if dialErr[i] != nil {
-			errs = append(errs, dialErr[i])
+		if _, err := m.cfg.Endpoint.Dial(ctx, s.Addr, s.NodeID, zone); err != nil {
+			errs = append(errs, fmt.Errorf("membership: seed %s at %s: %w", s.NodeID, s.Addr, err))
 			continue
 		}
 		// memberlist's Join takes "name/addr" strings, and a SPIFFE ID holds slashes; the
