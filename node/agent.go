@@ -307,6 +307,16 @@ type destination struct {
 // (TCP), "udp" a datagram flow (see ListenPacket). The destination must be in the agent's own
 // zone. The flow is admitted by the destination's node before Dial returns.
 func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
+	c, err := a.dial(ctx, network, addr)
+	if err != nil && a.n.cfg.OnRefused != nil {
+		if re, ok := errors.AsType[*RefusedError](err); ok {
+			a.n.cfg.OnRefused(a.id.Zone, re.Stage, re.Reason)
+		}
+	}
+	return c, err
+}
+
+func (a *Agent) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	if err := a.n.usable(); err != nil {
 		return nil, refused(addr, "resolve", "expired", err)
 	}

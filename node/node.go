@@ -114,6 +114,10 @@ type Config struct {
 	// OnVerdict, if set, is told every audited flow verdict (metrics): reason is empty for an
 	// admission, else the dtl reason code. It must not block.
 	OnVerdict func(zone, reason string)
+	// OnRefused, if set, is told every Dial of this node's agents that UTE refused, here or at
+	// the peer: the agent's zone, the stage and the reason of the *RefusedError (metrics; a
+	// peer's reason is one of the 256 wire codes, so the set stays bounded).
+	OnRefused func(zone, stage, reason string)
 	// Resolve, if set, names an address for a peer node ID this node has none for (the daemon
 	// answers from gossip and its bootstrap members). The handshake still proves the identity.
 	Resolve func(nodeID string) (netip.AddrPort, bool)

@@ -155,6 +155,7 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		Dir: opts.Dir, PacketConn: opts.PacketConn, Clock: d.now, Logger: d.log,
 		Revoked:       revoked,
 		RenewMinRetry: d.cfg.Renewal.MinRetry, RenewMaxRetry: d.cfg.Renewal.MaxRetry, RenewTimeout: d.cfg.Renewal.Timeout,
+		OnRefused: func(_, stage, reason string) { d.metrics.FlowRefused(stage, reason) },
 		OnVerdict: func(zone, reason string) {
 			if reason == "" {
 				d.metrics.FlowAdmitted(zone)

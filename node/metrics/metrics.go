@@ -29,6 +29,7 @@ type Metrics struct {
 	tunnels          *prometheus.GaugeVec
 	flowsAdmitted    *prometheus.CounterVec
 	flowsDenied      *prometheus.CounterVec
+	flowsRefused     *prometheus.CounterVec
 	revocationsHeld  prometheus.Gauge
 	revocationAge    prometheus.Histogram
 	gossipMembers    *prometheus.GaugeVec
@@ -60,6 +61,8 @@ func New(opts ...Option) *Metrics {
 			Help: "Flows admitted after their DTL record verified, per zone."}, []string{"zone"}),
 		flowsDenied: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "flows_denied_total",
 			Help: "Flows refused before delivery, per reason (the admission reason code)."}, []string{"reason"}),
+		flowsRefused: prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: "flows_refused_total",
+			Help: "Flows this node's agents tried to open that were refused, here (stage resolve or tunnel) or by the peer (stage admission), per stage and reason."}, []string{"stage", "reason"}),
 		revocationsHeld: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "revocations_held",
 			Help: "Revocation records in the node's set."}),
 		revocationAge: prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: Namespace, Name: "revocation_age_seconds",
@@ -81,7 +84,7 @@ func New(opts ...Option) *Metrics {
 		auditAside: prometheus.NewGaugeVec(prometheus.GaugeOpts{Namespace: Namespace, Name: "audit_set_aside",
 			Help: "Audit log content the node found it could not verify at start and moved aside (kept, named in the log): files and entries."}, []string{"unit"}),
 	}
-	m.reg.MustRegister(m.tunnels, m.flowsAdmitted, m.flowsDenied, m.revocationsHeld, m.revocationAge,
+	m.reg.MustRegister(m.tunnels, m.flowsAdmitted, m.flowsDenied, m.flowsRefused, m.revocationsHeld, m.revocationAge,
 		m.gossipMembers, m.gossipDropped, m.renewalExpiry, m.renewalFailure, m.renewalFailures, m.renewalSuccesses, m.auditAside,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, o := range opts {
@@ -116,6 +119,12 @@ func (m *Metrics) FlowAdmitted(zone string) { m.flowsAdmitted.WithLabelValues(zo
 // FlowDenied counts one refused flow. reason must come from a fixed set (the admission reason
 // codes, such as "replay" or "zone"), never from the peer's bytes.
 func (m *Metrics) FlowDenied(reason string) { m.flowsDenied.WithLabelValues(reason).Inc() }
+
+// FlowRefused counts one outbound flow of a local agent that was refused, at stage (resolve,
+// tunnel or admission) for reason (a node or dtl reason code).
+func (m *Metrics) FlowRefused(stage, reason string) {
+	m.flowsRefused.WithLabelValues(stage, reason).Inc()
+}
 
 // SetRevocationsHeld records the size of the revocation set.
 func (m *Metrics) SetRevocationsHeld(n int) { m.revocationsHeld.Set(float64(n)) }
