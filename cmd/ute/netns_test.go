@@ -382,6 +382,15 @@ func newNetnsWorld(t *testing.T, mode, transport string) *netnsWorld {
 			}
 		}
 	}
+	if mode == "tun" {
+		// An agent added while the daemon runs is on the interface at once, with either transport.
+		a := w.nodes["a"]
+		ip := netnsUte(t, "agent", "add", "--dir", a.dir, "--name", "billing-late", "--zone", "payments", "--exe", w.tools.curl)
+		require.Eventually(t, func() bool {
+			out, err := a.host.Run(ctx, "ip", "-o", "-4", "addr", "show")
+			return err == nil && strings.Contains(out, " "+ip+"/")
+		}, 5*time.Second, 50*time.Millisecond, "the agent added at run time (%s) is not on node a's interface", ip)
+	}
 	// Servers: one http.server per agent of node b, each with a file naming it; started after the
 	// daemons, since in tun mode they bind to the overlay IPs the daemon assigns.
 	b := w.nodes["b"]

@@ -158,3 +158,39 @@ func truncateBytes(b []byte) []byte {
 }
 
 func u64(v uint64) *uint64 { return &v }
+
+// seal encodes a record's wire claims, signs them for aad and refuses a result over limit bytes;
+// what names the record kind in errors ("revocation", "trust event", ...).
+func seal(what string, wire any, key ed25519.PrivateKey, aad string, limit int) ([]byte, error) {
+	payload, err := encMode.Marshal(wire)
+	if err != nil {
+		return nil, fmt.Errorf("record: encode %s: %w", what, err)
+	}
+	b, err := sign(payload, key, aad)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > limit {
+		return nil, fmt.Errorf("%w: %s is %d bytes, limit %d", ErrTooLarge, what, len(b), limit)
+	}
+	return b, nil
+}
+
+// open is the first step of verifying every record kind: the size cap (before any parsing), the
+// COSE_Sign1 profile, and the strict decoding of its claims into w. It returns a private copy of
+// b (what the record keeps) and its envelope, whose signature the caller checks once it knows
+// the signer.
+func open(what string, b []byte, limit int, w any) ([]byte, *cose.Sign1Message, error) {
+	if len(b) > limit {
+		return nil, nil, fmt.Errorf("%w: %s is %d bytes, limit %d", ErrTooLarge, what, len(b), limit)
+	}
+	raw := bytes.Clone(b)
+	msg, err := parseCOSE(raw)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := decodeStrict(what+" claims", msg.Payload, w); err != nil {
+		return nil, nil, err
+	}
+	return raw, msg, nil
+}

@@ -72,25 +72,14 @@ func SignPolicy(c PolicyClaims, key ed25519.PrivateKey) ([]byte, error) {
 		return nil, err
 	}
 	sum := sha256.Sum256(c.Policy)
-	payload, err := encMode.Marshal(&wirePolicy{
+	return seal("policy release", &wirePolicy{
 		Version:       u64(c.Version),
 		TrustDomain:   c.TrustDomain,
 		PolicyVersion: u64(c.PolicyVersion),
 		IssuedAt:      u64(uint64(c.IssuedAt.UnixMilli())),
 		Policy:        c.Policy,
 		SHA256:        sum[:],
-	})
-	if err != nil {
-		return nil, fmt.Errorf("record: encode policy release: %w", err)
-	}
-	b, err := sign(payload, key, aadPolicy)
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > MaxPolicyReleaseSize {
-		return nil, fmt.Errorf("%w: policy release is %d bytes, limit %d", ErrTooLarge, len(b), MaxPolicyReleaseSize)
-	}
-	return b, nil
+	}, key, aadPolicy, MaxPolicyReleaseSize)
 }
 
 func (c *PolicyClaims) check() error {
@@ -129,16 +118,9 @@ func (v Verifier) ReverifyPolicy(raw []byte, now time.Time) (*PolicyRelease, err
 }
 
 func (v Verifier) verifyPolicy(b []byte, now time.Time, future bool) (*PolicyRelease, error) {
-	if len(b) > MaxPolicyReleaseSize {
-		return nil, fmt.Errorf("%w: policy release is %d bytes, limit %d", ErrTooLarge, len(b), MaxPolicyReleaseSize)
-	}
-	raw := bytes.Clone(b)
-	msg, err := parseCOSE(raw)
-	if err != nil {
-		return nil, err
-	}
 	var w wirePolicy
-	if err := decodeStrict("policy release claims", msg.Payload, &w); err != nil {
+	raw, msg, err := open("policy release", b, MaxPolicyReleaseSize, &w)
+	if err != nil {
 		return nil, err
 	}
 	switch {

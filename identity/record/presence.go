@@ -101,27 +101,16 @@ func SignPresence(c PresenceClaims, key ed25519.PrivateKey) ([]byte, error) {
 	if !bytes.Equal(key.Public().(ed25519.PublicKey), cert.PublicKey()) {
 		return nil, fmt.Errorf("%w: the signing key is not the key of %s's certificate", ErrSigner, cert.ID)
 	}
-	payload, err := encMode.Marshal(c.toWire())
-	if err != nil {
-		return nil, fmt.Errorf("record: encode presence: %w", err)
-	}
-	return sign(payload, key, aadPresence)
+	return seal("presence", c.toWire(), key, aadPresence, MaxPresenceSize)
 }
 
 // VerifyPresence parses and verifies a presence proof at now: shape, trust domain, signed-at
 // no later than now + MaxSkew (ErrFuture), the node certificate up to the anchor at signed-at
 // (ErrSigner), the signature (ErrSignature).
 func (v Verifier) VerifyPresence(b []byte, now time.Time) (*Presence, error) {
-	if len(b) > MaxPresenceSize {
-		return nil, fmt.Errorf("%w: presence is %d bytes, limit %d", ErrTooLarge, len(b), MaxPresenceSize)
-	}
-	raw := bytes.Clone(b)
-	msg, err := parseCOSE(raw)
-	if err != nil {
-		return nil, err
-	}
 	var w wirePresence
-	if err := decodeStrict("presence claims", msg.Payload, &w); err != nil {
+	raw, msg, err := open("presence", b, MaxPresenceSize, &w)
+	if err != nil {
 		return nil, err
 	}
 	c, err := w.toClaims()

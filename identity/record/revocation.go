@@ -177,18 +177,7 @@ func SignRevocation(c RevocationClaims, key ed25519.PrivateKey) ([]byte, error) 
 			return nil, err
 		}
 	}
-	payload, err := encMode.Marshal(c.toWire())
-	if err != nil {
-		return nil, fmt.Errorf("record: encode revocation: %w", err)
-	}
-	b, err := sign(payload, key, aadRevocation)
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > MaxRevocationSize {
-		return nil, fmt.Errorf("%w: revocation is %d bytes, limit %d", ErrTooLarge, len(b), MaxRevocationSize)
-	}
-	return b, nil
+	return seal("revocation", c.toWire(), key, aadRevocation, MaxRevocationSize)
 }
 
 func (c *RevocationClaims) toWire() *wireRevocation {

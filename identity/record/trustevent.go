@@ -174,18 +174,7 @@ func SignTrustEvent(c TrustEventClaims, key ed25519.PrivateKey) ([]byte, error) 
 	if err := p.observerMay(); err != nil {
 		return nil, err
 	}
-	payload, err := encMode.Marshal(c.toWire())
-	if err != nil {
-		return nil, fmt.Errorf("record: encode trust event: %w", err)
-	}
-	b, err := sign(payload, key, aadTrustEvent)
-	if err != nil {
-		return nil, err
-	}
-	if len(b) > MaxTrustEventSize {
-		return nil, fmt.Errorf("%w: trust event is %d bytes, limit %d", ErrTooLarge, len(b), MaxTrustEventSize)
-	}
-	return b, nil
+	return seal("trust event", c.toWire(), key, aadTrustEvent, MaxTrustEventSize)
 }
 
 // VerifyTrustEvent parses and verifies a received trust event at now. retention, when set, is
@@ -197,16 +186,9 @@ func SignTrustEvent(c TrustEventClaims, key ed25519.PrivateKey) ([]byte, error) 
 // the signature (ErrSignature); the zone granted to the observer and an agent subject of that zone
 // (ErrNotAllowed).
 func (v Verifier) VerifyTrustEvent(b []byte, now time.Time, retention func(TrustEventClaims) time.Duration) (*TrustEvent, error) {
-	if len(b) > MaxTrustEventSize {
-		return nil, fmt.Errorf("%w: trust event is %d bytes, limit %d", ErrTooLarge, len(b), MaxTrustEventSize)
-	}
-	raw := bytes.Clone(b)
-	msg, err := parseCOSE(raw)
-	if err != nil {
-		return nil, err
-	}
 	var w wireTrustEvent
-	if err := decodeStrict("trust event claims", msg.Payload, &w); err != nil {
+	raw, msg, err := open("trust event", b, MaxTrustEventSize, &w)
+	if err != nil {
 		return nil, err
 	}
 	c, err := w.toClaims()

@@ -1,7 +1,6 @@
 package record
 
 import (
-	"bytes"
 	"fmt"
 	"time"
 
@@ -44,16 +43,9 @@ func (v Verifier) ReverifyRevocation(raw []byte, now time.Time) (*Revocation, er
 }
 
 func (v Verifier) verifyRevocation(b []byte, now time.Time, future bool) (*Revocation, error) {
-	if len(b) > MaxRevocationSize {
-		return nil, fmt.Errorf("%w: revocation is %d bytes, limit %d", ErrTooLarge, len(b), MaxRevocationSize)
-	}
-	raw := bytes.Clone(b)
-	msg, err := parseCOSE(raw)
-	if err != nil {
-		return nil, err
-	}
 	var w wireRevocation
-	if err := decodeStrict("revocation claims", msg.Payload, &w); err != nil {
+	raw, msg, err := open("revocation", b, MaxRevocationSize, &w)
+	if err != nil {
 		return nil, err
 	}
 	c, err := w.toClaims()

@@ -158,6 +158,7 @@ func (b backend) AddAgent(_ context.Context, spec localapi.AgentSpec) (localapi.
 	d.log.Info("agent added", "agent", ag.Cert.ID.String(), "ip", ag.IP.String())
 	d.proxyAgentAdded(ag) // interface proxy: its proxies start now (proxy.go)
 	d.tunAgentAdded(ag)   // interface tun: its address and inbound flows now (tun.go)
+	d.wgAgentAdded(ag)    // transport wireguard: its address on the interface now (wireguard.go)
 	return localapi.Agent{Name: ag.Name, Zone: ag.Zone, ID: ag.Cert.ID.String(), OverlayIP: ag.IP.String(),
 		Serial: record.SerialKey(ag.Cert.Serial()), NotAfter: ag.Cert.X509.NotAfter.UTC(),
 		Fingerprint: hex.EncodeToString(ag.Cert.Claims.Fingerprint), Exe: spec.Exe, UID: spec.UID}, nil

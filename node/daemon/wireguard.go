@@ -20,6 +20,7 @@ import (
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/attest"
 	"github.com/ute-project/ute/node/config"
+	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tundev"
 	"github.com/ute-project/ute/overlay/tunnel"
@@ -886,5 +887,20 @@ func (c *admitClient) request(ctx context.Context, t wireguard.Tuple, rec []byte
 		delete(c.wait, id)
 		c.mu.Unlock()
 		return ctx.Err()
+	}
+}
+
+// wgAgentAdded puts an agent added through the local API on the WireGuard transport's kernel
+// interface at once. The filter finds local agents by address through the node, so the address is
+// all that was missing: without it the kernel never routes the agent's packets into the device.
+func (d *Daemon) wgAgentAdded(st *state.Agent) {
+	d.mu.Lock()
+	w := d.wgt
+	d.mu.Unlock()
+	if w == nil || w.kdev == nil || d.agentRevoked(st) {
+		return
+	}
+	if err := w.kdev.AddAddr(netip.PrefixFrom(st.IP, st.IP.BitLen())); err != nil {
+		d.log.Error("new agent not on the wireguard interface; it is at the daemon's next start", "agent", st.Name+"."+st.Zone, "err", err)
 	}
 }
