@@ -37,6 +37,18 @@ type Agent struct {
 	cert   *identity.Certificate
 	key    ed25519.PrivateKey
 	issuer *identity.Certificate
+	// revIDs are the revocation keys of (issuer, cert), computed once per certificate rather
+	// than on every Dial; set with them through setCreds. Never modified in place.
+	revIDs []string
+}
+
+// setCreds installs a certificate and its issuer (and the key, when not nil); n.credMu is held.
+func (a *Agent) setCreds(cert *identity.Certificate, key ed25519.PrivateKey, issuer *identity.Certificate) {
+	a.cert, a.issuer = cert, issuer
+	if key != nil {
+		a.key = key
+	}
+	a.revIDs = record.ChainKeys(issuer, cert)
 }
 
 // agentCreds is one consistent snapshot of an agent's chain and key: a record signed with it
@@ -45,12 +57,13 @@ type Agent struct {
 type agentCreds struct {
 	node, cert *identity.Certificate
 	key        ed25519.PrivateKey
+	revIDs     []string
 }
 
 func (a *Agent) creds() agentCreds {
 	a.n.credMu.RLock()
 	defer a.n.credMu.RUnlock()
-	return agentCreds{node: a.issuer, cert: a.cert, key: a.key}
+	return agentCreds{node: a.issuer, cert: a.cert, key: a.key, revIDs: a.revIDs}
 }
 
 // Agent returns the local agent name of zone, registered in the node directory (`ute agent add`
@@ -120,9 +133,10 @@ func (n *Node) register(k agentKey, st *state.Agent, key ed25519.PrivateKey, sel
 	}
 	a := n.open[k]
 	if a != nil {
-		a.cert, a.key, a.issuer = st.Cert, key, self
+		a.setCreds(st.Cert, key, self)
 	} else {
-		a = &Agent{n: n, id: st.Cert.ID, ip: st.IP, cert: st.Cert, key: key, issuer: self}
+		a = &Agent{n: n, id: st.Cert.ID, ip: st.IP}
+		a.setCreds(st.Cert, key, self)
 		n.open[k] = a
 	}
 	n.agents[k] = st
@@ -379,8 +393,7 @@ func dialErr(addr string, err error) error {
 
 // revocationIDs are the identities whose revocation ends this agent's flows.
 func (a *Agent) revocationIDs() []string {
-	c := a.creds()
-	return record.ChainKeys(c.node, c.cert)
+	return a.creds().revIDs
 }
 
 // dialedConn is a stream flow a local agent opened. Close also stops tracking it for revocation.

@@ -358,7 +358,7 @@ func (n *Node) reissueAgent(k agentKey, old *identity.Certificate, self *identit
 	if swapped {
 		n.agents[k] = st
 		if a := n.open[k]; a != nil {
-			a.cert, a.issuer = st.Cert, self
+			a.setCreds(st.Cert, nil, self)
 		}
 	}
 	n.credMu.Unlock()

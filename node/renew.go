@@ -184,7 +184,7 @@ func (n *Node) install(r *Renewed, old *identity.Certificate) error {
 		}
 		n.agents[k] = st
 		if a := n.open[k]; a != nil {
-			a.cert, a.issuer = st.Cert, r.Issuer
+			a.setCreds(st.Cert, nil, r.Issuer)
 		}
 	}
 	n.credMu.Unlock()

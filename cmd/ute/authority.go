@@ -230,12 +230,7 @@ expired. When the operator has rebuilt the host and wants the name back, this co
 for the next join (which starts a new lineage). The release and its reason are written to the
 authority's audit trail. A name still held by a live, unrevoked certificate is refused: revoke it
 first. Works while ` + "`ute authority run`" + ` runs (through its admin socket) and when it does not.`,
-		Args: func(_ *cobra.Command, args []string) error {
-			if len(args) != 1 {
-				return usagef("authority release takes one node NAME, got %d arguments", len(args))
-			}
-			return nil
-		},
+		Args: oneArg("authority release takes one node NAME"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dir == "" {
 				return usagef("authority release needs --dir (the authority directory) and --reason")
@@ -275,12 +270,7 @@ durably and hand it out from then on: at join and renewal, and at once to every 
 authority. Nodes refuse a release that is not newer than the one they hold. Works while
 ` + "`ute authority run`" + ` runs (through its admin socket) and when it does not (on the store directly;
 nodes then receive it when they reconnect to the daemon).`,
-		Args: func(_ *cobra.Command, args []string) error {
-			if len(args) != 1 {
-				return usagef("policy apply takes one FILE, got %d arguments", len(args))
-			}
-			return nil
-		},
+		Args: oneArg("policy apply takes one FILE"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dir == "" {
 				return usagef("policy apply needs --dir (the authority directory)")

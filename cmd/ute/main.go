@@ -26,6 +26,17 @@ func (e usageError) Unwrap() error { return e.err }
 
 func usagef(format string, args ...any) error { return usageError{fmt.Errorf(format, args...)} }
 
+// oneArg is a cobra Args check for commands that take exactly one argument; what says what it is
+// in the usage error ("revoke takes one SUBJECT (...), got 2 arguments").
+func oneArg(what string) cobra.PositionalArgs {
+	return func(_ *cobra.Command, args []string) error {
+		if len(args) != 1 {
+			return usagef("%s, got %d arguments", what, len(args))
+		}
+		return nil
+	}
+}
+
 func newRootCmd(stdout, stderr io.Writer) *cobra.Command {
 	root := &cobra.Command{
 		Use:           "ute",

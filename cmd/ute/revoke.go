@@ -35,12 +35,7 @@ renewal of N, and a revoked node can no longer renew from any certificate of its
 stays closed to new joins until the operator reopens it with ` + "`ute authority release NAME`" + `
 (audited). Works while ` + "`ute authority run`" + ` runs (through its admin socket) and when it does
 not (on the store directly; watchers receive the record when they reconnect to the daemon).`,
-		Args: func(_ *cobra.Command, args []string) error {
-			if len(args) != 1 {
-				return usagef("revoke takes one SUBJECT (spiffe://TD/node/NAME or serial:N), got %d arguments", len(args))
-			}
-			return nil
-		},
+		Args: oneArg("revoke takes one SUBJECT (spiffe://TD/node/NAME or serial:N)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dir == "" {
 				return usagef("revoke needs --dir (the authority directory) and --reason")

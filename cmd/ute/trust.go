@@ -31,12 +31,7 @@ func newTrustExplainCmd() *cobra.Command {
 		Short: "Show a subject's score at this node, the signals behind it and the arithmetic",
 		Long: "SUBJECT is an agent or node SPIFFE ID, or NAME.ZONE of an agent this node hosts. The score is this\n" +
 			"node's own view; docs/trustflow.md describes the weights, the decay and the thresholds.",
-		Args: func(_ *cobra.Command, args []string) error {
-			if len(args) != 1 {
-				return usagef("trust explain takes one SUBJECT (a SPIFFE ID or NAME.ZONE)")
-			}
-			return nil
-		},
+		Args: oneArg("trust explain takes one SUBJECT (a SPIFFE ID or NAME.ZONE)"),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if dir == "" {
 				return usagef("trust explain needs --dir (the node directory)")

@@ -194,3 +194,20 @@ func open(what string, b []byte, limit int, w any) ([]byte, *cose.Sign1Message, 
 	}
 	return raw, msg, nil
 }
+
+// missingClaim is the error for a required claim absent from a record.
+func missingClaim(name string, key int) error {
+	return fmt.Errorf("%w: missing claim %s (key %d)", ErrMalformed, name, key)
+}
+
+// checkWireVersion checks a record's version claim (under key): present, and the one this node
+// speaks.
+func checkWireVersion(v *uint64, key int) error {
+	switch {
+	case v == nil:
+		return missingClaim("version", key)
+	case *v != Version1:
+		return fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, *v, Version1)
+	}
+	return nil
+}

@@ -123,11 +123,10 @@ func (v Verifier) verifyPolicy(b []byte, now time.Time, future bool) (*PolicyRel
 	if err != nil {
 		return nil, err
 	}
+	if err := checkWireVersion(w.Version, PolKeyVersion); err != nil {
+		return nil, err
+	}
 	switch {
-	case w.Version == nil:
-		return nil, fmt.Errorf("%w: missing claim version (key %d)", ErrMalformed, PolKeyVersion)
-	case *w.Version != Version1:
-		return nil, fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, *w.Version, Version1)
 	case w.PolicyVersion == nil:
 		return nil, fmt.Errorf("%w: missing claim policy version (key %d)", ErrMalformed, PolKeyPolicyVersion)
 	case w.IssuedAt == nil || *w.IssuedAt > maxMillis:

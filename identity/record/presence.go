@@ -171,11 +171,10 @@ func (c *PresenceClaims) toWire() *wirePresence {
 }
 
 func (w *wirePresence) toClaims() (PresenceClaims, error) {
+	if err := checkWireVersion(w.Version, PrKeyVersion); err != nil {
+		return PresenceClaims{}, err
+	}
 	switch {
-	case w.Version == nil:
-		return PresenceClaims{}, fmt.Errorf("%w: missing claim version (key %d)", ErrMalformed, PrKeyVersion)
-	case *w.Version != Version1:
-		return PresenceClaims{}, fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, *w.Version, Version1)
 	case w.StartedAt == nil || w.SignedAt == nil:
 		return PresenceClaims{}, fmt.Errorf("%w: missing claim started-at or signed-at", ErrMalformed)
 	case *w.StartedAt > maxMillis || *w.SignedAt > maxMillis:

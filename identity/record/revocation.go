@@ -197,20 +197,16 @@ func (c *RevocationClaims) toWire() *wireRevocation {
 }
 
 func (w *wireRevocation) toClaims() (RevocationClaims, error) {
-	missing := func(name string, key int) error {
-		return fmt.Errorf("%w: missing claim %s (key %d)", ErrMalformed, name, key)
+	if err := checkWireVersion(w.Version, RevKeyVersion); err != nil {
+		return RevocationClaims{}, err
 	}
 	switch {
-	case w.Version == nil:
-		return RevocationClaims{}, missing("version", RevKeyVersion)
-	case *w.Version != Version1:
-		return RevocationClaims{}, fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, *w.Version, Version1)
 	case w.IssuedAt == nil:
-		return RevocationClaims{}, missing("issued-at", RevKeyIssuedAt)
+		return RevocationClaims{}, missingClaim("issued-at", RevKeyIssuedAt)
 	case w.Expires == nil:
-		return RevocationClaims{}, missing("expires", RevKeyExpires)
+		return RevocationClaims{}, missingClaim("expires", RevKeyExpires)
 	case w.Seq == nil:
-		return RevocationClaims{}, missing("seq", RevKeySeq)
+		return RevocationClaims{}, missingClaim("seq", RevKeySeq)
 	case *w.IssuedAt > maxMillis || *w.Expires > maxMillis:
 		return RevocationClaims{}, fmt.Errorf("%w: issued-at or expires out of range", ErrMalformed)
 	}

@@ -239,18 +239,14 @@ func (c *TrustEventClaims) toWire() *wireTrustEvent {
 }
 
 func (w *wireTrustEvent) toClaims() (TrustEventClaims, error) {
-	missing := func(name string, key int) error {
-		return fmt.Errorf("%w: missing claim %s (key %d)", ErrMalformed, name, key)
+	if err := checkWireVersion(w.Version, TEKeyVersion); err != nil {
+		return TrustEventClaims{}, err
 	}
 	switch {
-	case w.Version == nil:
-		return TrustEventClaims{}, missing("version", TEKeyVersion)
-	case *w.Version != Version1:
-		return TrustEventClaims{}, fmt.Errorf("%w: %d (this node speaks %d)", ErrVersion, *w.Version, Version1)
 	case w.Weight == nil:
-		return TrustEventClaims{}, missing("weight", TEKeyWeight)
+		return TrustEventClaims{}, missingClaim("weight", TEKeyWeight)
 	case w.ObservedAt == nil:
-		return TrustEventClaims{}, missing("observed-at", TEKeyObservedAt)
+		return TrustEventClaims{}, missingClaim("observed-at", TEKeyObservedAt)
 	case *w.ObservedAt > maxMillis:
 		return TrustEventClaims{}, fmt.Errorf("%w: observed-at out of range", ErrMalformed)
 	}
