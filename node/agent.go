@@ -286,7 +286,7 @@ func (l *listener) deliver(c net.Conn) bool {
 // "unknown-name", "tunnel"). Err wraps the precise cause (dtl / tunnel / node sentinels).
 type RefusedError struct {
 	Addr   string
-	Stage  string // "resolve", "tunnel" or "admission"
+	Stage  string // "attest" (workload: selfattest.go), "resolve", "tunnel" or "admission"
 	Reason string
 	Err    error
 	// ClockOffset, with Reason "skew" (a peer refused this node's record as stale or in the
@@ -320,8 +320,18 @@ type destination struct {
 // Dial opens a flow to "agent.zone:port" or "overlayIP:port": network "tcp" gives a stream
 // (TCP), "udp" a datagram flow (see ListenPacket). The destination must be in the agent's own
 // zone. The flow is admitted by the destination's node before Dial returns.
+//
+// Before anything is resolved, signed or sent, Dial checks that this process is the agent's
+// enrolled workload (its executable, uid and gid: selfattest.go); a program that is not is
+// refused with ErrWorkloadMismatch. The daemon's interfaces dial through Relay instead.
 func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error) {
-	c, err := a.dial(ctx, network, addr)
+	return a.dialFrom(ctx, network, addr, true)
+}
+
+// dialFrom is Dial; self says whether this process is the program the flow is for (Dial), as
+// opposed to a relay for an attested socket owner (Relay).
+func (a *Agent) dialFrom(ctx context.Context, network, addr string, self bool) (net.Conn, error) {
+	c, err := a.dial(ctx, network, addr, self)
 	if err != nil && a.n.cfg.OnRefused != nil {
 		if re, ok := errors.AsType[*RefusedError](err); ok {
 			a.n.cfg.OnRefused(a.id.Zone, re.Stage, re.Reason)
@@ -330,7 +340,7 @@ func (a *Agent) Dial(ctx context.Context, network, addr string) (net.Conn, error
 	return c, err
 }
 
-func (a *Agent) dial(ctx context.Context, network, addr string) (net.Conn, error) {
+func (a *Agent) dial(ctx context.Context, network, addr string, self bool) (net.Conn, error) {
 	if err := a.n.usable(); err != nil {
 		return nil, refused(addr, "resolve", "expired", err)
 	}
@@ -345,6 +355,11 @@ func (a *Agent) dial(ctx context.Context, network, addr string) (net.Conn, error
 	udp := isUDP(network)
 	if !isTCP(network) && !udp {
 		return nil, refused(addr, "resolve", "unsupported", fmt.Errorf("%w: network %q; SDK agents dial tcp or udp", ErrUnsupported, network))
+	}
+	if self {
+		if err := a.attestSelf(ctx, addr); err != nil {
+			return nil, err
+		}
 	}
 	dst, err := a.resolve(ctx, addr)
 	if err != nil {

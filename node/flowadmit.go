@@ -62,6 +62,10 @@ type PacketPeer struct {
 	Zone, Agent string
 	Node        string // hosting node's SPIFFE ID; "" for an agent of this node
 	IP          netip.Addr
+	// RevocationIDs are the keys whose revocation ends flows to this destination: the agent's
+	// SPIFFE ID, its certificate serial (bare and as issued by its node) and its node's ID. Empty
+	// for an agent of this node.
+	RevocationIDs []string
 }
 
 // ResolveAddr names the agent behind dst in a's zone (refreshing the zone's directory on a miss):
@@ -78,7 +82,18 @@ func (a *Agent) ResolveAddr(ctx context.Context, dst netip.AddrPort) (PacketPeer
 	if err != nil {
 		return PacketPeer{}, err
 	}
-	return PacketPeer{Zone: d.zone, Agent: d.name, Node: d.node, IP: d.ip}, nil
+	pp := PacketPeer{Zone: d.zone, Agent: d.name, Node: d.node, IP: d.ip}
+	if d.node != "" {
+		a.n.mu.Lock()
+		if e, ok := a.n.view[d.zone][d.name]; ok && e.node == d.node {
+			pp.RevocationIDs = []string{e.agent, e.serial, e.serial + "@" + e.node, e.node}
+		}
+		a.n.mu.Unlock()
+		if pp.RevocationIDs == nil {
+			pp.RevocationIDs = []string{d.node}
+		}
+	}
+	return pp, nil
 }
 
 // OpenTuple signs the record of a flow from a to dst on t's session and hands it to send, which

@@ -108,6 +108,8 @@ type nodeSpec struct {
 	limits tunnel.Limits
 	// refusals tunes the audit log's flood control (Config.AuditRefusals).
 	refusals audit.FloodOptions
+	// configure, when set, adjusts the node's Config before it opens (hooks).
+	configure func(*Config)
 }
 
 type testNode struct {
@@ -131,12 +133,20 @@ func cluster(t testing.TB, specs ...nodeSpec) map[string]*testNode {
 		d, err := Join(context.Background(), JoinParams{Dir: dir, Authority: ta.addr, Token: tok.Token, Name: s.name, HostFingerprint: fp[:]})
 		require.NoError(t, err)
 		for _, as := range s.agents {
+			// This test binary, as this user: the workload every SDK Dial checks (selfattest.go).
 			as.Exe = exe
+			if as.UID == 0 && as.GID == 0 {
+				as.UID, as.GID = uint32(os.Geteuid()), uint32(os.Getegid())
+			}
 			_, err := d.AddAgent(as)
 			require.NoError(t, err)
 		}
 		c := &clock{}
-		n, err := Open(context.Background(), Config{Dir: dir, Clock: c.Now, Limits: s.limits, AuditRefusals: s.refusals})
+		cfg := Config{Dir: dir, Clock: c.Now, Limits: s.limits, AuditRefusals: s.refusals}
+		if s.configure != nil {
+			s.configure(&cfg)
+		}
+		n, err := Open(context.Background(), cfg)
 		require.NoError(t, err)
 		t.Cleanup(func() { require.NoError(t, n.Close()) })
 		out[s.name] = &testNode{Node: n, dir: dir, clock: c}

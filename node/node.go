@@ -22,6 +22,7 @@ import (
 
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/record"
+	"github.com/ute-project/ute/node/attest"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/audit"
 	"github.com/ute-project/ute/overlay/dtl"
@@ -135,6 +136,10 @@ type Config struct {
 	// OnCredentialFailure, if set, is told each failed renewal of the node certificate (subject:
 	// the node ID) or reissue of an agent certificate (the agent ID). It must not block.
 	OnCredentialFailure func(subject string, err error)
+	// OnWorkloadMismatch, if set, is told each Dial refused because this process is not the
+	// agent's enrolled workload (selfattest.go), with the reason: TrustFlow's
+	// fingerprint_mismatch signal. It must not block.
+	OnWorkloadMismatch func(agent identity.ID, reason string)
 }
 
 // Node is a running UTE node. All its methods are safe for concurrent use.
@@ -184,6 +189,10 @@ type Node struct {
 	flows     map[*liveFlow]struct{}        // flows the node must reset on revocation besides inbound tunnel flows
 	plisten   map[listenKey]*packetListener // UDP ports of SDK agents
 	sched     credSched                     // the credential scheduler's state (credentials.go)
+
+	// self attests this process against SDK agents' enrolled workloads (selfattest.go); its
+	// digest cache makes a Dial pay an fstat, not a hash.
+	self *attest.Attester
 }
 
 type agentKey struct{ zone, name string }
@@ -210,7 +219,7 @@ func Open(ctx context.Context, cfg Config) (*Node, error) {
 		tunnels: map[*tunnel.Tunnel]*tunnelState{}, view: map[string]map[string]viewEntry{},
 		refreshed: map[refreshKey]time.Time{}, peers: map[string]netip.AddrPort{},
 		inflight: map[refreshKey]*refreshCall{}, flows: map[*liveFlow]struct{}{}, plisten: map[listenKey]*packetListener{},
-		sched: credSched{wake: make(chan struct{}, 1)},
+		sched: credSched{wake: make(chan struct{}, 1)}, self: attest.New(attest.Options{CacheSize: 4}),
 	}
 	if n.log == nil {
 		n.log = slog.New(slog.DiscardHandler)

@@ -268,7 +268,7 @@ func (r *runner) dirCopyEvent(ctx context.Context, e scenario.Event) EventResult
 		}
 		ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
 		defer cancel()
-		c, err := a.Dial(ctx, "tcp", to.String())
+		c, err := a.Relay().Dial(ctx, "tcp", to.String()) // a stand-in workload, as in exchange
 		if err != nil {
 			return err
 		}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"runtime"
 	"strconv"
+	"sync"
 	"time"
 )
 
@@ -14,28 +15,79 @@ import (
 // a handshake that cannot finish in time is CPU taken from the ones that can. Without it,
 // hundreds of simultaneous first contacts on two cores all pass the handshake timeout, are
 // retried, and discovery never completes (measured: 100 nodes stuck at 50–80 members each).
+//
+// Waiters are served newest first. When more dials arrive than the CPUs can handshake (a
+// large pool whose gossip-only tunnels close when idle asks for thousands a second), a
+// first-come queue hands every slot to the dial that has waited longest, which by then is
+// seconds late: a probe behind it misses its timeout and live members are declared failed,
+// which makes more gossip and more dials. Serving the newest keeps the dials that are served
+// on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
 type dialGate struct {
-	slots   chan struct{}
 	minLeft time.Duration
+
+	mu      sync.Mutex
+	free    int
+	waiters []*gateWaiter // a stack: the last is served first
+}
+
+type gateWaiter struct {
+	ready chan struct{} // closed when the waiter holds a slot
 }
 
 func newDialGate(slots int, minLeft time.Duration) *dialGate {
-	return &dialGate{slots: make(chan struct{}, max(slots, 1)), minLeft: minLeft}
+	return &dialGate{free: max(slots, 1), minLeft: minLeft}
 }
 
 var errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
 
 func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
-	select {
-	case g.slots <- struct{}{}:
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	g.mu.Lock()
+	if g.free > 0 {
+		g.free--
+		g.mu.Unlock()
+	} else {
+		w := &gateWaiter{ready: make(chan struct{})}
+		g.waiters = append(g.waiters, w)
+		g.mu.Unlock()
+		select {
+		case <-w.ready:
+		case <-ctx.Done():
+			g.mu.Lock()
+			select {
+			case <-w.ready: // handed a slot just now: pass it on
+				g.mu.Unlock()
+				g.release()
+			default:
+				for i, o := range g.waiters {
+					if o == w {
+						g.waiters = append(g.waiters[:i], g.waiters[i+1:]...)
+						break
+					}
+				}
+				g.mu.Unlock()
+			}
+			return nil, ctx.Err()
+		}
 	}
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < g.minLeft {
-		<-g.slots
+		g.release()
 		return nil, fmt.Errorf("%w: %w", errNoTimeLeft, context.DeadlineExceeded)
 	}
-	return func() { <-g.slots }, nil
+	return sync.OnceFunc(g.release), nil
+}
+
+// release frees a slot: to the newest waiter if there is one.
+func (g *dialGate) release() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if n := len(g.waiters); n > 0 {
+		w := g.waiters[n-1]
+		g.waiters[n-1] = nil
+		g.waiters = g.waiters[:n-1]
+		close(w.ready)
+		return
+	}
+	g.free++
 }
 
 // dialSlots is how many tunnel handshakes may run at once in the whole run: a few per CPU, so

@@ -344,7 +344,23 @@ type policyZone struct {
 	Regions      []string        `yaml:"regions"`
 	MinTrust     int             `yaml:"min_trust"`
 	IsolateBelow int             `yaml:"isolate_below"`
+	NodePrefix   int             `yaml:"node_prefix,omitempty"`
 	Rules        []scenario.Rule `yaml:"rules,omitempty"`
+}
+
+// nodePrefix is the node slice length for a zone of cidr served by nodes nodes: the policy's
+// default (the CIDR's length + 8: 256 slices) unless that is too few, then the longest prefix
+// with a slice for each (at most /28). 0 keeps the default.
+func nodePrefix(cidr string, nodes int) int {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil || !p.Addr().Is4() || nodes <= 256 {
+		return 0
+	}
+	bits := 8
+	for 1<<bits < nodes {
+		bits++
+	}
+	return min(p.Bits()+bits, 28)
 }
 
 // policyYAML is the policy of the scenario's zones with the rules in force now (policy_change
@@ -356,7 +372,14 @@ func (r *runner) policyYAML() ([]byte, error) {
 		if rs, ok := r.rules[z.Name]; ok {
 			rules = rs
 		}
-		pf.Zones = append(pf.Zones, policyZone{Name: z.Name, CIDR: z.CIDR, Regions: z.Regions, MinTrust: 50, IsolateBelow: 20, Rules: rules})
+		members := 0
+		for _, g := range r.sc.Nodes {
+			if slices.Contains(g.Zones, z.Name) {
+				members += max(g.Count, 1)
+			}
+		}
+		pf.Zones = append(pf.Zones, policyZone{Name: z.Name, CIDR: z.CIDR, Regions: z.Regions, MinTrust: 50, IsolateBelow: 20,
+			NodePrefix: nodePrefix(z.CIDR, members), Rules: rules})
 	}
 	raw, err := yaml.Marshal(pf)
 	if err != nil {
@@ -448,6 +471,11 @@ func (r *runner) startWith(ctx context.Context, n *simNode, peers []config.Peer)
 		return fmt.Errorf("sim: node %s start: %w", n.name, err)
 	}
 	d.Node().Endpoint().SetDialGate(r.gate)
+	if idle := r.sc.TunnelIdle.D(); idle > 0 {
+		// Injected like the gate: tunnels the daemon opened before this line (its first pool
+		// joins) keep the node default.
+		d.Node().Endpoint().SetGossipIdleTimeout(idle)
+	}
 	r.mu.Lock()
 	n.conn, n.d = conn, d
 	r.mu.Unlock()

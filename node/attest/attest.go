@@ -16,7 +16,8 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ute-project/ute/identity"
 )
@@ -62,8 +63,12 @@ type Attester struct {
 	netlink bool
 	opts    Options
 
-	mu    sync.Mutex
-	hints []int // PIDs that owned recent connections, checked before a full /proc scan
+	mu sync.Mutex
+	// hints are, per agent (its enrolled digest; "" for OwnerProcess), the processes that owned
+	// its recent sockets, checked before a /proc scan; hintKeys bounds them, oldest first.
+	hints    map[string][]hint
+	hintKeys []string
+	scratch  sync.Pool // *scratch
 
 	scans atomic.Uint64
 }
@@ -77,7 +82,8 @@ func New(opts Options) *Attester {
 	if opts.CacheSize <= 0 {
 		opts.CacheSize = DefaultCacheSize
 	}
-	return &Attester{proc: opts.Proc, cache: newDigestCache(opts.CacheSize), opts: opts, netlink: netlink}
+	return &Attester{proc: opts.Proc, cache: newDigestCache(opts.CacheSize), opts: opts, netlink: netlink,
+		hints: map[string][]hint{}, scratch: sync.Pool{New: func() any { return &scratch{dents: make([]byte, 16<<10)} }}}
 }
 
 // Stats count the cache's work.
@@ -127,11 +133,11 @@ func (p Process) Matches(want []byte) bool {
 // address, server the address it is connected to: the proxy's listener) and checks it against
 // want. The error wraps ErrNoOwner, ErrPIDReused, ErrUnreadable or ErrMismatch.
 func (a *Attester) Verify(client, server netip.AddrPort, want Expected) (Process, error) {
-	inode, err := a.SocketInode(client, server)
+	s, err := a.socket(client, server)
 	if err != nil {
 		return Process{}, err
 	}
-	p, err := a.OwnerProcess(inode)
+	p, err := a.owner(s, string(want.Digest))
 	if err != nil {
 		return Process{}, err
 	}
@@ -155,48 +161,60 @@ func mismatchReason(p Process, want Expected) string {
 }
 
 // SocketInode returns the inode of the TCP socket whose local address is local and whose peer is
-// remote, from /proc/net/tcp and /proc/net/tcp6.
+// remote: a sock_diag lookup, or /proc/net/tcp and /proc/net/tcp6.
 func (a *Attester) SocketInode(local, remote netip.AddrPort) (uint64, error) {
+	s, err := a.socket(local, remote)
+	return s.inode, err
+}
+
+// socket is SocketInode with the uid that created the socket.
+func (a *Attester) socket(local, remote netip.AddrPort) (sockInfo, error) {
 	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
 	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
 	if a.netlink {
-		ino, err := diagInode(local, remote)
+		s, err := diagSocket(local, remote)
 		switch {
-		case err == nil && ino != 0:
-			return ino, nil
+		case err == nil && s.inode != 0:
+			return s, nil
 		case err == nil:
-			return 0, fmt.Errorf("%w: socket %s -> %s has no inode (closing)", ErrNoOwner, local, remote)
+			return sockInfo{}, fmt.Errorf("%w: socket %s -> %s has no inode (closing)", ErrNoOwner, local, remote)
 		case errors.Is(err, errDiagNotFound):
-			return 0, fmt.Errorf("%w: no socket %s -> %s in this network namespace", ErrNoOwner, local, remote)
+			return sockInfo{}, fmt.Errorf("%w: no socket %s -> %s in this network namespace", ErrNoOwner, local, remote)
 		}
 		// sock_diag unavailable (an old kernel, a seccomp filter): read the tables instead.
 	}
 	for _, f := range []string{"tcp", "tcp6"} {
-		b, err := readLimited(filepath.Join(a.proc, "net", f), maxNetFile)
+		b, err := readAt(unix.AT_FDCWD, filepath.Join(a.proc, "net", f), maxNetFile)
 		if errors.Is(err, os.ErrNotExist) {
 			continue
 		}
 		if err != nil {
-			return 0, fmt.Errorf("%w: %w", ErrNoOwner, err)
+			return sockInfo{}, fmt.Errorf("%w: %w", ErrNoOwner, err)
 		}
-		ino, found, err := FindSocket(b, local, remote)
+		s, found, err := findSocket(b, local, remote)
 		if err != nil {
-			return 0, fmt.Errorf("%w: /proc/net/%s: %w", ErrNoOwner, f, err)
+			return sockInfo{}, fmt.Errorf("%w: /proc/net/%s: %w", ErrNoOwner, f, err)
 		}
 		if found {
-			if ino == 0 {
-				return 0, fmt.Errorf("%w: socket %s -> %s has no inode (closing)", ErrNoOwner, local, remote)
+			if s.inode == 0 {
+				return sockInfo{}, fmt.Errorf("%w: socket %s -> %s has no inode (closing)", ErrNoOwner, local, remote)
 			}
-			return ino, nil
+			return s, nil
 		}
 	}
-	return 0, fmt.Errorf("%w: no socket %s -> %s in this network namespace", ErrNoOwner, local, remote)
+	return sockInfo{}, fmt.Errorf("%w: no socket %s -> %s in this network namespace", ErrNoOwner, local, remote)
 }
 
 // FindSocket scans the text of /proc/net/tcp or /proc/net/tcp6 for the socket local -> remote
 // and returns its inode. Addresses are compared unmapped (an IPv6 socket talking to 127.0.0.1
 // shows ::ffff:127.0.0.1).
 func FindSocket(table []byte, local, remote netip.AddrPort) (uint64, bool, error) {
+	s, found, err := findSocket(table, local, remote)
+	return s.inode, found, err
+}
+
+// findSocket is FindSocket with the socket's uid (field 8).
+func findSocket(table []byte, local, remote netip.AddrPort) (sockInfo, bool, error) {
 	lines := bytes.Split(table, []byte{'\n'})
 	for i, line := range lines {
 		f := strings.Fields(string(line))
@@ -204,26 +222,31 @@ func FindSocket(table []byte, local, remote netip.AddrPort) (uint64, bool, error
 			continue
 		}
 		if len(f) < 10 {
-			return 0, false, fmt.Errorf("line %d: %d fields, want at least 10", i+1, len(f))
+			return sockInfo{}, false, fmt.Errorf("line %d: %d fields, want at least 10", i+1, len(f))
 		}
 		l, err := parseHexAddrPort(f[1])
 		if err != nil {
-			return 0, false, fmt.Errorf("line %d: local address: %w", i+1, err)
+			return sockInfo{}, false, fmt.Errorf("line %d: local address: %w", i+1, err)
 		}
 		r, err := parseHexAddrPort(f[2])
 		if err != nil {
-			return 0, false, fmt.Errorf("line %d: remote address: %w", i+1, err)
+			return sockInfo{}, false, fmt.Errorf("line %d: remote address: %w", i+1, err)
 		}
 		if l != local || r != remote {
 			continue
 		}
 		ino, err := strconv.ParseUint(f[9], 10, 64)
 		if err != nil {
-			return 0, false, fmt.Errorf("line %d: inode %q: %w", i+1, f[9], err)
+			return sockInfo{}, false, fmt.Errorf("line %d: inode %q: %w", i+1, f[9], err)
 		}
-		return ino, true, nil
+		s := sockInfo{inode: ino}
+		// The uid only orders the owner search; an unreadable one leaves it unordered.
+		if uid, err := strconv.ParseUint(f[7], 10, 32); err == nil {
+			s.uid, s.hasUID = uint32(uid), true
+		}
+		return s, true, nil
 	}
-	return 0, false, nil
+	return sockInfo{}, false, nil
 }
 
 // parseHexAddrPort reads the kernel's "ADDR:PORT" form: the address as 32-bit words in host byte
@@ -252,103 +275,212 @@ func parseHexAddrPort(s string) (netip.AddrPort, error) {
 // OwnerProcess finds the process holding socket inode and fingerprints it. PIDs that owned
 // recent connections are tried first; a full scan of /proc follows.
 func (a *Attester) OwnerProcess(inode uint64) (Process, error) {
-	link := "socket:[" + strconv.FormatUint(inode, 10) + "]"
-	a.mu.Lock()
-	hints := slices.Clone(a.hints)
-	a.mu.Unlock()
-	for _, pid := range hints {
-		if p, held, err := a.attestHolder(pid, link); held {
+	return a.owner(sockInfo{inode: inode}, "")
+}
+
+// sockInfo is what the kernel says about a socket: its inode and, from sock_diag or
+// /proc/net/tcp, the uid that created it.
+type sockInfo struct {
+	inode  uint64
+	uid    uint32
+	hasUID bool
+}
+
+// hint is a process that owned one of an agent's recent sockets, and the descriptor it held it
+// on: a client that closes each connection before opening the next gets the same descriptor
+// number again, so one readlink usually confirms the new socket.
+type hint struct{ pid, fd int }
+
+// maxHints bounds the PIDs tried per agent before a scan: a handful of processes per agent.
+// maxHintAgents bounds the agents whose hints are kept.
+const (
+	maxHints      = 8
+	maxHintAgents = 256
+)
+
+// scratch is the buffers one owner search reuses.
+type scratch struct {
+	link  [64]byte // a readlink of an fd: "socket:[N]" fits, anything longer is not it
+	dents []byte
+	names []string
+}
+
+// owner finds the process holding s and fingerprints it. key names the agent whose hints are
+// tried first (its enrolled digest; "" when the caller names none).
+//
+// Cost, in order: the agent's hinted processes, each checked on its hinted descriptor first,
+// then its other descriptors, newest first; then the processes running as the socket's uid
+// (its creator); then every other process. The last pass keeps a socket created before its
+// process changed uid, or held by a process whose /proc directory is root's (not dumpable),
+// attributable: a uid is only an ordering, never a reason to refuse.
+func (a *Attester) owner(s sockInfo, key string) (Process, error) {
+	link := "socket:[" + strconv.FormatUint(s.inode, 10) + "]"
+	sc := a.scratch.Get().(*scratch)
+	defer a.scratch.Put(sc)
+	hints := a.hintsFor(key)
+	for _, h := range hints {
+		if p, fd, held, err := a.attestHolder(h.pid, link, h.fd, sc); held {
+			if err == nil {
+				a.hint(key, p.PID, fd)
+			}
 			return p, err
 		}
 	}
 	a.scans.Add(1)
-	d, err := os.Open(a.proc)
+	procfd, err := openDir(unix.AT_FDCWD, a.proc)
 	if err != nil {
-		return Process{}, fmt.Errorf("%w: %w", ErrNoOwner, err)
+		return Process{}, fmt.Errorf("%w: open %s: %w", ErrNoOwner, a.proc, err)
 	}
-	names, err := d.Readdirnames(-1)
-	_ = d.Close()
+	defer func() { _ = unix.Close(procfd) }()
+	names, err := listDir(procfd, sc.dents, nil)
 	if err != nil {
-		return Process{}, fmt.Errorf("%w: %w", ErrNoOwner, err)
+		return Process{}, fmt.Errorf("%w: list %s: %w", ErrNoOwner, a.proc, err)
 	}
+	try := func(name string, pid int) (Process, bool, error) {
+		pidfd, err := openDir(procfd, name)
+		if err != nil {
+			return Process{}, false, nil // gone
+		}
+		defer func() { _ = unix.Close(pidfd) }()
+		fd, ok := holdsAt(pidfd, link, -1, sc)
+		if !ok {
+			return Process{}, false, nil
+		}
+		p, fd, held, err := a.attestAt(pidfd, pid, link, fd, sc)
+		if !held && err == nil {
+			err = fmt.Errorf("%w: pid %d let go of %s while being attested", ErrPIDReused, pid, link)
+		}
+		if err == nil {
+			a.hint(key, pid, fd)
+		}
+		return p, true, err
+	}
+	var later []string
 	for _, name := range names {
 		pid, err := strconv.Atoi(name)
-		if err != nil || pid <= 0 || slices.Contains(hints, pid) {
+		if err != nil || pid <= 0 || slices.ContainsFunc(hints, func(h hint) bool { return h.pid == pid }) {
 			continue
 		}
-		if a.holds(pid, link) {
-			a.hint(pid)
-			p, held, err := a.attestHolder(pid, link)
-			if !held && err == nil {
-				err = fmt.Errorf("%w: pid %d let go of %s while being attested", ErrPIDReused, pid, link)
+		if s.hasUID {
+			var st unix.Stat_t
+			if unix.Fstatat(procfd, name, &st, 0) != nil {
+				continue
 			}
+			if st.Uid != s.uid {
+				later = append(later, name)
+				continue
+			}
+		}
+		if p, held, err := try(name, pid); held {
+			return p, err
+		}
+	}
+	for _, name := range later {
+		pid, _ := strconv.Atoi(name)
+		if p, held, err := try(name, pid); held {
 			return p, err
 		}
 	}
 	return Process{}, fmt.Errorf("%w: no process holds %s (it may run as another user whose /proc/<pid>/fd this node cannot read)", ErrNoOwner, link)
 }
 
-// maxHints bounds the PIDs tried before a scan: a handful of agent processes per proxy.
-const maxHints = 8
-
-func (a *Attester) hint(pid int) {
+// hintsFor returns a copy of key's hints.
+func (a *Attester) hintsFor(key string) []hint {
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	a.hints = slices.DeleteFunc(a.hints, func(p int) bool { return p == pid })
-	a.hints = slices.Insert(a.hints, 0, pid)
-	if len(a.hints) > maxHints {
-		a.hints = a.hints[:maxHints]
-	}
+	return slices.Clone(a.hints[key])
 }
 
-// holds reports whether pid has an open file descriptor on link ("socket:[N]").
-func (a *Attester) holds(pid int, link string) bool {
-	fdDir := filepath.Join(a.proc, strconv.Itoa(pid), "fd")
-	d, err := os.Open(fdDir)
-	if err != nil {
-		return false
-	}
-	defer func() { _ = d.Close() }()
-	for {
-		names, err := d.Readdirnames(256)
-		for _, fd := range names {
-			if t, err := os.Readlink(filepath.Join(fdDir, fd)); err == nil && t == link {
-				return true
-			}
+// hint puts (pid, fd) first among key's hints.
+func (a *Attester) hint(key string, pid, fd int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	hs, known := a.hints[key]
+	if !known {
+		if len(a.hintKeys) >= maxHintAgents {
+			delete(a.hints, a.hintKeys[0])
+			a.hintKeys = a.hintKeys[1:]
 		}
+		a.hintKeys = append(a.hintKeys, key)
+	}
+	hs = slices.DeleteFunc(hs, func(h hint) bool { return h.pid == pid })
+	hs = slices.Insert(hs, 0, hint{pid, fd})
+	if len(hs) > maxHints {
+		hs = hs[:maxHints]
+	}
+	a.hints[key] = hs
+}
+
+// holdsAt reports whether the process whose /proc directory is open as pidfd has a descriptor
+// on link ("socket:[N]"), and which: the hinted descriptor first (hintFD >= 0), then the others
+// from the highest down (a process that keeps its connections open gets the highest number for
+// its newest). One readlinkat per descriptor, relative to the open fd directory.
+func holdsAt(pidfd int, link string, hintFD int, sc *scratch) (int, bool) {
+	if hintFD >= 0 && linkIs(pidfd, "fd/"+strconv.Itoa(hintFD), sc.link[:], link) {
+		return hintFD, true
+	}
+	dir, err := openDir(pidfd, "fd")
+	if err != nil {
+		return -1, false
+	}
+	defer func() { _ = unix.Close(dir) }()
+	sc.names, err = listDir(dir, sc.dents, sc.names[:0])
+	if err != nil {
+		return -1, false
+	}
+	skip := strconv.Itoa(hintFD)
+	for i := len(sc.names) - 1; i >= 0; i-- {
+		name := sc.names[i]
+		if name == skip || !linkIs(dir, name, sc.link[:], link) {
+			continue
+		}
+		fd, err := strconv.Atoi(name)
 		if err != nil {
-			return false
+			return -1, false
 		}
+		return fd, true
 	}
+	return -1, false
 }
 
-// attestHolder fingerprints pid if it holds link (held reports whether it does). The start time
-// is read first and last, and the socket is confirmed held in between: if both start times
-// agree, the process that holds the socket is the one whose executable, ids and cgroup were read.
-func (a *Attester) attestHolder(pid int, link string) (p Process, held bool, err error) {
-	dir := filepath.Join(a.proc, strconv.Itoa(pid))
-	start, err := identity.ProcStartTime(dir)
+// attestHolder fingerprints pid if it holds link (held reports whether it does), trying the
+// descriptor hintFD first; fd is the descriptor it holds link on.
+func (a *Attester) attestHolder(pid int, link string, hintFD int, sc *scratch) (p Process, fd int, held bool, err error) {
+	pidfd, err := openDir(unix.AT_FDCWD, filepath.Join(a.proc, strconv.Itoa(pid)))
 	if err != nil {
-		return Process{}, false, nil // gone: not the holder
+		return Process{}, -1, false, nil // gone: not the holder
 	}
-	if !a.holds(pid, link) {
-		return Process{}, false, nil
+	defer func() { _ = unix.Close(pidfd) }()
+	return a.attestAt(pidfd, pid, link, hintFD, sc)
+}
+
+// attestAt is attestHolder on an open /proc/<pid> directory. The start time is read first and
+// last, and the socket is confirmed held in between: if both start times agree, the process that
+// holds the socket is the one whose executable, ids and cgroup were read.
+func (a *Attester) attestAt(pidfd, pid int, link string, hintFD int, sc *scratch) (p Process, fd int, held bool, err error) {
+	start, err := startTimeAt(pidfd)
+	if err != nil {
+		return Process{}, -1, false, nil // gone: not the holder
 	}
-	if p, err = a.fingerprint(pid, dir); err != nil {
-		return Process{}, true, err
+	fd, ok := holdsAt(pidfd, link, hintFD, sc)
+	if !ok {
+		return Process{}, -1, false, nil
+	}
+	if p, err = a.fingerprintAt(pidfd, pid); err != nil {
+		return Process{}, fd, true, err
 	}
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
-	again, err := identity.ProcStartTime(dir)
+	again, err := startTimeAt(pidfd)
 	if err != nil {
-		return Process{}, true, fmt.Errorf("%w: pid %d exited while being attested: %w", ErrPIDReused, pid, err)
+		return Process{}, fd, true, fmt.Errorf("%w: pid %d exited while being attested: %w", ErrPIDReused, pid, err)
 	}
 	if again != start {
-		return Process{}, true, fmt.Errorf("%w: pid %d start time %d, now %d", ErrPIDReused, pid, start, again)
+		return Process{}, fd, true, fmt.Errorf("%w: pid %d start time %d, now %d", ErrPIDReused, pid, start, again)
 	}
 	p.StartTime = start
-	return p, true, nil
+	return p, fd, true, nil
 }
 
 // Process fingerprints pid (guarded against PID reuse like Verify), without a socket.
@@ -356,19 +488,23 @@ func (a *Attester) Process(pid int) (Process, error) {
 	if pid <= 0 {
 		return Process{}, fmt.Errorf("%w: pid %d is not a process id", ErrNoOwner, pid)
 	}
-	dir := filepath.Join(a.proc, strconv.Itoa(pid))
-	start, err := identity.ProcStartTime(dir)
+	pidfd, err := openDir(unix.AT_FDCWD, filepath.Join(a.proc, strconv.Itoa(pid)))
 	if err != nil {
 		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrNoOwner, pid, err)
 	}
-	p, err := a.fingerprint(pid, dir)
+	defer func() { _ = unix.Close(pidfd) }()
+	start, err := startTimeAt(pidfd)
+	if err != nil {
+		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrNoOwner, pid, err)
+	}
+	p, err := a.fingerprintAt(pidfd, pid)
 	if err != nil {
 		return Process{}, err
 	}
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
-	again, err := identity.ProcStartTime(dir)
+	again, err := startTimeAt(pidfd)
 	if err != nil || again != start {
 		return Process{}, fmt.Errorf("%w: pid %d changed while being attested", ErrPIDReused, pid)
 	}
@@ -376,47 +512,40 @@ func (a *Attester) Process(pid int) (Process, error) {
 	return p, nil
 }
 
-func (a *Attester) fingerprint(pid int, dir string) (Process, error) {
-	exe, _ := os.Readlink(filepath.Join(dir, "exe"))
-	digest, cached, err := a.cache.digest(filepath.Join(dir, "exe"))
+// fingerprintAt reads the workload of the process whose /proc directory is open as pidfd: what
+// identity.ProcWorkload reads (status ids, cgroup), with the executable's digest from the cache.
+func (a *Attester) fingerprintAt(pidfd, pid int) (Process, error) {
+	var buf [4096]byte
+	exe := ""
+	if n, err := unix.Readlinkat(pidfd, "exe", buf[:]); err == nil {
+		exe = string(buf[:n])
+	}
+	digest, cached, err := a.cache.digestAt(pidfd, "exe")
 	if err != nil {
 		return Process{}, fmt.Errorf("%w: pid %d executable: %w", ErrUnreadable, pid, err)
 	}
-	w, err := identity.ProcWorkload(dir, digest)
+	w, err := workloadAt(pidfd, digest)
 	if err != nil {
 		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrUnreadable, pid, err)
 	}
 	return Process{PID: pid, Exe: exe, Cached: cached, Workload: w}, nil
 }
 
-// readLimited reads a /proc file with plain system calls: os.Open's extra fcntl and poller
-// registration cost as much as the read itself on these tiny files, and this runs on every flow.
-func readLimited(path string, limit int64) ([]byte, error) {
-	fd, err := syscall.Open(path, syscall.O_RDONLY|syscall.O_CLOEXEC, 0)
+// workloadAt is identity.ProcWorkload on an open /proc/<pid> directory.
+func workloadAt(pidfd int, digest [32]byte) (identity.Workload, error) {
+	status, err := readAt(pidfd, "status", maxProcFile)
 	if err != nil {
-		return nil, &os.PathError{Op: "open", Path: path, Err: err}
+		return identity.Workload{}, err
 	}
-	defer func() { _ = syscall.Close(fd) }()
-	b := make([]byte, 0, min(limit+1, 4096))
-	for {
-		if len(b) == cap(b) {
-			b = append(b, 0)[:len(b)]
-		}
-		n, err := syscall.Read(fd, b[len(b):cap(b)])
-		if err == syscall.EINTR {
-			continue
-		}
-		if err != nil {
-			return nil, fmt.Errorf("read %s: %w", path, err)
-		}
-		if n == 0 {
-			return b, nil
-		}
-		b = b[:len(b)+n]
-		if int64(len(b)) > limit {
-			return nil, fmt.Errorf("read %s: larger than %d bytes", path, limit)
-		}
+	uid, gid, err := parseStatusIDs(status)
+	if err != nil {
+		return identity.Workload{}, err
 	}
+	cg, err := readAt(pidfd, "cgroup", maxProcFile)
+	if err != nil {
+		return identity.Workload{}, err
+	}
+	return identity.Workload{ExeDigest: digest, UID: uid, GID: gid, Cgroup: canonicalCgroup(cg)}, nil
 }
 
 // fileKey identifies the content of a file without reading it: a replaced file has another
@@ -426,10 +555,10 @@ func readLimited(path string, limit int64) ([]byte, error) {
 type fileKey struct {
 	dev, ino     uint64
 	size         int64
-	mtime, ctime syscall.Timespec
+	mtime, ctime unix.Timespec
 }
 
-func keyOf(st *syscall.Stat_t) fileKey {
+func keyOf(st *unix.Stat_t) fileKey {
 	return fileKey{dev: uint64(st.Dev), ino: st.Ino, size: st.Size, mtime: st.Mtim, ctime: st.Ctim}
 }
 
@@ -453,21 +582,43 @@ func (c *digestCache) stats() (uint64, uint64) {
 	return c.hits, c.misses
 }
 
-// digest opens path (for /proc/<pid>/exe, the file the process runs) and returns its SHA-256,
-// from the cache when the open file's key is known. The key comes from fstat of the very file
-// that is hashed, so a swap between stat and read cannot mix two files.
-func (c *digestCache) digest(path string) ([32]byte, bool, error) {
-	f, err := os.Open(path)
+// digestAt returns the SHA-256 of name relative to dirfd (for /proc/<pid>/exe, the file the
+// process runs), from the cache when the file's key is known: a hit costs one fstatat. On a miss
+// the file is opened and the key taken again from fstat of the very file that is hashed, so a
+// swap between stat and read cannot mix two files.
+func (c *digestCache) digestAt(dirfd int, name string) ([32]byte, bool, error) {
+	// A hit needs only the key: one fstatat (which follows /proc/<pid>/exe to the very file the
+	// process runs, as open does). The key names the content a digest was computed from.
+	var pre unix.Stat_t
+	if unix.Fstatat(dirfd, name, &pre, 0) == nil && pre.Mode&unix.S_IFMT == unix.S_IFREG {
+		c.mu.Lock()
+		d, ok := c.m[keyOf(&pre)]
+		if ok {
+			c.hits++
+		}
+		c.mu.Unlock()
+		if ok {
+			return d, true, nil
+		}
+	}
+	var fd int
+	var err error
+	for {
+		if fd, err = unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_CLOEXEC, 0); err != unix.EINTR {
+			break
+		}
+	}
 	if err != nil {
-		return [32]byte{}, false, err
+		return [32]byte{}, false, &os.PathError{Op: "open", Path: name, Err: err}
 	}
-	defer func() { _ = f.Close() }()
-	var st syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &st); err != nil {
-		return [32]byte{}, false, fmt.Errorf("stat %s: %w", path, err)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		_ = unix.Close(fd)
+		return [32]byte{}, false, fmt.Errorf("stat %s: %w", name, err)
 	}
-	if st.Mode&syscall.S_IFMT != syscall.S_IFREG {
-		return [32]byte{}, false, fmt.Errorf("%s is not a regular file", path)
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		_ = unix.Close(fd)
+		return [32]byte{}, false, fmt.Errorf("%s is not a regular file", name)
 	}
 	k := keyOf(&st)
 	c.mu.Lock()
@@ -477,18 +628,21 @@ func (c *digestCache) digest(path string) ([32]byte, bool, error) {
 	}
 	c.mu.Unlock()
 	if ok {
+		_ = unix.Close(fd)
 		return d, true, nil
 	}
+	f := os.NewFile(uintptr(fd), name) // owns fd from here
+	defer func() { _ = f.Close() }()
 	h := sha256.New()
 	if _, err := io.Copy(h, f); err != nil {
-		return [32]byte{}, false, fmt.Errorf("hash %s: %w", path, err)
+		return [32]byte{}, false, fmt.Errorf("hash %s: %w", name, err)
 	}
 	h.Sum(d[:0])
 	// A write during hashing changes mtime/ctime: key the digest by the state after, and only
 	// if it did not change, so a half-old half-new read is never cached under either key.
-	var after syscall.Stat_t
-	if err := syscall.Fstat(int(f.Fd()), &after); err != nil || keyOf(&after) != k {
-		return [32]byte{}, false, fmt.Errorf("%s changed while it was hashed", path)
+	var after unix.Stat_t
+	if err := unix.Fstat(int(f.Fd()), &after); err != nil || keyOf(&after) != k {
+		return [32]byte{}, false, fmt.Errorf("%s changed while it was hashed", name)
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()

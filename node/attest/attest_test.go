@@ -17,6 +17,7 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
 
 	"github.com/ute-project/ute/identity"
 )
@@ -174,11 +175,11 @@ func TestCacheRehashesSwappedBinary(t *testing.T) {
 	bin := filepath.Join(dir, "agent")
 	require.NoError(t, os.WriteFile(bin, []byte("version one"), 0o755))
 	c := newDigestCache(4)
-	d1, cached, err := c.digest(bin)
+	d1, cached, err := c.digestAt(unix.AT_FDCWD, bin)
 	require.NoError(t, err)
 	assert.False(t, cached)
 	assert.Equal(t, sha256.Sum256([]byte("version one")), d1)
-	_, cached, err = c.digest(bin)
+	_, cached, err = c.digestAt(unix.AT_FDCWD, bin)
 	require.NoError(t, err)
 	assert.True(t, cached, "unchanged file comes from the cache")
 
@@ -186,7 +187,7 @@ func TestCacheRehashesSwappedBinary(t *testing.T) {
 	tmp := filepath.Join(dir, "agent.new")
 	require.NoError(t, os.WriteFile(tmp, []byte("version two"), 0o755))
 	require.NoError(t, os.Rename(tmp, bin))
-	d2, cached, err := c.digest(bin)
+	d2, cached, err := c.digestAt(unix.AT_FDCWD, bin)
 	require.NoError(t, err)
 	assert.False(t, cached)
 	assert.Equal(t, sha256.Sum256([]byte("version two")), d2)
@@ -196,7 +197,7 @@ func TestCacheRehashesSwappedBinary(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, os.WriteFile(bin, []byte("version 666"), 0o755))
 	require.NoError(t, os.Chtimes(bin, st.ModTime(), st.ModTime()))
-	d3, cached, err := c.digest(bin)
+	d3, cached, err := c.digestAt(unix.AT_FDCWD, bin)
 	require.NoError(t, err)
 	assert.False(t, cached, "ctime changed, so the file is hashed again")
 	assert.Equal(t, sha256.Sum256([]byte("version 666")), d3)
@@ -208,7 +209,7 @@ func TestCacheIsBounded(t *testing.T) {
 	for i := range 5 {
 		p := filepath.Join(dir, strconv.Itoa(i))
 		require.NoError(t, os.WriteFile(p, []byte{byte(i)}, 0o644))
-		_, _, err := c.digest(p)
+		_, _, err := c.digestAt(unix.AT_FDCWD, p)
 		require.NoError(t, err)
 	}
 	assert.Len(t, c.m, 2)

@@ -1,7 +1,9 @@
 package attest
 
 import (
+	"net"
 	"net/netip"
+	"os"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -48,6 +50,61 @@ func BenchmarkSocketInode(b *testing.B) {
 	a := New(Options{})
 	for b.Loop() {
 		if _, err := a.SocketInode(client, srv); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkVerifyNewConnManyFDs is what the TUN interface pays per new flow from a busy agent:
+// a new connection each time (the previous one closed, as a client opening one connection per
+// request does) from a process that holds 1,000 other descriptors, its PID hinted, its
+// executable's digest cached. The descriptor scan that confirms which process holds the socket
+// grows with the descriptors the process holds.
+func BenchmarkVerifyNewConnManyFDs(b *testing.B) {
+	for range 1000 {
+		f, err := os.Open(os.DevNull)
+		require.NoError(b, err)
+		b.Cleanup(func() { _ = f.Close() })
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.Close()
+		}
+	}()
+	srv := netip.MustParseAddrPort(ln.Addr().String())
+	want := selfExpected(b)
+	a := New(Options{})
+	b.ResetTimer()
+	for b.Loop() {
+		b.StopTimer()
+		c, err := net.Dial("tcp", srv.String())
+		require.NoError(b, err)
+		b.StartTimer()
+		if _, err := a.Verify(addrOf(c), srv, want); err != nil {
+			b.Fatal(err)
+		}
+		b.StopTimer()
+		_ = c.Close()
+		b.StartTimer()
+	}
+}
+
+// BenchmarkVerifySelf is what an SDK agent's Dial pays (node.Agent.Dial): this process's
+// executable through the digest cache, compared with the enrolled fingerprint.
+func BenchmarkVerifySelf(b *testing.B) {
+	want := selfExpected(b)
+	a := New(Options{})
+	_, err := a.VerifySelf(want)
+	require.NoError(b, err)
+	for b.Loop() {
+		if _, err := a.VerifySelf(want); err != nil {
 			b.Fatal(err)
 		}
 	}

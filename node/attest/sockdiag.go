@@ -23,13 +23,13 @@ const (
 // errDiagNotFound: the kernel has no such socket (ENOENT), as opposed to a failed query.
 var errDiagNotFound = errors.New("sock_diag: no such socket")
 
-// diagInode asks the kernel for the inode of the TCP socket local -> remote.
-func diagInode(local, remote netip.AddrPort) (uint64, error) {
+// diagSocket asks the kernel for the inode and uid of the TCP socket local -> remote.
+func diagSocket(local, remote netip.AddrPort) (sockInfo, error) {
 	fam := uint8(syscall.AF_INET)
 	if local.Addr().Is6() || remote.Addr().Is6() {
 		fam = syscall.AF_INET6
 	}
-	ino, err := diagQuery(fam, local, remote)
+	s, err := diagQuery(fam, local, remote)
 	if errors.Is(err, errDiagNotFound) && fam == syscall.AF_INET {
 		// An AF_INET6 socket connected to an IPv4 address shows the mapped form.
 		m := func(a netip.AddrPort) netip.AddrPort {
@@ -37,13 +37,13 @@ func diagInode(local, remote netip.AddrPort) (uint64, error) {
 		}
 		return diagQuery(syscall.AF_INET6, m(local), m(remote))
 	}
-	return ino, err
+	return s, err
 }
 
-func diagQuery(fam uint8, local, remote netip.AddrPort) (uint64, error) {
+func diagQuery(fam uint8, local, remote netip.AddrPort) (sockInfo, error) {
 	fd, err := syscall.Socket(syscall.AF_NETLINK, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, netlinkSockDiag)
 	if err != nil {
-		return 0, fmt.Errorf("sock_diag socket: %w", err)
+		return sockInfo{}, fmt.Errorf("sock_diag socket: %w", err)
 	}
 	defer func() { _ = syscall.Close(fd) }()
 	tv := syscall.Timeval{Sec: 1}
@@ -60,12 +60,12 @@ func diagQuery(fam uint8, local, remote netip.AddrPort) (uint64, error) {
 	ne.PutUint32(r[4:], 0xffffffff) // all states
 	putSockID(r[8:8+inetDiagSockIDLen], fam, local, remote)
 	if err := syscall.Sendto(fd, req, 0, &syscall.SockaddrNetlink{Family: syscall.AF_NETLINK}); err != nil {
-		return 0, fmt.Errorf("sock_diag send: %w", err)
+		return sockInfo{}, fmt.Errorf("sock_diag send: %w", err)
 	}
 	buf := make([]byte, 8192)
 	n, _, err := syscall.Recvfrom(fd, buf, 0)
 	if err != nil {
-		return 0, fmt.Errorf("sock_diag receive: %w", err)
+		return sockInfo{}, fmt.Errorf("sock_diag receive: %w", err)
 	}
 	return parseDiagReply(buf[:n])
 }
@@ -90,33 +90,34 @@ func putSockID(b []byte, fam uint8, local, remote netip.AddrPort) {
 	binary.NativeEndian.PutUint32(b[44:], 0xffffffff)
 }
 
-// parseDiagReply reads one netlink answer: an inet_diag_msg (its inode) or an error.
-func parseDiagReply(b []byte) (uint64, error) {
+// parseDiagReply reads one netlink answer: an inet_diag_msg (its inode and uid) or an error.
+func parseDiagReply(b []byte) (sockInfo, error) {
 	ne := binary.NativeEndian
 	if len(b) < nlmsgHdrLen {
-		return 0, fmt.Errorf("sock_diag: short reply (%d bytes)", len(b))
+		return sockInfo{}, fmt.Errorf("sock_diag: short reply (%d bytes)", len(b))
 	}
 	l := int(ne.Uint32(b[0:]))
 	typ := ne.Uint16(b[4:])
 	if l < nlmsgHdrLen || l > len(b) {
-		return 0, fmt.Errorf("sock_diag: reply length %d of %d bytes", l, len(b))
+		return sockInfo{}, fmt.Errorf("sock_diag: reply length %d of %d bytes", l, len(b))
 	}
 	body := b[nlmsgHdrLen:l]
 	switch typ {
 	case syscall.NLMSG_ERROR:
 		if len(body) < 4 {
-			return 0, errors.New("sock_diag: short error message")
+			return sockInfo{}, errors.New("sock_diag: short error message")
 		}
 		code := -int32(ne.Uint32(body))
 		if syscall.Errno(code) == syscall.ENOENT {
-			return 0, errDiagNotFound
+			return sockInfo{}, errDiagNotFound
 		}
-		return 0, fmt.Errorf("sock_diag: %w", syscall.Errno(code))
+		return sockInfo{}, fmt.Errorf("sock_diag: %w", syscall.Errno(code))
 	case sockDiagByFamily:
 		if len(body) < inetDiagMsgLen {
-			return 0, fmt.Errorf("sock_diag: short inet_diag_msg (%d bytes)", len(body))
+			return sockInfo{}, fmt.Errorf("sock_diag: short inet_diag_msg (%d bytes)", len(body))
 		}
-		return uint64(ne.Uint32(body[68:])), nil
+		// struct inet_diag_msg: idiag_uid at 64, idiag_inode at 68.
+		return sockInfo{inode: uint64(ne.Uint32(body[68:])), uid: ne.Uint32(body[64:]), hasUID: true}, nil
 	}
-	return 0, fmt.Errorf("sock_diag: unexpected message type %d", typ)
+	return sockInfo{}, fmt.Errorf("sock_diag: unexpected message type %d", typ)
 }

@@ -92,6 +92,9 @@ type Gossip struct {
 	ProbeInterval    time.Duration
 	PushPullInterval time.Duration
 	RetransmitMult   int
+	// TunnelIdle closes a tunnel with no agent flow and no gossip stream open after this long
+	// without traffic (tunnel.Limits.GossipIdleTimeout); the next message or flow dials again.
+	TunnelIdle time.Duration
 }
 
 // Renewal bounds the credential scheduler's retries (node.Config.RenewMinRetry and friends).
@@ -110,7 +113,8 @@ func Default() Config {
 		Log:       Log{Level: slog.LevelInfo, Format: LogText},
 		// memberlist's LAN defaults, except a faster push/pull so that a member that missed a
 		// revocation catches up within seconds rather than half a minute.
-		Gossip:  Gossip{Interval: 200 * time.Millisecond, ProbeInterval: time.Second, PushPullInterval: 10 * time.Second, RetransmitMult: 4},
+		Gossip: Gossip{Interval: 200 * time.Millisecond, ProbeInterval: time.Second, PushPullInterval: 10 * time.Second, RetransmitMult: 4,
+			TunnelIdle: 60 * time.Second},
 		Renewal: Renewal{MinRetry: 5 * time.Second, MaxRetry: 5 * time.Minute, Timeout: 30 * time.Second},
 	}
 }
@@ -124,6 +128,8 @@ const (
 	maxProbeInterval  = 5 * time.Minute
 	minPushPull       = time.Second
 	maxPushPull       = time.Hour
+	minTunnelIdle     = time.Second
+	maxTunnelIdle     = 24 * time.Hour
 	maxRetransmitMult = 16
 	minRetry          = 100 * time.Millisecond
 	maxRetry          = 24 * time.Hour

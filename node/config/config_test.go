@@ -33,6 +33,7 @@ gossip:
   probe_interval: 2s
   push_pull_interval: 5s
   retransmit_mult: 3
+  tunnel_idle: 2m
 renewal:
   min_retry: 1s
   max_retry: 1m
@@ -54,7 +55,7 @@ func TestParseFull(t *testing.T) {
 		},
 		Metrics:   netip.MustParseAddrPort("127.0.0.1:9464"),
 		Log:       Log{Level: slog.LevelDebug, Format: LogJSON},
-		Gossip:    Gossip{Interval: 100 * time.Millisecond, ProbeInterval: 2 * time.Second, PushPullInterval: 5 * time.Second, RetransmitMult: 3},
+		Gossip:    Gossip{Interval: 100 * time.Millisecond, ProbeInterval: 2 * time.Second, PushPullInterval: 5 * time.Second, RetransmitMult: 3, TunnelIdle: 2 * time.Minute},
 		Renewal:   Renewal{MinRetry: time.Second, MaxRetry: time.Minute, Timeout: 10 * time.Second},
 		Authority: "auth.acme.internal:7443",
 	}, c)
@@ -71,6 +72,7 @@ func TestEmptyFileIsDefault(t *testing.T) {
 	assert.False(t, d.Metrics.IsValid(), "metrics are off by default")
 	assert.Equal(t, InterfaceNetstack, d.Interface)
 	assert.Equal(t, TransportQUIC, d.Transport)
+	assert.Equal(t, time.Minute, d.Gossip.TunnelIdle, "tunnel.Limits.GossipIdleTimeout's default")
 }
 
 func TestPartialKeepsDefaults(t *testing.T) {
@@ -134,6 +136,7 @@ func TestParseErrors(t *testing.T) {
 		{"gossip bad duration", "gossip:\n  interval: fast\n", ErrBadValue, "2:13", "gossip.interval", "not a duration"},
 		{"gossip too fast", "gossip:\n  interval: 1ms\n", ErrBadValue, "2:13", "gossip.interval", "outside 10ms..1m0s"},
 		{"gossip negative", "gossip:\n  push_pull_interval: -1s\n", ErrBadValue, "2:23", "gossip.push_pull_interval", "outside"},
+		{"tunnel idle too short", "gossip:\n  tunnel_idle: 10ms\n", ErrBadValue, "2:16", "gossip.tunnel_idle", "outside 1s..24h0m0s"},
 		{"retransmit zero", "gossip:\n  retransmit_mult: 0\n", ErrBadValue, "2:20", "gossip.retransmit_mult", "outside 1..16"},
 		{"retransmit huge", "gossip:\n  retransmit_mult: 99999999999999999999\n", ErrBadValue, "", "gossip.retransmit_mult", ""},
 		{"retransmit string", "gossip:\n  retransmit_mult: \"3\"\n", ErrBadValue, "2:20", "gossip.retransmit_mult", "expected an integer"},

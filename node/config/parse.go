@@ -373,7 +373,7 @@ func (w *walker) log(c *Config, e entry) error {
 }
 
 func (w *walker) gossip(c *Config, e entry) error {
-	fs, err := w.fields(e.val, "gossip", "interval", "probe_interval", "push_pull_interval", "retransmit_mult")
+	fs, err := w.fields(e.val, "gossip", "interval", "probe_interval", "push_pull_interval", "retransmit_mult", "tunnel_idle")
 	if err != nil {
 		return err
 	}
@@ -388,6 +388,8 @@ func (w *walker) gossip(c *Config, e entry) error {
 			c.Gossip.PushPullInterval, err = w.duration(f, field, minPushPull, maxPushPull)
 		case "retransmit_mult":
 			c.Gossip.RetransmitMult, err = w.smallInt(f, field, 1, maxRetransmitMult)
+		case "tunnel_idle":
+			c.Gossip.TunnelIdle, err = w.duration(f, field, minTunnelIdle, maxTunnelIdle)
 		}
 		if err != nil {
 			return err

@@ -94,6 +94,8 @@ type Daemon struct {
 
 	// wgt is the WireGuard transport (wireguard.go); nil with QUIC.
 	wgt *wgTransport
+	// region caches the region file (trust.go).
+	region regionFile
 }
 
 type closer interface{ Close() error }
@@ -165,6 +167,7 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		},
 	}
 	ncfg.Resolve = d.resolve
+	ncfg.Limits.GossipIdleTimeout = d.cfg.Gossip.TunnelIdle
 	if d.trust, err = newTrust(d); err != nil {
 		_ = store.Close()
 		return nil, err

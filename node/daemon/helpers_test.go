@@ -107,7 +107,11 @@ func joinNode(t testing.TB, ta *testAuthority, s spec) (dir string, pc net.Packe
 		HostFingerprint: fp[:], Advertise: pc.LocalAddr().String()})
 	require.NoError(t, err)
 	for _, as := range s.agents {
+		// This test binary, as this user: the workload an SDK Dial checks (node/selfattest.go).
 		as.Exe = exe
+		if as.UID == 0 && as.GID == 0 {
+			as.UID, as.GID = uint32(os.Geteuid()), uint32(os.Getegid())
+		}
 		_, err := d.AddAgent(as)
 		require.NoError(t, err)
 	}

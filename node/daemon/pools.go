@@ -120,11 +120,18 @@ func (d *Daemon) members(zone string) []membership.Member {
 // the members gossip discovers to the node as peers (the node still verifies each one at the
 // handshake: a member is only a hint of where a node ID can be reached). It hands members over
 // when membership reports a change, not on a timer: polling every member of a 100-node zone
-// four times a second was most of an idle node's CPU. The gauges are refreshed every
-// gaugeEvery, and the full member sync runs then too, in case a notice was coalesced away
-// while a pool was being replaced.
+// four times a second was most of an idle node's CPU.
+//
+// Its periodic work shares one timer, because at rest each wake-up costs more than the work it
+// does (docs/benchmarks.md, "A node at rest"): the join check (every 200 ms to 1 s while a pool
+// is alone, backing off to 5 s once every pool has a peer), the gauges on each of those wake-ups
+// (member and tunnel counts only), and every resyncEvery a full hand-over of the members, in
+// case a notice was coalesced away while a pool was being replaced.
 func (d *Daemon) poolLoop() {
-	const gaugeEvery = 2 * time.Second
+	const (
+		restEvery   = 5 * time.Second
+		resyncEvery = 30 * time.Second
+	)
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -133,26 +140,27 @@ func (d *Daemon) poolLoop() {
 		changes = p.m.Changes()
 	}
 	wait := 200 * time.Millisecond
-	join := time.NewTimer(0)
-	defer join.Stop()
-	gauges := time.NewTicker(gaugeEvery)
-	defer gauges.Stop()
+	tick := time.NewTimer(0)
+	defer tick.Stop()
+	var synced time.Time
 	for {
 		select {
 		case <-d.ctx.Done():
 			return
 		case <-changes:
-			d.syncMembers(false)
-		case <-gauges.C:
-			d.syncMembers(true)
-		case <-join.C:
-			d.syncMembers(true)
-			if d.joinPools() {
-				wait = min(wait*2, 5*time.Second)
-			} else {
-				wait = time.Second
+			d.syncMembers()
+		case <-tick.C:
+			if time.Since(synced) >= resyncEvery {
+				synced = time.Now()
+				d.syncMembers()
 			}
-			join.Reset(wait + time.Duration(rand.Int64N(int64(wait)/4)))
+			if d.joinPools() {
+				wait = time.Second
+			} else {
+				wait = min(wait*2, restEvery)
+			}
+			d.syncGauges()
+			tick.Reset(wait + time.Duration(rand.Int64N(int64(wait)/4)))
 		}
 	}
 }
@@ -202,6 +210,9 @@ func (d *Daemon) joinPools() (failed bool) {
 		if len(seeds) == 0 {
 			continue
 		}
+		// One attempt's deadline. Join dials the seeds concurrently, each address for at most
+		// its per-seed timeout, and tries the seeds that failed last time after the others, so
+		// a dead or black-holed member listed first no longer spends the whole attempt.
 		ctx, cancel := context.WithTimeout(d.ctx, 5*time.Second)
 		n, err := p.m.Join(ctx, z, seeds)
 		cancel()
@@ -216,8 +227,8 @@ func (d *Daemon) joinPools() (failed bool) {
 }
 
 // syncMembers hands the node every member of every pool (the node keeps one address per node
-// ID, so handing a known member again costs a map write) and, with gauges, updates the gauges.
-func (d *Daemon) syncMembers(gauges bool) {
+// ID, so handing a known member again costs a map write).
+func (d *Daemon) syncMembers() {
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -225,20 +236,8 @@ func (d *Daemon) syncMembers(gauges bool) {
 		return
 	}
 	self := d.node.ID().String()
-	var tunnels map[string]int
-	if gauges {
-		tunnels = map[string]int{}
-		for _, t := range d.node.Snapshot().Tunnels {
-			tunnels[t.Zone]++
-		}
-	}
 	for _, z := range p.m.Zones() {
-		ms := p.m.Members(z)
-		if gauges {
-			d.metrics.SetGossipMembers(z, len(ms))
-			d.metrics.SetTunnels(z, tunnels[z])
-		}
-		for _, m := range ms {
+		for _, m := range p.m.Members(z) {
 			if m.NodeID == self || !m.Addr.IsValid() {
 				continue
 			}
@@ -246,6 +245,27 @@ func (d *Daemon) syncMembers(gauges bool) {
 				d.log.Debug("gossiped member refused", "member", m.NodeID, "err", err)
 			}
 		}
+	}
+}
+
+// syncGauges sets the member and tunnel gauges of every pool. It counts live tunnels on the
+// endpoint directly: a node snapshot formats every tunnel and agent, which the gauges never use.
+func (d *Daemon) syncGauges() {
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	if p == nil {
+		return
+	}
+	tunnels := map[string]int{}
+	for _, t := range d.node.Endpoint().Tunnels() {
+		if t.Alive() {
+			tunnels[t.Zone()]++
+		}
+	}
+	for _, z := range p.m.Zones() {
+		d.metrics.SetGossipMembers(z, len(p.m.Members(z)))
+		d.metrics.SetTunnels(z, tunnels[z])
 	}
 }
 

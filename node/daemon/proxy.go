@@ -137,7 +137,8 @@ func (d *Daemon) startAgentProxy(ps *proxySet, st *state.Agent, ac config.AgentP
 	if !httpAddr.IsValid() {
 		httpAddr = loop
 	}
-	cfg := proxy.Config{Agent: name, Dialer: a, SOCKS: socks, HTTP: httpAddr, Logger: d.log}
+	// Relay: the proxy attests each connection's owner itself; this process is not the agent.
+	cfg := proxy.Config{Agent: name, Dialer: a.Relay(), SOCKS: socks, HTTP: httpAddr, Logger: d.log}
 	if ac.Attest {
 		want, err := expectedWorkload(st)
 		if err != nil {

@@ -8,7 +8,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unicode"
 
@@ -29,7 +31,7 @@ import (
 
 // FileRegion is the optional region file in the node directory. When present, its first line is
 // where the node runs now (a provisioning hook or the cloud's metadata agent writes it); the
-// daemon re-reads it every trust tick. Absent, the region is the one recorded at join.
+// daemon checks it every trust tick (a stat; it re-reads the file when the stat changes). Absent, the region is the one recorded at join.
 const FileRegion = "region"
 
 // Tuning of the daemon's TrustFlow wiring.
@@ -38,7 +40,7 @@ const (
 	trustQueue      = 4096
 	nodeShare       = 5                // a node takes 1/nodeShare of the weight its agent's signal carries
 	renewalCooldown = 30 * time.Minute // at most one renewal-failure signal per subject in this time
-	// A workload mismatch seen by the proxy interface: see trust.fingerprint.
+	// A workload mismatch seen by an interface or by an SDK agent's Dial: see trust.fingerprint.
 	proxyMismatchWeight = 25
 	mismatchCooldown    = time.Minute
 )
@@ -53,6 +55,7 @@ type trust struct {
 
 	burst      *trustflow.BurstDetector
 	dup        trustflow.DuplicateDetector
+	agentDup   trustflow.AgentDuplicateDetector // one agent identity issued by two live nodes
 	acted      map[string]zones.Action
 	renewedAt  map[string]time.Time // last renewal-failure signal per subject
 	mismatchAt map[string]time.Time // last workload-mismatch signal per agent
@@ -109,8 +112,9 @@ func newTrust(d *Daemon) (*trust, error) {
 	return t, nil
 }
 
-// hook wires the node's TrustFlow hooks into cfg, and the proxy's workload attestation
-// (Options.OnMismatch, still called for its own subscriber) into the engine.
+// hook wires the node's TrustFlow hooks into cfg, and workload attestation (the interfaces'
+// Options.OnMismatch, still called for its own subscriber, and the SDK's own-process check)
+// into the engine.
 func (t *trust) hook(cfg *node.Config) {
 	prev := t.d.opts.OnMismatch
 	t.d.opts.OnMismatch = func(agent, reason string) {
@@ -122,6 +126,11 @@ func (t *trust) hook(cfg *node.Config) {
 	cfg.TrustView = t.eng.Score
 	cfg.OnFlowVerdict = func(v node.FlowVerdict) { t.push(trustInput{verdict: &v}) }
 	cfg.OnCredentialFailure = func(subject string, err error) { t.push(trustInput{cred: subject, credErr: err}) }
+	// An SDK agent's Dial from a process that is not its enrolled workload (node/selfattest.go):
+	// the same signal, weight and rate limit as the interfaces' refusals, and the same
+	// Options.OnMismatch subscriber.
+	onMismatch := t.d.opts.OnMismatch
+	cfg.OnWorkloadMismatch = func(agent identity.ID, reason string) { onMismatch(agent.Name+"."+agent.Zone, reason) }
 }
 
 // push queues an event without blocking the node; a full queue drops and counts.
@@ -183,7 +192,10 @@ func (t *trust) handle(ctx context.Context, in trustInput) {
 // fingerprint charges an agent for a process that tried to use its identity. Any local process
 // can connect to a proxy port, so one refused connection is not proof the agent is compromised:
 // it is charged proxyMismatchWeight, at most once per agent per mismatchCooldown (four such
-// minutes isolate it), instead of the engine's full weight for a changed fingerprint.
+// minutes isolate it), instead of the engine's full weight for a changed fingerprint. An SDK
+// agent's own-process refusal is charged the same: the program that trips it is most often the
+// agent's own binary upgraded without re-enrolling, which must not revoke the agent at once,
+// while a program written to misuse the key never calls the check (docs/threat-model.md).
 func (t *trust) fingerprint(ctx context.Context, nameZone, why string, now time.Time) {
 	name, zone, ok := strings.Cut(nameZone, ".")
 	if !ok {
@@ -210,6 +222,15 @@ func (t *trust) verdict(ctx context.Context, v node.FlowVerdict) {
 			t.signal(ctx, trustflow.Signal{Subject: v.Agent, Kind: k, Reason: why, At: now})
 		}
 		t.signal(ctx, trustflow.Signal{Subject: v.Peer, Kind: k, Weight: max(1, w/nodeShare), Reason: "its agent " + v.Agent + ": " + why, At: now, Zone: v.Zone})
+	}
+	switch v.Reason {
+	case "", "policy", "zone", "unreachable":
+		// Past the signature check: the record's chain proves which node issued the agent.
+		if dup, ok := t.agentDup.Observe(v.Agent, v.Node, now); ok {
+			t.signal(ctx, trustflow.Signal{Subject: dup.Subject, Kind: trustflow.KindDuplicateIdentity, Zone: v.Zone, At: now,
+				Reason: fmt.Sprintf("issued by %s at once: their flows alternate since %s", strings.Join(dup.Addrs, " and "),
+					dup.Since.UTC().Format(time.RFC3339))})
+		}
 	}
 	switch v.Reason {
 	case "":
@@ -279,13 +300,60 @@ func (t *trust) check(ctx context.Context) {
 // Region is where the node runs now: the region file when there is one, else the region
 // recorded at join.
 func (d *Daemon) Region() string {
-	if b, err := os.ReadFile(filepath.Join(d.opts.Dir, FileRegion)); err == nil {
-		line, _, _ := strings.Cut(string(b), "\n")
-		if r := strings.TrimSpace(line); r != "" {
-			return r
-		}
+	if r := d.region.read(filepath.Join(d.opts.Dir, FileRegion)); r != "" {
+		return r
 	}
 	return d.node.Region()
+}
+
+// regionFile caches the region file's first line. The trust loop asks for the region every tick
+// (so that a drift is acted on within a second); a stat is one system call where reading the
+// file was four, and the file is read again only when its identity (inode, size, modification
+// and change times) differs from the one read last.
+type regionFile struct {
+	mu     sync.Mutex
+	stamp  fileStamp // zero: nothing read yet, or no file
+	region string
+}
+
+type fileStamp struct {
+	ino          uint64
+	size         int64
+	mtime, ctime int64
+}
+
+func stampOf(fi os.FileInfo) fileStamp {
+	s := fileStamp{size: fi.Size(), mtime: fi.ModTime().UnixNano()}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+		s.ino, s.ctime = st.Ino, st.Ctim.Nano()
+	}
+	return s
+}
+
+// read returns the file's trimmed first line, "" when there is no file or it is empty.
+func (r *regionFile) read(path string) string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	fi, err := os.Stat(path)
+	if err != nil {
+		r.stamp, r.region = fileStamp{}, ""
+		return ""
+	}
+	// File times tick with the kernel's coarse clock (milliseconds), so an in-place rewrite of the
+	// same length right after a read can keep the stamp: a file changed in the last second is
+	// read every time (git's "racily clean" rule).
+	if st := stampOf(fi); st != r.stamp || st == (fileStamp{}) || time.Since(fi.ModTime()) < time.Second {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			r.stamp, r.region = fileStamp{}, ""
+			return ""
+		}
+		line, _, _ := strings.Cut(string(b), "\n")
+		// Stamped before the read: a write racing the read changes the stamp again, so the
+		// next tick reads the file anew.
+		r.stamp, r.region = st, strings.TrimSpace(line)
+	}
+	return r.region
 }
 
 func (t *trust) checkRegion(ctx context.Context) {
@@ -350,9 +418,14 @@ func (t *trust) checkDuplicates(ctx context.Context) {
 		}
 	}
 	for _, dup := range t.dup.Check(t.d.now(), live) {
+		// Confirmed for the evidence collector first: the signal acts at once, and while the
+		// evidence is pending the subject is denied but its tunnels stay up (mayIsolate), so that
+		// both processes can still sign fresh proofs. Marked after the signal, the subject was
+		// cut at once and only the candidate phase's proofs were left, which under load could
+		// all predate the overlap the authority requires.
+		t.ev.start(dup.Subject)
 		t.signal(ctx, trustflow.Signal{Subject: dup.Subject, Kind: trustflow.KindDuplicateIdentity, Zone: zoneOf[dup.Subject],
 			Reason: fmt.Sprintf("live at %s at once since %s", strings.Join(dup.Addrs, " and "), dup.Since.UTC().Format(time.RFC3339))})
-		t.ev.start(dup.Subject)
 	}
 }
 

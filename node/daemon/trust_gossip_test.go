@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"crypto/ed25519"
+	"encoding/json"
 	"errors"
 	"net/netip"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -18,6 +21,7 @@ import (
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/node/trustflow"
+	"github.com/ute-project/ute/overlay/audit"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
 )
@@ -243,6 +247,7 @@ func TestTrustDuplicateRevokedByAuthorityOnEvidence(t *testing.T) {
 	require.Eventually(t, func() bool { return dialLedger(t, a, "8080") == nil }, 5*time.Second, 50*time.Millisecond)
 	time.Sleep(5 * time.Second) // more than twice the confirmation time
 	assert.Equal(t, 100, b.TrustScore(aID), "a restarted, renewed node is not its own duplicate")
+	assert.Equal(t, 100, b.TrustScore(billingID), "nor is its agent, whose flows before and after come from one node")
 	assert.Zero(t, b.EvidenceSubmitted(aID))
 	_, held := b.Store().Lookup(aID)
 	assert.False(t, held)
@@ -297,4 +302,24 @@ func TestTrustDuplicateRevokedByAuthorityOnEvidence(t *testing.T) {
 	for _, tn := range b.Node().Endpoint().Tunnels() {
 		assert.False(t, tn.Peer().NodeID == aID && tn.Alive(), "b holds no session of the revoked identity")
 	}
+	// b kept both copies' tunnels up (denied, not cut) from the confirmation until it held the
+	// evidence: cutting them at the confirmation left only the proofs of the candidate phase,
+	// which under load could all predate the overlap the authority requires, and then none
+	// could be collected before the 10 s give-up.
+	requireAudited(t, b, "duplicate_evidence", aID)
+	var actions []string
+	bLog, err := readAuditDir(filepath.Join(b.dir, "audit"))
+	require.NoError(t, err)
+	for line := range strings.SplitSeq(bLog, "\n") {
+		var r audit.Record
+		if json.Unmarshal([]byte(line), &r) != nil || r.Event != node.EventTrust || r.Fields["subject"] != aID {
+			continue
+		}
+		actions = append(actions, r.Fields["action"])
+	}
+	require.NotEmpty(t, actions)
+	assert.Equal(t, "deny_flows", actions[0], "confirmed duplicate held while the proofs are collected: %v", actions)
+	i := slices.Index(actions, "duplicate_evidence")
+	require.GreaterOrEqual(t, i, 0, "%v", actions)
+	assert.NotContains(t, actions[:i], "isolate_and_revoke", "cut before the evidence was submitted: %v", actions)
 }

@@ -557,3 +557,126 @@ func TestDupEveryBoundsTheDelay(t *testing.T) {
 		assert.Equal(t, c.want, tr.dupEvery(), "confirm %v", c.confirm)
 	}
 }
+
+// Scenario 2 through the SDK, attacker side: billing-batch is enrolled on a as another
+// executable (/bin/true, or a script), and this test binary — which holds a's node — dials as
+// billing-batch. Each Dial is refused with node.ErrWorkloadMismatch before anything is sent (b's
+// ledger accepts nothing and b's audit log never names billing-batch), a audits the refusal, and
+// TrustFlow charges billing-batch one fingerprint_mismatch (rate-limited like the proxy's).
+func TestTrustSDKWorkloadMismatchLowersAgent(t *testing.T) {
+	ta := startAuthority(t)
+	a, b := paymentsPair(t, ta)
+	other := "/bin/true"
+	if _, err := os.Stat(other); err != nil {
+		other = filepath.Join(t.TempDir(), "true")
+		require.NoError(t, os.WriteFile(other, []byte("#!/bin/sh\nexit 0\n"), 0o755))
+	}
+	uid, gid := uint32(os.Geteuid()), uint32(os.Getegid())
+	_, err := backend{a.Daemon}.AddAgent(context.Background(), localapi.AgentSpec{Name: "billing-batch", Zone: "payments", Exe: other, UID: &uid, GID: &gid})
+	require.NoError(t, err)
+	ledger, err := b.Node().Agent("payments", "ledger")
+	require.NoError(t, err)
+	l, err := ledger.Listen("tcp", ":8080")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	accepted := make(chan net.Conn, 8)
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			accepted <- c
+		}
+	}()
+
+	batch, err := a.Node().Agent("payments", "billing-batch")
+	require.NoError(t, err)
+	batchID := batch.ID().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for range 2 {
+		c, err := batch.Dial(ctx, "tcp", "ledger.payments:8080")
+		require.Nil(t, c)
+		require.ErrorIs(t, err, node.ErrWorkloadMismatch)
+		assert.Contains(t, err.Error(), "not the enrolled executable "+other)
+	}
+	require.Eventually(t, func() bool { return a.TrustScore(batchID) == 100-proxyMismatchWeight }, 2*time.Second, 5*time.Millisecond,
+		"score %d", a.TrustScore(batchID))
+	time.Sleep(2 * trustTick)
+	x, err := backend{a.Daemon}.TrustExplain(context.Background(), "billing-batch.payments")
+	require.NoError(t, err)
+	require.Len(t, x.Events, 1, "rate-limited: one signal a minute")
+	assert.Equal(t, string(trustflow.KindFingerprintMismatch), x.Events[0].Kind)
+	assert.Contains(t, x.Events[0].Reason, other)
+	requireAudited(t, a, node.EventWorkloadRefused, batchID)
+	assert.Equal(t, 100, a.TrustScore(billingID), "the other agent of the node is not charged")
+
+	// The enrolled workload still gets through; once b has audited that later flow, it has
+	// provably never seen a record of billing-batch.
+	require.NoError(t, dialLedger(t, a, "8080"))
+	select {
+	case c := <-accepted:
+		_ = c.Close()
+	case <-time.After(5 * time.Second):
+		t.Fatal("ledger never accepted billing-api's flow")
+	}
+	requireAudited(t, b, audit.EventAdmit, billingID)
+	bLog, err := readAuditDir(filepath.Join(b.dir, "audit"))
+	require.NoError(t, err)
+	assert.NotContains(t, bLog, "billing-batch")
+	assert.Empty(t, accepted, "nothing of billing-batch reached ledger")
+}
+
+// Attacker side, duplicate agent identity: node m mints billing-api, the name node a already
+// serves, and both present flows of "billing-api" to b. Flows issued by a, then m, then a again
+// are one identity live at two endpoints: b charges billing-api duplicate_identity (score 0) and,
+// on its own observation, cuts it locally; its next flows are refused. A single issuer — steady
+// traffic, a restart — never alternates (TestTrustSteadyTrafficKeepsFullTrust,
+// TestTrustDuplicateRevokedByAuthorityOnEvidence).
+func TestTrustDuplicateAgentIdentity(t *testing.T) {
+	ta := startAuthority(t)
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "m", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
+	)
+	a, m, b := ds["a"], ds["m"], ds["b"]
+	waitMembers(t, "payments", 3, a, m, b)
+	ledger, err := b.Node().Agent("payments", "ledger")
+	require.NoError(t, err)
+	l, err := ledger.Listen("tcp", ":8080")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			_ = c.Close()
+		}
+	}()
+	for _, d := range []*testDaemon{a, a, m} {
+		require.Eventually(t, func() bool { return dialLedger(t, d, "8080") == nil }, 5*time.Second, 20*time.Millisecond)
+	}
+	time.Sleep(2 * trustTick)
+	assert.Equal(t, 100, b.TrustScore(billingID), "a then m: one switch of issuer, as an agent moved between nodes")
+	require.NoError(t, dialLedger(t, a, "8080"), "a again: the third presentation is admitted; it confirms the duplicate")
+	require.Eventually(t, func() bool { return b.TrustScore(billingID) == 0 }, 2*time.Second, 5*time.Millisecond,
+		"score %d", b.TrustScore(billingID))
+	x, err := backend{b.Daemon}.TrustExplain(context.Background(), billingID)
+	require.NoError(t, err)
+	require.NotEmpty(t, x.Events)
+	assert.Equal(t, string(trustflow.KindDuplicateIdentity), x.Events[0].Kind)
+	assert.Contains(t, x.Events[0].Reason, a.Node().ID().String())
+	assert.Contains(t, x.Events[0].Reason, m.Node().ID().String())
+	// b's own observation takes the remote agent below isolate_below: cut here, both copies.
+	for _, d := range []*testDaemon{a, m} {
+		require.Eventually(t, func() bool {
+			err := dialLedger(t, d, "8080")
+			return errors.Is(err, dtl.ErrRevoked) || errors.Is(err, dtl.ErrTrust)
+		}, 5*time.Second, 20*time.Millisecond, "%s's billing-api still admitted at b", d.name)
+	}
+	assert.Equal(t, 100, b.TrustScore(a.Node().ID().String()), "the nodes themselves are not charged")
+}

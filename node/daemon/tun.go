@@ -219,7 +219,7 @@ func (t *tunIface) Outbound(ctx context.Context, proto string, src, dst netip.Ad
 			return nil, err
 		}
 	}
-	c, err := ta.a.Dial(ctx, proto, dst.String())
+	c, err := ta.a.Relay().Dial(ctx, proto, dst.String()) // the socket's owner was attested above
 	if err != nil {
 		t.refused(ta, proto, src, dst, err)
 		return nil, err

@@ -105,9 +105,10 @@ type wgTransport struct {
 
 	mu       sync.Mutex
 	bindings map[wgKey]wgPeer
-	watched  map[string]func() // node ID + serial → untrack of the node's revocation watch
-	agents   map[string]map[netip.Addr]struct{}
-	flows    map[wireguard.Tuple]func() // untrack of each admitted tuple's revocation watch
+	watched  map[string]func()                  // node ID + serial → untrack of the node's revocation watch
+	agents   map[string]map[netip.Addr][]string // peer node → its agents' addresses → their revocation keys
+	agentsW  map[netip.Addr]func()              // untrack of each agent address's revocation watch
+	flows    map[wireguard.Tuple]func()         // untrack of each admitted tuple's revocation watch
 	clients  map[*tunnel.Tunnel]*admitClient
 	servers  map[net.Conn]struct{}
 	inflight map[wgKey]bool
@@ -116,6 +117,7 @@ type wgTransport struct {
 	own      []byte
 	ownAt    time.Time
 	ownZones []string
+	ownCert  *identity.Certificate // the node certificate whose key signed own
 	closed   bool
 }
 
@@ -130,17 +132,12 @@ func (d *Daemon) startWireGuard() error {
 		return err
 	}
 	w := &wgTransport{d: d, log: d.log.With("transport", "wireguard"), key: kp, attest: opts.Attest,
-		bindings: map[wgKey]wgPeer{}, watched: map[string]func(){}, agents: map[string]map[netip.Addr]struct{}{},
+		bindings: map[wgKey]wgPeer{}, watched: map[string]func(){}, agents: map[string]map[netip.Addr][]string{}, agentsW: map[netip.Addr]func(){},
 		flows: map[wireguard.Tuple]func(){}, clients: map[*tunnel.Tunnel]*admitClient{}, servers: map[net.Conn]struct{}{},
 		inflight: map[wgKey]bool{}, retry: map[wgKey]time.Time{}, refused: map[string]uint64{}}
 	if w.attest == nil {
 		att := attest.New(attest.Options{})
-		w.attest = func(t wireguard.Tuple, wl node.Workload) (attest.Process, error) {
-			if t.Proto != wireguard.ProtoTCP {
-				return attest.Process{}, nil // node/attest reads TCP sockets only (see docs/architecture.md)
-			}
-			return att.Verify(t.Source(), t.Destination(), attest.Expected{Digest: wl.Digest, UID: wl.UID, GID: wl.GID, Exe: wl.Exe})
-		}
+		w.attest = func(t wireguard.Tuple, wl node.Workload) (attest.Process, error) { return attestTuple(att, t, wl) }
 	}
 	w.ctx, w.cancel = context.WithCancel(d.ctx)
 	mtu := opts.MTU
@@ -289,7 +286,10 @@ func (w *wgTransport) shutdown() {
 	for _, u := range w.watched {
 		untrack = append(untrack, u)
 	}
-	w.flows, w.watched = map[wireguard.Tuple]func(){}, map[string]func(){}
+	for _, u := range w.agentsW {
+		untrack = append(untrack, u)
+	}
+	w.flows, w.watched, w.agentsW = map[wireguard.Tuple]func(){}, map[string]func(){}, map[netip.Addr]func(){}
 	w.mu.Unlock()
 	for _, u := range untrack {
 		u()
@@ -357,22 +357,24 @@ func (w *wgTransport) exchangeMembers() {
 }
 
 // ownBinding is this node's signed binding for the zones it serves, re-signed when half-way to
-// its expiry or when its zones change.
+// its expiry, when its zones change, or when the node certificate was renewed: a peer verifies
+// the binding against the certificate the tunnel's handshake proved, which after a renewal is the
+// new one (with a new key), so a binding signed with the old key would be refused.
 func (w *wgTransport) ownBinding() ([]byte, error) {
 	d := w.d
 	zones := d.node.Endpoint().Zones()
 	now := d.now()
+	cert, key, err := d.node.Credentials()
+	if err != nil {
+		return nil, err
+	}
 	w.mu.Lock()
-	if w.own != nil && slices.Equal(w.ownZones, zones) && now.Sub(w.ownAt) < wireguard.BindingLifetime/2 {
+	if w.own != nil && w.ownCert == cert && slices.Equal(w.ownZones, zones) && now.Sub(w.ownAt) < wireguard.BindingLifetime/2 {
 		raw := w.own
 		w.mu.Unlock()
 		return raw, nil
 	}
 	w.mu.Unlock()
-	cert, key, err := d.node.Credentials()
-	if err != nil {
-		return nil, err
-	}
 	exp := now.Add(wireguard.BindingLifetime)
 	if cert.X509.NotAfter.Before(exp) {
 		exp = cert.X509.NotAfter
@@ -383,7 +385,7 @@ func (w *wgTransport) ownBinding() ([]byte, error) {
 		return nil, err
 	}
 	w.mu.Lock()
-	w.own, w.ownAt, w.ownZones = raw, now, zones
+	w.own, w.ownAt, w.ownZones, w.ownCert = raw, now, zones, cert
 	w.mu.Unlock()
 	return raw, nil
 }
@@ -500,10 +502,37 @@ func (w *wgTransport) dropNode(nodeID string) {
 			delete(w.bindings, k)
 		}
 	}
+	var untrack []func()
+	for a := range w.agents[nodeID] {
+		if u := w.agentsW[a]; u != nil {
+			untrack = append(untrack, u)
+			delete(w.agentsW, a)
+		}
+	}
 	delete(w.agents, nodeID)
 	w.mu.Unlock()
 	w.syncMu.Unlock()
+	for _, u := range untrack {
+		u()
+	}
 	w.removeFlows(func(f *wgFlow) bool { return f.node == nodeID })
+}
+
+// dropAgent removes a revoked agent's address from its node's allowed IPs; the agent's
+// revocation calls it before returning, so the device routes nothing to that address and
+// accepts nothing from it afterwards (its tuples are cut by their own watches).
+func (w *wgTransport) dropAgent(nodeID string, ip netip.Addr) {
+	w.syncMu.Lock()
+	w.mu.Lock()
+	delete(w.agents[nodeID], ip)
+	untrack := w.agentsW[ip]
+	delete(w.agentsW, ip)
+	w.mu.Unlock()
+	w.dev.RemoveAllowedIP(ip)
+	w.syncMu.Unlock()
+	if untrack != nil {
+		untrack()
+	}
 }
 
 // sync recomputes the peer set and applies it.
@@ -513,6 +542,7 @@ func (w *wgTransport) sync() {
 	defer w.syncMu.Unlock()
 	now := d.now()
 	var ms []wireguard.Member
+	revokedAgents := map[netip.Addr]string{} // address → its node
 	w.mu.Lock()
 	if w.closed {
 		w.mu.Unlock()
@@ -528,13 +558,18 @@ func (w *wgTransport) sync() {
 		}
 		g, _ := p.cert.Claims.Zone(k.zone)
 		var agents []netip.Addr
-		for a := range w.agents[k.node] {
+		for a, ids := range w.agents[k.node] {
+			if d.node.Revoked(ids...) {
+				revokedAgents[a] = k.node
+			}
 			agents = append(agents, a)
 		}
 		ms = append(ms, wireguard.Member{Zone: k.zone, Binding: p.b, Prefixes: g.Prefixes, Agents: agents})
 	}
 	w.mu.Unlock()
-	specs, conflicts := wireguard.ComputePeers(w.key.Public, d.node.Endpoint().Zones(), ms, nil)
+	specs, conflicts := wireguard.ComputePeers(w.key.Public, d.node.Endpoint().Zones(), ms, wireguard.Exclude{
+		Agent: func(n string, a netip.Addr) bool { return revokedAgents[a] == n },
+	})
 	for _, c := range conflicts {
 		w.log.Warn("wireguard key bound by several nodes: none of them is a peer", "key", c.Key.String(), "nodes", c.Nodes)
 	}
@@ -554,15 +589,41 @@ func (w *wgTransport) hasPeer(nodeID string, ip netip.Addr) bool {
 	return false
 }
 
-func (w *wgTransport) addAgent(nodeID string, ip netip.Addr) {
+// addAgent records ip as an address of nodeID's agent whose revocation keys are ids, and
+// watches them: the agent's revocation removes the address from the node's allowed IPs at once.
+// It reports false when the agent is already revoked.
+func (w *wgTransport) addAgent(nodeID string, ip netip.Addr, ids []string) bool {
+	ip = ip.Unmap()
 	w.mu.Lock()
+	if w.closed {
+		w.mu.Unlock()
+		return false
+	}
 	set := w.agents[nodeID]
 	if set == nil {
-		set = map[netip.Addr]struct{}{}
+		set = map[netip.Addr][]string{}
 		w.agents[nodeID] = set
 	}
-	set[ip.Unmap()] = struct{}{}
+	set[ip] = ids
+	_, watching := w.agentsW[ip]
 	w.mu.Unlock()
+	if watching || len(ids) == 0 {
+		return !w.d.node.Revoked(ids...)
+	}
+	untrack, revoked := w.d.node.TrackFlow(ids, func() { w.dropAgent(nodeID, ip) })
+	w.mu.Lock()
+	if _, dup := w.agentsW[ip]; dup || w.closed {
+		w.mu.Unlock()
+		untrack()
+	} else {
+		w.agentsW[ip] = untrack
+		w.mu.Unlock()
+	}
+	if revoked {
+		w.dropAgent(nodeID, ip)
+		return false
+	}
+	return true
 }
 
 func (w *wgTransport) hasBinding(nodeID, zone string) bool {
@@ -628,6 +689,9 @@ func (w *wgTransport) admitOutbound(ctx context.Context, t wireguard.Tuple) erro
 	if pp.Node == "" {
 		return fmt.Errorf("%w: %s", ErrLocalFlow, t)
 	}
+	if d.node.Revoked(pp.RevocationIDs...) {
+		return fmt.Errorf("%w: destination %s.%s is revoked", dtl.ErrRevoked, pp.Agent, pp.Zone)
+	}
 	tn, err := d.node.Tunnel(ctx, pp.Node, pp.Zone)
 	if err != nil {
 		return err
@@ -637,7 +701,9 @@ func (w *wgTransport) admitOutbound(ctx context.Context, t wireguard.Tuple) erro
 			return err
 		}
 	}
-	w.addAgent(pp.Node, pp.IP)
+	if !w.addAgent(pp.Node, pp.IP, pp.RevocationIDs) {
+		return fmt.Errorf("%w: destination %s.%s is revoked", dtl.ErrRevoked, pp.Agent, pp.Zone)
+	}
 	w.sync()
 	if !w.hasPeer(pp.Node, pp.IP) {
 		return fmt.Errorf("%w: %s (agent %s at %s)", ErrNoPeer, pp.Node, pp.Agent, pp.IP)
@@ -653,7 +719,9 @@ func (w *wgTransport) admitOutbound(ctx context.Context, t wireguard.Tuple) erro
 	if err != nil {
 		return err
 	}
-	return w.admitted(t, &wgFlow{node: pp.Node, outbound: true}, a.RevocationIDs())
+	// Either end's revocation cuts the tuple: the source agent's (or its node's) and the
+	// destination agent's (or its node's).
+	return w.admitted(t, &wgFlow{node: pp.Node, outbound: true}, append(a.RevocationIDs(), pp.RevocationIDs...))
 }
 
 // admitted puts an admitted tuple in the filter and under the node's revocation watch (ids).
@@ -678,10 +746,33 @@ func (w *wgTransport) admitted(t wireguard.Tuple, f *wgFlow, ids []string) error
 	return nil
 }
 
-// cut removes one tuple (its subject was revoked).
+// cut removes one tuple (one of its ends was revoked); the filter resets a TCP flow's local end.
 func (w *wgTransport) cut(t wireguard.Tuple) {
 	w.filter.Remove(t)
 	w.forget(t)
+}
+
+// attestTuple finds the process that owns the local socket of an outgoing tuple and checks it
+// is the agent's enrolled workload: TCP through node/attest, UDP through a sock_diag lookup of
+// the UDP socket (udpSocketInode, as the tun interface does) and the same fingerprint.
+func attestTuple(att *attest.Attester, t wireguard.Tuple, wl node.Workload) (attest.Process, error) {
+	want := attest.Expected{Digest: wl.Digest, UID: wl.UID, GID: wl.GID, Exe: wl.Exe}
+	if t.Proto == wireguard.ProtoTCP {
+		return att.Verify(t.Source(), t.Destination(), want)
+	}
+	inode, err := udpSocketInode(t.Source(), t.Destination())
+	if err != nil {
+		return attest.Process{}, err
+	}
+	p, err := att.OwnerProcess(inode)
+	if err != nil {
+		return attest.Process{}, err
+	}
+	if !p.Matches(want.Digest) {
+		return p, fmt.Errorf("%w: pid %d runs %s (uid %d), not the enrolled workload %s (uid %d)",
+			attest.ErrMismatch, p.PID, p.Exe, p.Workload.UID, want.Exe, want.UID)
+	}
+	return p, nil
 }
 
 func (w *wgTransport) forget(t wireguard.Tuple) {
@@ -762,12 +853,18 @@ func (w *wgTransport) admitInbound(t *tunnel.Tunnel, req wireguard.Request) erro
 	if err != nil {
 		return err
 	}
-	w.addAgent(peer, prov.SourceIP)
+	if !w.addAgent(peer, prov.SourceIP, prov.RevocationIDs()) {
+		return dtl.Deny(fmt.Errorf("%w: source agent of %s", dtl.ErrRevoked, req.Tuple))
+	}
 	w.sync()
 	if !w.hasPeer(peer, prov.SourceIP) {
 		return dtl.Deny(fmt.Errorf("%w: %w: %s", dtl.ErrUnreachable, ErrNoPeer, peer))
 	}
-	return w.admitted(req.Tuple, &wgFlow{node: peer, prov: prov}, prov.RevocationIDs())
+	ids := prov.RevocationIDs()
+	if dst, _, err := d.node.AgentByAddr(req.Tuple.Dst); err == nil {
+		ids = append(ids, dst.RevocationIDs()...) // the local destination's revocation cuts it too
+	}
+	return w.admitted(req.Tuple, &wgFlow{node: peer, prov: prov}, ids)
 }
 
 // admitClient is the sending side of one tunnel's admission stream: requests are pipelined and

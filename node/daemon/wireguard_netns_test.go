@@ -6,12 +6,16 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -21,6 +25,7 @@ import (
 	"golang.zx2c4.com/wireguard/tun"
 	"golang.zx2c4.com/wireguard/tun/tuntest"
 
+	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/attest"
@@ -112,7 +117,7 @@ func startWGHost(t *testing.T, ta *testAuthority, h *netlab.Host, zones []string
 			Attest: func(tp wireguard.Tuple, wl node.Workload) (p attest.Process, err error) {
 				// The socket lives in the host's namespace: look it up from there.
 				derr := h.Do(func() error {
-					p, err = att.Verify(tp.Source(), tp.Destination(), attest.Expected{Digest: wl.Digest, UID: wl.UID, GID: wl.GID, Exe: wl.Exe})
+					p, err = attestTuple(att, tp, wl)
 					return nil
 				})
 				if derr != nil {
@@ -316,4 +321,156 @@ func TestWireGuardIperf(t *testing.T) {
 	bareGbps := iperf3Gbps(t, ctx, c, iperf, bc.ip, bd.ip, 5)
 	t.Logf("iperf3 TCP, 5 s, MTU %d: UTE WireGuard mode %.2f Gbit/s, bare wireguard-go %.2f Gbit/s, ratio %.2f",
 		DefaultWireGuardMTU, ute, bareGbps, ute/bareGbps)
+}
+
+// TestWireGuardNetnsResetAndUDP runs real sockets of the test process as agents (the agents are
+// enrolled with the test binary) across two namespaces in WireGuard mode. A cut TCP flow is
+// reset, not starved: when a revokes ledger (the remote agent of billing-api's established
+// connection), billing-api's blocked read fails with ECONNRESET within 1 s and nothing more
+// reaches ledger; when b learns of it, ledger's end is reset too. And a UDP flow is attested:
+// a datagram from python3 on billing-api's address is refused before ledger sees it, while the
+// enrolled binary's pass. Root only.
+func TestWireGuardNetnsResetAndUDP(t *testing.T) {
+	if testing.Short() {
+		t.Skip("network-namespace test: not in -short")
+	}
+	lab := netlab.New(t, netlab.Options{Hosts: []string{"a", "b"}})
+	python := realExe(t, "python3")
+	self, err := os.Executable()
+	require.NoError(t, err)
+	self, err = filepath.EvalSymlinks(self)
+	require.NoError(t, err)
+	ta := startAuthority(t)
+	_, err = ta.ApplyPolicy(context.Background(), "udp.yaml", []byte(strings.Replace(testPolicy, "ports: [tcp/8080]", "ports: [tcp/8080, udp/9000]", 1)))
+	require.NoError(t, err)
+	a := startWGHost(t, ta, lab.Host("a"), []string{"payments"}, []state.AgentSpec{{Name: "billing-api", Zone: "payments", Exe: self}})
+	b := startWGHost(t, ta, lab.Host("b"), []string{"payments"}, []state.AgentSpec{{Name: "ledger", Zone: "payments", Exe: self}})
+	billing, ledger := a.ips["billing-api"], b.ips["ledger"]
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+
+	// UDP first: ledger's socket, the enrolled binary's datagram passes.
+	pc, err := b.h.ListenPacket("udp", netip.AddrPortFrom(ledger, 9000).String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = pc.Close() })
+	got := make(chan string, 16)
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, _, err := pc.ReadFrom(buf)
+			if err != nil {
+				close(got)
+				return
+			}
+			got <- string(buf[:n])
+		}
+	}()
+	cpc, err := a.h.ListenPacket("udp", netip.AddrPortFrom(billing, 0).String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = cpc.Close() })
+	ldst := net.UDPAddrFromAddrPort(netip.AddrPortFrom(ledger, 9000))
+	require.Eventually(t, func() bool {
+		_, err := cpc.WriteTo([]byte("enrolled"), ldst)
+		require.NoError(t, err)
+		select {
+		case m := <-got:
+			return m == "enrolled"
+		case <-time.After(300 * time.Millisecond):
+			return false
+		}
+	}, 30*time.Second, 10*time.Millisecond, "the enrolled binary's datagram never reached ledger")
+	for len(got) > 0 {
+		<-got
+	}
+	// python3 on billing-api's address: refused by attestation of its UDP socket.
+	before := func() uint64 { i, _ := a.d.WireGuard(); return i.Refused["workload"] }()
+	out, err := a.h.Run(ctx, python, "-c", fmt.Sprintf(
+		"import socket,time\ns=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('%s',0))\nfor i in range(5):\n s.sendto(b'intruder', ('%s',9000)); time.sleep(0.2)\nprint('sent')", billing, ledger))
+	require.NoError(t, err, out)
+	select {
+	case m := <-got:
+		t.Fatalf("ledger received %q from another executable", m)
+	case <-time.After(time.Second):
+	}
+	infoA, _ := a.d.WireGuard()
+	require.Greater(t, infoA.Refused["workload"], before, "refused by workload attestation: %v", infoA.Refused)
+
+	// TCP: an established connection, then ledger revoked at a.
+	ln, err := b.h.Listen("tcp", netip.AddrPortFrom(ledger, 8080).String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ln.Close() })
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+	}()
+	var c net.Conn
+	require.Eventually(t, func() bool {
+		dctx, dcancel := context.WithTimeout(ctx, 3*time.Second)
+		defer dcancel()
+		c, err = a.h.DialFrom(dctx, "tcp", netip.AddrPortFrom(billing, 0).String(), netip.AddrPortFrom(ledger, 8080).String())
+		return err == nil
+	}, 30*time.Second, 100*time.Millisecond, "billing-api never connected: %v", err)
+	t.Cleanup(func() { _ = c.Close() })
+	var sc net.Conn
+	select {
+	case sc = <-accepted:
+	case <-time.After(10 * time.Second):
+		t.Fatal("ledger accepted nothing")
+	}
+	t.Cleanup(func() { _ = sc.Close() })
+	_, err = c.Write([]byte("ping"))
+	require.NoError(t, err)
+	buf := make([]byte, 64)
+	n, err := io.ReadFull(sc, buf[:4])
+	require.NoError(t, err)
+	require.Equal(t, "ping", string(buf[:n]))
+	_, err = sc.Write(make([]byte, 3000))
+	require.NoError(t, err)
+	_, err = io.ReadFull(c, make([]byte, 3000))
+	require.NoError(t, err)
+
+	readErr := func(c net.Conn) chan error {
+		ch := make(chan error, 1)
+		go func() {
+			b := make([]byte, 64)
+			for {
+				if _, err := c.Read(b); err != nil {
+					ch <- err
+					return
+				}
+			}
+		}()
+		return ch
+	}
+	clientErr, serverErr := readErr(c), readErr(sc)
+	ledgerID := identity.AgentID("acme.internal", "payments", "ledger").String()
+	require.NoError(t, a.d.Node().Revoke(ctx, ledgerID, "remote agent revoked by test"))
+	returned := time.Now()
+	select {
+	case err := <-clientErr:
+		require.True(t, errors.Is(err, syscall.ECONNRESET), "billing-api's read failed with %v, want ECONNRESET", err)
+		t.Logf("billing-api reset %v after the revocation returned", time.Since(returned).Round(time.Millisecond))
+	case <-time.After(time.Second):
+		t.Fatal("billing-api's connection was not reset within 1 s of the revocation")
+	}
+	// Nothing billing-api's side sends reaches ledger any more.
+	_, _ = c.Write([]byte("after"))
+	select {
+	case err := <-serverErr:
+		t.Fatalf("ledger's read ended before b learnt of the revocation: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	// b learns of it (here: the same local revocation): ledger's end is reset too.
+	require.NoError(t, b.d.Node().Revoke(ctx, ledgerID, "remote agent revoked by test"))
+	returned = time.Now()
+	select {
+	case err := <-serverErr:
+		require.True(t, errors.Is(err, syscall.ECONNRESET), "ledger's read failed with %v, want ECONNRESET", err)
+		t.Logf("ledger reset %v after b's revocation returned", time.Since(returned).Round(time.Millisecond))
+	case <-time.After(time.Second):
+		t.Fatal("ledger's connection was not reset within 1 s of b's revocation")
+	}
 }

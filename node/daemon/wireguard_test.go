@@ -178,17 +178,27 @@ func TestWireGuardTransport(t *testing.T) {
 	n1.refuseExe.Store(40004)
 	expectRefused("workload", tcpPacket(netip.AddrPortFrom(billing, 40004), dst, 0))
 
-	// Isolation (a local revocation at the receiver) of billing-1: n2 drops its admitted tuple
-	// before Revoke returns, though n1 still sends it.
+	// Isolation (a local revocation at the receiver) of billing-1: before Revoke returns, n2
+	// drops its admitted tuple, resets ledger's end of it and removes billing-1's address from
+	// n1's allowed IPs, so that what n1 still sends is dropped by wireguard-go itself.
 	subject := identity.AgentID("acme.internal", "payments", "billing-1").String()
 	require.NoError(t, n2.Node().Revoke(context.Background(), subject, "isolated by test"))
-	unadmitted := func() uint64 { i, _ := n2.WireGuard(); return i.Filter.Unadmitted }
-	before := unadmitted()
+	info2, _ = n2.WireGuard()
+	require.Empty(t, info2.Peers[0].AllowedIPs, "billing-1's address is no allowed IP any more")
+	require.Zero(t, info2.Filter.Flows)
+	select {
+	case p := <-n2.delivered:
+		tp, ok := wireguard.ParseTuple(p)
+		require.True(t, ok)
+		require.Equal(t, wireguard.Tuple{Src: billing, Dst: ledger, SrcPort: 40000, DstPort: 8080, Proto: wireguard.ProtoTCP}, tp)
+		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward ledger")
+	case <-time.After(time.Second):
+		t.Fatal("ledger's end was not reset")
+	}
 	for i := range 5 {
 		n1.ch.Outbound <- tcpPacket(src, dst, 200+i)
 	}
-	require.Eventually(t, func() bool { return unadmitted() >= before+5 }, 5*time.Second, 10*time.Millisecond)
-	noPacket(t, n2.delivered, 200*time.Millisecond)
+	noPacket(t, n2.delivered, 300*time.Millisecond)
 
 	// Revoking the peer node removes it from the device at once.
 	require.NoError(t, n2.Node().Revoke(context.Background(), n1.Node().ID().String(), "node revoked by test"))
@@ -274,6 +284,16 @@ func TestWireGuardPolicyChangeCutsFlows(t *testing.T) {
 	require.NoError(t, err)
 	info, _ = n2.WireGuard()
 	require.Zero(t, info.Filter.Flows, "the tuple the new policy refuses is gone when Accept returns")
+	// ledger's end of the cut flow is reset at once.
+	select {
+	case p := <-n2.delivered:
+		tp, ok := wireguard.ParseTuple(p)
+		require.True(t, ok)
+		require.Equal(t, wireguard.Tuple{Src: src.Addr(), Dst: dst.Addr(), SrcPort: src.Port(), DstPort: dst.Port(), Proto: wireguard.ProtoTCP}, tp)
+		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward ledger")
+	case <-time.After(time.Second):
+		t.Fatal("ledger's end was not reset")
+	}
 	before := info.Filter.Unadmitted
 	n1.ch.Outbound <- tcpPacket(src, dst, 10)
 	require.Eventually(t, func() bool { i, _ := n2.WireGuard(); return i.Filter.Unadmitted == before+1 }, 5*time.Second, 10*time.Millisecond)
@@ -351,4 +371,94 @@ func TestWireGuardAdmissionRefusesReplay(t *testing.T) {
 	require.ErrorIs(t, r.c.request(ctx, good, rec), dtl.ErrReplay)
 	info, _ := r.n2.WireGuard()
 	require.Equal(t, 1, info.Filter.Flows)
+}
+
+// tcpSeg is tcpPacket with sequence fields.
+func tcpSeg(src, dst netip.AddrPort, seq, ack uint32, flags byte, payload int) []byte {
+	p := tcpPacket(src, dst, payload)
+	binary.BigEndian.PutUint32(p[24:28], seq)
+	binary.BigEndian.PutUint32(p[28:32], ack)
+	p[33] = flags
+	return p
+}
+
+// TestWireGuardDestinationRevokedResetsAndUnroutes: n1 revokes ledger, the destination agent of
+// an established flow of its billing-1 (not ledger's node). When Revoke returns, ledger's address
+// is gone from n2's allowed IPs in n1's wireguard-go device, the tuple is cut and billing-1's end
+// has been sent a RST with the sequence number it expects; what billing-1 still sends is reset,
+// never carried, and a new flow to ledger is refused.
+func TestWireGuardDestinationRevokedResetsAndUnroutes(t *testing.T) {
+	ta := startAuthority(t)
+	n1 := startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-1", Zone: "payments"}}})
+	n2 := startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	billing, ledger := n1.agentIP(t, "billing-1"), n2.agentIP(t, "ledger")
+	src, dst := netip.AddrPortFrom(billing, 40000), netip.AddrPortFrom(ledger, 8080)
+	const syn, ack, rst = 0x02, 0x10, 0x04
+	steps := []struct {
+		out bool
+		p   []byte
+	}{
+		{true, tcpSeg(src, dst, 100, 0, syn, 0)},
+		{false, tcpSeg(dst, src, 9000, 101, syn|ack, 0)},
+		{true, tcpSeg(src, dst, 101, 9001, ack, 50)},
+		{false, tcpSeg(dst, src, 9001, 151, ack, 1000)},
+	}
+	for _, s := range steps {
+		if s.out {
+			n1.ch.Outbound <- s.p
+			waitPacket(t, n2.delivered, s.p)
+		} else {
+			n2.ch.Outbound <- s.p
+			waitPacket(t, n1.delivered, s.p)
+		}
+	}
+	pfx := netip.PrefixFrom(ledger, 32)
+	uapi, err := n1.wgt.dev.UAPI()
+	require.NoError(t, err)
+	require.Contains(t, uapi, "allowed_ip="+pfx.String()+"\n")
+
+	ledgerID := identity.AgentID("acme.internal", "payments", "ledger").String()
+	require.NoError(t, n1.Node().Revoke(context.Background(), ledgerID, "destination revoked by test"))
+	uapi, err = n1.wgt.dev.UAPI()
+	require.NoError(t, err)
+	require.NotContains(t, uapi, "allowed_ip="+pfx.String()+"\n", "ledger's address is still an allowed IP")
+	info, _ := n1.WireGuard()
+	require.Len(t, info.Peers, 1, "ledger's node stays a peer")
+	require.NotContains(t, info.Peers[0].AllowedIPs, pfx)
+	require.Zero(t, info.Filter.Flows)
+
+	expectRST := func(seq uint32) {
+		t.Helper()
+		select {
+		case p := <-n1.delivered:
+			tp, ok := wireguard.ParseTuple(p)
+			require.True(t, ok)
+			require.Equal(t, wireguard.Tuple{Src: ledger, Dst: billing, SrcPort: 8080, DstPort: 40000, Proto: wireguard.ProtoTCP}, tp)
+			require.NotZero(t, p[33]&rst, "flags %#x", p[33])
+			require.Equal(t, seq, binary.BigEndian.Uint32(p[24:28]))
+		case <-time.After(time.Second):
+			t.Fatal("billing-1 was not reset within 1 s")
+		}
+	}
+	// Already written when Revoke returned: billing-1 expects ledger's byte 10001 next.
+	expectRST(10001)
+	// A segment billing-1 still sends is answered by a RST, and never reaches n2.
+	n1.ch.Outbound <- tcpSeg(src, dst, 151, 10001, ack, 20)
+	expectRST(10001)
+	noPacket(t, n2.delivered, 200*time.Millisecond)
+	// A new flow to the revoked destination is refused at n1.
+	total := func() (n uint64) {
+		i, _ := n1.WireGuard()
+		for _, v := range i.Refused {
+			n += v
+		}
+		return n
+	}
+	before := total()
+	n1.ch.Outbound <- tcpSeg(netip.AddrPortFrom(billing, 40001), dst, 500, 0, syn, 0)
+	require.Eventually(t, func() bool { return total() > before }, 10*time.Second, 10*time.Millisecond)
+	info, _ = n1.WireGuard()
+	t.Logf("refusals at n1: %v", info.Refused)
+	noPacket(t, n2.delivered, 100*time.Millisecond)
 }

@@ -136,6 +136,9 @@ type member struct {
 type clusterOpts struct {
 	timing    Timing
 	noRequeue bool
+	// Join's concurrency and per-seed dial bound; zero takes the defaults.
+	joinParallel    int
+	joinSeedTimeout time.Duration
 }
 
 // startMember starts a node with a Membership holding a pool per zone.
@@ -156,6 +159,9 @@ func startMember(t testing.TB, auth *gossiptest.Authority, sg signer, name strin
 		Revoked:   n.Verifier.Revoked,
 		Timing:    timing,
 		NoRequeue: copt.noRequeue,
+
+		JoinParallel:    copt.joinParallel,
+		JoinSeedTimeout: copt.joinSeedTimeout,
 		// Closing dozens of pools one after another must not cost half a second each.
 		LeaveTimeout: 50 * time.Millisecond,
 		Logger:       gossiptest.QuietLogger(),

@@ -119,6 +119,11 @@ type Config struct {
 	PushTimeout   time.Duration // one direct record push; default 5 s
 	PushParallel  int           // concurrent direct pushes; default 8
 	LeaveTimeout  time.Duration // Close announces the leave this long at most; default 500 ms
+	// JoinParallel is how many seeds Join dials at once; default 8 (the authority names up to 8
+	// members). JoinSeedTimeout bounds the dial of one seed address; default 3 s, one handshake
+	// attempt at the tunnel's default, so that a black-holed seed frees its slot for the next.
+	JoinParallel    int
+	JoinSeedTimeout time.Duration
 	// NoRequeue turns off re-broadcast on first receipt and the publisher's immediate send over
 	// open tunnels, leaving memberlist's own broadcast alone (retransmissions from the publisher
 	// only). For the benchmark baseline only.
@@ -147,6 +152,10 @@ func (c Config) withDefaults() Config {
 	}
 	if c.LeaveTimeout <= 0 {
 		c.LeaveTimeout = 500 * time.Millisecond
+	}
+	def(&c.JoinParallel, 8)
+	if c.JoinSeedTimeout <= 0 {
+		c.JoinSeedTimeout = 3 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
@@ -337,46 +346,6 @@ func (m *Membership) Transport(zone string) (*gossip.Transport, error) {
 		return nil, err
 	}
 	return p.tr, nil
-}
-
-// Join joins zone's pool through seeds. Each seed is dialed first over the zone's tunnel, which
-// proves its identity (a seed whose address answers with another certificate, or that refuses
-// ours, fails here with the tunnel's sentinel); then memberlist exchanges state with the seeds
-// that answered. It returns how many seeds it joined through, and the seeds' errors when none.
-func (m *Membership) Join(ctx context.Context, zone string, seeds []Seed) (int, error) {
-	p, err := m.pool(zone)
-	if err != nil {
-		return 0, err
-	}
-	var (
-		errs  []error
-		addrs []string
-	)
-	for _, s := range seeds {
-		if s.NodeID == m.cfg.NodeID {
-			continue
-		}
-		if _, err := m.cfg.Endpoint.Dial(ctx, s.Addr, s.NodeID, zone); err != nil {
-			errs = append(errs, fmt.Errorf("membership: seed %s at %s: %w", s.NodeID, s.Addr, err))
-			continue
-		}
-		// memberlist's Join takes "name/addr" strings, and a SPIFFE ID holds slashes; the
-		// transport learns the name for the address instead.
-		release := p.tr.Hint(s.Addr, s.NodeID)
-		defer release()
-		addrs = append(addrs, s.Addr.String())
-	}
-	if len(addrs) == 0 {
-		if len(errs) == 0 {
-			return 0, errors.New("membership: no seeds to join")
-		}
-		return 0, errors.Join(errs...)
-	}
-	n, err := p.ml().Join(addrs)
-	if n == 0 {
-		return 0, errors.Join(append(errs, fmt.Errorf("membership: join zone %s: %w", zone, err))...)
-	}
-	return n, nil
 }
 
 // Publish spreads a record this node originated (or learned outside gossip, e.g. from the
@@ -647,7 +616,8 @@ type pool struct {
 	list  atomic.Pointer[memberlist.Memberlist]
 
 	mu      sync.Mutex
-	members map[string]Member // from memberlist's events
+	members map[string]Member  // from memberlist's events
+	failed  map[Seed]time.Time // seeds whose last join dial failed, and when (join.go)
 }
 
 func (m *Membership) newPool(zone string) (*pool, error) {
@@ -661,7 +631,7 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)
 	}
-	p := &pool{m: m, zone: zone, tr: tr, members: map[string]Member{}}
+	p := &pool{m: m, zone: zone, tr: tr, members: map[string]Member{}, failed: map[Seed]time.Time{}}
 	p.queue = &memberlist.TransmitLimitedQueue{NumNodes: p.numNodes, RetransmitMult: m.cfg.Timing.RetransmitMult}
 
 	t := m.cfg.Timing

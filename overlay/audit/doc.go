@@ -9,8 +9,8 @@
 // the hash member). Hashing the exact bytes means even a case change in a key is caught.
 //
 // Durability: Append writes the line to the file at once (one write(2), O_APPEND); fsync of the log
-// and the head rewrite are batched every FlushInterval (default 100 ms) by a flusher goroutine that
-// Close stops, or done on every Append when FlushInterval is negative, or on demand with Sync. The
+// and the head rewrite are batched FlushInterval (default 100 ms) after the first Append since the
+// last sync by a flusher goroutine (idle while nothing is appended) that Close stops, or done on every Append when FlushInterval is negative, or on demand with Sync. The
 // head is written only after the log is fsynced, so it never anchors entries that are not durable.
 // Consequence, stated plainly: entries appended after the last head update are chained but not yet
 // anchored, so a truncation of only those (at most one interval's worth) is not detectable; Verify

@@ -238,29 +238,39 @@ func (t *Transport) WriteToAddress(b []byte, addr memberlist.Address) (time.Time
 		return now, err
 	}
 	if tun, ok := t.cfg.Dialer.LiveTunnel(name, t.zone); ok {
-		t.sendOn(tun, b)
-		return now, nil
+		if t.sendOn(tun, b) {
+			return now, nil
+		}
+		// The tunnel closed under this packet (closed when idle, or the peer went away): dial
+		// again as if there had been none, so that a closed gossip tunnel costs one handshake
+		// and not a lost packet.
 	}
 	t.queueDial(ap, name, append([]byte(nil), b...))
 	return now, nil
 }
 
-// sendOn sends a packet as a control datagram, or on a control stream when it does not fit.
-func (t *Transport) sendOn(tun *tunnel.Tunnel, b []byte) {
+// sendOn sends a packet as a control datagram, or on a control stream when it does not fit. It
+// returns false, without counting a drop, when the tunnel had closed before the send: the
+// caller may dial again.
+func (t *Transport) sendOn(tun *tunnel.Tunnel, b []byte) bool {
 	err := tun.SendControlDatagram(AppendDatagram(make([]byte, 0, 1+len(b)), ChannelPacket, b))
 	if err == nil {
 		t.sent.Add(1)
-		return
+		return true
 	}
-	if !errors.Is(err, tunnel.ErrDatagramTooLarge) {
-		t.dropped.Add(1)
-		t.log.Debug("gossip packet dropped", "peer", tun.Peer().NodeID, "err", err)
-		return
+	if errors.Is(err, tunnel.ErrDatagramTooLarge) {
+		pkt := append([]byte(nil), b...)
+		if !t.spawn(func() { t.sendStream(tun, pkt) }) {
+			t.dropped.Add(1)
+		}
+		return true
 	}
-	pkt := append([]byte(nil), b...)
-	if !t.spawn(func() { t.sendStream(tun, pkt) }) {
-		t.dropped.Add(1)
+	if !tun.Alive() {
+		return false
 	}
+	t.dropped.Add(1)
+	t.log.Debug("gossip packet dropped", "peer", tun.Peer().NodeID, "err", err)
+	return true
 }
 
 func (t *Transport) sendStream(tun *tunnel.Tunnel, b []byte) {
@@ -334,7 +344,9 @@ func (t *Transport) dialAndFlush(ap netip.AddrPort, name string) {
 		return
 	}
 	for _, b := range pkts {
-		t.sendOn(tun, b)
+		if !t.sendOn(tun, b) {
+			t.dropped.Add(1) // closed right after its handshake: not dialed a second time
+		}
 	}
 }
 
@@ -352,17 +364,25 @@ func (t *Transport) DialAddressTimeout(addr memberlist.Address, timeout time.Dur
 	}
 	ctx, cancel := context.WithTimeout(t.ctx, timeout)
 	defer cancel()
-	tun, ok := t.cfg.Dialer.LiveTunnel(name, t.zone)
-	if !ok {
-		tun, err = t.cfg.Dialer.Dial(ctx, ap, name, t.zone)
-		if err != nil {
-			t.dialFailures.Add(1)
-			return nil, fmt.Errorf("gossip: dial %s at %s: %w", name, ap, err)
+	var c *tunnel.ControlConn
+	// Twice at most: a live tunnel can close between the lookup and the stream (closed when
+	// idle, or the peer restarted); then the stream goes on a tunnel dialed afresh.
+	for attempt := 0; ; attempt++ {
+		tun, ok := t.cfg.Dialer.LiveTunnel(name, t.zone)
+		if !ok {
+			tun, err = t.cfg.Dialer.Dial(ctx, ap, name, t.zone)
+			if err != nil {
+				t.dialFailures.Add(1)
+				return nil, fmt.Errorf("gossip: dial %s at %s: %w", name, ap, err)
+			}
 		}
-	}
-	c, err := tun.OpenControl(ctx, ChannelStream)
-	if err != nil {
-		return nil, fmt.Errorf("gossip: stream to %s: %w", name, err)
+		c, err = tun.OpenControl(ctx, ChannelStream)
+		if err == nil {
+			break
+		}
+		if attempt > 0 || tun.Alive() || ctx.Err() != nil {
+			return nil, fmt.Errorf("gossip: stream to %s: %w", name, err)
+		}
 	}
 	tc, ok := t.track(c)
 	if !ok {

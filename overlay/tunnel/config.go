@@ -87,8 +87,13 @@ type Admitter interface {
 
 // Limits bounds the endpoint. Zero fields take the defaults listed.
 type Limits struct {
-	HandshakeTimeout  time.Duration // per handshake attempt; default 3 s
-	MaxIdleTimeout    time.Duration // QUIC idle timeout; default 30 s
+	HandshakeTimeout time.Duration // per handshake attempt; default 3 s
+	MaxIdleTimeout   time.Duration // QUIC idle timeout; default 30 s
+	// GossipIdleTimeout closes a tunnel with no agent flow and no control stream open once
+	// nothing has crossed it for this long (keep-alives do not count), instead of keeping it up
+	// on keep-alives (idle.go); the next gossip message or flow dials again. Default 60 s;
+	// negative: never.
+	GossipIdleTimeout time.Duration
 	KeepAlivePeriod   time.Duration // QUIC keep-alive, sent by the dialing side only; default 15 s (quic-go caps it at half the idle timeout); negative: none
 	FirstFrameTimeout time.Duration // time for a new stream to deliver its record; default 5 s
 	AdmitTimeout      time.Duration // time the Admitter may take; default 5 s
@@ -125,6 +130,11 @@ type Limits struct {
 	MaxSilentPerConn     int
 }
 
+// defaultGossipIdle is Limits.GossipIdleTimeout's default: a pool where each pair of members
+// exchanges something at least once a minute keeps its tunnels; a larger or quieter one pays a
+// handshake on the next contact instead of holding a tunnel per member.
+const defaultGossipIdle = 60 * time.Second
+
 func (l Limits) withDefaults() Limits {
 	def := func(d *time.Duration, v time.Duration) {
 		if *d <= 0 {
@@ -138,6 +148,9 @@ func (l Limits) withDefaults() Limits {
 	}
 	def(&l.HandshakeTimeout, 3*time.Second)
 	def(&l.MaxIdleTimeout, 30*time.Second)
+	if l.GossipIdleTimeout == 0 {
+		l.GossipIdleTimeout = defaultGossipIdle
+	}
 	switch {
 	case l.KeepAlivePeriod < 0: // off: idle tunnels time out (tests; links billed per packet)
 		l.KeepAlivePeriod = 0

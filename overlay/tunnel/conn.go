@@ -34,6 +34,7 @@ func (t *Tunnel) newFlowConn(str *quic.Stream, adm *Admission, local, remote net
 		remote = t.conn.RemoteAddr()
 	}
 	c := &FlowConn{t: t, str: str, adm: adm, local: local, remote: remote, entry: entry}
+	t.flowBegin() // until Close or reset: an open flow keeps the tunnel (idle.go)
 	if entry != nil {
 		t.ep.table.activate(entry, c.reset)
 	}
@@ -85,6 +86,7 @@ func (c *FlowConn) Close() error {
 		if c.entry != nil {
 			c.t.ep.table.release(c.entry)
 		}
+		c.t.flowEnd()
 	})
 	return nil
 }
@@ -102,6 +104,7 @@ func (c *FlowConn) reset(code quic.StreamErrorCode) {
 		if c.entry != nil {
 			c.t.ep.table.release(c.entry)
 		}
+		c.t.flowEnd()
 	})
 }
 

@@ -113,6 +113,7 @@ func (t *Tunnel) SendControlDatagram(payload []byte) error {
 		return err
 	}
 	b = append(b, payload...)
+	t.touch()
 	if err := t.conn.SendDatagram(b); err != nil {
 		var tl *quic.DatagramTooLargeError
 		if errors.As(err, &tl) {
@@ -130,6 +131,7 @@ func (t *Tunnel) deliverControlDatagram(payload []byte) bool {
 		t.ep.stats.controlDatagramDrops.Add(1)
 		return false
 	}
+	t.touch()
 	t.ep.stats.controlDatagrams.Add(1)
 	h(t, payload)
 	return true
@@ -149,6 +151,9 @@ type ControlConn struct {
 var _ net.Conn = (*ControlConn)(nil)
 
 func (t *Tunnel) newControlConn(str *quic.Stream, channel byte, inbound bool) *ControlConn {
+	// An open control stream keeps the tunnel from the idle close (idle.go) until it is closed.
+	t.openControl.Add(1)
+	t.touch()
 	return &ControlConn{t: t, str: str, channel: channel, inbound: inbound}
 }
 
@@ -176,6 +181,8 @@ func (c *ControlConn) Close() error {
 		if c.inbound {
 			c.t.controlStreams.Add(-1)
 		}
+		c.t.touch()
+		c.t.openControl.Add(-1)
 	})
 	return nil
 }

@@ -39,7 +39,7 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 			e.mu.Unlock()
 			return nil, ErrClosed
 		}
-		if t := e.live[key]; t != nil && t.Alive() && !t.Stale() {
+		if t := e.live[key]; t != nil && t.Alive() && !t.Stale() && t.claim() {
 			e.mu.Unlock()
 			return t, nil
 		}
@@ -57,7 +57,7 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 			if c.err != nil {
 				return nil, c.err
 			}
-			if c.t.Alive() && !c.t.Stale() {
+			if c.t.Alive() && !c.t.Stale() && c.t.claim() {
 				return c.t, nil
 			}
 			continue

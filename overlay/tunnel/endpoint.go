@@ -53,6 +53,9 @@ type Endpoint struct {
 	cert atomic.Pointer[tls.Certificate]
 	// gate, when set, paces outbound handshakes (gate.go).
 	gate atomic.Pointer[gateHolder]
+	// born is the origin of mono(); gossipIdle is the idle close of new tunnels (idle.go).
+	born       time.Time
+	gossipIdle atomic.Int64
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -101,7 +104,9 @@ func New(cfg Config) (*Endpoint, error) {
 		live:    make(map[tunnelKey]*Tunnel),
 		tunnels: make(map[*Tunnel]struct{}),
 		dials:   make(map[tunnelKey]*dialCall),
+		born:    time.Now(),
 	}
+	e.gossipIdle.Store(int64(e.lim.GossipIdleTimeout))
 	if e.log == nil {
 		e.log = slog.Default()
 	}
@@ -470,6 +475,7 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, local *tls.Certificate,
 		local:    local,
 		packets:  make(map[uint64]*PacketFlow),
 	}
+	e.armIdle(t)
 	key := tunnelKey{peer.NodeID, zone}
 	e.mu.Lock()
 	if e.closed {
@@ -532,7 +538,7 @@ func (e *Endpoint) LiveTunnel(peerNodeID, zone string) (*Tunnel, bool) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	t := e.live[tunnelKey{peerNodeID, zone}]
-	if t == nil || !t.Alive() || t.Stale() {
+	if t == nil || !t.Alive() || t.Stale() || !t.claim() {
 		return nil, false
 	}
 	return t, true
@@ -570,6 +576,7 @@ func (e *Endpoint) CloseFlows(match func(peer string, adm Admission) bool) int {
 }
 
 func (e *Endpoint) forget(t *Tunnel) {
+	t.stopIdle()
 	e.mu.Lock()
 	delete(e.tunnels, t)
 	key := tunnelKey{t.peer.NodeID, t.zone}

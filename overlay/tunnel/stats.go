@@ -28,8 +28,11 @@ type Stats struct {
 	FlowsStalled uint64
 	StreamsBusy  uint64
 	TunnelsBusy  uint64
-	Tunnels      int // tunnels open now
-	ActiveFlows  int // inbound flows in the flow table now
+	// TunnelsIdleClosed counts tunnels that carried only control traffic closed after
+	// Limits.GossipIdleTimeout of silence (idle.go).
+	TunnelsIdleClosed uint64
+	Tunnels           int // tunnels open now
+	ActiveFlows       int // inbound flows in the flow table now
 	// PendingStreams is the number of inbound streams waiting for their first frame or verdict now.
 	PendingStreams int
 }
@@ -41,6 +44,8 @@ type counters struct {
 	controlStreams, controlRefused, controlDatagrams, controlDatagramDrops atomic.Uint64
 
 	stalled, busyStreams, busyTunnels atomic.Uint64
+
+	idleClosed atomic.Uint64
 }
 
 func (c *counters) snapshot() Stats {
@@ -62,5 +67,7 @@ func (c *counters) snapshot() Stats {
 		FlowsStalled: c.stalled.Load(),
 		StreamsBusy:  c.busyStreams.Load(),
 		TunnelsBusy:  c.busyTunnels.Load(),
+
+		TunnelsIdleClosed: c.idleClosed.Load(),
 	}
 }

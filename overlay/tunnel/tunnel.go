@@ -44,6 +44,13 @@ type Tunnel struct {
 
 	mu      sync.Mutex
 	packets map[uint64]*PacketFlow // live packet flows by flow id, both directions
+
+	// Idle close of gossip-only tunnels (idle.go).
+	lastUse     atomic.Int64 // Endpoint.mono() at the last control traffic or claim
+	openFlows   atomic.Int64 // stream flows open or being opened, both directions (packet flows: packets)
+	idleClosing atomic.Bool  // the idle check decided to close the tunnel
+	openControl atomic.Int64 // control streams open on the tunnel, both directions
+	idleTimer   atomic.Pointer[time.Timer]
 }
 
 // Zone is the tunnel's zone.
@@ -162,6 +169,8 @@ func (t *Tunnel) OpenPacketFlow(ctx context.Context, flowID uint64, record []byt
 
 func (t *Tunnel) openFlowStream(ctx context.Context, record []byte) (*quic.Stream, error) {
 	lim := t.ep.lim
+	t.flowBegin()
+	defer t.flowEnd()
 	if len(record) == 0 {
 		return nil, fmt.Errorf("%w: empty record", ErrFrame)
 	}
@@ -273,6 +282,9 @@ func (t *Tunnel) handleStream(str *quic.Stream, firstFrame time.Duration) {
 		return
 	}
 	record := open.record
+	// An agent flow is offered: the tunnel is not idle while it is admitted and open (idle.go).
+	t.flowBegin()
+	defer t.flowEnd()
 	if errors.Is(err, os.ErrDeadlineExceeded) || (err != nil && t.abusive.Load()) {
 		// Stalled: counted and reported in aggregate (StallReport), never one verdict each.
 		e.stats.dropped.Add(1)

@@ -53,6 +53,7 @@ type FilterStats struct {
 	NotFlow    uint64 // packets that are not TCP or UDP with ports, dropped (both directions)
 	Admissions uint64 // tuples admitted
 	Refusals   uint64 // tuples refused
+	Resets     uint64 // TCP resets written toward local programs: cut flows, and their later packets
 	Flows      int    // tuples admitted now
 }
 
@@ -60,6 +61,7 @@ type entry struct {
 	t    Tuple
 	info any
 	last atomic.Int64 // coarse unix nanos of the last packet
+	tcp  *tcpTrack    // TCP tuples only: sequence numbers, to reset the flow when it is cut
 }
 
 type pendingFlow struct {
@@ -94,6 +96,7 @@ type Filter struct {
 	pending  map[Tuple]*pendingFlow
 	held     int
 	refused  map[Tuple]time.Time
+	resets   map[key]time.Time // TCP tuples cut lately, as the local side sends: answered by a RST
 	released [][]byte
 
 	notify chan struct{}
@@ -109,7 +112,7 @@ type Filter struct {
 	wg     sync.WaitGroup
 	closed atomic.Bool
 
-	heldPkts, releasedPkts, overflow, refusedPkts, unadmitted, notFlow, admissions, refusals atomic.Uint64
+	heldPkts, releasedPkts, overflow, refusedPkts, unadmitted, notFlow, admissions, refusals, resetsSent atomic.Uint64
 }
 
 var _ tun.Device = (*Filter)(nil)
@@ -133,7 +136,7 @@ func NewFilter(cfg FilterConfig) *Filter {
 	}
 	f := &Filter{cfg: cfg, inner: cfg.Inner, log: cfg.Logger, now: cfg.Clock,
 		out: map[key]*entry{}, in: map[key]*entry{},
-		pending: map[Tuple]*pendingFlow{}, refused: map[Tuple]time.Time{},
+		pending: map[Tuple]*pendingFlow{}, refused: map[Tuple]time.Time{}, resets: map[key]time.Time{},
 		notify: make(chan struct{}, 1), ready: make(chan *batch, 2), free: make(chan *batch, 2)}
 	if f.log == nil {
 		f.log = slog.New(slog.DiscardHandler)
@@ -157,6 +160,9 @@ func (f *Filter) AddInbound(t Tuple, info any) { f.add(f.in, t, info) }
 
 func (f *Filter) add(m map[key]*entry, t Tuple, info any) {
 	e := &entry{t: t, info: info}
+	if t.Proto == ProtoTCP {
+		e.tcp = &tcpTrack{}
+	}
 	e.last.Store(f.coarse.Load())
 	f.mu.Lock()
 	m[keyOf(t)] = e
@@ -172,33 +178,90 @@ func (f *Filter) Admitted(t Tuple) bool {
 	return f.out[k] != nil || f.in[k.reverse()] != nil
 }
 
-// Remove forgets t in both directions. When it returns, no packet of t passes anymore.
-func (f *Filter) Remove(t Tuple) bool {
+// Remove forgets t in both directions (a cut: revocation, isolation, policy) and returns the
+// info it was admitted with. When it returns, no packet of t passes anymore, and a TCP tuple's
+// local end has been sent a RST.
+func (f *Filter) Remove(t Tuple) (info any, ok bool) {
 	k := keyOf(t)
+	var cut []cutEntry
 	f.mu.Lock()
-	_, a := f.out[k]
-	_, b := f.in[k]
+	if e := f.out[k]; e != nil {
+		cut = append(cut, cutEntry{e, true})
+		info, ok = e.info, true
+	}
+	if e := f.in[k]; e != nil {
+		cut = append(cut, cutEntry{e, false})
+		info, ok = e.info, true
+	}
 	delete(f.out, k)
 	delete(f.in, k)
 	f.mu.Unlock()
-	return a || b
+	f.reset(cut)
+	return info, ok
 }
 
-// RemoveMatching forgets every admitted tuple match selects and returns how many. When it
-// returns, no packet of those tuples passes anymore.
+// RemoveMatching forgets every admitted tuple match selects (a cut) and returns how many. When it
+// returns, no packet of those tuples passes anymore, and the local ends of the TCP ones have
+// been sent a RST.
 func (f *Filter) RemoveMatching(match func(t Tuple, info any) bool) int {
-	n := 0
+	var cut []cutEntry
 	f.mu.Lock()
-	for _, m := range []map[key]*entry{f.out, f.in} {
+	for i, m := range []map[key]*entry{f.out, f.in} {
 		for k, e := range m {
 			if match(e.t, e.info) {
 				delete(m, k)
-				n++
+				cut = append(cut, cutEntry{e, i == 0})
 			}
 		}
 	}
 	f.mu.Unlock()
-	return n
+	f.reset(cut)
+	return len(cut)
+}
+
+type cutEntry struct {
+	e        *entry
+	outbound bool
+}
+
+// reset writes a RST toward the local end of each cut TCP tuple and remembers the tuples for
+// RefuseFor, so that what the local side still sends on them is answered by a RST too. It runs
+// after the tuples left the maps: the Write that delivered their last packet has returned, so
+// the tracked sequence numbers are final.
+func (f *Filter) reset(cut []cutEntry) {
+	if len(cut) == 0 {
+		return
+	}
+	until := f.now().Add(f.cfg.RefuseFor)
+	var pkts [][]byte
+	f.pmu.Lock()
+	for _, c := range cut {
+		if c.e.tcp == nil {
+			continue
+		}
+		local, remote := c.e.t.Source(), c.e.t.Destination()
+		if !c.outbound {
+			local, remote = remote, local
+		}
+		f.resets[keyOf(Tuple{Src: local.Addr(), Dst: remote.Addr(), SrcPort: local.Port(), DstPort: remote.Port(), Proto: ProtoTCP})] = until
+		if p := c.e.tcp.rstToLocal(local, remote); p != nil {
+			pkts = append(pkts, p)
+		}
+	}
+	f.pmu.Unlock()
+	f.inject(pkts)
+}
+
+// inject writes packets the filter made (resets) into the kernel device.
+func (f *Filter) inject(pkts [][]byte) {
+	if len(pkts) == 0 || f.closed.Load() {
+		return
+	}
+	if _, err := f.inner.Write(pkts, rstHeadroom); err != nil {
+		f.log.Debug("reset not written", "err", err)
+		return
+	}
+	f.resetsSent.Add(uint64(len(pkts)))
 }
 
 // Flows visits every admitted tuple; outbound says which map it is in.
@@ -220,7 +283,7 @@ func (f *Filter) Stats() FilterStats {
 	f.mu.RUnlock()
 	return FilterStats{Held: f.heldPkts.Load(), Released: f.releasedPkts.Load(), Overflow: f.overflow.Load(),
 		Refused: f.refusedPkts.Load(), Unadmitted: f.unadmitted.Load(), NotFlow: f.notFlow.Load(),
-		Admissions: f.admissions.Load(), Refusals: f.refusals.Load(), Flows: n}
+		Admissions: f.admissions.Load(), Refusals: f.refusals.Load(), Resets: f.resetsSent.Load(), Flows: n}
 }
 
 // Read hands wireguard-go the kernel's packets that may leave. Like every tun.Device, it is
@@ -358,17 +421,37 @@ func (f *Filter) outbound(pkt []byte, now int64) bool {
 		if e.last.Load() != now {
 			e.last.Store(now)
 		}
+		if e.tcp != nil {
+			if seq, ack, flags, span, ok := tcpSegment(pkt); ok {
+				e.tcp.localNext.advance(seq + span)
+				if flags&tcpACK != 0 {
+					e.tcp.localAck.advance(ack)
+				}
+			}
+		}
 		return true
 	}
 	t, _ := ParseTuple(pkt)
-	f.hold(t, pkt)
+	f.hold(t, k, pkt)
 	return false
 }
 
 // hold queues a packet of a tuple that is not admitted and starts its admission.
-func (f *Filter) hold(t Tuple, pkt []byte) {
+func (f *Filter) hold(t Tuple, k key, pkt []byte) {
 	now := f.now()
 	f.pmu.Lock()
+	if until, ok := f.resets[k]; ok {
+		if now.Before(until) {
+			if rst := rstReply(pkt, t); rst != nil {
+				f.pmu.Unlock()
+				f.refusedPkts.Add(1)
+				f.inject([][]byte{rst})
+				return
+			}
+		} else {
+			delete(f.resets, k)
+		}
+	}
 	if until, ok := f.refused[t]; ok {
 		if now.Before(until) {
 			f.pmu.Unlock()
@@ -473,6 +556,11 @@ func (f *Filter) Write(bufs [][]byte, offset int) (int, error) {
 		if e.last.Load() != now {
 			e.last.Store(now)
 		}
+		if e.tcp != nil {
+			if seq, _, _, span, ok := tcpSegment(bufs[i][offset:]); ok {
+				e.tcp.remoteNext.advance(seq + span)
+			}
+		}
 		bufs[kept], bufs[i] = bufs[i], bufs[kept]
 		kept++
 	}
@@ -529,6 +617,11 @@ func (f *Filter) SweepIdle(now time.Time) int {
 	for t, until := range f.refused {
 		if !now.Before(until) {
 			delete(f.refused, t)
+		}
+	}
+	for k, until := range f.resets {
+		if !now.Before(until) {
+			delete(f.resets, k)
 		}
 	}
 	f.pmu.Unlock()

@@ -39,12 +39,22 @@ type Conflict struct {
 	Nodes []string
 }
 
+// Exclude says which nodes and agent addresses the peer set leaves out; a nil func excludes
+// nothing.
+type Exclude struct {
+	// Node excludes a whole node (revoked, isolated): it is no peer.
+	Node func(node string) bool
+	// Agent excludes one agent address of a node (that agent was revoked): it is no allowed IP.
+	Agent func(node string, addr netip.Addr) bool
+}
+
 // ComputePeers is the device's peer set: one peer per node that has a verified binding in a
 // zone this node serves and is not excluded (revoked, isolated), with the key and endpoint of its
 // newest binding and, as allowed IPs, exactly its agents' addresses in those zones that lie in
-// the prefixes its certificate grants there. A key bound by two nodes configures neither (it is
-// reported), nor does a binding of this node's own key. Output is sorted by node.
-func ComputePeers(self Key, zones []string, members []Member, excluded func(node string) bool) ([]PeerSpec, []Conflict) {
+// the prefixes its certificate grants there and are not excluded. A key bound by two nodes
+// configures neither (it is reported), nor does a binding of this node's own key. Output is
+// sorted by node.
+func ComputePeers(self Key, zones []string, members []Member, ex Exclude) ([]PeerSpec, []Conflict) {
 	byNode := map[string]*PeerSpec{}
 	newest := map[string]*Binding{}
 	ips := map[string]map[netip.Addr]struct{}{}
@@ -53,7 +63,7 @@ func ComputePeers(self Key, zones []string, members []Member, excluded func(node
 		if b == nil || !slices.Contains(zones, m.Zone) || !slices.Contains(b.Zones, m.Zone) || b.Key == self || b.Key.IsZero() {
 			continue
 		}
-		if excluded != nil && excluded(b.Node) {
+		if ex.Node != nil && ex.Node(b.Node) {
 			continue
 		}
 		if cur := newest[b.Node]; cur == nil || b.IssuedAt.After(cur.IssuedAt) {
@@ -66,6 +76,9 @@ func ComputePeers(self Key, zones []string, members []Member, excluded func(node
 		}
 		for _, a := range m.Agents {
 			a = a.Unmap()
+			if ex.Agent != nil && ex.Agent(b.Node, a) {
+				continue
+			}
 			if slices.ContainsFunc(m.Prefixes, func(p netip.Prefix) bool { return p.Contains(a) }) {
 				set[a] = struct{}{}
 			}
@@ -256,6 +269,16 @@ func (d *Device) RemoveAllowedIP(a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// UAPI is the device's configuration as wireguard-go reports it (its UAPI "get" text): what the
+// device really holds, as opposed to Peers, which is what this package last applied.
+func (d *Device) UAPI() (string, error) {
+	s, err := d.dev.IpcGet()
+	if err != nil {
+		return "", fmt.Errorf("%w: %w", ErrDevice, err)
+	}
+	return s, nil
 }
 
 // Peers returns the configured peers, sorted by node.

@@ -35,7 +35,7 @@ func TestComputePeers(t *testing.T) {
 	members := []Member{
 		// n2: two agents in its slice, one outside it (a forged directory entry): not allowed.
 		{Zone: "payments", Binding: mkBinding("n2", k2.Public, t0, "payments"), Prefixes: pay,
-			Agents: addrs("100.100.1.18", "100.100.1.17", "100.100.1.40")},
+			Agents: addrs("100.100.1.18", "100.100.1.17", "100.100.1.40", "100.100.1.19")},
 		// n2 again in support with a newer binding (restarted: new key): the newest key wins and
 		// the allowed IPs are the union over the zones both serve.
 		{Zone: "support", Binding: mkBinding("n2", k3.Public, t0.Add(time.Minute), "support"),
@@ -49,8 +49,13 @@ func TestComputePeers(t *testing.T) {
 		// n6: a binding for support on the payments member: ignored.
 		{Zone: "payments", Binding: mkBinding("n6", k4.Public, t0, "support")},
 	}
-	specs, conflicts := ComputePeers(self.Public, []string{"payments", "support"}, members,
-		func(n string) bool { return n == "spiffe://acme.internal/node/n4" })
+	specs, conflicts := ComputePeers(self.Public, []string{"payments", "support"}, members, Exclude{
+		Node: func(n string) bool { return n == "spiffe://acme.internal/node/n4" },
+		// An agent of n2 revoked: its address is no allowed IP, the node's others still are.
+		Agent: func(n string, a netip.Addr) bool {
+			return n == "spiffe://acme.internal/node/n2" && a == netip.MustParseAddr("100.100.1.19")
+		},
+	})
 	require.Empty(t, conflicts)
 	require.Len(t, specs, 1)
 	require.Equal(t, "spiffe://acme.internal/node/n2", specs[0].Node)
@@ -64,7 +69,7 @@ func TestComputePeersKeyConflictConfiguresNeither(t *testing.T) {
 		{Zone: "payments", Binding: mkBinding("n2", k.Public, t0, "payments")},
 		{Zone: "payments", Binding: mkBinding("n3", k.Public, t0, "payments")},
 	}
-	specs, conflicts := ComputePeers(self.Public, []string{"payments"}, members, nil)
+	specs, conflicts := ComputePeers(self.Public, []string{"payments"}, members, Exclude{})
 	require.Empty(t, specs)
 	require.Len(t, conflicts, 1)
 	require.Equal(t, []string{"spiffe://acme.internal/node/n2", "spiffe://acme.internal/node/n3"}, conflicts[0].Nodes)

@@ -144,7 +144,7 @@ func scanTokens(filename string, data []byte) error {
 
 // durationKeys are the keys whose values are Durations: they are checked on the tree, where
 // their position is known (the decoder reports a bad text value without one).
-var durationKeys = map[string]bool{"at": true, "within": true, "interval": true, "latency": true, "jitter": true, "settle": true}
+var durationKeys = map[string]bool{"at": true, "within": true, "interval": true, "latency": true, "jitter": true, "settle": true, "tunnel_idle": true}
 
 func checkDurations(filename string, root ast.Node) error {
 	var err error

@@ -66,6 +66,7 @@ func TestMinimalDefaults(t *testing.T) {
 	assert.Equal(t, "sim.internal", s.TrustDomain)
 	assert.Equal(t, "fast", s.Gossip)
 	assert.Equal(t, 1, s.NodeCount())
+	assert.Zero(t, s.TunnelIdle, "the node default")
 }
 
 func TestRefusals(t *testing.T) {
@@ -80,6 +81,8 @@ func TestRefusals(t *testing.T) {
 		{"alias", minimal + "description: *x\n", ErrUnsupported, "s.yaml:11:"},
 		{"tag", minimal + "description: !!str x\n", ErrUnsupported, "s.yaml:11:"},
 		{"bad duration", minimal + "settle: 5\n", ErrSyntax, "s.yaml:11:"},
+		{"tunnel idle unitless", minimal + "tunnel_idle: 5\n", ErrSyntax, "s.yaml:11:"},
+		{"tunnel idle negative", minimal + "tunnel_idle: -1s\n", ErrSyntax, "s.yaml:11:"},
 		{"unknown zone", strings.Replace(minimal, "zones: [payments]", "zones: [nope]", 1), ErrInvalid, "s.yaml:9:"},
 		{"region not allowed", strings.Replace(minimal, "region: eu-west-1\n", "region: us-east-1\n", 1), ErrInvalid, "nodes[0].region"},
 		{"unknown event", minimal + "timeline:\n  - {event: teleport}\n", ErrInvalid, "s.yaml:12:"},

@@ -21,8 +21,11 @@ type Scenario struct {
 	Traffic     []Traffic `yaml:"traffic"`
 	Timeline    []Event   `yaml:"timeline"`
 	Settle      Duration  `yaml:"settle"` // wait after the timeline before the final tally
-	Limits      RunLimits `yaml:"limits"`
-	file        string
+	// TunnelIdle is how long a tunnel that has carried only gossip stays up when silent before
+	// the node closes it (tunnel.Limits.GossipIdleTimeout); 0 keeps the node default (60 s).
+	TunnelIdle Duration  `yaml:"tunnel_idle"`
+	Limits     RunLimits `yaml:"limits"`
+	file       string
 }
 
 // RunLimits bound the run.

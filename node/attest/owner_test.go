@@ -1,0 +1,189 @@
+package attest
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"golang.org/x/sys/unix"
+
+	"github.com/ute-project/ute/identity"
+)
+
+// startHelper runs exe as the helper process: it connects to ln and holds the connection. It
+// returns the helper's pid and its client address.
+func startHelper(t *testing.T, exe string, ln net.Listener) (int, netip.AddrPort) {
+	t.Helper()
+	cmd := exec.Command(exe, "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperEnv+"="+ln.Addr().String())
+	stdin, err := cmd.StdinPipe()
+	require.NoError(t, err)
+	out, err := cmd.StdoutPipe()
+	require.NoError(t, err)
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = stdin.Close(); _ = cmd.Wait() })
+	line, err := bufio.NewReader(out).ReadString('\n')
+	require.NoError(t, err)
+	s, err := ln.Accept()
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = s.Close() })
+	return cmd.Process.Pid, netip.MustParseAddrPort(line[:len(line)-1])
+}
+
+// Attacker side: the agent's hints name this process and the descriptor it held its last socket
+// on. Another executable then connects: the hinted process is checked first, does not hold the
+// new socket (whatever its hinted descriptor holds now), and the search goes on to the process
+// that does, which is refused as the mismatch it is. A hint orders the search; it never
+// attributes a socket.
+func TestStaleHintNeverAttributes(t *testing.T) {
+	want := selfExpected(t)
+	a := New(Options{})
+	c, srv := loopbackPair(t)
+	p, err := a.Verify(addrOf(c), srv, want)
+	require.NoError(t, err)
+	require.Equal(t, os.Getpid(), p.PID)
+	hs := a.hintsFor(string(want.Digest))
+	require.Len(t, hs, 1)
+	assert.Equal(t, os.Getpid(), hs[0].pid)
+	require.Positive(t, hs[0].fd)
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ln.Close() })
+	pid, client := startHelper(t, modifiedCopy(t), ln)
+	scans := a.Stats().Scans
+	p, err = a.Verify(client, netip.MustParseAddrPort(ln.Addr().String()), want)
+	require.ErrorIs(t, err, ErrMismatch)
+	assert.Equal(t, pid, p.PID)
+	assert.Equal(t, scans+1, a.Stats().Scans, "the hinted process did not hold it: a scan found the holder")
+}
+
+// The socket's uid orders the scan and never refuses: a socket whose recorded uid differs from
+// its holder's (created before a setuid, or a process whose /proc directory is root's) is still
+// found, after the processes of that uid.
+func TestSocketUIDOrdersTheScanOnly(t *testing.T) {
+	c, srv := loopbackPair(t)
+	a := New(Options{})
+	s, err := a.socket(addrOf(c), srv)
+	require.NoError(t, err)
+	require.True(t, s.hasUID, "sock_diag reports the uid")
+	assert.Equal(t, uint32(os.Geteuid()), s.uid)
+	for _, uid := range []uint32{s.uid, s.uid + 1} {
+		p, err := New(Options{}).owner(sockInfo{inode: s.inode, uid: uid, hasUID: true}, "")
+		require.NoError(t, err, "uid %d", uid)
+		assert.Equal(t, os.Getpid(), p.PID)
+	}
+}
+
+// The hints are bounded per agent and in agents.
+func TestHintsAreBounded(t *testing.T) {
+	a := New(Options{})
+	for i := range maxHintAgents + 10 {
+		for pid := range maxHints + 3 {
+			a.hint(fmt.Sprint(i), pid+1, 3)
+		}
+	}
+	assert.Len(t, a.hints, maxHintAgents)
+	assert.Len(t, a.hintKeys, maxHintAgents)
+	assert.Len(t, a.hintsFor(fmt.Sprint(maxHintAgents+9)), maxHints)
+	assert.Empty(t, a.hintsFor("0"), "the oldest agent's hints were dropped")
+}
+
+// procCase is a /proc/<pid> directory's stat, status and cgroup.
+type procCase struct{ stat, status, cgroup string }
+
+var procCases = []procCase{
+	{"1 (agent) S 1 1 1 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 777 0 0\n", "Name:\tagent\nUid:\t1000\t1001\t1000\t1000\nGid:\t50\t51\t50\t50\n", "0::/user.slice/app.service\n"},
+	{"1 (we) ird) S 1 1 1 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 12 0 0", "Uid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0", "12:pids:/a\n3:cpu,cpuacct:/b\n1:name=systemd:/c\n"},
+	{"1 (x) S 1 2", "Uid:\t0\n", ""},
+	{"no parenthesis", "Gid:\t1\t2\nUid:\tx\ty\n", "garbage"},
+	{"1 (x) S 1 1 1 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 -5 0 0", "Uid:\t1\t2\r\nGid:\t3\t4\r\nUid:\t9\t9\n", "\n\n0::/\n"},
+}
+
+// writeProcCase writes c as dir's stat, status and cgroup.
+func writeProcCase(t testing.TB, dir string, c procCase) {
+	t.Helper()
+	for name, body := range map[string]string{"stat": c.stat, "status": c.status, "cgroup": c.cgroup} {
+		require.NoError(t, os.WriteFile(filepath.Join(dir, name), []byte(body), 0o644))
+	}
+}
+
+// checkProcAgreement compares this package's /proc readers with identity's on dir: the digest
+// this package computes must be the one identity computed at enrolment.
+func checkProcAgreement(t testing.TB, dir string) {
+	t.Helper()
+	fd, err := openDir(unix.AT_FDCWD, dir)
+	require.NoError(t, err)
+	defer func() { _ = unix.Close(fd) }()
+	digest := [32]byte{1, 2, 3}
+	want, werr := identity.ProcWorkload(dir, digest)
+	got, gerr := workloadAt(fd, digest)
+	require.Equal(t, werr == nil, gerr == nil, "identity: %v; attest: %v", werr, gerr)
+	assert.Equal(t, want, got)
+	wantStart, werr := identity.ProcStartTime(dir)
+	gotStart, gerr := startTimeAt(fd)
+	require.Equal(t, werr == nil, gerr == nil, "identity: %v; attest: %v", werr, gerr)
+	assert.Equal(t, wantStart, gotStart)
+}
+
+func TestProcReadersAgreeWithIdentity(t *testing.T) {
+	for i, c := range procCases {
+		t.Run(fmt.Sprint(i), func(t *testing.T) {
+			dir := t.TempDir()
+			writeProcCase(t, dir, c)
+			checkProcAgreement(t, dir)
+		})
+	}
+	checkProcAgreement(t, "/proc/self")
+}
+
+func FuzzProcReaders(f *testing.F) {
+	for _, c := range procCases {
+		f.Add(c.stat, c.status, c.cgroup)
+	}
+	f.Fuzz(func(t *testing.T, stat, status, cgroup string) {
+		dir := t.TempDir()
+		writeProcCase(t, dir, procCase{stat, status, cgroup})
+		checkProcAgreement(t, dir)
+	})
+}
+
+// Attacker side for the SDK's own-process check: this process checked against the fingerprint
+// of another executable, or of its own for another uid, is a mismatch; against its own, a match
+// whose digest comes from the cache the second time.
+func TestVerifySelf(t *testing.T) {
+	a := New(Options{})
+	want := selfExpected(t)
+	p, err := a.VerifySelf(want)
+	require.NoError(t, err)
+	assert.Equal(t, os.Getpid(), p.PID)
+	assert.False(t, p.Cached)
+	p, err = a.VerifySelf(want)
+	require.NoError(t, err)
+	assert.True(t, p.Cached)
+
+	other := filepath.Join(t.TempDir(), "true")
+	require.NoError(t, os.WriteFile(other, []byte("#!/bin/sh\nexit 0\n"), 0o755))
+	w, err := identity.WorkloadOfExe(other, want.UID, want.GID)
+	require.NoError(t, err)
+	d := w.Digest()
+	_, err = a.VerifySelf(Expected{Digest: d[:], UID: w.UID, GID: w.GID, Exe: other})
+	require.ErrorIs(t, err, ErrMismatch)
+	assert.Contains(t, err.Error(), "not the enrolled executable "+other)
+
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	w, err = identity.WorkloadOfExe(exe, want.UID+1, want.GID)
+	require.NoError(t, err)
+	d = w.Digest()
+	_, err = a.VerifySelf(Expected{Digest: d[:], UID: w.UID, GID: w.GID, Exe: exe})
+	require.ErrorIs(t, err, ErrMismatch)
+	assert.Contains(t, err.Error(), "enrolled for uid")
+}

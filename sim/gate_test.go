@@ -1,0 +1,56 @@
+package sim
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The gate holds at most its slots, serves the newest waiter first, drops a waiter whose
+// context ends, and refuses to start a handshake with too little time left.
+func TestDialGateNewestFirst(t *testing.T) {
+	g := newDialGate(1, 100*time.Millisecond)
+	ctx := context.Background()
+	hold, err := g.Acquire(ctx)
+	require.NoError(t, err)
+
+	got := make(chan int, 3)
+	gone, cancelGone := context.WithCancel(ctx)
+	for i := range 3 {
+		c := ctx
+		if i == 1 {
+			c = gone
+		}
+		go func() {
+			rel, err := g.Acquire(c)
+			if err != nil {
+				got <- -i
+				return
+			}
+			got <- i
+			time.Sleep(10 * time.Millisecond)
+			rel()
+		}()
+		require.Eventually(t, func() bool { g.mu.Lock(); defer g.mu.Unlock(); return len(g.waiters) == i+1 }, time.Second, time.Millisecond)
+	}
+	cancelGone()
+	assert.Equal(t, -1, <-got, "a waiter whose context ended leaves the queue")
+	hold()
+	hold() // releasing twice frees one slot only
+	assert.Equal(t, 2, <-got, "the newest waiter is served first")
+	assert.Equal(t, 0, <-got)
+
+	short, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+	defer cancel()
+	_, err = g.Acquire(short)
+	require.ErrorIs(t, err, errNoTimeLeft)
+	rel, err := g.Acquire(ctx)
+	require.NoError(t, err, "the refused caller gave its slot back")
+	rel()
+	g.mu.Lock()
+	assert.Equal(t, 1, g.free)
+	g.mu.Unlock()
+}
