@@ -228,6 +228,7 @@ func (r *runner) dirCopyEvent(ctx context.Context, e scenario.Event) EventResult
 		return notRun("%v", err)
 	}
 	cfg := config.Default()
+	cfg.Interface = config.InterfaceNetstack // the sim's agents live in its process
 	for _, m := range r.live(to.Zone) {
 		if m != n && len(cfg.Peers) < 3 {
 			cfg.Peers = append(cfg.Peers, config.Peer{Node: r.nodeID(m.name), Addr: m.addr})

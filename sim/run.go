@@ -461,6 +461,7 @@ func (r *runner) startWith(ctx context.Context, n *simNode, peers []config.Peer)
 	}
 	cfg := config.Default()
 	cfg.Peers = peers
+	cfg.Interface = config.InterfaceNetstack // the sim's agents live in its process
 	if r.proxied[n.name] {
 		cfg.Interface = config.InterfaceProxy
 	}
@@ -853,5 +854,12 @@ func (r *runner) lacking(pool string) string {
 	if len(out) == 0 {
 		return ""
 	}
-	return ", lacks " + abbreviate(out)
+	// How many members the first missing one sees tells a slow discovery (it sees most of the
+	// zone) from a split pool (it sees about as many as are missing: an island that declared
+	// the rest failed, and that the rest declared failed).
+	sees := ""
+	if m := r.node(out[0]); m != nil && m.d != nil {
+		sees = fmt.Sprintf("; %s sees %d", out[0], len(m.d.Members(zone)))
+	}
+	return ", lacks " + abbreviate(out) + sees
 }

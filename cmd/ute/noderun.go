@@ -85,7 +85,7 @@ func newNodeRunCmd() *cobra.Command {
 		"metrics":    {&ov.Metrics, "loopback address for Prometheus metrics (empty: off)"},
 		"log-format": {&ov.LogFormat, "log format: text or json"},
 		"log-level":  {&ov.LogLevel, "log level: debug, info, warn or error"},
-		"interface":  {&ov.Interface, "agent interface: netstack, proxy (a SOCKS5 and an HTTP proxy per agent on loopback, no root), or tun (the kernel interface ute0 with every agent's overlay IP, root)"},
+		"interface":  {&ov.Interface, "agent interface: proxy (the default: a SOCKS5 and an HTTP proxy per agent on loopback, no root), netstack (agents embedded in this process), or tun (the kernel interface ute0 with every agent's overlay IP, root)"},
 		"transport":  {&ov.Transport, "data plane between nodes: quic (the default) or wireguard (needs --interface tun; every node of a zone must run the same one)"},
 		"authority":  {&ov.Authority, "authority address (default: the one joined, from node.json)"},
 	} {

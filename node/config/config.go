@@ -23,10 +23,11 @@ type Interface string
 
 // Interfaces.
 const (
-	InterfaceNetstack Interface = "netstack" // gVisor userspace stack, no root (the default)
+	InterfaceNetstack Interface = "netstack" // agents embedded in the daemon process (gVisor userspace stack), no root
 	InterfaceTUN      Interface = "tun"      // kernel TUN device ute0, needs CAP_NET_ADMIN
 	// InterfaceProxy serves each agent a SOCKS5 and an HTTP proxy on loopback, and forwards its
-	// inbound flows to local ports (Agents); no root needed.
+	// inbound flows to local ports (Agents); no root needed. It is the default, for root too: a
+	// kernel interface with routes into the host's routing table is an operator's explicit choice.
 	InterfaceProxy Interface = "proxy"
 )
 
@@ -108,7 +109,7 @@ type Renewal struct {
 func Default() Config {
 	return Config{
 		Listen:    netip.AddrPortFrom(netip.IPv4Unspecified(), DefaultPort),
-		Interface: InterfaceNetstack,
+		Interface: InterfaceProxy,
 		Transport: TransportQUIC,
 		Log:       Log{Level: slog.LevelInfo, Format: LogText},
 		// memberlist's LAN defaults, except a faster push/pull so that a member that missed a

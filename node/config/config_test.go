@@ -70,7 +70,7 @@ func TestEmptyFileIsDefault(t *testing.T) {
 	d := Default()
 	assert.Equal(t, netip.MustParseAddrPort("0.0.0.0:7444"), d.Listen)
 	assert.False(t, d.Metrics.IsValid(), "metrics are off by default")
-	assert.Equal(t, InterfaceNetstack, d.Interface)
+	assert.Equal(t, InterfaceProxy, d.Interface, "the issue: proxy is the default interface without root")
 	assert.Equal(t, TransportQUIC, d.Transport)
 	assert.Equal(t, time.Minute, d.Gossip.TunnelIdle, "tunnel.Limits.GossipIdleTimeout's default")
 }

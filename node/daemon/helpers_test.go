@@ -130,7 +130,7 @@ func testLogger(name string) *slog.Logger {
 func startDaemon(t testing.TB, name, dir string, pc net.PacketConn, noAuthority bool) *testDaemon {
 	t.Helper()
 	ft := membership.FastTiming()
-	opts := Options{Dir: dir, Config: config.Default(), Logger: testLogger(name), PacketConn: pc, NoAuthority: noAuthority, Timing: &ft}
+	opts := Options{Dir: dir, Config: netstackConfig(), Logger: testLogger(name), PacketConn: pc, NoAuthority: noAuthority, Timing: &ft}
 	d, err := Start(context.Background(), opts)
 	require.NoError(t, err)
 	td := &testDaemon{Daemon: d, name: name, dir: dir, pc: pc, opts: opts}
@@ -161,4 +161,12 @@ func waitMembers(t testing.TB, zone string, want int, ds ...*testDaemon) {
 		}
 		return true
 	}, 20*time.Second, 20*time.Millisecond, "zone %s never reached %d members", zone, want)
+}
+
+// netstackConfig is the default configuration with the agents embedded in the test process:
+// these tests dial through the daemon's Agent handles, not through per-agent proxies.
+func netstackConfig() config.Config {
+	c := config.Default()
+	c.Interface = config.InterfaceNetstack
+	return c
 }

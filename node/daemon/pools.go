@@ -143,16 +143,20 @@ func (d *Daemon) poolLoop() {
 	tick := time.NewTimer(0)
 	defer tick.Stop()
 	var synced time.Time
+	handed := map[string]netip.AddrPort{}
 	for {
 		select {
 		case <-d.ctx.Done():
 			return
 		case <-changes:
-			d.syncMembers()
+			d.syncMembers(handed)
 		case <-tick.C:
 			if time.Since(synced) >= resyncEvery {
+				// The full hand-over: forget what was handed, in case the node's peer table
+				// was changed by something else (a configured peer at another address).
 				synced = time.Now()
-				d.syncMembers()
+				clear(handed)
+				d.syncMembers(handed)
 			}
 			if d.joinPools() {
 				wait = time.Second
@@ -226,9 +230,14 @@ func (d *Daemon) joinPools() (failed bool) {
 	return failed
 }
 
-// syncMembers hands the node every member of every pool (the node keeps one address per node
-// ID, so handing a known member again costs a map write).
-func (d *Daemon) syncMembers() {
+// syncMembers hands the node the members of every pool that it has not been handed yet at
+// their current address (keyed by node ID and address, so a member that moved is handed
+// again). During discovery membership reports a change many times a second, and handing
+// every member each time was a quarter of the CPU of a 1,000-node simulation: O(n) peer
+// parses per change. The node only ever adds or overwrites peers, so a member already handed
+// at the same address needs nothing; a refused member is not remembered and is tried again.
+// handed is owned by poolLoop (its only caller), so it needs no lock.
+func (d *Daemon) syncMembers(handed map[string]netip.AddrPort) {
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -241,9 +250,14 @@ func (d *Daemon) syncMembers() {
 			if m.NodeID == self || !m.Addr.IsValid() {
 				continue
 			}
+			if a, ok := handed[m.NodeID]; ok && a == m.Addr {
+				continue
+			}
 			if err := d.node.AddPeer(node.Peer{Node: m.NodeID, Addr: m.Addr}); err != nil {
 				d.log.Debug("gossiped member refused", "member", m.NodeID, "err", err)
+				continue
 			}
+			handed[m.NodeID] = m.Addr
 		}
 	}
 }

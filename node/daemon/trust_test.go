@@ -21,7 +21,6 @@ import (
 
 	"github.com/ute-project/ute/identity"
 	"github.com/ute-project/ute/node"
-	"github.com/ute-project/ute/node/config"
 	"github.com/ute-project/ute/node/localapi"
 	"github.com/ute-project/ute/node/membership"
 	"github.com/ute-project/ute/node/proxy"
@@ -307,7 +306,7 @@ func TestTrustDuplicateIdentity(t *testing.T) {
 func startDaemonWith(t *testing.T, name, dir string, pc net.PacketConn, mod func(*Options)) *testDaemon {
 	t.Helper()
 	ft := membership.FastTiming()
-	opts := Options{Dir: dir, Config: config.Default(), Logger: testLogger(name), PacketConn: pc, NoAuthority: true, Timing: &ft}
+	opts := Options{Dir: dir, Config: netstackConfig(), Logger: testLogger(name), PacketConn: pc, NoAuthority: true, Timing: &ft}
 	mod(&opts)
 	d, err := Start(context.Background(), opts)
 	require.NoError(t, err)

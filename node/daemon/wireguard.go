@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net"
@@ -32,7 +33,8 @@ import (
 // verified identity, allowed IPs only their agents' verified addresses. Every new 5-tuple is
 // admitted by the receiving node from the source agent's DTL record, sent on the zone's QUIC
 // tunnel (control channel 17); revocation, isolation and policy changes cut peers and tuples
-// synchronously through the node's flow tracking (node.TrackFlow).
+// synchronously through the node's flow tracking (node.TrackFlow), and a node that cuts a tuple
+// on its own decision tells the node at the other end (control channel 18, a cut notice).
 
 // WireGuardOptions tune the WireGuard transport; the zero value runs it on the kernel TUN.
 type WireGuardOptions struct {
@@ -82,6 +84,7 @@ type wgPeer struct {
 // wgFlow is what the filter keeps with an admitted tuple.
 type wgFlow struct {
 	node     string // the peer node at the other end
+	zone     string // the zone it was admitted in: its cut notice goes over that zone's tunnel
 	outbound bool
 	prov     *node.Provenance // inbound: the admitted record
 }
@@ -114,6 +117,9 @@ type wgTransport struct {
 	inflight map[wgKey]bool
 	retry    map[wgKey]time.Time
 	refused  map[string]uint64 // outbound refusals by reason
+	cuts     CutNoticeStats
+	cutQ     map[wgKey][]wireguard.Tuple // cut notices waiting for their peer's sender
+	cutBusy  map[wgKey]bool              // a sender runs for the peer: it takes what is queued
 	own      []byte
 	ownAt    time.Time
 	ownZones []string
@@ -134,7 +140,8 @@ func (d *Daemon) startWireGuard() error {
 	w := &wgTransport{d: d, log: d.log.With("transport", "wireguard"), key: kp, attest: opts.Attest,
 		bindings: map[wgKey]wgPeer{}, watched: map[string]func(){}, agents: map[string]map[netip.Addr][]string{}, agentsW: map[netip.Addr]func(){},
 		flows: map[wireguard.Tuple]func(){}, clients: map[*tunnel.Tunnel]*admitClient{}, servers: map[net.Conn]struct{}{},
-		inflight: map[wgKey]bool{}, retry: map[wgKey]time.Time{}, refused: map[string]uint64{}}
+		inflight: map[wgKey]bool{}, retry: map[wgKey]time.Time{}, refused: map[string]uint64{},
+		cutQ: map[wgKey][]wireguard.Tuple{}, cutBusy: map[wgKey]bool{}}
 	if w.attest == nil {
 		att := attest.New(attest.Options{})
 		w.attest = func(t wireguard.Tuple, wl node.Workload) (attest.Process, error) { return attestTuple(att, t, wl) }
@@ -177,6 +184,10 @@ func (d *Daemon) startWireGuard() error {
 		w.shutdown()
 		return err
 	}
+	if err := d.mux.HandleStream(wireguard.ChannelCut, w.serveCut); err != nil {
+		w.shutdown()
+		return err
+	}
 	d.mu.Lock()
 	d.wgt = w
 	d.mu.Unlock()
@@ -207,8 +218,9 @@ func (d *Daemon) WireGuard() (info WireGuardInfo, ok bool) {
 	}
 	w.mu.Lock()
 	refused := maps.Clone(w.refused)
+	cuts := w.cuts
 	w.mu.Unlock()
-	return WireGuardInfo{Key: w.key.Public, Endpoint: w.endpoint, Peers: w.dev.Peers(), Filter: w.filter.Stats(), Refused: refused}, true
+	return WireGuardInfo{Key: w.key.Public, Endpoint: w.endpoint, Peers: w.dev.Peers(), Filter: w.filter.Stats(), Refused: refused, Cuts: cuts}, true
 }
 
 // WireGuardInfo is the state of the WireGuard transport.
@@ -220,6 +232,17 @@ type WireGuardInfo struct {
 	// Refused counts the outbound tuples this node refused or saw refused, by reason: spoofed,
 	// workload, resolve (cross-zone, unknown), transport, peer, or the receiver's dtl reason.
 	Refused map[string]uint64
+	// Cuts counts the cut notices exchanged with peer nodes.
+	Cuts CutNoticeStats
+}
+
+// CutNoticeStats count cut notices (control channel 18): a node that cuts an admitted tuple on
+// its own decision tells the node at the other end, which cuts its end too.
+type CutNoticeStats struct {
+	Sent    uint64 // notices written to peer nodes
+	Applied uint64 // received notices that cut a tuple admitted with the sender
+	Unknown uint64 // received notices of no tuple admitted here (already cut, or idle and forgotten)
+	Refused uint64 // received notices of a tuple admitted with another node or zone: dropped, nothing cut
 }
 
 // wireguardPolicyApplied re-decides the admitted inbound tuples under the policy now in force
@@ -231,7 +254,7 @@ func (d *Daemon) wireguardPolicyApplied() {
 	if w == nil {
 		return
 	}
-	cut := w.removeFlows(func(f *wgFlow) bool { return f.prov != nil && !d.node.FlowAllowed(f.prov) })
+	cut := w.removeFlows(true, func(f *wgFlow) bool { return f.prov != nil && !d.node.FlowAllowed(f.prov) })
 	w.sync()
 	if cut > 0 {
 		w.log.Info("policy change cut wireguard flows", "flows", cut)
@@ -272,6 +295,7 @@ func (w *wgTransport) shutdown() {
 	w.mu.Unlock()
 	w.d.mux.RemoveStream(wireguard.ChannelBinding)
 	w.d.mux.RemoveStream(wireguard.ChannelAdmit)
+	w.d.mux.RemoveStream(wireguard.ChannelCut)
 	w.cancel()
 	for _, c := range conns {
 		_ = c.Close()
@@ -515,7 +539,8 @@ func (w *wgTransport) dropNode(nodeID string) {
 	for _, u := range untrack {
 		u()
 	}
-	w.removeFlows(func(f *wgFlow) bool { return f.node == nodeID })
+	// No cut notice: the peer is the one revoked, and its tunnels are being closed.
+	w.removeFlows(false, func(f *wgFlow) bool { return f.node == nodeID })
 }
 
 // dropAgent removes a revoked agent's address from its node's allowed IPs; the agent's
@@ -721,7 +746,7 @@ func (w *wgTransport) admitOutbound(ctx context.Context, t wireguard.Tuple) erro
 	}
 	// Either end's revocation cuts the tuple: the source agent's (or its node's) and the
 	// destination agent's (or its node's).
-	return w.admitted(t, &wgFlow{node: pp.Node, outbound: true}, append(a.RevocationIDs(), pp.RevocationIDs...))
+	return w.admitted(t, &wgFlow{node: pp.Node, zone: pp.Zone, outbound: true}, append(a.RevocationIDs(), pp.RevocationIDs...))
 }
 
 // admitted puts an admitted tuple in the filter and under the node's revocation watch (ids).
@@ -746,10 +771,15 @@ func (w *wgTransport) admitted(t wireguard.Tuple, f *wgFlow, ids []string) error
 	return nil
 }
 
-// cut removes one tuple (one of its ends was revoked); the filter resets a TCP flow's local end.
+// cut removes one tuple (one of its ends was revoked); the filter resets a TCP flow's local end,
+// and the node at the other end is told, since it may not have decided the cut itself (a trust
+// isolation local to this node).
 func (w *wgTransport) cut(t wireguard.Tuple) {
-	w.filter.Remove(t)
+	info, ok := w.filter.Remove(t)
 	w.forget(t)
+	if f, isFlow := info.(*wgFlow); ok && isFlow {
+		w.notifyCuts(map[wgKey][]wireguard.Tuple{{f.node, f.zone}: {t}})
+	}
 }
 
 // attestTuple finds the process that owns the local socket of an outgoing tuple and checks it
@@ -788,13 +818,17 @@ func (w *wgTransport) forget(t wireguard.Tuple) {
 // forgotten is the filter's OnRemove hook (idle tuples).
 func (w *wgTransport) forgotten(t wireguard.Tuple, _ any) { w.forget(t) }
 
-// removeFlows removes the tuples whose flow match selects and returns how many.
-func (w *wgTransport) removeFlows(match func(*wgFlow) bool) int {
+// removeFlows removes the tuples whose flow match selects and returns how many; with notify, the
+// nodes at their other ends are sent cut notices.
+func (w *wgTransport) removeFlows(notify bool, match func(*wgFlow) bool) int {
 	var gone []wireguard.Tuple
+	peers := map[wgKey][]wireguard.Tuple{}
 	n := w.filter.RemoveMatching(func(t wireguard.Tuple, info any) bool {
 		f, ok := info.(*wgFlow)
 		if ok && match(f) {
 			gone = append(gone, t)
+			k := wgKey{f.node, f.zone}
+			peers[k] = append(peers[k], t)
 			return true
 		}
 		return false
@@ -802,7 +836,131 @@ func (w *wgTransport) removeFlows(match func(*wgFlow) bool) int {
 	for _, t := range gone {
 		w.forget(t)
 	}
+	if notify {
+		w.notifyCuts(peers)
+	}
 	return n
+}
+
+// notifyCuts sends each peer node the cut notices of its tuples, in the background: it runs
+// inside revocations and policy changes, which must not wait for a peer. One sender per peer and
+// zone takes everything queued for it, so that a revocation cutting many tuples one by one opens
+// a few streams, not one each (the peer refuses control streams over 16 at once). A notice that
+// is lost (no tunnel, peer gone) costs what it did before notices existed: the peer's program
+// waits for its own timeout.
+func (w *wgTransport) notifyCuts(peers map[wgKey][]wireguard.Tuple) {
+	for k, ts := range peers {
+		if k.zone == "" || w.d.node.Revoked(k.node) {
+			continue
+		}
+		w.mu.Lock()
+		if w.closed {
+			w.mu.Unlock()
+			return
+		}
+		// Bounded: a peer that does not answer keeps at most one stream's worth queued.
+		q := append(w.cutQ[k], ts...)
+		w.cutQ[k] = q[max(0, len(q)-wireguard.MaxCutNotices):]
+		if !w.cutBusy[k] {
+			w.cutBusy[k] = true
+			w.wg.Go(func() { w.cutSender(k) })
+		}
+		w.mu.Unlock()
+	}
+}
+
+// cutSender sends k's queued cut notices until none is left.
+func (w *wgTransport) cutSender(k wgKey) {
+	for {
+		w.mu.Lock()
+		ts := w.cutQ[k]
+		delete(w.cutQ, k)
+		if len(ts) == 0 || w.closed {
+			delete(w.cutBusy, k)
+			w.mu.Unlock()
+			return
+		}
+		w.mu.Unlock()
+		ctx, cancel := context.WithTimeout(w.ctx, 5*time.Second)
+		err := w.sendCuts(ctx, k.node, k.zone, ts)
+		cancel()
+		if err != nil {
+			w.log.Debug("cut notice not sent", "peer", k.node, "zone", k.zone, "flows", len(ts), "err", err)
+		}
+	}
+}
+
+// sendCuts writes the cut notices of ts to nodeID over the zone's tunnel (control channel 18).
+func (w *wgTransport) sendCuts(ctx context.Context, nodeID, zone string, ts []wireguard.Tuple) error {
+	t, err := w.d.node.Tunnel(ctx, nodeID, zone)
+	if err != nil {
+		return err
+	}
+	c, err := t.OpenControl(ctx, wireguard.ChannelCut)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	}
+	var b []byte
+	for _, tp := range ts[:min(len(ts), wireguard.MaxCutNotices)] {
+		if b, err = wireguard.AppendCut(b, tp); err != nil {
+			return err
+		}
+	}
+	if _, err := c.Write(b); err != nil {
+		return err
+	}
+	if err := c.CloseWrite(); err != nil {
+		return err
+	}
+	// Wait for the peer's end of stream: it has read (and applied) every notice by then.
+	_, _ = c.Read(make([]byte, 1))
+	w.mu.Lock()
+	w.cuts.Sent += uint64(min(len(ts), wireguard.MaxCutNotices))
+	w.mu.Unlock()
+	return nil
+}
+
+// serveCut applies a peer node's cut notices. The tunnel authenticates the sender; a notice cuts
+// only a tuple admitted with that node in that zone, so no node can cut another node's flows.
+func (w *wgTransport) serveCut(t *tunnel.Tunnel, c net.Conn) {
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	peer, zone := t.Peer().NodeID, t.Zone()
+	for range wireguard.MaxCutNotices {
+		tp, err := wireguard.ReadCut(c)
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				w.log.Debug("cut notice stream", "peer", peer, "err", err)
+			}
+			break
+		}
+		found, removed := w.filter.RemoveIf(tp, func(info any) bool {
+			f, ok := info.(*wgFlow)
+			return ok && f.node == peer && f.zone == zone
+		})
+		w.mu.Lock()
+		switch {
+		case removed:
+			w.cuts.Applied++
+		case found:
+			w.cuts.Refused++
+		default:
+			w.cuts.Unknown++
+		}
+		w.mu.Unlock()
+		if removed {
+			w.forget(tp)
+		} else if found {
+			w.log.Warn("cut notice for a flow not admitted with the sender: dropped", "peer", peer, "zone", zone, "flow", tp.String())
+		}
+	}
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
 }
 
 // serveAdmit answers a peer's admission requests on one control stream, in order.
@@ -864,7 +1022,7 @@ func (w *wgTransport) admitInbound(t *tunnel.Tunnel, req wireguard.Request) erro
 	if dst, _, err := d.node.AgentByAddr(req.Tuple.Dst); err == nil {
 		ids = append(ids, dst.RevocationIDs()...) // the local destination's revocation cuts it too
 	}
-	return w.admitted(req.Tuple, &wgFlow{node: peer, prov: prov}, ids)
+	return w.admitted(req.Tuple, &wgFlow{node: peer, zone: t.Zone(), prov: prov}, ids)
 }
 
 // admitClient is the sending side of one tunnel's admission stream: requests are pipelined and

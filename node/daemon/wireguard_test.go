@@ -37,9 +37,15 @@ type wgd struct {
 
 func startWGDaemon(t *testing.T, ta *testAuthority, s spec) *wgd {
 	t.Helper()
+	return startWGDaemonWith(t, ta, s, nil)
+}
+
+// startWGDaemonWith is startWGDaemon with mod applied to the options (and the joined directory).
+func startWGDaemonWith(t *testing.T, ta *testAuthority, s spec, mod func(o *Options)) *wgd {
+	t.Helper()
 	dir, pc := joinNode(t, ta, s)
 	w := &wgd{ch: tuntest.NewChannelTUN(), delivered: make(chan []byte, 64)}
-	cfg := config.Default()
+	cfg := netstackConfig() // the injected TUN carries the agents; no proxies
 	cfg.Transport = config.TransportWireGuard
 	ft := membership.FastTiming()
 	lpc, err := netListenUDP()
@@ -53,6 +59,9 @@ func startWGDaemon(t *testing.T, ta *testAuthority, s spec) *wgd {
 			}
 			return attest.Process{}, nil
 		}}}
+	if mod != nil {
+		mod(&opts)
+	}
 	d, err := Start(context.Background(), opts)
 	require.NoError(t, err)
 	w.Daemon = d
@@ -270,9 +279,13 @@ func TestWireGuardPolicyChangeCutsFlows(t *testing.T) {
 	n2 := startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
 	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
 	src, dst := netip.AddrPortFrom(n1.agentIP(t, "billing-1"), 40000), netip.AddrPortFrom(n2.agentIP(t, "ledger"), 8080)
-	syn := tcpPacket(src, dst, 0)
+	syn := tcpSeg(src, dst, 100, 0, 0x02, 0)
 	n1.ch.Outbound <- syn
 	waitPacket(t, n2.delivered, syn)
+	// The SYN-ACK, so that n1 knows the sequence number billing-1 expects (a RST needs it).
+	synAck := tcpSeg(dst, src, 9000, 101, 0x12, 0)
+	n2.ch.Outbound <- synAck
+	waitPacket(t, n1.delivered, synAck)
 	info, _ := n2.WireGuard()
 	require.Equal(t, 1, info.Filter.Flows)
 
@@ -294,9 +307,25 @@ func TestWireGuardPolicyChangeCutsFlows(t *testing.T) {
 	case <-time.After(time.Second):
 		t.Fatal("ledger's end was not reset")
 	}
-	before := info.Filter.Unadmitted
+	// n1 never saw the policy change: n2's cut notice makes it reset billing-1's end and drop
+	// its tuple, so what billing-1 still sends is answered by a RST at n1 and never reaches n2.
+	select {
+	case p := <-n1.delivered:
+		tp, ok := wireguard.ParseTuple(p)
+		require.True(t, ok)
+		require.Equal(t, wireguard.Tuple{Src: dst.Addr(), Dst: src.Addr(), SrcPort: dst.Port(), DstPort: src.Port(), Proto: wireguard.ProtoTCP}, tp)
+		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward billing-1")
+	case <-time.After(time.Second):
+		t.Fatal("billing-1's end was not reset within 1 s by n2's cut notice")
+	}
+	require.Eventually(t, func() bool { i, _ := n1.WireGuard(); return i.Filter.Flows == 0 }, time.Second, 5*time.Millisecond)
 	n1.ch.Outbound <- tcpPacket(src, dst, 10)
-	require.Eventually(t, func() bool { i, _ := n2.WireGuard(); return i.Filter.Unadmitted == before+1 }, 5*time.Second, 10*time.Millisecond)
+	select {
+	case p := <-n1.delivered:
+		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward billing-1")
+	case <-time.After(time.Second):
+		t.Fatal("billing-1's segment on the cut tuple was not answered by a RST")
+	}
 	noPacket(t, n2.delivered, 100*time.Millisecond)
 }
 
@@ -443,6 +472,18 @@ func TestWireGuardDestinationRevokedResetsAndUnroutes(t *testing.T) {
 	}
 	// Already written when Revoke returned: billing-1 expects ledger's byte 10001 next.
 	expectRST(10001)
+	// n2 never applied the revocation; n1's cut notice makes it reset ledger's end too, at the
+	// sequence number ledger expects (billing-1's byte 151).
+	select {
+	case p := <-n2.delivered:
+		tp, ok := wireguard.ParseTuple(p)
+		require.True(t, ok)
+		require.Equal(t, wireguard.Tuple{Src: billing, Dst: ledger, SrcPort: 40000, DstPort: 8080, Proto: wireguard.ProtoTCP}, tp)
+		require.NotZero(t, p[33]&rst, "flags %#x", p[33])
+		require.Equal(t, uint32(151), binary.BigEndian.Uint32(p[24:28]))
+	case <-time.After(time.Second):
+		t.Fatal("ledger was not reset within 1 s of n1's cut")
+	}
 	// A segment billing-1 still sends is answered by a RST, and never reaches n2.
 	n1.ch.Outbound <- tcpSeg(src, dst, 151, 10001, ack, 20)
 	expectRST(10001)
@@ -461,4 +502,180 @@ func TestWireGuardDestinationRevokedResetsAndUnroutes(t *testing.T) {
 	info, _ = n1.WireGuard()
 	t.Logf("refusals at n1: %v", info.Refused)
 	noPacket(t, n2.delivered, 100*time.Millisecond)
+}
+
+// TestWireGuardCutNoticeResetsPeerEnd: a cut only n1 decides (its filter cuts the tuple, as a
+// trust isolation local to n1 does) reaches n2 as a cut notice, which resets ledger's end within
+// 1 s and removes n2's tuple. A notice n3 sends for the same tuple, from the attacker's side,
+// cuts nothing: n3 is not the node at the tuple's other end.
+func TestWireGuardCutNoticeResetsPeerEnd(t *testing.T) {
+	ta := startAuthority(t)
+	n1 := startWGDaemon(t, ta, spec{name: "n1", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-1", Zone: "payments"}}})
+	n2 := startWGDaemon(t, ta, spec{name: "n2", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}})
+	n3 := startWGDaemon(t, ta, spec{name: "n3", zones: []string{"payments"}})
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	require.NoError(t, n3.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	billing, ledger := n1.agentIP(t, "billing-1"), n2.agentIP(t, "ledger")
+	const syn, ack, rst = 0x02, 0x10, 0x04
+	open := func(sport uint16) wireguard.Tuple {
+		src, dst := netip.AddrPortFrom(billing, sport), netip.AddrPortFrom(ledger, 8080)
+		for _, s := range []struct {
+			out bool
+			p   []byte
+		}{
+			{true, tcpSeg(src, dst, 100, 0, syn, 0)},
+			{false, tcpSeg(dst, src, 9000, 101, syn|ack, 0)},
+			{true, tcpSeg(src, dst, 101, 9001, ack, 50)},
+		} {
+			if s.out {
+				n1.ch.Outbound <- s.p
+				waitPacket(t, n2.delivered, s.p)
+			} else {
+				n2.ch.Outbound <- s.p
+				waitPacket(t, n1.delivered, s.p)
+			}
+		}
+		return wireguard.Tuple{Src: billing, Dst: ledger, SrcPort: sport, DstPort: 8080, Proto: wireguard.ProtoTCP}
+	}
+	forged := open(40000)
+	cutByN1 := open(40001)
+	cuts := func(w *wgd) CutNoticeStats { i, _ := w.WireGuard(); return i.Cuts }
+
+	// The forgery: n3 holds a valid identity and a tunnel with n2 in the zone, but the tuple
+	// was admitted with n1.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	require.NoError(t, n3.wgt.sendCuts(ctx, n2.Node().ID().String(), "payments", []wireguard.Tuple{forged}))
+	require.Equal(t, CutNoticeStats{Refused: 1}, cuts(n2), "the notice is read and refused before sendCuts returns")
+	info, _ := n2.WireGuard()
+	require.Equal(t, 2, info.Filter.Flows, "n3's notice cut nothing")
+	noPacket(t, n2.delivered, 100*time.Millisecond)
+	p := tcpSeg(netip.AddrPortFrom(billing, 40000), netip.AddrPortFrom(ledger, 8080), 151, 9001, ack, 10)
+	n1.ch.Outbound <- p
+	waitPacket(t, n2.delivered, p)
+
+	// The cut decided on n1 alone: n1 resets billing-1's end at once, n2 resets ledger's.
+	n1.wgt.cut(cutByN1)
+	start := time.Now()
+	select {
+	case p := <-n1.delivered:
+		require.NotZero(t, p[33]&rst, "billing-1's end is reset by n1 itself")
+	case <-time.After(time.Second):
+		t.Fatal("billing-1 was not reset")
+	}
+	select {
+	case p := <-n2.delivered:
+		tp, ok := wireguard.ParseTuple(p)
+		require.True(t, ok)
+		require.Equal(t, cutByN1, tp)
+		require.NotZero(t, p[33]&rst, "flags %#x", p[33])
+		require.Equal(t, uint32(151), binary.BigEndian.Uint32(p[24:28]), "the RST carries the sequence number ledger expects")
+		t.Logf("ledger reset %v after n1's cut", time.Since(start))
+	case <-time.After(time.Second):
+		t.Fatal("ledger was not reset within 1 s of n1's cut")
+	}
+	require.Eventually(t, func() bool { return cuts(n2).Applied == 1 }, time.Second, 5*time.Millisecond)
+	require.Equal(t, CutNoticeStats{Applied: 1, Refused: 1}, cuts(n2))
+	require.Eventually(t, func() bool { return cuts(n1).Sent == 1 }, time.Second, 5*time.Millisecond)
+	info, _ = n2.WireGuard()
+	require.Equal(t, 1, info.Filter.Flows, "only the tuple n1 cut is gone at n2")
+	// The untouched tuple still carries.
+	p = tcpSeg(netip.AddrPortFrom(billing, 40000), netip.AddrPortFrom(ledger, 8080), 161, 9001, ack, 10)
+	n1.ch.Outbound <- p
+	waitPacket(t, n2.delivered, p)
+
+	// Many tuples cut one by one, as a revocation's per-flow watches do: every notice arrives
+	// and resets its tuple's end at n2.
+	const many = 24
+	var batch []wireguard.Tuple
+	for i := range many {
+		tp := wireguard.Tuple{Src: billing, Dst: ledger, SrcPort: uint16(41000 + i), DstPort: 8080, Proto: wireguard.ProtoTCP}
+		p := tcpSeg(tp.Source(), tp.Destination(), 100, 0, syn, 0)
+		n1.ch.Outbound <- p
+		waitPacket(t, n2.delivered, p)
+		batch = append(batch, tp)
+	}
+	for _, tp := range batch {
+		n1.wgt.cut(tp)
+	}
+	resets := 0
+	deadline := time.After(2 * time.Second)
+	for resets < many {
+		select {
+		case p := <-n2.delivered:
+			require.NotZero(t, p[33]&rst, "flags %#x", p[33])
+			resets++
+		case <-n1.delivered: // n1's own resets of billing-1's ends
+		case <-deadline:
+			t.Fatalf("%d of %d ledger ends reset; notices at n2: %+v", resets, many, cuts(n2))
+		}
+	}
+	require.Eventually(t, func() bool { return cuts(n2).Applied == 1+many }, time.Second, 5*time.Millisecond)
+	info, _ = n2.WireGuard()
+	require.Equal(t, 1, info.Filter.Flows)
+}
+
+// TestWireGuardBindingResignedAfterRenewal: n1's clock reaches its certificate's half-life a few
+// seconds into the test, and its credential scheduler renews it with the authority (new serial,
+// new node key). The binding n1 signed before is refused under the new certificate; the next
+// exchange carries a binding re-signed with the new key, which n2 verifies against the
+// certificate the new tunnel proved. (n2's clock runs 4 min behind n1's: within the 5 min a
+// binding may be issued ahead, and far from n2's own half-life.)
+func TestWireGuardBindingResignedAfterRenewal(t *testing.T) {
+	ta := startAuthority(t)
+	skewTo := func(margin time.Duration) func(o *Options) {
+		return func(o *Options) {
+			st, err := state.Open(o.Dir)
+			require.NoError(t, err)
+			cert, err := st.NodeCert()
+			require.NoError(t, err)
+			skew := time.Until(cert.RenewAt()) - margin
+			o.Clock = func() time.Time { return time.Now().Add(skew) }
+		}
+	}
+	const margin = 8 * time.Second
+	n1 := startWGDaemonWith(t, ta, spec{name: "n1", zones: []string{"payments"}}, skewTo(margin))
+	n2 := startWGDaemonWith(t, ta, spec{name: "n2", zones: []string{"payments"}}, skewTo(margin+4*time.Minute))
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	peer, self := n2.Node().ID().String(), n1.Node().ID().String()
+	exchange := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		return n1.wgt.exchange(ctx, peer, "payments")
+	}
+	old, _, err := n1.Node().Credentials()
+	require.NoError(t, err)
+	require.NoError(t, exchange())
+	oldRaw, err := n1.wgt.ownBinding()
+	require.NoError(t, err)
+	now1 := n1.now
+	_, err = wireguard.VerifyBinding(oldRaw, old, "payments", now1())
+	require.NoError(t, err)
+	cur, _, err := n1.Node().Credentials()
+	require.NoError(t, err)
+	require.Same(t, old, cur, "n1 renewed before the first exchange; the margin is too short for this machine")
+
+	require.Eventually(t, func() bool {
+		c, _, err := n1.Node().Credentials()
+		return err == nil && c.Serial().Cmp(old.Serial()) != 0
+	}, margin+20*time.Second, 50*time.Millisecond, "n1 never renewed")
+	renewed, _, err := n1.Node().Credentials()
+	require.NoError(t, err)
+	require.False(t, renewed.PublicKey().Equal(old.PublicKey()), "renewal rotates the node key")
+	// The binding signed before the renewal is refused under the new certificate: this is what
+	// n2 would see if n1 kept sending its cached binding.
+	_, err = wireguard.VerifyBinding(oldRaw, renewed, "payments", now1())
+	require.ErrorIs(t, err, wireguard.ErrBindingSignature)
+
+	require.NoError(t, exchange(), "the binding exchange after the renewal")
+	newRaw, err := n1.wgt.ownBinding()
+	require.NoError(t, err)
+	require.NotEqual(t, oldRaw, newRaw)
+	_, err = wireguard.VerifyBinding(newRaw, renewed, "payments", now1())
+	require.NoError(t, err)
+	n2.wgt.mu.Lock()
+	p, ok := n2.wgt.bindings[wgKey{self, "payments"}]
+	n2.wgt.mu.Unlock()
+	require.True(t, ok)
+	require.Equal(t, 0, p.cert.Serial().Cmp(renewed.Serial()), "n2 holds the binding verified against n1's renewed certificate")
 }

@@ -200,6 +200,28 @@ func (f *Filter) Remove(t Tuple) (info any, ok bool) {
 	return info, ok
 }
 
+// RemoveIf is Remove for a tuple whose admission info match accepts (a cut a peer node asks for:
+// only the node at the tuple's other end may ask). It reports whether t was admitted at all and
+// whether it was removed; a tuple match refuses stays admitted, untouched.
+func (f *Filter) RemoveIf(t Tuple, match func(info any) bool) (found, removed bool) {
+	k := keyOf(t)
+	var cut []cutEntry
+	f.mu.Lock()
+	eo, ei := f.out[k], f.in[k]
+	found = eo != nil || ei != nil
+	if eo != nil && match(eo.info) {
+		cut = append(cut, cutEntry{eo, true})
+		delete(f.out, k)
+	}
+	if ei != nil && match(ei.info) {
+		cut = append(cut, cutEntry{ei, false})
+		delete(f.in, k)
+	}
+	f.mu.Unlock()
+	f.reset(cut)
+	return found, len(cut) > 0
+}
+
 // RemoveMatching forgets every admitted tuple match selects (a cut) and returns how many. When it
 // returns, no packet of those tuples passes anymore, and the local ends of the TCP ones have
 // been sent a RST.

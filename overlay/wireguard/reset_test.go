@@ -182,6 +182,43 @@ func TestFilterInboundCutResetsServer(t *testing.T) {
 	}
 }
 
+// TestFilterRemoveIfOnlyWhatMatchRemoves: a cut a peer asks for removes (and resets) a tuple
+// only when its admission info is the asker's; otherwise the tuple stays and keeps passing.
+func TestFilterRemoveIfOnlyWhatMatchRemoves(t *testing.T) {
+	h := newHarness(t, FilterConfig{})
+	in := tcp(b1+":40003", a1+":8080")
+	h.f.AddInbound(in, "node-b")
+	req := seg(in, 300, 900, tcpACK, 50)
+	h.deliver(req)
+	expectPacket(t, h.delivered, req)
+	isC := func(info any) bool { return info == "node-c" }
+	found, removed := h.f.RemoveIf(in, isC)
+	require.True(t, found)
+	require.False(t, removed, "node-c's cut of node-b's tuple")
+	expectNone(t, h.delivered, 50*time.Millisecond)
+	more := seg(in, 350, 900, tcpACK, 10)
+	h.deliver(more)
+	expectPacket(t, h.delivered, more)
+
+	found, removed = h.f.RemoveIf(tcp(b1+":40004", a1+":8080"), isC)
+	require.False(t, found)
+	require.False(t, removed)
+
+	found, removed = h.f.RemoveIf(in, func(info any) bool { return info == "node-b" })
+	require.True(t, found)
+	require.True(t, removed)
+	select {
+	case p := <-h.delivered:
+		tp, seq, _, flags := rstFields(t, p)
+		require.Equal(t, in, tp)
+		require.Equal(t, uint32(360), seq)
+		require.NotZero(t, flags&tcpRST)
+	case <-time.After(time.Second):
+		t.Fatal("no reset")
+	}
+	require.Zero(t, h.f.Stats().Flows)
+}
+
 func FuzzTCPSegment(f *testing.F) {
 	tp := tcp(a1+":1", b1+":2")
 	f.Add(seg(tp, 1, 2, tcpSYN|tcpACK, 10))

@@ -15,6 +15,9 @@ const (
 	ChannelBinding byte = 16
 	// ChannelAdmit carries flow admissions: requests from the opener, verdicts back.
 	ChannelAdmit byte = 17
+	// ChannelCut carries cut notices: the opener tells the accepter it cut these tuples, and
+	// the accepter cuts its end of each one it admitted with the opener. Nothing comes back.
+	ChannelCut byte = 18
 )
 
 // ErrFrame is a malformed hello, admission request or verdict.
@@ -184,4 +187,58 @@ func ReadVerdict(r io.Reader) (Verdict, error) {
 		return Verdict{}, fmt.Errorf("%w: verdict: %w", ErrFrame, err)
 	}
 	return v, nil
+}
+
+// CutNoticeSize is the wire size of one cut notice: protocol, source address and port,
+// destination address and port, as the tuple was admitted (source = the agent that opened it).
+const CutNoticeSize = 1 + 16 + 2 + 16 + 2
+
+// MaxCutNotices bounds the notices one cut stream carries; the receiver stops reading there.
+const MaxCutNotices = 4096
+
+// AppendCut appends the cut notice of t to b.
+func AppendCut(b []byte, t Tuple) ([]byte, error) {
+	if t.Proto != ProtoTCP && t.Proto != ProtoUDP {
+		return nil, fmt.Errorf("%w: protocol %d", ErrFrame, t.Proto)
+	}
+	if !t.Src.IsValid() || !t.Dst.IsValid() || t.Src.Unmap().Is4() != t.Dst.Unmap().Is4() {
+		return nil, fmt.Errorf("%w: addresses %s and %s", ErrFrame, t.Src, t.Dst)
+	}
+	b = append(b, t.Proto)
+	s, d := t.Src.As16(), t.Dst.As16()
+	b = append(b, s[:]...)
+	b = binary.BigEndian.AppendUint16(b, t.SrcPort)
+	b = append(b, d[:]...)
+	return binary.BigEndian.AppendUint16(b, t.DstPort), nil
+}
+
+// ParseCut parses one cut notice; b must hold exactly one.
+func ParseCut(b []byte) (Tuple, error) {
+	if len(b) != CutNoticeSize {
+		return Tuple{}, fmt.Errorf("%w: cut notice of %d bytes, want %d", ErrFrame, len(b), CutNoticeSize)
+	}
+	t := Tuple{Proto: b[0]}
+	if t.Proto != ProtoTCP && t.Proto != ProtoUDP {
+		return Tuple{}, fmt.Errorf("%w: protocol %d is not tcp (6) or udp (17)", ErrFrame, t.Proto)
+	}
+	t.Src = netip.AddrFrom16([16]byte(b[1:17])).Unmap()
+	t.SrcPort = binary.BigEndian.Uint16(b[17:19])
+	t.Dst = netip.AddrFrom16([16]byte(b[19:35])).Unmap()
+	t.DstPort = binary.BigEndian.Uint16(b[35:37])
+	if t.Src.Is4() != t.Dst.Is4() {
+		return Tuple{}, fmt.Errorf("%w: mixed address families", ErrFrame)
+	}
+	return t, nil
+}
+
+// ReadCut reads one cut notice; io.EOF at a clean end of the stream.
+func ReadCut(r io.Reader) (Tuple, error) {
+	var b [CutNoticeSize]byte
+	if _, err := io.ReadFull(r, b[:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			return Tuple{}, io.EOF
+		}
+		return Tuple{}, fmt.Errorf("%w: cut notice: %w", ErrFrame, err)
+	}
+	return ParseCut(b[:])
 }

@@ -92,3 +92,59 @@ func FuzzReadVerdict(f *testing.F) {
 		_, _ = ReadHello(bytes.NewReader(b))
 	})
 }
+
+func TestCutNoticeRoundTrip(t *testing.T) {
+	v6 := Tuple{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), SrcPort: 9, DstPort: 53, Proto: ProtoUDP}
+	var buf bytes.Buffer
+	for _, tp := range []Tuple{out, v6} {
+		b, err := AppendCut(nil, tp)
+		require.NoError(t, err)
+		require.Len(t, b, CutNoticeSize)
+		buf.Write(b)
+	}
+	for _, tp := range []Tuple{out, v6} {
+		got, err := ReadCut(&buf)
+		require.NoError(t, err)
+		require.Equal(t, tp, got)
+	}
+	_, err := ReadCut(&buf)
+	require.ErrorIs(t, err, io.EOF)
+
+	good, err := AppendCut(nil, out)
+	require.NoError(t, err)
+	for name, b := range map[string][]byte{
+		"short":         good[:CutNoticeSize-1],
+		"long":          append(append([]byte(nil), good...), 0),
+		"icmp":          func() []byte { c := append([]byte(nil), good...); c[0] = 1; return c }(),
+		"mixed address": func() []byte { c := append([]byte(nil), good...); c[19+10], c[19+11] = 0, 0; return c }(),
+	} {
+		_, err := ParseCut(b)
+		require.ErrorIs(t, err, ErrFrame, name)
+	}
+	_, err = ReadCut(bytes.NewReader(good[:5]))
+	require.ErrorIs(t, err, ErrFrame, "a notice cut short is malformed, not a clean end")
+	_, err = AppendCut(nil, Tuple{Src: out.Src, Dst: v6.Dst, Proto: ProtoTCP})
+	require.ErrorIs(t, err, ErrFrame)
+}
+
+func FuzzParseCut(f *testing.F) {
+	good, _ := AppendCut(nil, out)
+	f.Add(good)
+	v6, _ := AppendCut(nil, Tuple{Src: netip.MustParseAddr("fd00::1"), Dst: netip.MustParseAddr("fd00::2"), SrcPort: 9, DstPort: 53, Proto: ProtoUDP})
+	f.Add(v6)
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		tp, err := ParseCut(b)
+		if err != nil {
+			return
+		}
+		re, err := AppendCut(nil, tp)
+		if err != nil {
+			t.Fatalf("parsed notice does not encode: %v", err)
+		}
+		if tp2, err := ParseCut(re); err != nil || tp2 != tp {
+			t.Fatalf("round trip: %v", err)
+		}
+		_, _ = ReadCut(bytes.NewReader(b))
+	})
+}
