@@ -42,6 +42,9 @@ type Options struct {
 	// Timing, when set, replaces the gossip timings of Config.Gossip (tests use
 	// membership.FastTiming).
 	Timing *membership.Timing
+	// ReconnectInterval is how often a node whose pool already has members joins again through
+	// the bootstrap members missing from it; default 30 s (tests shorten it).
+	ReconnectInterval time.Duration
 	// PruneInterval is how often expired revocations are dropped from the store; default 10 min.
 	PruneInterval time.Duration
 	// OnMismatch is told when a process that is not an agent's enrolled workload connects to the

@@ -143,6 +143,11 @@ func (d *Daemon) poolLoop() {
 	tick := time.NewTimer(0)
 	defer tick.Stop()
 	var synced time.Time
+	reconnectEvery := d.opts.ReconnectInterval
+	if reconnectEvery <= 0 {
+		reconnectEvery = 30 * time.Second
+	}
+	reconnected := time.Now()
 	handed := map[string]netip.AddrPort{}
 	for {
 		select {
@@ -158,7 +163,11 @@ func (d *Daemon) poolLoop() {
 				clear(handed)
 				d.syncMembers(handed)
 			}
-			if d.joinPools() {
+			reconnect := time.Since(reconnected) >= reconnectEvery
+			if reconnect {
+				reconnected = time.Now()
+			}
+			if d.joinPools(reconnect) {
 				wait = time.Second
 			} else {
 				wait = min(wait*2, restEvery)
@@ -169,30 +178,45 @@ func (d *Daemon) poolLoop() {
 	}
 }
 
-// joinPools tries to join every zone pool that has no other member yet. It reports whether it
-// tried and failed somewhere (so the caller backs off).
-func (d *Daemon) joinPools() (failed bool) {
+// joinPools tries to join every zone pool that has no other member yet and, with reconnect, also
+// every pool that lacks some of its bootstrap members, through up to two of those (as Serf's
+// reconnect does). Without that, nodes that found each other while the rest was unreachable (a
+// partition at start-up, seeds that answered late) stay a pool of their own for good: gossip only
+// reaches members a node already knows, and a pool with a member never asked its seeds again.
+// memberlist's join is a push/pull state exchange, so one contact merges the two member lists.
+// It reports whether it tried and failed to join a pool that has no other member (so the caller
+// retries soon); a failed reconnect waits for the next interval.
+func (d *Daemon) joinPools(reconnect bool) (failed bool) {
 	d.mu.Lock()
 	p, cfg := d.pools, d.cfg
 	d.mu.Unlock()
 	if p == nil {
 		return false
 	}
-	var alone []string
+	var zones []string
+	known := map[string]map[string]bool{} // zone -> member node IDs, for pools that have members
 	for _, z := range p.m.Zones() {
-		if len(p.m.Members(z)) <= 1 {
-			alone = append(alone, z)
+		ms := p.m.Members(z)
+		switch {
+		case len(ms) <= 1:
+			zones = append(zones, z)
+		case reconnect:
+			zones = append(zones, z)
+			known[z] = map[string]bool{}
+			for _, m := range ms {
+				known[z][m.NodeID] = true
+			}
 		}
 	}
-	if len(alone) == 0 {
-		return false // every pool has a peer: no need to read the bootstrap members
+	if len(zones) == 0 {
+		return false // every pool has a peer and no reconnect is due: no need to read the bootstrap members
 	}
 	stored, err := d.dir.Members()
 	if err != nil {
 		d.log.Warn("bootstrap members", "err", err)
 	}
 	td := d.node.ID().TrustDomain
-	for _, z := range alone {
+	for _, z := range zones {
 		var seeds []membership.Seed
 		for _, s := range stored {
 			if len(s.Zones) > 0 && !slices.Contains(s.Zones, z) {
@@ -211,6 +235,11 @@ func (d *Daemon) joinPools() (failed bool) {
 			}
 			seeds = append(seeds, membership.Seed{NodeID: id, Addr: peer.Addr})
 		}
+		if have := known[z]; have != nil {
+			seeds = slices.DeleteFunc(seeds, func(s membership.Seed) bool { return have[s.NodeID] || s.NodeID == d.node.ID().String() })
+			rand.Shuffle(len(seeds), func(i, j int) { seeds[i], seeds[j] = seeds[j], seeds[i] })
+			seeds = seeds[:min(len(seeds), 2)]
+		}
 		if len(seeds) == 0 {
 			continue
 		}
@@ -221,8 +250,10 @@ func (d *Daemon) joinPools() (failed bool) {
 		n, err := p.m.Join(ctx, z, seeds)
 		cancel()
 		if err != nil {
-			failed = true
-			d.log.Debug("join zone pool", "zone", z, "err", err)
+			if known[z] == nil {
+				failed = true
+			}
+			d.log.Debug("join zone pool", "zone", z, "reconnect", known[z] != nil, "err", err)
 			continue
 		}
 		d.log.Info("joined zone pool", "zone", z, "through", n)
