@@ -190,6 +190,16 @@ func ProcWorkload(dir string, exeDigest [32]byte) (Workload, error) {
 	if err != nil {
 		return Workload{}, err
 	}
+	cg, err := readSmall(filepath.Join(dir, "cgroup"))
+	if err != nil {
+		return Workload{}, err
+	}
+	return ParseProcWorkload(status, cg, exeDigest)
+}
+
+// ParseProcWorkload is ProcWorkload on the contents of /proc/<pid>/status and /proc/<pid>/cgroup,
+// for readers that open /proc themselves (node/attest reads through an open directory).
+func ParseProcWorkload(status, cgroup []byte, exeDigest [32]byte) (Workload, error) {
 	uid, err := statusID(status, "Uid:")
 	if err != nil {
 		return Workload{}, err
@@ -198,11 +208,7 @@ func ProcWorkload(dir string, exeDigest [32]byte) (Workload, error) {
 	if err != nil {
 		return Workload{}, err
 	}
-	cg, err := readSmall(filepath.Join(dir, "cgroup"))
-	if err != nil {
-		return Workload{}, err
-	}
-	return Workload{ExeDigest: exeDigest, UID: uid, GID: gid, Cgroup: canonicalCgroup(cg)}, nil
+	return Workload{ExeDigest: exeDigest, UID: uid, GID: gid, Cgroup: canonicalCgroup(cgroup)}, nil
 }
 
 // ProcStartTime is the start time (clock ticks since boot) of the process whose /proc directory
@@ -216,18 +222,27 @@ func procStartTime(dir string) (uint64, error) {
 	if err != nil {
 		return 0, err
 	}
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("%s/stat: no command name", dir)
+	v, err := ParseProcStartTime(b)
+	if err != nil {
+		return 0, fmt.Errorf("%s/%w", dir, err)
 	}
-	fields := strings.Fields(string(b[i+1:]))
+	return v, nil
+}
+
+// ParseProcStartTime is ProcStartTime on the contents of /proc/<pid>/stat.
+func ParseProcStartTime(stat []byte) (uint64, error) {
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return 0, errors.New("stat: no command name")
+	}
+	fields := strings.Fields(string(stat[i+1:]))
 	const startTimeIndex = 22 - 3 // fields after ')' start at field 3 (state)
 	if len(fields) <= startTimeIndex {
-		return 0, fmt.Errorf("%s/stat: %d fields, want at least 22", dir, len(fields)+2)
+		return 0, fmt.Errorf("stat: %d fields, want at least 22", len(fields)+2)
 	}
 	v, err := strconv.ParseUint(fields[startTimeIndex], 10, 64)
 	if err != nil {
-		return 0, fmt.Errorf("%s/stat: start time: %w", dir, err)
+		return 0, fmt.Errorf("stat: start time: %w", err)
 	}
 	return v, nil
 }

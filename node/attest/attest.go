@@ -537,15 +537,11 @@ func workloadAt(pidfd int, digest [32]byte) (identity.Workload, error) {
 	if err != nil {
 		return identity.Workload{}, err
 	}
-	uid, gid, err := parseStatusIDs(status)
-	if err != nil {
-		return identity.Workload{}, err
-	}
 	cg, err := readAt(pidfd, "cgroup", maxProcFile)
 	if err != nil {
 		return identity.Workload{}, err
 	}
-	return identity.Workload{ExeDigest: digest, UID: uid, GID: gid, Cgroup: canonicalCgroup(cg)}, nil
+	return identity.ParseProcWorkload(status, cg, digest)
 }
 
 // fileKey identifies the content of a file without reading it: a replaced file has another

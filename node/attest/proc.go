@@ -1,15 +1,12 @@
 package attest
 
 import (
-	"bytes"
-	"errors"
 	"fmt"
-	"slices"
-	"strconv"
-	"strings"
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ute-project/ute/identity"
 )
 
 // Reading /proc with as few system calls as a flow allows. Every per-process read goes through
@@ -100,89 +97,11 @@ func listDir(fd int, buf []byte, names []string) ([]string, error) {
 	}
 }
 
-// parseStartTime returns field 22 (starttime) of /proc/<pid>/stat. The command name (field 2) is
-// in parentheses and may itself hold spaces and parentheses, so parsing starts after the last
-// ')'. identity.ProcStartTime reads the same field.
-func parseStartTime(b []byte) (uint64, error) {
-	i := bytes.LastIndexByte(b, ')')
-	if i < 0 {
-		return 0, errors.New("stat: no command name")
-	}
-	fields := strings.Fields(string(b[i+1:]))
-	const startTimeIndex = 22 - 3 // fields after ')' start at field 3 (state)
-	if len(fields) <= startTimeIndex {
-		return 0, fmt.Errorf("stat: %d fields, want at least 22", len(fields)+2)
-	}
-	v, err := strconv.ParseUint(fields[startTimeIndex], 10, 64)
-	if err != nil {
-		return 0, fmt.Errorf("stat: start time: %w", err)
-	}
-	return v, nil
-}
-
 // startTimeAt reads the start time of the process whose /proc directory is open as dirfd.
 func startTimeAt(dirfd int) (uint64, error) {
 	b, err := readAt(dirfd, "stat", maxProcFile)
 	if err != nil {
 		return 0, err
 	}
-	return parseStartTime(b)
-}
-
-// parseStatusIDs returns the effective uid and gid (second field of the Uid: and Gid: lines) of
-// /proc/<pid>/status, as identity.ProcWorkload reads them.
-func parseStatusIDs(status []byte) (uid, gid uint32, err error) {
-	var haveUID, haveGID bool
-	for line := range bytes.SplitSeq(status, []byte{'\n'}) {
-		var dst *uint32
-		var have *bool
-		var rest []byte
-		switch {
-		case bytes.HasPrefix(line, []byte("Uid:")):
-			dst, have, rest = &uid, &haveUID, line[4:]
-		case bytes.HasPrefix(line, []byte("Gid:")):
-			dst, have, rest = &gid, &haveGID, line[4:]
-		default:
-			continue
-		}
-		if *have {
-			continue // the first line of each counts, as in identity
-		}
-		f := strings.Fields(string(rest))
-		if len(f) < 2 {
-			return 0, 0, fmt.Errorf("status has no usable %s line", line[:4])
-		}
-		v, err := strconv.ParseUint(f[1], 10, 32)
-		if err != nil {
-			return 0, 0, fmt.Errorf("status %s %q: %w", line[:4], f[1], err)
-		}
-		*dst, *have = uint32(v), true
-	}
-	switch {
-	case !haveUID:
-		return 0, 0, errors.New("status has no usable Uid: line")
-	case !haveGID:
-		return 0, 0, errors.New("status has no usable Gid: line")
-	}
-	return uid, gid, nil
-}
-
-// canonicalCgroup reduces /proc/<pid>/cgroup to one string: the path alone on a pure cgroup v2
-// host, otherwise every "controllers:path" entry, sorted and joined with ';'. It must agree with
-// identity's (TestProcReadersAgreeWithIdentity, FuzzProcReaders): the digest of a workload is
-// compared with the one identity computed at enrolment.
-func canonicalCgroup(b []byte) string {
-	var entries []string
-	for line := range strings.SplitSeq(strings.TrimSpace(string(b)), "\n") {
-		_, rest, ok := strings.Cut(strings.TrimSpace(line), ":")
-		if !ok {
-			continue
-		}
-		entries = append(entries, rest)
-	}
-	if len(entries) == 1 && strings.HasPrefix(entries[0], ":") {
-		return entries[0][1:]
-	}
-	slices.Sort(entries)
-	return strings.Join(entries, ";")
+	return identity.ParseProcStartTime(b)
 }

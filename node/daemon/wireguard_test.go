@@ -195,15 +195,7 @@ func TestWireGuardTransport(t *testing.T) {
 	info2, _ = n2.WireGuard()
 	require.Empty(t, info2.Peers[0].AllowedIPs, "billing-1's address is no allowed IP any more")
 	require.Zero(t, info2.Filter.Flows)
-	select {
-	case p := <-n2.delivered:
-		tp, ok := wireguard.ParseTuple(p)
-		require.True(t, ok)
-		require.Equal(t, wireguard.Tuple{Src: billing, Dst: ledger, SrcPort: 40000, DstPort: 8080, Proto: wireguard.ProtoTCP}, tp)
-		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward ledger")
-	case <-time.After(time.Second):
-		t.Fatal("ledger's end was not reset")
-	}
+	requireRST(t, n2.delivered, wireguard.Tuple{Src: billing, Dst: ledger, SrcPort: 40000, DstPort: 8080, Proto: wireguard.ProtoTCP}, "ledger's end was not reset")
 	for i := range 5 {
 		n1.ch.Outbound <- tcpPacket(src, dst, 200+i)
 	}
@@ -298,26 +290,10 @@ func TestWireGuardPolicyChangeCutsFlows(t *testing.T) {
 	info, _ = n2.WireGuard()
 	require.Zero(t, info.Filter.Flows, "the tuple the new policy refuses is gone when Accept returns")
 	// ledger's end of the cut flow is reset at once.
-	select {
-	case p := <-n2.delivered:
-		tp, ok := wireguard.ParseTuple(p)
-		require.True(t, ok)
-		require.Equal(t, wireguard.Tuple{Src: src.Addr(), Dst: dst.Addr(), SrcPort: src.Port(), DstPort: dst.Port(), Proto: wireguard.ProtoTCP}, tp)
-		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward ledger")
-	case <-time.After(time.Second):
-		t.Fatal("ledger's end was not reset")
-	}
+	requireRST(t, n2.delivered, wireguard.Tuple{Src: src.Addr(), Dst: dst.Addr(), SrcPort: src.Port(), DstPort: dst.Port(), Proto: wireguard.ProtoTCP}, "ledger's end was not reset")
 	// n1 never saw the policy change: n2's cut notice makes it reset billing-1's end and drop
 	// its tuple, so what billing-1 still sends is answered by a RST at n1 and never reaches n2.
-	select {
-	case p := <-n1.delivered:
-		tp, ok := wireguard.ParseTuple(p)
-		require.True(t, ok)
-		require.Equal(t, wireguard.Tuple{Src: dst.Addr(), Dst: src.Addr(), SrcPort: dst.Port(), DstPort: src.Port(), Proto: wireguard.ProtoTCP}, tp)
-		require.Equal(t, byte(0x04), p[33]&0x04, "a RST toward billing-1")
-	case <-time.After(time.Second):
-		t.Fatal("billing-1's end was not reset within 1 s by n2's cut notice")
-	}
+	requireRST(t, n1.delivered, wireguard.Tuple{Src: dst.Addr(), Dst: src.Addr(), SrcPort: dst.Port(), DstPort: src.Port(), Proto: wireguard.ProtoTCP}, "billing-1's end was not reset within 1 s by n2's cut notice")
 	require.Eventually(t, func() bool { i, _ := n1.WireGuard(); return i.Filter.Flows == 0 }, time.Second, 5*time.Millisecond)
 	n1.ch.Outbound <- tcpPacket(src, dst, 10)
 	select {
@@ -678,4 +654,19 @@ func TestWireGuardBindingResignedAfterRenewal(t *testing.T) {
 	n2.wgt.mu.Unlock()
 	require.True(t, ok)
 	require.Equal(t, 0, p.cert.Serial().Cmp(renewed.Serial()), "n2 holds the binding verified against n1's renewed certificate")
+}
+
+// requireRST waits up to a second for a packet on delivered and requires it to be a TCP RST on
+// tuple want; fatal names what was not reset.
+func requireRST(t *testing.T, delivered <-chan []byte, want wireguard.Tuple, fatal string) {
+	t.Helper()
+	select {
+	case p := <-delivered:
+		tp, ok := wireguard.ParseTuple(p)
+		require.True(t, ok)
+		require.Equal(t, want, tp)
+		require.Equal(t, byte(0x04), p[33]&0x04, "a RST: flags %#x", p[33])
+	case <-time.After(time.Second):
+		t.Fatal(fatal)
+	}
 }
