@@ -40,6 +40,11 @@ type Agent struct {
 	// revIDs are the revocation keys of (issuer, cert), computed once per certificate rather
 	// than on every Dial; set with them through setCreds. Never modified in place.
 	revIDs []string
+	// What every record repeats, computed once per certificate rather than on every Dial (the
+	// SPIFFE IDs are built strings, the chain hash a SHA-256 over both certificates); set with
+	// the certificates through setCreds.
+	idStr, nodeIDStr string
+	chainHash        [dtl.HashLen]byte
 }
 
 // setCreds installs a certificate and its issuer (and the key, when not nil); n.credMu is held.
@@ -49,6 +54,11 @@ func (a *Agent) setCreds(cert *identity.Certificate, key ed25519.PrivateKey, iss
 		a.key = key
 	}
 	a.revIDs = record.ChainKeys(issuer, cert)
+	a.idStr = a.id.String()
+	if issuer != nil && cert != nil {
+		a.nodeIDStr = issuer.ID.String()
+		a.chainHash = dtl.CertChain{Node: issuer.Raw(), Agent: cert.Raw()}.Hash()
+	}
 }
 
 // agentCreds is one consistent snapshot of an agent's chain and key: a record signed with it
@@ -58,12 +68,16 @@ type agentCreds struct {
 	node, cert *identity.Certificate
 	key        ed25519.PrivateKey
 	revIDs     []string
+	// agentID and nodeID are the SPIFFE IDs of cert and node, chainHash their dtl.CertChain hash.
+	agentID, nodeID string
+	chainHash       [dtl.HashLen]byte
 }
 
 func (a *Agent) creds() agentCreds {
 	a.n.credMu.RLock()
 	defer a.n.credMu.RUnlock()
-	return agentCreds{node: a.issuer, cert: a.cert, key: a.key, revIDs: a.revIDs}
+	return agentCreds{node: a.issuer, cert: a.cert, key: a.key, revIDs: a.revIDs,
+		agentID: a.idStr, nodeID: a.nodeIDStr, chainHash: a.chainHash}
 }
 
 // Agent returns the local agent name of zone, registered in the node directory (`ute agent add`
@@ -432,8 +446,7 @@ func (c *dialedConn) NetConn() net.Conn { return c.FlowConn }
 func (a *Agent) openFlowWithChain(ctx context.Context, t *tunnel.Tunnel, dst dtl.Destination, open func(rec []byte, flowID uint64) error) error {
 	ts := a.n.track(t)
 	cr := a.creds()
-	chain := dtl.CertChain{Node: cr.node.Raw(), Agent: cr.cert.Raw()}
-	h := chain.Hash()
+	h := cr.chainHash
 	compact := ts.known.Known(h)
 	for {
 		flowID := t.NewFlowID()
@@ -646,13 +659,13 @@ func (a *Agent) signWith(cr agentCreds, aad []byte, flowID, seq uint64, dst dtl.
 	c := &dtl.Claims{
 		Version:     dtl.Version1,
 		Zone:        a.id.Zone,
-		Agent:       a.id.String(),
+		Agent:       cr.agentID,
 		Chain:       chain,
 		ChainHash:   chainHash,
-		Node:        cr.node.ID.String(),
+		Node:        cr.nodeID,
 		Fingerprint: cr.cert.Claims.Fingerprint,
 		Region:      a.n.region,
-		Trust:       a.n.attestedTrust(a.id.String(), cr.node.ID.String()),
+		Trust:       a.n.attestedTrust(cr.agentID, cr.nodeID),
 		Destination: dst,
 		FlowID:      flowID,
 		Seq:         seq,

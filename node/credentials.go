@@ -57,6 +57,53 @@ type credSched struct {
 	until    time.Time
 	gen      uint64
 	wake     chan struct{}
+
+	// The node certificate's renewals, for RenewalStatus.
+	lastSuccess, lastFailure time.Time
+	lastError                string
+}
+
+// RenewalStatus is the state of the node certificate's automatic renewal.
+type RenewalStatus struct {
+	Enabled bool // an authority address is configured
+	// Retrying: the last attempt failed and none has succeeded since.
+	Retrying bool
+	// NextAt is when the scheduler next renews: the certificate's half-life, or the retry.
+	NextAt                   time.Time
+	LastSuccess, LastFailure time.Time
+	LastError                string
+}
+
+// RenewalStatus reports the node certificate's renewal: when it runs next and how the last
+// attempts went (since this process started).
+func (n *Node) RenewalStatus() RenewalStatus {
+	c := n.certificate()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	st := RenewalStatus{Enabled: n.cfg.Authority != "", LastSuccess: n.sched.lastSuccess,
+		LastFailure: n.sched.lastFailure, LastError: n.sched.lastError}
+	if !st.Enabled {
+		return st
+	}
+	st.Retrying = !st.LastFailure.IsZero() && st.LastFailure.After(st.LastSuccess)
+	st.NextAt = c.RenewAt()
+	if st.Retrying && n.sched.sleeping && !n.sched.until.IsZero() {
+		// Backing off: the loop's deadline is the retry (or an agent due sooner).
+		st.NextAt = n.sched.until
+	}
+	return st
+}
+
+// noteRenewal records the outcome of one renewal attempt of the node certificate.
+func (n *Node) noteRenewal(err error) {
+	now := n.now()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if err != nil {
+		n.sched.lastFailure, n.sched.lastError = now, truncate(err.Error())
+		return
+	}
+	n.sched.lastSuccess, n.sched.lastError = now, ""
 }
 
 // loadIssuer reads the node's issuing certificate (its key is derived from the node key and
@@ -233,7 +280,11 @@ func (n *Node) maintainCredentials(ctx context.Context) (next time.Time, failed 
 	if n.cfg.Authority != "" {
 		cur := n.certificate()
 		if authority.NeedsRenewal(cur, n.now()) {
-			if err := n.renew(ctx); err != nil {
+			err := n.renew(ctx)
+			if ctx.Err() == nil {
+				n.noteRenewal(err)
+			}
+			if err != nil {
 				if ctx.Err() != nil {
 					return time.Time{}, false
 				}

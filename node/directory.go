@@ -38,7 +38,33 @@ type viewEntry struct {
 	serial string // "serial:N" of the agent certificate last announced, so Revoke can match it
 	node   string // SPIFFE ID of the node that issued the certificate (= the tunnel peer)
 	ip     netip.Addr
+	at     time.Time // when the entry was last announced, for the duplicate check
+	keys   []string  // the chain's revocation keys (record.ChainKeys), re-checked on a late install
 }
+
+// DirectoryDuplicate is one agent name two other nodes of a zone announce at once: the holder,
+// whose entry this node installed first, and the claimant, whose verified entry for the same name
+// was refused as already served. A peer announcing the name of one of this node's own agents is
+// refused and audited but not reported: this node knows its own agent is genuine, and a single
+// rogue peer must not be able to turn a node against its own agent (docs/trustflow.md).
+type DirectoryDuplicate struct {
+	Zone  string
+	Agent string // SPIFFE ID of the agent both announce
+	// Holder and Claimant are node SPIFFE IDs.
+	Holder, Claimant string
+}
+
+// dirConflict is a name refused as already served by another node, kept until the holder's entry
+// is re-checked.
+type dirConflict struct {
+	name, holder string
+	entry        viewEntry // the claimant's verified entry; entry.at is when it was seen
+}
+
+// maxConflictChecks bounds the names of one exchange that are checked and reported as duplicates;
+// the rest are refused as before. A peer announcing hundreds of taken names is already flagged by
+// the first few.
+const maxConflictChecks = 16
 
 // directoryFlow marks an admitted flow addressed to the reserved directory destination.
 type directoryFlow struct {
@@ -191,9 +217,16 @@ func (n *Node) verifyDirectoryAgent(issuers []*identity.Certificate, ac *identit
 // the peer presented on this tunnel (so the issuing node is the tunnel's peer), the zone, and
 // revocation.
 func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone string, ders [][]byte) (accepted, refused int) {
+	accepted, refused, _ = n.installDirectoryConflicts(ctx, peer, zone, ders)
+	return accepted, refused
+}
+
+// installDirectoryConflicts is installDirectory that also returns the names refused because
+// another node (or this one) already serves them, for checkConflicts.
+func (n *Node) installDirectoryConflicts(ctx context.Context, peer tunnel.Peer, zone string, ders [][]byte) (accepted, refused int, conflicts []dirConflict) {
 	pc, ok := peer.Info.(*identity.Certificate)
 	if !ok {
-		return 0, len(ders)
+		return 0, len(ders), nil
 	}
 	now := n.now()
 	fresh := map[string]viewEntry{}
@@ -208,7 +241,8 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 		if err == nil && ac.ID.Zone != zone {
 			err = fmt.Errorf("%w: agent %s is in zone %s, tunnel carries %s", dtl.ErrZone, ac.ID, ac.ID.Zone, zone)
 		}
-		if err == nil && n.isRevoked(record.ChainKeys(pc, ac)...) {
+		keys := record.ChainKeys(pc, ac)
+		if err == nil && n.isRevoked(keys...) {
 			err = fmt.Errorf("%w: %s", dtl.ErrRevoked, ac.ID)
 		}
 		if err != nil {
@@ -218,7 +252,7 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 			}
 			continue
 		}
-		fresh[ac.ID.Name] = viewEntry{agent: ac.ID.String(), serial: serialKey(ac), node: peer.NodeID, ip: ac.Claims.OverlayIPs[0]}
+		fresh[ac.ID.Name] = viewEntry{agent: ac.ID.String(), serial: serialKey(ac), node: peer.NodeID, ip: ac.Claims.OverlayIPs[0], at: now, keys: keys}
 		accepted++
 	}
 	n.mu.Lock()
@@ -241,6 +275,9 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 		if old, taken := m[name]; local || (taken && old.node != peer.NodeID) {
 			refused++
 			accepted--
+			if !local && len(conflicts) < maxConflictChecks {
+				conflicts = append(conflicts, dirConflict{name: name, holder: old.node, entry: e})
+			}
 			if firstErr == nil {
 				firstErr = fmt.Errorf("%w: %s.%s is already served by another node", ErrNameTaken, name, zone)
 			}
@@ -256,7 +293,79 @@ func (n *Node) installDirectory(ctx context.Context, peer tunnel.Peer, zone stri
 	if err := n.audit.Append(ctx, audit.Entry{Event: eventDirectory, Fields: f}); err != nil {
 		n.log.Error("audit append failed", "event", eventDirectory, "err", err)
 	}
-	return accepted, refused
+	return accepted, refused, conflicts
+}
+
+// checkConflicts decides whether the names a claimant announced that another node already serves
+// are one identity live at two endpoints at once ("two directory entries"). The holder's entry
+// may be stale (view entries outlive tunnels, and a holder may have crashed a moment ago), so the
+// holder's directory is read again after the claimant's: if it still announces the name, both
+// were live at once and the duplicate is reported (Config.OnDirectoryDuplicate); if it no longer does, the claimant's
+// verified entry takes the name, as it would have had the holder's entry been gone. It runs after
+// the claimant's exchange has finished, so the check never delays the claimant's answer.
+func (n *Node) checkConflicts(ctx context.Context, zone, claimant string, conflicts []dirConflict) {
+	checked := map[string]error{}
+	for _, c := range conflicts {
+		err, done := checked[c.holder]
+		if !done {
+			err = n.rereadHolder(ctx, zone, c.holder)
+			checked[c.holder] = err
+		}
+		if err != nil {
+			// Unreachable or refusing: its entry cannot be shown live, so nothing is reported
+			// and the name stays with the first owner, as before.
+			n.log.Debug("directory conflict not checked: holder unreachable", "zone", zone, "name", c.name, "holder", c.holder, "err", err)
+			continue
+		}
+		n.mu.Lock()
+		m := n.view[zone]
+		e, held := m[c.name]
+		_, local := n.agents[agentKey{zone, c.name}]
+		live := !local && held && e.node == c.holder && !e.at.Before(c.entry.at)
+		if !local && !held && m != nil {
+			// The holder no longer announces it: the claimant's entry is the only live one,
+			// unless it was revoked since it was verified.
+			revoked := false
+			for _, k := range c.entry.keys {
+				if _, ok := n.revoked[k]; ok {
+					revoked = true
+					break
+				}
+			}
+			if !revoked {
+				m[c.name] = c.entry
+			}
+		}
+		n.mu.Unlock()
+		if !live {
+			continue
+		}
+		n.log.Warn("one agent name announced by two nodes at once", "zone", zone, "agent", c.entry.agent, "holder", c.holder, "claimant", claimant)
+		if n.cfg.OnDirectoryDuplicate != nil {
+			n.cfg.OnDirectoryDuplicate(DirectoryDuplicate{Zone: zone, Agent: c.entry.agent, Holder: c.holder, Claimant: claimant})
+		}
+	}
+}
+
+// rereadHolder reads the directory of holder in zone again, so that its entries say what it
+// announces now. Forced: a read from before the claimant's proves nothing about the holder after
+// it. Concurrent checks of one holder share one exchange (refresh), so a claimant repeating its
+// announcement costs at most one exchange with the holder per announcement.
+func (n *Node) rereadHolder(ctx context.Context, zone, holder string) error {
+	return n.refresh(ctx, refreshKey{holder, zone}, true, func(ctx context.Context) error {
+		a := n.directorySigner(zone)
+		if a == nil {
+			return fmt.Errorf("no local agent of zone %s to sign the exchange", zone)
+		}
+		ctx, cancel := context.WithTimeout(ctx, directoryTimeout)
+		defer cancel()
+		t, err := n.tunnelTo(ctx, holder, zone)
+		if err != nil {
+			return err
+		}
+		_, err = n.exchangeOnce(ctx, a, t)
+		return err
+	})
 }
 
 // refreshCall is one directory exchange under way with a (peer, zone); others wait for it.
@@ -396,13 +505,23 @@ func (n *Node) directorySigner(zone string) *Agent {
 // exchange opens a directory flow on t, signed by agent a of t's zone: we send our entries, the
 // peer answers with its own, and both sides install what verifies.
 func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
+	conflicts, err := n.exchangeOnce(ctx, a, t)
+	if err == nil && len(conflicts) > 0 {
+		n.checkConflicts(ctx, t.Zone(), t.Peer().NodeID, conflicts)
+	}
+	return err
+}
+
+// exchangeOnce is exchange without the conflict check: the check's own re-read of a holder uses
+// it, so one conflict never leads to a chain of exchanges.
+func (n *Node) exchangeOnce(ctx context.Context, a *Agent, t *tunnel.Tunnel) ([]dirConflict, error) {
 	certs, err := n.localCerts(t, t.Zone())
 	if err != nil {
-		return err
+		return nil, err
 	}
 	fc, err := a.openStream(ctx, t, dtl.Destination{Agent: directoryAgent, Port: 0, Proto: dtl.ProtoTCP}, nil, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer func() { _ = fc.Close() }()
 	if d, ok := ctx.Deadline(); ok {
@@ -410,17 +529,17 @@ func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
 	}
 	msg, err := EncodeDirectory(certs)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if _, err := fc.Write(msg); err != nil {
-		return fmt.Errorf("directory send: %w", err)
+		return nil, fmt.Errorf("directory send: %w", err)
 	}
 	ders, err := ReadDirectory(fc)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	n.installDirectory(ctx, t.Peer(), t.Zone(), ders)
-	return nil
+	_, _, conflicts := n.installDirectoryConflicts(ctx, t.Peer(), t.Zone(), ders)
+	return conflicts, nil
 }
 
 // serveDirectory answers a peer's directory flow: read its entries, install them, send ours.
@@ -444,7 +563,15 @@ func (n *Node) serveDirectory(fc *tunnel.FlowConn, df *directoryFlow) {
 		n.log.Warn("directory from peer refused", "peer", df.peer, "zone", df.zone, "err", err)
 		return
 	}
-	n.installDirectory(ctx, fc.Tunnel().Peer(), df.zone, ders)
+	_, _, conflicts := n.installDirectoryConflicts(ctx, fc.Tunnel().Peer(), df.zone, ders)
+	if len(conflicts) > 0 {
+		// After the reply: the claimant's exchange must not wait for the holder's re-read.
+		defer func() {
+			ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
+			defer cancel()
+			n.checkConflicts(ctx, df.zone, fc.Tunnel().Peer().NodeID, conflicts)
+		}()
+	}
 	certs, err := n.localCerts(fc.Tunnel(), df.zone)
 	if err != nil {
 		// The renewal landed after the check above; same answer.

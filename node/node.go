@@ -140,6 +140,10 @@ type Config struct {
 	// agent's enrolled workload (selfattest.go), with the reason: TrustFlow's
 	// fingerprint_mismatch signal. It must not block.
 	OnWorkloadMismatch func(agent identity.ID, reason string)
+	// OnDirectoryDuplicate, if set, is told each agent name that two nodes of a zone announce
+	// as live at once in their directory entries (directory.go): TrustFlow's duplicate_identity
+	// signal. It must not block.
+	OnDirectoryDuplicate func(DirectoryDuplicate)
 }
 
 // Node is a running UTE node. All its methods are safe for concurrent use.

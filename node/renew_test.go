@@ -175,6 +175,11 @@ func TestNodeRenewsItselfAtHalfLife(t *testing.T) {
 	oldKey := nodeKey(t, a)
 	// Nothing happens before half-life: the loop sleeps until then.
 	assert.InDelta(t, float64(renewLifetime/2), float64(timers.await(t, 1)), float64(2*time.Minute))
+	st := a.RenewalStatus()
+	assert.True(t, st.Enabled)
+	assert.False(t, st.Retrying)
+	assert.Equal(t, oldCert.RenewAt(), st.NextAt)
+	assert.True(t, st.LastSuccess.IsZero() && st.LastFailure.IsZero(), "no attempt yet: %+v", st)
 
 	billing := agent(t, a, "payments", "billing-api")
 	ledgerB := serveSink(t, agent(t, b, "payments", "ledger-b"), "8080")
@@ -191,6 +196,11 @@ func TestNodeRenewsItselfAtHalfLife(t *testing.T) {
 
 	cur := a.Certificate()
 	require.NotEqual(t, oldCert.Serial(), cur.Serial(), "renewal issues a new serial")
+	st = a.RenewalStatus()
+	assert.False(t, st.Retrying)
+	assert.WithinDuration(t, env.clk.Now(), st.LastSuccess, time.Second)
+	assert.Equal(t, cur.RenewAt(), st.NextAt, "next: the new certificate's half-life")
+	assert.Empty(t, st.LastError)
 	assert.Equal(t, oldCert.ID, cur.ID, "same identity")
 	assert.Equal(t, oldCert.Claims.Zones, cur.Claims.Zones, "same zones and address slice")
 	assert.False(t, cur.PublicKey().Equal(oldCert.PublicKey()), "renewal rotates the node key")
@@ -300,6 +310,12 @@ func TestNodeRenewalRetriesWhileAuthorityUnreachable(t *testing.T) {
 	assert.Equal(t, len(want)+1, timers.count(), "no attempt without a timer")
 	assert.Equal(t, len(want), logs.count("renewal failed; retrying"))
 	assert.Equal(t, before.Serial(), a.Certificate().Serial())
+	st := a.RenewalStatus()
+	assert.True(t, st.Retrying, "status after failed attempts: %+v", st)
+	assert.WithinDuration(t, env.clk.Now(), st.LastFailure, time.Second)
+	assert.True(t, st.LastSuccess.IsZero())
+	assert.Contains(t, st.LastError, dead, "the error names the authority it could not reach")
+	assert.WithinDuration(t, env.clk.Now().Add(4*time.Second), st.NextAt, time.Second, "next: the retry, not the certificate's half-life")
 	failed := 0
 	for _, r := range auditEntries(t, a) {
 		if r.Event == eventRenewFailed {

@@ -142,10 +142,15 @@ func (d *demo) stolenCredentials(ctx context.Context) {
 var errIdentityRevoked = errors.New("identity revoked")
 
 // copyTree copies the regular files of a node directory (not its sockets), keeping their
-// permissions: what a backup or a build cache that swept up the directory would hold.
+// permissions: what a backup or a build cache that swept up the directory would hold. The node is
+// running, so a file listed may be gone when it is read (the audit log's head is written to a
+// temporary file and renamed): such a file is skipped, as a sweeping copy would miss it.
 func copyTree(from, to string) error {
 	return filepath.WalkDir(from, func(p string, e fs.DirEntry, err error) error {
 		if err != nil {
+			if p != from && errors.Is(err, fs.ErrNotExist) {
+				return nil
+			}
 			return err
 		}
 		rel, err := filepath.Rel(from, p)
@@ -160,10 +165,16 @@ func copyTree(from, to string) error {
 			return nil
 		}
 		info, err := e.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}
 		in, err := os.Open(p)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
 		if err != nil {
 			return err
 		}

@@ -73,9 +73,10 @@ func TestJoinTimeoutSaysWhetherRetryIsSafe(t *testing.T) {
 	t.Cleanup(func() { _ = silent.Close() })
 	code, msg := join(silent.LocalAddr().String())
 	assert.Equal(t, 1, code, msg)
-	// The time named is what was left of the 1.5 s context when the handshake began: less on a
-	// loaded machine, where the join's key generation takes longer.
-	assert.Regexp(t, `^ute: no authority answered at `+regexp.QuoteMeta(silent.LocalAddr().String())+` within (1\.5|1\.[0-4]|0\.[0-9]) s: check the address`, msg)
+	// The time named is what was left of the 1.5 s context when the handshake began, to 0.1 s
+	// ("1 s" when that is 0.95–1.05 s): less on a loaded machine, where the join's key generation
+	// takes longer.
+	assert.Regexp(t, `^ute: no authority answered at `+regexp.QuoteMeta(silent.LocalAddr().String())+` within (1\.5|1\.[0-4]|1|0\.[0-9]) s: check the address`, msg)
 	assert.NotContains(t, msg, "no recent network activity")
 	assert.NotContains(t, msg, "deadline exceeded")
 	assert.Contains(t, msg, "the authority was not reached, so the token was not used: retrying with the same token is safe")

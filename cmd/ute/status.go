@@ -66,6 +66,20 @@ func newStatusCmd() *cobra.Command {
 	return cmd
 }
 
+// renewalLine is the renewal state with when it runs next and, while retrying, the last error.
+func renewalLine(r localapi.Renewal) string {
+	out := r.State
+	if !r.NextAt.IsZero() {
+		out += ", next " + r.NextAt.Format(time.RFC3339)
+	}
+	if r.State == localapi.RenewalRetrying {
+		out += fmt.Sprintf(", last attempt failed at %s: %s", r.LastFailure.Format(time.RFC3339), r.LastError)
+	} else if !r.LastSuccess.IsZero() {
+		out += ", last " + r.LastSuccess.Format(time.RFC3339)
+	}
+	return out
+}
+
 func printStatus(w io.Writer, st localapi.Status) error {
 	tw := tabwriter.NewWriter(w, 2, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "node\t%s\n", st.Node)
@@ -73,7 +87,7 @@ func printStatus(w io.Writer, st localapi.Status) error {
 		fmt.Fprintf(tw, "daemon\t%s\n", st.Version)
 	}
 	fmt.Fprintf(tw, "listen\t%s (advertise %s)\n", st.Listen, orDash(st.Advertise))
-	fmt.Fprintf(tw, "certificate\t%s, valid until %s, renewal %s\n", st.Serial, st.NotAfter.Format(time.RFC3339), st.Renewal.State)
+	fmt.Fprintf(tw, "certificate\t%s, valid until %s, renewal %s\n", st.Serial, st.NotAfter.Format(time.RFC3339), renewalLine(st.Renewal))
 	fmt.Fprintf(tw, "policy\tversion %d\n", st.PolicyVersion)
 	for _, z := range st.Zones {
 		fmt.Fprintf(tw, "zone %s\t%s, %d gossip members\n", z.Name, strings.Join(z.CIDRs, ","), z.Members)

@@ -63,3 +63,32 @@ func TestStatusPrintsTrust(t *testing.T) {
 	require.NoError(t, printStatus(&b, localapi.Status{Node: "spiffe://acme.internal/node/a"}))
 	assert.Contains(t, b.String(), "every subject at 100")
 }
+
+// `ute status` says when renewal runs next and, while it is failing, the last error: "ok" alone
+// hid an authority that had been unreachable for hours.
+func TestStatusShowsRenewal(t *testing.T) {
+	at := func(s string) time.Time {
+		v, err := time.Parse(time.RFC3339, s)
+		require.NoError(t, err)
+		return v
+	}
+	for _, tc := range []struct {
+		name string
+		r    localapi.Renewal
+		want string
+	}{
+		{"disabled", localapi.Renewal{State: localapi.RenewalDisabled}, "renewal disabled\n"},
+		{"scheduled", localapi.Renewal{State: localapi.RenewalOK, NextAt: at("2026-12-07T10:00:00Z")}, "renewal ok, next 2026-12-07T10:00:00Z\n"},
+		{"renewed", localapi.Renewal{State: localapi.RenewalOK, NextAt: at("2026-12-07T10:00:00Z"), LastSuccess: at("2026-12-06T22:00:00Z")},
+			"renewal ok, next 2026-12-07T10:00:00Z, last 2026-12-06T22:00:00Z\n"},
+		{"retrying", localapi.Renewal{State: localapi.RenewalRetrying, NextAt: at("2026-12-06T22:00:04Z"), LastFailure: at("2026-12-06T22:00:00Z"),
+			LastError: "dial authority.example:7443: connection refused"},
+			"renewal retrying, next 2026-12-06T22:00:04Z, last attempt failed at 2026-12-06T22:00:00Z: dial authority.example:7443: connection refused\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var b strings.Builder
+			require.NoError(t, printStatus(&b, localapi.Status{Node: "spiffe://acme.internal/node/a", Renewal: tc.r}))
+			assert.Contains(t, b.String(), tc.want)
+		})
+	}
+}

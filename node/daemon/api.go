@@ -57,10 +57,7 @@ func (b backend) Status(context.Context) (localapi.Status, error) {
 	if rel := d.store.PolicyRelease(); rel != nil {
 		st.PolicyVersion = rel.Claims.PolicyVersion
 	}
-	st.Renewal = localapi.Renewal{State: localapi.RenewalDisabled}
-	if d.authority != "" {
-		st.Renewal.State = localapi.RenewalOK
-	}
+	st.Renewal = renewalStatus(n.RenewalStatus(), d.authority != "")
 	pol := n.Policy()
 	for _, z := range snap.Zones {
 		zs := localapi.ZoneStatus{Name: z, Peers: []localapi.Peer{}}
@@ -195,4 +192,18 @@ func (b backend) Audit(_ context.Context, q localapi.AuditQuery) (localapi.Audit
 		Signed: rep.Signed, OK: rep.OK && err == nil, FirstBad: rep.FirstBad, Problem: rep.Problem, Recent: []localapi.AuditEntry{}}
 	_ = q
 	return out, nil
+}
+
+// renewalStatus is the node's renewal state as `ute status` shows it. Renewal needs both the
+// daemon's authority address and the node's.
+func renewalStatus(r node.RenewalStatus, authority bool) localapi.Renewal {
+	if !authority || !r.Enabled {
+		return localapi.Renewal{State: localapi.RenewalDisabled}
+	}
+	out := localapi.Renewal{State: localapi.RenewalOK, NextAt: r.NextAt.UTC(), LastSuccess: r.LastSuccess.UTC(),
+		LastFailure: r.LastFailure.UTC(), LastError: r.LastError}
+	if r.Retrying {
+		out.State = localapi.RenewalRetrying
+	}
+	return out
 }

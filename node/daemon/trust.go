@@ -131,6 +131,7 @@ func (t *trust) hook(cfg *node.Config) {
 	// Options.OnMismatch subscriber.
 	onMismatch := t.d.opts.OnMismatch
 	cfg.OnWorkloadMismatch = func(agent identity.ID, reason string) { onMismatch(agent.Name+"."+agent.Zone, reason) }
+	cfg.OnDirectoryDuplicate = newDirectoryDuplicates(t).report // trust_directory.go
 }
 
 // push queues an event without blocking the node; a full queue drops and counts.

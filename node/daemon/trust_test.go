@@ -54,11 +54,20 @@ func warm(t *testing.T, a *testDaemon) {
 	}, 5*time.Second, 20*time.Millisecond, "a never resolved ledger.payments: %v", last)
 }
 
+// directoryTimeoutForTest is node's directoryTimeout: how long a directory re-read may take.
+const directoryTimeoutForTest = 5 * time.Second
+
 var billingID = identity.AgentID("acme.internal", "payments", "billing-api").String()
 
 func dialLedger(t *testing.T, from *testDaemon, port string) error {
 	t.Helper()
-	billing, err := from.Node().Agent("payments", "billing-api")
+	return dialLedgerAs(t, from, "billing-api", port)
+}
+
+// dialLedgerAs dials ledger.payments:port from agent name of from and closes the connection.
+func dialLedgerAs(t *testing.T, from *testDaemon, name, port string) error {
+	t.Helper()
+	billing, err := from.Node().Agent("payments", name)
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -615,22 +624,30 @@ func TestTrustSDKWorkloadMismatchLowersAgent(t *testing.T) {
 	assert.Empty(t, accepted, "nothing of billing-batch reached ledger")
 }
 
-// Attacker side, duplicate agent identity: node m mints billing-api, the name node a already
-// serves, and both present flows of "billing-api" to b. Flows issued by a, then m, then a again
-// are one identity live at two endpoints: b charges billing-api duplicate_identity (score 0) and,
-// on its own observation, cuts it locally; its next flows are refused. A single issuer — steady
-// traffic, a restart — never alternates (TestTrustSteadyTrafficKeepsFullTrust,
-// TestTrustDuplicateRevokedByAuthorityOnEvidence).
+// Attacker side, duplicate agent identity seen in flows: node m mints billing-api, the name node a
+// already serves, after its directory exchange with b (added at runtime, so b's directory has
+// never shown m serving it, as with a node that never announces what it mints), and both present
+// flows of "billing-api" to b. Flows issued by a, then m, then a again are one identity live at
+// two endpoints: b charges billing-api duplicate_identity (score 0) and, on its own observation,
+// cuts it locally; its next flows are refused. A single issuer — steady traffic, a restart — never
+// alternates (TestTrustSteadyTrafficKeepsFullTrust, TestTrustDuplicateRevokedByAuthorityOnEvidence).
 func TestTrustDuplicateAgentIdentity(t *testing.T) {
 	ta := startAuthority(t)
 	ds := cluster(t, ta,
 		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
-		spec{name: "m", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "m", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "probe", Zone: "payments"}}},
 		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
 	)
 	a, m, b := ds["a"], ds["m"], ds["b"]
 	waitMembers(t, "payments", 3, a, m, b)
 	serveLedger(t, b)
+	// m's directory exchange with b is over before m mints the name.
+	requireAudited(t, b, "directory", m.Node().ID().String())
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	uid, gid := uint32(os.Geteuid()), uint32(os.Getegid())
+	_, err = backend{m.Daemon}.AddAgent(context.Background(), localapi.AgentSpec{Name: "billing-api", Zone: "payments", Exe: exe, UID: &uid, GID: &gid})
+	require.NoError(t, err)
 	for _, d := range []*testDaemon{a, a, m} {
 		require.Eventually(t, func() bool { return dialLedger(t, d, "8080") == nil }, 5*time.Second, 20*time.Millisecond)
 	}
@@ -649,6 +666,7 @@ func TestTrustDuplicateAgentIdentity(t *testing.T) {
 	require.NoError(t, err)
 	require.NotEmpty(t, x.Events)
 	assert.Equal(t, string(trustflow.KindDuplicateIdentity), x.Events[0].Kind)
+	assert.Contains(t, x.Events[0].Reason, "flows alternate")
 	assert.Contains(t, x.Events[0].Reason, a.Node().ID().String())
 	assert.Contains(t, x.Events[0].Reason, m.Node().ID().String())
 	// b's own observation takes the remote agent below isolate_below: cut here, both copies.
@@ -659,6 +677,71 @@ func TestTrustDuplicateAgentIdentity(t *testing.T) {
 		}, 5*time.Second, 20*time.Millisecond, "%s's billing-api still admitted at b", d.name)
 	}
 	assert.Equal(t, 100, b.TrustScore(a.Node().ID().String()), "the nodes themselves are not charged")
+}
+
+// Attacker side, duplicate agent identity seen in directories: nodes a and m both announce
+// billing-api to b. b refuses m's entry (the name is served), re-reads a's directory, finds a
+// still announcing it, and charges billing-api duplicate_identity before billing-api has sent a
+// single flow; b then cuts it locally, so neither copy's flows are admitted. a and m, which each
+// host a billing-api, refuse the other's entry without charging their own agent.
+func TestTrustDuplicateAgentDirectoryEntries(t *testing.T) {
+	ta := startAuthority(t)
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "m", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
+	)
+	a, m, b := ds["a"], ds["m"], ds["b"]
+	waitMembers(t, "payments", 3, a, m, b)
+	require.Eventually(t, func() bool { return b.TrustScore(billingID) == 0 }, 10*time.Second, 10*time.Millisecond,
+		"b never charged billing-api: score %d", b.TrustScore(billingID))
+	x, err := backend{b.Daemon}.TrustExplain(context.Background(), billingID)
+	require.NoError(t, err)
+	require.NotEmpty(t, x.Events)
+	assert.Equal(t, string(trustflow.KindDuplicateIdentity), x.Events[0].Kind)
+	assert.Contains(t, x.Events[0].Reason, "two directory entries")
+	assert.Contains(t, x.Events[0].Reason, a.Node().ID().String())
+	assert.Contains(t, x.Events[0].Reason, m.Node().ID().String())
+	bLog, err := readAuditDir(filepath.Join(b.dir, "audit"))
+	require.NoError(t, err)
+	for _, line := range strings.Split(bLog, "\n") {
+		assert.False(t, strings.Contains(line, `"event":"admit"`) && strings.Contains(line, "ledger:"),
+			"the duplicate was charged from directories, before any flow to ledger: %s", line)
+	}
+	serveLedger(t, b)
+	for _, d := range []*testDaemon{a, m} {
+		require.Eventually(t, func() bool {
+			err := dialLedger(t, d, "8080")
+			return errors.Is(err, dtl.ErrRevoked) || errors.Is(err, dtl.ErrTrust)
+		}, 5*time.Second, 20*time.Millisecond, "%s's billing-api still admitted at b", d.name)
+	}
+	for _, d := range []*testDaemon{a, m, b} {
+		assert.Equal(t, 100, b.TrustScore(d.Node().ID().String()), "node %s is not charged", d.name)
+	}
+}
+
+// No false duplicate from a stale directory entry: a served billing-api and is gone (crashed);
+// m then announces billing-api to b. b cannot re-read a's directory, so nothing shows two live
+// entries: billing-api keeps its trust, and b keeps the name with its first owner.
+func TestTrustDirectoryConflictWithDeadHolderIsNotDuplicate(t *testing.T) {
+	ta := startAuthority(t)
+	ds := cluster(t, ta,
+		spec{name: "a", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}},
+		spec{name: "b", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "ledger", Zone: "payments"}}},
+	)
+	a, b := ds["a"], ds["b"]
+	waitMembers(t, "payments", 2, a, b)
+	requireAudited(t, b, "directory", a.Node().ID().String())
+	require.NoError(t, a.Close())
+	mdir, mpc := joinNode(t, ta, spec{name: "m", zones: []string{"payments"}, agents: []state.AgentSpec{{Name: "billing-api", Zone: "payments"}}})
+	m := startDaemon(t, "m", mdir, mpc, false)
+	// b refuses m's entry (the name is a's) and tries to re-read a's directory, which fails.
+	require.Eventually(t, func() bool {
+		bLog, err := readAuditDir(filepath.Join(b.dir, "audit"))
+		return err == nil && strings.Contains(bLog, m.Node().ID().String()) && strings.Contains(bLog, "already served by another node")
+	}, 20*time.Second, 20*time.Millisecond, "b never refused m's billing-api entry")
+	time.Sleep(directoryTimeoutForTest + 2*trustTick)
+	assert.Equal(t, 100, b.TrustScore(billingID), "a dead holder's entry is not a live duplicate")
 }
 
 // serveLedger has b's agent ledger accept on :8080 and close every connection, until the test ends.

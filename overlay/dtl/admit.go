@@ -281,10 +281,12 @@ func (a *Admitted) Claims() *Claims { return &a.Record.Claims }
 //  12. replay window (replay) — last, so only a record that passed everything consumes its
 //     sequence number, and nothing unauthenticated can move the window.
 func (v *Verifier) Admit(s *Session, raw []byte) (*Admitted, error) {
-	// Admission runs on a new goroutine per flow stream, and Ed25519 verification is its deepest
-	// point. So the stack is grown once, here, while it is shallow (growStack), and this frame is
-	// kept small: the result is written in place, and the checks after the signature live in
-	// their own function, whose frame exists only once verification has returned.
+	// Admission may run on a fresh goroutine (the tunnel's first flows, or a burst beyond its
+	// parked workers), and Ed25519 verification is its deepest point. So the stack is grown once,
+	// here, while it is shallow (growStack; on a worker whose stack already grew it costs a few
+	// nanoseconds), and this frame is kept small: the result is written in place, and the checks
+	// after the signature live in their own function, whose frame exists only once verification
+	// has returned.
 	if err := v.ready(s); err != nil {
 		return nil, Deny(err)
 	}
@@ -421,11 +423,13 @@ func (v *Verifier) resolveChain(s *Session, c *Claims, now time.Time, info *Agen
 const admitStack = 6 << 10
 
 // growStack makes the calling goroutine's stack hold admitStack more bytes now, while it is
-// shallow. Admission runs on a new goroutine per flow stream, whose small starting stack would
-// otherwise be grown (copied, every frame's pointers adjusted) two or three times on the way down
-// to Ed25519 verification; one growth here, a few frames deep, costs a fraction of that (measured
+// shallow. Admission may run on a new goroutine (overlay/tunnel reuses parked admission workers
+// when it can, but starts one when none is free), whose small starting stack would otherwise be
+// grown (copied, every frame's pointers adjusted) two or three times on the way down to Ed25519
+// verification; one growth here, a few frames deep, costs a fraction of that (measured
 // with valgrind: stack growth per admitted flow in node's BenchmarkDialAdmitted fell from about
-// 108k to 50k instructions, BenchmarkAdmitNewGoroutine from 678k to 646k instructions per record).
+// 108k to 50k instructions, BenchmarkAdmitNewGoroutine from 678k to 646k instructions per record;
+// with overlay/tunnel's admission workers it is about 4k per flow).
 //
 //go:noinline
 func growStack() {

@@ -1,6 +1,8 @@
 package tunnel
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -82,13 +84,32 @@ func (c *FlowConn) CloseWrite() error { return c.str.Close() }
 func (c *FlowConn) Close() error {
 	c.closeOnce.Do(func() {
 		c.str.CancelRead(streamCodeClosed)
-		_ = c.str.Close()
+		if peerStopped(c.str) {
+			// The peer closed first and asked this side to stop sending (STOP_SENDING): quic-go
+			// has already queued the reset that answers it, and Close would only build an
+			// error (fmt.Errorf) that is discarded here. CancelWrite on a stream reset that way
+			// sends nothing and lets quic-go forget the stream, as Close would.
+			c.str.CancelWrite(streamCodeClosed)
+		} else {
+			_ = c.str.Close()
+		}
 		if c.entry != nil {
 			c.t.ep.table.release(c.entry)
 		}
 		c.t.flowEnd()
 	})
 	return nil
+}
+
+// peerStopped reports whether the peer's STOP_SENDING has reset str's send side. Only then is
+// CancelWrite equivalent to Close: after a local Close (CloseWrite) it would abort the delivery of
+// data still in flight, so any other cause of the send side's end keeps Close.
+func peerStopped(str *quic.Stream) bool {
+	if str.Context().Err() == nil {
+		return false
+	}
+	var se *quic.StreamError
+	return errors.As(context.Cause(str.Context()), &se) && se.Remote
 }
 
 // Abort resets the flow in both directions (stream error 0x206): unlike Close, the peer sees an

@@ -72,6 +72,9 @@ type Endpoint struct {
 	budget       *budgets
 	stats        counters
 	preAdmitRead atomic.Int64 // bytes read from streams before their admission (test hook for I2)
+
+	jobs          chan streamJob // streams for parked admission workers (admitpool.go); unbuffered
+	idleAdmitters atomic.Int32   // workers parked on jobs
 }
 
 type tunnelKey struct{ node, zone string }
@@ -105,6 +108,7 @@ func New(cfg Config) (*Endpoint, error) {
 		tunnels: make(map[*Tunnel]struct{}),
 		dials:   make(map[tunnelKey]*dialCall),
 		born:    time.Now(),
+		jobs:    make(chan streamJob),
 	}
 	e.gossipIdle.Store(int64(e.lim.GossipIdleTimeout))
 	if e.log == nil {

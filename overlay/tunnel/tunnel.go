@@ -253,7 +253,7 @@ func (t *Tunnel) streamLoop() {
 			}
 			continue
 		}
-		if !t.ep.spawn(func() { t.handleStream(str, timeout) }) {
+		if !t.ep.dispatch(streamJob{t: t, str: str, firstFrame: timeout}) {
 			t.ep.budget.firstFrameDone(t)
 			t.ep.budget.releasePending(t)
 			str.CancelRead(streamCodeClosed)
@@ -269,7 +269,14 @@ func (t *Tunnel) streamLoop() {
 func (t *Tunnel) handleStream(str *quic.Stream, firstFrame time.Duration) {
 	e := t.ep
 	// The stream holds a place in its peer's pending budget until its verdict is final.
-	release := sync.OnceFunc(func() { e.budget.releasePending(t) })
+	// (A plain flag: sync.OnceFunc would allocate on every flow, and only this goroutine calls it.)
+	released := false
+	release := func() {
+		if !released {
+			released = true
+			e.budget.releasePending(t)
+		}
+	}
 	defer release()
 	v := Verdict{Zone: t.zone, Peer: t.peer}
 	_ = str.SetReadDeadline(time.Now().Add(firstFrame))
