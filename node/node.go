@@ -456,6 +456,15 @@ func (n *Node) Region() string { return n.region }
 // Stats returns the tunnel endpoint's counters.
 func (n *Node) Stats() tunnel.Stats { return n.ep.Stats() }
 
+// PeerAddr is the address the node holds for a peer, by its canonical node SPIFFE ID (no
+// parsing: the daemon compares its gossip members with the table on every member sync).
+func (n *Node) PeerAddr(nodeID string) (netip.AddrPort, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	a, ok := n.peers[nodeID]
+	return a, ok
+}
+
 // AddPeer adds or replaces a peer's address.
 func (n *Node) AddPeer(p Peer) error {
 	id, err := n.peerID(p.Node)

@@ -39,6 +39,13 @@ import (
 // re-opened tunnels), not the node's own work, was most of what the benchmark measured. The
 // peers still probe, gossip and push/pull, and their tunnels to the measured node keep QUIC's
 // production keep-alive.
+//
+// Two knobs for comparing builds and profiling, both off by default: UTE_ATREST_BASELINE names
+// another ute binary, run as a second measured node in the same zone (101 members) and sampled
+// over the same windows, so that a before/after comparison shares the peers, the machine's load
+// and the time of day (its metrics carry the prefix "base-"); UTE_ATREST_WINDOWS runs that many
+// consecutive windows instead of one (each reported as its own metric, cpu-%-N), and the PIDs
+// are logged so that `perf record -p PID` can be attached during them.
 func BenchmarkNodeAtRest(b *testing.B) {
 	const peers = 99
 	tmp := b.TempDir()
@@ -81,61 +88,111 @@ func BenchmarkNodeAtRest(b *testing.B) {
 	for i := range peers {
 		dirs[i], pcs[i] = join(fmt.Sprintf("peer%03d", i))
 	}
-	dir, pc := join("measured")
+	// measured is one node run as its own process.
+	type measured struct {
+		name, dir, bin string
+		pc             net.PacketConn
+		cmd            *exec.Cmd
+		api            *localapi.Client
+	}
+	nodes := []*measured{{name: "measured", bin: uteBin}}
+	if base := os.Getenv("UTE_ATREST_BASELINE"); base != "" {
+		nodes = append(nodes, &measured{name: "base", bin: base})
+	}
+	for _, m := range nodes {
+		m.dir, m.pc = join(m.name)
+	}
+	members := peers + len(nodes)
+	windows := 1
+	if w := os.Getenv("UTE_ATREST_WINDOWS"); w != "" {
+		windows, err = strconv.Atoi(w)
+		require.NoError(b, err, "UTE_ATREST_WINDOWS")
+		require.Positive(b, windows, "UTE_ATREST_WINDOWS")
+	}
 	for i := range peers {
 		d, err := nodedaemon.Start(ctx, nodedaemon.Options{Dir: dirs[i], Config: config.Default(), PacketConn: pcs[i], Logger: quiet, NoAuthority: true,
 			Timing: &peerTiming})
 		require.NoError(b, err)
 		defer func() { _ = d.Close(); _ = pcs[i].Close() }()
 	}
-	listen := pc.LocalAddr().String()
-	require.NoError(b, pc.Close())
-	cmd := exec.Command(uteBin, "node", "run", "--dir", dir, "--listen", listen, "--log-level", "error")
-	out, err := cmd.StdoutPipe()
-	require.NoError(b, err)
-	require.NoError(b, cmd.Start())
-	defer func() { _ = cmd.Process.Kill(); _ = cmd.Wait() }()
-	_, err = bufio.NewReader(out).ReadString('\n')
-	require.NoError(b, err)
+	for _, m := range nodes {
+		listen := m.pc.LocalAddr().String()
+		require.NoError(b, m.pc.Close())
+		m.cmd = exec.Command(m.bin, "node", "run", "--dir", m.dir, "--listen", listen, "--log-level", "error")
+		out, err := m.cmd.StdoutPipe()
+		require.NoError(b, err)
+		require.NoError(b, m.cmd.Start())
+		defer func() { _ = m.cmd.Process.Kill(); _ = m.cmd.Wait() }()
+		_, err = bufio.NewReader(out).ReadString('\n')
+		require.NoError(b, err)
+		m.api, err = localapi.Dial(ctx, localapi.SocketPath(m.dir))
+		require.NoError(b, err)
+		defer func() { _ = m.api.Close() }()
+		b.Logf("%s: pid %d (%s)", m.name, m.cmd.Process.Pid, m.bin)
+	}
 
-	c, err := localapi.Dial(ctx, localapi.SocketPath(dir))
-	require.NoError(b, err)
-	defer func() { _ = c.Close() }()
 	// At rest means every member seen and the tunnels built: the node opens a tunnel to a
 	// member when it first probes or gossips to it (about one a second), and a window that
 	// still holds those handshakes measures the joining, not the rest. Members must all be
 	// seen within 2 minutes; tunnels get a minute more, after which the window starts anyway
 	// (the tunnels metric shows how many were up).
 	start := time.Now()
-	for {
-		st, err := c.Status(ctx)
-		require.NoError(b, err)
-		members := 0
-		if len(st.Zones) == 1 {
-			members = st.Zones[0].Members
+	for _, m := range nodes {
+		for {
+			// A status call can time out on a loaded machine while 100 nodes join: retried, the
+			// deadlines below still bound the wait.
+			st, err := m.api.Status(ctx)
+			require.True(b, err == nil || time.Since(start) < 2*time.Minute, "%s: %v", m.name, err)
+			seen := 0
+			if err == nil && len(st.Zones) == 1 {
+				seen = st.Zones[0].Members
+			}
+			if seen == members && (tunnelsUp(st) >= members-1 || time.Since(start) > 3*time.Minute) {
+				break
+			}
+			require.True(b, seen == members || time.Since(start) < 2*time.Minute, "%s never saw all %d members", m.name, members)
+			time.Sleep(200 * time.Millisecond)
 		}
-		if members == peers+1 && (tunnelsUp(st) >= peers || time.Since(start) > 3*time.Minute) {
-			break
-		}
-		require.True(b, members == peers+1 || time.Since(start) < 2*time.Minute, "the measured node never saw all %d members", peers+1)
-		time.Sleep(200 * time.Millisecond)
 	}
 
+	metric := func(m *measured, unit string, w int) string {
+		if m.name != "measured" {
+			unit = m.name + "-" + unit
+		}
+		if w > 0 {
+			unit += "-" + strconv.Itoa(w)
+		}
+		return unit
+	}
 	b.ResetTimer()
 	for range b.N {
-		cpu0 := procCPU(b, cmd.Process.Pid)
-		t0 := time.Now()
-		time.Sleep(10 * time.Second)
-		cpu := procCPU(b, cmd.Process.Pid) - cpu0
-		b.ReportMetric(100*cpu.Seconds()/time.Since(t0).Seconds(), "cpu-%")
-		b.ReportMetric(float64(procRSS(b, cmd.Process.Pid))/(1<<20), "rss-MiB")
+		for w := range windows {
+			cpu0 := make([]time.Duration, len(nodes))
+			for i, m := range nodes {
+				cpu0[i] = procCPU(b, m.cmd.Process.Pid)
+			}
+			win := 0 // one window: the metric keeps its plain name
+			if windows > 1 {
+				win = w + 1
+			}
+			t0 := time.Now()
+			time.Sleep(10 * time.Second)
+			for i, m := range nodes {
+				cpu := procCPU(b, m.cmd.Process.Pid) - cpu0[i]
+				b.ReportMetric(100*cpu.Seconds()/time.Since(t0).Seconds(), metric(m, "cpu-%", win))
+				if w == windows-1 {
+					b.ReportMetric(float64(procRSS(b, m.cmd.Process.Pid))/(1<<20), metric(m, "rss-MiB", 0))
+				}
+			}
+		}
 	}
 	b.StopTimer() // closing the 99 daemons is not part of the measurement
-	st, err := c.Status(ctx)
-	require.NoError(b, err)
-	up := tunnelsUp(st)
-	b.ReportMetric(float64(up), "tunnels")
-	b.ReportMetric(float64(st.Zones[0].Members), "members")
+	for _, m := range nodes {
+		st, err := m.api.Status(ctx)
+		require.NoError(b, err)
+		b.ReportMetric(float64(tunnelsUp(st)), metric(m, "tunnels", 0))
+		b.ReportMetric(float64(st.Zones[0].Members), metric(m, "members", 0))
+	}
 }
 
 // tunnelsUp counts the peers the node holds a live tunnel with.

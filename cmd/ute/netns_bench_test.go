@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -40,8 +41,10 @@ import (
 //     straight to ledger's overlay IP from billing-api's;
 //   - tun-wireguard: the same with --transport wireguard (MTU 1420, as the baseline).
 //
-// Each UTE phase runs rounds of veth, wireguard-go and itself in rotating order; a ratio is the
-// median of the per-round ratios. Then, per path and for a direct TCP connection across the
+// Each UTE phase runs one untimed test of wireguard-go and itself (warm-up), then rounds of veth,
+// wireguard-go and itself in rotating order; a ratio is the median of the per-round ratios, and
+// each tunnel path also reports the CPU its carrying processes spent per GB. Then, per path and
+// for a direct TCP connection across the
 // veths: new connections per second (8 workers) and the connect time, measured until the
 // destination's first byte arrives (so admission is included whatever the carriage). A phase the
 // build cannot run is reported and skipped. Root only; skipped with a message otherwise.
@@ -67,6 +70,14 @@ func BenchmarkNetns(b *testing.B) {
 
 	lab := netlab.New(b, netlab.Options{Hosts: []string{"auth", "a", "b"}})
 	ha, hb := lab.Host("a"), lab.Host("b")
+	// Every path starts its TCP connections alike: Linux otherwise saves each destination's
+	// ssthresh, RTT and cwnd when a connection closes and starts the next one to that address
+	// from them, and ledger's overlay IP is the destination of every UTE phase (a tun phase's
+	// metrics slowed the first rounds of the WireGuard phase after it).
+	for _, h := range []*netlab.Host{ha, hb} {
+		out, err := h.Run(ctx, "sysctl", "-w", "net.ipv4.tcp_no_metrics_save=1")
+		require.NoError(b, err, "%s", out)
+	}
 
 	// iperf3 server in b on every address: the veth, the wireguard device, loopback (the
 	// forward target) and the agent's overlay IP in tun mode.
@@ -84,12 +95,14 @@ func BenchmarkNetns(b *testing.B) {
 		require.NoError(b, err)
 		priv[n], pub[n] = hex.EncodeToString(k.Bytes()), hex.EncodeToString(k.PublicKey().Bytes())
 	}
+	var wgPids []int
 	for _, p := range [][2]string{{"a", "b"}, {"b", "a"}} {
 		me, peer := lab.Host(p[0]), lab.Host(p[1])
 		wg, err := me.Start(wgbase, "-name", "wg0", "-mtu", "1420", "-key", priv[p[0]], "-peer", pub[p[1]],
 			"-endpoint", peer.Addr.String()+":51820", "-allowed", wgAddr[p[1]]+"/32", "-addr", wgAddr[p[0]]+"/24")
 		require.NoError(b, err)
 		require.NoError(b, wg.WaitOutput(wctx, "ready"))
+		wgPids = append(wgPids, wg.Pid())
 	}
 
 	// UTE: an authority, node a with billing-api (this benchmark binary), node b with ledger.
@@ -129,11 +142,7 @@ func BenchmarkNetns(b *testing.B) {
 		c, err := ha.DialFrom(ctx, "tcp", billingIP+":0", ledgerIP+":18080")
 		return firstByte(c, err, start)
 	}
-	phases := []struct {
-		name, config string
-		path         iperfPath // empty name: connection measures only
-		connect      func(context.Context) (time.Duration, error)
-	}{
+	phases := []netnsPhase{
 		{"proxy", "interface: proxy\n", iperfPath{name: "ute-proxy", host: ha, args: []string{"-c", "127.0.0.1", "-p", "15201"}},
 			func(ctx context.Context) (time.Duration, error) {
 				start := time.Now()
@@ -156,9 +165,22 @@ func BenchmarkNetns(b *testing.B) {
 	}
 
 	// Each phase runs both daemons with its interface and transport, then rounds of the three
-	// iperf3 paths in rotating order, then the connection measures.
-	const rounds = 2
+	// iperf3 paths in rotating order, then the connection measures. UTE_NETNS_PHASES (a comma
+	// list of phase names) runs only those; UTE_NETNS_ROUNDS sets the rounds (default 2).
+	rounds := 2
+	if v := os.Getenv("UTE_NETNS_ROUNDS"); v != "" {
+		rounds, err = strconv.Atoi(v)
+		require.NoError(b, err, "UTE_NETNS_ROUNDS")
+	}
+	if v := os.Getenv("UTE_NETNS_PHASES"); v != "" {
+		want := strings.Split(v, ",")
+		phases = slices.DeleteFunc(phases, func(p netnsPhase) bool { return !slices.Contains(want, p.name) })
+	}
 	results := map[string][]float64{}
+	// CPU per GB carried: the CPU time of the processes that carry a path (both wireguard-go
+	// devices, or both daemons; iperf3 itself is the same on every path) over the bytes iperf3
+	// sent, omitted first second included. Unlike the throughput it hardly depends on the load.
+	cpuPerGB := map[string][]float64{}
 	ratios := map[string][]float64{} // "ute-x/veth", "ute-x/wireguard-go", per round
 	var notes []string
 	directLat, err := connectLatencies(ctx, direct, 200)
@@ -199,7 +221,32 @@ func BenchmarkNetns(b *testing.B) {
 			_, err := ph.connect(cctx)
 			return err == nil
 		}, 20*time.Second, 200*time.Millisecond, "%s: no flow reaches ledger; node a: %s", ph.name, na.proc.Output())
+		// The daemons' CPU while no test runs (2 s): background work after a start (gossip,
+		// loops, whatever a node with history does at start) that the first rounds' CPU per GB
+		// would otherwise be blamed on the data path for. UTE_NETNS_PERF records it too.
+		idle0 := procCPU(b, na.proc.Pid()) + procCPU(b, nb.proc.Pid())
+		if dir := os.Getenv("UTE_NETNS_PERF"); dir != "" {
+			perf := exec.CommandContext(ctx, "perf", "record", "-F", "999", "-g", "-o", filepath.Join(dir, ph.name+"-idle.perf.data"),
+				"-p", fmt.Sprintf("%d,%d", na.proc.Pid(), nb.proc.Pid()), "--", "sleep", "2")
+			if out, err := perf.CombinedOutput(); err != nil {
+				b.Logf("perf record: %v: %s", err, out)
+			}
+		} else {
+			time.Sleep(2 * time.Second)
+		}
+		b.ReportMetric(float64((procCPU(b, na.proc.Pid())+procCPU(b, nb.proc.Pid())-idle0).Milliseconds())/2, ph.name+"-daemons-idle-cpu-ms/s")
 		paths := []iperfPath{veth, wgPath, ph.path}
+		// One untimed test of each tunnel path first: the daemons were just started, and their
+		// first seconds of bulk traffic grow the heap and fault in wireguard-go's buffer pools,
+		// while the wireguard-go devices run warm from the phase before. Without it the first
+		// round after a phase switch measured that one-time cost against a warm baseline.
+		// UTE_NETNS_COLD=1 skips it.
+		if ph.path.name != "" && os.Getenv("UTE_NETNS_COLD") == "" {
+			for _, p := range []iperfPath{wgPath, ph.path} {
+				_, _, err := runIperf(ctx, iperf, p)
+				require.NoError(b, err, "warm-up iperf3 over %s", p.name)
+			}
+		}
 		for r := range rounds {
 			if ph.path.name == "" {
 				break
@@ -207,8 +254,46 @@ func BenchmarkNetns(b *testing.B) {
 			round := map[string]float64{}
 			for i := range paths {
 				p := paths[(i+r)%len(paths)]
-				bps, err := runIperf(ctx, iperf, p)
+				var pids []int
+				switch p.name {
+				case "veth":
+				case "wireguard-go":
+					pids = wgPids
+				default:
+					pids = []int{na.proc.Pid(), nb.proc.Pid()}
+				}
+				cpu := func() (d time.Duration) {
+					for _, pid := range pids {
+						d += procCPU(b, pid)
+					}
+					return d
+				}
+				cpu0 := cpu()
+				// UTE_NETNS_PERF also records the path's processes during each round's test of the
+				// phase's path (DIR/<phase>-iperf-<round>.perf.data).
+				var perfDone chan error
+				if dir := os.Getenv("UTE_NETNS_PERF"); dir != "" && p.name == ph.path.name {
+					perfDone = make(chan error, 1)
+					perf := exec.CommandContext(ctx, "perf", "record", "-F", "999", "-g", "-o", filepath.Join(dir, fmt.Sprintf("%s-iperf-%d.perf.data", ph.name, r)),
+						"-p", fmt.Sprintf("%d,%d", pids[0], pids[1]), "--", "sleep", "3")
+					go func() {
+						out, err := perf.CombinedOutput()
+						if err != nil {
+							err = fmt.Errorf("perf record: %w: %s", err, out)
+						}
+						perfDone <- err
+					}()
+				}
+				bps, sent, err := runIperf(ctx, iperf, p)
+				if perfDone != nil {
+					if err := <-perfDone; err != nil {
+						b.Log(err)
+					}
+				}
 				require.NoError(b, err, "iperf3 over %s; node a: %s\nnode b: %s", p.name, tail(na.proc.Output(), 30), tail(nb.proc.Output(), 30))
+				if len(pids) > 0 && sent > 0 {
+					cpuPerGB[p.name] = append(cpuPerGB[p.name], float64((cpu()-cpu0).Milliseconds())/(sent/1e9))
+				}
 				results[p.name] = append(results[p.name], bps)
 				round[p.name] = bps
 			}
@@ -248,6 +333,7 @@ func BenchmarkNetns(b *testing.B) {
 			b.ReportMetric(median(results[ph.path.name])/1e9, ph.name+"-Gbit/s")
 			b.ReportMetric(median(ratios[ph.path.name+"/veth"]), ph.name+"/veth")
 			b.ReportMetric(median(ratios[ph.path.name+"/wg"]), ph.name+"/wg")
+			b.ReportMetric(median(cpuPerGB[ph.path.name]), ph.name+"-cpu-ms/GB")
 		}
 		b.ReportMetric(rate, ph.name+"-conn/s")
 		b.ReportMetric(float64(pct(lat, 50).Microseconds()), ph.name+"-connect-p50-µs")
@@ -258,6 +344,9 @@ func BenchmarkNetns(b *testing.B) {
 	}
 	b.ReportMetric(median(results["veth"])/1e9, "veth-Gbit/s")
 	b.ReportMetric(median(results["wireguard-go"])/1e9, "wg-Gbit/s")
+	b.ReportMetric(median(cpuPerGB["wireguard-go"]), "wg-cpu-ms/GB")
+	b.Logf("ratios per round: %v", ratios)
+	b.Logf("CPU ms per GB per run: %v", cpuPerGB)
 	b.Logf("iperf3 per run (Gbit/s): %s", func() string {
 		var s []string
 		for _, k := range []string{"veth", "wireguard-go", "ute-proxy", "ute-tun", "ute-tun-wireguard"} {
@@ -269,6 +358,13 @@ func BenchmarkNetns(b *testing.B) {
 	}())
 	// b.N is not looped over: one call is one measurement (it takes longer than -benchtime, so
 	// the framework calls it once).
+}
+
+// netnsPhase is one configuration of the daemons BenchmarkNetns measures.
+type netnsPhase struct {
+	name, config string
+	path         iperfPath // empty name: connection measures only
+	connect      func(context.Context) (time.Duration, error)
 }
 
 // firstByte completes a connect measure: it reads the sink's first byte (so that a flow held
@@ -294,25 +390,30 @@ type iperfPath struct {
 }
 
 // runIperf runs a 3 s iperf3 TCP test (first second omitted: slow start) and returns the
-// receiver's bits per second.
-func runIperf(ctx context.Context, iperf string, p iperfPath) (float64, error) {
-	bps, err := runIperfOnce(ctx, iperf, p)
+// receiver's bits per second and the bytes the client sent, omitted second included.
+func runIperf(ctx context.Context, iperf string, p iperfPath) (bps, sent float64, err error) {
+	bps, sent, err = runIperfOnce(ctx, iperf, p)
 	if err != nil {
 		// Once more: the server may still be closing the previous test on a loaded machine.
 		time.Sleep(time.Second)
-		bps, err = runIperfOnce(ctx, iperf, p)
+		bps, sent, err = runIperfOnce(ctx, iperf, p)
 	}
-	return bps, err
+	return bps, sent, err
 }
 
-func runIperfOnce(ctx context.Context, iperf string, p iperfPath) (float64, error) {
+func runIperfOnce(ctx context.Context, iperf string, p iperfPath) (bps, sent float64, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	out, err := p.host.Run(ctx, iperf, append(slices.Clone(p.args), "-t", "3", "-O", "1", "-J")...)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	var r struct {
+		Intervals []struct {
+			Sum struct {
+				Bytes float64 `json:"bytes"`
+			} `json:"sum"`
+		} `json:"intervals"`
 		End struct {
 			SumReceived struct {
 				BitsPerSecond float64 `json:"bits_per_second"`
@@ -321,12 +422,15 @@ func runIperfOnce(ctx context.Context, iperf string, p iperfPath) (float64, erro
 		Error string `json:"error"`
 	}
 	if err := json.Unmarshal([]byte(out), &r); err != nil {
-		return 0, fmt.Errorf("iperf3 JSON: %w", err)
+		return 0, 0, fmt.Errorf("iperf3 JSON: %w", err)
 	}
 	if r.Error != "" || r.End.SumReceived.BitsPerSecond == 0 {
-		return 0, fmt.Errorf("iperf3: %q", r.Error)
+		return 0, 0, fmt.Errorf("iperf3: %q", r.Error)
 	}
-	return r.End.SumReceived.BitsPerSecond, nil
+	for _, iv := range r.Intervals {
+		sent += iv.Sum.Bytes
+	}
+	return r.End.SumReceived.BitsPerSecond, sent, nil
 }
 
 // sink accepts connections and holds each until the peer closes it.

@@ -44,6 +44,9 @@ const netnsPolicy = `zones:
       - from: billing-*
         to: ledger
         ports: [tcp/8080, tcp/5201, tcp/18080]
+      - from: billing-*
+        to: ledger-late
+        ports: [tcp/8080]
   - name: support
     cidr: 100.100.2.0/24
     regions: [eu-west-1]
@@ -150,6 +153,9 @@ func runNetnsSuite(t *testing.T, mode, transport string) {
 	}
 	assert.Equal(t, "ledger here\n", w.mustCurl(a, "billing-api", ledger))
 	assert.Equal(t, "tickets here\n", w.mustCurl(c, "helpdesk", tickets))
+	if mode == "tun" {
+		w.lateAgents()
+	}
 
 	// Another zone: refused by the sending node, nothing dialed, nothing reaches tickets' server.
 	admittedSupport := w.metric(b.host, "ute_flows_admitted_total", `zone="support"`)
@@ -390,6 +396,7 @@ func newNetnsWorld(t *testing.T, mode, transport string) *netnsWorld {
 			out, err := a.host.Run(ctx, "ip", "-o", "-4", "addr", "show")
 			return err == nil && strings.Contains(out, " "+ip+"/")
 		}, 5*time.Second, 50*time.Millisecond, "the agent added at run time (%s) is not on node a's interface", ip)
+		a.agents["billing-late"] = ip
 	}
 	// Servers: one http.server per agent of node b, each with a file naming it; started after the
 	// daemons, since in tun mode they bind to the overlay IPs the daemon assigns.
@@ -423,6 +430,45 @@ func newNetnsWorld(t *testing.T, mode, transport string) *netnsWorld {
 			len(zonePeers(netnsStatus(t, b.dir), "payments")) == 1 && len(zonePeers(netnsStatus(t, b.dir), "support")) == 1
 	}, 20*time.Second, 100*time.Millisecond, "no gossip discovery; a: %s\nb: %s", a.proc.Output(), b.proc.Output())
 	return w
+}
+
+// lateAgents checks agents added while the daemons run (`ute agent add` through the local API):
+// billing-late on a (added by newNetnsWorld) reaches ledger on b, and ledger-late, added to b now,
+// is reached by billing-api on a. In WireGuard mode this is the whole runtime path: the address on
+// the kernel interface at once (wgAgentAdded), the receiving node admitting a source address it
+// learns from the record, the sending node resolving an agent it has not seen announced yet, and
+// both peers' allowed IPs taking the new address (wireguard-go drops a packet whose inner source
+// is not in its peer's allowed IPs, and routes nothing to an address no peer holds, so an answered
+// request proves both).
+func (w *netnsWorld) lateAgents() {
+	t := w.t
+	t.Helper()
+	a, b := w.nodes["a"], w.nodes["b"]
+	assert.Equal(t, "ledger here\n", w.mustCurl(a, "billing-late", b.agents["ledger"]), "the agent added at run time reaches an agent")
+
+	ip := netnsUte(t, "agent", "add", "--dir", b.dir, "--name", "ledger-late", "--zone", "payments", "--exe", w.tools.python)
+	added := time.Now()
+	b.agents["ledger-late"] = ip
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	dir := filepath.Join(w.tmp, "www-ledger-late")
+	require.NoError(t, os.MkdirAll(dir, 0o755))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "hello.txt"), []byte("ledger-late here\n"), 0o644))
+	// http.server binds to the overlay IP: this fails unless the address is on b's interface.
+	srv, err := b.host.Start(w.tools.python, "-u", "-m", "http.server", "8080", "--bind", ip, "--directory", dir)
+	require.NoError(t, err)
+	w.servers["ledger-late"] = srv
+	require.NoError(t, srv.WaitOutput(ctx, "Serving HTTP"), "ledger-late's server binds to its overlay IP %s on b's interface; node b: %s", ip, b.proc.Output())
+	var (
+		code int
+		out  string
+	)
+	require.Eventually(t, func() bool {
+		code, out = w.curlTimeout(a, "billing-api", ip, w.tools.curl, 3)
+		return code == 0 && out == "ledger-late here\n"
+	}, 20*time.Second, 200*time.Millisecond, "billing-api never reached ledger-late, added at run time; last: %d %q\nnode a: %s\nnode b: %s",
+		code, out, a.proc.Output(), b.proc.Output())
+	t.Logf("%s/%s: an agent added at run time was reached %v after `ute agent add` returned", w.mode, w.transport, time.Since(added).Round(time.Millisecond))
 }
 
 func firstLine(out, containing string) string {

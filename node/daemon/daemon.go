@@ -54,6 +54,11 @@ type Options struct {
 	// TrustFlow counts it as a duplicate identity (trust.go); default 45 s, above QUIC's idle
 	// timeout, so that a peer restarted on another port is not its own duplicate.
 	DuplicateConfirm time.Duration
+	// TrustTick is the TrustFlow loop's period while it holds a score, an action or trust events
+	// (trust.go); zero means 250 ms. With nothing held the loop wakes every 500 ms, or every
+	// TrustTick if that is longer. A region-file change is noticed within one period: the
+	// simulator lengthens it to spare the CPU of a thousand nodes, at the cost of that delay.
+	TrustTick time.Duration
 	// Version is the running binary's version line, reported by the local API's status.
 	Version string
 	// WireGuard tunes the WireGuard transport (Config.Transport wireguard; wireguard.go).

@@ -125,13 +125,11 @@ func (d *Daemon) members(zone string) []membership.Member {
 // Its periodic work shares one timer, because at rest each wake-up costs more than the work it
 // does (docs/benchmarks.md, "A node at rest"): the join check (every 200 ms to 1 s while a pool
 // is alone, backing off to 5 s once every pool has a peer), the gauges on each of those wake-ups
-// (member and tunnel counts only), and every resyncEvery a full hand-over of the members, in
-// case a notice was coalesced away while a pool was being replaced.
+// (member and tunnel counts only), and on each of them too a member sync, which compares the
+// node's peer table with the members and so repairs, within one interval, an entry something
+// else overwrote (see syncMembers) or a notice coalesced away while a pool was being replaced.
 func (d *Daemon) poolLoop() {
-	const (
-		restEvery   = 5 * time.Second
-		resyncEvery = 30 * time.Second
-	)
+	const restEvery = 5 * time.Second
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -142,27 +140,19 @@ func (d *Daemon) poolLoop() {
 	wait := 200 * time.Millisecond
 	tick := time.NewTimer(0)
 	defer tick.Stop()
-	var synced time.Time
 	reconnectEvery := d.opts.ReconnectInterval
 	if reconnectEvery <= 0 {
 		reconnectEvery = 30 * time.Second
 	}
 	reconnected := time.Now()
-	handed := map[string]netip.AddrPort{}
 	for {
 		select {
 		case <-d.ctx.Done():
 			return
 		case <-changes:
-			d.syncMembers(handed)
+			d.syncMembers()
 		case <-tick.C:
-			if time.Since(synced) >= resyncEvery {
-				// The full hand-over: forget what was handed, in case the node's peer table
-				// was changed by something else (a configured peer at another address).
-				synced = time.Now()
-				clear(handed)
-				d.syncMembers(handed)
-			}
+			d.syncMembers()
 			reconnect := time.Since(reconnected) >= reconnectEvery
 			if reconnect {
 				reconnected = time.Now()
@@ -261,14 +251,18 @@ func (d *Daemon) joinPools(reconnect bool) (failed bool) {
 	return failed
 }
 
-// syncMembers hands the node the members of every pool that it has not been handed yet at
-// their current address (keyed by node ID and address, so a member that moved is handed
-// again). During discovery membership reports a change many times a second, and handing
-// every member each time was a quarter of the CPU of a 1,000-node simulation: O(n) peer
-// parses per change. The node only ever adds or overwrites peers, so a member already handed
-// at the same address needs nothing; a refused member is not remembered and is tried again.
-// handed is owned by poolLoop (its only caller), so it needs no lock.
-func (d *Daemon) syncMembers(handed map[string]netip.AddrPort) {
+// syncMembers hands the node every member of every pool whose gossiped address its peer table
+// does not hold: a new member, a member that moved, and a member whose entry something else
+// overwrote since (an SDK caller's or a configured peer's AddPeer at another address). It
+// compares with the table itself, by node ID and without parsing, rather than with what it
+// handed before: a record of its own hand-overs could not see such an overwrite, which then
+// masked the gossiped address until a periodic full hand-over. During discovery membership
+// reports a change many times a second, and handing every member each time was a quarter of
+// the CPU of a 1,000-node simulation (O(n) peer parses per change); a member the table already
+// holds at its gossiped address costs one map lookup. A refused member is tried again on the
+// next sync. Gossip wins as in resolve: a gossiped address comes before a bootstrap or
+// configured one, and the handshake proves the identity at whichever address is dialed.
+func (d *Daemon) syncMembers() {
 	d.mu.Lock()
 	p := d.pools
 	d.mu.Unlock()
@@ -281,14 +275,12 @@ func (d *Daemon) syncMembers(handed map[string]netip.AddrPort) {
 			if m.NodeID == self || !m.Addr.IsValid() {
 				continue
 			}
-			if a, ok := handed[m.NodeID]; ok && a == m.Addr {
+			if a, ok := d.node.PeerAddr(m.NodeID); ok && a == m.Addr {
 				continue
 			}
 			if err := d.node.AddPeer(node.Peer{Node: m.NodeID, Addr: m.Addr}); err != nil {
 				d.log.Debug("gossiped member refused", "member", m.NodeID, "err", err)
-				continue
 			}
-			handed[m.NodeID] = m.Addr
 		}
 	}
 }

@@ -31,12 +31,21 @@ import (
 
 // FileRegion is the optional region file in the node directory. When present, its first line is
 // where the node runs now (a provisioning hook or the cloud's metadata agent writes it); the
-// daemon checks it every trust tick (a stat; it re-reads the file when the stat changes). Absent, the region is the one recorded at join.
+// daemon checks it every trust tick (a stat; it re-reads the file when the stat changes), so a
+// change is noticed within trustRestTick (500 ms) by default. Absent, the region is the one
+// recorded at join.
 const FileRegion = "region"
 
 // Tuning of the daemon's TrustFlow wiring.
 const (
+	// trustTick is the trust loop's default period (Options.TrustTick) while it holds something:
+	// a score, a trust event, an action taken. trustRestTick is its period while it holds
+	// nothing, which is a node's normal state: the loop then only checks the region file, the
+	// inbound tunnels for a duplicate (every dupEvery) and the certificate's expiry, and a region
+	// drift must still be acted on within a second (docs/architecture.md). Four wake-ups a second
+	// at rest were one of the main costs of an idle node (docs/benchmarks.md, "A node at rest").
 	trustTick       = 250 * time.Millisecond
+	trustRestTick   = 500 * time.Millisecond
 	trustQueue      = 4096
 	nodeShare       = 5                // a node takes 1/nodeShare of the weight its agent's signal carries
 	renewalCooldown = 30 * time.Minute // at most one renewal-failure signal per subject in this time
@@ -61,7 +70,9 @@ type trust struct {
 	mismatchAt map[string]time.Time // last workload-mismatch signal per agent
 	expiring   string               // serial already signalled as expiring
 	region     string               // region already signalled as drifted
+	placed     placement            // the last region found inside every zone's placement
 	dupAt      time.Time            // last duplicate check (see dupEvery)
+	tick       time.Duration        // the loop's period while something is held (Options.TrustTick)
 
 	// Trust events (trust_events.go): the verified events held, their counters, and what this
 	// node emitted per subject and kind in the current minute.
@@ -73,17 +84,36 @@ type trust struct {
 	ev *evidence
 }
 
+// placement is a region checked against the zones' placement, with what it was checked under:
+// the policy and the certificate (which names the zones). checkRegion skips the check while all
+// three are unchanged.
+type placement struct {
+	region string
+	pol    *zones.Policy
+	cert   *identity.Certificate
+}
+
 // dupEvery is how often the trust loop compares inbound tunnels for a duplicated identity: an
-// eighth of the confirmation time, between trustTick and 2 s. The comparison walks every tunnel
-// (a node snapshot), which at 100 tunnels four times a second was the trust loop's main cost
-// at rest; a sighting must persist for the whole confirmation time anyway (45 s by default), so
-// checking every 2 s instead adds at most 2 s to it. The region file is still read every tick.
+// eighth of the confirmation time, between the tick and 2 s. The comparison walks every tunnel,
+// which at 100 tunnels four times a second was the trust loop's main cost at rest; a sighting
+// must persist for the whole confirmation time anyway (45 s by default), so checking every 2 s
+// instead adds at most 2 s to it. The region file is still checked every tick.
 func (t *trust) dupEvery() time.Duration {
 	confirm := t.d.opts.DuplicateConfirm
 	if confirm <= 0 {
 		confirm = 45 * time.Second // trustflow.DuplicateDetector's default
 	}
-	return min(max(confirm/8, trustTick), 2*time.Second)
+	return min(max(confirm/8, t.tick), max(2*time.Second, t.tick))
+}
+
+// nextTick is the wait until the loop's next periodic check: the tick while something is held
+// (a score whose decay may change the action, an action to re-decide, trust events to prune, an
+// emission window to expire), trustRestTick (or the tick, if longer) while nothing is.
+func (t *trust) nextTick() time.Duration {
+	if len(t.acted) > 0 || len(t.emitted) > 0 || t.events.len() > 0 || len(t.eng.Scores()) > 0 {
+		return t.tick
+	}
+	return max(t.tick, trustRestTick)
 }
 
 type trustInput struct {
@@ -102,7 +132,11 @@ func newTrust(d *Daemon) (*trust, error) {
 	t := &trust{d: d, in: make(chan trustInput, trustQueue), burst: trustflow.NewBurstDetector(trustflow.BurstConfig{}),
 		dup: trustflow.DuplicateDetector{Confirm: d.opts.DuplicateConfirm}, acted: map[string]zones.Action{},
 		renewedAt: map[string]time.Time{}, mismatchAt: map[string]time.Time{},
-		events: newEventStore(), counts: newEventCounters(d.metrics), emitted: map[string]emitWindow{}}
+		events: newEventStore(), counts: newEventCounters(d.metrics), emitted: map[string]emitWindow{},
+		tick: d.opts.TrustTick}
+	if t.tick <= 0 {
+		t.tick = trustTick
+	}
 	eng, err := trustflow.New(trustflow.Config{Clock: d.now, Tuning: t.tuning()})
 	if err != nil {
 		return nil, err
@@ -147,12 +181,14 @@ func (t *trust) push(in trustInput) {
 // acted on by the trust loop like any other (the entry point for evidence other members send).
 func (t *trust) observe(s trustflow.Signal) { t.push(trustInput{signal: &s}) }
 
-// loop turns queued events and periodic checks into signals and actions until ctx ends.
+// loop turns queued events and periodic checks into signals and actions until ctx ends. The
+// checks run every nextTick: an event that makes the loop hold something is acted on at once
+// (handle), and the faster pace starts from the next check.
 func (t *trust) loop(ctx context.Context) {
-	tick := time.NewTicker(trustTick)
-	defer tick.Stop()
 	t.ev.register()
 	t.check(ctx)
+	tick := time.NewTimer(t.nextTick())
+	defer tick.Stop()
 	for {
 		select {
 		case <-ctx.Done():
@@ -161,6 +197,7 @@ func (t *trust) loop(ctx context.Context) {
 			t.handle(ctx, in)
 		case <-tick.C:
 			t.check(ctx)
+			tick.Reset(t.nextTick())
 		}
 	}
 }
@@ -363,14 +400,18 @@ func (t *trust) checkRegion(ctx context.Context) {
 	if region == t.region {
 		return
 	}
-	pol := d.node.Policy()
+	pol, cert := d.node.Policy(), d.node.Certificate()
+	if (t.placed == placement{region, pol, cert}) {
+		return // checked already and inside: neither the region, the policy nor the zones changed
+	}
 	var outside []string
-	for _, z := range d.node.Zones() {
+	for _, z := range cert.Claims.ZoneNames() {
 		if pz, ok := pol.Zone(z); ok && !pz.AllowsRegion(region) {
 			outside = append(outside, fmt.Sprintf("%s %v", z, pz.Regions))
 		}
 	}
 	if len(outside) == 0 {
+		t.placed = placement{region, pol, cert}
 		return
 	}
 	t.region = region
@@ -395,15 +436,20 @@ func (t *trust) checkRegion(ctx context.Context) {
 // handshake from its one socket, so its tunnels to this node arrive from one address, even
 // through NAT. An outbound tunnel's address is only where this node dialed (an advertised
 // address, which may differ from the source address behind NAT), so it is no evidence.
+//
+// It reads the endpoint's tunnels directly: a node snapshot also formats every agent and sorts,
+// which this check, at rest the trust loop's largest periodic cost, never uses.
 func (t *trust) checkDuplicates(ctx context.Context) {
 	var live []trustflow.Sighting
 	zoneOf := map[string]string{}
-	for _, tn := range t.d.node.Snapshot().Tunnels {
-		if !tn.Outbound {
-			live = append(live, trustflow.Sighting{Subject: tn.Peer, Addr: tn.Remote})
-			if z, ok := zoneOf[tn.Peer]; !ok || tn.Zone < z {
-				zoneOf[tn.Peer] = tn.Zone
-			}
+	for _, tn := range t.d.node.Endpoint().Tunnels() {
+		if tn.Outbound() || !tn.Alive() {
+			continue
+		}
+		peer, zone := tn.Peer().NodeID, tn.Zone()
+		live = append(live, trustflow.Sighting{Subject: peer, Addr: tn.RemoteAddr().String()})
+		if z, ok := zoneOf[peer]; !ok || zone < z {
+			zoneOf[peer] = zone
 		}
 	}
 	addrs := map[string]map[string]bool{}
@@ -436,8 +482,11 @@ func (t *trust) checkExpiry(ctx context.Context) {
 	c := t.d.node.Certificate()
 	now := t.d.now()
 	life := c.X509.NotAfter.Sub(c.X509.NotBefore)
+	if c.X509.NotAfter.Sub(now) >= life/4 {
+		return
+	}
 	serial := c.Serial().String()
-	if serial == t.expiring || c.X509.NotAfter.Sub(now) >= life/4 {
+	if serial == t.expiring {
 		return
 	}
 	t.expiring = serial

@@ -24,6 +24,7 @@ import (
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/localapi"
 	"github.com/ute-project/ute/node/membership"
+	"github.com/ute-project/ute/node/metrics"
 	"github.com/ute-project/ute/node/proxy"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/node/trustflow"
@@ -549,9 +550,32 @@ func TestDupEveryBoundsTheDelay(t *testing.T) {
 		{8 * time.Second, time.Second},
 		{300 * time.Millisecond, trustTick},
 	} {
-		tr := &trust{d: &Daemon{opts: Options{DuplicateConfirm: c.confirm}}}
+		tr := &trust{d: &Daemon{opts: Options{DuplicateConfirm: c.confirm}}, tick: trustTick}
 		assert.Equal(t, c.want, tr.dupEvery(), "confirm %v", c.confirm)
 	}
+	// A longer tick (Options.TrustTick, the simulator's) is the floor, even above 2 s.
+	tr := &trust{d: &Daemon{opts: Options{DuplicateConfirm: 300 * time.Millisecond}}, tick: 3 * time.Second}
+	assert.Equal(t, 3*time.Second, tr.dupEvery())
+}
+
+// The trust loop's pace: while it holds nothing (a node's normal state) it wakes every
+// trustRestTick instead of every tick, which still notices a region-file change within a second;
+// a held score brings the tick back; Options.TrustTick sets the tick, and a tick longer than
+// trustRestTick applies at rest too.
+func TestTrustTickAtRestAndWhenHolding(t *testing.T) {
+	for _, c := range []struct{ opt, held, rest time.Duration }{
+		{0, trustTick, trustRestTick},
+		{100 * time.Millisecond, 100 * time.Millisecond, trustRestTick},
+		{2 * time.Second, 2 * time.Second, 2 * time.Second},
+	} {
+		tr, err := newTrust(&Daemon{opts: Options{TrustTick: c.opt}, now: time.Now, metrics: metrics.New()})
+		require.NoError(t, err)
+		assert.Equal(t, c.rest, tr.nextTick(), "TrustTick %v, nothing held", c.opt)
+		_, err = tr.eng.Observe(trustflow.Signal{Subject: "spiffe://acme.internal/node/x", Kind: trustflow.KindPolicyDenial, Reason: "test"})
+		require.NoError(t, err)
+		assert.Equal(t, c.held, tr.nextTick(), "TrustTick %v, a score held", c.opt)
+	}
+	assert.Less(t, trustRestTick, time.Second, "a region drift is acted on within a second")
 }
 
 // Scenario 2 through the SDK, attacker side: billing-batch is enrolled on a as another

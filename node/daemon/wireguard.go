@@ -192,7 +192,8 @@ func (d *Daemon) startWireGuard() error {
 	d.wgt = w
 	d.mu.Unlock()
 	w.wg.Go(w.loop)
-	w.log.Info("wireguard transport up", "key", kp.Public.String(), "endpoint", w.endpoint.String(), "mtu", mtu)
+	w.log.Info("wireguard transport up", "key", kp.Public.String(), "endpoint", w.endpoint.String(), "mtu", mtu,
+		"direct_read", w.filter.DirectRead())
 	return nil
 }
 
@@ -428,10 +429,23 @@ func (w *wgTransport) exchange(ctx context.Context, nodeID, zone string) error {
 			return err
 		}
 	}
+	return w.exchangeOn(ctx, t)
+}
+
+// exchangeOn sends this node's binding over t and verifies the answer against the certificate
+// t's handshake proved. A peer that renewed its certificate since that handshake cannot sign an
+// answer that verifies here (its old key is gone); it pushes its binding over a fresh tunnel
+// instead (serveBinding) and closes this stream without an answer, so a binding installed for
+// the peer while this exchange waited is its answer.
+func (w *wgTransport) exchangeOn(ctx context.Context, t *tunnel.Tunnel) error {
+	nodeID, zone := t.Peer().NodeID, t.Zone()
 	own, err := w.ownBinding()
 	if err != nil {
 		return err
 	}
+	w.mu.Lock()
+	before := w.bindings[wgKey{nodeID, zone}].b
+	w.mu.Unlock()
 	c, err := t.OpenControl(ctx, wireguard.ChannelBinding)
 	if err != nil {
 		return err
@@ -445,6 +459,12 @@ func (w *wgTransport) exchange(ctx context.Context, nodeID, zone string) error {
 	}
 	raw, err := wireguard.ReadHello(c)
 	if err != nil {
+		w.mu.Lock()
+		after := w.bindings[wgKey{nodeID, zone}].b
+		w.mu.Unlock()
+		if after != nil && after != before {
+			return nil // pushed over a tunnel that proves the peer's current certificate
+		}
 		if ctx.Err() != nil {
 			return err
 		}
@@ -468,11 +488,42 @@ func (w *wgTransport) serveBinding(t *tunnel.Tunnel, c net.Conn) {
 		w.log.Warn("key binding refused", "peer", t.Peer().NodeID, "zone", t.Zone(), "err", err)
 		return // no answer: a node whose binding is refused learns nothing of ours
 	}
+	if t.Stale() {
+		// This node renewed its certificate (and node key) since t's handshake: the peer
+		// verifies our answer against the certificate t proved, which the key now signing no
+		// longer matches, and must refuse it. Push the binding over a tunnel that proves the
+		// current certificate, before closing this stream unanswered: the peer's exchange finds
+		// the pushed binding installed when its read ends.
+		w.pushBinding(t.Peer().NodeID, t.Zone())
+		return
+	}
 	own, err := w.ownBinding()
 	if err != nil {
 		return
 	}
 	_ = wireguard.WriteHello(c, own)
+}
+
+// pushBinding runs the binding exchange with nodeID in zone over a fresh tunnel, unless one is
+// already running (a peer opening many binding streams on a stale tunnel gets one exchange).
+func (w *wgTransport) pushBinding(nodeID, zone string) {
+	k := wgKey{nodeID, zone}
+	w.mu.Lock()
+	if w.inflight[k] || w.closed {
+		w.mu.Unlock()
+		return
+	}
+	w.inflight[k] = true
+	w.mu.Unlock()
+	ctx, cancel := context.WithTimeout(w.ctx, 4*time.Second)
+	err := w.exchange(ctx, nodeID, zone)
+	cancel()
+	w.mu.Lock()
+	delete(w.inflight, k)
+	w.mu.Unlock()
+	if err != nil {
+		w.log.Debug("key binding push after renewal", "peer", nodeID, "zone", zone, "err", err)
+	}
 }
 
 // acceptBinding verifies raw against the certificate t's handshake proved and records it.

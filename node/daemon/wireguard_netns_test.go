@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"testing"
@@ -167,6 +168,10 @@ func TestWireGuardNetns(t *testing.T) {
 	}, 30*time.Second, 200*time.Millisecond, "billing-api never reached ledger")
 	infoA, _ := a.d.WireGuard()
 	require.Len(t, infoA.Peers, 1)
+	// On a kernel TUN the filter reads the kernel straight into the device's buffers, and the
+	// first packets, held for admission, were still released while the reader waited.
+	require.True(t, a.d.wgt.filter.DirectRead(), "the filter reads the kernel TUN directly")
+	require.True(t, b.d.wgt.filter.DirectRead())
 
 	// Cross zone: an address of zone support is not routed into the overlay for billing-api
 	// (and would be refused at resolve): nothing leaves.
@@ -265,8 +270,13 @@ func TestWireGuardIperf(t *testing.T) {
 	lab := netlab.New(t, netlab.Options{Hosts: []string{"a", "b", "c", "d"}})
 	iperf := realExe(t, "iperf3")
 	ta := startAuthority(t)
-	a := startWGHost(t, ta, lab.Host("a"), []string{"payments"}, []state.AgentSpec{{Name: "billing-api", Zone: "payments", Exe: iperf}})
-	b := startWGHost(t, ta, lab.Host("b"), []string{"payments"}, []state.AgentSpec{{Name: "ledger", Zone: "payments", Exe: iperf}})
+	// Profile labels (go test -cpuprofile, pprof -tagfocus path=ute|bare) tell the two paths'
+	// goroutines apart: every goroutine inherits its creator's labels.
+	var a, b *wgHost
+	pprof.Do(context.Background(), pprof.Labels("path", "ute"), func(context.Context) {
+		a = startWGHost(t, ta, lab.Host("a"), []string{"payments"}, []state.AgentSpec{{Name: "billing-api", Zone: "payments", Exe: iperf}})
+		b = startWGHost(t, ta, lab.Host("b"), []string{"payments"}, []state.AgentSpec{{Name: "ledger", Zone: "payments", Exe: iperf}})
+	})
 	billing, ledger := a.ips["billing-api"], b.ips["ledger"]
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -302,15 +312,18 @@ func TestWireGuardIperf(t *testing.T) {
 		require.NoError(t, dev.IpcSet(fmt.Sprintf("private_key=%x\nlisten_port=51820\n", kp.Private[:])))
 		return &bare{dev: dev, kp: kp, ip: netip.MustParseAddr(ip), port: 51820}
 	}
-	bc, bd := mk(c, "10.200.0.1"), mk(d, "10.200.0.2")
-	for _, p := range []struct {
-		from, to *bare
-		h        *netlab.Host
-	}{{bc, bd, d}, {bd, bc, c}} {
-		require.NoError(t, p.from.dev.IpcSet(fmt.Sprintf("public_key=%x\nendpoint=%s\nallowed_ip=%s/32\n",
-			p.to.kp.Public[:], netip.AddrPortFrom(p.h.Addr, p.to.port), p.to.ip)))
-		require.NoError(t, p.from.dev.Up())
-	}
+	var bc, bd *bare
+	pprof.Do(context.Background(), pprof.Labels("path", "bare"), func(context.Context) {
+		bc, bd = mk(c, "10.200.0.1"), mk(d, "10.200.0.2")
+		for _, p := range []struct {
+			from, to *bare
+			h        *netlab.Host
+		}{{bc, bd, d}, {bd, bc, c}} {
+			require.NoError(t, p.from.dev.IpcSet(fmt.Sprintf("public_key=%x\nendpoint=%s\nallowed_ip=%s/32\n",
+				p.to.kp.Public[:], netip.AddrPortFrom(p.h.Addr, p.to.port), p.to.ip)))
+			require.NoError(t, p.from.dev.Up())
+		}
+	})
 	bsrv, err := d.Start(iperf, "-s", "-p", "8080", "--forceflush", "-B", bd.ip.String())
 	require.NoError(t, err)
 	require.NoError(t, bsrv.WaitOutput(ctx, "Server listening"))

@@ -2,6 +2,8 @@ package daemon
 
 import (
 	"context"
+	"crypto/ed25519"
+	"crypto/rand"
 	"encoding/binary"
 	"fmt"
 	"net"
@@ -669,4 +671,94 @@ func requireRST(t *testing.T, delivered <-chan []byte, want wireguard.Tuple, fat
 	case <-time.After(time.Second):
 		t.Fatal(fatal)
 	}
+}
+
+// TestWireGuardBindingAfterAcceptorRenewal is the renewal seen from the initiator's side, and
+// from an attacker's: n2, the accepting end of n1's tunnel, renews its certificate (new serial,
+// new node key) while that tunnel, which proved n2's old certificate, stays n1's. A binding of n2
+// is accepted only when it verifies against the certificate a tunnel's handshake proved: over the
+// old tunnel, n2's binding signed with its new key (by a genuinely issued certificate, just not
+// the one that tunnel proved) is refused, and so is one signed by a key n2 was never issued. The
+// exchange n1 runs on the old tunnel still succeeds: n2 pushes its binding over a fresh tunnel,
+// and n1 then holds it with the renewed certificate that tunnel proved.
+func TestWireGuardBindingAfterAcceptorRenewal(t *testing.T) {
+	ta := startAuthority(t)
+	skewTo := func(margin time.Duration) func(o *Options) {
+		return func(o *Options) {
+			st, err := state.Open(o.Dir)
+			require.NoError(t, err)
+			cert, err := st.NodeCert()
+			require.NoError(t, err)
+			skew := time.Until(cert.RenewAt()) - margin
+			o.Clock = func() time.Time { return time.Now().Add(skew) }
+		}
+	}
+	const margin = 8 * time.Second
+	// n2 renews a few seconds in; n1's clock runs 4 min behind (within the 5 min a binding may be
+	// issued ahead, and far from n1's own half-life).
+	n2 := startWGDaemonWith(t, ta, spec{name: "n2", zones: []string{"payments"}}, skewTo(margin))
+	n1 := startWGDaemonWith(t, ta, spec{name: "n1", zones: []string{"payments"}}, skewTo(margin+4*time.Minute))
+	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
+	require.NoError(t, n2.Node().AddPeer(node.Peer{Node: n1.Node().ID().String(), Addr: n1.Addr()}))
+	peer := n2.Node().ID().String()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stored := func() wgPeer {
+		n1.wgt.mu.Lock()
+		defer n1.wgt.mu.Unlock()
+		return n1.wgt.bindings[wgKey{peer, "payments"}]
+	}
+
+	old, _, err := n2.Node().Credentials()
+	require.NoError(t, err)
+	oldTunnel, err := n1.Node().Tunnel(ctx, peer, "payments")
+	require.NoError(t, err)
+	require.NoError(t, n1.wgt.exchangeOn(ctx, oldTunnel))
+	proved, _ := oldTunnel.Peer().Info.(*identity.Certificate)
+	require.NotNil(t, proved)
+	require.Equal(t, 0, proved.Serial().Cmp(old.Serial()), "the tunnel proved n2's certificate from before the renewal")
+	require.Equal(t, 0, stored().cert.Serial().Cmp(old.Serial()))
+
+	require.Eventually(t, func() bool {
+		c, _, err := n2.Node().Credentials()
+		return err == nil && c.Serial().Cmp(old.Serial()) != 0
+	}, margin+20*time.Second, 50*time.Millisecond, "n2 never renewed")
+	renewed, _, err := n2.Node().Credentials()
+	require.NoError(t, err)
+	require.False(t, renewed.PublicKey().Equal(old.PublicKey()), "renewal rotates the node key")
+
+	// n2's current binding, signed with the renewed key, offered on the tunnel that proved the old
+	// certificate: refused, and n1 keeps the binding it verified before.
+	newRaw, err := n2.wgt.ownBinding()
+	require.NoError(t, err)
+	_, err = wireguard.VerifyBinding(newRaw, renewed, "payments", n1.now())
+	require.NoError(t, err, "the binding is valid under the renewed certificate")
+	err = n1.wgt.acceptBinding(oldTunnel, newRaw)
+	require.ErrorIs(t, err, wireguard.ErrBindingSignature)
+	require.Equal(t, 0, stored().cert.Serial().Cmp(old.Serial()), "a refused binding replaced nothing")
+	// A key n2 was never issued, claiming n2 with another WireGuard key: refused the same way.
+	_, forger, err := ed25519.GenerateKey(rand.Reader)
+	require.NoError(t, err)
+	forged, err := wireguard.SignBinding(wireguard.Binding{Node: peer, Zones: []string{"payments"}, Key: wireguard.Key{7},
+		Endpoint: netip.MustParseAddrPort("127.0.0.1:51820"), IssuedAt: n1.now(), Expires: n1.now().Add(time.Hour)}, forger)
+	require.NoError(t, err)
+	require.ErrorIs(t, n1.wgt.acceptBinding(oldTunnel, forged), wireguard.ErrBindingSignature)
+	require.NotEqual(t, wireguard.Key{7}, stored().b.Key)
+
+	// The exchange on the old tunnel: n2 cannot answer there with anything n1 would accept, so it
+	// pushes its binding over a tunnel that proves the renewed certificate.
+	require.NoError(t, n1.wgt.exchangeOn(ctx, oldTunnel), "the binding exchange on a tunnel from before the peer's renewal")
+	got := stored()
+	require.NotNil(t, got.b)
+	require.Equal(t, 0, got.cert.Serial().Cmp(renewed.Serial()), "n1 holds the binding verified against n2's renewed certificate")
+	_, err = wireguard.VerifyBinding(got.b.Raw(), got.cert, "payments", n1.now())
+	require.NoError(t, err, "the stored binding verifies against the certificate stored with it")
+	_, err = wireguard.VerifyBinding(got.b.Raw(), proved, "payments", n1.now())
+	require.ErrorIs(t, err, wireguard.ErrBindingSignature, "and not against the one the old tunnel proved")
+	cur, err := n1.Node().Tunnel(ctx, peer, "payments")
+	require.NoError(t, err)
+	require.NotSame(t, oldTunnel, cur)
+	curCert, _ := cur.Peer().Info.(*identity.Certificate)
+	require.NotNil(t, curCert)
+	require.Equal(t, curCert.X509.Raw, got.cert.X509.Raw, "the stored certificate is the one n1's current tunnel to n2 proved")
 }

@@ -50,18 +50,28 @@ var (
 
 // Timing are memberlist's gossip and failure-detection timings.
 type Timing struct {
-	GossipInterval      time.Duration // how often queued broadcasts are sent
-	GossipNodes         int           // members each gossip round goes to
-	ProbeInterval       time.Duration // failure-detection probe period
-	ProbeTimeout        time.Duration // time to wait for a probe's ack
-	PushPullInterval    time.Duration // full state exchange with one random member
-	SuspicionMult       int           // suspicion timeout = mult * log(N+1) * ProbeInterval
-	RetransmitMult      int           // a broadcast is sent mult * log(N+1) times by each sender
-	TCPTimeout          time.Duration // stream operations: push/pull, join, fallback probes
-	GossipToTheDeadTime time.Duration // dead members still gossiped to, so they can refute
+	// GossipInterval is how often queued records are gossiped: a pool sends them every
+	// GossipInterval while any is queued and sleeps while none is (pool.pump).
+	GossipInterval time.Duration
+	// MemberGossipInterval is memberlist's own gossip ticker, which carries member state (alive,
+	// suspect, dead) and also sends queued records. It fires whether or not anything is queued,
+	// so at rest each tick is a wake-up for nothing; zero means GossipInterval. A longer one
+	// leaves the records' pace (GossipInterval, pool.pump) alone but slows member state.
+	MemberGossipInterval time.Duration
+	GossipNodes          int           // members each gossip round goes to
+	ProbeInterval        time.Duration // failure-detection probe period
+	ProbeTimeout         time.Duration // time to wait for a probe's ack
+	PushPullInterval     time.Duration // full state exchange with one random member
+	SuspicionMult        int           // suspicion timeout = mult * log(N+1) * ProbeInterval
+	RetransmitMult       int           // a broadcast is sent mult * log(N+1) times by each sender
+	TCPTimeout           time.Duration // stream operations: push/pull, join, fallback probes
+	GossipToTheDeadTime  time.Duration // dead members still gossiped to, so they can refute
 }
 
 // LANTiming is memberlist's LAN profile (200 ms gossip to 3 members, 1 s probes, 30 s push/pull).
+// MemberGossipInterval is left unset, so memberlist's own ticker keeps the 200 ms: slowed to
+// 500 ms it saved about three wake-ups a second at rest, but 100 in-process members on a loaded
+// machine then failed to settle (docs/architecture.md, "Gossip pace").
 func LANTiming() Timing {
 	c := memberlist.DefaultLANConfig()
 	return Timing{
@@ -75,6 +85,15 @@ func LANTiming() Timing {
 		TCPTimeout:          c.TCPTimeout,
 		GossipToTheDeadTime: c.GossipToTheDeadTime,
 	}
+}
+
+// memberGossip is memberlist's own gossip period: MemberGossipInterval, or GossipInterval when that
+// is unset or longer (memberlist's rounds are never more frequent than the records').
+func (t Timing) memberGossip() time.Duration {
+	if t.MemberGossipInterval <= 0 {
+		return t.GossipInterval
+	}
+	return max(t.MemberGossipInterval, t.GossipInterval)
 }
 
 // FastTiming is for tests and the simulator on loopback.
@@ -615,6 +634,10 @@ type pool struct {
 	queue *memberlist.TransmitLimitedQueue
 	list  atomic.Pointer[memberlist.Memberlist]
 
+	// queued holds one notice that a record was queued (see pump); stopPump ends the pump.
+	queued   chan struct{}
+	stopPump context.CancelFunc
+
 	mu      sync.Mutex
 	members map[string]Member  // from memberlist's events
 	failed  map[Seed]time.Time // seeds whose last join dial failed, and when (join.go)
@@ -649,7 +672,7 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 	// Gossip packets are small and the tunnel encrypts them; compressing each one cost a
 	// fifth of an idle pool's CPU.
 	conf.EnableCompression = false
-	conf.GossipInterval = t.GossipInterval
+	conf.GossipInterval = t.memberGossip()
 	conf.GossipNodes = t.GossipNodes
 	conf.ProbeInterval = t.ProbeInterval
 	conf.ProbeTimeout = t.ProbeTimeout
@@ -666,7 +689,67 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)
 	}
 	p.list.Store(ml)
+	p.queued = make(chan struct{}, 1)
+	ctx, cancel := context.WithCancel(m.ctx)
+	p.stopPump = cancel
+	m.wg.Go(func() { p.pump(ctx) })
 	return p, nil
+}
+
+// pump gossips the pool's queued records: a round at once when a record is queued, then one
+// every GossipInterval, each to GossipNodes random members, for as long as any record is still
+// queued (each is sent RetransmitMult·log(N+1) times in all, by these rounds and memberlist's
+// own). With nothing queued it sleeps. memberlist's own gossip ticker fires whether or not it has
+// anything to send (five wake-ups a second at rest with the LAN profile); with a longer
+// MemberGossipInterval the records keep their pace here, and the first round of a record no
+// longer waits for memberlist's next tick.
+func (p *pool) pump(ctx context.Context) {
+	every := p.m.cfg.Timing.GossipInterval
+	t := time.NewTimer(every)
+	t.Stop()
+	defer t.Stop()
+	for {
+		if p.queue.NumQueued() == 0 {
+			select {
+			case <-ctx.Done():
+				return
+			case <-p.queued:
+			}
+		}
+		p.gossipRound()
+		t.Reset(every)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// gossipRound sends queued records to GossipNodes random live members, as memberlist's gossip
+// round does: each member gets what GetBroadcasts yields for it, one record per packet (the
+// framing of memberlist's user messages, so the receiver's NotifyMsg takes them alike).
+func (p *pool) gossipRound() {
+	ml := p.ml()
+	var others []Member
+	for _, mem := range p.m.Members(p.zone) {
+		if mem.NodeID != p.m.cfg.NodeID && mem.Addr.IsValid() {
+			others = append(others, mem)
+		}
+	}
+	rand.Shuffle(len(others), func(i, j int) { others[i], others[j] = others[j], others[i] })
+	for _, mem := range others[:min(len(others), p.m.cfg.Timing.GossipNodes)] {
+		// 2 bytes of compound overhead per message as memberlist reserves, and the user-message
+		// type byte SendBestEffort adds.
+		msgs := p.queue.GetBroadcasts(3, udpBufferSize)
+		if len(msgs) == 0 {
+			return
+		}
+		to := &memberlist.Node{Name: mem.NodeID, Addr: net.IP(mem.Addr.Addr().AsSlice()), Port: mem.Addr.Port()}
+		for _, msg := range msgs {
+			_ = ml.SendBestEffort(to, msg) // best effort, as memberlist's gossip; push/pull repairs a loss
+		}
+	}
 }
 
 func (p *pool) ml() *memberlist.Memberlist { return p.list.Load() }
@@ -679,6 +762,7 @@ func (p *pool) numNodes() int {
 }
 
 func (p *pool) stop(leave time.Duration) error {
+	p.stopPump()
 	ml := p.ml()
 	_ = ml.Leave(leave)
 	return ml.Shutdown()
@@ -690,6 +774,10 @@ func (p *pool) spread(raw []byte, origin bool) bool {
 	msg := encodeMessage(raw)
 	if len(msg) <= maxBroadcast {
 		p.queue.QueueBroadcast(broadcast(msg))
+		select { // rouse the pump
+		case p.queued <- struct{}{}:
+		default:
+		}
 		if origin && !p.m.cfg.NoRequeue {
 			p.sendOpen(msg)
 		}

@@ -400,3 +400,57 @@ func TestChangesNotifiesJoinAndLeave(t *testing.T) {
 	}
 	require.Eventually(t, func() bool { return len(a.m.Members("z")) == 1 }, 5*time.Second, 10*time.Millisecond)
 }
+
+// TestRecordsKeepTheirPaceWhenMemberlistGossipIsSlow: queued records are gossiped every
+// GossipInterval by the pool's own rounds, however rarely memberlist's own gossip ticker fires
+// (MemberGossipInterval, which wakes an idle node whether or not anything is queued).
+// Here memberlist's round and its probes (which piggyback queued messages) come every minute,
+// push/pull every hour, and re-broadcast and the publisher's direct sends are off: only the pool's
+// rounds can carry the record within a second (20 ms here, 320 ms under -race on a loaded
+// machine; without them it waits for memberlist's first round or probe).
+func TestRecordsKeepTheirPaceWhenMemberlistGossipIsSlow(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := FastTiming()
+	timing.MemberGossipInterval = time.Minute
+	timing.ProbeInterval, timing.ProbeTimeout = time.Minute, time.Second
+	timing.PushPullInterval = time.Hour
+	var ms []*member
+	for i := range 3 {
+		ms = append(ms, startMember(t, auth, sg, fmt.Sprintf("n%d", i), []string{"z"}, gossiptest.NodeOptions{},
+			clusterOpts{timing: timing, noRequeue: true}))
+	}
+	// Each joins through every member before it: memberlist's slow rounds would take a minute to
+	// spread the joins.
+	for i := 1; i < len(ms); i++ {
+		var seeds []Seed
+		for _, s := range ms[:i] {
+			seeds = append(seeds, seedOf(s))
+		}
+		_, err := ms[i].m.Join(ctxT(t), "z", seeds)
+		require.NoError(t, err)
+	}
+	waitMembers(t, ms, "z", 3, 5*time.Second)
+	assert.Equal(t, time.Minute, timing.memberGossip())
+
+	raw := sg.record(t, 200)
+	ms[0].store.put("z", raw)
+	start := time.Now()
+	require.NoError(t, ms[0].m.Publish(raw, "z"))
+	took := waitHeld(t, ms, raw, start, time.Second)
+	t.Logf("every member held the record %s after Publish", took)
+	assert.Zero(t, ms[0].m.Stats().DirectSends, "no direct send: the pool's gossip round carried it")
+}
+
+// memberlist's own gossip period: never shorter than the records' pace.
+func TestMemberGossipInterval(t *testing.T) {
+	assert.Equal(t, 200*time.Millisecond, LANTiming().memberGossip(), "the LAN profile keeps memberlist's 200 ms")
+	assert.Equal(t, 200*time.Millisecond, LANTiming().GossipInterval)
+	lazy := LANTiming()
+	lazy.MemberGossipInterval = 500 * time.Millisecond
+	assert.Equal(t, 500*time.Millisecond, lazy.memberGossip())
+	assert.Equal(t, FastTiming().GossipInterval, FastTiming().memberGossip(), "unset: the records' pace")
+	slow := LANTiming()
+	slow.GossipInterval = time.Second
+	assert.Equal(t, time.Second, slow.memberGossip())
+}

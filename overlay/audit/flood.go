@@ -87,6 +87,9 @@ type Flood struct {
 	closing bool // Close has begun (it runs once)
 	closed  bool // refusals are refused
 
+	// wake rouses the ticker when it sleeps with nothing pending (see ticker); it holds at most
+	// one notice.
+	wake chan struct{}
 	stop chan struct{}
 	done chan struct{}
 }
@@ -113,7 +116,8 @@ type budgetState struct {
 }
 
 // NewFlood returns a Flood writing to dst and starts its ticker, which writes summaries once
-// their window has passed even when no refusal follows. Close stops it.
+// their window has passed even when no refusal follows; it sleeps while nothing is pending.
+// Close stops it.
 func NewFlood(dst Appender, opts FloodOptions) *Flood {
 	if opts.Window <= 0 {
 		opts.Window = DefaultFloodWindow
@@ -134,22 +138,40 @@ func NewFlood(dst Appender, opts FloodOptions) *Flood {
 		opts.Logger = slog.Default()
 	}
 	f := &Flood{dst: dst, opts: opts, log: opts.Logger, aggs: map[string]*aggregate{}, order: list.New(),
-		stop: make(chan struct{}), done: make(chan struct{})}
+		wake: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	go f.ticker()
 	return f
 }
 
+// ticker writes due summaries every quarter window while there is something to summarise: a
+// kind of refusal still tracked (it is forgotten after a whole quiet window) or refusals the
+// budget dropped (their entry is due when the period ends). Otherwise it sleeps until Refuse
+// starts tracking a kind: on a node at rest a ticker that fires with nothing to do costs a
+// wake-up a second for nothing (docs/benchmarks.md, "A node at rest").
 func (f *Flood) ticker() {
 	defer close(f.done)
 	// A quarter window: a summary is written at most a quarter window after its window ends.
 	every := min(max(f.opts.Window/4, 10*time.Millisecond), time.Second)
-	t := time.NewTicker(every)
+	t := time.NewTimer(every)
 	defer t.Stop()
 	for {
+		f.mu.Lock()
+		idle := f.idleLocked()
+		f.mu.Unlock()
+		if idle {
+			t.Stop()
+			select {
+			case <-f.stop:
+				return
+			case <-f.wake:
+			}
+			t.Reset(every)
+		}
 		select {
 		case <-f.stop:
 			return
 		case <-t.C:
+			t.Reset(every)
 			f.mu.Lock()
 			err := f.flushLocked(context.Background(), f.opts.Now(), false)
 			f.mu.Unlock()
@@ -157,6 +179,18 @@ func (f *Flood) ticker() {
 				f.log.Error("audit: writing refusal summaries failed", "err", err)
 			}
 		}
+	}
+}
+
+// idleLocked reports whether the ticker has nothing to do until the next refusal: no kind is
+// tracked and no dropped refusal awaits its entry.
+func (f *Flood) idleLocked() bool { return f.order.Len() == 0 && f.budget.entries == 0 }
+
+// rouse wakes the ticker if it sleeps; a notice already pending is enough.
+func (f *Flood) rouse() {
+	select {
+	case f.wake <- struct{}{}:
+	default:
 	}
 }
 
@@ -205,6 +239,9 @@ func (f *Flood) Refuse(ctx context.Context, e Entry, key ...string) error {
 	}
 	a.elem = f.order.PushBack(a)
 	f.aggs[k] = a
+	if f.order.Len() == 1 {
+		f.rouse() // the first kind tracked: the ticker may be asleep
+	}
 	ok, err := f.writeLocked(ctx, e, 1)
 	if ok {
 		f.stats.Written++

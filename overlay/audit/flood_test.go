@@ -235,6 +235,46 @@ func TestFloodFirstOfKindAtOnceThenSummary(t *testing.T) {
 	assert.Equal(t, uint64(4), l.Len())
 }
 
+// At rest the ticker sleeps: with no kind of refusal tracked and nothing dropped it does not wake
+// at all (it reads the clock on each tick, so the clock counts its ticks); a refusal rouses it,
+// it writes the summary when the window ends, and once the kind is forgotten after a quiet window
+// it sleeps again, until the next refusal rouses it once more.
+func TestFloodTickerSleepsWhenNothingIsPending(t *testing.T) {
+	dir := t.TempDir()
+	l := openLog(t, dir, Options{})
+	clk := newFakeClock()
+	var reads atomic.Int64
+	now := func() time.Time {
+		reads.Add(1)
+		return clk.Now()
+	}
+	f := NewFlood(l, FloodOptions{Window: 40 * time.Millisecond, Now: now}) // awake, it ticks every 10 ms
+	t.Cleanup(func() { _ = f.Close() })
+	ctx := context.Background()
+	r := deny("spiffe://acme.internal/node/mallory", "policy", "ledger:8080/tcp", 0)
+
+	time.Sleep(100 * time.Millisecond)
+	assert.Zero(t, reads.Load(), "no tick while nothing was ever refused")
+
+	for round := range 2 {
+		require.NoError(t, f.Refuse(ctx, r, denyKey...))
+		require.NoError(t, f.Refuse(ctx, r, denyKey...))
+		require.Eventually(t, func() bool { return reads.Load() > int64(round)*100+5 }, 5*time.Second, time.Millisecond,
+			"round %d: the ticker runs while a kind is tracked", round)
+		clk.Add(40 * time.Millisecond)
+		require.Eventually(t, func() bool { return f.Stats().Summaries == uint64(round+1) }, 5*time.Second, time.Millisecond,
+			"round %d: the summary is written when the window ends", round)
+		clk.Add(41 * time.Millisecond) // a whole quiet window: the next tick forgets the kind
+		require.Eventually(t, func() bool { return f.kinds() == 0 }, 5*time.Second, time.Millisecond)
+		settled := reads.Load()
+		time.Sleep(100 * time.Millisecond)
+		assert.Equal(t, settled, reads.Load(), "round %d: asleep again once nothing is pending", round)
+		reads.Store(int64(round+1) * 100)
+	}
+	require.NoError(t, f.Close())
+	assert.Equal(t, FloodStats{Refusals: 4, Written: 2, Collapsed: 2, Summaries: 2}, f.Stats())
+}
+
 func (f *Flood) kinds() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()

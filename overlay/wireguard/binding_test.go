@@ -64,6 +64,16 @@ func TestBindingRefusals(t *testing.T) {
 	expired.IssuedAt, expired.Expires = t0.Add(-2*time.Hour), t0.Add(-time.Hour)
 	expiredRaw, err := SignBinding(expired, p.n1Key)
 	require.NoError(t, err)
+	// n1 renewed: the same identity and grants, a new node key. Its binding signed with either key
+	// verifies only against the certificate of that key, whichever is newer.
+	renewedKey := mustKey(t)
+	renewed := issueNode(t, p, renewedKey, "n1",
+		identity.ZoneGrant{Name: "payments", Prefixes: []netip.Prefix{netip.MustParsePrefix("100.100.1.0/28")}},
+		identity.ZoneGrant{Name: "support", Prefixes: []netip.Prefix{netip.MustParsePrefix("100.100.2.0/28")}})
+	byRenewed, err := SignBinding(binding(renewed, mine.Public, "payments"), renewedKey)
+	require.NoError(t, err)
+	_, err = VerifyBinding(byRenewed, renewed, "payments", t0)
+	require.NoError(t, err)
 	future := binding(p.n1, mine.Public, "payments")
 	future.IssuedAt, future.Expires = t0.Add(time.Hour), t0.Add(2*time.Hour)
 	futureRaw, err := SignBinding(future, p.n1Key)
@@ -78,6 +88,8 @@ func TestBindingRefusals(t *testing.T) {
 	}{
 		{"another node's valid binding on n1's tunnel", n2Good, p.n1, "payments", ErrBindingSignature},
 		{"n1's identity with a key, signed by n2", forged, p.n1, "payments", ErrBindingSignature},
+		{"signed by n1's renewed key, on a tunnel that proved the old certificate", byRenewed, p.n1, "payments", ErrBindingSignature},
+		{"signed by n1's old key, on a tunnel that proved the renewed certificate", good, renewed, "payments", ErrBindingSignature},
 		{"key substituted in the signed bytes", substituted, p.n1, "payments", ErrBindingSignature},
 		{"n1 binds a key for n2", forOther, p.n1, "payments", ErrBindingNode},
 		{"a revocation signed by the node", rev, p.n1, "payments", ErrBindingSignature},

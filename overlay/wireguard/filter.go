@@ -99,6 +99,14 @@ type Filter struct {
 	resets   map[key]time.Time // TCP tuples cut lately, as the local side sends: answered by a RST
 	released [][]byte
 
+	// direct is the inner device's file when it can interrupt a blocked read (a kernel TUN: a
+	// nonblocking file in Go's poller). Read then reads the kernel straight into the device's
+	// buffers and decides in place, and an admission that releases packets wakes it by setting a
+	// read deadline in the past. Otherwise (nil: channel TUNs, test devices) a reader goroutine
+	// reads ahead and Read waits on it and on released packets alike.
+	direct   *os.File
+	nRelease atomic.Int32 // len(released), readable without pmu on Read's fast path
+
 	notify chan struct{}
 	ready  chan *batch
 	free   chan *batch
@@ -145,6 +153,9 @@ func NewFilter(cfg FilterConfig) *Filter {
 		f.now = time.Now
 	}
 	f.coarse.Store(f.now().UnixNano())
+	if fl := cfg.Inner.File(); fl != nil && fl.SetReadDeadline(time.Time{}) == nil {
+		f.direct = fl
+	}
 	f.ctx, f.cancel = context.WithCancel(context.Background())
 	f.wg.Go(f.sweepLoop)
 	return f
@@ -311,6 +322,9 @@ func (f *Filter) Stats() FilterStats {
 // Read hands wireguard-go the kernel's packets that may leave. Like every tun.Device, it is
 // called from one goroutine at a time.
 func (f *Filter) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
+	if f.direct != nil {
+		return f.readDirect(bufs, sizes, offset)
+	}
 	f.start.Do(func() { f.startReader(len(bufs[0]), offset) })
 	if f.cur == nil && f.closed.Load() {
 		return 0, os.ErrClosed
@@ -350,6 +364,62 @@ func (f *Filter) Read(bufs [][]byte, sizes []int, offset int) (int, error) {
 	}
 }
 
+// readDirect is Read on a kernel TUN: the kernel's packets are read into bufs, the device's own
+// buffers, and decided there, with no reader goroutine, hand-over or copy on the way. Passing
+// packets are moved down over dropped ones by copying: bufs' elements belong to the device's
+// per-packet buffers and must stay where they are.
+func (f *Filter) readDirect(bufs [][]byte, sizes []int, offset int) (int, error) {
+	for {
+		if f.nRelease.Load() > 0 {
+			if n := f.takeReleased(bufs, sizes, offset); n > 0 {
+				return n, nil
+			}
+		}
+		if f.closed.Load() {
+			return 0, os.ErrClosed
+		}
+		n, err := f.inner.Read(bufs, sizes, offset)
+		if err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+			// wake: packets were released. Clear the deadline before taking them, so that a wake
+			// landing after the clear leaves the deadline set and the next read returns at once.
+			_ = f.direct.SetReadDeadline(time.Time{})
+			continue
+		}
+		now := f.coarse.Load()
+		k := 0
+		for i := range n {
+			pkt := bufs[i][offset : offset+sizes[i]]
+			if f.outbound(pkt, now) {
+				if k != i {
+					sizes[k] = copy(bufs[k][offset:], pkt)
+				} else {
+					sizes[k] = sizes[i]
+				}
+				k++
+			}
+		}
+		if k > 0 || err != nil {
+			return k, err
+		}
+	}
+}
+
+// DirectRead reports whether Read reads the inner device directly (it can interrupt a blocked
+// read: a kernel TUN) rather than through a reader goroutine.
+func (f *Filter) DirectRead() bool { return f.direct != nil }
+
+// wake makes Read hand out released packets now, even while it waits for the kernel.
+func (f *Filter) wake() {
+	if f.direct != nil {
+		_ = f.direct.SetReadDeadline(time.Unix(1, 0))
+		return
+	}
+	select {
+	case f.notify <- struct{}{}:
+	default:
+	}
+}
+
 // takeReleased copies released packets into bufs.
 func (f *Filter) takeReleased(bufs [][]byte, sizes []int, offset int) int {
 	f.pmu.Lock()
@@ -361,7 +431,8 @@ func (f *Filter) takeReleased(bufs [][]byte, sizes []int, offset int) int {
 		f.released = f.released[1:]
 		n++
 	}
-	if len(f.released) > 0 {
+	f.nRelease.Store(int32(len(f.released)))
+	if len(f.released) > 0 && f.direct == nil {
 		select {
 		case f.notify <- struct{}{}:
 		default:
@@ -538,6 +609,7 @@ func (f *Filter) admit(t Tuple) {
 		f.refusals.Add(1)
 	} else {
 		f.released = append(f.released, pkts...)
+		f.nRelease.Store(int32(len(f.released)))
 		f.releasedPkts.Add(uint64(len(pkts)))
 		f.admissions.Add(1)
 	}
@@ -547,10 +619,7 @@ func (f *Filter) admit(t Tuple) {
 		return
 	}
 	if len(pkts) > 0 {
-		select {
-		case f.notify <- struct{}{}:
-		default:
-		}
+		f.wake()
 	}
 }
 

@@ -1,6 +1,7 @@
 package wireguard
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -156,8 +157,13 @@ func OpenDevice(cfg DeviceConfig) (*Device, error) {
 		bind = conn.NewDefaultBind()
 	}
 	wlog := &device.Logger{
-		Verbosef: func(format string, args ...any) { log.Debug("wireguard-go: " + fmt.Sprintf(format, args...)) },
-		Errorf:   func(format string, args ...any) { log.Warn("wireguard-go: " + fmt.Sprintf(format, args...)) },
+		// Formatted only when debug is on: wireguard-go logs every keepalive and handshake.
+		Verbosef: func(format string, args ...any) {
+			if log.Enabled(context.Background(), slog.LevelDebug) {
+				log.Debug("wireguard-go: " + fmt.Sprintf(format, args...))
+			}
+		},
+		Errorf: func(format string, args ...any) { log.Warn("wireguard-go: " + fmt.Sprintf(format, args...)) },
 	}
 	dev := device.NewDevice(cfg.TUN, bind, wlog)
 	if err := dev.IpcSet(fmt.Sprintf("private_key=%s\nlisten_port=%d\n", cfg.Key.Private.hex(), cfg.Port)); err != nil {
