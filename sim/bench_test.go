@@ -45,6 +45,24 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 	if g := os.Getenv("UTE_SIM_BENCH_GOSSIP"); g != "" {
 		sc.Gossip = g
 	}
+	if s := os.Getenv("UTE_SIM_BENCH_START"); s != "" {
+		sc.Start = s
+	}
+	if env := os.Getenv("UTE_SIM_BENCH_IDLE"); env != "" {
+		d, err := time.ParseDuration(env)
+		require.NoError(b, err)
+		sc.TunnelIdle = scenario.Duration(d)
+	}
+	if env := os.Getenv("UTE_SIM_BENCH_WARMUP"); env != "" {
+		d, err := time.ParseDuration(env)
+		require.NoError(b, err)
+		sc.Warmup = scenario.Duration(d)
+	}
+	if env := os.Getenv("UTE_SIM_BENCH_DILATION"); env != "" {
+		k, err := strconv.Atoi(env)
+		require.NoError(b, err)
+		sc.Dilation = k
+	}
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			for b.Loop() {

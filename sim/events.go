@@ -15,6 +15,7 @@ import (
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/config"
 	"github.com/ute-project/ute/node/daemon"
+	"github.com/ute-project/ute/node/membership"
 	"github.com/ute-project/ute/node/state"
 	"github.com/ute-project/ute/overlay/dtl"
 	"github.com/ute-project/ute/overlay/tunnel"
@@ -53,7 +54,7 @@ func (r *runner) runTimeline(ctx context.Context, res *Result) {
 	r.startTraffic(ctx)
 	starts := make([]time.Duration, len(r.sc.Timeline))
 	for i, e := range r.sc.Timeline {
-		if wait := e.At.D() - time.Since(r.t0); wait > 0 {
+		if wait := r.wall(e.At.D()) - time.Since(r.t0); wait > 0 {
 			select {
 			case <-ctx.Done():
 			case <-time.After(wait):
@@ -63,7 +64,7 @@ func (r *runner) runTimeline(ctx context.Context, res *Result) {
 			res.Events = append(res.Events, EventResult{Index: i, Line: e.Line(), Kind: e.Kind, Name: e.Label(), Outcome: "not run", Failure: "the run was cancelled"})
 			continue
 		}
-		starts[i] = time.Since(r.t0)
+		starts[i] = r.since(r.t0)
 		er := r.event(ctx, e)
 		er.Index, er.Line, er.At, er.Kind, er.Name = i, e.Line(), starts[i], e.Kind, e.Label()
 		res.Events = append(res.Events, er)
@@ -76,11 +77,11 @@ func (r *runner) runTimeline(ctx context.Context, res *Result) {
 	if s := r.sc.Settle.D(); s > 0 {
 		select {
 		case <-ctx.Done():
-		case <-time.After(s):
+		case <-time.After(r.wall(s)):
 		}
 	}
 	r.traffic.stop()
-	end := time.Since(r.t0)
+	end := r.since(r.t0)
 	// False denials are charged to the event during which they happened.
 	for i := range res.Events {
 		e := &res.Events[i]
@@ -179,10 +180,10 @@ func (r *runner) flowEvent(ctx context.Context, e scenario.Event) EventResult {
 	before := r.received(to)
 	t0 := time.Now()
 	err := r.attempt(ctx, from, to)
-	el := time.Since(t0)
+	el := r.since(t0)
 	er := EventResult{TimeToBlock: el}
 	if err != nil {
-		time.Sleep(leakWait)
+		time.Sleep(r.wall(leakWait))
 		er.Outcome, er.Reason = "blocked", refusal(err)
 		er.Observed = fmt.Sprintf("%s → %s blocked in %s (%s)", from, to, fmtDur(el), er.Reason)
 	} else {
@@ -207,7 +208,7 @@ func (r *runner) attempt(ctx context.Context, from scenario.AgentRef, to scenari
 			return err
 		}
 		if slices.Contains(fn.zones(), to.Zone) {
-			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			ctx, cancel := context.WithTimeout(ctx, r.wall(5*time.Second))
 			defer cancel()
 			t, err := a.Node().Tunnel(ctx, r.agentAt[to.AgentRef.String()], to.Zone)
 			if err != nil {
@@ -217,21 +218,21 @@ func (r *runner) attempt(ctx context.Context, from scenario.AgentRef, to scenari
 			if err != nil {
 				return err
 			}
-			return openAndSend(ctx, t, rec)
+			return r.openAndSend(ctx, t, rec)
 		}
 	}
 	return r.exchange(ctx, from, to, attackMarker+"flow\n")
 }
 
 // openAndSend opens a flow with rec and, were it admitted, sends a line on it.
-func openAndSend(ctx context.Context, t *tunnel.Tunnel, rec []byte) error {
+func (r *runner) openAndSend(ctx context.Context, t *tunnel.Tunnel, rec []byte) error {
 	fc, err := t.OpenFlow(ctx, rec, nil, nil)
 	if err != nil {
 		return err
 	}
 	_, _ = fc.Write([]byte(attackMarker + "flow\n"))
 	buf := make([]byte, 5)
-	_ = fc.SetReadDeadline(time.Now().Add(time.Second))
+	_ = fc.SetReadDeadline(time.Now().Add(r.wall(time.Second)))
 	_, _ = io.ReadFull(fc, buf)
 	_ = fc.Close()
 	return nil
@@ -242,8 +243,8 @@ func (r *runner) step(what string, target scenario.Dest, want error, attempt fun
 	before := r.received(target)
 	t0 := time.Now()
 	err := attempt()
-	el := time.Since(t0)
-	time.Sleep(leakWait)
+	el := r.since(t0)
+	time.Sleep(r.wall(leakWait))
 	s := Step{What: what, Time: el, Leaked: r.received(target) - before, Outcome: "allowed", Expected: refusalName(want)}
 	if err != nil {
 		s.Outcome, s.Reason = "blocked", refusal(err)
@@ -308,7 +309,7 @@ func (r *runner) replayEvent(ctx context.Context, e scenario.Event) EventResult 
 	if err != nil {
 		return fail("%v", err)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, r.wall(15*time.Second))
 	defer cancel()
 	dstNode := r.agentAt[to.AgentRef.String()]
 	t1, err := a.Node().Tunnel(ctx, dstNode, to.Zone)
@@ -325,7 +326,7 @@ func (r *runner) replayEvent(ctx context.Context, e scenario.Event) EventResult 
 		return fail("the original flow was refused, so there is nothing to replay: %v", err)
 	}
 	_ = fc.Close()
-	steps := []Step{r.step("same session", to, dtl.ErrReplay, func() error { return openAndSend(ctx, t1, rec) })}
+	steps := []Step{r.step("same session", to, dtl.ErrReplay, func() error { return r.openAndSend(ctx, t1, rec) })}
 	// Closing the session ends the legitimate flows on it too: the runner did that, not a
 	// defence, so flows spanning it are excused (epoch), not counted as false denials.
 	r.bump()
@@ -337,7 +338,7 @@ func (r *runner) replayEvent(ctx context.Context, e scenario.Event) EventResult 
 		if err != nil {
 			return err
 		}
-		return openAndSend(ctx, t2, rec)
+		return r.openAndSend(ctx, t2, rec)
 	}))
 	r.bump()
 	if e.Via != "" {
@@ -352,7 +353,7 @@ func (r *runner) replayEvent(ctx context.Context, e scenario.Event) EventResult 
 			if err != nil {
 				return err
 			}
-			return openAndSend(ctx, tv, rec)
+			return r.openAndSend(ctx, tv, rec)
 		}))
 	}
 	return composite(steps, e.Expect)
@@ -360,13 +361,13 @@ func (r *runner) replayEvent(ctx context.Context, e scenario.Event) EventResult 
 
 func (r *runner) tokenReuseEvent(ctx context.Context, e scenario.Event) EventResult {
 	n := r.node(e.Node)
-	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, r.wall(15*time.Second))
 	defer cancel()
 	t0 := time.Now()
 	mallory := fmt.Sprintf("mallory-%d", time.Now().UnixNano()%1e6)
 	_, err := node.Join(ctx, node.JoinParams{Dir: filepath.Join(r.dir, "attacker", mallory), Authority: r.authAddr, Token: n.token,
 		Name: mallory, Region: n.group.Region, HostFingerprint: hostFingerprint(mallory)})
-	er := EventResult{TimeToBlock: time.Since(t0)}
+	er := EventResult{TimeToBlock: r.since(t0)}
 	if err != nil {
 		er.Outcome, er.Reason = "blocked", refusal(err)
 		er.Observed = fmt.Sprintf("node %s's join token presented by another host: %s in %s", e.Node, er.Reason, fmtDur(er.TimeToBlock))
@@ -413,7 +414,7 @@ func (r *runner) forgedEvent(ctx context.Context, e scenario.Event) EventResult 
 		if err != nil {
 			return err
 		}
-		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		ctx, cancel := context.WithTimeout(ctx, r.wall(10*time.Second))
 		defer cancel()
 		t, err := n.Tunnel(ctx, dstNode.name, zone)
 		if err != nil {
@@ -427,7 +428,7 @@ func (r *runner) forgedEvent(ctx context.Context, e scenario.Event) EventResult 
 		if err != nil {
 			return err
 		}
-		return openAndSend(ctx, t, rec)
+		return r.openAndSend(ctx, t, rec)
 	})
 	return composite([]Step{step}, e.Expect)
 }
@@ -479,8 +480,10 @@ func (r *runner) revokeEvent(ctx context.Context, e scenario.Event) EventResult 
 	members := r.holders(is)
 	var seed *simNode
 	for _, m := range members {
-		if m.name != is.node {
+		if m.name != is.node && (seed == nil || r.isHub(seed) && !r.isHub(m)) {
 			seed = m
+		}
+		if seed != nil && !r.isHub(seed) {
 			break
 		}
 	}
@@ -515,6 +518,19 @@ func (r *runner) revokeEvent(ctx context.Context, e scenario.Event) EventResult 
 		er.Observed += fmt.Sprintf(" (%d member(s) across the partition wait for the heal)", len(members)-len(reach))
 	}
 	return er
+}
+
+// isHub reports whether n is a zone's hub in a staggered start: every node joined through it,
+// so its re-broadcast queue is the last to drain, and a record handed to it first waits behind
+// that queue (measured at 1,000 nodes: the record never left it). The authority's watch would
+// hand a record to every node; the runner hands it to one, so it picks one that is not a hub.
+func (r *runner) isHub(n *simNode) bool {
+	for _, h := range r.hubs {
+		if h == n {
+			return true
+		}
+	}
+	return false
 }
 
 // holders is the live members that must hold record is: live nodes of its zones, without the
@@ -572,7 +588,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 				count++
 			}
 		}
-		el := time.Since(t0)
+		el := r.since(t0)
 		frac := 1.0
 		if len(members) > 0 {
 			frac = float64(count) / float64(len(members))
@@ -602,6 +618,9 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		er.Outcome = "partial"
 		er.Observed = fmt.Sprintf("only %.1f%% of %d member(s) held the record(s) after %s", final.Fraction*100, len(members), fmtDur(final.T))
 	}
+	if final.Fraction < 1 {
+		er.Observed += "; " + r.stragglers(members, have)
+	}
 	er.Model = predict(len(members), r.fanout(), r.interval(), final.T)
 	er.Pass = true
 	switch {
@@ -613,19 +632,45 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	return er
 }
 
-func (r *runner) fanout() int {
-	if r.timing != nil {
-		return r.timing.GossipNodes
+// stragglers names a few members that never held what the event waited for, and how many of
+// the others had them in their member lists (a member that most others hold as failed gets no
+// gossip until it refutes).
+func (r *runner) stragglers(members []*simNode, have []bool) string {
+	var names []string
+	for i, m := range members {
+		if !have[i] {
+			names = append(names, m.name)
+		}
 	}
-	return 3
+	out := "missing: " + abbreviate(names)
+	if len(names) > 3 {
+		return out
+	}
+	for _, name := range names {
+		id, known := r.nodeID(name), 0
+		for _, m := range members {
+			r.mu.RLock()
+			d := m.d
+			r.mu.RUnlock()
+			if d == nil || m.name == name {
+				continue
+			}
+			for _, z := range m.zones() {
+				if slices.ContainsFunc(d.Members(z), func(x membership.Member) bool { return x.NodeID == id }) {
+					known++
+					break
+				}
+			}
+		}
+		out += fmt.Sprintf("; %s listed by %d of %d", name, known, len(members)-1)
+	}
+	return out
 }
 
-func (r *runner) interval() time.Duration {
-	if r.timing != nil {
-		return r.timing.GossipInterval
-	}
-	return config.Default().Gossip.Interval
-}
+func (r *runner) fanout() int { return r.simTiming.GossipNodes }
+
+// interval is the gossip interval in simulated time.
+func (r *runner) interval() time.Duration { return r.simTiming.GossipInterval }
 
 func (r *runner) partitionEvent(e scenario.Event) EventResult {
 	var sets [][]netip.AddrPort
@@ -750,7 +795,7 @@ func (r *runner) rejoinEvent(ctx context.Context, e scenario.Event) EventResult 
 	r.mu.RLock()
 	recs := slices.Clone(r.records)
 	r.mu.RUnlock()
-	started := time.Since(t0)
+	started := r.since(t0)
 	er := r.catchUp(ctx, recs, n, e.Expect, fmt.Sprintf("node %s restarted in %s; ", n.name, fmtDur(started)))
 	return er
 }

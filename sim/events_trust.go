@@ -53,13 +53,13 @@ func (r *runner) untilRefused(ctx context.Context, t0 time.Time, x scenario.Expe
 	limit := x.Within.D() + time.Second
 	for {
 		tries++
-		if err = attempt(); err != nil || time.Since(t0) > limit || ctx.Err() != nil {
+		if err = attempt(); err != nil || r.since(t0) > limit || ctx.Err() != nil {
 			break
 		}
-		time.Sleep(retryEvery)
+		time.Sleep(r.wall(retryEvery))
 	}
-	el = time.Since(t0)
-	time.Sleep(leakWait)
+	el = r.since(t0)
+	time.Sleep(r.wall(leakWait))
 	return el, r.received(target) - before, tries, err
 }
 
@@ -145,8 +145,8 @@ func (r *runner) exeSwapEvent(ctx context.Context, e scenario.Event) EventResult
 	before := r.received(to)
 	t0 := time.Now()
 	status, err := proxyConnect(ctx, proxyAddr, to.String())
-	el := time.Since(t0)
-	time.Sleep(leakWait)
+	el := r.since(t0)
+	time.Sleep(r.wall(leakWait))
 	er := EventResult{TimeToBlock: el, LeakedBytes: r.received(to) - before}
 	switch {
 	case err != nil:
@@ -255,7 +255,7 @@ func (r *runner) dirCopyEvent(ctx context.Context, e scenario.Event) EventResult
 	if tn := r.node(target); tn != nil && tn.d != nil {
 		tn.d.Node().Endpoint().ClosePeer(r.nodeID(n.name))
 	}
-	tctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	tctx, cancel := context.WithTimeout(ctx, r.wall(10*time.Second))
 	_, err1 := orig.Node().Tunnel(tctx, target, to.Zone)
 	_, err2 := cd.Node().Tunnel(tctx, target, to.Zone)
 	cancel()
@@ -267,14 +267,14 @@ func (r *runner) dirCopyEvent(ctx context.Context, e scenario.Event) EventResult
 		if err != nil {
 			return err
 		}
-		ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		ctx, cancel := context.WithTimeout(ctx, r.wall(3*time.Second))
 		defer cancel()
 		c, err := a.Relay().Dial(ctx, "tcp", to.String()) // a stand-in workload, as in exchange
 		if err != nil {
 			return err
 		}
 		defer func() { _ = c.Close() }()
-		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		_ = c.SetDeadline(time.Now().Add(r.wall(3 * time.Second)))
 		if _, err := c.Write([]byte(attackMarker + "copy\n")); err != nil {
 			return err
 		}
@@ -286,11 +286,11 @@ func (r *runner) dirCopyEvent(ctx context.Context, e scenario.Event) EventResult
 	}
 	// Until the copy has learned the target's name from its peers (directory exchange), its
 	// SDK refuses the name locally: that is the copy not being ready, not a defence.
-	for ctx.Err() == nil && time.Since(t0) < 10*time.Second {
+	for ctx.Err() == nil && r.since(t0) < 10*time.Second {
 		if err := send(); err == nil || !strings.Contains(refusal(err), "unknown-name") {
 			break
 		}
-		time.Sleep(retryEvery)
+		time.Sleep(r.wall(retryEvery))
 	}
 	el, leaked, tries, err := r.untilRefused(ctx, t0, e.Expect, to, send)
 	er := EventResult{TimeToBlock: el, LeakedBytes: leaked}
@@ -361,7 +361,7 @@ func (r *runner) churnEvent(ctx context.Context, e scenario.Event) EventResult {
 		}
 		wg.Wait()
 		r.bump()
-		time.Sleep(e.Down.D())
+		time.Sleep(r.wall(e.Down.D()))
 		t0 := time.Now()
 		for _, n := range down {
 			if err := r.restart(ctx, n); err != nil {

@@ -2,11 +2,13 @@ package sim
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -24,10 +26,16 @@ import (
 // on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
 type dialGate struct {
 	minLeft time.Duration
+	// setup, while set, refuses at once the background dials of gossip packets (see
+	// dropsAtSetup): a staggered start's discovery goes by joins and push/pull only.
+	setup atomic.Bool
 
 	mu      sync.Mutex
 	free    int
 	waiters []*gateWaiter // a stack: the last is served first
+	// dropped is the deadlines of the dials refused at setup, until they pass: the endpoint
+	// retries a failed dial on the same context, which the refusal must cover too.
+	dropped map[time.Time]struct{}
 }
 
 type gateWaiter struct {
@@ -41,6 +49,9 @@ func newDialGate(slots int, minLeft time.Duration) *dialGate {
 var errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
 
 func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
+	if g.setup.Load() && g.dropAtSetup(ctx) {
+		return nil, errSetupDrop
+	}
 	g.mu.Lock()
 	if g.free > 0 {
 		g.free--
@@ -74,6 +85,51 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 		return nil, fmt.Errorf("%w: %w", errNoTimeLeft, context.DeadlineExceeded)
 	}
 	return sync.OnceFunc(g.release), nil
+}
+
+// packetDial is overlay/gossip's background dial timeout for a packet to a member without a
+// tunnel (TransportConfig.DialTimeout's default); the gate recognises those dials by it.
+const packetDial = 5 * time.Second
+
+var errSetupDrop = errors.New("sim: gossip packet to a member without a tunnel dropped during setup")
+
+// dropsAtSetup reports whether a dial with left of its deadline is a gossip packet's background
+// dial (its deadline is packetDial from the moment it is queued). Join dials (3 s per seed),
+// memberlist's streams (push/pull, TCP-fallback probes: TCPTimeout and what is left of the
+// probe interval, both dilated) and the runner's own dials have other deadlines. Why drop them
+// at setup: every member a node learns it re-broadcasts (memberlist), so a zone of n nodes
+// coming up sends about n² gossip packets, at 1,000 nodes nearly each a QUIC handshake, hours
+// of CPU on two cores; joins and push/pull hand over the whole member list in one exchange.
+// Probes still work: a failed packet probe is followed by memberlist's TCP-fallback probe.
+func dropsAtSetup(left time.Duration) bool {
+	return left > packetDial*9/10 && left <= packetDial
+}
+
+// dropAtSetup reports whether the dial of ctx is to be refused at setup: a gossip packet's dial
+// (dropsAtSetup), first seen now or refused before (the same deadline: a retry).
+func (g *dialGate) dropAtSetup(ctx context.Context) bool {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		return false
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if _, ok := g.dropped[dl]; ok {
+		return true
+	}
+	if !dropsAtSetup(time.Until(dl)) {
+		return false
+	}
+	if g.dropped == nil {
+		g.dropped = map[time.Time]struct{}{}
+	}
+	g.dropped[dl] = struct{}{}
+	context.AfterFunc(ctx, func() {
+		g.mu.Lock()
+		delete(g.dropped, dl)
+		g.mu.Unlock()
+	})
+	return true
 }
 
 // release frees a slot: to the newest waiter if there is one.

@@ -54,3 +54,42 @@ func TestDialGateNewestFirst(t *testing.T) {
 	assert.Equal(t, 1, g.free)
 	g.mu.Unlock()
 }
+
+// At setup the gate refuses the background dials of gossip packets (their deadline is the
+// transport's 5 s) at once, and their retries on the same context too; join dials (3 s) and
+// memberlist's streams (longer) pass; after setup nothing is refused.
+func TestDialGateDropsGossipPacketsAtSetup(t *testing.T) {
+	g := newDialGate(4, 100*time.Millisecond)
+	g.setup.Store(true)
+	acquire := func(ctx context.Context) error {
+		rel, err := g.Acquire(ctx)
+		if err == nil {
+			rel()
+		}
+		return err
+	}
+	packet, cancel := context.WithTimeout(context.Background(), packetDial)
+	defer cancel()
+	require.ErrorIs(t, acquire(packet), errSetupDrop)
+	time.Sleep(packetDial / 5) // a retry after backoff: less left, same deadline
+	require.ErrorIs(t, acquire(packet), errSetupDrop)
+
+	for _, d := range []time.Duration{3 * time.Second, 10 * time.Second} {
+		ctx, cancel := context.WithTimeout(context.Background(), d)
+		require.NoError(t, acquire(ctx), "a %s dial", d)
+		cancel()
+	}
+	require.NoError(t, acquire(context.Background()), "no deadline")
+
+	g.setup.Store(false)
+	fresh, cancel2 := context.WithTimeout(context.Background(), packetDial)
+	defer cancel2()
+	require.NoError(t, acquire(fresh))
+
+	cancel()
+	require.Eventually(t, func() bool {
+		g.mu.Lock()
+		defer g.mu.Unlock()
+		return len(g.dropped) == 0
+	}, time.Second, 10*time.Millisecond, "a refused deadline is forgotten once its context ends")
+}

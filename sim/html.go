@@ -53,12 +53,18 @@ th{background:#f4f6fa}td.num{text-align:right;white-space:nowrap}
 .verdict.ok{background:#e6f4ea}.verdict.fail{background:#fce8e6}
 svg{max-width:100%;height:auto}.note{font-size:12px;color:#566}
 code{background:#f4f6fa;padding:1px 4px;border-radius:3px}
+.dil{background:#fff4e0;padding:.6em 1em;border-radius:6px;margin:1em 0}
 </style></head><body>
 <h1>UTE simulation: {{.Scenario}}</h1>
 <div class="sub">{{.Description}}</div>
 <p>{{.Nodes}} node(s), {{.Zones}} zone(s), seed {{.Seed}}; gossip <code>{{.Gossip}}</code> (interval {{.GossipInterval}}, fan-out {{.Fanout}});
 {{if eq .Underlay "udp-loopback"}}real UDP sockets on loopback (--real; no simulated latency or loss).{{else}}in-memory underlay: latency {{dur .Network.Latency}}, jitter {{dur .Network.Jitter}}, loss {{printf "%.1f" .LossPct}}%.{{end}}
-Setup: join {{dur .JoinTime}}, gossip discovery {{dur .GossipTime}}; whole run {{dur .Duration}}.</p>
+Setup: join {{dur .JoinTime}}, gossip discovery {{dur .GossipTime}}; whole run {{dur .Duration}} (wall-clock).</p>
+{{if gt .Dilation 1}}<div class="dil"><b>Time dilation k = {{.Dilation}}.</b> Every timer the simulator reaches (memberlist's gossip, probe and push/pull timings,
+link latency and jitter, tunnel idle close, the daemon's reconnect and duplicate confirmation, the timeline and traffic) ran {{.Dilation}}× slower,
+and every time on this page except the setup and whole-run times is the measured wall time divided by {{.Dilation}} (simulated time): each node had
+{{.Dilation}}× the CPU per simulated second. Not dilated:
+<ul class="note">{{range .Undilated}}<li>{{.}}</li>{{end}}</ul></div>{{end}}
 {{if .Failed}}<div class="verdict fail">{{.Failed}} of {{len .Events}} expectation(s) failed</div>{{else}}<div class="verdict ok">every expectation held ({{len .Events}} event(s))</div>{{end}}
 
 <h2>Zone topology</h2>

@@ -19,9 +19,16 @@ type Result struct {
 	Fanout         int           `json:"fanout"`
 	Network        NetworkInfo   `json:"network"`
 	// Underlay is "memnet" (the in-memory network) or "udp-loopback" (--real).
-	Underlay       string         `json:"underlay"`
+	Underlay string `json:"underlay"`
+	// Dilation is the time-dilation factor k (1: none). With k > 1 every timer the simulator
+	// reaches ran k times slower and every time in Events, Traffic and the curves is the
+	// measured wall time divided by k (simulated time); JoinTime, GossipTime and Duration stay
+	// wall-clock. Undilated lists what was not slowed down.
+	Dilation       int            `json:"dilation"`
+	Undilated      []string       `json:"undilated,omitempty"`
 	JoinTime       time.Duration  `json:"join_ns"`
 	GossipTime     time.Duration  `json:"gossip_discovery_ns"`
+	WarmupTime     time.Duration  `json:"warmup_ns,omitempty"`
 	Duration       time.Duration  `json:"duration_ns"`
 	Events         []EventResult  `json:"events"`
 	Traffic        TrafficSummary `json:"traffic"`

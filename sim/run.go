@@ -26,7 +26,6 @@ import (
 	"github.com/ute-project/ute/node/daemon"
 	"github.com/ute-project/ute/node/membership"
 	"github.com/ute-project/ute/node/state"
-	"github.com/ute-project/ute/overlay/tunnel"
 	"github.com/ute-project/ute/sim/memnet"
 	"github.com/ute-project/ute/sim/scenario"
 )
@@ -46,12 +45,15 @@ type Options struct {
 	Logger, NodeLogger *slog.Logger
 	// Progress, when set, receives one line per phase and event as the run goes.
 	Progress io.Writer
-	// Parallel is how many nodes join and start at once; 0 means 4.
+	// Parallel is how many nodes join and start at once (a staggered start starts four times as
+	// many); 0 means 4.
 	Parallel int
 	// Real runs the nodes on real UDP sockets on 127.0.0.1 instead of the in-memory network:
 	// the scenario's latency, jitter and loss do not apply (the kernel's loopback carries the
 	// packets); partitions are applied by filtering at each socket. At most MaxRealNodes nodes.
 	Real bool
+	// Dilation, when positive, replaces the scenario's time-dilation factor (1: none).
+	Dilation int
 }
 
 // MaxRealNodes bounds a run with Options.Real: every node is a socket and a QUIC endpoint on
@@ -74,8 +76,14 @@ type runner struct {
 	authAddr string
 	stopAuth func()
 	net      underlay
-	timing   *membership.Timing
-	gate     tunnel.DialGate // shared by every node's endpoint: paces first contacts
+	timing   *membership.Timing // as the daemons get it: dilated
+	// simTiming is the gossip timing in simulated time (what the model and the report use).
+	simTiming membership.Timing
+	// k is the time-dilation factor (1: none): every timer the runner reaches runs k times
+	// slower, and every time it measures is divided by k.
+	k    time.Duration
+	gate *dialGate           // shared by every node's endpoint: paces first contacts
+	hubs map[string]*simNode // zone -> its first node, in a staggered start (else nil)
 
 	mu      sync.RWMutex // guards the fields below (traffic goroutines read them)
 	nodes   map[string]*simNode
@@ -116,6 +124,7 @@ type simNode struct {
 	agents []scenario.AgentRef
 	conn   net.PacketConn
 	d      *daemon.Daemon // nil while crashed
+	cfg    config.Config  // the config d runs with (Reload changes its peers)
 }
 
 func (n *simNode) zones() []string { return n.group.Zones }
@@ -131,6 +140,21 @@ func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, err
 	if opts.Seed != 0 {
 		r.seed = opts.Seed
 	}
+	k := max(sc.Dilation, 1)
+	if opts.Dilation > 0 {
+		k = opts.Dilation
+	}
+	if k > 1 {
+		if opts.Real {
+			return nil, errors.New("sim: --real runs on the kernel's loopback, whose delays cannot be dilated: run it without dilation")
+		}
+		for _, e := range sc.Timeline {
+			if why := scenario.Undilated(e.Kind); why != "" {
+				return nil, fmt.Errorf("sim: %s: event %s cannot run with dilation %d: it waits on %s", sc.Name, e.Kind, k, why)
+			}
+		}
+	}
+	r.k = time.Duration(k)
 	if r.log == nil {
 		r.log = slog.New(slog.DiscardHandler)
 	}
@@ -158,7 +182,10 @@ func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, err
 	}
 	res := &Result{Scenario: sc.Name, Description: sc.Description, File: sc.File(), Seed: r.seed, Nodes: sc.NodeCount(), Zones: len(sc.Zones),
 		Network: NetworkInfo{Latency: sc.Network.Latency.D(), Jitter: sc.Network.Jitter.D(), Loss: sc.Network.Loss}, Gossip: sc.Gossip,
-		Nondeterminism: nondeterminism, Underlay: "memnet"}
+		Nondeterminism: nondeterminism, Underlay: "memnet", Dilation: k}
+	if k > 1 {
+		res.Undilated = undilated
+	}
 	if opts.Real {
 		res.Underlay, res.Network = "udp-loopback", NetworkInfo{}
 	}
@@ -231,7 +258,7 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 		}
 		r.net = newUDPUnderlay()
 	} else {
-		mn, err := memnet.New(r.seed, memnet.Link{Latency: r.sc.Network.Latency.D(), Jitter: r.sc.Network.Jitter.D(), Loss: r.sc.Network.Loss})
+		mn, err := memnet.New(r.seed, memnet.Link{Latency: r.wall(r.sc.Network.Latency.D()), Jitter: r.wall(r.sc.Network.Jitter.D()), Loss: r.sc.Network.Loss})
 		if err != nil {
 			return err
 		}
@@ -239,17 +266,20 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 	}
 	switch r.sc.Gossip {
 	case "fast":
-		ft := membership.FastTiming()
-		r.timing = &ft
-		res.GossipInterval, res.Fanout = ft.GossipInterval, ft.GossipNodes
+		r.simTiming = membership.FastTiming()
 	case "scale":
-		st := ScaleTiming()
-		r.timing = &st
-		res.GossipInterval, res.Fanout = st.GossipInterval, st.GossipNodes
+		r.simTiming = ScaleTiming()
 	default:
-		lt := membership.LANTiming()
-		res.GossipInterval, res.Fanout = config.Default().Gossip.Interval, lt.GossipNodes
+		// The node's own defaults: its config's intervals over memberlist's LAN profile.
+		r.simTiming = membership.LANTiming()
+		g := config.Default().Gossip
+		r.simTiming.GossipInterval, r.simTiming.ProbeInterval, r.simTiming.PushPullInterval = g.Interval, g.ProbeInterval, g.PushPullInterval
 	}
+	if r.sc.Gossip == "fast" || r.sc.Gossip == "scale" || r.k > 1 {
+		t := dilate(r.simTiming, r.k)
+		r.timing = &t
+	}
+	res.GossipInterval, res.Fanout = r.simTiming.GossipInterval, r.simTiming.GossipNodes
 	r.gate = newDialGate(dialSlots(), time.Second)
 	if err := r.startAuthority(); err != nil {
 		return err
@@ -281,16 +311,24 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 			r.proxied[r.agentAt[e.Agent]] = true
 		}
 	}
-	r.say("%s: %d node(s) in %d zone(s), seed %d, gossip %s", r.sc.Name, len(r.order), len(r.sc.Zones), r.seed, r.sc.Gossip)
+	r.say("%s: %d node(s) in %d zone(s), seed %d, gossip %s%s", r.sc.Name, len(r.order), len(r.sc.Zones), r.seed, r.sc.Gossip, r.dilationNote())
 	// Joins are sequential within a zone's first node so that later nodes receive bootstrap
-	// members; the rest run a few at once.
-	if err := r.each(ctx, r.order, r.join); err != nil {
-		return err
+	// members; the rest run a few at once. A staggered start joins each node just before it
+	// starts it, so that the authority's bootstrap members are nodes already running.
+	if r.sc.Start != "staggered" {
+		if err := r.each(ctx, r.order, r.join); err != nil {
+			return err
+		}
+		res.JoinTime = time.Since(t)
+		r.say("  joined %d node(s) with one-time tokens in %s", len(r.order), res.JoinTime.Round(time.Millisecond))
 	}
-	res.JoinTime = time.Since(t)
-	r.say("  joined %d node(s) with one-time tokens in %s", len(r.order), res.JoinTime.Round(time.Millisecond))
 	t = time.Now()
-	if err := r.each(ctx, r.order, r.start); err != nil {
+	start := r.startAll
+	if r.sc.Start == "staggered" {
+		r.gate.setup.Store(true)
+		start = r.startStaggered
+	}
+	if err := start(ctx); err != nil {
 		return err
 	}
 	if err := r.awaitGossip(ctx, r.sc.Limits.Gossip.D()); err != nil {
@@ -298,6 +336,22 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 	}
 	res.GossipTime = time.Since(t)
 	r.say("  every node found its zone peers by gossip in %s", res.GossipTime.Round(time.Millisecond))
+	if w := r.sc.Warmup.D(); w > 0 {
+		// The last quarter with gossip packets flowing again: a member declared failed while
+		// they were dropped hears it and refutes before the timeline starts.
+		t = time.Now()
+		r.say("  warmup: %s (simulated) for the gossip queues to drain", w)
+		for _, part := range []time.Duration{w - w/4, w / 4} {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(r.wall(part)):
+			}
+			r.gate.setup.Store(false)
+		}
+		res.WarmupTime = time.Since(t)
+	}
+	r.gate.setup.Store(false)
 	if err := r.startServers(); err != nil {
 		return err
 	}
@@ -306,7 +360,12 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 
 // each runs f for every name, Parallel at a time; the first error wins.
 func (r *runner) each(ctx context.Context, names []string, f func(context.Context, *simNode) error) error {
-	sem := make(chan struct{}, r.opts.Parallel)
+	return r.eachN(ctx, r.opts.Parallel, names, f)
+}
+
+// eachN is each with parallel at a time.
+func (r *runner) eachN(ctx context.Context, parallel int, names []string, f func(context.Context, *simNode) error) error {
+	sem := make(chan struct{}, parallel)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var first error
@@ -461,24 +520,32 @@ func (r *runner) startWith(ctx context.Context, n *simNode, peers []config.Peer)
 	}
 	cfg := config.Default()
 	cfg.Peers = peers
+	if idle := r.sc.TunnelIdle.D(); idle > 0 {
+		cfg.Gossip.TunnelIdle = idle
+	}
+	cfg.Gossip.TunnelIdle = r.wall(cfg.Gossip.TunnelIdle)
+	var reconnect time.Duration // the daemon's default, 30 s
+	switch {
+	case r.sc.Start == "staggered":
+		// The staggered start's last step relies on it (startStaggered); at rest it costs a
+		// read of the bootstrap list, and a join only when a bootstrap member is missing.
+		reconnect = staggerReconnect
+	case r.k > 1:
+		reconnect = r.wall(30 * time.Second)
+	}
 	cfg.Interface = config.InterfaceNetstack // the sim's agents live in its process
 	if r.proxied[n.name] {
 		cfg.Interface = config.InterfaceProxy
 	}
 	d, err := daemon.Start(ctx, daemon.Options{Dir: n.dir, Config: cfg, PacketConn: conn, NoAuthority: true, Timing: r.timing,
-		DuplicateConfirm: duplicateConfirm, Logger: r.opts.NodeLogger.With("node", n.name)})
+		DuplicateConfirm: r.wall(duplicateConfirm), ReconnectInterval: reconnect, TrustTick: r.trustTick(), Logger: r.opts.NodeLogger.With("node", n.name)})
 	if err != nil {
 		_ = conn.Close()
 		return fmt.Errorf("sim: node %s start: %w", n.name, err)
 	}
 	d.Node().Endpoint().SetDialGate(r.gate)
-	if idle := r.sc.TunnelIdle.D(); idle > 0 {
-		// Injected like the gate: tunnels the daemon opened before this line (its first pool
-		// joins) keep the node default.
-		d.Node().Endpoint().SetGossipIdleTimeout(idle)
-	}
 	r.mu.Lock()
-	n.conn, n.d = conn, d
+	n.conn, n.d, n.cfg = conn, d, cfg
 	r.mu.Unlock()
 	return nil
 }
@@ -534,6 +601,7 @@ func (r *runner) awaitGossip(ctx context.Context, limit time.Duration) error {
 	confirm := false
 	for {
 		var missing []string
+		point := map[*simNode]map[string]*simNode{} // staggered start: node -> zone -> a member it lacks
 		for _, z := range r.sc.Zones {
 			live := r.live(z.Name)
 			want := len(live)
@@ -542,13 +610,23 @@ func (r *runner) awaitGossip(ctx context.Context, limit time.Duration) error {
 				if done[k] && !confirm {
 					continue
 				}
-				if got := len(n.d.Members(z.Name)); float64(got) < r.sc.Limits.Members*float64(want) {
+				ms := n.d.Members(z.Name)
+				if got := len(ms); float64(got) < r.sc.Limits.Members*float64(want) {
 					missing = append(missing, fmt.Sprintf("%s/%s:%d/%d", n.name, z.Name, got, want))
 					delete(done, k)
+					if r.hubs != nil {
+						if point[n] == nil {
+							point[n] = map[string]*simNode{}
+						}
+						point[n][z.Name] = r.latestLacking(ms, live)
+					}
 				} else {
 					done[k] = true
 				}
 			}
+		}
+		for n, lacks := range point {
+			r.pointAt(n, lacks)
 		}
 		if len(missing) == 0 {
 			if confirm {
@@ -862,4 +940,172 @@ func (r *runner) lacking(pool string) string {
 		sees = fmt.Sprintf("; %s sees %d", out[0], len(m.d.Members(zone)))
 	}
 	return ", lacks " + abbreviate(out) + sees
+}
+
+func (r *runner) startAll(ctx context.Context) error { return r.each(ctx, r.order, r.start) }
+
+// staggerReconnect is the daemon's reconnect interval in a staggered start (wall-clock: it
+// paces setup, not the network being measured).
+const staggerReconnect = 5 * time.Second
+
+// startStaggered starts each zone's first node (its hub), then the others in order, Parallel at
+// a time, each with its zones' hubs as static peers and only once the nodes before it have
+// joined: a joiner's push/pull with the hub hands it every member started before it, in one
+// exchange, where gossip would carry each member to each node separately (at 1,000 nodes a
+// million gossip packets, nearly each a QUIC handshake on two cores). Then every node gets the
+// last node started in each of its zones as a peer too (Reload); the daemon's reconnect joins
+// through it when it is missing from the pool, so the earlier nodes learn the later ones in one
+// exchange as well. Nothing here changes how a node behaves once started: static peers and
+// Reload are what an operator has.
+func (r *runner) startStaggered(ctx context.Context) error {
+	hubs, lasts := map[string]*simNode{}, map[string]*simNode{}
+	r.hubs = hubs
+	var hubNames, rest []string
+	for _, name := range r.order {
+		n := r.nodes[name]
+		hub := false
+		for _, z := range n.zones() {
+			if hubs[z] == nil {
+				hubs[z], hub = n, true
+			}
+			lasts[z] = n
+		}
+		if hub {
+			hubNames = append(hubNames, name)
+		} else {
+			rest = append(rest, name)
+		}
+	}
+	// Each node joins (one-time token) right before it starts: the authority names a few of the
+	// members that joined before as its bootstrap members, and those must be running, or every
+	// join and reconnect would wait out handshakes to nodes not started yet (measured: 1,000
+	// nodes stalled at 440, the dial gate's slots held by them).
+	// The authority link is real QUIC on loopback with node.Join's fixed 5 s: while hundreds of
+	// nodes run on the same cores a join can miss it (one did, at 16 joins at once), so joins
+	// keep start: all's pace (Parallel at once) and a join that got no answer is retried from
+	// scratch (a new token, an empty directory).
+	joins := make(chan struct{}, r.opts.Parallel)
+	joinStart := func(peers func(*simNode) []config.Peer) func(context.Context, *simNode) error {
+		return func(ctx context.Context, n *simNode) error {
+			var err error
+			for range 3 {
+				joins <- struct{}{}
+				err = r.join(ctx, n)
+				<-joins
+				if err == nil || ctx.Err() != nil {
+					break
+				}
+				r.log.Warn("sim: join again", "node", n.name, "err", err)
+				if rerr := os.RemoveAll(n.dir); rerr != nil {
+					return fmt.Errorf("sim: node %s: %w", n.name, rerr)
+				}
+			}
+			if err != nil {
+				return err
+			}
+			return r.startWith(ctx, n, peers(n))
+		}
+	}
+	if err := r.each(ctx, hubNames, joinStart(func(*simNode) []config.Peer { return nil })); err != nil {
+		return err
+	}
+	var mu sync.Mutex // guards the two below
+	next, started := time.Now().Add(5*time.Second), 0
+	// A join waits on round trips (dilated) and memberlist's join grace more than on the CPU:
+	// 1,000 nodes four at a time took 8 minutes, with the process at a quarter of one core.
+	err := r.eachN(ctx, 4*r.opts.Parallel, rest, func(ctx context.Context, n *simNode) error {
+		if err := joinStart(func(n *simNode) []config.Peer { return r.peersOf(n, hubs) })(ctx, n); err != nil {
+			return err
+		}
+		r.awaitJoined(ctx, n, 30*time.Second)
+		mu.Lock()
+		defer mu.Unlock()
+		if started++; time.Now().After(next) {
+			next = time.Now().Add(5 * time.Second)
+			r.say("  staggered start: %d of %d node(s) started and joined", started, len(rest))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, name := range r.order {
+		r.pointAt(r.node(name), lasts)
+	}
+	return nil
+}
+
+// pointAt gives n its zones' hubs and the nodes of lacks (zone -> node) as static peers
+// (Reload); the daemon's reconnect then joins through those missing from its pool: one
+// push/pull with a node that was started later hands over every member that node knows.
+func (r *runner) pointAt(n *simNode, lacks map[string]*simNode) {
+	r.mu.RLock()
+	d, cfg := n.d, n.cfg
+	r.mu.RUnlock()
+	if d == nil {
+		return
+	}
+	old := cfg.Peers
+	cfg.Peers = r.peersOf(n, r.hubs, lacks)
+	if slices.Equal(cfg.Peers, old) {
+		return
+	}
+	if _, err := d.Reload(cfg); err != nil {
+		r.log.Warn("sim: peers", "node", n.name, "err", err)
+		return
+	}
+	r.mu.Lock()
+	n.cfg = cfg
+	r.mu.Unlock()
+}
+
+// latestLacking is the last-started of the live nodes that members lacks: it knows the most.
+func (r *runner) latestLacking(members []membership.Member, live []*simNode) *simNode {
+	seen := make(map[string]bool, len(members))
+	for _, m := range members {
+		seen[m.NodeID] = true
+	}
+	for i := len(live) - 1; i >= 0; i-- {
+		if !seen[r.nodeID(live[i].name)] {
+			return live[i]
+		}
+	}
+	return nil
+}
+
+// peersOf is the static peers for n: the nodes of each of n's zones in the given maps (zone ->
+// node), without n itself.
+func (r *runner) peersOf(n *simNode, sets ...map[string]*simNode) []config.Peer {
+	var peers []config.Peer
+	seen := map[string]bool{n.name: true}
+	for _, set := range sets {
+		for _, z := range n.zones() {
+			if m := set[z]; m != nil && !seen[m.name] {
+				seen[m.name] = true
+				peers = append(peers, config.Peer{Node: r.nodeID(m.name), Addr: m.addr})
+			}
+		}
+	}
+	return peers
+}
+
+// awaitJoined waits until every pool of n has another member, or limit passes (the run goes
+// on: discovery catches up later or fails at its own limit).
+func (r *runner) awaitJoined(ctx context.Context, n *simNode, limit time.Duration) {
+	deadline := time.Now().Add(limit)
+	for ctx.Err() == nil && time.Now().Before(deadline) {
+		r.mu.RLock()
+		d := n.d
+		r.mu.RUnlock()
+		joined := d != nil
+		for _, z := range n.zones() {
+			if joined && len(d.Members(z)) <= 1 {
+				joined = false
+			}
+		}
+		if joined {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

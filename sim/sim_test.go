@@ -2,10 +2,13 @@ package sim
 
 import (
 	"context"
+	"encoding/json"
+	"html"
 	"os"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -170,4 +173,46 @@ func TestRevocationConvergenceAtScaleLarge(t *testing.T) {
 	require.Equal(t, 3, res.Fanout)
 	require.Equal(t, 200*time.Millisecond, res.GossipInterval)
 	t.Logf("%d nodes: setup %s + %s; %s", res.Nodes, res.JoinTime.Round(time.Millisecond), res.GossipTime.Round(time.Millisecond), ev.Observed)
+}
+
+// A dilated run slows the network's timers by k and reports simulated time: the gossip interval
+// and the model are the scenario's, the measured times are wall ÷ k, and the table, the JSON and
+// the report say so and list what was not dilated.
+func TestDilatedRunReportsSimulatedTime(t *testing.T) {
+	res := runFile(t, "revocation-convergence.yaml", Options{MaxNodes: 8, Dilation: 3})
+	requireAllPass(t, res)
+	require.Equal(t, 3, res.Dilation)
+	require.NotEmpty(t, res.Undilated)
+	require.Equal(t, 20*time.Millisecond, res.GossipInterval, "the scenario's interval, not the dilated one")
+	ev := res.Events[0]
+	require.Equal(t, 500*time.Millisecond, ev.At.Round(100*time.Millisecond), "the timeline in simulated time")
+	require.Less(t, ev.TimeToBlock, 3*time.Second)
+	// The run's own clock: the timeline started after 1.5 s of wall time and the run lasted
+	// longer than its simulated timeline times k.
+	require.Greater(t, res.Duration, res.JoinTime+res.GossipTime+3*ev.At)
+
+	var table, page strings.Builder
+	require.NoError(t, WriteTable(&table, res))
+	require.Contains(t, table.String(), "time dilation k = 3")
+	require.NoError(t, WriteHTML(&page, res))
+	require.Contains(t, page.String(), "Time dilation k = 3")
+	require.Contains(t, page.String(), html.EscapeString(res.Undilated[0]))
+	raw, err := json.Marshal(res)
+	require.NoError(t, err)
+	require.Contains(t, string(raw), `"dilation":3`)
+	require.Contains(t, string(raw), `"undilated":[`)
+}
+
+// What cannot be dilated is refused rather than reported wrongly: the kernel's loopback, and
+// events that wait on TrustFlow's fixed check.
+func TestDilationRefusedWhereItCannotHold(t *testing.T) {
+	ctx := context.Background()
+	sc, err := scenario.Load("scenarios/partition-heal.yaml")
+	require.NoError(t, err)
+	_, err = Run(ctx, sc, Options{Real: true, Dilation: 2, Dir: t.TempDir()})
+	require.ErrorContains(t, err, "loopback")
+	sc, err = scenario.Load("scenarios/trust-signals.yaml")
+	require.NoError(t, err)
+	_, err = Run(ctx, sc, Options{Dilation: 2, Dir: t.TempDir()})
+	require.ErrorContains(t, err, "TrustFlow's evidence")
 }

@@ -16,6 +16,10 @@ func WriteTable(w io.Writer, res *Result) error {
 	}
 	fmt.Fprintf(w, "\n%s: %d node(s), %d zone(s), seed %d, gossip %s (every %s, fan-out %d), %s\n",
 		res.Scenario, res.Nodes, res.Zones, res.Seed, res.Gossip, res.GossipInterval, res.Fanout, link)
+	if res.Dilation > 1 {
+		fmt.Fprintf(w, "time dilation k = %d: the network's timers and delays ran %d× slower; every time below except setup and run is simulated time (wall ÷ %d); not dilated: %d item(s), see --json or the report\n",
+			res.Dilation, res.Dilation, res.Dilation, len(res.Undilated))
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "\tAT\tEVENT\tEXPECTATION\tOBSERVED\tTIME TO BLOCK\tLEAKED\tFALSE DENIALS")
 	for _, e := range res.Events {
@@ -55,7 +59,7 @@ func WriteTable(w io.Writer, res *Result) error {
 		fmt.Fprintf(w, "  denied at %s: %s: %s\n", fmtDur(d.At), d.Flow, d.Error)
 	}
 	ns := res.NetworkStats
-	fmt.Fprintf(w, "network: %d packet(s) sent, %d delivered, %d lost, %d dropped at partitions; setup %s (join) + %s (gossip discovery); run %s\n",
+	fmt.Fprintf(w, "network: %d packet(s) sent, %d delivered, %d lost, %d dropped at partitions; setup %s (join) + %s (gossip discovery); run %s (wall-clock)\n",
 		ns.Sent, ns.Delivered, ns.Lost, ns.Partitioned, res.JoinTime.Round(time.Millisecond), res.GossipTime.Round(time.Millisecond), res.Duration.Round(time.Millisecond))
 	if res.Failed > 0 {
 		fmt.Fprintf(w, "%d of %d expectation(s) failed\n", res.Failed, len(res.Events))

@@ -75,7 +75,7 @@ func (r *runner) startTraffic(ctx context.Context) {
 		from, _ := scenario.ParseAgentRef(tr.From)
 		to, _ := scenario.ParseDest(tr.To)
 		r.traffic.wg.Go(func() {
-			tick := time.NewTicker(tr.Interval.D())
+			tick := time.NewTicker(r.wall(tr.Interval.D()))
 			defer tick.Stop()
 			for {
 				select {
@@ -139,7 +139,7 @@ func (r *runner) oneFlow(ctx context.Context, from scenario.AgentRef, to scenari
 	case !expected || gen != r.epoch():
 		t.excused++
 	default:
-		t.denials = append(t.denials, Denial{At: time.Since(r.t0), Flow: from.String() + " → " + to.String(), Error: err.Error()})
+		t.denials = append(t.denials, Denial{At: r.since(r.t0), Flow: from.String() + " → " + to.String(), Error: err.Error()})
 	}
 }
 
@@ -149,7 +149,7 @@ func (r *runner) exchange(ctx context.Context, from scenario.AgentRef, to scenar
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, r.wall(3*time.Second))
 	defer cancel()
 	// Relay: the simulated agents stand for programs elsewhere, enrolled with a stand-in
 	// executable; this process is not their workload (node.Agent.Dial would refuse it).
@@ -158,7 +158,7 @@ func (r *runner) exchange(ctx context.Context, from scenario.AgentRef, to scenar
 		return err
 	}
 	defer func() { _ = c.Close() }()
-	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(r.wall(3 * time.Second)))
 	if _, err := c.Write([]byte(payload)); err != nil {
 		return err
 	}

@@ -21,10 +21,21 @@ const MaxSize = 256 << 10
 
 // Caps that keep a hostile or mistaken file from asking for more than a run can give.
 const (
-	MaxNodes  = 5000
-	MaxEvents = 1000
-	maxDepth  = 16
+	MaxNodes    = 5000
+	MaxEvents   = 1000
+	MaxDilation = 1000
+	maxDepth    = 16
 )
+
+// Undilated names, for an event kind whose outcome depends on a timer that a run with dilation
+// cannot slow down, that timer; "" for the others.
+func Undilated(kind string) string {
+	switch kind {
+	case KindRegionDrift, KindDirCopy:
+		return "TrustFlow's evidence and region-file timers in the node daemon (fixed, not injectable)"
+	}
+	return ""
+}
 
 // Sentinels wrapped by every *Error.
 var (
@@ -144,12 +155,23 @@ func scanTokens(filename string, data []byte) error {
 
 // durationKeys are the keys whose values are Durations: they are checked on the tree, where
 // their position is known (the decoder reports a bad text value without one).
-var durationKeys = map[string]bool{"at": true, "within": true, "interval": true, "latency": true, "jitter": true, "settle": true, "tunnel_idle": true}
+var durationKeys = map[string]bool{"at": true, "within": true, "interval": true, "latency": true, "jitter": true, "settle": true, "tunnel_idle": true, "warmup": true}
 
 func checkDurations(filename string, root ast.Node) error {
 	var err error
 	ast.Walk(visitor(func(n ast.Node) bool {
 		mv, ok := n.(*ast.MappingValueNode)
+		if ok && err == nil && mv.Key != nil && mv.Key.String() == "dilation" {
+			// The decoder would truncate 2.5 to 2: a factor is written whole.
+			if _, whole := mv.Value.(*ast.IntegerNode); !whole {
+				e := &Error{File: filename, Err: fmt.Errorf("%w: dilation: %s is not a whole number", ErrSyntax, mv.Value.String())}
+				if tk := mv.Value.GetToken(); tk != nil && tk.Position != nil {
+					e.Line, e.Col = tk.Position.Line, tk.Position.Column
+				}
+				err = e
+			}
+			return err == nil
+		}
 		if !ok || err != nil || mv.Key == nil || !durationKeys[mv.Key.String()] {
 			return err == nil
 		}
@@ -249,6 +271,19 @@ func (v *validator) scenario(s *Scenario) error {
 	}
 	if s.Network.Loss < 0 || s.Network.Loss >= 1 {
 		return v.errf("$.network.loss", "%v: must be in [0, 1)", s.Network.Loss)
+	}
+	switch s.Start {
+	case "":
+		s.Start = "all"
+	case "all", "staggered":
+	default:
+		return v.errf("$.start", "%q: use all or staggered", s.Start)
+	}
+	if s.Dilation == 0 {
+		s.Dilation = 1
+	}
+	if s.Dilation < 1 || s.Dilation > MaxDilation {
+		return v.errf("$.dilation", "%d: a whole factor from 1 (none) to %d", s.Dilation, MaxDilation)
 	}
 	if s.Limits.Members == 0 {
 		s.Limits.Members = 1
@@ -395,6 +430,9 @@ func (v *validator) scenario(s *Scenario) error {
 			return v.errf(p+".at", "events must be in time order (%s is before the previous event's %s)", e.At.D(), last.D())
 		}
 		last = e.At
+		if why := Undilated(e.Kind); why != "" && s.Dilation > 1 {
+			return v.errf(p+".event", "%s cannot run with dilation %d: it waits on %s", e.Kind, s.Dilation, why)
+		}
 		if why, ok := unsupported[e.Kind]; ok {
 			return v.wrapf(ErrUnsupported, p+".event", "%s is not supported in this version: %s", e.Kind, why)
 		}

@@ -67,6 +67,9 @@ func TestMinimalDefaults(t *testing.T) {
 	assert.Equal(t, "fast", s.Gossip)
 	assert.Equal(t, 1, s.NodeCount())
 	assert.Zero(t, s.TunnelIdle, "the node default")
+	assert.Equal(t, 1, s.Dilation, "no dilation")
+	assert.Equal(t, "all", s.Start)
+	assert.Zero(t, s.Warmup)
 }
 
 func TestRefusals(t *testing.T) {
@@ -104,6 +107,12 @@ func TestRefusals(t *testing.T) {
 		{"two documents", minimal + "---\nname: x\n", ErrUnsupported, "one document"},
 		{"not a mapping", "- a\n", ErrInvalid, "mapping"},
 		{"deep", strings.Repeat("[", 40), ErrInvalid, "nested"},
+		{"dilation below one", minimal + "dilation: -2\n", ErrInvalid, "s.yaml:11:"},
+		{"dilation too large", minimal + "dilation: 5000\n", ErrInvalid, "from 1 (none) to 1000"},
+		{"dilation not whole", minimal + "dilation: 2.5\n", ErrSyntax, "s.yaml:11:"},
+		{"drift cannot be dilated", minimal + "dilation: 4\ntimeline:\n  - {event: region_drift, node: a, region: us-east-1, to: x.payments:80, expect: {outcome: blocked}}\n", ErrInvalid, "TrustFlow's evidence"},
+		{"unknown start", minimal + "start: later\n", ErrInvalid, "use all or staggered"},
+		{"warmup unitless", minimal + "warmup: 90\n", ErrSyntax, "s.yaml:11:"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -23,9 +23,25 @@ type Scenario struct {
 	Settle      Duration  `yaml:"settle"` // wait after the timeline before the final tally
 	// TunnelIdle is how long a tunnel that has carried only gossip stays up when silent before
 	// the node closes it (tunnel.Limits.GossipIdleTimeout); 0 keeps the node default (60 s).
-	TunnelIdle Duration  `yaml:"tunnel_idle"`
-	Limits     RunLimits `yaml:"limits"`
-	file       string
+	TunnelIdle Duration `yaml:"tunnel_idle"`
+	// Dilation is the time-dilation factor k: the run makes every timer it can reach (gossip
+	// timings, link latency and jitter, tunnel idle, the daemon's reconnect and duplicate
+	// confirmation, the timeline) k times slower and reports the times it measures divided by
+	// k, so that the nodes get k times the CPU per simulated second. 0 or 1: none.
+	Dilation int `yaml:"dilation"`
+	// Start is how the nodes start: "all" (the default) starts them all at once, each joining
+	// through the bootstrap members the authority gave it; "staggered" starts them a few at a
+	// time through their zones' first node (the hub), each after the previous ones have
+	// joined, then points every node at the last one started (see docs/simulator.md, "Scale").
+	Start string `yaml:"start"`
+	// Warmup is how long (simulated time) the zone runs after discovery before the timeline
+	// starts. Every member a node learns it re-broadcasts, and those broadcasts go before
+	// the records in each gossip packet: at 1,000 members a node that has just learned the zone
+	// needs about 90 s of gossip rounds to drain them. With start: staggered, gossip packets to
+	// members without a tunnel stay dropped during the warmup, as during discovery.
+	Warmup Duration  `yaml:"warmup"`
+	Limits RunLimits `yaml:"limits"`
+	file   string
 }
 
 // RunLimits bound the run.
