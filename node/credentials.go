@@ -13,6 +13,7 @@ import (
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/identity/record"
 	"github.com/ute-project/ute/node/state"
+	"github.com/ute-project/ute/overlay/tunnel"
 )
 
 // The credential scheduler: one node-owned goroutine keeps the node certificate (with
@@ -467,12 +468,8 @@ func (n *Node) announce(ctx context.Context, zones []string) {
 			continue // no local agent of the zone left: nothing to announce
 		}
 		wg.Go(func() {
-			err := n.refresh(ctx, k, true, func(ctx context.Context) error {
-				t, err := n.tunnelTo(ctx, k.node, k.zone)
-				if err != nil {
-					return err
-				}
-				return n.exchange(ctx, a, t)
+			err := n.exchangeRefresh(ctx, k, true, a, func(ctx context.Context) (*tunnel.Tunnel, error) {
+				return n.tunnelTo(ctx, k.node, k.zone)
 			})
 			if err != nil && n.ctx.Err() == nil {
 				n.log.Warn("directory announcement failed", "peer", k.node, "zone", k.zone, "err", err)

@@ -325,14 +325,7 @@ func (n *Node) checkConflicts(ctx context.Context, zone, claimant string, confli
 		if !local && !held && m != nil {
 			// The holder no longer announces it: the claimant's entry is the only live one,
 			// unless it was revoked since it was verified.
-			revoked := false
-			for _, k := range c.entry.keys {
-				if _, ok := n.revoked[k]; ok {
-					revoked = true
-					break
-				}
-			}
-			if !revoked {
+			if !n.revokedLocked(c.entry.keys...) {
 				m[c.name] = c.entry
 			}
 		}
@@ -363,7 +356,7 @@ func (n *Node) rereadHolder(ctx context.Context, zone, holder string) error {
 		if err != nil {
 			return err
 		}
-		_, err = n.exchangeOnce(ctx, a, t)
+		_, err = n.exchange(ctx, a, t)
 		return err
 	})
 }
@@ -409,6 +402,27 @@ func (n *Node) refresh(ctx context.Context, k refreshKey, force bool, do func(co
 	return c.err
 }
 
+// exchangeRefresh runs a directory exchange with k's peer as refresh k (dial gives the tunnel,
+// within directoryTimeout), then, once the refresh is over, checks the names it found taken.
+// Callers that only waited for someone else's exchange check nothing: that caller does.
+func (n *Node) exchangeRefresh(ctx context.Context, k refreshKey, force bool, a *Agent, dial func(context.Context) (*tunnel.Tunnel, error)) error {
+	var conflicts []dirConflict
+	err := n.refresh(ctx, k, force, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, directoryTimeout)
+		defer cancel()
+		t, err := dial(ctx)
+		if err != nil {
+			return err
+		}
+		conflicts, err = n.exchange(ctx, a, t)
+		return err
+	})
+	if err == nil && len(conflicts) > 0 {
+		n.checkConflicts(ctx, k.zone, k.node, conflicts)
+	}
+	return err
+}
+
 // refreshZone exchanges directories with every configured peer serving the agent's zone. It is
 // the fallback for names the tunnel-up exchange has not taught us (a peer with no live tunnel yet,
 // or an agent added since). Peers that do not serve the zone, refuse us, or are down are skipped;
@@ -430,14 +444,8 @@ func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
 	)
 	for _, node := range todo {
 		wg.Go(func() {
-			err := n.refresh(ctx, refreshKey{node, zone}, false, func(ctx context.Context) error {
-				ctx, cancel := context.WithTimeout(ctx, directoryTimeout)
-				defer cancel()
-				t, err := n.tunnelTo(ctx, node, zone)
-				if err != nil {
-					return err
-				}
-				return n.exchange(ctx, a, t)
+			err := n.exchangeRefresh(ctx, refreshKey{node, zone}, false, a, func(ctx context.Context) (*tunnel.Tunnel, error) {
+				return n.tunnelTo(ctx, node, zone)
 			})
 			if err != nil {
 				n.log.Debug("directory refresh failed", "peer", node, "zone", zone, "err", err)
@@ -472,8 +480,8 @@ func (n *Node) onTunnel(t *tunnel.Tunnel) {
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
 	defer cancel()
-	err := n.refresh(ctx, refreshKey{t.Peer().NodeID, t.Zone()}, true, func(ctx context.Context) error {
-		return n.exchange(ctx, a, t)
+	err := n.exchangeRefresh(ctx, refreshKey{t.Peer().NodeID, t.Zone()}, true, a, func(context.Context) (*tunnel.Tunnel, error) {
+		return t, nil
 	})
 	// A tunnel that went stale during its handshake is expected to fail here: Dial handshakes
 	// again with the renewed certificate, and that tunnel's exchange runs instead.
@@ -504,17 +512,11 @@ func (n *Node) directorySigner(zone string) *Agent {
 
 // exchange opens a directory flow on t, signed by agent a of t's zone: we send our entries, the
 // peer answers with its own, and both sides install what verifies.
-func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) error {
-	conflicts, err := n.exchangeOnce(ctx, a, t)
-	if err == nil && len(conflicts) > 0 {
-		n.checkConflicts(ctx, t.Zone(), t.Peer().NodeID, conflicts)
-	}
-	return err
-}
-
-// exchangeOnce is exchange without the conflict check: the check's own re-read of a holder uses
-// it, so one conflict never leads to a chain of exchanges.
-func (n *Node) exchangeOnce(ctx context.Context, a *Agent, t *tunnel.Tunnel) ([]dirConflict, error) {
+//
+// It returns the names the peer announced that another node already serves, for checkConflicts;
+// callers run the check after their refresh has finished (exchangeRefresh), so a holder's re-read
+// never runs inside another exchange's refresh and one conflict never leads to a chain of them.
+func (n *Node) exchange(ctx context.Context, a *Agent, t *tunnel.Tunnel) ([]dirConflict, error) {
 	certs, err := n.localCerts(t, t.Zone())
 	if err != nil {
 		return nil, err

@@ -628,6 +628,11 @@ func serialKey(c *identity.Certificate) string { return "serial:" + c.Serial().S
 func (n *Node) isRevoked(ids ...string) bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	return n.revokedLocked(ids...)
+}
+
+// revokedLocked is isRevoked for a caller holding n.mu.
+func (n *Node) revokedLocked(ids ...string) bool {
 	for _, id := range ids {
 		if _, ok := n.revoked[id]; ok {
 			return true

@@ -69,7 +69,7 @@ func TestExchangeRefusedOnStaleTunnel(t *testing.T) {
 	ledgerA := agent(t, a, "payments", "ledger-a").creds().cert
 	require.Equal(t, serialKey(ledgerA), viewSerial(b, "payments", "ledger-a"), "the renewal was announced")
 
-	err = a.exchange(ctx, billing, old)
+	_, err = a.exchange(ctx, billing, old)
 	assert.ErrorIs(t, err, errStaleTunnel)
 	assert.Equal(t, serialKey(ledgerA), viewSerial(b, "payments", "ledger-a"), "the peer still knows the renewed node's agents")
 }

@@ -601,19 +601,9 @@ func TestWireGuardCutNoticeResetsPeerEnd(t *testing.T) {
 // binding may be issued ahead, and far from n2's own half-life.)
 func TestWireGuardBindingResignedAfterRenewal(t *testing.T) {
 	ta := startAuthority(t)
-	skewTo := func(margin time.Duration) func(o *Options) {
-		return func(o *Options) {
-			st, err := state.Open(o.Dir)
-			require.NoError(t, err)
-			cert, err := st.NodeCert()
-			require.NoError(t, err)
-			skew := time.Until(cert.RenewAt()) - margin
-			o.Clock = func() time.Time { return time.Now().Add(skew) }
-		}
-	}
 	const margin = 8 * time.Second
-	n1 := startWGDaemonWith(t, ta, spec{name: "n1", zones: []string{"payments"}}, skewTo(margin))
-	n2 := startWGDaemonWith(t, ta, spec{name: "n2", zones: []string{"payments"}}, skewTo(margin+4*time.Minute))
+	n1 := startWGDaemonWith(t, ta, spec{name: "n1", zones: []string{"payments"}}, renewsIn(t, margin))
+	n2 := startWGDaemonWith(t, ta, spec{name: "n2", zones: []string{"payments"}}, renewsIn(t, margin+4*time.Minute))
 	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
 	peer, self := n2.Node().ID().String(), n1.Node().ID().String()
 	exchange := func() error {
@@ -683,21 +673,11 @@ func requireRST(t *testing.T, delivered <-chan []byte, want wireguard.Tuple, fat
 // and n1 then holds it with the renewed certificate that tunnel proved.
 func TestWireGuardBindingAfterAcceptorRenewal(t *testing.T) {
 	ta := startAuthority(t)
-	skewTo := func(margin time.Duration) func(o *Options) {
-		return func(o *Options) {
-			st, err := state.Open(o.Dir)
-			require.NoError(t, err)
-			cert, err := st.NodeCert()
-			require.NoError(t, err)
-			skew := time.Until(cert.RenewAt()) - margin
-			o.Clock = func() time.Time { return time.Now().Add(skew) }
-		}
-	}
 	const margin = 8 * time.Second
 	// n2 renews a few seconds in; n1's clock runs 4 min behind (within the 5 min a binding may be
 	// issued ahead, and far from n1's own half-life).
-	n2 := startWGDaemonWith(t, ta, spec{name: "n2", zones: []string{"payments"}}, skewTo(margin))
-	n1 := startWGDaemonWith(t, ta, spec{name: "n1", zones: []string{"payments"}}, skewTo(margin+4*time.Minute))
+	n2 := startWGDaemonWith(t, ta, spec{name: "n2", zones: []string{"payments"}}, renewsIn(t, margin))
+	n1 := startWGDaemonWith(t, ta, spec{name: "n1", zones: []string{"payments"}}, renewsIn(t, margin+4*time.Minute))
 	require.NoError(t, n1.Node().AddPeer(node.Peer{Node: n2.Node().ID().String(), Addr: n2.Addr()}))
 	require.NoError(t, n2.Node().AddPeer(node.Peer{Node: n1.Node().ID().String(), Addr: n1.Addr()}))
 	peer := n2.Node().ID().String()
@@ -761,4 +741,17 @@ func TestWireGuardBindingAfterAcceptorRenewal(t *testing.T) {
 	curCert, _ := cur.Peer().Info.(*identity.Certificate)
 	require.NotNil(t, curCert)
 	require.Equal(t, curCert.X509.Raw, got.cert.X509.Raw, "the stored certificate is the one n1's current tunnel to n2 proved")
+}
+
+// renewsIn sets a daemon's clock so that its node certificate reaches its half-life, and is
+// renewed by the credential scheduler, margin after the daemon starts.
+func renewsIn(t *testing.T, margin time.Duration) func(o *Options) {
+	return func(o *Options) {
+		st, err := state.Open(o.Dir)
+		require.NoError(t, err)
+		cert, err := st.NodeCert()
+		require.NoError(t, err)
+		skew := time.Until(cert.RenewAt()) - margin
+		o.Clock = func() time.Time { return time.Now().Add(skew) }
+	}
 }
