@@ -48,6 +48,10 @@ type Options struct {
 	Proc string
 	// CacheSize bounds the digest cache; 0 means DefaultCacheSize.
 	CacheSize int
+	// Diag, when set, is the sock_diag sockets socket lookups use (see Diag: they answer for
+	// the namespace they were opened in). Nil: one socket per lookup, in the namespace of the
+	// thread the lookup runs on. The Attester does not close it.
+	Diag *Diag
 
 	// between runs after the first start-time read and before the second (tests of the
 	// PID-reuse guard).
@@ -147,6 +151,40 @@ func (a *Attester) Verify(client, server netip.AddrPort, want Expected) (Process
 	return p, nil
 }
 
+// VerifyUDP is Verify for the UDP socket a program sent a datagram from: bound to local (the
+// datagram's source) and, connected or not, able to receive from remote (its destination). Only
+// sock_diag finds it (the /proc/net/udp tables cannot tell which of several sockets bound to one
+// port would answer).
+func (a *Attester) VerifyUDP(local, remote netip.AddrPort, want Expected) (Process, error) {
+	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
+	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
+	// The kernel's UDP lookup takes the sockid's source as the datagram's source, so the
+	// remote end goes first ("swapped for historical reasons", net/ipv4/udp_diag.c); the
+	// other order is tried as well.
+	s, err := a.opts.Diag.lookup(unix.IPPROTO_UDP, remote, local)
+	if err != nil {
+		if s2, err2 := a.opts.Diag.lookup(unix.IPPROTO_UDP, local, remote); err2 == nil {
+			s, err = s2, nil
+		}
+	}
+	switch {
+	case errors.Is(err, errDiagNotFound):
+		return Process{}, fmt.Errorf("%w: no UDP socket %s -> %s in this network namespace", ErrNoOwner, local, remote)
+	case err != nil:
+		return Process{}, fmt.Errorf("%w: UDP socket %s -> %s: %w", ErrNoOwner, local, remote, err)
+	case s.inode == 0:
+		return Process{}, fmt.Errorf("%w: UDP socket %s -> %s has no inode (closing)", ErrNoOwner, local, remote)
+	}
+	p, err := a.owner(s, string(want.Digest))
+	if err != nil {
+		return Process{}, err
+	}
+	if !p.Matches(want.Digest) {
+		return p, fmt.Errorf("%w: %s", ErrMismatch, mismatchReason(p, want))
+	}
+	return p, nil
+}
+
 // mismatchReason says what differs; only the digest is enrolled, so when uid and gid agree the
 // executable (or the cgroup) is what changed.
 func mismatchReason(p Process, want Expected) string {
@@ -172,7 +210,7 @@ func (a *Attester) socket(local, remote netip.AddrPort) (sockInfo, error) {
 	local = netip.AddrPortFrom(local.Addr().Unmap(), local.Port())
 	remote = netip.AddrPortFrom(remote.Addr().Unmap(), remote.Port())
 	if a.netlink {
-		s, err := diagSocket(local, remote)
+		s, err := a.opts.Diag.lookup(unix.IPPROTO_TCP, local, remote)
 		switch {
 		case err == nil && s.inode != 0:
 			return s, nil
@@ -182,6 +220,8 @@ func (a *Attester) socket(local, remote netip.AddrPort) (sockInfo, error) {
 			return sockInfo{}, fmt.Errorf("%w: no socket %s -> %s in this network namespace", ErrNoOwner, local, remote)
 		}
 		// sock_diag unavailable (an old kernel, a seccomp filter): read the tables instead.
+		// They show the namespace of the process, which is the namespace of its sockets
+		// unless an embedder moved a thread elsewhere (the daemon opens a Diag there).
 	}
 	for _, f := range []string{"tcp", "tcp6"} {
 		b, err := readAt(unix.AT_FDCWD, filepath.Join(a.proc, "net", f), maxNetFile)
@@ -286,16 +326,23 @@ type sockInfo struct {
 	hasUID bool
 }
 
-// hint is a process that owned one of an agent's recent sockets, and the descriptor it held it
-// on: a client that closes each connection before opening the next gets the same descriptor
-// number again, so one readlink usually confirms the new socket.
-type hint struct{ pid, fd int }
+// hint is a process that owned some of an agent's recent sockets, and the descriptors it held
+// them on, newest first: a client that closes each connection before opening the next gets the
+// same descriptor number again, and one that keeps a few connections going cycles through a few
+// numbers, so a readlink or a few usually confirm the new socket without listing every
+// descriptor the process holds.
+type hint struct {
+	pid int
+	fds []int // never modified once stored: hintsFor's copies share them
+}
 
 // maxHints bounds the PIDs tried per agent before a scan: a handful of processes per agent.
 // maxHintAgents bounds the agents whose hints are kept.
+// maxHintFDs bounds the descriptors tried per hinted process before its descriptors are listed.
 const (
 	maxHints      = 8
 	maxHintAgents = 256
+	maxHintFDs    = 8
 )
 
 // scratch is the buffers one owner search reuses.
@@ -319,7 +366,7 @@ func (a *Attester) owner(s sockInfo, key string) (Process, error) {
 	defer a.scratch.Put(sc)
 	hints := a.hintsFor(key)
 	for _, h := range hints {
-		if p, fd, held, err := a.attestHolder(h.pid, link, h.fd, sc); held {
+		if p, fd, held, err := a.attestHolder(h.pid, link, h.fds, sc); held {
 			if err == nil {
 				a.hint(key, p.PID, fd)
 			}
@@ -342,11 +389,11 @@ func (a *Attester) owner(s sockInfo, key string) (Process, error) {
 			return Process{}, false, nil // gone
 		}
 		defer func() { _ = unix.Close(pidfd) }()
-		fd, ok := holdsAt(pidfd, link, -1, sc)
+		fd, ok := holdsAt(pidfd, link, nil, sc)
 		if !ok {
 			return Process{}, false, nil
 		}
-		p, fd, held, err := a.attestAt(pidfd, pid, link, fd, sc)
+		p, fd, held, err := a.attestAt(pidfd, pid, link, []int{fd}, sc)
 		if !held && err == nil {
 			err = fmt.Errorf("%w: pid %d let go of %s while being attested", ErrPIDReused, pid, link)
 		}
@@ -391,7 +438,7 @@ func (a *Attester) hintsFor(key string) []hint {
 	return slices.Clone(a.hints[key])
 }
 
-// hint puts (pid, fd) first among key's hints.
+// hint puts (pid, fd) first among key's hints, and fd first among pid's descriptors.
 func (a *Attester) hint(key string, pid, fd int) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -403,8 +450,17 @@ func (a *Attester) hint(key string, pid, fd int) {
 		}
 		a.hintKeys = append(a.hintKeys, key)
 	}
-	hs = slices.DeleteFunc(hs, func(h hint) bool { return h.pid == pid })
-	hs = slices.Insert(hs, 0, hint{pid, fd})
+	fds := make([]int, 1, maxHintFDs)
+	fds[0] = fd
+	if i := slices.IndexFunc(hs, func(h hint) bool { return h.pid == pid }); i >= 0 {
+		for _, f := range hs[i].fds {
+			if f != fd && len(fds) < maxHintFDs {
+				fds = append(fds, f)
+			}
+		}
+		hs = slices.Delete(hs, i, i+1)
+	}
+	hs = slices.Insert(hs, 0, hint{pid: pid, fds: fds})
 	if len(hs) > maxHints {
 		hs = hs[:maxHints]
 	}
@@ -412,12 +468,14 @@ func (a *Attester) hint(key string, pid, fd int) {
 }
 
 // holdsAt reports whether the process whose /proc directory is open as pidfd has a descriptor
-// on link ("socket:[N]"), and which: the hinted descriptor first (hintFD >= 0), then the others
-// from the highest down (a process that keeps its connections open gets the highest number for
-// its newest). One readlinkat per descriptor, relative to the open fd directory.
-func holdsAt(pidfd int, link string, hintFD int, sc *scratch) (int, bool) {
-	if hintFD >= 0 && linkIs(pidfd, "fd/"+strconv.Itoa(hintFD), sc.link[:], link) {
-		return hintFD, true
+// on link ("socket:[N]"), and which: the hinted descriptors first, then the others from the
+// highest down (a process that keeps its connections open gets the highest number for its
+// newest). One readlinkat per descriptor, relative to the open fd directory.
+func holdsAt(pidfd int, link string, hintFDs []int, sc *scratch) (int, bool) {
+	for _, fd := range hintFDs {
+		if fd >= 0 && linkIs(pidfd, "fd/"+strconv.Itoa(fd), sc.link[:], link) {
+			return fd, true
+		}
 	}
 	dir, err := openDir(pidfd, "fd")
 	if err != nil {
@@ -428,15 +486,14 @@ func holdsAt(pidfd int, link string, hintFD int, sc *scratch) (int, bool) {
 	if err != nil {
 		return -1, false
 	}
-	skip := strconv.Itoa(hintFD)
 	for i := len(sc.names) - 1; i >= 0; i-- {
 		name := sc.names[i]
-		if name == skip || !linkIs(dir, name, sc.link[:], link) {
-			continue
-		}
 		fd, err := strconv.Atoi(name)
 		if err != nil {
-			return -1, false
+			continue
+		}
+		if slices.Contains(hintFDs, fd) || !linkIs(dir, name, sc.link[:], link) {
+			continue
 		}
 		return fd, true
 	}
@@ -444,25 +501,25 @@ func holdsAt(pidfd int, link string, hintFD int, sc *scratch) (int, bool) {
 }
 
 // attestHolder fingerprints pid if it holds link (held reports whether it does), trying the
-// descriptor hintFD first; fd is the descriptor it holds link on.
-func (a *Attester) attestHolder(pid int, link string, hintFD int, sc *scratch) (p Process, fd int, held bool, err error) {
+// descriptors hintFDs first; fd is the descriptor it holds link on.
+func (a *Attester) attestHolder(pid int, link string, hintFDs []int, sc *scratch) (p Process, fd int, held bool, err error) {
 	pidfd, err := openDir(unix.AT_FDCWD, filepath.Join(a.proc, strconv.Itoa(pid)))
 	if err != nil {
 		return Process{}, -1, false, nil // gone: not the holder
 	}
 	defer func() { _ = unix.Close(pidfd) }()
-	return a.attestAt(pidfd, pid, link, hintFD, sc)
+	return a.attestAt(pidfd, pid, link, hintFDs, sc)
 }
 
 // attestAt is attestHolder on an open /proc/<pid> directory. The start time is read first and
 // last, and the socket is confirmed held in between: if both start times agree, the process that
 // holds the socket is the one whose executable, ids and cgroup were read.
-func (a *Attester) attestAt(pidfd, pid int, link string, hintFD int, sc *scratch) (p Process, fd int, held bool, err error) {
+func (a *Attester) attestAt(pidfd, pid int, link string, hintFDs []int, sc *scratch) (p Process, fd int, held bool, err error) {
 	start, err := startTimeAt(pidfd)
 	if err != nil {
 		return Process{}, -1, false, nil // gone: not the holder
 	}
-	fd, ok := holdsAt(pidfd, link, hintFD, sc)
+	fd, ok := holdsAt(pidfd, link, hintFDs, sc)
 	if !ok {
 		return Process{}, -1, false, nil
 	}

@@ -15,14 +15,17 @@ func benchConn(b *testing.B) (netip.AddrPort, netip.AddrPort) {
 	return addrOf(c), srv
 }
 
-// BenchmarkVerifyCacheHit is the cost a new proxied flow pays once the agent's executable is
-// known and its PID is among the hints: /proc/net/tcp lookup, fd check, fstat, status, cgroup,
-// two stat reads.
+// BenchmarkVerifyCacheHit is the cost a new flow through the TUN interface pays once the agent's
+// executable is known and its PID is among the hints: a sock_diag lookup on the interface's open
+// sockets, fd check, fstat, status, cgroup, two stat reads.
 func BenchmarkVerifyCacheHit(b *testing.B) {
 	client, srv := benchConn(b)
 	want := selfExpected(b)
-	a := New(Options{})
-	_, err := a.Verify(client, srv, want)
+	d, err := OpenDiag(1)
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = d.Close() })
+	a := New(Options{Diag: d})
+	_, err = a.Verify(client, srv, want)
 	require.NoError(b, err)
 	b.ResetTimer()
 	for b.Loop() {
@@ -44,14 +47,25 @@ func BenchmarkVerifyCacheMiss(b *testing.B) {
 	}
 }
 
-// BenchmarkSocketInode isolates the /proc/net/tcp lookup.
+// BenchmarkSocketInode isolates the sock_diag lookup: on a socket opened for each lookup (the
+// proxy's and the SDK's way before Diag) and on a Diag's open socket (the TUN interface's).
 func BenchmarkSocketInode(b *testing.B) {
 	client, srv := benchConn(b)
-	a := New(Options{})
-	for b.Loop() {
-		if _, err := a.SocketInode(client, srv); err != nil {
-			b.Fatal(err)
-		}
+	d, err := OpenDiag(1)
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = d.Close() })
+	for _, bc := range []struct {
+		name string
+		diag *Diag
+	}{{"per-lookup", nil}, {"diag", d}} {
+		b.Run(bc.name, func(b *testing.B) {
+			a := New(Options{Diag: bc.diag})
+			for b.Loop() {
+				if _, err := a.SocketInode(client, srv); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 

@@ -52,7 +52,8 @@ func TestStaleHintNeverAttributes(t *testing.T) {
 	hs := a.hintsFor(string(want.Digest))
 	require.Len(t, hs, 1)
 	assert.Equal(t, os.Getpid(), hs[0].pid)
-	require.Positive(t, hs[0].fd)
+	require.NotEmpty(t, hs[0].fds)
+	require.Positive(t, hs[0].fds[0])
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -80,6 +81,57 @@ func TestSocketUIDOrdersTheScanOnly(t *testing.T) {
 		require.NoError(t, err, "uid %d", uid)
 		assert.Equal(t, os.Getpid(), p.PID)
 	}
+}
+
+// A process's recent descriptors are kept newest first, each once, at most maxHintFDs of them,
+// and a later hint never changes the descriptors a reader already copied.
+func TestHintDescriptorsNewestFirst(t *testing.T) {
+	a := New(Options{})
+	for fd := 3; fd <= 14; fd++ {
+		a.hint("k", 42, fd)
+	}
+	a.hint("k", 7, 5)
+	before := a.hintsFor("k")
+	a.hint("k", 42, 9) // already held: moves to the front
+	hs := a.hintsFor("k")
+	require.Len(t, hs, 2)
+	assert.Equal(t, 42, hs[0].pid)
+	require.Equal(t, 8, maxHintFDs, "the descriptors below are written for 8")
+	assert.Equal(t, []int{9, 14, 13, 12, 11, 10, 8, 7}, hs[0].fds)
+	assert.Equal(t, hint{pid: 7, fds: []int{5}}, hs[1])
+	assert.Equal(t, 7, before[0].pid, "the copy taken before is unchanged")
+	assert.Equal(t, []int{14, 13, 12, 11, 10, 9, 8, 7}, before[1].fds)
+}
+
+// Connections that a process keeps open side by side are each confirmed through the hinted
+// descriptors, with no /proc scan once the process is hinted.
+func TestSeveralOpenConnectionsUseHints(t *testing.T) {
+	want := selfExpected(t)
+	a := New(Options{})
+	var conns []net.Conn
+	var fds []int
+	for range 4 {
+		c, _ := loopbackPair(t)
+		conns = append(conns, c)
+		rc, err := c.(*net.TCPConn).SyscallConn()
+		require.NoError(t, err)
+		require.NoError(t, rc.Control(func(fd uintptr) { fds = append(fds, int(fd)) }))
+	}
+	peer := func(c net.Conn) netip.AddrPort { return netip.MustParseAddrPort(c.RemoteAddr().String()) }
+	_, err := a.Verify(addrOf(conns[0]), peer(conns[0]), want)
+	require.NoError(t, err)
+	scans := a.Stats().Scans
+	for round := range 2 {
+		for i, c := range conns {
+			p, err := a.Verify(addrOf(c), peer(c), want)
+			require.NoError(t, err, "round %d conn %d", round, i)
+			assert.Equal(t, os.Getpid(), p.PID)
+		}
+	}
+	assert.Equal(t, scans, a.Stats().Scans, "the hinted process held every socket: no scan")
+	hs := a.hintsFor(string(want.Digest))
+	require.Len(t, hs, 1)
+	assert.ElementsMatch(t, fds, hs[0].fds, "each connection's descriptor is hinted")
 }
 
 // The hints are bounded per agent and in agents.

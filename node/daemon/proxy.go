@@ -31,10 +31,14 @@ type ProxyInfo struct {
 	ProxyProtocol bool
 }
 
+// proxyDiagSockets is how many proxied connections' socket lookups can run at once.
+const proxyDiagSockets = 4
+
 // proxySet is the proxy interface: one proxy.Server per agent and one proxy.Forwarder per
 // forwarded port, sharing one attester (and so one digest cache).
 type proxySet struct {
-	att *attest.Attester
+	att  *attest.Attester
+	diag *attest.Diag // the attester's sock_diag sockets; nil: one per lookup
 
 	mu      sync.Mutex // guards the lists: an agent added at run time joins them
 	servers []*proxy.Server
@@ -54,6 +58,9 @@ func (p *proxySet) close() {
 	}
 	for _, f := range fwds {
 		_ = f.Close()
+	}
+	if p.diag != nil {
+		_ = p.diag.Close() // waits for lookups still under way
 	}
 }
 
@@ -98,7 +105,14 @@ func (d *Daemon) startProxies() error {
 				i, ac.Name, ac.Zone, d.opts.Dir, ac.Zone, ac.Name)
 		}
 	}
-	ps := &proxySet{att: attest.New(attest.Options{})}
+	// The proxies listen in the daemon's namespace: sock_diag sockets opened here find their
+	// clients' sockets without a socket per connection.
+	diag, err := attest.OpenDiag(proxyDiagSockets)
+	if err != nil {
+		d.log.Warn("sock_diag sockets could not be opened: each proxied connection opens its own, then falls back to /proc/net/tcp", "err", err)
+		diag = nil
+	}
+	ps := &proxySet{att: attest.New(attest.Options{Diag: diag}), diag: diag}
 	for _, st := range agents {
 		ac, ok := d.cfg.Find(st.Zone, st.Name)
 		if !ok {

@@ -47,6 +47,10 @@ type TUNInfo struct {
 	Stats  tunstack.Stats
 }
 
+// tunDiagSockets is how many socket lookups of new flows can run at once; more wait their turn
+// (a lookup takes microseconds).
+const tunDiagSockets = 4
+
 // tunIface is the TUN interface: the kernel device, the userspace stack that terminates its
 // flows, and one catch-all inbound listener pair per agent.
 type tunIface struct {
@@ -54,7 +58,7 @@ type tunIface struct {
 	dev    *tundev.Device
 	st     *tunstack.Stack
 	att    *attest.Attester
-	ns     *nsRunner // runs socket lookups in the interface's network namespace; nil: this one
+	diag   *attest.Diag // sock_diag sockets opened in the interface's network namespace; nil: none
 	routes []netip.Prefix
 
 	ctx    context.Context
@@ -113,14 +117,17 @@ func (d *Daemon) startTUN() error {
 	if err != nil {
 		return fmt.Errorf("daemon: tun interface: %w", err)
 	}
-	t := &tunIface{d: d, dev: dev, att: attest.New(attest.Options{}), routes: routes,
+	// Socket lookups must answer for the namespace the interface lives in, which is this
+	// thread's (a daemon runs in one; the in-process tests and an embedder may have moved the
+	// calling thread): sock_diag sockets opened here keep answering for it from any goroutine.
+	diag, derr := attest.OpenDiag(tunDiagSockets)
+	if derr != nil {
+		d.log.Warn("sock_diag sockets could not be opened: each attested flow opens its own, and TCP falls back to /proc/net/tcp", "err", derr)
+		diag = nil
+	}
+	t := &tunIface{d: d, dev: dev, att: attest.New(attest.Options{Diag: diag}), diag: diag, routes: routes,
 		agents: map[netip.Addr]*tunAgent{}, whois: map[netip.AddrPort]*node.Provenance{}}
 	t.ctx, t.cancel = context.WithCancel(d.ctx)
-	if t.ns, err = newNSRunner(t.ctx); err != nil {
-		t.cancel()
-		_ = dev.Close()
-		return err
-	}
 	if t.st, err = tunstack.New(dev.TUN(), o.MTU, t, d.log); err != nil {
 		t.close()
 		return err
@@ -211,11 +218,7 @@ func (t *tunIface) Outbound(ctx context.Context, proto string, src, dst netip.Ad
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
 	if ta.attest {
-		var err error
-		if rerr := t.ns.run(ctx, func() { err = t.attest(proto, ta, src, dst) }); rerr != nil {
-			return nil, rerr
-		}
-		if err != nil {
+		if err := t.attest(proto, ta, src, dst); err != nil {
 			return nil, err
 		}
 	}
@@ -227,8 +230,8 @@ func (t *tunIface) Outbound(ctx context.Context, proto string, src, dst netip.Ad
 	return c, nil
 }
 
-// attest checks the owner of the local program's socket src -> dst. It runs in the interface's
-// network namespace, where that socket lives.
+// attest checks the owner of the local program's socket src -> dst, looked up in the interface's
+// network namespace (t.diag).
 func (t *tunIface) attest(proto string, ta *tunAgent, src, dst netip.AddrPort) error {
 	if proto == tunstack.UDP {
 		return t.attestUDP(ta, src, dst)
@@ -394,7 +397,9 @@ func (t *tunIface) close() {
 		_ = t.st.Close()
 	}
 	t.wg.Wait()
-	t.ns.close()
+	if t.diag != nil {
+		_ = t.diag.Close()
+	}
 	if err := t.dev.Close(); err != nil {
 		t.d.log.Warn("tun interface not fully removed", "name", t.dev.Name(), "err", err)
 	}

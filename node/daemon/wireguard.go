@@ -834,26 +834,13 @@ func (w *wgTransport) cut(t wireguard.Tuple) {
 }
 
 // attestTuple finds the process that owns the local socket of an outgoing tuple and checks it
-// is the agent's enrolled workload: TCP through node/attest, UDP through a sock_diag lookup of
-// the UDP socket (udpSocketInode, as the tun interface does) and the same fingerprint.
+// is the agent's enrolled workload.
 func attestTuple(att *attest.Attester, t wireguard.Tuple, wl node.Workload) (attest.Process, error) {
 	want := attest.Expected{Digest: wl.Digest, UID: wl.UID, GID: wl.GID, Exe: wl.Exe}
 	if t.Proto == wireguard.ProtoTCP {
 		return att.Verify(t.Source(), t.Destination(), want)
 	}
-	inode, err := udpSocketInode(t.Source(), t.Destination())
-	if err != nil {
-		return attest.Process{}, err
-	}
-	p, err := att.OwnerProcess(inode)
-	if err != nil {
-		return attest.Process{}, err
-	}
-	if !p.Matches(want.Digest) {
-		return p, fmt.Errorf("%w: pid %d runs %s (uid %d), not the enrolled workload %s (uid %d)",
-			attest.ErrMismatch, p.PID, p.Exe, p.Workload.UID, want.Exe, want.UID)
-	}
-	return p, nil
+	return att.VerifyUDP(t.Source(), t.Destination(), want)
 }
 
 func (w *wgTransport) forget(t wireguard.Tuple) {
