@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -17,8 +18,10 @@ import (
 
 // UDP for SDK agents. A UDP flow is admitted like a TCP flow (a DTL record on a control stream,
 // destination protocol udp); its datagrams then travel as QUIC datagrams tagged with the flow id
-// (tunnel.OpenPacketFlow / PacketHandler). A flow is one (source agent, destination port) pair:
-// the dialer's net.Conn and one peer address on the listener's net.PacketConn.
+// (tunnel.OpenPacketFlow / PacketHandler), and one too large for a QUIC datagram on the flow's
+// control stream, so any datagram up to tunnel.MaxPacketPayload (65,535 bytes) arrives whole. A
+// flow is one (source agent, destination port) pair: the dialer's net.Conn and one peer address
+// on the listener's net.PacketConn.
 
 // udpQueue bounds the datagrams queued for a reader, per dialed conn and per listener; beyond it
 // datagrams are dropped, as a UDP socket buffer would.
@@ -27,6 +30,14 @@ const udpQueue = 256
 // ErrNoFlow is returned by WriteTo for an address no admitted flow comes from: a UDP listener
 // answers its callers, it cannot start flows (Dial does).
 var ErrNoFlow = errors.New("node: no admitted UDP flow from that address")
+
+// checkDatagramSize refuses what no UDP datagram can be, on same-node flows as on the tunnel.
+func checkDatagramSize(p []byte) error {
+	if len(p) > tunnel.MaxPacketPayload {
+		return fmt.Errorf("%w: %d bytes, a UDP flow carries at most %d", tunnel.ErrDatagramTooLarge, len(p), tunnel.MaxPacketPayload)
+	}
+	return nil
+}
 
 func isUDP(network string) bool { return network == "udp" || network == "udp4" || network == "udp6" }
 
@@ -145,6 +156,9 @@ func (c *udpConn) Write(p []byte) (int, error) {
 	if isDone(c.done) {
 		return 0, &net.OpError{Op: "write", Net: "udp", Addr: c.remote, Err: net.ErrClosed}
 	}
+	if err := checkDatagramSize(p); err != nil {
+		return 0, &net.OpError{Op: "write", Net: "udp", Addr: c.remote, Err: err}
+	}
 	if err := c.send(p); err != nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Addr: c.remote, Err: err}
 	}
@@ -165,8 +179,9 @@ func (c *udpConn) Close() error {
 func (c *udpConn) LocalAddr() net.Addr  { return c.local }
 func (c *udpConn) RemoteAddr() net.Addr { return c.remote }
 
-// SetDeadline sets the read deadline; writes never block on the network (a full send queue
-// drops), so a write deadline has nothing to bound.
+// SetDeadline sets the read deadline. A write blocks only while the tunnel's send queues are full,
+// and at most about a second (tunnel.PacketFlow.Send), then fails with tunnel.ErrSendQueueFull;
+// a write deadline is not applied.
 func (c *udpConn) SetDeadline(t time.Time) error      { c.rd.set(t); return nil }
 func (c *udpConn) SetReadDeadline(t time.Time) error  { c.rd.set(t); return nil }
 func (c *udpConn) SetWriteDeadline(_ time.Time) error { return nil }
@@ -235,9 +250,10 @@ func (a *Agent) dialLocalUDP(ctx context.Context, addr string, dst dtl.Destinati
 		return nil, refused(addr, "admission", "unreachable", fmt.Errorf("%w: %s stopped listening", dtl.ErrUnreachable, dst.Agent))
 	}
 	c := newUDPConn(adm.Remote, remote)
-	pfl := &packetFlow{addr: adm.Remote, prov: p, send: func(b []byte) error { c.push(b); return nil }, close: func() { _ = c.Close() }}
+	// The caller may reuse its buffer once Write returns, as with a socket: queue a copy.
+	pfl := &packetFlow{addr: adm.Remote, prov: p, send: func(b []byte) error { c.push(bytes.Clone(b)); return nil }, close: func() { _ = c.Close() }}
 	f := &liveFlow{ids: p.ids, abort: func() { _ = c.Close() }}
-	c.send = func(b []byte) error { l.push(pfl, b); return nil }
+	c.send = func(b []byte) error { l.push(pfl, bytes.Clone(b)); return nil }
 	c.onClose = func() { n.untrackFlow(f); l.remove(pfl) }
 	n.trackFlow(f)
 	if !l.add(pfl) {
@@ -372,6 +388,9 @@ func (l *packetListener) WriteTo(p []byte, addr net.Addr) (int, error) {
 	f := l.flow(addr)
 	if f == nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Addr: addr, Err: ErrNoFlow}
+	}
+	if err := checkDatagramSize(p); err != nil {
+		return 0, &net.OpError{Op: "write", Net: "udp", Addr: addr, Err: err}
 	}
 	if err := f.send(p); err != nil {
 		return 0, &net.OpError{Op: "write", Net: "udp", Addr: addr, Err: err}

@@ -68,7 +68,13 @@ type tunIface struct {
 	mu     sync.Mutex
 	agents map[netip.Addr]*tunAgent
 	whois  map[netip.AddrPort]*node.Provenance // the peer address a local program sees → the flow
-	closed bool
+	// dialing counts inbound flows being originated per remote agent address: the program may
+	// accept such a connection (and ask whois) before DialFrom returns and its whois entry is
+	// written, so a whois miss for that address waits for whoisChanged (closed and replaced on
+	// every change of whois or dialing).
+	dialing      map[netip.Addr]int
+	whoisChanged chan struct{}
+	closed       bool
 }
 
 type tunAgent struct {
@@ -126,7 +132,8 @@ func (d *Daemon) startTUN() error {
 		diag = nil
 	}
 	t := &tunIface{d: d, dev: dev, att: attest.New(attest.Options{Diag: diag}), diag: diag, routes: routes,
-		agents: map[netip.Addr]*tunAgent{}, whois: map[netip.AddrPort]*node.Provenance{}}
+		agents: map[netip.Addr]*tunAgent{}, whois: map[netip.AddrPort]*node.Provenance{},
+		dialing: map[netip.Addr]int{}, whoisChanged: make(chan struct{})}
 	t.ctx, t.cancel = context.WithCancel(d.ctx)
 	if t.st, err = tunstack.New(dev.TUN(), o.MTU, t, d.log); err != nil {
 		t.close()
@@ -295,18 +302,20 @@ func (t *tunIface) inbound(proto string, ta *tunAgent, c net.Conn, srcPort uint1
 		return
 	}
 	dst := netip.AddrPortFrom(ta.ip, p.Destination.Port)
+	t.originating(p.SourceIP)
 	ctx, cancel := context.WithTimeout(t.ctx, 10*time.Second)
 	lc, err := t.st.DialFrom(ctx, proto, netip.AddrPortFrom(p.SourceIP, srcPort), dst)
 	cancel()
+	var key netip.AddrPort
+	if err == nil {
+		key = addrPortOf(lc.LocalAddr())
+	}
+	t.originated(p.SourceIP, key, p)
 	if err != nil {
 		t.d.log.Debug("tun inbound flow not accepted locally", "agent", ta.name, "from", p.Agent, "dst", dst.String(), "err", err)
 		_ = c.Close()
 		return
 	}
-	key := addrPortOf(lc.LocalAddr())
-	t.mu.Lock()
-	t.whois[key] = p
-	t.mu.Unlock()
 	t.st.Splice(proto, lc, c, func() {
 		t.mu.Lock()
 		if t.whois[key] == p {
@@ -314,6 +323,28 @@ func (t *tunIface) inbound(proto string, ta *tunAgent, c net.Conn, srcPort uint1
 		}
 		t.mu.Unlock()
 	})
+}
+
+// originating notes a flow from src being originated to a local program.
+func (t *tunIface) originating(src netip.Addr) {
+	t.mu.Lock()
+	t.dialing[src]++
+	t.mu.Unlock()
+}
+
+// originated ends originating: the flow's whois entry is key (none if invalid: not accepted),
+// and whois misses waiting for src look again.
+func (t *tunIface) originated(src netip.Addr, key netip.AddrPort, p *node.Provenance) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.dialing[src]--; t.dialing[src] <= 0 {
+		delete(t.dialing, src)
+	}
+	if key.IsValid() {
+		t.whois[key] = p
+	}
+	close(t.whoisChanged)
+	t.whoisChanged = make(chan struct{})
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {
@@ -327,7 +358,14 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 	return ap
 }
 
-// tunWhoIs finds the admitted flow behind the peer address a local program sees.
+// whoisWait bounds how long a whois miss waits for a flow from that address still being
+// originated: the local handshake completes within DialFrom, so the entry follows at once.
+const whoisWait = 2 * time.Second
+
+// tunWhoIs finds the admitted flow behind the peer address a local program sees. A program
+// that asks right after accept may ask before the daemon has written the entry (the kernel
+// completes the handshake inside DialFrom): while a flow from that address is being originated,
+// a miss waits for it.
 func (d *Daemon) tunWhoIs(src netip.AddrPort) (*node.Provenance, bool) {
 	d.mu.Lock()
 	t := d.tun
@@ -335,10 +373,25 @@ func (d *Daemon) tunWhoIs(src netip.AddrPort) (*node.Provenance, bool) {
 	if t == nil {
 		return nil, false
 	}
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	p, ok := t.whois[src]
-	return p, ok
+	deadline := time.NewTimer(whoisWait)
+	defer deadline.Stop()
+	for {
+		t.mu.Lock()
+		p, ok := t.whois[src]
+		pending := t.dialing[src.Addr()] > 0
+		changed := t.whoisChanged
+		t.mu.Unlock()
+		if ok || !pending {
+			return p, ok
+		}
+		select {
+		case <-changed:
+		case <-deadline.C:
+			return nil, false
+		case <-t.ctx.Done():
+			return nil, false
+		}
+	}
 }
 
 // tunAgentAdded puts an agent added through the local API on the interface at once.

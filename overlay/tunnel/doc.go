@@ -2,7 +2,8 @@
 // node over an injected net.PacketConn, one QUIC connection per (peer node, zone) with the zone named
 // by ALPN and both node certificates checked by an injected PeerVerifier, flows carried as QUIC
 // streams whose first frame is a DTL record, UDP flows carried as QUIC datagrams tagged with a flow id
-// admitted on a control stream, the inbound flow table (limits, idle expiry, counters), and
+// admitted on a control stream (and on that stream, framed, when too large for a QUIC datagram),
+// the inbound flow table (limits, idle expiry, counters), and
 // node-level control traffic beside the flows (control streams and control datagrams, handed to
 // the node's ControlHandler and ControlDatagram hooks; gossip rides on them).
 //

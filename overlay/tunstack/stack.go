@@ -63,11 +63,16 @@ type Stats struct {
 	Refused     uint64 // flows the Handler refused
 	Outbound    uint64 // flows spliced to an overlay flow (TCP and UDP)
 	Inbound     uint64 // connections DialFrom originated
-	Oversize    uint64 // UDP datagrams the overlay flow could not carry
+	// UDPDropped counts UDP datagrams from local programs that the overlay flow refused to carry
+	// (a write error other than its end): the flow's send queue stayed full (the peer was not
+	// taking its control stream's bytes, tunnel.ErrSendQueueFull). A datagram too large for a
+	// QUIC datagram is no reason: the flow carries any UDP datagram whole, up to 65,535 bytes
+	// (the largest one over IPv4 is 65,507), on its control stream if need be.
+	UDPDropped uint64
 }
 
 type counters struct {
-	spoofed, unsupported, malformed, refused, outbound, inbound, oversize atomic.Uint64
+	spoofed, unsupported, malformed, refused, outbound, inbound, udpDropped atomic.Uint64
 }
 
 // Options tune a Stack; the zero value is the default.
@@ -85,7 +90,8 @@ type Options struct {
 // the host as they are (TCP and UDP are terminated here and carried over QUIC), so the MTU is a
 // local choice, and loopback's: the kernel then hands over 64 KiB TCP segments and the stack
 // processes 45 times fewer packets than at 1,500 (measured: 2.1–2.6× the throughput,
-// docs/architecture.md).
+// docs/architecture.md). It also bounds UDP: a datagram must fit one IP packet of this size
+// (65,492 payload bytes over IPv4, 65,472 over IPv6), since the filter drops IP fragments.
 const DefaultMTU = 65520
 
 const nicID tcpip.NICID = 1
@@ -224,7 +230,7 @@ func (st *Stack) Stats() Stats {
 	return Stats{
 		Spoofed: st.c.spoofed.Load(), Unsupported: st.c.unsupported.Load(), Malformed: st.c.malformed.Load(),
 		Refused: st.c.refused.Load(), Outbound: st.c.outbound.Load(), Inbound: st.c.inbound.Load(),
-		Oversize: st.c.oversize.Load(),
+		UDPDropped: st.c.udpDropped.Load(),
 	}
 }
 
@@ -543,7 +549,9 @@ func (st *Stack) spliceUDP(a, b net.Conn) {
 			last.Store(time.Now().UnixNano())
 			if _, err := dst.Write(buf[:n]); err != nil {
 				if toOverlay {
-					st.c.oversize.Add(1)
+					// The datagram is lost, as on a congested network; the flow goes on (its
+					// end ends the other direction's read, hence the splice).
+					st.c.udpDropped.Add(1)
 					continue
 				}
 				end()

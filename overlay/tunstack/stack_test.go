@@ -142,7 +142,10 @@ const mtu = 1420
 
 func newKernel(t *testing.T) *kernel { return newKernelTB(t) }
 
-func newKernelTB(t testing.TB) *kernel {
+func newKernelTB(t testing.TB) *kernel { return newKernelMTU(t, mtu) }
+
+// newKernelMTU is a kernel stand-in whose interface has the given MTU.
+func newKernelMTU(t testing.TB, mtu int) *kernel {
 	t.Helper()
 	dev, n, err := netstack.CreateNetTUN([]netip.Addr{agentA, spoofIP}, nil, mtu)
 	require.NoError(t, err)
