@@ -369,7 +369,7 @@ func TestWireGuardNetnsResetAndUDP(t *testing.T) {
 	t.Cleanup(func() { _ = pc.Close() })
 	got := make(chan string, 16)
 	go func() {
-		buf := make([]byte, 1500)
+		buf := make([]byte, 65536)
 		for {
 			n, _, err := pc.ReadFrom(buf)
 			if err != nil {
@@ -393,6 +393,23 @@ func TestWireGuardNetnsResetAndUDP(t *testing.T) {
 			return false
 		}
 	}, 30*time.Second, 10*time.Millisecond, "the enrolled binary's datagram never reached ledger")
+	// Over the interface's MTU (1,420) a datagram leaves as IP fragments: the later ones follow
+	// the admitted tuple and ledger reads it whole.
+	big := strings.Repeat("0123456789", 400)
+	require.Eventually(t, func() bool {
+		_, err := cpc.WriteTo([]byte(big), ldst)
+		require.NoError(t, err)
+		for {
+			select {
+			case m := <-got:
+				if m == big {
+					return true
+				}
+			case <-time.After(300 * time.Millisecond):
+				return false
+			}
+		}
+	}, 10*time.Second, 10*time.Millisecond, "a 4,000-byte datagram never reached ledger whole")
 	for len(got) > 0 {
 		<-got
 	}

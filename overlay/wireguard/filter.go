@@ -51,6 +51,7 @@ type FilterStats struct {
 	Refused    uint64 // packets dropped because their tuple was refused
 	Unadmitted uint64 // packets from the device (inbound) of no admitted tuple, dropped
 	NotFlow    uint64 // packets that are not TCP or UDP with ports, dropped (both directions)
+	Fragments  uint64 // later IPv4 fragments of UDP datagrams that followed their first (frag.go)
 	Admissions uint64 // tuples admitted
 	Refusals   uint64 // tuples refused
 	Resets     uint64 // TCP resets written toward local programs: cut flows, and their later packets
@@ -92,12 +93,15 @@ type Filter struct {
 	out map[key]*entry // admitted outbound: this node's agent opened it; key as the packets leave
 	in  map[key]*entry // admitted inbound: a peer's agent opened it; key as the packets arrive
 
-	pmu      sync.Mutex
-	pending  map[Tuple]*pendingFlow
-	held     int
-	refused  map[Tuple]time.Time
-	resets   map[key]time.Time // TCP tuples cut lately, as the local side sends: answered by a RST
-	released [][]byte
+	pmu     sync.Mutex
+	pending map[Tuple]*pendingFlow
+	held    int
+	refused map[Tuple]time.Time
+	resets  map[key]time.Time // TCP tuples cut lately, as the local side sends: answered by a RST
+
+	// fragOut and fragIn follow fragmented UDP datagrams leaving and arriving (frag.go).
+	fragOut, fragIn fragTable
+	released        [][]byte
 
 	// direct is the inner device's file when it can interrupt a blocked read (a kernel TUN: a
 	// nonblocking file in Go's poller). Read then reads the kernel straight into the device's
@@ -120,7 +124,7 @@ type Filter struct {
 	wg     sync.WaitGroup
 	closed atomic.Bool
 
-	heldPkts, releasedPkts, overflow, refusedPkts, unadmitted, notFlow, admissions, refusals, resetsSent atomic.Uint64
+	heldPkts, releasedPkts, overflow, refusedPkts, unadmitted, notFlow, admissions, refusals, resetsSent, fragments atomic.Uint64
 }
 
 var _ tun.Device = (*Filter)(nil)
@@ -316,7 +320,8 @@ func (f *Filter) Stats() FilterStats {
 	f.mu.RUnlock()
 	return FilterStats{Held: f.heldPkts.Load(), Released: f.releasedPkts.Load(), Overflow: f.overflow.Load(),
 		Refused: f.refusedPkts.Load(), Unadmitted: f.unadmitted.Load(), NotFlow: f.notFlow.Load(),
-		Admissions: f.admissions.Load(), Refusals: f.refusals.Load(), Resets: f.resetsSent.Load(), Flows: n}
+		Admissions: f.admissions.Load(), Refusals: f.refusals.Load(), Resets: f.resetsSent.Load(),
+		Fragments: f.fragments.Load(), Flows: n}
 }
 
 // Read hands wireguard-go the kernel's packets that may leave. Like every tun.Device, it is
@@ -500,6 +505,15 @@ func (f *Filter) readLoop(offset int) {
 // outbound decides one packet from the kernel: pass, or hold it for admission.
 func (f *Filter) outbound(pkt []byte, now int64) bool {
 	k, ok := parseKey(pkt)
+	fk, first, frag := ipv4Fragment(pkt)
+	switch {
+	case ok && frag:
+		f.fragOut.remember(fk, k, now)
+	case !ok && frag && !first:
+		if k, ok = f.fragOut.lookup(fk, now); ok {
+			f.fragments.Add(1)
+		}
+	}
 	if !ok {
 		f.notFlow.Add(1)
 		return false
@@ -524,7 +538,10 @@ func (f *Filter) outbound(pkt []byte, now int64) bool {
 		}
 		return true
 	}
-	t, _ := ParseTuple(pkt)
+	t, ok := ParseTuple(pkt)
+	if !ok {
+		t = tupleOf(k) // a later fragment: its datagram's tuple
+	}
 	f.hold(t, k, pkt)
 	return false
 }
@@ -631,7 +648,14 @@ func (f *Filter) Write(bufs [][]byte, offset int) (int, error) {
 	defer f.mu.RUnlock()
 	kept := 0
 	for i := range bufs {
-		k, ok := parseKey(bufs[i][offset:])
+		pkt := bufs[i][offset:]
+		k, ok := parseKey(pkt)
+		fk, first, frag := ipv4Fragment(pkt)
+		if !ok && frag && !first {
+			if k, ok = f.fragIn.lookup(fk, now); ok {
+				f.fragments.Add(1)
+			}
+		}
 		if !ok {
 			f.notFlow.Add(1)
 			continue
@@ -643,6 +667,9 @@ func (f *Filter) Write(bufs [][]byte, offset int) (int, error) {
 		if e == nil {
 			f.unadmitted.Add(1)
 			continue
+		}
+		if frag && first {
+			f.fragIn.remember(fk, k, now)
 		}
 		if e.last.Load() != now {
 			e.last.Store(now)
@@ -716,6 +743,8 @@ func (f *Filter) SweepIdle(now time.Time) int {
 		}
 	}
 	f.pmu.Unlock()
+	f.fragOut.sweep(now.UnixNano())
+	f.fragIn.sweep(now.UnixNano())
 	if f.cfg.OnRemove != nil {
 		for _, g := range forgot {
 			f.cfg.OnRemove(g.t, g.info)
