@@ -24,7 +24,10 @@ import (
 // (ms-to-100%: wall-clock time of a run whose network delays are simulated), the model's time
 // to 99.9% and to the last member (1 − 1/(2n)), the setup's wall-clock time, the peak Go heap
 // and the process's peak RSS (VmHWM: the peak so far in this process, so sizes run in
-// increasing order).
+// increasing order). UTE_SIM_BENCH_START, _DILATION, _WARMUP, _IDLE and _GOSSIP override the
+// scenario's start, dilation, warmup, tunnel_idle and gossip profile; UTE_SIM_BENCH_WITHIN the
+// revocation's expected time (the run waits 1.5 × it + 1 s for 100 %). The benchmark fails only
+// when a live member never got the record; a time over the expectation is logged.
 func BenchmarkSimRevocationConvergence(b *testing.B) {
 	sizes := []int{100}
 	if env := os.Getenv("UTE_SIM_BENCH_NODES"); env != "" {
@@ -57,6 +60,12 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 		d, err := time.ParseDuration(env)
 		require.NoError(b, err)
 		sc.Warmup = scenario.Duration(d)
+	}
+	if env := os.Getenv("UTE_SIM_BENCH_WITHIN"); env != "" {
+		// The revocation's expectation: the run waits 1.5 × this + 1 s (simulated) for 100 %.
+		d, err := time.ParseDuration(env)
+		require.NoError(b, err)
+		sc.Timeline[0].Expect.Within = scenario.Duration(d)
 	}
 	if env := os.Getenv("UTE_SIM_BENCH_DILATION"); env != "" {
 		k, err := strconv.Atoi(env)
@@ -98,8 +107,13 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 				<-done
 				require.NoError(b, err)
 				ev := res.Events[0]
-				require.True(b, ev.Pass, ev.Observed)
 				last := ev.Curve[len(ev.Curve)-1]
+				// The time to 100 % is the measurement: reported when every live member got the
+				// record, whether or not within the scenario's expectation (the log says which).
+				require.Equal(b, 1.0, last.Fraction, ev.Observed)
+				if !ev.Pass {
+					b.Logf("expectation not met: %s", ev.Failure)
+				}
 				m := ev.Members
 				b.ReportMetric(float64(last.T.Microseconds())/1000, "ms-to-100%")
 				b.ReportMetric(float64(PredictTime(m, res.Fanout, res.GossipInterval, 0.999).Milliseconds()), "model-ms-to-99.9%")

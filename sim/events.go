@@ -572,6 +572,13 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	count := 0
 	last := -1.0
 	var reached time.Duration
+	// With progress on, a line a simulated second: the gossip counters of every live node since
+	// the convergence began (what was sent, dropped, re-queued), so that a stalled spread says why.
+	var base spreadSnap
+	nextLine := time.Second
+	if r.progress != nil {
+		base = r.spreadSnapshot()
+	}
 	for {
 		for i, m := range members {
 			if have[i] {
@@ -600,7 +607,12 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		if frac >= x.Converged && reached == 0 {
 			reached = el
 		}
-		if frac >= 1 || el > limit || ctx.Err() != nil {
+		done := frac >= 1 || el > limit || ctx.Err() != nil
+		if r.progress != nil && (el >= nextLine || done) {
+			nextLine = el.Truncate(time.Second) + time.Second
+			r.say("%s", r.spreadSnapshot().line(base, el, frac))
+		}
+		if done {
 			break
 		}
 		time.Sleep(2 * time.Millisecond)

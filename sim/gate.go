@@ -36,6 +36,10 @@ type dialGate struct {
 	// dropped is the deadlines of the dials refused at setup, until they pass: the endpoint
 	// retries a failed dial on the same context, which the refusal must cover too.
 	dropped map[time.Time]struct{}
+
+	// Counters, for the spread's progress lines: handshakes started, dials whose caller gave up
+	// waiting for a slot, dials refused for too little time left, dials refused at setup.
+	granted, gaveUp, late, setupDrops atomic.Uint64
 }
 
 type gateWaiter struct {
@@ -50,6 +54,7 @@ var errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
 
 func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 	if g.setup.Load() && g.dropAtSetup(ctx) {
+		g.setupDrops.Add(1)
 		return nil, errSetupDrop
 	}
 	g.mu.Lock()
@@ -77,13 +82,16 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 				}
 				g.mu.Unlock()
 			}
+			g.gaveUp.Add(1)
 			return nil, ctx.Err()
 		}
 	}
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < g.minLeft {
 		g.release()
+		g.late.Add(1)
 		return nil, fmt.Errorf("%w: %w", errNoTimeLeft, context.DeadlineExceeded)
 	}
+	g.granted.Add(1)
 	return sync.OnceFunc(g.release), nil
 }
 
@@ -130,6 +138,13 @@ func (g *dialGate) dropAtSetup(ctx context.Context) bool {
 		g.mu.Unlock()
 	})
 	return true
+}
+
+// waiting is how many dials wait for a slot now.
+func (g *dialGate) waiting() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.waiters)
 }
 
 // release frees a slot: to the newest waiter if there is one.

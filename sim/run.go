@@ -341,13 +341,21 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 		// they were dropped hears it and refutes before the timeline starts.
 		t = time.Now()
 		r.say("  warmup: %s (simulated) for the gossip queues to drain", w)
-		for _, part := range []time.Duration{w - w/4, w / 4} {
+		var base spreadSnap
+		for i, part := range []time.Duration{w - w/4, w / 4} {
+			if i == 1 && r.progress != nil {
+				base = r.spreadSnapshot()
+			}
 			select {
 			case <-ctx.Done():
 				return ctx.Err()
 			case <-time.After(r.wall(part)):
 			}
 			r.gate.setup.Store(false)
+		}
+		if r.progress != nil {
+			// The zone at rest: what the last quarter of the warmup sent and dropped.
+			r.say("%s", strings.Replace(r.spreadSnapshot().line(base, w/4, 0), "spread at", "at rest, the warmup's last", 1))
 		}
 		res.WarmupTime = time.Since(t)
 	}

@@ -25,6 +25,7 @@ func newSimCmd() *cobra.Command {
 		report   string
 		maxNodes int
 		realUDP  bool
+		dilation int
 	)
 	run := &cobra.Command{
 		Use:   "run [SCENARIO.yaml | NAME]",
@@ -34,6 +35,9 @@ func newSimCmd() *cobra.Command {
 			"Shipped scenarios: " + strings.Join(shippedNames(), ", ") + ".",
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if cmd.Flags().Changed("dilation") && (dilation < 1 || dilation > scenario.MaxDilation) {
+				return usagef("--dilation %d: a whole factor from 1 (none) to %d", dilation, scenario.MaxDilation)
+			}
 			var scs []*scenario.Scenario
 			if len(args) == 1 {
 				sc, err := loadScenario(args[0])
@@ -66,7 +70,7 @@ func newSimCmd() *cobra.Command {
 			var results []*sim.Result
 			failed := 0
 			for _, sc := range scs {
-				res, err := sim.Run(cmd.Context(), sc, sim.Options{Seed: seed, MaxNodes: maxNodes, Progress: progress, Real: realUDP})
+				res, err := sim.Run(cmd.Context(), sc, sim.Options{Seed: seed, MaxNodes: maxNodes, Progress: progress, Real: realUDP, Dilation: dilation})
 				if err != nil {
 					return fmt.Errorf("sim %s: %w", sc.Name, err)
 				}
@@ -108,6 +112,7 @@ func newSimCmd() *cobra.Command {
 	run.Flags().StringVar(&report, "report", "", "write a self-contained HTML report to this file")
 	run.Flags().IntVar(&maxNodes, "max-nodes", 0, "scale the node groups down to at most this many nodes")
 	run.Flags().BoolVar(&realUDP, "real", false, fmt.Sprintf("run over real UDP sockets on 127.0.0.1 instead of the in-memory network (at most %d nodes; link latency, jitter and loss do not apply)", sim.MaxRealNodes))
+	run.Flags().IntVar(&dilation, "dilation", 0, "run every timer the simulator reaches this many times slower and report measured times divided by it (default: the scenario's dilation)")
 	cmd.AddCommand(run)
 	return cmd
 }

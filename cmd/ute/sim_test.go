@@ -65,6 +65,19 @@ func TestSimRunRefusals(t *testing.T) {
 	assert.Contains(t, errOut.String(), "shipped:")
 	errOut.Reset()
 	assert.Equal(t, 2, run(context.Background(), []string{"sim", "run", "--report", filepath.Join(dir, "x.html")}, &out, &errOut))
+	for _, k := range []string{"0", "1001", "-3"} {
+		errOut.Reset()
+		assert.Equal(t, 2, run(context.Background(), []string{"sim", "run", "token-reuse", "--dilation", k}, &out, &errOut), k)
+		assert.Contains(t, errOut.String(), "--dilation "+k+": a whole factor from 1 (none) to 1000")
+	}
+}
+
+// --dilation replaces the scenario's factor: the table says so and times stay simulated.
+func TestSimRunDilation(t *testing.T) {
+	var out, errOut bytes.Buffer
+	code := run(context.Background(), []string{"sim", "run", "token-reuse", "--dilation", "3"}, &out, &errOut)
+	require.Equal(t, 0, code, errOut.String())
+	assert.Contains(t, out.String(), "time dilation k = 3")
 }
 
 // --real runs a shipped scenario over real UDP on loopback and says so in the table.

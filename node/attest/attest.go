@@ -141,6 +141,11 @@ func (a *Attester) Verify(client, server netip.AddrPort, want Expected) (Process
 	if err != nil {
 		return Process{}, err
 	}
+	return a.verifyOwner(s, want)
+}
+
+// verifyOwner finds the process holding s and checks it against want.
+func (a *Attester) verifyOwner(s sockInfo, want Expected) (Process, error) {
 	p, err := a.owner(s, string(want.Digest))
 	if err != nil {
 		return Process{}, err
@@ -175,14 +180,7 @@ func (a *Attester) VerifyUDP(local, remote netip.AddrPort, want Expected) (Proce
 	case s.inode == 0:
 		return Process{}, fmt.Errorf("%w: UDP socket %s -> %s has no inode (closing)", ErrNoOwner, local, remote)
 	}
-	p, err := a.owner(s, string(want.Digest))
-	if err != nil {
-		return Process{}, err
-	}
-	if !p.Matches(want.Digest) {
-		return p, fmt.Errorf("%w: %s", ErrMismatch, mismatchReason(p, want))
-	}
-	return p, nil
+	return a.verifyOwner(s, want)
 }
 
 // mismatchReason says what differs; only the digest is enrolled, so when uid and gid agree the

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ute-project/ute/identity"
@@ -104,6 +105,9 @@ type Daemon struct {
 	wgt *wgTransport
 	// region caches the region file (trust.go).
 	region regionFile
+	// idle is the gossip tunnels' idle policy (idle.go), installed as soon as the node opens (a
+	// tunnel accepted before that takes it at its first idle check).
+	idle atomic.Pointer[idlePolicy]
 }
 
 type closer interface{ Close() error }
@@ -210,6 +214,8 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		return nil, err
 	}
 	d.node = n
+	d.idle.Store(&idlePolicy{fixed: fixedIdle(d.cfg.Gossip)})
+	n.Endpoint().SetGossipIdlePolicy(d.tunnelIdle)
 	d.metrics.SetRevocationsHeld(store.Len())
 	d.metrics.SetCertificateExpiry(n.Certificate().X509.NotAfter)
 	d.auditAsideMetric()

@@ -300,10 +300,13 @@ func (d *Daemon) syncGauges() {
 			tunnels[t.Zone()]++
 		}
 	}
+	members := map[string]int{}
 	for _, z := range p.m.Zones() {
-		d.metrics.SetGossipMembers(z, len(p.m.Members(z)))
+		members[z] = len(p.m.Members(z))
+		d.metrics.SetGossipMembers(z, members[z])
 		d.metrics.SetTunnels(z, tunnels[z])
 	}
+	d.updateIdle(members)
 }
 
 // spread publishes a record that just changed the store in the pools it concerns: an agent's
@@ -397,3 +400,14 @@ func (d *Daemon) resolve(nodeID string) (netip.AddrPort, bool) {
 
 // Members is zone's live gossip members, this node included (empty without a pool for zone).
 func (d *Daemon) Members(zone string) []membership.Member { return d.members(zone) }
+
+// Gossip is the node's gossip pools, for their counters and queues (the simulator reads them);
+// nil before they start or after Close.
+func (d *Daemon) Gossip() *membership.Membership {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.pools == nil {
+		return nil
+	}
+	return d.pools.m
+}

@@ -13,7 +13,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ute-project/ute/overlay/gossip"
 	"github.com/ute-project/ute/overlay/gossip/gossiptest"
+	"github.com/ute-project/ute/overlay/tunnel"
 )
 
 const td = "acme.internal"
@@ -139,6 +141,8 @@ type clusterOpts struct {
 	// Join's concurrency and per-seed dial bound; zero takes the defaults.
 	joinParallel    int
 	joinSeedTimeout time.Duration
+	// dialer, when set, wraps the node's endpoint as the Membership sees it (fault injection).
+	dialer func(*tunnel.Endpoint) gossip.Dialer
 }
 
 // startMember starts a node with a Membership holding a pool per zone.
@@ -150,10 +154,14 @@ func startMember(t testing.TB, auth *gossiptest.Authority, sg signer, name strin
 	if timing == (Timing{}) {
 		timing = FastTiming()
 	}
+	var ep gossip.Dialer = n.Endpoint
+	if copt.dialer != nil {
+		ep = copt.dialer(n.Endpoint)
+	}
 	m, err := New(Config{
 		NodeID:    n.ID,
 		Advertise: n.Addr,
-		Endpoint:  n.Endpoint,
+		Endpoint:  ep,
 		Mux:       n.Mux,
 		Records:   st,
 		Revoked:   n.Verifier.Revoked,

@@ -144,8 +144,8 @@ type Config struct {
 	JoinParallel    int
 	JoinSeedTimeout time.Duration
 	// NoRequeue turns off re-broadcast on first receipt and the publisher's immediate send over
-	// open tunnels, leaving memberlist's own broadcast alone (retransmissions from the publisher
-	// only). For the benchmark baseline only.
+	// open tunnels, leaving the publisher's own gossip rounds alone (retransmissions from the
+	// publisher only). For the benchmark baseline and tests only.
 	NoRequeue bool
 	Logger    *slog.Logger
 }
@@ -208,14 +208,15 @@ type Stats struct {
 	Rebroadcasts      uint64 // records re-queued on first receipt
 	DirectSends       uint64 // published records sent at once to a member with an open tunnel
 	DirectPushes      uint64 // records pushed to a member over a control stream
-	PushFailures      uint64 // direct pushes that failed
+	PushFailures      uint64 // direct pushes and record syncs that failed
 	StateTruncated    uint64 // records left out of a push/pull state by MaxStateBytes
+	RecordSyncs       uint64 // record pushes after a probe's ack carried a different record digest
 	NamesRefused      uint64 // member names refused: foreign, not a node, revoked
 }
 
 type counters struct {
 	accepted, known, dropped, duplicate, malformed, queueDropped atomic.Uint64
-	viaState, directSends                                        atomic.Uint64
+	viaState, directSends, syncs                                 atomic.Uint64
 	rebroadcasts, pushes, pushFailures, truncated, namesRefused  atomic.Uint64
 }
 
@@ -358,6 +359,17 @@ func (m *Membership) pool(zone string) (*pool, error) {
 	return p, nil
 }
 
+// Queued is how many records zone's pool still has to gossip (each until RetransmitMult·log(N+1)
+// of its packets reached a tunnel, or it is given up); 0 without a pool. The simulator prints the
+// sum over its nodes while a record spreads.
+func (m *Membership) Queued(zone string) int {
+	p, err := m.pool(zone)
+	if err != nil {
+		return 0
+	}
+	return p.recs.len()
+}
+
 // Transport returns the zone pool's transport (its counters; SetPartitioned for fault injection).
 func (m *Membership) Transport(zone string) (*gossip.Transport, error) {
 	p, err := m.pool(zone)
@@ -387,6 +399,7 @@ func (m *Membership) Publish(raw []byte, zones ...string) error {
 			continue
 		}
 		m.seen.add(key(z, raw))
+		p.recordsChanged()
 		p.spread(raw, true)
 	}
 	return errors.Join(errs...)
@@ -443,6 +456,7 @@ func (m *Membership) Stats() Stats {
 		DirectPushes:      m.st.pushes.Load(),
 		PushFailures:      m.st.pushFailures.Load(),
 		StateTruncated:    m.st.truncated.Load(),
+		RecordSyncs:       m.st.syncs.Load(),
 		NamesRefused:      m.st.namesRefused.Load(),
 	}
 }
@@ -528,6 +542,9 @@ func (m *Membership) receive(zone string, raw []byte, src source) {
 		return
 	}
 	if isNew {
+		if p, err := m.pool(zone); err == nil {
+			p.recordsChanged()
+		}
 		m.st.accepted.Add(1)
 		if src == fromState {
 			m.st.viaState.Add(1)
@@ -576,12 +593,16 @@ func (m *Membership) handlePush(t *tunnel.Tunnel, c net.Conn) {
 // maxPushRecords bounds one record push stream.
 const maxPushRecords = 64
 
-// pushTo pushes raw to one member over a control stream of the zone's tunnel.
-func (m *Membership) pushTo(zone string, to Member, raw []byte) error {
+// pushTo pushes recs (at most maxPushRecords) to one member over a control stream of the zone's
+// tunnel, and waits for the receiver's end of stream.
+func (m *Membership) pushTo(zone string, to Member, recs ...[]byte) error {
 	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.PushTimeout)
 	defer cancel()
 	tun, ok := m.cfg.Endpoint.LiveTunnel(to.NodeID, zone)
 	if !ok {
+		if !to.Addr.IsValid() {
+			return fmt.Errorf("membership: no tunnel to %s and no address", to.NodeID)
+		}
 		var err error
 		if tun, err = m.cfg.Endpoint.Dial(ctx, to.Addr, to.NodeID, zone); err != nil {
 			return err
@@ -593,8 +614,10 @@ func (m *Membership) pushTo(zone string, to Member, raw []byte) error {
 	}
 	defer func() { _ = c.Close() }()
 	_ = c.SetDeadline(time.Now().Add(m.cfg.PushTimeout))
-	if err := writePushRecord(c, raw); err != nil {
-		return err
+	for _, raw := range recs {
+		if err := writePushRecord(c, raw); err != nil {
+			return err
+		}
 	}
 	if err := c.CloseWrite(); err != nil {
 		return err
@@ -628,15 +651,18 @@ func (m *Membership) spawnPush(zone string, to Member, raw []byte) {
 
 // pool is one zone's memberlist and its delegates.
 type pool struct {
-	m     *Membership
-	zone  string
-	tr    *gossip.Transport
-	queue *memberlist.TransmitLimitedQueue
-	list  atomic.Pointer[memberlist.Memberlist]
+	m    *Membership
+	zone string
+	tr   *gossip.Transport
+	recs recordQueue
+	list atomic.Pointer[memberlist.Memberlist]
 
 	// queued holds one notice that a record was queued (see pump); stopPump ends the pump.
 	queued   chan struct{}
 	stopPump context.CancelFunc
+
+	dig     digestCache // the record set's digest, for acks (antientropy.go)
+	syncing atomic.Bool // a record sync push is under way
 
 	mu      sync.Mutex
 	members map[string]Member  // from memberlist's events
@@ -655,7 +681,6 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)
 	}
 	p := &pool{m: m, zone: zone, tr: tr, members: map[string]Member{}, failed: map[Seed]time.Time{}}
-	p.queue = &memberlist.TransmitLimitedQueue{NumNodes: p.numNodes, RetransmitMult: m.cfg.Timing.RetransmitMult}
 
 	t := m.cfg.Timing
 	conf := memberlist.DefaultLANConfig()
@@ -665,6 +690,7 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 	conf.Alive = p
 	conf.Merge = p
 	conf.Events = p
+	conf.Ping = p
 	// No gossip key: the tunnels' mutual TLS authenticates and encrypts every byte.
 	conf.SecretKey = nil
 	conf.Keyring = nil
@@ -709,7 +735,7 @@ func (p *pool) pump(ctx context.Context) {
 	t.Stop()
 	defer t.Stop()
 	for {
-		if p.queue.NumQueued() == 0 {
+		if p.recs.len() == 0 {
 			select {
 			case <-ctx.Done():
 				return
@@ -726,30 +752,72 @@ func (p *pool) pump(ctx context.Context) {
 	}
 }
 
-// gossipRound sends queued records to GossipNodes random live members, as memberlist's gossip
-// round does: each member gets what GetBroadcasts yields for it, one record per packet (the
-// framing of memberlist's user messages, so the receiver's NotifyMsg takes them alike).
+// gossipRound sends each queued record to GossipNodes members it has not reached yet, one record
+// per packet (the framing of memberlist's user messages, so the receiver's NotifyMsg takes them
+// alike). Members this node holds a live tunnel with are preferred for all but one of them: a
+// packet to such a member needs no handshake, and memberlist's probes and the flows keep tunnels
+// open to members spread across the pool; the one other member is drawn from all of them, so the
+// record still jumps to random members. A packet counts against the record's retransmissions
+// only once the transport handed it to a tunnel (recordQueue).
 func (p *pool) gossipRound() {
-	ml := p.ml()
+	self := p.m.cfg.NodeID
 	var others []Member
 	for _, mem := range p.m.Members(p.zone) {
-		if mem.NodeID != p.m.cfg.NodeID && mem.Addr.IsValid() {
+		if mem.NodeID != self && mem.Addr.IsValid() {
 			others = append(others, mem)
 		}
 	}
-	rand.Shuffle(len(others), func(i, j int) { others[i], others[j] = others[j], others[i] })
-	for _, mem := range others[:min(len(others), p.m.cfg.Timing.GossipNodes)] {
-		// 2 bytes of compound overhead per message as memberlist reserves, and the user-message
-		// type byte SendBestEffort adds.
-		msgs := p.queue.GetBroadcasts(3, udpBufferSize)
-		if len(msgs) == 0 {
-			return
+	limit := retransmitLimit(p.m.cfg.Timing.RetransmitMult, p.numNodes())
+	plan := p.recs.round(others, limit, p.m.cfg.Timing.GossipNodes, p.pick)
+	for _, s := range plan {
+		p.tr.SendPacket(userMessage(s.rec.msg), s.member.Addr, s.member.NodeID, func(sent bool) { p.recs.done(s, sent) })
+	}
+}
+
+// pick chooses k of cands: up to k−1 with a live tunnel, the rest at random, none that the
+// transport holds back after a failed dial (a packet to it would be dropped unsent).
+func (p *pool) pick(cands []Member, k int) []Member {
+	if k <= 0 {
+		return nil
+	}
+	cands = slices.DeleteFunc(cands, func(c Member) bool { return p.tr.Held(c.NodeID) })
+	if len(cands) == 0 {
+		return nil
+	}
+	rand.Shuffle(len(cands), func(i, j int) { cands[i], cands[j] = cands[j], cands[i] })
+	if len(cands) <= k {
+		return cands
+	}
+	out := make([]Member, 0, k)
+	taken := make([]bool, len(cands))
+	for i, c := range cands {
+		if len(out) >= k-1 {
+			break
 		}
-		to := &memberlist.Node{Name: mem.NodeID, Addr: net.IP(mem.Addr.Addr().AsSlice()), Port: mem.Addr.Port()}
-		for _, msg := range msgs {
-			_ = ml.SendBestEffort(to, msg) // best effort, as memberlist's gossip; push/pull repairs a loss
+		if _, ok := p.m.cfg.Endpoint.LiveTunnel(c.NodeID, p.zone); ok {
+			out = append(out, c)
+			taken[i] = true
 		}
 	}
+	for i, c := range cands {
+		if len(out) >= k {
+			break
+		}
+		if !taken[i] {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// userMsg is memberlist's message type for user messages (memberlist's userMsg, unexported):
+// a record's packet is what Memberlist.SendBestEffort would send, so the receiving memberlist
+// hands it to NotifyMsg (records travel only in these packets in
+// TestRecordsKeepTheirPaceWhenMemberlistGossipIsSlow and TestDroppedPacketsDoNotSpendRetransmits).
+const userMsg byte = 8
+
+func userMessage(msg []byte) []byte {
+	return append([]byte{userMsg}, msg...)
 }
 
 func (p *pool) ml() *memberlist.Memberlist { return p.list.Load() }
@@ -773,7 +841,7 @@ func (p *pool) stop(leave time.Duration) error {
 func (p *pool) spread(raw []byte, origin bool) bool {
 	msg := encodeMessage(raw)
 	if len(msg) <= maxBroadcast {
-		p.queue.QueueBroadcast(broadcast(msg))
+		p.recs.add(msg)
 		select { // rouse the pump
 		case p.queued <- struct{}{}:
 		default:
@@ -813,16 +881,6 @@ func (p *pool) sendOpen(msg []byte) {
 	}
 }
 
-// broadcast is one record message; each is unique, so none invalidates another.
-type broadcast []byte
-
-func (b broadcast) Invalidates(memberlist.Broadcast) bool { return false }
-func (b broadcast) Message() []byte                       { return b }
-func (b broadcast) Finished()                             {}
-func (b broadcast) UniqueBroadcast()                      {}
-
-var _ memberlist.UniqueBroadcast = broadcast(nil)
-
 // NodeMeta: members carry no metadata; nothing they could claim there is trusted anyway.
 func (p *pool) NodeMeta(int) []byte { return nil }
 
@@ -836,10 +894,10 @@ func (p *pool) NotifyMsg(b []byte) {
 	p.m.enqueue(p.zone, slices.Clone(raw))
 }
 
-// GetBroadcasts returns queued record messages that fit in limit.
-func (p *pool) GetBroadcasts(overhead, limit int) [][]byte {
-	return p.queue.GetBroadcasts(overhead, limit)
-}
+// GetBroadcasts gives memberlist's own gossip rounds and probes nothing: records go in the
+// pool's rounds (gossipRound), which count what reached a tunnel, and not in memberlist's, which
+// would spend them blindly.
+func (p *pool) GetBroadcasts(int, int) [][]byte { return nil }
 
 // LocalState sends the zone's records, at most MaxStateBytes of them, starting at a random
 // record so that successive exchanges of a set over the cap carry different parts of it.

@@ -102,9 +102,15 @@ type Transport struct {
 }
 
 type pendingDial struct {
-	packets     [][]byte
+	packets     []pendingPacket
 	dialing     bool
 	failedUntil time.Time
+}
+
+// pendingPacket is a packet held for a tunnel being dialed, and who to tell its fate (SendPacket).
+type pendingPacket struct {
+	b    []byte
+	done func(sent bool) // nil for memberlist's own packets
 }
 
 type hint struct {
@@ -237,40 +243,83 @@ func (t *Transport) WriteToAddress(b []byte, addr memberlist.Address) (time.Time
 	if err != nil {
 		return now, err
 	}
+	t.send(ap, name, b, nil)
+	return now, nil
+}
+
+// SendPacket sends one packet to member name at addr as WriteToAddress does (b framed as
+// memberlist frames it, e.g. a user message), and reports its fate once through done: true when
+// it was handed to a tunnel (at once, or after the background dial it waited for), false when it
+// was dropped here (the dial failed or failed lately, too many packets wait for that dial, the
+// transport is partitioned or shut down). Delivery is still best effort past the tunnel. done
+// runs on the caller's goroutine or on a dial's and must not block. The membership's record
+// gossip counts a transmission only when it was handed on, so that packets lost to failed dials
+// do not spend a record's retransmissions.
+func (t *Transport) SendPacket(b []byte, addr netip.AddrPort, name string, done func(sent bool)) {
+	ap, name, err := t.resolve(memberlist.Address{Addr: addr.String(), Name: name})
+	if err != nil {
+		if errors.Is(err, ErrPartitioned) {
+			t.dropped.Add(1)
+		}
+		done(false)
+		return
+	}
+	t.send(ap, name, b, done)
+}
+
+// Held reports whether packets to name are being dropped without a dial: its last dial failed
+// less than RedialAfter ago. A sender with a choice of members picks another.
+func (t *Transport) Held(name string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p := t.pending[name]
+	return p != nil && !p.dialing && time.Now().Before(p.failedUntil)
+}
+
+// send sends b on name's live tunnel, or holds it for a background dial.
+func (t *Transport) send(ap netip.AddrPort, name string, b []byte, done func(bool)) {
 	if tun, ok := t.cfg.Dialer.LiveTunnel(name, t.zone); ok {
-		if t.sendOn(tun, b) {
-			return now, nil
+		if sent, ok := t.sendOn(tun, b); ok {
+			report(done, sent)
+			return
 		}
 		// The tunnel closed under this packet (closed when idle, or the peer went away): dial
 		// again as if there had been none, so that a closed gossip tunnel costs one handshake
 		// and not a lost packet.
 	}
-	t.queueDial(ap, name, append([]byte(nil), b...))
-	return now, nil
+	t.queueDial(ap, name, pendingPacket{b: append([]byte(nil), b...), done: done})
 }
 
-// sendOn sends a packet as a control datagram, or on a control stream when it does not fit. It
-// returns false, without counting a drop, when the tunnel had closed before the send: the
+func report(done func(bool), sent bool) {
+	if done != nil {
+		done(sent)
+	}
+}
+
+// sendOn sends a packet as a control datagram, or on a control stream when it does not fit;
+// sent reports whether it was handed on (a stream's packet counts once its send is started). It
+// returns ok false, without counting a drop, when the tunnel had closed before the send: the
 // caller may dial again.
-func (t *Transport) sendOn(tun *tunnel.Tunnel, b []byte) bool {
+func (t *Transport) sendOn(tun *tunnel.Tunnel, b []byte) (sent, ok bool) {
 	err := tun.SendControlDatagram(AppendDatagram(make([]byte, 0, 1+len(b)), ChannelPacket, b))
 	if err == nil {
 		t.sent.Add(1)
-		return true
+		return true, true
 	}
 	if errors.Is(err, tunnel.ErrDatagramTooLarge) {
 		pkt := append([]byte(nil), b...)
 		if !t.spawn(func() { t.sendStream(tun, pkt) }) {
 			t.dropped.Add(1)
+			return false, true
 		}
-		return true
+		return true, true
 	}
 	if !tun.Alive() {
-		return false
+		return false, false
 	}
 	t.dropped.Add(1)
 	t.log.Debug("gossip packet dropped", "peer", tun.Peer().NodeID, "err", err)
-	return true
+	return false, true
 }
 
 func (t *Transport) sendStream(tun *tunnel.Tunnel, b []byte) {
@@ -293,7 +342,7 @@ func (t *Transport) sendStream(tun *tunnel.Tunnel, b []byte) {
 }
 
 // queueDial holds pkt for name and dials its tunnel unless a dial is under way or failed lately.
-func (t *Transport) queueDial(ap netip.AddrPort, name string, pkt []byte) {
+func (t *Transport) queueDial(ap netip.AddrPort, name string, pkt pendingPacket) {
 	t.mu.Lock()
 	p := t.pending[name]
 	if p == nil {
@@ -301,13 +350,10 @@ func (t *Transport) queueDial(ap netip.AddrPort, name string, pkt []byte) {
 		t.pending[name] = p
 	}
 	switch {
-	case !p.dialing && time.Now().Before(p.failedUntil):
+	case !p.dialing && time.Now().Before(p.failedUntil), len(p.packets) >= t.cfg.PendingPerPeer:
 		t.mu.Unlock()
 		t.dropped.Add(1)
-		return
-	case len(p.packets) >= t.cfg.PendingPerPeer:
-		t.mu.Unlock()
-		t.dropped.Add(1)
+		report(pkt.done, false)
 		return
 	}
 	p.packets = append(p.packets, pkt)
@@ -316,8 +362,15 @@ func (t *Transport) queueDial(ap netip.AddrPort, name string, pkt []byte) {
 	t.mu.Unlock()
 	if start && !t.spawn(func() { t.dialAndFlush(ap, name) }) {
 		t.mu.Lock()
+		var pkts []pendingPacket
+		if p := t.pending[name]; p != nil {
+			pkts = p.packets
+		}
 		delete(t.pending, name)
 		t.mu.Unlock()
+		for _, q := range pkts {
+			report(q.done, false)
+		}
 	}
 }
 
@@ -327,7 +380,7 @@ func (t *Transport) dialAndFlush(ap netip.AddrPort, name string) {
 	cancel()
 	t.mu.Lock()
 	p := t.pending[name]
-	var pkts [][]byte
+	var pkts []pendingPacket
 	if p != nil {
 		pkts, p.packets, p.dialing = p.packets, nil, false
 		if err != nil {
@@ -341,12 +394,17 @@ func (t *Transport) dialAndFlush(ap netip.AddrPort, name string) {
 		t.dialFailures.Add(1)
 		t.dropped.Add(uint64(len(pkts)))
 		t.log.Debug("gossip dial failed", "peer", name, "addr", ap.String(), "err", err)
+		for _, q := range pkts {
+			report(q.done, false)
+		}
 		return
 	}
-	for _, b := range pkts {
-		if !t.sendOn(tun, b) {
+	for _, q := range pkts {
+		sent, ok := t.sendOn(tun, q.b)
+		if !ok {
 			t.dropped.Add(1) // closed right after its handshake: not dialed a second time
 		}
+		report(q.done, sent)
 	}
 }
 

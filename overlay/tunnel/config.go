@@ -92,7 +92,8 @@ type Limits struct {
 	// GossipIdleTimeout closes a tunnel with no agent flow and no control stream open once
 	// nothing has crossed it for this long (keep-alives do not count), instead of keeping it up
 	// on keep-alives (idle.go); the next gossip message or flow dials again. Default 60 s;
-	// negative: never.
+	// negative: never. Endpoint.SetGossipIdlePolicy replaces it per tunnel (the node daemon
+	// holds its tunnels across probe rounds in a small pool).
 	GossipIdleTimeout time.Duration
 	KeepAlivePeriod   time.Duration // QUIC keep-alive, sent by the dialing side only; default 15 s (quic-go caps it at half the idle timeout); negative: none
 	FirstFrameTimeout time.Duration // time for a new stream to deliver its record; default 5 s

@@ -53,9 +53,11 @@ type Endpoint struct {
 	cert atomic.Pointer[tls.Certificate]
 	// gate, when set, paces outbound handshakes (gate.go).
 	gate atomic.Pointer[gateHolder]
-	// born is the origin of mono(); gossipIdle is the idle close of new tunnels (idle.go).
+	// born is the origin of mono(); gossipIdle is the idle close of tunnels, idlePolicy its
+	// per-tunnel replacement when set (idle.go).
 	born       time.Time
 	gossipIdle atomic.Int64
+	idlePolicy atomic.Pointer[func(zone, peerNodeID string) time.Duration]
 
 	ctx    context.Context
 	cancel context.CancelFunc

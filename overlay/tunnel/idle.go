@@ -12,6 +12,8 @@ import "time"
 // or flow dials again. Keep-alives do not count as use. A flow that is open, however silent,
 // keeps its tunnel (a packet flow until it is closed, a stream flow until its FlowConn is closed
 // or reset), and so does an open control stream (a push/pull, a WireGuard admission stream).
+// The timeout can be set per tunnel (SetGossipIdlePolicy): a pool small enough to hold a tunnel
+// per member keeps them across its probe rounds, where closing them cost a handshake per probe.
 
 // touch records use of the tunnel now: control traffic, a flow opening or closing, or a caller
 // about to use it.
@@ -51,9 +53,10 @@ func (t *Tunnel) busy() bool {
 	return len(t.packets) > 0
 }
 
-// SetGossipIdleTimeout changes Limits.GossipIdleTimeout for tunnels established from now on (d
-// < 0 turns the idle close off for them; 0 restores the default). The simulator injects a short
-// one after the daemon has started its endpoint, as it injects a DialGate.
+// SetGossipIdleTimeout changes Limits.GossipIdleTimeout (d < 0 turns the idle close off; 0
+// restores the default): for tunnels established from now on, and for those already up from
+// their next idle check. The simulator injects a short one after the daemon has started its
+// endpoint, as it injects a DialGate. A policy set with SetGossipIdlePolicy takes precedence.
 func (e *Endpoint) SetGossipIdleTimeout(d time.Duration) {
 	if d == 0 {
 		d = defaultGossipIdle
@@ -61,25 +64,75 @@ func (e *Endpoint) SetGossipIdleTimeout(d time.Duration) {
 	e.gossipIdle.Store(int64(d))
 }
 
+// SetGossipIdlePolicy makes policy choose each tunnel's idle timeout from its zone and verified
+// peer, in place of the endpoint-wide one: the node holds a tunnel per member across a whole
+// probe round in a pool small enough to afford it, and closes them sooner in a large one
+// (node/daemon). policy is asked when a tunnel is established and at each of its idle checks,
+// so a changed answer applies to a tunnel already up from its next check on (at most its
+// previous timeout later); an answer ≤ 0 keeps the tunnel and asks again after idleOffRecheck.
+// It runs on the tunnel's timer goroutine and must not block. nil restores the endpoint-wide
+// timeout.
+func (e *Endpoint) SetGossipIdlePolicy(policy func(zone, peerNodeID string) time.Duration) {
+	if policy == nil {
+		e.idlePolicy.Store(nil)
+		return
+	}
+	e.idlePolicy.Store(&policy)
+}
+
+// RecheckIdle makes every open tunnel check its idle timeout again now. A policy answer applies
+// to a tunnel at its next check, which a long earlier timeout may put minutes away: after a
+// change that shortens timeouts (a pool grown past what the node holds across probe rounds), the
+// caller rechecks so that tunnels held under the old answer close under the new one.
+func (e *Endpoint) RecheckIdle() {
+	e.mu.Lock()
+	tunnels := make([]*Tunnel, 0, len(e.tunnels))
+	for t := range e.tunnels {
+		tunnels = append(tunnels, t)
+	}
+	e.mu.Unlock()
+	for _, t := range tunnels {
+		if tm := t.idleTimer.Load(); tm != nil && t.Alive() {
+			tm.Reset(0)
+		}
+	}
+}
+
+// idleOffRecheck is how often a tunnel whose idle close is off asks again whether it still is.
+const idleOffRecheck = defaultGossipIdle
+
+// idleTimeout is t's idle timeout now (≤ 0: off).
+func (e *Endpoint) idleTimeout(t *Tunnel) time.Duration {
+	if p := e.idlePolicy.Load(); p != nil {
+		return (*p)(t.zone, t.peer.NodeID)
+	}
+	return time.Duration(e.gossipIdle.Load())
+}
+
 // armIdle starts t's idle check; newTunnel calls it before t is visible to anyone else.
 func (e *Endpoint) armIdle(t *Tunnel) {
-	d := time.Duration(e.gossipIdle.Load())
+	d := e.idleTimeout(t)
 	t.touch()
 	if d <= 0 {
-		return
+		d = idleOffRecheck
 	}
 	// Created far in the future and then reset, so that the callback can never run before the
 	// timer is stored where it reads it.
-	tm := time.AfterFunc(time.Hour, func() { t.idleCheck(d) })
+	tm := time.AfterFunc(time.Hour, t.idleCheck)
 	t.idleTimer.Store(tm)
 	tm.Reset(d)
 }
 
 // idleCheck runs on t's timer: it closes t when nothing is open on it and it has carried nothing
-// for d; otherwise it looks again when d may have passed.
-func (t *Tunnel) idleCheck(d time.Duration) {
+// for its idle timeout; otherwise it looks again when that timeout may have passed.
+func (t *Tunnel) idleCheck() {
 	tm := t.idleTimer.Load()
 	if !t.Alive() {
+		return
+	}
+	d := t.ep.idleTimeout(t)
+	if d <= 0 {
+		tm.Reset(idleOffRecheck)
 		return
 	}
 	if t.busy() {

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -154,4 +155,110 @@ func TestGossipIdleTimeoutOff(t *testing.T) {
 func TestGossipIdleTimeoutDefault(t *testing.T) {
 	assert.Equal(t, 60*time.Second, Limits{}.withDefaults().GossipIdleTimeout)
 	assert.Equal(t, time.Duration(-1), Limits{GossipIdleTimeout: -1}.withDefaults().GossipIdleTimeout)
+}
+
+// A per-tunnel policy replaces the endpoint-wide timeout: a gossip-only tunnel it gives longer
+// stays up past the endpoint's timeout, and when the policy shortens, the tunnel already up
+// takes the new timeout at its next check and closes.
+func TestGossipIdlePolicy(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	a, b, tun, _ := idleNodes(t, idle)
+	var long atomic.Bool
+	long.Store(true)
+	policy := func(zone, peer string) time.Duration {
+		if zone == "payments" && long.Load() {
+			return 1500 * time.Millisecond
+		}
+		return idle
+	}
+	a.ep.SetGossipIdlePolicy(policy)
+	b.ep.SetGossipIdlePolicy(policy)
+	tun = redial(t, a, b, tun) // armed by the policy from its start
+	closed := a.ep.Stats().TunnelsIdleClosed + b.ep.Stats().TunnelsIdleClosed
+
+	time.Sleep(5 * idle)
+	require.True(t, tun.Alive(), "the policy's longer timeout holds the silent tunnel")
+	assert.Equal(t, closed, a.ep.Stats().TunnelsIdleClosed+b.ep.Stats().TunnelsIdleClosed)
+
+	long.Store(false)
+	select {
+	case <-tun.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the shortened timeout did not apply to the tunnel already up")
+	}
+	assert.Greater(t, a.ep.Stats().TunnelsIdleClosed+b.ep.Stats().TunnelsIdleClosed, closed)
+
+	// nil restores the endpoint-wide timeout.
+	a.ep.SetGossipIdlePolicy(nil)
+	b.ep.SetGossipIdlePolicy(nil)
+	again, err := a.ep.Dial(ctxT(t), b.addr, b.id, "payments")
+	require.NoError(t, err)
+	select {
+	case <-again.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("without a policy the endpoint's timeout applies again")
+	}
+}
+
+// A policy that turns the idle close off keeps the tunnel, and the endpoint still closes it at
+// once when told to (as the node does for a revoked peer): a tunnel held for idleness is no
+// shelter from ClosePeer.
+func TestGossipIdlePolicyOffStillClosesPeer(t *testing.T) {
+	a, b, tun, _ := idleNodes(t, 200*time.Millisecond)
+	off := func(string, string) time.Duration { return -1 }
+	a.ep.SetGossipIdlePolicy(off)
+	b.ep.SetGossipIdlePolicy(off)
+	tun = redial(t, a, b, tun)
+	time.Sleep(time.Second)
+	require.True(t, tun.Alive())
+
+	assert.Equal(t, 1, b.ep.ClosePeer(a.id))
+	select {
+	case <-tun.Done():
+	case <-time.After(2 * time.Second):
+		t.Fatal("ClosePeer left the held tunnel up")
+	}
+}
+
+// redial closes a's tunnel old to b and dials a new one, so that the new one is armed with
+// whatever idle timeout or policy the endpoints hold now.
+func redial(t *testing.T, a, b *testNode, old *Tunnel) *Tunnel {
+	t.Helper()
+	_ = old.Close() // it may have closed for idleness already
+	require.Eventually(t, func() bool { return len(b.ep.Tunnels()) == 0 }, 2*time.Second, 10*time.Millisecond)
+	tun, err := a.ep.Dial(ctxT(t), b.addr, b.id, "payments")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return len(b.ep.Tunnels()) == 1 }, 2*time.Second, 5*time.Millisecond)
+	return tun
+}
+
+// A shortened policy reaches a tunnel at its next idle check, which the old, long timeout puts
+// far away; RecheckIdle makes tunnels already up check at once, so they close under the new
+// timeout instead of the old one.
+func TestRecheckIdleAppliesShortenedPolicy(t *testing.T) {
+	a, b, tun, _ := idleNodes(t, 200*time.Millisecond)
+	var long atomic.Bool
+	long.Store(true)
+	policy := func(string, string) time.Duration {
+		if long.Load() {
+			return time.Hour
+		}
+		return 200 * time.Millisecond
+	}
+	a.ep.SetGossipIdlePolicy(policy)
+	b.ep.SetGossipIdlePolicy(policy)
+	tun = redial(t, a, b, tun)
+	time.Sleep(400 * time.Millisecond)
+
+	long.Store(false)
+	time.Sleep(time.Second)
+	require.True(t, tun.Alive(), "without a recheck the hour-long check is still pending")
+
+	a.ep.RecheckIdle()
+	b.ep.RecheckIdle()
+	select {
+	case <-tun.Done():
+	case <-time.After(2 * time.Second):
+		t.Fatal("the recheck did not apply the shortened timeout")
+	}
 }

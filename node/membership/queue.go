@@ -1,0 +1,105 @@
+package membership
+
+import (
+	"math"
+	"sync"
+)
+
+// recordQueue holds the records a pool still has to gossip. It replaces memberlist's
+// TransmitLimitedQueue for records, for two reasons measured in the simulator (400 and 1,000
+// nodes on two cores, docs/benchmarks.md): memberlist's queue counts a transmission when the
+// message is taken for a packet, so a record whose packets were all dropped before they left
+// this node (the background dial to a member without a tunnel failed, or was refused, or waited
+// out its deadline) had spent its budget anyway, and the epidemic died out at 5–26 % of the
+// zone; and it sends a record to the same member again and again. Here a transmission counts
+// only once the transport handed the packet to a tunnel (gossip.Transport.SendPacket), a member
+// that got a copy is not sent another, and attempts are bounded so that a node cut off from
+// everyone stops trying.
+type recordQueue struct {
+	mu   sync.Mutex
+	recs []*outRecord
+}
+
+type outRecord struct {
+	msg []byte
+	// to is the members a copy was handed to, or is on its way to (an entry is removed again
+	// when the packet is dropped here, so that the member may be tried later).
+	to        map[string]bool
+	delivered int // packets handed to a tunnel
+	inflight  int // packets waiting for a background dial
+	tries     int // packets that were dropped here
+}
+
+// maxTriesMult bounds the packets a record may lose before it is given up: this many times its
+// transmission limit. Push/pull reconciles the members it never reached.
+const maxTriesMult = 4
+
+// retransmitLimit is memberlist's: mult·⌈log10(n+1)⌉ transmissions of each message per node.
+func retransmitLimit(mult, n int) int {
+	return mult * int(math.Ceil(math.Log10(float64(n+1))))
+}
+
+func (q *recordQueue) add(msg []byte) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	q.recs = append(q.recs, &outRecord{msg: msg, to: map[string]bool{}})
+}
+
+// len is the number of records still queued.
+func (q *recordQueue) len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.recs)
+}
+
+// send is a packet to hand to the transport for a round: the record and the member.
+type send struct {
+	rec    *outRecord
+	member Member
+}
+
+// round plans one gossip round: for each queued record, up to fanout members it has not been
+// handed to yet, chosen by pick from the candidates. It drops records that are done: delivered
+// limit times, dropped limit·maxTriesMult times, or sent to every member. The caller sends the
+// packets and reports each one's fate with done.
+func (q *recordQueue) round(members []Member, limit, fanout int, pick func(cands []Member, k int) []Member) []send {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	var out []send
+	keep := q.recs[:0]
+	for _, r := range q.recs {
+		var cands []Member
+		for _, m := range members {
+			if !r.to[m.NodeID] {
+				cands = append(cands, m)
+			}
+		}
+		if r.delivered >= limit || r.tries >= limit*maxTriesMult || (len(cands) == 0 && r.inflight == 0) {
+			continue
+		}
+		keep = append(keep, r)
+		// A record whose packets wait for dials sends fewer new ones: the budget is in flight.
+		k := min(fanout, max(0, limit-r.delivered-r.inflight))
+		for _, m := range pick(cands, k) {
+			r.to[m.NodeID] = true
+			r.inflight++
+			out = append(out, send{rec: r, member: m})
+		}
+	}
+	clear(q.recs[len(keep):])
+	q.recs = keep
+	return out
+}
+
+// done records the fate of one packet planned by round.
+func (q *recordQueue) done(s send, sent bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	s.rec.inflight--
+	if sent {
+		s.rec.delivered++
+		return
+	}
+	s.rec.tries++
+	delete(s.rec.to, s.member.NodeID)
+}

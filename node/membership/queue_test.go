@@ -1,0 +1,281 @@
+package membership
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ute-project/ute/overlay/gossip"
+	"github.com/ute-project/ute/overlay/gossip/gossiptest"
+	"github.com/ute-project/ute/overlay/tunnel"
+)
+
+var errInjected = errors.New("test: dial failed (injected)")
+
+// flakyDialer is a node's endpoint as its Membership sees it, with faults injected: while cold is
+// set no tunnel is live (every packet needs a dial), and the next `fail` dials fail.
+type flakyDialer struct {
+	*tunnel.Endpoint
+	cold  atomic.Bool
+	fail  atomic.Int32
+	dials atomic.Int32
+}
+
+func (d *flakyDialer) LiveTunnel(nodeID, zone string) (*tunnel.Tunnel, bool) {
+	if d.cold.Load() {
+		return nil, false
+	}
+	return d.Endpoint.LiveTunnel(nodeID, zone)
+}
+
+func (d *flakyDialer) Dial(ctx context.Context, addr netip.AddrPort, nodeID, zone string) (*tunnel.Tunnel, error) {
+	if d.cold.Load() {
+		d.dials.Add(1)
+		if d.fail.Add(-1) >= 0 {
+			return nil, errInjected
+		}
+	}
+	return d.Endpoint.Dial(ctx, addr, nodeID, zone)
+}
+
+// quietTiming leaves the pool's own record rounds (20 ms) as the only way a record travels within
+// seconds: memberlist's gossip and probes every minute, push/pull every hour.
+func quietTiming() Timing {
+	t := FastTiming()
+	t.MemberGossipInterval = time.Minute
+	t.ProbeInterval, t.ProbeTimeout = time.Minute, time.Second
+	t.PushPullInterval = time.Hour
+	return t
+}
+
+// joinChain joins each member through every member before it (memberlist's own gossip is too slow
+// in quietTiming to spread joins).
+func joinChain(t *testing.T, ms []*member, zone string) {
+	t.Helper()
+	for i := 1; i < len(ms); i++ {
+		var seeds []Seed
+		for _, s := range ms[:i] {
+			seeds = append(seeds, seedOf(s))
+		}
+		_, err := ms[i].m.Join(ctxT(t), zone, seeds)
+		require.NoError(t, err)
+	}
+	waitMembers(t, ms, zone, len(ms), 5*time.Second)
+}
+
+// TestDroppedPacketsDoNotSpendRetransmits: the publisher's first packets are dropped before they
+// leave it (their dials fail), and the record still reaches every member by gossip. With
+// memberlist's queue the two transmissions the record is allowed here (RetransmitMult 2 at 3
+// members) were spent on the two dropped packets, and with push/pull an hour away and no
+// re-broadcast, no member ever got it (the 1,000-node simulation's stall in miniature: most
+// record packets lost to dials that got no handshake slot, the epidemic died out).
+func TestDroppedPacketsDoNotSpendRetransmits(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := quietTiming()
+	timing.RetransmitMult = 2 // 2 · ⌈log10(3+1)⌉ = 2 transmissions: one per other member
+	var pub *flakyDialer
+	var ms []*member
+	for i := range 3 {
+		opt := clusterOpts{timing: timing, noRequeue: true}
+		if i == 0 {
+			opt.dialer = func(e *tunnel.Endpoint) gossip.Dialer { pub = &flakyDialer{Endpoint: e}; return pub }
+		}
+		ms = append(ms, startMember(t, auth, sg, fmt.Sprintf("n%d", i), []string{"z"}, gossiptest.NodeOptions{}, opt))
+	}
+	joinChain(t, ms, "z")
+	require.Equal(t, 2, retransmitLimit(timing.RetransmitMult, 3))
+
+	pub.cold.Store(true)
+	pub.fail.Store(2)
+	raw := sg.record(t, 200)
+	ms[0].store.put("z", raw)
+	start := time.Now()
+	require.NoError(t, ms[0].m.Publish(raw, "z"))
+	// The failed dials hold their members back for the transport's RedialAfter (1 s).
+	took := waitHeld(t, ms, raw, start, 5*time.Second)
+	t.Logf("every member held the record %s after Publish, past 2 failed dials", took)
+	tr, err := ms[0].m.Transport("z")
+	require.NoError(t, err)
+	st := tr.Stats()
+	assert.GreaterOrEqual(t, st.DialFailures, uint64(2), "the first packets were dropped at their dials")
+	assert.GreaterOrEqual(t, st.PacketsDropped, uint64(2))
+	for _, m := range ms[1:] {
+		assert.Zero(t, m.m.Stats().RecordsViaState, "%s got it by gossip, not push/pull", m.Name)
+	}
+	require.Eventually(t, func() bool { return ms[0].m.Queued("z") == 0 }, 2*time.Second, 10*time.Millisecond,
+		"delivered to every member: nothing left to send")
+}
+
+// TestRecordGivenUpWhenUnreachable: a publisher whose every dial fails stops after a bounded
+// number of lost packets (push/pull reconciles later) instead of dialing forever.
+func TestRecordGivenUpWhenUnreachable(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := quietTiming()
+	timing.RetransmitMult = 1 // given up after 4 lost packets, 2 a second (RedialAfter)
+	var pub *flakyDialer
+	var ms []*member
+	for i := range 3 {
+		opt := clusterOpts{timing: timing, noRequeue: true}
+		if i == 0 {
+			opt.dialer = func(e *tunnel.Endpoint) gossip.Dialer { pub = &flakyDialer{Endpoint: e}; return pub }
+		}
+		ms = append(ms, startMember(t, auth, sg, fmt.Sprintf("n%d", i), []string{"z"}, gossiptest.NodeOptions{}, opt))
+	}
+	joinChain(t, ms, "z")
+
+	pub.cold.Store(true)
+	pub.fail.Store(1 << 30)
+	raw := sg.record(t, 200)
+	ms[0].store.put("z", raw)
+	require.NoError(t, ms[0].m.Publish(raw, "z"))
+	limit := retransmitLimit(timing.RetransmitMult, 3)
+	// Each failed dial holds its member back for a second; the record is given up after
+	// limit·maxTriesMult lost packets.
+	require.Eventually(t, func() bool { return ms[0].m.Queued("z") == 0 }, time.Duration(limit*maxTriesMult+2)*time.Second,
+		20*time.Millisecond, "the record is given up")
+	assert.LessOrEqual(t, int(pub.dials.Load()), limit*maxTriesMult, "at most limit·maxTriesMult dials")
+	assert.False(t, ms[1].store.holds("z", raw))
+}
+
+// TestForgedRecordsByPushPullRefused: a member whose push/pull state carries records that are
+// not signed, signed by another authority, or altered: the joining node's store refuses each of
+// them (the same Records.Add a gossiped record goes through), counts them, keeps none and
+// re-broadcasts none; a good record in the same state is taken and counted as catch-up. Pushed
+// as a record sync pushes them, they are refused the same way.
+func TestForgedRecordsByPushPullRefused(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	attacker := startMember(t, auth, sg, "attacker", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{timing: quietTiming()})
+	victim := startMember(t, auth, sg, "victim", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{timing: quietTiming()})
+	other := newSigner(t)
+	forged := [][]byte{
+		[]byte("not signed at all, and long enough to pass for a signature and a body................"),
+		other.record(t, 100),
+		append(sg.record(t, 100)[:80], 0xff, 0xfe),
+	}
+	for _, b := range forged {
+		attacker.store.put("z", b) // put keeps it unverified: the attacker's state carries it
+	}
+	good := sg.record(t, 100)
+	attacker.store.put("z", good)
+
+	_, err := victim.m.Join(ctxT(t), "z", []Seed{seedOf(attacker)}) // a join is a push/pull
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return victim.store.holds("z", good) }, 5*time.Second, 10*time.Millisecond)
+	st := victim.m.Stats()
+	assert.Equal(t, uint64(len(forged)), st.RecordsDropped)
+	assert.Equal(t, uint64(1), st.RecordsViaState)
+	assert.Equal(t, uint64(1), st.Rebroadcasts, "only the good record is passed on")
+	assert.Equal(t, 1, victim.store.total())
+	for _, b := range forged {
+		assert.False(t, victim.store.holds("", b))
+	}
+	victim.store.mu.Lock()
+	assert.Equal(t, len(forged), victim.store.refused)
+	victim.store.mu.Unlock()
+
+	// The same records pushed as a probe's record sync pushes them (record-push streams): refused
+	// again by the same Records.Add, none kept.
+	for i := range forged {
+		forged[i] = append(forged[i], byte(i)) // new bytes: past the seen-set, to the store
+	}
+	to := Member{NodeID: victim.ID, Addr: victim.Addr}
+	require.NoError(t, attacker.m.pushAll("z", to, forged))
+	assert.Equal(t, uint64(2*len(forged)), victim.m.Stats().RecordsDropped)
+	assert.Equal(t, 1, victim.store.total())
+}
+
+// TestRecordQueue: a transmission counts only when handed on; a member that got a copy is not
+// sent another; a dropped packet frees its member for a later round; a record is done at its
+// limit, after limit·maxTriesMult drops, or once every member has it.
+func TestRecordQueue(t *testing.T) {
+	members := []Member{{NodeID: "a"}, {NodeID: "b"}, {NodeID: "c"}, {NodeID: "d"}}
+	first := func(c []Member, k int) []Member { return c[:min(k, len(c))] }
+	var q recordQueue
+	q.add([]byte("r"))
+	plan := q.round(members, 3, 2, first)
+	require.Len(t, plan, 2)
+	assert.Equal(t, "a", plan[0].member.NodeID)
+	q.done(plan[0], true)
+	q.done(plan[1], false) // b's packet dropped here
+	plan = q.round(members, 3, 2, first)
+	require.Len(t, plan, 2)
+	assert.Equal(t, []string{"b", "c"}, []string{plan[0].member.NodeID, plan[1].member.NodeID}, "a has it; b may be tried again")
+	q.done(plan[0], true)
+	// One in flight (c) and two delivered: the budget of 3 is covered, nothing new is planned.
+	assert.Empty(t, q.round(members, 3, 2, first))
+	q.done(plan[1], true)
+	assert.Empty(t, q.round(members, 3, 2, first))
+	assert.Zero(t, q.len(), "delivered 3 times: done")
+
+	q.add([]byte("s"))
+	for range 2 * maxTriesMult {
+		for _, s := range q.round(members, 2, 1, first) {
+			q.done(s, false)
+		}
+	}
+	assert.Empty(t, q.round(members, 2, 1, first))
+	assert.Zero(t, q.len(), "dropped limit·maxTriesMult times: given up")
+
+	q.add([]byte("t"))
+	for _, s := range q.round(members[:1], 9, 3, first) {
+		q.done(s, true)
+	}
+	assert.Empty(t, q.round(members[:1], 9, 3, first))
+	assert.Zero(t, q.len(), "every member has it: done below the limit")
+}
+
+// TestProbeAckSyncsRecords: a member that missed every gossip copy of a record (its transport was
+// partitioned while the record spread; push/pull an hour away) gets it within a few probe
+// intervals: a member that holds it probes it, sees a different record digest in the ack and
+// pushes its records, or it probes a holder, sees a digest counting more records than its own and
+// pulls them by a push/pull with that member.
+func TestProbeAckSyncsRecords(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := FastTiming()
+	timing.ProbeInterval, timing.ProbeTimeout = 200*time.Millisecond, 100*time.Millisecond
+	timing.PushPullInterval = time.Hour
+	var ms []*member
+	for i := range 3 {
+		ms = append(ms, startMember(t, auth, sg, fmt.Sprintf("n%d", i), []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{timing: timing}))
+	}
+	joinChain(t, ms, "z")
+	cut := ms[2]
+	tr, err := cut.m.Transport("z")
+	require.NoError(t, err)
+	tr.SetPartitioned(true)
+	raw := sg.record(t, 200)
+	ms[0].store.put("z", raw)
+	require.NoError(t, ms[0].m.Publish(raw, "z"))
+	waitHeld(t, ms[:2], raw, time.Now(), 2*time.Second)
+	require.Eventually(t, func() bool { return ms[0].m.Queued("z") == 0 && ms[1].m.Queued("z") == 0 }, 3*time.Second, 10*time.Millisecond)
+	require.False(t, cut.store.holds("z", raw), "gossip never reached the partitioned member")
+
+	tr.SetPartitioned(false)
+	start := time.Now()
+	took := waitHeld(t, []*member{cut}, raw, start, 3*time.Second)
+	t.Logf("the partitioned member held the record %s after the heal", took)
+	assert.Positive(t, ms[0].m.Stats().RecordSyncs+ms[1].m.Stats().RecordSyncs+cut.m.Stats().RecordSyncs,
+		"a probe's ack triggered a sync (push/pull is an hour away)")
+}
+
+// TestRecordDigest: the digest is the set's, not the order's, and tells sets apart.
+func TestRecordDigest(t *testing.T) {
+	a, b, c := []byte("a"), []byte("b"), []byte("c")
+	d := recordDigest([][]byte{a, b})
+	require.Len(t, d, digestLen)
+	assert.Equal(t, d, recordDigest([][]byte{b, a}))
+	assert.NotEqual(t, d, recordDigest([][]byte{a, c}))
+	assert.NotEqual(t, d, recordDigest([][]byte{a, b, c}))
+	assert.Equal(t, []byte{digestVersion, 0, 0, 0, 2}, d[:5])
+}
