@@ -81,16 +81,7 @@ func TestDroppedPacketsDoNotSpendRetransmits(t *testing.T) {
 	sg := newSigner(t)
 	timing := quietTiming()
 	timing.RetransmitMult = 2 // 2 · ⌈log10(3+1)⌉ = 2 transmissions: one per other member
-	var pub *flakyDialer
-	var ms []*member
-	for i := range 3 {
-		opt := clusterOpts{timing: timing, noRequeue: true}
-		if i == 0 {
-			opt.dialer = func(e *tunnel.Endpoint) gossip.Dialer { pub = &flakyDialer{Endpoint: e}; return pub }
-		}
-		ms = append(ms, startMember(t, auth, sg, fmt.Sprintf("n%d", i), []string{"z"}, gossiptest.NodeOptions{}, opt))
-	}
-	joinChain(t, ms, "z")
+	pub, ms := flakyPublisher(t, auth, sg, timing)
 	require.Equal(t, 2, retransmitLimit(timing.RetransmitMult, 3))
 
 	pub.cold.Store(true)
@@ -114,13 +105,10 @@ func TestDroppedPacketsDoNotSpendRetransmits(t *testing.T) {
 		"delivered to every member: nothing left to send")
 }
 
-// TestRecordGivenUpWhenUnreachable: a publisher whose every dial fails stops after a bounded
-// number of lost packets (push/pull reconciles later) instead of dialing forever.
-func TestRecordGivenUpWhenUnreachable(t *testing.T) {
-	auth := gossiptest.NewAuthority(t, td)
-	sg := newSigner(t)
-	timing := quietTiming()
-	timing.RetransmitMult = 1 // given up after 4 lost packets, 2 a second (RedialAfter)
+// flakyPublisher starts three joined members of zone z, the first (the publisher) dialing
+// through a flakyDialer the test controls.
+func flakyPublisher(t *testing.T, auth *gossiptest.Authority, sg signer, timing Timing) (*flakyDialer, []*member) {
+	t.Helper()
 	var pub *flakyDialer
 	var ms []*member
 	for i := range 3 {
@@ -131,6 +119,17 @@ func TestRecordGivenUpWhenUnreachable(t *testing.T) {
 		ms = append(ms, startMember(t, auth, sg, fmt.Sprintf("n%d", i), []string{"z"}, gossiptest.NodeOptions{}, opt))
 	}
 	joinChain(t, ms, "z")
+	return pub, ms
+}
+
+// TestRecordGivenUpWhenUnreachable: a publisher whose every dial fails stops after a bounded
+// number of lost packets (push/pull reconciles later) instead of dialing forever.
+func TestRecordGivenUpWhenUnreachable(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := quietTiming()
+	timing.RetransmitMult = 1 // given up after 4 lost packets, 2 a second (RedialAfter)
+	pub, ms := flakyPublisher(t, auth, sg, timing)
 
 	pub.cold.Store(true)
 	pub.fail.Store(1 << 30)

@@ -133,24 +133,31 @@ func TestPacketFlowIDRules(t *testing.T) {
 }
 
 func TestPacketFlowQueueOverflowCounts(t *testing.T) {
-	pki := newPKI(t, testTD)
-	lim := fastLimits()
-	lim.DatagramQueue = 2
-	a := startNode(t, pki, "a", pki.node(t, "a", "payments"), []string{"payments"}, "")
-	b := startNode(t, pki, "b", pki.node(t, "b", "payments"), []string{"payments"}, "", withLimits(lim))
-	tun, err := a.ep.Dial(ctxT(t), b.addr, b.id, "payments")
-	require.NoError(t, err)
-	id := tun.NewFlowID()
-	pf, err := tun.OpenPacketFlow(ctxT(t), id, rec(t, testRecord{Agent: "d", Kind: uint8(KindPacket), Flow: id}), nil, nil)
-	require.NoError(t, err)
-	defer pf.Close()
-	srv := recvPacketFlow(t, b)
+	b, pf, srv := queuedPacketFlow(t, 2)
 	for range 5 {
 		require.NoError(t, pf.Send([]byte("x")))
 	}
 	// Nobody reads srv: two fit, the rest are dropped (loss on the wire may drop more).
 	require.Eventually(t, func() bool { return len(srv.in) == 2 }, 2*time.Second, 10*time.Millisecond)
 	require.Eventually(t, func() bool { return b.ep.Stats().DatagramsDropped >= 1 }, 2*time.Second, 10*time.Millisecond)
+}
+
+// queuedPacketFlow opens a packet flow from a to b, whose flows queue at most queue datagrams:
+// b, the opening end and b's end.
+func queuedPacketFlow(t *testing.T, queue int) (b *testNode, pf, srv *PacketFlow) {
+	t.Helper()
+	pki := newPKI(t, testTD)
+	lim := fastLimits()
+	lim.DatagramQueue = queue
+	a := startNode(t, pki, "a", pki.node(t, "a", "payments"), []string{"payments"}, "")
+	b = startNode(t, pki, "b", pki.node(t, "b", "payments"), []string{"payments"}, "", withLimits(lim))
+	tun, err := a.ep.Dial(ctxT(t), b.addr, b.id, "payments")
+	require.NoError(t, err)
+	id := tun.NewFlowID()
+	pf, err = tun.OpenPacketFlow(ctxT(t), id, rec(t, testRecord{Agent: "d", Kind: uint8(KindPacket), Flow: id}), nil, nil)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = pf.Close() })
+	return b, pf, recvPacketFlow(t, b)
 }
 
 // pattern is a datagram of n bytes that differs from every other (size, tag) pair.
@@ -313,18 +320,7 @@ func TestPacketFlowLargeQueueOverflowCounts(t *testing.T) {
 		{"byte bound", 256, 65000, 8, 5}, // 256 × 1,452 B holds five 65,000 B datagrams
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			pki := newPKI(t, testTD)
-			lim := fastLimits()
-			lim.DatagramQueue = tc.queue
-			a := startNode(t, pki, "a", pki.node(t, "a", "payments"), []string{"payments"}, "")
-			b := startNode(t, pki, "b", pki.node(t, "b", "payments"), []string{"payments"}, "", withLimits(lim))
-			tun, err := a.ep.Dial(ctxT(t), b.addr, b.id, "payments")
-			require.NoError(t, err)
-			id := tun.NewFlowID()
-			pf, err := tun.OpenPacketFlow(ctxT(t), id, rec(t, testRecord{Agent: "d", Kind: uint8(KindPacket), Flow: id}), nil, nil)
-			require.NoError(t, err)
-			defer pf.Close()
-			srv := recvPacketFlow(t, b)
+			b, pf, srv := queuedPacketFlow(t, tc.queue)
 			for i := range tc.sent {
 				require.NoError(t, pf.Send(pattern(tc.size, byte(i))))
 			}
