@@ -40,10 +40,10 @@ type idlePolicy struct {
 	pools map[string]time.Duration
 }
 
-// fixedIdle is the configured idle timeout (the tunnel package's default when unset).
+// fixedIdle is the configured idle timeout (the configuration's default when unset).
 func fixedIdle(g config.Gossip) time.Duration {
 	if g.TunnelIdle == 0 {
-		return 60 * time.Second
+		return config.Default().Gossip.TunnelIdle
 	}
 	return g.TunnelIdle
 }

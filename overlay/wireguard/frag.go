@@ -103,13 +103,6 @@ func (ft *fragTable) sweep(now int64) {
 	}
 }
 
-// len is the number of datagrams followed.
-func (ft *fragTable) len() int {
-	ft.mu.Lock()
-	defer ft.mu.Unlock()
-	return len(ft.m)
-}
-
 // tupleOf is the Tuple of a key.
 func tupleOf(k key) Tuple {
 	t := Tuple{SrcPort: k.sport, DstPort: k.dport, Proto: k.proto}

@@ -133,6 +133,13 @@ func TestFilterFragmentsWithoutTheirFirstAreDropped(t *testing.T) {
 	})
 }
 
+// len is the number of datagrams ft follows.
+func (ft *fragTable) len() int {
+	ft.mu.Lock()
+	defer ft.mu.Unlock()
+	return len(ft.m)
+}
+
 // The followed datagrams are bounded and forgotten after fragFollow.
 func TestFragTableBoundedAndExpires(t *testing.T) {
 	var ft fragTable
