@@ -53,8 +53,9 @@ type Options struct {
 	// thread the lookup runs on. The Attester does not close it.
 	Diag *Diag
 
-	// between runs after the first start-time read and before the second (tests of the
-	// PID-reuse guard).
+	// between runs once the process is known to hold the socket (Process: once its directory
+	// is open), before anything else of it is read: tests of the PID-reuse guard end or replace
+	// the process there.
 	between func(pid int)
 }
 
@@ -65,7 +66,16 @@ type Attester struct {
 	cache *digestCache
 	// netlink: look sockets up with sock_diag (the real /proc only; a test root is read as files).
 	netlink bool
-	opts    Options
+	// pinned: proc is a proc file system, whose /proc/<pid> directories, once open, refer to
+	// that one process for as long as they stay open: after it exits every lookup in them fails,
+	// and a process that later gets the same PID is not reachable through them (the kernel keeps
+	// the process's struct pid in the directory's inode; a reused number is another struct pid).
+	// Everything attestation reads goes through the open directory, so a PID reused in between
+	// cannot be read in place of the holder, and the start-time reads that guard against it on
+	// any other root are not needed: they were six of a new flow's syscalls.
+	// TestProcDirectoryPinsItsProcess checks the kernel's side of this.
+	pinned bool
+	opts   Options
 
 	mu sync.Mutex
 	// hints are, per agent (its enrolled digest; "" for OwnerProcess), the processes that owned
@@ -75,6 +85,17 @@ type Attester struct {
 	scratch  sync.Pool // *scratch
 
 	scans atomic.Uint64
+
+	// What VerifySelf reads of this process that cannot change while it runs, taken once: its
+	// PID (a Go process cannot fork without exec), the paths of its proc directory, and (real
+	// /proc only) a descriptor of the file /proc/self/exe names (self.go). Every SDK Dial
+	// verifies itself, and on a VM a getpid costs 1.2-1.5 µs, a stat of /proc/self/exe 5.5 µs.
+	selfPID          int
+	selfDir, selfExe string
+	selfOnce         sync.Once
+	// selfFile is nil for a test root, or when it could not be opened. It lives as long as the
+	// Attester; the os.File's own cleanup closes it when the Attester is collected.
+	selfFile *os.File
 }
 
 // New returns an Attester.
@@ -86,8 +107,10 @@ func New(opts Options) *Attester {
 	if opts.CacheSize <= 0 {
 		opts.CacheSize = DefaultCacheSize
 	}
-	return &Attester{proc: opts.Proc, cache: newDigestCache(opts.CacheSize), opts: opts, netlink: netlink,
-		hints: map[string][]hint{}, scratch: sync.Pool{New: func() any { return &scratch{dents: make([]byte, 16<<10)} }}}
+	self := filepath.Join(opts.Proc, "self")
+	return &Attester{proc: opts.Proc, cache: newDigestCache(opts.CacheSize), opts: opts, netlink: netlink, pinned: isProcFS(opts.Proc),
+		hints: map[string][]hint{}, scratch: sync.Pool{New: func() any { return &scratch{dents: make([]byte, 16<<10)} }},
+		selfPID: os.Getpid(), selfDir: self, selfExe: filepath.Join(self, "exe")}
 }
 
 // Stats count the cache's work.
@@ -112,11 +135,10 @@ type Expected struct {
 
 // Process is an attested process.
 type Process struct {
-	PID       int
-	StartTime uint64 // clock ticks since boot, field 22 of /proc/<pid>/stat
-	Exe       string // where /proc/<pid>/exe points (informational: a path can be swapped)
-	Workload  identity.Workload
-	Cached    bool // the executable digest came from the cache
+	PID      int
+	Exe      string // where /proc/<pid>/exe points (informational: a path can be swapped)
+	Workload identity.Workload
+	Cached   bool // the executable digest came from the cache
 }
 
 // Matches reports whether p is the workload whose digest is want: the exact digest, or, for an
@@ -348,6 +370,7 @@ type scratch struct {
 	link  [64]byte // a readlink of an fd: "socket:[N]" fits, anything longer is not it
 	dents []byte
 	names []string
+	fds   []int
 }
 
 // owner finds the process holding s and fingerprints it. key names the agent whose hints are
@@ -400,12 +423,21 @@ func (a *Attester) owner(s sockInfo, key string) (Process, error) {
 		}
 		return p, true, err
 	}
-	var later []string
+	// Newest first: PIDs are handed out increasing until they wrap at pid_max, and a client
+	// that runs one process per connection (curl, a shell script) is the newest process there
+	// is when its first connection is attested. In /proc's own order (ascending) every older
+	// process of the same user had all its descriptors read first.
+	pids := make([]int, 0, len(names))
 	for _, name := range names {
-		pid, err := strconv.Atoi(name)
-		if err != nil || pid <= 0 || slices.ContainsFunc(hints, func(h hint) bool { return h.pid == pid }) {
-			continue
+		if pid, err := strconv.Atoi(name); err == nil && pid > 0 && !slices.ContainsFunc(hints, func(h hint) bool { return h.pid == pid }) {
+			pids = append(pids, pid)
 		}
+	}
+	slices.Sort(pids)
+	slices.Reverse(pids)
+	var later []string
+	for _, pid := range pids {
+		name := strconv.Itoa(pid)
 		if s.hasUID {
 			var st unix.Stat_t
 			if unix.Fstatat(procfd, name, &st, 0) != nil {
@@ -466,9 +498,17 @@ func (a *Attester) hint(key string, pid, fd int) {
 }
 
 // holdsAt reports whether the process whose /proc directory is open as pidfd has a descriptor
-// on link ("socket:[N]"), and which: the hinted descriptors first, then the others from the
-// highest down (a process that keeps its connections open gets the highest number for its
-// newest). One readlinkat per descriptor, relative to the open fd directory.
+// on link ("socket:[N]"), and which: the hinted descriptors first, then the others nearest to
+// the newest hint first, or from the highest down without hints. One readlinkat per descriptor
+// tried, relative to the open fd directory.
+//
+// Why nearest first: the kernel gives a new socket the lowest free descriptor, so a client that
+// opens and closes connections reuses a few numbers near the ones it used last, and a client
+// that keeps its connections open gets a number just above its newest. Either way the new
+// socket is close to the last one found, while the process's other descriptors (listeners,
+// files, pipes, the accepted ends of its own servers) may be many: scanning from the highest
+// down cost 11 readlinks per new connection from a process holding a few dozen (the netns
+// benchmark's client, docs/benchmarks.md).
 func holdsAt(pidfd int, link string, hintFDs []int, sc *scratch) (int, bool) {
 	for _, fd := range hintFDs {
 		if fd >= 0 && linkIs(pidfd, "fd/"+strconv.Itoa(fd), sc.link[:], link) {
@@ -484,18 +524,44 @@ func holdsAt(pidfd int, link string, hintFDs []int, sc *scratch) (int, bool) {
 	if err != nil {
 		return -1, false
 	}
-	for i := len(sc.names) - 1; i >= 0; i-- {
-		name := sc.names[i]
-		fd, err := strconv.Atoi(name)
-		if err != nil {
-			continue
+	sc.fds = sc.fds[:0]
+	for _, name := range sc.names {
+		if fd, err := strconv.Atoi(name); err == nil && fd >= 0 && !slices.Contains(hintFDs, fd) {
+			sc.fds = append(sc.fds, fd)
 		}
-		if slices.Contains(hintFDs, fd) || !linkIs(dir, name, sc.link[:], link) {
-			continue
+	}
+	orderCandidates(sc.fds, hintFDs)
+	for _, fd := range sc.fds {
+		if linkIs(dir, strconv.Itoa(fd), sc.link[:], link) {
+			return fd, true
 		}
-		return fd, true
 	}
 	return -1, false
+}
+
+// orderCandidates sorts a process's descriptors into the order holdsAt tries them: nearest to
+// the newest hint first (the higher of two at the same distance), or from the highest down when
+// there is no hint.
+func orderCandidates(fds, hintFDs []int) {
+	ref := -1
+	if len(hintFDs) > 0 {
+		ref = hintFDs[0]
+	}
+	slices.SortFunc(fds, func(x, y int) int {
+		if ref >= 0 {
+			if dx, dy := abs(x-ref), abs(y-ref); dx != dy {
+				return dx - dy
+			}
+		}
+		return y - x
+	})
+}
+
+func abs(x int) int {
+	if x < 0 {
+		return -x
+	}
+	return x
 }
 
 // attestHolder fingerprints pid if it holds link (held reports whether it does), trying the
@@ -509,33 +575,48 @@ func (a *Attester) attestHolder(pid int, link string, hintFDs []int, sc *scratch
 	return a.attestAt(pidfd, pid, link, hintFDs, sc)
 }
 
-// attestAt is attestHolder on an open /proc/<pid> directory. The start time is read first and
-// last, and the socket is confirmed held in between: if both start times agree, the process that
-// holds the socket is the one whose executable, ids and cgroup were read.
+// attestAt is attestHolder on an open /proc/<pid> directory: the socket is confirmed held, then
+// the executable, ids and cgroup are read, all through the directory. On a proc file system the
+// directory pins the process (Attester.pinned), so what was read is the holder's. On any other
+// root the start time is read first and last: if both agree, the process that holds the socket
+// is the one that was read.
 func (a *Attester) attestAt(pidfd, pid int, link string, hintFDs []int, sc *scratch) (p Process, fd int, held bool, err error) {
-	start, err := startTimeAt(pidfd)
-	if err != nil {
-		return Process{}, -1, false, nil // gone: not the holder
+	var start uint64
+	if !a.pinned {
+		if start, err = startTimeAt(pidfd); err != nil {
+			return Process{}, -1, false, nil // gone: not the holder
+		}
 	}
 	fd, ok := holdsAt(pidfd, link, hintFDs, sc)
 	if !ok {
 		return Process{}, -1, false, nil
 	}
-	if p, err = a.fingerprintAt(pidfd, pid); err != nil {
-		return Process{}, fd, true, err
-	}
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
+	if p, err = a.fingerprintAt(pidfd, pid); err != nil {
+		return Process{}, fd, true, err
+	}
+	if err := a.sameProcess(pidfd, pid, start); err != nil {
+		return Process{}, fd, true, err
+	}
+	return p, fd, true, nil
+}
+
+// sameProcess is the second half of the PID-reuse guard on a root that does not pin processes:
+// the start time read again must be start. On a proc file system it has nothing to do.
+func (a *Attester) sameProcess(pidfd, pid int, start uint64) error {
+	if a.pinned {
+		return nil
+	}
 	again, err := startTimeAt(pidfd)
 	if err != nil {
-		return Process{}, fd, true, fmt.Errorf("%w: pid %d exited while being attested: %w", ErrPIDReused, pid, err)
+		return fmt.Errorf("%w: pid %d exited while being attested: %w", ErrPIDReused, pid, err)
 	}
 	if again != start {
-		return Process{}, fd, true, fmt.Errorf("%w: pid %d start time %d, now %d", ErrPIDReused, pid, start, again)
+		return fmt.Errorf("%w: pid %d start time %d, now %d", ErrPIDReused, pid, start, again)
 	}
-	p.StartTime = start
-	return p, fd, true, nil
+	return nil
 }
 
 // Process fingerprints pid (guarded against PID reuse like Verify), without a socket.
@@ -548,22 +629,22 @@ func (a *Attester) Process(pid int) (Process, error) {
 		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrNoOwner, pid, err)
 	}
 	defer func() { _ = unix.Close(pidfd) }()
-	start, err := startTimeAt(pidfd)
-	if err != nil {
-		return Process{}, fmt.Errorf("%w: pid %d: %w", ErrNoOwner, pid, err)
+	var start uint64
+	if !a.pinned {
+		if start, err = startTimeAt(pidfd); err != nil {
+			return Process{}, fmt.Errorf("%w: pid %d: %w", ErrNoOwner, pid, err)
+		}
+	}
+	if a.opts.between != nil {
+		a.opts.between(pid)
 	}
 	p, err := a.fingerprintAt(pidfd, pid)
 	if err != nil {
 		return Process{}, err
 	}
-	if a.opts.between != nil {
-		a.opts.between(pid)
+	if err := a.sameProcess(pidfd, pid, start); err != nil {
+		return Process{}, err
 	}
-	again, err := startTimeAt(pidfd)
-	if err != nil || again != start {
-		return Process{}, fmt.Errorf("%w: pid %d changed while being attested", ErrPIDReused, pid)
-	}
-	p.StartTime = start
 	return p, nil
 }
 
@@ -641,17 +722,30 @@ func (c *digestCache) digestAt(dirfd int, name string) ([32]byte, bool, error) {
 	// A hit needs only the key: one fstatat (which follows /proc/<pid>/exe to the very file the
 	// process runs, as open does). The key names the content a digest was computed from.
 	var pre unix.Stat_t
-	if unix.Fstatat(dirfd, name, &pre, 0) == nil && pre.Mode&unix.S_IFMT == unix.S_IFREG {
-		c.mu.Lock()
-		d, ok := c.m[keyOf(&pre)]
-		if ok {
-			c.hits++
-		}
-		c.mu.Unlock()
-		if ok {
+	if unix.Fstatat(dirfd, name, &pre, 0) == nil {
+		if d, ok := c.hit(&pre); ok {
 			return d, true, nil
 		}
 	}
+	return c.digestMiss(dirfd, name)
+}
+
+// hit returns the digest cached for the regular file st describes.
+func (c *digestCache) hit(st *unix.Stat_t) ([32]byte, bool) {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return [32]byte{}, false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	d, ok := c.m[keyOf(st)]
+	if ok {
+		c.hits++
+	}
+	return d, ok
+}
+
+// digestMiss is digestAt after the cache had no digest for the key fstatat saw.
+func (c *digestCache) digestMiss(dirfd int, name string) ([32]byte, bool, error) {
 	var fd int
 	var err error
 	for {

@@ -1,9 +1,11 @@
 package attest
 
 import (
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -121,5 +123,33 @@ func BenchmarkVerifySelf(b *testing.B) {
 		if _, err := a.VerifySelf(want); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// BenchmarkVerifyNewProcess is the first connection of a client that runs one process per
+// connection (curl, a shell script): its PID is in no hint, so /proc is scanned. The holder is
+// bash, which opens the connection and execs sleep; only Verify is timed.
+func BenchmarkVerifyNewProcess(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(b, err)
+	b.Cleanup(func() { _ = ln.Close() })
+	srv := netip.MustParseAddrPort(ln.Addr().String())
+	script := fmt.Sprintf("exec 3<>/dev/tcp/127.0.0.1/%d; exec sleep 60", srv.Port())
+	a := New(Options{})
+	want := Expected{Digest: []byte("any: the cost is finding the process")}
+	for b.Loop() {
+		b.StopTimer()
+		cmd := exec.Command("bash", "-c", script)
+		require.NoError(b, cmd.Start())
+		c, err := ln.Accept()
+		require.NoError(b, err)
+		b.StartTimer()
+		_, err = a.Verify(netip.MustParseAddrPort(c.RemoteAddr().String()), srv, want)
+		b.StopTimer()
+		require.ErrorIs(b, err, ErrMismatch)
+		_ = c.Close()
+		_ = cmd.Process.Kill()
+		_, _ = cmd.Process.Wait()
+		b.StartTimer()
 	}
 }

@@ -220,6 +220,14 @@ func TestVerifySelf(t *testing.T) {
 	p, err = a.VerifySelf(want)
 	require.NoError(t, err)
 	assert.True(t, p.Cached)
+	// The hit was keyed through the descriptor held since the first call: it must name the
+	// file this process runs, not whatever a path names later.
+	require.NotNil(t, a.selfFile)
+	held, err := a.selfFile.Stat()
+	require.NoError(t, err)
+	self, err := os.Stat("/proc/self/exe")
+	require.NoError(t, err)
+	assert.True(t, os.SameFile(held, self), "held descriptor is not /proc/self/exe")
 
 	other := filepath.Join(t.TempDir(), "true")
 	require.NoError(t, os.WriteFile(other, []byte("#!/bin/sh\nexit 0\n"), 0o755))

@@ -105,3 +105,10 @@ func startTimeAt(dirfd int) (uint64, error) {
 	}
 	return identity.ParseProcStartTime(b)
 }
+
+// isProcFS reports whether root is a proc file system: a node's /proc, or a host's /proc
+// mounted into the node's container. A directory shaped like /proc (tests) is not.
+func isProcFS(root string) bool {
+	var st unix.Statfs_t
+	return unix.Statfs(root, &st) == nil && st.Type == unix.PROC_SUPER_MAGIC
+}

@@ -93,16 +93,20 @@ func startWGHost(t *testing.T, ta *testAuthority, h *netlab.Host, zones []string
 	require.NoError(t, err)
 	w := &wgHost{h: h, ips: map[string]netip.Addr{}}
 	var addrs []netip.Prefix
+	routes := []netip.Prefix{netip.MustParsePrefix("100.100.1.0/24")}
 	for _, as := range agents {
 		a, err := st.AddAgent(as)
 		require.NoError(t, err)
 		w.ips[as.Name] = a.IP
-		addrs = append(addrs, netip.PrefixFrom(a.IP, 32))
+		addrs = append(addrs, netip.PrefixFrom(a.IP, a.IP.BitLen()))
+		if as.Zone == "payments6" {
+			routes = append(routes, netip.MustParsePrefix(payments6CIDR))
+		}
 	}
 	require.NoError(t, h.Do(func() error {
 		var err error
 		w.kdev, err = tundev.Open(ctx, tundev.Config{Name: "ute0", MTU: DefaultWireGuardMTU, Addrs: addrs,
-			Routes: []netip.Prefix{netip.MustParsePrefix("100.100.1.0/24")}}, testLogger(h.Name))
+			Routes: routes}, testLogger(h.Name))
 		return err
 	}))
 	t.Cleanup(func() { _ = w.kdev.Close() })
@@ -130,6 +134,22 @@ func startWGHost(t *testing.T, ta *testAuthority, h *netlab.Host, zones []string
 	t.Cleanup(func() { _ = w.d.Close() })
 	return w
 }
+
+// payments6 is an IPv6-only zone the netns tests add to testPolicy for agents with IPv6
+// overlay addresses.
+const (
+	payments6CIDR = "fd00:100:1::/64"
+	payments6     = `  - name: payments6
+    cidr: ` + payments6CIDR + `
+    regions: [eu-west-1]
+    min_trust: 50
+    isolate_below: 20
+    rules:
+      - from: billing-*
+        to: ledger6
+        ports: [udp/9000]
+`
+)
 
 func curlArgs(src netip.Addr, url string, maxTime int) []string {
 	return []string{"-sS", "--max-time", fmt.Sprint(maxTime), "--interface", src.String(), url}
@@ -343,7 +363,8 @@ func TestWireGuardIperf(t *testing.T) {
 // reaches ledger; a's cut notice makes b reset ledger's end too, though b never learns of the
 // revocation. And a UDP flow is attested:
 // a datagram from python3 on billing-api's address is refused before ledger sees it, while the
-// enrolled binary's pass. Root only.
+// enrolled binary's pass; datagrams over the MTU arrive whole, as IPv4 fragments and, between
+// agents of an IPv6 zone, as IPv6 fragments. Root only.
 func TestWireGuardNetnsResetAndUDP(t *testing.T) {
 	if testing.Short() {
 		t.Skip("network-namespace test: not in -short")
@@ -355,11 +376,15 @@ func TestWireGuardNetnsResetAndUDP(t *testing.T) {
 	self, err = filepath.EvalSymlinks(self)
 	require.NoError(t, err)
 	ta := startAuthority(t)
-	_, err = ta.ApplyPolicy(context.Background(), "udp.yaml", []byte(strings.Replace(testPolicy, "ports: [tcp/8080]", "ports: [tcp/8080, udp/9000]", 1)))
+	_, err = ta.ApplyPolicy(context.Background(), "udp.yaml", []byte(strings.Replace(testPolicy, "ports: [tcp/8080]", "ports: [tcp/8080, udp/9000]", 1)+payments6))
 	require.NoError(t, err)
-	a := startWGHost(t, ta, lab.Host("a"), []string{"payments"}, []state.AgentSpec{{Name: "billing-api", Zone: "payments", Exe: self}})
-	b := startWGHost(t, ta, lab.Host("b"), []string{"payments"}, []state.AgentSpec{{Name: "ledger", Zone: "payments", Exe: self}})
+	a := startWGHost(t, ta, lab.Host("a"), []string{"payments", "payments6"}, []state.AgentSpec{
+		{Name: "billing-api", Zone: "payments", Exe: self}, {Name: "billing-v6", Zone: "payments6", Exe: self}})
+	b := startWGHost(t, ta, lab.Host("b"), []string{"payments", "payments6"}, []state.AgentSpec{
+		{Name: "ledger", Zone: "payments", Exe: self}, {Name: "ledger6", Zone: "payments6", Exe: self}})
 	billing, ledger := a.ips["billing-api"], b.ips["ledger"]
+	billing6, ledger6 := a.ips["billing-v6"], b.ips["ledger6"]
+	require.True(t, billing6.Is6() && ledger6.Is6(), "payments6 gives IPv6 addresses: %s, %s", billing6, ledger6)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 
@@ -413,6 +438,42 @@ func TestWireGuardNetnsResetAndUDP(t *testing.T) {
 	for len(got) > 0 {
 		<-got
 	}
+	// The same between IPv6 agents: the kernel writes a Fragment header after the IPv6 header,
+	// and the later fragments follow the first's tuple (without frag.go's IPv6 part, the small
+	// datagram passes and the large one never does).
+	pc6, err := b.h.ListenPacket("udp", netip.AddrPortFrom(ledger6, 9000).String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = pc6.Close() })
+	cpc6, err := a.h.ListenPacket("udp", netip.AddrPortFrom(billing6, 0).String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = cpc6.Close() })
+	ldst6 := net.UDPAddrFromAddrPort(netip.AddrPortFrom(ledger6, 9000))
+	fragsBefore := func() uint64 { i, _ := b.d.WireGuard(); return i.Filter.Fragments }()
+	got6 := func(want string) bool {
+		buf := make([]byte, 65536)
+		for {
+			require.NoError(t, pc6.SetReadDeadline(time.Now().Add(300*time.Millisecond)))
+			n, _, err := pc6.ReadFrom(buf)
+			if err != nil {
+				return false
+			}
+			if string(buf[:n]) == want {
+				return true
+			}
+		}
+	}
+	require.Eventually(t, func() bool {
+		_, err := cpc6.WriteTo([]byte("enrolled"), ldst6)
+		require.NoError(t, err)
+		return got6("enrolled")
+	}, 30*time.Second, 10*time.Millisecond, "the enrolled binary's IPv6 datagram never reached ledger6")
+	require.Eventually(t, func() bool {
+		_, err := cpc6.WriteTo([]byte(big), ldst6)
+		require.NoError(t, err)
+		return got6(big)
+	}, 10*time.Second, 10*time.Millisecond, "a 4,000-byte IPv6 datagram never reached ledger6 whole")
+	infoB6, _ := b.d.WireGuard()
+	require.Greater(t, infoB6.Filter.Fragments, fragsBefore, "b's filter followed IPv6 fragments")
 	// python3 on billing-api's address: refused by attestation of its UDP socket.
 	before := func() uint64 { i, _ := a.d.WireGuard(); return i.Refused["workload"] }()
 	out, err := a.h.Run(ctx, python, "-c", fmt.Sprintf(

@@ -108,8 +108,9 @@ func peerStopped(str *quic.Stream) bool {
 	if str.Context().Err() == nil {
 		return false
 	}
-	var se *quic.StreamError
-	return errors.As(context.Cause(str.Context()), &se) && se.Remote
+	// AsType rather than As: As's target escapes, an allocation on every closed flow.
+	se, ok := errors.AsType[*quic.StreamError](context.Cause(str.Context()))
+	return ok && se.Remote
 }
 
 // Abort resets the flow in both directions (stream error 0x206): unlike Close, the peer sees an

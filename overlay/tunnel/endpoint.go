@@ -613,23 +613,33 @@ func (e *Endpoint) sweepLoop() {
 // SweepIdle closes inbound flows idle longer than Limits.FlowIdleTimeout by the injected clock and
 // returns how many it closed. The endpoint calls it every SweepInterval.
 //
-// It also closes stale tunnels (see SetCertificate) whose own certificate has expired: a tunnel
-// must not outlive the certificate this node proved in its handshake (invariant I1). Their peers
-// redial and verify the current certificate. Those closures are not counted in the return value.
+// It also closes tunnels that outlived a certificate proved in their handshake (invariant I1):
+// stale tunnels (see SetCertificate) whose own certificate has expired, whose peers redial and
+// verify the current one; and tunnels whose peer's certificate has expired. The peer should
+// have closed those itself, but this side cannot rely on a peer that stopped renewing, or that
+// was modified to keep its sessions, so it ends them by its own clock: the peer redials with a
+// renewed certificate or not at all. Those closures are not counted in the return value.
 func (e *Endpoint) SweepIdle() int {
 	now := e.clock()
 	n := e.table.sweep(now)
 	e.stats.expired.Add(uint64(n))
+	type expiry struct {
+		t   *Tunnel
+		msg string
+	}
 	e.mu.Lock()
-	var expired []*Tunnel
+	var expired []expiry
 	for t := range e.tunnels {
-		if t.Stale() && t.local.Leaf != nil && !now.Before(t.local.Leaf.NotAfter) {
-			expired = append(expired, t)
+		switch {
+		case t.Stale() && t.local.Leaf != nil && !now.Before(t.local.Leaf.NotAfter):
+			expired = append(expired, expiry{t, "certificate renewed; the old one expired"})
+		case t.peer.Certificate != nil && !now.Before(t.peer.Certificate.NotAfter):
+			expired = append(expired, expiry{t, "the peer's certificate expired"})
 		}
 	}
 	e.mu.Unlock()
-	for _, t := range expired {
-		t.closeWith(codeShutdown, "certificate renewed; the old one expired")
+	for _, x := range expired {
+		x.t.closeWith(codeShutdown, x.msg)
 	}
 	return n
 }

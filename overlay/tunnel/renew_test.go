@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"context"
 	"crypto/ed25519"
 	"crypto/tls"
 	"io"
@@ -9,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -178,4 +180,46 @@ func TestSetCertificateKeepsResetKey(t *testing.T) {
 	require.NoError(t, a.ep.SetCertificate(pki.node(t, "a", "payments")))
 	assert.Equal(t, before, *a.ep.tr.StatelessResetKey)
 	assert.Equal(t, *resetKey(cert), before)
+}
+
+// A peer that keeps its tunnel past its own certificate's expiry (it stopped renewing, or was
+// modified never to sweep) is cut by this side's sweep, by this side's clock, with its flow.
+func TestSweepClosesTunnelOfExpiredPeer(t *testing.T) {
+	pki := newPKI(t, testTD)
+	clk := &settable{}
+	// a's clock is the real one: by it, its certificate never expires during the test, so a
+	// never closes the tunnel itself.
+	a := startNode(t, pki, "a", pki.nodeCertUntil(t, "a", pki.now.Add(2*time.Hour), "payments"), []string{"payments"}, "")
+	b := startNode(t, pki, "b", pki.node(t, "b", "payments"), []string{"payments"}, "", withClock(clk.now))
+	ctx := ctxT(t)
+
+	tun, err := a.ep.Dial(ctx, b.addr, b.id, "payments")
+	require.NoError(t, err)
+	flow, err := tun.OpenFlow(ctx, rec(t, testRecord{Agent: "billing"}), nil, nil)
+	require.NoError(t, err)
+	defer func() { _ = flow.Close() }()
+	go echo(recvStream(t, b))
+	roundTrip(t, flow, "before expiry")
+	atB := inboundFrom(t, b, a.id, tun.LocalCertificate().SerialNumber.String())
+
+	b.ep.SweepIdle()
+	require.True(t, atB.Alive(), "the peer's certificate is still valid")
+	clk.advance(3 * time.Hour)
+	b.ep.SweepIdle()
+	select {
+	case <-tun.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("b kept a tunnel whose peer's certificate had expired")
+	}
+	assert.False(t, atB.Alive())
+	var appErr *quic.ApplicationError
+	require.ErrorAs(t, context.Cause(tun.conn.Context()), &appErr)
+	assert.Equal(t, codeShutdown, appErr.ErrorCode)
+	assert.Equal(t, "the peer's certificate expired", appErr.ErrorMessage)
+	require.NoError(t, flow.SetDeadline(time.Now().Add(5*time.Second)))
+	_, err = flow.Write([]byte("after expiry"))
+	if err == nil {
+		_, err = flow.Read(make([]byte, 16))
+	}
+	require.Error(t, err, "the flow on the cut tunnel still carries bytes")
 }

@@ -186,8 +186,13 @@ func (t *Tunnel) openFlowStream(ctx context.Context, record []byte) (*quic.Strea
 		deadline = d
 	}
 	_ = str.SetDeadline(deadline)
-	// A cancelled ctx interrupts the blocking read/write by moving the deadline to the past.
-	stop := context.AfterFunc(ctx, func() { _ = str.SetDeadline(time.Unix(1, 0)) })
+	// A cancelled ctx interrupts the blocking read/write by moving the deadline to the past. A
+	// ctx that can never be cancelled (Done is nil) needs no watcher: registering one allocates
+	// on every flow for nothing.
+	stop := func() bool { return true }
+	if ctx.Done() != nil {
+		stop = context.AfterFunc(ctx, func() { _ = str.SetDeadline(time.Unix(1, 0)) })
+	}
 	defer stop()
 
 	if err = dtl.WriteFrame(str, dtl.FrameRecord, record); err == nil {

@@ -51,7 +51,7 @@ type FilterStats struct {
 	Refused    uint64 // packets dropped because their tuple was refused
 	Unadmitted uint64 // packets from the device (inbound) of no admitted tuple, dropped
 	NotFlow    uint64 // packets that are not TCP or UDP with ports, dropped (both directions)
-	Fragments  uint64 // later IPv4 fragments of UDP datagrams that followed their first (frag.go)
+	Fragments  uint64 // later fragments of UDP datagrams (IPv4, IPv6) that followed their first (frag.go)
 	Admissions uint64 // tuples admitted
 	Refusals   uint64 // tuples refused
 	Resets     uint64 // TCP resets written toward local programs: cut flows, and their later packets
@@ -504,15 +504,20 @@ func (f *Filter) readLoop(offset int) {
 
 // outbound decides one packet from the kernel: pass, or hold it for admission.
 func (f *Filter) outbound(pkt []byte, now int64) bool {
-	k, ok := parseKey(pkt)
-	fk, first, frag := ipv4Fragment(pkt)
-	switch {
-	case ok && frag:
-		f.fragOut.remember(fk, k, now)
-	case !ok && frag && !first:
-		if k, ok = f.fragOut.lookup(fk, now); ok {
+	var k key
+	var ok bool
+	if isFragment(pkt) {
+		var fk fragKey
+		var first, followed bool
+		k, ok, fk, first, followed = f.fragOut.classify(pkt, now)
+		if first {
+			f.fragOut.remember(fk, k, now)
+		}
+		if followed {
 			f.fragments.Add(1)
 		}
+	} else {
+		k, ok = parseKey(pkt)
 	}
 	if !ok {
 		f.notFlow.Add(1)
@@ -540,7 +545,7 @@ func (f *Filter) outbound(pkt []byte, now int64) bool {
 	}
 	t, ok := ParseTuple(pkt)
 	if !ok {
-		t = tupleOf(k) // a later fragment: its datagram's tuple
+		t = tupleOf(k) // a fragment: its datagram's tuple
 	}
 	f.hold(t, k, pkt)
 	return false
@@ -649,12 +654,17 @@ func (f *Filter) Write(bufs [][]byte, offset int) (int, error) {
 	kept := 0
 	for i := range bufs {
 		pkt := bufs[i][offset:]
-		k, ok := parseKey(pkt)
-		fk, first, frag := ipv4Fragment(pkt)
-		if !ok && frag && !first {
-			if k, ok = f.fragIn.lookup(fk, now); ok {
+		var k key
+		var ok, first bool
+		var fk fragKey
+		if isFragment(pkt) {
+			var followed bool
+			k, ok, fk, first, followed = f.fragIn.classify(pkt, now)
+			if followed {
 				f.fragments.Add(1)
 			}
+		} else {
+			k, ok = parseKey(pkt)
 		}
 		if !ok {
 			f.notFlow.Add(1)
@@ -668,7 +678,7 @@ func (f *Filter) Write(bufs [][]byte, offset int) (int, error) {
 			f.unadmitted.Add(1)
 			continue
 		}
-		if frag && first {
+		if first {
 			f.fragIn.remember(fk, k, now)
 		}
 		if e.last.Load() != now {
