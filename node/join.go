@@ -2,7 +2,9 @@ package node
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"time"
 
@@ -28,21 +30,56 @@ type JoinParams struct {
 	Now       func() time.Time
 }
 
-// Join generates the node key, joins the trust domain with the token and saves the result in a
-// new node directory. A failed join removes the directory it created.
+// Join stages the node key in the node directory (creating it, 0700), joins the trust domain with
+// the token and saves the result there.
+//
+// A join is retryable: the key is staged durably before the request is sent (state.JoinKey), and
+// a Join into the same directory with the same token reuses it, so a join whose answer was lost
+// after the authority issued the certificate collects that certificate on the retry. So a failed
+// Join removes the staged key (and the directory, if this call created it) only when no
+// certificate can have been issued for the key: the authority refused the token for good
+// (authority.JoinRefused), or, for a key staged by this call, the request never left or was
+// refused. Any other failure keeps both and says to run the same join again. A directory that
+// holds a node certificate is refused (state.ErrAlreadyJoined).
 func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
+	tok, err := identity.ParseToken(p.Token)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", authority.ErrMalformedToken, err)
+	}
 	_, statErr := os.Stat(p.Dir)
-	d, err = state.Create(p.Dir)
+	created := errors.Is(statErr, fs.ErrNotExist)
+	// sd, not the named result: the deferred cleanup needs it after a failing return set d to nil.
+	sd, err := state.Create(p.Dir)
 	if err != nil {
 		return nil, err
 	}
-	if os.IsNotExist(statErr) {
-		defer func() {
-			if err != nil {
+	key, fresh, err := sd.JoinKey(tok.ID)
+	if err != nil {
+		if created {
+			_ = os.RemoveAll(p.Dir)
+		}
+		return nil, err
+	}
+	// sent is set once the request may have reached the authority; until then a fresh key has
+	// been shown to no one.
+	sent := false
+	defer func() {
+		if err == nil {
+			return
+		}
+		if (fresh && (!sent || !mayHaveCommitted(err))) || authority.JoinRefused(err) {
+			if derr := sd.DiscardJoinKey(tok.ID); derr != nil {
+				err = errors.Join(err, derr)
+				return
+			}
+			if created {
 				_ = os.RemoveAll(p.Dir)
 			}
-		}()
-	}
+			return
+		}
+		err = fmt.Errorf("%w; the join may have completed at the authority, so its key stays staged in %s: run the same join again with the same token and --dir to collect the certificate",
+			err, state.JoinKeyFile(p.Dir, tok.ID))
+	}()
 	fp := p.HostFingerprint
 	if fp == nil {
 		host, err := identity.ReadHostFingerprint(p.Region, "")
@@ -52,10 +89,7 @@ func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
 		dg := host.Digest()
 		fp = dg[:]
 	}
-	key, err := identity.GenerateKey()
-	if err != nil {
-		return nil, err
-	}
+	sent = true
 	j, err := authority.Join(ctx, authority.JoinParams{
 		Addr: p.Authority, Token: p.Token, Key: key, Name: p.Name, Region: p.Region, HostFingerprint: fp, Now: p.Now, Advertise: p.Advertise,
 	})
@@ -75,16 +109,33 @@ func Join(ctx context.Context, p JoinParams) (d *state.Dir, err error) {
 	if p.Now != nil {
 		now = p.Now
 	}
-	if err := d.SaveJoin(state.Joined{
+	// The bootstrap members go first: SaveJoin writes node.crt last, which marks the directory
+	// as joined, so nothing a joined directory needs is written after it.
+	if err := SaveBootstrap(sd, j); err != nil {
+		return nil, err
+	}
+	if err := sd.SaveJoin(state.Joined{
 		Key: key, NodeCert: j.NodeCertDER, IssuerCert: j.IssuerCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
 		Info: state.Info{Name: p.Name, Region: region, TrustDomain: j.Node.ID.TrustDomain, Authority: p.Authority, JoinedAt: now().UTC()},
 	}); err != nil {
 		return nil, err
 	}
-	if err := SaveBootstrap(d, j); err != nil {
-		return nil, err
-	}
 	return state.Open(p.Dir, state.WithClock(now))
+}
+
+// mayHaveCommitted reports whether a join that failed with err, sent with a key no earlier
+// attempt sent, may have been committed by the authority: the request may have reached it and no
+// refusal came back (no answer after sending, a dropped connection, an answer this node could
+// not use or save). A refusal means the authority's transaction did not commit; a pin mismatch
+// means the peer was not the token's authority.
+func mayHaveCommitted(err error) bool {
+	var refusal *authority.RefusalError
+	switch {
+	case errors.As(err, &refusal), errors.Is(err, authority.ErrRequestNotSent), errors.Is(err, authority.ErrPinMismatch),
+		errors.Is(err, authority.ErrAdvertise), errors.Is(err, authority.ErrCSR), errors.Is(err, authority.ErrMalformedToken):
+		return false
+	}
+	return !authority.JoinRefused(err)
 }
 
 // SaveBootstrap keeps what a join or renewal returned besides the identity: the bootstrap members

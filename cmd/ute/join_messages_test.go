@@ -51,7 +51,8 @@ func TestCLIJoinEmptyNameKeepsToken(t *testing.T) {
 
 // Issue 10 §8: a join that times out says whether retrying with the same token is safe: before
 // the authority was reached, the token is untouched; after the request was sent, the authority
-// may have redeemed it.
+// may have redeemed it, and the key stays staged so that the same command collects the
+// certificate.
 func TestJoinTimeoutSaysWhetherRetryIsSafe(t *testing.T) {
 	key, err := identity.GenerateKey()
 	require.NoError(t, err)
@@ -87,8 +88,9 @@ func TestJoinTimeoutSaysWhetherRetryIsSafe(t *testing.T) {
 	code, msg = join(addr)
 	assert.Equal(t, 1, code, msg)
 	assert.Contains(t, msg, "read response from authority")
-	assert.Contains(t, msg, "the request was sent and the authority may have redeemed the token")
-	assert.Contains(t, msg, "create a new token")
+	assert.Contains(t, msg, "the join may have completed at the authority, so its key stays staged in")
+	assert.Contains(t, msg, "run the same join again with the same token and --dir to collect the certificate")
+	assert.NotContains(t, msg, "create a new token", "a new token would strand the node if this join completed")
 	assert.Equal(t, 1, strings.Count(msg, "\n"), "one line: %q", msg)
 }
 

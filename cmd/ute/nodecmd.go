@@ -18,7 +18,6 @@ import (
 	"github.com/ute-project/ute/identity/authority"
 	"github.com/ute-project/ute/node"
 	"github.com/ute-project/ute/node/state"
-	"github.com/ute-project/ute/zones"
 )
 
 // newNodeCmd groups the node commands. extra lets the daemon's file attach `node run` without
@@ -76,9 +75,10 @@ func joinToken(flag string, stdin io.Reader, getenv func(string) string) (string
 	}
 }
 
-// joinRetryAdvice completes a join that timed out with what the operator needs next: whether the
-// token may already be spent. A failed join keeps nothing here (the directory it created is
-// removed), so a retry is always harmless; what differs is whether it can succeed.
+// joinRetryAdvice completes a join that timed out before the authority was reached with what the
+// operator needs next: the token is untouched. A join that timed out after its request was sent
+// already says (node.Join) that its key stays staged and that the same command collects the
+// certificate if the authority issued it.
 func joinRetryAdvice(err error) error {
 	var ne net.Error
 	timedOut := errors.Is(err, authority.ErrNoAnswer) || errors.Is(err, context.DeadlineExceeded) ||
@@ -89,8 +89,7 @@ func joinRetryAdvice(err error) error {
 	if errors.Is(err, authority.ErrRequestNotSent) {
 		return fmt.Errorf("%w; the authority was not reached, so the token was not used: retrying with the same token is safe", err)
 	}
-	return fmt.Errorf("%w; the request was sent and the authority may have redeemed the token: retrying is safe (nothing was kept here), "+
-		"and if the retry is refused with \"token already used\" the join did not complete here: create a new token (`ute token create`)", err)
+	return err
 }
 
 func newNodeJoinCmd() *cobra.Command {
@@ -102,7 +101,7 @@ func newNodeJoinCmd() *cobra.Command {
 		Use:   "join --dir N --authority ADDR --token T [--name NAME] [--region R]",
 		Short: "Generate this node's key and obtain its certificate with a join token",
 		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) (retErr error) {
+		RunE: func(cmd *cobra.Command, _ []string) error {
 			resolved, err := joinToken(token, cmd.InOrStdin(), os.Getenv)
 			if err != nil {
 				return err
@@ -129,54 +128,26 @@ func newNodeJoinCmd() *cobra.Command {
 			if _, err := identity.ParseToken(token); err != nil {
 				return fmt.Errorf("%w: %w", authority.ErrMalformedToken, err)
 			}
-			_, statErr := os.Stat(dir)
-			d, err := state.Create(dir)
-			if err != nil {
-				return err
-			}
-			if os.IsNotExist(statErr) {
-				// A failed join must not leave behind a directory the next attempt would trip on.
-				defer func() {
-					if retErr != nil {
-						_ = os.RemoveAll(dir)
-					}
-				}()
-			}
-			host, err := identity.ReadHostFingerprint(region, "")
-			if err != nil {
-				return fmt.Errorf("host fingerprint: %w", err)
-			}
-			fp := host.Digest()
-			key, err := identity.GenerateKey()
-			if err != nil {
-				return err
-			}
-			j, err := authority.Join(cmd.Context(), authority.JoinParams{
-				Addr: addr, Token: token, Key: key, Name: name, Region: region, HostFingerprint: fp[:], Advertise: advertise,
+			// node.Join stages the key in dir before anything is sent, so running this command
+			// again after a lost answer collects the certificate the authority issued; it removes
+			// what it created only when no certificate can have been issued for the key.
+			d, err := node.Join(cmd.Context(), node.JoinParams{
+				Dir: dir, Authority: addr, Token: token, Name: name, Region: region, Advertise: advertise,
 			})
 			if err != nil {
 				return joinRetryAdvice(err)
 			}
-			// The policy is checked (bounded nesting included) before it is stored: a node that
-			// joined with a policy it cannot parse could never start.
-			if _, err := zones.Parse("policy received from the authority at "+addr, j.Policy); err != nil {
-				return fmt.Errorf("node join: %w", err)
-			}
-			nodeRegion := ""
-			if len(j.Node.Claims.Regions) > 0 {
-				nodeRegion = j.Node.Claims.Regions[0]
-			}
-			if err := d.SaveJoin(state.Joined{
-				Key: key, NodeCert: j.NodeCertDER, IssuerCert: j.IssuerCertDER, AuthorityCert: j.AuthorityDER, Policy: j.Policy,
-				Info: state.Info{Name: name, Region: nodeRegion, TrustDomain: j.Node.ID.TrustDomain, Authority: addr, JoinedAt: time.Now().UTC()},
-			}); err != nil {
+			info, err := d.Info()
+			if err != nil {
 				return err
 			}
-			if err := node.SaveBootstrap(d, j); err != nil {
+			nodeRegion := info.Region
+			cert, err := d.NodeCert()
+			if err != nil {
 				return err
 			}
-			v := joinView{Dir: dir, Node: j.Node.ID.String(), Serial: j.Node.Serial().String(),
-				Zones: j.Node.Claims.ZoneNames(), Regions: j.Node.Claims.Regions, NotAfter: j.Node.X509.NotAfter.UTC()}
+			v := joinView{Dir: dir, Node: cert.ID.String(), Serial: cert.Serial().String(),
+				Zones: cert.Claims.ZoneNames(), Regions: cert.Claims.Regions, NotAfter: cert.X509.NotAfter.UTC()}
 			if asJSON {
 				return json.NewEncoder(cmd.OutOrStdout()).Encode(v)
 			}

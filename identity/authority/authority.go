@@ -399,7 +399,10 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response 
 		claims   identity.Claims
 		lifetime time.Duration
 	)
-	consumed, err := a.store.Consume(ConsumeRequest{
+	// The certificates are signed inside the transaction that consumes the token, so a consumed
+	// token always has its certificates stored: a join retried after a lost answer, with the
+	// same keys, gets them back (docs/identity.md, "Retrying a join whose answer was lost").
+	res, err := a.store.ConsumeAndIssue(ConsumeRequest{
 		ID: req.TokenID, SecretHash: hash[:], Consumer: csr.Name, Now: now,
 		Check: func(tok TokenRecord) ([]SliceRequest, error) {
 			var err error
@@ -409,7 +412,25 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response 
 			}
 			return a.sliceRequests(claims.ZoneNames())
 		},
-		HoldUntil: func() time.Time { return a.notAfter(now, lifetime) },
+		HoldUntil:     func() time.Time { return a.notAfter(now, lifetime) },
+		KeyHash:       identity.KeyHash(csr.PublicKey),
+		IssuerKeyHash: identity.KeyHash(issuerCSR.PublicKey),
+		Advertise:     req.Advertise,
+	}, func(serial uint64, sl []SliceRecord) (IssuedRecord, error) {
+		granted := claims
+		var err error
+		if granted.Zones, err = grantSlices(claims.ZoneNames(), sl); err != nil {
+			return IssuedRecord{}, err
+		}
+		rec, err := a.signNode(csr, granted, lifetime, serial, now, IssuedRecord{TokenID: req.TokenID, RemoteAdr: remote})
+		if err != nil {
+			return IssuedRecord{}, err
+		}
+		if rec.IssuerCertDER, err = a.signIssuer(rec.CertDER, issuerCSR.PublicKey); err != nil {
+			return IssuedRecord{}, err
+		}
+		rec.IssuerKeyHash = identity.KeyHash(issuerCSR.PublicKey)
+		return rec, nil
 	})
 	if errors.Is(err, ErrTokenUnknown) {
 		return a.refuseNoise("join", p, req.TokenID, err)
@@ -417,18 +438,35 @@ func (a *Authority) join(ctx context.Context, req JoinRequest, p peer) Response 
 	if err != nil {
 		return a.refuse(ctx, "join", p, req.TokenID, err)
 	}
-	tok, serial := consumed.Token, consumed.Serial
-	if claims.Zones, err = grantSlices(claims.ZoneNames(), consumed.Slices); err != nil {
-		return a.refuse(ctx, "join", p, req.TokenID, err)
+	tok, serial := res.Token, res.Serial
+	subject := identity.NodeID(a.trustDomain, csr.Name).String()
+	zoneNames := claims.ZoneNames()
+	if res.Retry {
+		// Check did not run: the zones are the ones the stored certificate grants.
+		cert, err := identity.ParseCertificate(res.Issued.CertDER)
+		if err != nil {
+			return a.refuse(ctx, "join", p, req.TokenID, fmt.Errorf("stored certificate %d: %w", serial, err))
+		}
+		zoneNames = cert.Claims.ZoneNames()
 	}
-	resp, err := a.issueNode(csr, issuerCSR.PublicKey, claims, lifetime, serial, now, IssuedRecord{TokenID: tok.ID, RemoteAdr: remote}, req.Advertise)
-	if err != nil {
-		return a.refuse(ctx, "join", p, req.TokenID, err)
+	resp := a.storedResponse(res.Issued)
+	resp.Members = a.members(csr.Name, zoneNames, now)
+	if res.Retry {
+		a.audit(AuditRecord{Event: "join", Remote: remote, TokenID: tok.ID, Subject: subject, Serial: serial, Outcome: OutcomeResent,
+			Reason: fmt.Sprintf("retry of the join with token %s for the same keys: certificate %d sent again", tok.ID, serial)})
+		a.log.Info("node join retried; certificate sent again", "remote", remote, "token_id", tok.ID, "node", csr.Name, "serial", serial)
+		return resp
 	}
-	resp.Members = a.members(csr.Name, claims.ZoneNames(), now)
-	a.audit(AuditRecord{Event: "join", Remote: remote, TokenID: tok.ID, Subject: identity.NodeID(a.trustDomain, csr.Name).String(), Serial: serial, Outcome: OutcomeIssued})
-	a.log.Info("node joined", "remote", remote, "token_id", tok.ID, "node", csr.Name, "serial", serial, "zones", claims.ZoneNames(), "regions", claims.Regions)
+	a.audit(AuditRecord{Event: "join", Remote: remote, TokenID: tok.ID, Subject: subject, Serial: serial, Outcome: OutcomeIssued})
+	a.log.Info("node joined", "remote", remote, "token_id", tok.ID, "node", csr.Name, "serial", serial, "zones", zoneNames, "regions", claims.Regions)
 	return resp
+}
+
+// storedResponse answers a join with the certificates stored for it, node and issuing, so that
+// a retry gets the same bytes as the first answer.
+func (a *Authority) storedResponse(rec IssuedRecord) Response {
+	_, policy, release := a.currentPolicy()
+	return Response{Code: CodeOK, NodeCert: rec.CertDER, IssuerCert: rec.IssuerCertDER, AuthorityCert: a.certDER, Policy: policy, PolicyRelease: release}
 }
 
 // nodeClaims derives a joining node's claims from the token, the requested region and the policy.
@@ -474,23 +512,11 @@ func (a *Authority) nodeClaims(tok TokenRecord, region string, fingerprint []byt
 	return identity.Claims{Zones: grants, Regions: []string{region}, Fingerprint: slices.Clone(fingerprint)}, lifetime, nil
 }
 
-// issueNode signs a node certificate with an already allocated serial and records it, with the
-// address the node advertised (empty: none).
-func (a *Authority) issueNode(csr csrInfo, issuerPub ed25519.PublicKey, claims identity.Claims, lifetime time.Duration, serial uint64, now time.Time, rec IssuedRecord, advertise string) (Response, error) {
-	rec, err := a.signNode(csr, claims, lifetime, serial, now, rec)
-	if err != nil {
-		return Response{}, err
-	}
-	if err := a.store.PutJoined(csr.Name, rec, claims.ZoneNames(), advertise, now); err != nil {
-		return Response{}, fmt.Errorf("record issued certificate %d: %w", serial, err)
-	}
-	return a.issuedResponse(rec, issuerPub)
-}
-
 // signIssuer signs the issuing certificate that goes with the node certificate nodeDER: the
-// node's zone grants and regions, its name and serial, the same validity. It is not stored: it
-// says nothing the stored node certificate does not, so a retried renewal simply gets a fresh
-// one for the same key.
+// node's zone grants and regions, its name and serial, the same validity. A join stores it with
+// the node certificate (so a retried join gets the same bytes); a renewal does not: it says
+// nothing the stored node certificate does not, so a retried renewal gets a fresh one for the
+// same key.
 func (a *Authority) signIssuer(nodeDER []byte, issuerPub ed25519.PublicKey) ([]byte, error) {
 	node, err := identity.ParseCertificate(nodeDER)
 	if err != nil {

@@ -176,6 +176,23 @@ type RefusalError struct {
 func (e *RefusalError) Error() string { return e.Message }
 func (e *RefusalError) Unwrap() error { return codeErrors[e.Code] }
 
+// JoinRefused reports whether err is the authority's final refusal of a join with a token whose
+// secret it matched: this token issues no certificate for this key, now or on a retry. A join
+// retried with the token and key of a join already committed gets the issued certificates instead
+// (docs/identity.md, "Retrying a join whose answer was lost"), so after one of these refusals the
+// key staged for the join can go. Anything else leaves open that an earlier attempt committed: no
+// answer, a lost answer, busy, an internal error, a CSR or pin refusal (which say nothing about
+// the token), and ErrTokenUnknown (a retry whose secret was mistyped says nothing about the
+// attempt that had it right).
+func JoinRefused(err error) bool {
+	for _, final := range []error{ErrTokenUsed, ErrTokenExpired, ErrTokenZone, ErrTokenRegion, ErrNameTaken, ErrNameRevoked, ErrZoneFull} {
+		if errors.Is(err, final) {
+			return true
+		}
+	}
+	return false
+}
+
 // Failures before the request left this host. A join that fails with either never showed its
 // token to anyone, so retrying with the same token is safe; callers tell them apart with
 // errors.Is instead of reading the message.

@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/fxamacker/cbor/v2"
@@ -75,6 +76,12 @@ type IssuedRecord struct {
 	KeyHash   string    `cbor:"7,keyasint" json:"key_hash"`
 	CertDER   []byte    `cbor:"8,keyasint" json:"-"`
 	RemoteAdr string    `cbor:"9,keyasint,omitempty" json:"remote_addr,omitempty"`
+	// IssuerKeyHash and IssuerCertDER are the node's issuing key and the issuing certificate
+	// signed with this certificate at a join (ConsumeAndIssue): a join retried after a lost
+	// answer is matched on both keys and gets both certificates back byte for byte. Empty for
+	// renewals and for joins recorded before join retries existed.
+	IssuerKeyHash string `cbor:"10,keyasint,omitempty" json:"issuer_key_hash,omitempty"`
+	IssuerCertDER []byte `cbor:"11,keyasint,omitempty" json:"-"`
 }
 
 // Outcome of an audited event.
@@ -85,7 +92,8 @@ const (
 	OutcomeIssued  Outcome = "issued"
 	OutcomeRefused Outcome = "refused"
 	OutcomeCreated Outcome = "created"
-	// OutcomeResent: a renewal retried after a lost response got the certificate already issued.
+	// OutcomeResent: a renewal or a join retried after a lost response got the certificate
+	// already issued.
 	OutcomeResent Outcome = "resent"
 	// OutcomeRevoked: a serial was added to the revoked set (or already was: see the reason).
 	OutcomeRevoked Outcome = "revoked"
@@ -284,6 +292,14 @@ type ConsumeRequest struct {
 	// the join is refused with ErrNameTaken if Consumer names a node whose newest certificate is
 	// still live (unexpired and not revoked), and otherwise Consumer is held until that time.
 	HoldUntil func() time.Time
+	// KeyHash and IssuerKeyHash are identity.KeyHash of the keys the certificates about to be
+	// signed are for (ConsumeAndIssue only; the CSRs' signatures proved possession of both). A
+	// request with the right secret for a token already consumed by a join whose certificates
+	// were issued for these same keys is a retry after a lost answer (see ConsumeAndIssue).
+	KeyHash       string
+	IssuerKeyHash string
+	// Advertise is the underlay address the joining node advertises (ConsumeAndIssue only).
+	Advertise string
 }
 
 // Consumed is the outcome of a successful Consume.
@@ -300,73 +316,177 @@ type Consumed struct {
 // exactly one succeeds; the others get ErrTokenUsed. The order of checks is fixed so that a caller
 // without the right secret learns nothing beyond ErrTokenUnknown.
 func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
-	var (
-		rec    TokenRecord
-		serial uint64
-		sl     []SliceRecord
-	)
+	var out Consumed
 	err := s.db.Update(func(tx *bolt.Tx) error {
-		sl = nil
-		b := tx.Bucket(bucketTokens)
-		v := b.Get([]byte(req.ID))
-		if v == nil {
-			return fmt.Errorf("%w: check the token was created by this authority", ErrTokenUnknown)
-		}
-		if err := decodeRecord(v, &rec); err != nil {
-			return err
-		}
-		if len(rec.SecretHash) == 0 || subtle.ConstantTimeCompare(rec.SecretHash, req.SecretHash) != 1 {
-			return fmt.Errorf("%w: check the token was created by this authority", ErrTokenUnknown)
-		}
-		if rec.ConsumedBy != "" {
-			return fmt.Errorf("%w: token %s was consumed at %s; create a new token", ErrTokenUsed, rec.ID, rec.ConsumedAt.UTC().Format(time.RFC3339))
-		}
-		if !req.Now.Before(rec.ExpiresAt) {
-			return fmt.Errorf("%w: token %s expired at %s; create a new token", ErrTokenExpired, rec.ID, rec.ExpiresAt.UTC().Format(time.RFC3339))
-		}
-		var want []SliceRequest
-		if req.Check != nil {
-			var err error
-			if want, err = req.Check(rec); err != nil {
-				return err
-			}
-		}
 		var err error
-		if serial, err = nextSerial(tx); err != nil {
-			return err
-		}
-		if req.HoldUntil != nil {
-			if err := holdName(tx, req.Consumer, serial, req.HoldUntil(), req.Now); err != nil {
-				return err
-			}
-		}
-		consumer := req.Consumer
-		if consumer == "" {
-			consumer = "?"
-		}
-		for _, w := range want {
-			r, err := allocateSlice(tx, w, consumer, serial, req.Now)
-			if err != nil {
-				return err
-			}
-			sl = append(sl, r)
-		}
-		rec.ConsumedBy = req.Consumer
-		if rec.ConsumedBy == "" {
-			rec.ConsumedBy = "?"
-		}
-		rec.ConsumedAt = req.Now.UTC()
-		rec.Serial = serial
-		val, err := storeEnc.Marshal(rec)
-		if err != nil {
-			return fmt.Errorf("encode token record: %w", err)
-		}
-		return b.Put([]byte(rec.ID), val)
+		out, err = consume(tx, req)
+		return err
 	})
 	if err != nil {
 		return Consumed{}, err
 	}
+	return out, nil
+}
+
+// tokenWithSecret returns the record of token id if secretHash is its secret's hash, and
+// ErrTokenUnknown otherwise: unknown id and wrong secret are indistinguishable.
+func tokenWithSecret(tx *bolt.Tx, id string, secretHash []byte) (TokenRecord, error) {
+	var rec TokenRecord
+	v := tx.Bucket(bucketTokens).Get([]byte(id))
+	if v == nil {
+		return rec, fmt.Errorf("%w: check the token was created by this authority", ErrTokenUnknown)
+	}
+	if err := decodeRecord(v, &rec); err != nil {
+		return rec, err
+	}
+	if len(rec.SecretHash) == 0 || subtle.ConstantTimeCompare(rec.SecretHash, secretHash) != 1 {
+		return rec, fmt.Errorf("%w: check the token was created by this authority", ErrTokenUnknown)
+	}
+	return rec, nil
+}
+
+func consume(tx *bolt.Tx, req ConsumeRequest) (Consumed, error) {
+	rec, err := tokenWithSecret(tx, req.ID, req.SecretHash)
+	if err != nil {
+		return Consumed{}, err
+	}
+	if rec.ConsumedBy != "" {
+		return Consumed{}, fmt.Errorf("%w: token %s was consumed at %s; create a new token", ErrTokenUsed, rec.ID, rec.ConsumedAt.UTC().Format(time.RFC3339))
+	}
+	if !req.Now.Before(rec.ExpiresAt) {
+		return Consumed{}, fmt.Errorf("%w: token %s expired at %s; create a new token", ErrTokenExpired, rec.ID, rec.ExpiresAt.UTC().Format(time.RFC3339))
+	}
+	var want []SliceRequest
+	if req.Check != nil {
+		if want, err = req.Check(rec); err != nil {
+			return Consumed{}, err
+		}
+	}
+	serial, err := nextSerial(tx)
+	if err != nil {
+		return Consumed{}, err
+	}
+	if req.HoldUntil != nil {
+		if err := holdName(tx, req.Consumer, serial, req.HoldUntil(), req.Now); err != nil {
+			return Consumed{}, err
+		}
+	}
+	consumer := req.Consumer
+	if consumer == "" {
+		consumer = "?"
+	}
+	var sl []SliceRecord
+	for _, w := range want {
+		r, err := allocateSlice(tx, w, consumer, serial, req.Now)
+		if err != nil {
+			return Consumed{}, err
+		}
+		sl = append(sl, r)
+	}
+	rec.ConsumedBy = consumer
+	rec.ConsumedAt = req.Now.UTC()
+	rec.Serial = serial
+	val, err := storeEnc.Marshal(rec)
+	if err != nil {
+		return Consumed{}, fmt.Errorf("encode token record: %w", err)
+	}
+	if err := tx.Bucket(bucketTokens).Put([]byte(rec.ID), val); err != nil {
+		return Consumed{}, err
+	}
 	return Consumed{Token: rec, Serial: serial, Slices: sl}, nil
+}
+
+// JoinIssued is the outcome of ConsumeAndIssue.
+type JoinIssued struct {
+	Consumed
+	// Issued is the stored record of the join's certificate.
+	Issued IssuedRecord
+	// Retry is true when the request repeated a join whose certificates were already issued for
+	// the same keys: Issued is that record, Slices is nil, and nothing was allocated or written.
+	Retry bool
+}
+
+// ConsumeAndIssue is Consume with the signature inside the same transaction: sign receives the
+// allocated serial and slices and returns the issued record (with the issuing certificate), which
+// is stored, with the node's member record, before the transaction commits. So a consumed token
+// always has its certificate stored, and a join retried after a lost answer (the right secret,
+// same req.KeyHash and req.IssuerKeyHash, same node name) gets that record back instead of
+// ErrTokenUsed. A retry is answered only while the certificate is live: unexpired, its lineage
+// not revoked, and not renewed (a node that renewed has its certificate). Anything else is
+// refused exactly as Consume refuses it.
+func (s *Store) ConsumeAndIssue(req ConsumeRequest, sign func(serial uint64, slices []SliceRecord) (IssuedRecord, error)) (JoinIssued, error) {
+	var out JoinIssued
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		out = JoinIssued{}
+		if req.KeyHash != "" && req.IssuerKeyHash != "" {
+			tok, prev, ok, err := joinRetryOf(tx, req)
+			if err != nil {
+				return err
+			}
+			if ok {
+				out = JoinIssued{Consumed: Consumed{Token: tok, Serial: prev.Serial}, Issued: prev, Retry: true}
+				return nil
+			}
+		}
+		c, err := consume(tx, req)
+		if err != nil {
+			return err
+		}
+		rec, err := sign(c.Serial, c.Slices)
+		if err != nil {
+			return err
+		}
+		if rec.Serial != c.Serial {
+			return fmt.Errorf("signed record has serial %d, want %d", rec.Serial, c.Serial)
+		}
+		if err := putIssued(tx, rec); err != nil {
+			return err
+		}
+		var zones []string
+		for _, sl := range c.Slices {
+			if !slices.Contains(zones, sl.Zone) {
+				zones = append(zones, sl.Zone)
+			}
+		}
+		if err := putMember(tx, req.Consumer, rec, zones, req.Advertise, 0, req.Now); err != nil {
+			return err
+		}
+		out = JoinIssued{Consumed: c, Issued: rec}
+		return nil
+	})
+	if err != nil {
+		return JoinIssued{}, err
+	}
+	return out, nil
+}
+
+// joinRetryOf reports whether req repeats a join that was already answered: the right secret for
+// a token consumed by req.Consumer, whose certificate was issued for req.KeyHash with an issuing
+// certificate for req.IssuerKeyHash, and is still live. Anything else is not a retry and is left
+// to consume, which refuses it as before (ErrTokenUnknown, ErrTokenUsed): a thief holding the
+// token but not the node's staged key has its own key, never the node's.
+func joinRetryOf(tx *bolt.Tx, req ConsumeRequest) (TokenRecord, IssuedRecord, bool, error) {
+	tok, err := tokenWithSecret(tx, req.ID, req.SecretHash)
+	if err != nil || tok.ConsumedBy == "" || tok.ConsumedBy != req.Consumer || tok.Serial == 0 {
+		return TokenRecord{}, IssuedRecord{}, false, nil
+	}
+	v := tx.Bucket(bucketIssued).Get(u64(tok.Serial))
+	if v == nil {
+		return TokenRecord{}, IssuedRecord{}, false, nil
+	}
+	var rec IssuedRecord
+	if err := decodeRecord(v, &rec); err != nil {
+		return TokenRecord{}, IssuedRecord{}, false, err
+	}
+	if rec.TokenID != tok.ID || rec.Renewal != 0 || len(rec.CertDER) == 0 || len(rec.IssuerCertDER) == 0 ||
+		subtle.ConstantTimeCompare([]byte(rec.KeyHash), []byte(req.KeyHash)) != 1 ||
+		subtle.ConstantTimeCompare([]byte(rec.IssuerKeyHash), []byte(req.IssuerKeyHash)) != 1 {
+		return TokenRecord{}, IssuedRecord{}, false, nil
+	}
+	if !req.Now.Before(rec.NotAfter) || lineageRevoked(tx, rec.Serial) != 0 || tx.Bucket(bucketRenewed).Get(u64(rec.Serial)) != nil {
+		return TokenRecord{}, IssuedRecord{}, false, nil
+	}
+	return tok, rec, true, nil
 }
 
 // bucketNodeNames maps a node name to the serial of its newest certificate and that
@@ -440,17 +560,6 @@ func nextSerial(tx *bolt.Tx) (uint64, error) {
 // PutIssued records a signed certificate.
 func (s *Store) PutIssued(rec IssuedRecord) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return putIssued(tx, rec) })
-}
-
-// PutJoined records the certificate signed at a join and makes it the newest of node name, with
-// its zones and advertised address (empty: none), in one transaction.
-func (s *Store) PutJoined(name string, rec IssuedRecord, zones []string, addr string, now time.Time) error {
-	return s.db.Update(func(tx *bolt.Tx) error {
-		if err := putIssued(tx, rec); err != nil {
-			return err
-		}
-		return putMember(tx, name, rec, zones, addr, 0, now)
-	})
 }
 
 func putIssued(tx *bolt.Tx, rec IssuedRecord) error {

@@ -99,6 +99,11 @@ func Open(path string, opts ...Option) (*Dir, error) {
 	if err := d.recoverRenewal(); err != nil {
 		return nil, err
 	}
+	// A staged join key left beside node.crt belongs to the join that wrote it (a crash between
+	// node.crt and the cleanup in SaveJoin): node.key is the same key.
+	if err := d.dropJoinKeys(); err != nil {
+		return nil, err
+	}
 	if err := d.checkLayout(); err != nil {
 		return nil, err
 	}
@@ -160,7 +165,9 @@ type Joined struct {
 }
 
 // SaveJoin writes everything a join produced. The certificate is written last: its presence is
-// what marks the directory as joined, so a crash midway leaves a directory that can join again.
+// what marks the directory as joined, so a crash midway leaves a directory that can join again
+// (with the same token, which collects the same certificates for the staged key: JoinKey). Once
+// node.crt is in place the staged join key is removed.
 func (d *Dir) SaveJoin(j Joined) error {
 	unlock, err := d.lock()
 	if err != nil {
@@ -192,7 +199,11 @@ func (d *Dir) SaveJoin(j Joined) error {
 	if err := identity.WriteFileAtomic(d.file(FileNodeInfo), append(info, '\n'), 0o644); err != nil {
 		return err
 	}
-	return identity.WriteFileAtomic(d.file(FileNodeCert), certPEM(j.NodeCert), 0o644)
+	if err := identity.WriteFileAtomic(d.file(FileNodeCert), certPEM(j.NodeCert), 0o644); err != nil {
+		return err
+	}
+	// The join is complete: node.key holds the staged key now (Open drops a leftover too).
+	return d.dropJoinKeys()
 }
 
 // Info returns node.json.
