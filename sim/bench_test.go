@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -72,6 +73,12 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 		require.NoError(b, err)
 		sc.Dilation = k
 	}
+	// UTE_SIM_BENCH_HEAPPROFILE names a file that receives a heap profile (pprof) taken when
+	// the heap reached its peak, within 5 % (the heap is sampled once a second).
+	heapProfile := os.Getenv("UTE_SIM_BENCH_HEAPPROFILE")
+	// UTE_SIM_BENCH_GOROUTINES=PREFIX writes every goroutine's stack, grouped (pprof debug=1),
+	// to PREFIX.<unix seconds> every 10 s of the run: what the nodes wait on at each moment.
+	goroutineDump := os.Getenv("UTE_SIM_BENCH_GOROUTINES")
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			for b.Loop() {
@@ -81,10 +88,24 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 				go func() {
 					defer close(done)
 					var ms runtime.MemStats
-					for {
+					var profiled uint64
+					for tick := 0; ; tick++ {
 						runtime.ReadMemStats(&ms)
 						if ms.HeapInuse > peak.Load() {
 							peak.Store(ms.HeapInuse)
+						}
+						// A new peak 5 % over the last profiled one rewrites the profile, so the
+						// file ends as the heap near the run's peak.
+						if heapProfile != "" && ms.HeapInuse > profiled+profiled/20 {
+							profiled = ms.HeapInuse
+							if err := writeHeapProfile(heapProfile); err != nil {
+								b.Logf("heap profile: %v", err)
+							}
+						}
+						if goroutineDump != "" && tick%10 == 0 {
+							if err := writeGoroutines(fmt.Sprintf("%s.%d", goroutineDump, time.Now().Unix())); err != nil {
+								b.Logf("goroutine dump: %v", err)
+							}
 						}
 						select {
 						case <-stop:
@@ -127,6 +148,32 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 			}
 		})
 	}
+}
+
+// writeHeapProfile writes the heap profile to path (replacing it).
+func writeHeapProfile(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	if err := pprof.WriteHeapProfile(f); err != nil {
+		f.Close()
+		return fmt.Errorf("heap profile: %w", err)
+	}
+	return f.Close()
+}
+
+// writeGoroutines writes the goroutine profile, stacks grouped, to path.
+func writeGoroutines(path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("goroutine dump: %w", err)
+	}
+	if err := pprof.Lookup("goroutine").WriteTo(f, 1); err != nil {
+		f.Close()
+		return fmt.Errorf("goroutine dump: %w", err)
+	}
+	return f.Close()
 }
 
 // peakRSS is the process's peak resident set (VmHWM in /proc/self/status), in bytes.

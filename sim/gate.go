@@ -38,8 +38,12 @@ type dialGate struct {
 	dropped map[time.Time]struct{}
 
 	// Counters, for the spread's progress lines: handshakes started, dials whose caller gave up
-	// waiting for a slot, dials refused for too little time left, dials refused at setup.
-	granted, gaveUp, late, setupDrops atomic.Uint64
+	// waiting for a slot, dials refused for too little time left, dials refused at setup, and
+	// the wall time slots were held, summed (nanoseconds): held ÷ granted is how long one
+	// handshake keeps its slot, which at dilation k grows with the k-times-longer round trips.
+	granted, gaveUp, late, setupDrops, held atomic.Uint64
+	// slots is the gate's size, for the progress lines.
+	slots int
 }
 
 type gateWaiter struct {
@@ -47,7 +51,7 @@ type gateWaiter struct {
 }
 
 func newDialGate(slots int, minLeft time.Duration) *dialGate {
-	return &dialGate{free: max(slots, 1), minLeft: minLeft}
+	return &dialGate{free: max(slots, 1), slots: max(slots, 1), minLeft: minLeft}
 }
 
 var errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
@@ -92,7 +96,11 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 		return nil, fmt.Errorf("%w: %w", errNoTimeLeft, context.DeadlineExceeded)
 	}
 	g.granted.Add(1)
-	return sync.OnceFunc(g.release), nil
+	t0 := time.Now()
+	return sync.OnceFunc(func() {
+		g.held.Add(uint64(time.Since(t0)))
+		g.release()
+	}), nil
 }
 
 // packetDial is overlay/gossip's background dial timeout for a packet to a member without a
@@ -162,7 +170,11 @@ func (g *dialGate) release() {
 }
 
 // dialSlots is how many tunnel handshakes may run at once in the whole run: a few per CPU, so
-// that each finishes well inside the handshake timeout. UTE_SIM_DIAL_SLOTS overrides it.
+// that each finishes well inside the handshake timeout. UTE_SIM_DIAL_SLOTS overrides it. Not
+// scaled with the dilation: at 1,000 nodes and k = 10, ten times the slots (80) made no more
+// handshakes (104 a second of wall time at rest, against 129 with 8: the CPUs, not the slots,
+// bound them) and each held its slot ten times longer (0.8 s; docs/benchmarks.md, "Session of
+// 7 December 2026, 1,000-node memory and tail").
 func dialSlots() int {
 	if n, _ := strconv.Atoi(os.Getenv("UTE_SIM_DIAL_SLOTS")); n > 0 {
 		return n

@@ -93,3 +93,18 @@ func TestDialGateDropsGossipPacketsAtSetup(t *testing.T) {
 		return len(g.dropped) == 0
 	}, time.Second, 10*time.Millisecond, "a refused deadline is forgotten once its context ends")
 }
+
+// The gate sums how long its slots were held, once per handshake however often it is released.
+func TestDialGateCountsHoldTime(t *testing.T) {
+	g := newDialGate(2, 0)
+	rel, err := g.Acquire(context.Background())
+	require.NoError(t, err)
+	time.Sleep(20 * time.Millisecond)
+	rel()
+	rel()
+	held := time.Duration(g.held.Load())
+	assert.GreaterOrEqual(t, held, 20*time.Millisecond)
+	assert.Less(t, held, 2*time.Second)
+	assert.Equal(t, uint64(1), g.granted.Load())
+	assert.Equal(t, 2, g.slots)
+}

@@ -495,14 +495,16 @@ func hostFingerprint(name string) []byte {
 }
 
 func (r *runner) join(ctx context.Context, n *simNode) error {
-	tok, err := r.auth.CreateToken(ctx, authority.TokenSpec{Zones: n.zones(), Regions: []string{n.group.Region}, TTL: 10 * time.Minute})
-	if err != nil {
-		return fmt.Errorf("sim: token for %s: %w", n.name, err)
+	if n.token == "" { // a retry keeps the token of the first attempt
+		tok, err := r.auth.CreateToken(ctx, authority.TokenSpec{Zones: n.zones(), Regions: []string{n.group.Region}, TTL: 10 * time.Minute})
+		if err != nil {
+			return fmt.Errorf("sim: token for %s: %w", n.name, err)
+		}
+		n.token = tok.Token
 	}
-	n.token = tok.Token
 	jctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	sd, err := node.Join(jctx, node.JoinParams{Dir: n.dir, Authority: r.authAddr, Token: tok.Token, Name: n.name, Region: n.group.Region,
+	sd, err := node.Join(jctx, node.JoinParams{Dir: n.dir, Authority: r.authAddr, Token: n.token, Name: n.name, Region: n.group.Region,
 		HostFingerprint: hostFingerprint(n.name), Advertise: n.addr.String()})
 	if err != nil {
 		return fmt.Errorf("sim: node %s join: %w", n.name, err)
@@ -990,8 +992,11 @@ func (r *runner) startStaggered(ctx context.Context) error {
 	// nodes stalled at 440, the dial gate's slots held by them).
 	// The authority link is real QUIC on loopback with node.Join's fixed 5 s: while hundreds of
 	// nodes run on the same cores a join can miss it (one did, at 16 joins at once), so joins
-	// keep start: all's pace (Parallel at once) and a join that got no answer is retried from
-	// scratch (a new token, an empty directory).
+	// keep start: all's pace (Parallel at once) and a join that got no answer is retried as an
+	// operator would: the same token into the same directory, where node.Join staged the key;
+	// if the authority had already answered, it sends the same certificates again. (A fresh
+	// token and an empty directory, as before, failed whenever the lost answer had been
+	// committed: the name was held by the certificate the node never received.)
 	joins := make(chan struct{}, r.opts.Parallel)
 	joinStart := func(peers func(*simNode) []config.Peer) func(context.Context, *simNode) error {
 		return func(ctx context.Context, n *simNode) error {
@@ -1000,13 +1005,10 @@ func (r *runner) startStaggered(ctx context.Context) error {
 				joins <- struct{}{}
 				err = r.join(ctx, n)
 				<-joins
-				if err == nil || ctx.Err() != nil {
+				if err == nil || ctx.Err() != nil || authority.JoinRefused(err) {
 					break
 				}
 				r.log.Warn("sim: join again", "node", n.name, "err", err)
-				if rerr := os.RemoveAll(n.dir); rerr != nil {
-					return fmt.Errorf("sim: node %s: %w", n.name, rerr)
-				}
 			}
 			if err != nil {
 				return err

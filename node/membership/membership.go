@@ -143,8 +143,8 @@ type Config struct {
 	// attempt at the tunnel's default, so that a black-holed seed frees its slot for the next.
 	JoinParallel    int
 	JoinSeedTimeout time.Duration
-	// NoRequeue turns off re-broadcast on first receipt and the publisher's immediate send over
-	// open tunnels, leaving the publisher's own gossip rounds alone (retransmissions from the
+	// NoRequeue turns off re-broadcast on first receipt and the immediate sends over open
+	// tunnels (pool.sendOpen), leaving the publisher's own gossip rounds alone (retransmissions from the
 	// publisher only). For the benchmark baseline and tests only.
 	NoRequeue bool
 	Logger    *slog.Logger
@@ -206,7 +206,7 @@ type Stats struct {
 	MessagesMalformed uint64 // gossip messages, push/pull states and record pushes that did not parse
 	QueueDropped      uint64 // gossiped records dropped because the Add queue was full
 	Rebroadcasts      uint64 // records re-queued on first receipt
-	DirectSends       uint64 // published records sent at once to a member with an open tunnel
+	DirectSends       uint64 // new records sent at once to a member with an open tunnel (pool.sendOpen)
 	DirectPushes      uint64 // records pushed to a member over a control stream
 	PushFailures      uint64 // direct pushes and record syncs that failed
 	StateTruncated    uint64 // records left out of a push/pull state by MaxStateBytes
@@ -841,13 +841,13 @@ func (p *pool) stop(leave time.Duration) error {
 func (p *pool) spread(raw []byte, origin bool) bool {
 	msg := encodeMessage(raw)
 	if len(msg) <= maxBroadcast {
-		p.recs.add(msg)
+		rec := p.recs.add(msg)
 		select { // rouse the pump
 		case p.queued <- struct{}{}:
 		default:
 		}
-		if origin && !p.m.cfg.NoRequeue {
-			p.sendOpen(msg)
+		if !p.m.cfg.NoRequeue {
+			p.sendOpen(rec)
 		}
 		return true
 	}
@@ -862,22 +862,35 @@ func (p *pool) spread(raw []byte, origin bool) bool {
 	return true
 }
 
-// sendOpen sends msg at once, as one best-effort packet, to every member this node already holds
-// a tunnel with: no handshake, no waiting for a gossip round. Only the publisher does this (each
-// receiver re-queues instead), so a record costs at most one such packet per open tunnel.
-func (p *pool) sendOpen(msg []byte) {
-	ml := p.ml()
+// sendOpen sends rec at once, as one best-effort packet, to every member this node already holds
+// a tunnel with: no handshake, no waiting for a gossip round. The publisher and every member that
+// takes the record for the first time do this, so a record floods the graph of open tunnels in a
+// few link delays, and the gossip rounds, which skip members sent a copy here, spend its
+// transmissions on the members beyond it (at 1,000 simulated members most pairs have no tunnel,
+// and a round's packet to such a member waits for a handshake). The cost is bounded: one packet
+// per open tunnel per new record, each side at most once (the receiver's seen-set drops the copy
+// it already holds before any verification). These packets do not count against the record's
+// retransmissions, which stay for the random members.
+func (p *pool) sendOpen(rec *outRecord) {
+	pkt := userMessage(rec.msg)
 	for _, mem := range p.m.Members(p.zone) {
-		if mem.NodeID == p.m.cfg.NodeID {
+		if mem.NodeID == p.m.cfg.NodeID || !mem.Addr.IsValid() {
 			continue
 		}
 		if _, ok := p.m.cfg.Endpoint.LiveTunnel(mem.NodeID, p.zone); !ok {
 			continue
 		}
-		to := &memberlist.Node{Name: mem.NodeID, Addr: net.IP(mem.Addr.Addr().AsSlice()), Port: mem.Addr.Port()}
-		if err := ml.SendBestEffort(to, msg); err == nil {
-			p.m.st.directSends.Add(1)
+		if !p.recs.claim(rec, mem.NodeID) {
+			continue
 		}
+		id := mem.NodeID
+		p.tr.SendPacket(pkt, mem.Addr, id, func(sent bool) {
+			if sent {
+				p.m.st.directSends.Add(1)
+				return
+			}
+			p.recs.unclaim(rec, id)
+		})
 	}
 }
 

@@ -39,10 +39,33 @@ func retransmitLimit(mult, n int) int {
 	return mult * int(math.Ceil(math.Log10(float64(n+1))))
 }
 
-func (q *recordQueue) add(msg []byte) {
+func (q *recordQueue) add(msg []byte) *outRecord {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	q.recs = append(q.recs, &outRecord{msg: msg, to: map[string]bool{}})
+	r := &outRecord{msg: msg, to: map[string]bool{}}
+	q.recs = append(q.recs, r)
+	return r
+}
+
+// claim marks member as sent r outside the rounds (pool.sendOpen), unless a copy was handed to
+// it or is on its way: the rounds then spend r's transmissions on other members. It reports
+// whether the caller is to send.
+func (q *recordQueue) claim(r *outRecord, member string) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if r.to[member] {
+		return false
+	}
+	r.to[member] = true
+	return true
+}
+
+// unclaim undoes a claim whose packet was dropped here, so that a round may try the member.
+// Such a packet counts neither as a transmission nor as a try: it was not the round's choice.
+func (q *recordQueue) unclaim(r *outRecord, member string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	delete(r.to, member)
 }
 
 // len is the number of records still queued.

@@ -258,6 +258,9 @@ func TestProbeAckSyncsRecords(t *testing.T) {
 	require.NoError(t, ms[0].m.Publish(raw, "z"))
 	waitHeld(t, ms[:2], raw, time.Now(), 2*time.Second)
 	require.Eventually(t, func() bool { return ms[0].m.Queued("z") == 0 && ms[1].m.Queued("z") == 0 }, 3*time.Second, 10*time.Millisecond)
+	// The sends over open tunnels are not queued: one may still be in flight, or wait for a dial,
+	// when the queues are empty. Let them land (and be dropped) while the member is still cut off.
+	time.Sleep(500 * time.Millisecond)
 	require.False(t, cut.store.holds("z", raw), "gossip never reached the partitioned member")
 
 	tr.SetPartitioned(false)
@@ -277,4 +280,78 @@ func TestRecordDigest(t *testing.T) {
 	assert.NotEqual(t, d, recordDigest([][]byte{a, c}))
 	assert.NotEqual(t, d, recordDigest([][]byte{a, b, c}))
 	assert.Equal(t, []byte{digestVersion, 0, 0, 0, 2}, d[:5])
+}
+
+// linkDialer is a node's endpoint limited, while on is set, to the tunnels of the members in
+// links: others look tunnel-less and every dial to them fails, so a record reaches them only
+// through a member that holds a tunnel with them.
+type linkDialer struct {
+	*tunnel.Endpoint
+	on    atomic.Bool
+	links map[string]bool
+}
+
+func (d *linkDialer) LiveTunnel(nodeID, zone string) (*tunnel.Tunnel, bool) {
+	if d.on.Load() && !d.links[nodeID] {
+		return nil, false
+	}
+	return d.Endpoint.LiveTunnel(nodeID, zone)
+}
+
+func (d *linkDialer) Dial(ctx context.Context, addr netip.AddrPort, nodeID, zone string) (*tunnel.Tunnel, error) {
+	if d.on.Load() && !d.links[nodeID] {
+		return nil, errInjected
+	}
+	return d.Endpoint.Dial(ctx, addr, nodeID, zone)
+}
+
+// TestNewRecordFloodsOpenTunnels: a member that takes a record for the first time sends it at
+// once over every tunnel it holds, not only the publisher. The publisher n0 holds a tunnel with
+// n1 only; n1 holds tunnels with n2 and n3; every other dial fails. Each gossip round sends to one
+// member, and the next round is a minute away: without the relay's sends over its open tunnels,
+// n1's round reaches at most one of n2 and n3 in that minute.
+func TestNewRecordFloodsOpenTunnels(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := quietTiming()
+	timing.GossipInterval = time.Minute
+	timing.GossipNodes = 1
+	names := []string{"n0", "n1", "n2", "n3"}
+	links := map[string][]string{"n0": {"n1"}, "n1": {"n0", "n2", "n3"}, "n2": {"n1"}, "n3": {"n1"}}
+	var ms []*member
+	var ds []*linkDialer
+	for _, name := range names {
+		d := &linkDialer{links: map[string]bool{}}
+		ds = append(ds, d)
+		opt := clusterOpts{timing: timing, dialer: func(e *tunnel.Endpoint) gossip.Dialer { d.Endpoint = e; return d }}
+		ms = append(ms, startMember(t, auth, sg, name, []string{"z"}, gossiptest.NodeOptions{}, opt))
+	}
+	joinChain(t, ms, "z")
+	byName := map[string]*member{}
+	for _, m := range ms {
+		byName[m.Name] = m
+	}
+	for i, name := range names {
+		for _, l := range links[name] {
+			peer := byName[l]
+			// The tunnel the link stands for is open (joins opened them; reopen if one closed).
+			_, err := ds[i].Endpoint.Dial(ctxT(t), peer.Addr, peer.ID, "z")
+			require.NoError(t, err)
+			ds[i].links[peer.ID] = true
+		}
+	}
+	for _, d := range ds {
+		d.on.Store(true)
+	}
+
+	raw := sg.record(t, 200)
+	ms[0].store.put("z", raw)
+	start := time.Now()
+	require.NoError(t, ms[0].m.Publish(raw, "z"))
+	took := waitHeld(t, ms, raw, start, 5*time.Second)
+	t.Logf("every member held the record %s after Publish, through n1's open tunnels", took)
+	assert.GreaterOrEqual(t, ms[1].m.Stats().DirectSends, uint64(2), "n1 sent it to n2 and n3 over their tunnels")
+	for _, m := range ms[2:] {
+		assert.Zero(t, m.m.Stats().RecordsViaState, "%s got it by gossip, not push/pull", m.Name)
+	}
 }

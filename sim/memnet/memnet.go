@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -52,19 +53,44 @@ const DefaultQueueBytes = 4 << 20
 type Network struct {
 	seed uint64
 
-	mu          sync.Mutex
-	conns       map[netip.AddrPort]*Conn
-	def         Link
-	links       map[pair]Link
-	linkRNG     map[pair]*rand.Rand
-	group       map[netip.Addr]int
-	stats       Stats
-	queue       pending
-	nextSeq     uint64
-	closed      bool
-	wake        chan struct{}
+	// mu guards the topology: conns, links, partitions. Senders only read it; the packets in
+	// flight are in shards, each with its own lock, queue and scheduler.
+	mu     sync.RWMutex
+	conns  map[netip.AddrPort]*Conn
+	def    Link
+	links  map[pair]Link
+	group  map[netip.Addr]int
+	closed bool
+
+	sent, delivered, lost, partitioned, unreachable, bytes atomic.Uint64
+
+	shards      [numShards]*shard
 	done        chan struct{}
 	schedulerWG sync.WaitGroup
+}
+
+// numShards is how many queues carry the packets in flight, a link's packets always in the same
+// one (so a link keeps its order and its loss and jitter draws). With one queue and one lock,
+// a 600-node run's spread had 6,235 of quic-go's send loops blocked on that lock at once, and
+// the scheduler that delivers packets waited behind them: handshakes took 6–13 s of wall time
+// instead of 0.1–0.2 s (docs/benchmarks.md, "Session of 7 December 2026, 1,000-node memory
+// and tail").
+const numShards = 64
+
+// shard is one queue of packets in flight and its scheduler.
+type shard struct {
+	mu      sync.Mutex
+	linkRNG map[pair]*rand.Rand
+	queue   pending
+	nextSeq uint64
+	wake    chan struct{}
+}
+
+func (n *Network) shardOf(p pair) *shard {
+	h := fnv.New64a()
+	_, _ = h.Write(p.a.AsSlice())
+	_, _ = h.Write(p.b.AsSlice())
+	return n.shards[h.Sum64()%numShards]
 }
 
 type pair struct{ a, b netip.Addr }
@@ -84,10 +110,13 @@ func New(seed uint64, def Link) (*Network, error) {
 	}
 	n := &Network{
 		seed: seed, conns: map[netip.AddrPort]*Conn{}, def: def, links: map[pair]Link{},
-		linkRNG: map[pair]*rand.Rand{}, group: map[netip.Addr]int{},
-		wake: make(chan struct{}, 1), done: make(chan struct{}),
+		group: map[netip.Addr]int{}, done: make(chan struct{}),
 	}
-	n.schedulerWG.Go(n.scheduler)
+	for i := range n.shards {
+		sh := &shard{linkRNG: map[pair]*rand.Rand{}, wake: make(chan struct{}, 1)}
+		n.shards[i] = sh
+		n.schedulerWG.Go(func() { n.scheduler(sh) })
+	}
 	return n, nil
 }
 
@@ -143,9 +172,8 @@ func (n *Network) Heal() {
 
 // Stats returns the counters so far.
 func (n *Network) Stats() Stats {
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.stats
+	return Stats{Sent: n.sent.Load(), Delivered: n.delivered.Load(), Lost: n.lost.Load(),
+		Partitioned: n.partitioned.Load(), Unreachable: n.unreachable.Load(), Bytes: n.bytes.Load()}
 }
 
 // Listen returns the conn of host address addr.
@@ -190,15 +218,15 @@ func (n *Network) Close() error {
 
 // send routes one packet; it is called with a private copy of the payload.
 func (n *Network) send(from, to netip.AddrPort, data []byte) {
-	n.mu.Lock()
+	n.mu.RLock()
 	if n.closed {
-		n.mu.Unlock()
+		n.mu.RUnlock()
 		return
 	}
-	n.stats.Sent++
+	n.sent.Add(1)
 	if n.group[from.Addr()] != n.group[to.Addr()] {
-		n.stats.Partitioned++
-		n.mu.Unlock()
+		n.partitioned.Add(1)
+		n.mu.RUnlock()
 		return
 	}
 	p := mkpair(from.Addr(), to.Addr())
@@ -206,19 +234,22 @@ func (n *Network) send(from, to netip.AddrPort, data []byte) {
 	if !ok {
 		l = n.def
 	}
+	n.mu.RUnlock()
+	sh := n.shardOf(p)
+	sh.mu.Lock()
 	var delay time.Duration
 	if l.Loss > 0 || l.Jitter > 0 {
-		rng := n.linkRNG[p]
+		rng := sh.linkRNG[p]
 		if rng == nil {
 			h := fnv.New64a()
 			_, _ = h.Write(p.a.AsSlice())
 			_, _ = h.Write(p.b.AsSlice())
 			rng = rand.New(rand.NewPCG(n.seed, h.Sum64()))
-			n.linkRNG[p] = rng
+			sh.linkRNG[p] = rng
 		}
 		if l.Loss > 0 && rng.Float64() < l.Loss {
-			n.stats.Lost++
-			n.mu.Unlock()
+			n.lost.Add(1)
+			sh.mu.Unlock()
 			return
 		}
 		if l.Jitter > 0 {
@@ -227,55 +258,63 @@ func (n *Network) send(from, to netip.AddrPort, data []byte) {
 	}
 	delay += l.Latency
 	if delay <= 0 {
-		n.deliverLocked(from, to, data)
-		n.mu.Unlock()
+		n.deliver(from, to, data)
+		sh.mu.Unlock()
 		return
 	}
-	n.nextSeq++
+	sh.nextSeq++
 	at := time.Now().Add(delay)
-	first := len(n.queue) == 0 || at.Before(n.queue[0].at)
-	heap.Push(&n.queue, &packet{at: at, seq: n.nextSeq, from: from, to: to, data: data})
-	n.mu.Unlock()
+	first := len(sh.queue) == 0 || at.Before(sh.queue[0].at)
+	heap.Push(&sh.queue, &packet{at: at, seq: sh.nextSeq, from: from, to: to, data: data})
+	sh.mu.Unlock()
 	if first {
 		select {
-		case n.wake <- struct{}{}:
+		case sh.wake <- struct{}{}:
 		default:
 		}
 	}
 }
 
-// deliverLocked places a packet in its receiver's queue; n.mu is held.
-func (n *Network) deliverLocked(from, to netip.AddrPort, data []byte) {
+// deliver places a packet in its receiver's queue.
+func (n *Network) deliver(from, to netip.AddrPort, data []byte) {
+	n.mu.RLock()
 	c := n.conns[to]
+	n.mu.RUnlock()
 	if c == nil || !c.push(from, data) {
-		n.stats.Unreachable++
+		n.unreachable.Add(1)
 		return
 	}
-	n.stats.Delivered++
-	n.stats.Bytes += uint64(len(data))
+	n.delivered.Add(1)
+	n.bytes.Add(uint64(len(data)))
 }
 
-// scheduler delivers delayed packets when they are due; Close stops it.
-func (n *Network) scheduler() {
+// scheduler delivers sh's delayed packets when they are due, in order, without holding sh's
+// lock while it delivers; Close stops it.
+func (n *Network) scheduler(sh *shard) {
 	t := time.NewTimer(time.Hour)
 	defer t.Stop()
+	var due []*packet
 	for {
-		n.mu.Lock()
+		sh.mu.Lock()
 		now := time.Now()
-		for len(n.queue) > 0 && !n.queue[0].at.After(now) {
-			p := heap.Pop(&n.queue).(*packet)
-			n.deliverLocked(p.from, p.to, p.data)
+		for len(sh.queue) > 0 && !sh.queue[0].at.After(now) {
+			due = append(due, heap.Pop(&sh.queue).(*packet))
 		}
 		wait := time.Hour
-		if len(n.queue) > 0 {
-			wait = n.queue[0].at.Sub(now)
+		if len(sh.queue) > 0 {
+			wait = sh.queue[0].at.Sub(now)
 		}
-		n.mu.Unlock()
+		sh.mu.Unlock()
+		for i, p := range due {
+			n.deliver(p.from, p.to, p.data)
+			due[i] = nil
+		}
+		due = due[:0]
 		t.Reset(wait)
 		select {
 		case <-n.done:
 			return
-		case <-n.wake:
+		case <-sh.wake:
 		case <-t.C:
 		}
 	}
