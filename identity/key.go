@@ -93,13 +93,19 @@ func RenameSync(from, to string) error {
 	if err := os.Rename(from, to); err != nil {
 		return fmt.Errorf("install %s: %w", to, err)
 	}
-	dir, err := os.Open(filepath.Dir(to))
+	return SyncDir(filepath.Dir(to))
+}
+
+// SyncDir syncs directory dir, so that the names created, renamed or removed in it survive a
+// crash.
+func SyncDir(dir string) error {
+	d, err := os.Open(dir)
 	if err != nil {
-		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
+		return fmt.Errorf("sync %s: %w", dir, err)
 	}
-	defer func() { _ = dir.Close() }()
-	if err := dir.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", filepath.Dir(to), err)
+	defer func() { _ = d.Close() }()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync %s: %w", dir, err)
 	}
 	return nil
 }

@@ -131,15 +131,7 @@ func removeSync(path string) error {
 		}
 		return fmt.Errorf("remove %s: %w", path, err)
 	}
-	dir, err := os.Open(filepath.Dir(path))
-	if err != nil {
-		return fmt.Errorf("sync %s: %w", filepath.Dir(path), err)
-	}
-	defer func() { _ = dir.Close() }()
-	if err := dir.Sync(); err != nil {
-		return fmt.Errorf("sync %s: %w", filepath.Dir(path), err)
-	}
-	return nil
+	return identity.SyncDir(filepath.Dir(path))
 }
 
 // checkTokenID refuses a token id that could name another file: ids are base32.
