@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	bolt "go.etcd.io/bbolt"
 
 	"github.com/ute-project/ute/identity"
 )
@@ -132,4 +133,16 @@ func forgeCSRKey(t testing.TB, csr []byte, pub []byte) []byte {
 	old := parsed.PublicKey.(ed25519.PublicKey)
 	require.Equal(t, 1, bytes.Count(csr, old))
 	return bytes.Replace(csr, old, pub, 1)
+}
+
+// Consume is the token half of ConsumeAndIssue in a transaction of its own, for the store's
+// tests of tokens and slices.
+func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
+	var out Consumed
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		var err error
+		out, err = consume(tx, req)
+		return err
+	})
+	return out, err
 }

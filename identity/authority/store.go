@@ -310,24 +310,6 @@ type Consumed struct {
 	Slices []SliceRecord
 }
 
-// Consume checks and consumes a token, allocates the serial of the certificate about to be signed
-// and the node's slices, in one durable transaction: a refusal (ErrZoneFull included) rolls all of
-// it back and leaves the token unused. Of any number of concurrent calls with the same token,
-// exactly one succeeds; the others get ErrTokenUsed. The order of checks is fixed so that a caller
-// without the right secret learns nothing beyond ErrTokenUnknown.
-func (s *Store) Consume(req ConsumeRequest) (Consumed, error) {
-	var out Consumed
-	err := s.db.Update(func(tx *bolt.Tx) error {
-		var err error
-		out, err = consume(tx, req)
-		return err
-	})
-	if err != nil {
-		return Consumed{}, err
-	}
-	return out, nil
-}
-
 // tokenWithSecret returns the record of token id if secretHash is its secret's hash, and
 // ErrTokenUnknown otherwise: unknown id and wrong secret are indistinguishable.
 func tokenWithSecret(tx *bolt.Tx, id string, secretHash []byte) (TokenRecord, error) {
@@ -345,6 +327,12 @@ func tokenWithSecret(tx *bolt.Tx, id string, secretHash []byte) (TokenRecord, er
 	return rec, nil
 }
 
+// consume checks and consumes a token and allocates the serial of the certificate about to be
+// signed and the node's slices, inside tx (ConsumeAndIssue's transaction): a refusal (ErrZoneFull
+// included) rolls all of it back and leaves the token unused. Of any number of concurrent joins
+// with the same token, exactly one consumes it; the others get ErrTokenUsed (or, for the same
+// keys, the retry answer). The order of checks is fixed so that a caller without the right secret
+// learns nothing beyond ErrTokenUnknown.
 func consume(tx *bolt.Tx, req ConsumeRequest) (Consumed, error) {
 	rec, err := tokenWithSecret(tx, req.ID, req.SecretHash)
 	if err != nil {

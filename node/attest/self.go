@@ -59,7 +59,7 @@ func (a *Attester) VerifySelf(want Expected) (Process, error) {
 // taken again through the path.
 func (a *Attester) selfDigest() ([32]byte, bool, error) {
 	a.selfOnce.Do(func() {
-		if a.netlink { // the real /proc, not a test root
+		if a.pinned { // a proc file system, not a test root
 			// O_PATH: the descriptor only names the file, for fstat; it cannot read or run it.
 			a.selfFile, _ = os.OpenFile(a.selfExe, unix.O_PATH|unix.O_CLOEXEC, 0)
 		}
