@@ -79,6 +79,14 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 	// UTE_SIM_BENCH_GOROUTINES=PREFIX writes every goroutine's stack, grouped (pprof debug=1),
 	// to PREFIX.<unix seconds> every 10 s of the run: what the nodes wait on at each moment.
 	goroutineDump := os.Getenv("UTE_SIM_BENCH_GOROUTINES")
+	// UTE_SIM_BENCH_MUTEX=PREFIX samples contended locks (one in 20 contention events) and writes
+	// the cumulative mutex profile to PREFIX.<unix seconds> every 10 s: two files taken either side
+	// of the revocation, compared with `go tool pprof -base`, show which locks the spread waits on.
+	mutexProfile := os.Getenv("UTE_SIM_BENCH_MUTEX")
+	if mutexProfile != "" {
+		prev := runtime.SetMutexProfileFraction(20)
+		b.Cleanup(func() { runtime.SetMutexProfileFraction(prev) })
+	}
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			for b.Loop() {
@@ -100,6 +108,11 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 							profiled = ms.HeapInuse
 							if err := writeHeapProfile(heapProfile); err != nil {
 								b.Logf("heap profile: %v", err)
+							}
+						}
+						if mutexProfile != "" && tick%10 == 0 {
+							if err := writeProfile("mutex", fmt.Sprintf("%s.%d", mutexProfile, time.Now().Unix())); err != nil {
+								b.Logf("mutex profile: %v", err)
 							}
 						}
 						if goroutineDump != "" && tick%10 == 0 {
@@ -159,6 +172,19 @@ func writeHeapProfile(path string) error {
 	if err := pprof.WriteHeapProfile(f); err != nil {
 		f.Close()
 		return fmt.Errorf("heap profile: %w", err)
+	}
+	return f.Close()
+}
+
+// writeProfile writes the named runtime profile (pprof's binary format) to path.
+func writeProfile(name, path string) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return fmt.Errorf("%s profile: %w", name, err)
+	}
+	if err := pprof.Lookup(name).WriteTo(f, 0); err != nil {
+		f.Close()
+		return fmt.Errorf("%s profile: %w", name, err)
 	}
 	return f.Close()
 }

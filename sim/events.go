@@ -610,7 +610,11 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		done := frac >= 1 || el > limit || ctx.Err() != nil
 		if r.progress != nil && (el >= nextLine || done) {
 			nextLine = el.Truncate(time.Second) + time.Second
-			r.say("%s", r.spreadSnapshot().line(base, el, frac))
+			line := r.spreadSnapshot().line(base, el, frac)
+			if frac < 1 && len(members)-count <= 5 {
+				line += "; " + r.stragglerTunnels(members, have)
+			}
+			r.say("%s", line)
 		}
 		if done {
 			break
@@ -677,6 +681,40 @@ func (r *runner) stragglers(members []*simNode, have []bool) string {
 		out += fmt.Sprintf("; %s listed by %d of %d", name, known, len(members)-1)
 	}
 	return out
+}
+
+// stragglerTunnels names the members still without the record, each with the tunnels it holds
+// open and how many of those lead to a member that has the record: a straggler with no tunnel to
+// a holder waits for a gossip round's handshake, one with such a tunnel waits for a packet.
+func (r *runner) stragglerTunnels(members []*simNode, have []bool) string {
+	holds := make(map[string]bool, len(members))
+	for i, m := range members {
+		if have[i] {
+			holds[r.nodeID(m.name)] = true
+		}
+	}
+	var parts []string
+	for i, m := range members {
+		if have[i] {
+			continue
+		}
+		r.mu.RLock()
+		d := m.d
+		r.mu.RUnlock()
+		if d == nil || d.Node() == nil {
+			parts = append(parts, m.name+" (down)")
+			continue
+		}
+		open, toHolder := 0, 0
+		for _, t := range d.Node().Endpoint().Tunnels() {
+			open++
+			if holds[t.Peer().NodeID] {
+				toHolder++
+			}
+		}
+		parts = append(parts, fmt.Sprintf("%s (%d tunnels, %d to holders)", m.name, open, toHolder))
+	}
+	return "waiting: " + strings.Join(parts, ", ")
 }
 
 func (r *runner) fanout() int { return r.simTiming.GossipNodes }

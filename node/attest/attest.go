@@ -57,6 +57,9 @@ type Options struct {
 	// is open), before anything else of it is read: tests of the PID-reuse guard end or replace
 	// the process there.
 	between func(pid int)
+	// afterIDs runs when fingerprintAt has read the ids and not yet the executable: tests of the
+	// guard against ids read from a process that exited in between.
+	afterIDs func(pid int)
 }
 
 // Attester maps loopback connections to processes and fingerprints them. It is safe for
@@ -82,7 +85,11 @@ type Attester struct {
 	// its recent sockets, checked before a /proc scan; hintKeys bounds them, oldest first.
 	hints    map[string][]hint
 	hintKeys []string
-	scratch  sync.Pool // *scratch
+	// seen remembers, per socket inode, the process and descriptor a search saw it on while
+	// looking for another socket (bounded by maxSeen): see owner.
+	seen     map[uint64]seenSocket
+	scratch  sync.Pool     // *scratch
+	seenHits atomic.Uint64 // sockets found where seen said (tests)
 
 	scans atomic.Uint64
 
@@ -109,7 +116,7 @@ func New(opts Options) *Attester {
 	}
 	self := filepath.Join(opts.Proc, "self")
 	return &Attester{proc: opts.Proc, cache: newDigestCache(opts.CacheSize), opts: opts, netlink: netlink, pinned: isProcFS(opts.Proc),
-		hints: map[string][]hint{}, scratch: sync.Pool{New: func() any { return &scratch{dents: make([]byte, 16<<10)} }},
+		hints: map[string][]hint{}, seen: map[uint64]seenSocket{}, scratch: sync.Pool{New: func() any { return &scratch{dents: make([]byte, 16<<10)} }},
 		selfPID: os.Getpid(), selfDir: self, selfExe: filepath.Join(self, "exe")}
 }
 
@@ -134,6 +141,11 @@ type Expected struct {
 }
 
 // Process is an attested process.
+//
+// What a successful Verify or VerifyUDP returns holds only what the decision read: when the
+// executable and the ids alone give the enrolled digest (an agent enrolled without a cgroup: any
+// cgroup matches, as in Matches), Exe and Workload.Cgroup are left empty, since reading them
+// would change nothing; they are filled whenever the process was refused, and by Process.
 type Process struct {
 	PID      int
 	Exe      string // where /proc/<pid>/exe points (informational: a path can be swapped)
@@ -168,7 +180,7 @@ func (a *Attester) Verify(client, server netip.AddrPort, want Expected) (Process
 
 // verifyOwner finds the process holding s and checks it against want.
 func (a *Attester) verifyOwner(s sockInfo, want Expected) (Process, error) {
-	p, err := a.owner(s, string(want.Digest))
+	p, err := a.owner(s, want.Digest)
 	if err != nil {
 		return Process{}, err
 	}
@@ -335,7 +347,7 @@ func parseHexAddrPort(s string) (netip.AddrPort, error) {
 // OwnerProcess finds the process holding socket inode and fingerprints it. PIDs that owned
 // recent connections are tried first; a full scan of /proc follows.
 func (a *Attester) OwnerProcess(inode uint64) (Process, error) {
-	return a.owner(sockInfo{inode: inode}, "")
+	return a.owner(sockInfo{inode: inode}, nil)
 }
 
 // sockInfo is what the kernel says about a socket: its inode and, from sock_diag or
@@ -365,29 +377,60 @@ const (
 	maxHintFDs    = 8
 )
 
+// seenSocket is where a search saw a socket: the process and the descriptor.
+type seenSocket struct{ pid, fd int }
+
+// maxSeen bounds Attester.seen; when full it is emptied (an entry is only worth a readlink
+// saved, and a busy client's sockets live milliseconds).
+const maxSeen = 4096
+
 // scratch is the buffers one owner search reuses.
 type scratch struct {
 	link  [64]byte // a readlink of an fd: "socket:[N]" fits, anything longer is not it
 	dents []byte
 	names []string
 	fds   []int
+	// seen collects the other sockets (inode, descriptor) holdsAt read on its way.
+	seen []seenFD
 }
 
-// owner finds the process holding s and fingerprints it. key names the agent whose hints are
-// tried first (its enrolled digest; "" when the caller names none).
+// seenFD is a descriptor holdsAt found holding another socket than the one it looked for.
+type seenFD struct {
+	ino uint64
+	fd  int
+}
+
+// owner finds the process holding s and fingerprints it. want is the agent's enrolled digest
+// (nil when the caller names none): its hints are tried first, and a process whose executable
+// and ids already give it is not read further (fingerprintAt).
 //
-// Cost, in order: the agent's hinted processes, each checked on its hinted descriptor first,
+// Cost, in order: the process and descriptor an earlier search saw the socket on, that one
+// descriptor only; the agent's hinted processes, each checked on its hinted descriptors first,
 // then its other descriptors, newest first; then the processes running as the socket's uid
 // (its creator); then every other process. The last pass keeps a socket created before its
 // process changed uid, or held by a process whose /proc directory is root's (not dumpable),
 // attributable: a uid is only an ordering, never a reason to refuse.
-func (a *Attester) owner(s sockInfo, key string) (Process, error) {
+func (a *Attester) owner(s sockInfo, want []byte) (Process, error) {
+	key := string(want)
 	link := "socket:[" + strconv.FormatUint(s.inode, 10) + "]"
 	sc := a.scratch.Get().(*scratch)
 	defer a.scratch.Put(sc)
+	// A socket an earlier search saw (one of several a client opened at once, read while
+	// looking for a sibling) is tried on that descriptor alone first: one readlink where the
+	// hints and the listing cost a dozen when a client keeps many sockets coming and going. Like
+	// a hint, it only orders the search: the process must hold the socket now.
+	if e, ok := a.seenSocket(s.inode); ok {
+		if p, fd, held, err := a.attestHolder(e.pid, link, []int{e.fd}, true, want, sc); held {
+			if err == nil {
+				a.seenHits.Add(1)
+				a.hint(key, p.PID, fd)
+			}
+			return p, err
+		}
+	}
 	hints := a.hintsFor(key)
 	for _, h := range hints {
-		if p, fd, held, err := a.attestHolder(h.pid, link, h.fds, sc); held {
+		if p, fd, held, err := a.attestHolder(h.pid, link, h.fds, false, want, sc); held {
 			if err == nil {
 				a.hint(key, p.PID, fd)
 			}
@@ -410,11 +453,11 @@ func (a *Attester) owner(s sockInfo, key string) (Process, error) {
 			return Process{}, false, nil // gone
 		}
 		defer func() { _ = unix.Close(pidfd) }()
-		fd, ok := holdsAt(pidfd, link, nil, sc)
+		fd, ok := a.holds(pidfd, pid, link, nil, false, sc)
 		if !ok {
 			return Process{}, false, nil
 		}
-		p, fd, held, err := a.attestAt(pidfd, pid, link, []int{fd}, sc)
+		p, fd, held, err := a.attestAt(pidfd, pid, link, []int{fd}, false, want, sc)
 		if !held && err == nil {
 			err = fmt.Errorf("%w: pid %d let go of %s while being attested", ErrPIDReused, pid, link)
 		}
@@ -459,6 +502,34 @@ func (a *Attester) owner(s sockInfo, key string) (Process, error) {
 		}
 	}
 	return Process{}, fmt.Errorf("%w: no process holds %s (it may run as another user whose /proc/<pid>/fd this node cannot read)", ErrNoOwner, link)
+}
+
+// seenSocket returns where a search saw socket inode, if one did.
+func (a *Attester) seenSocket(inode uint64) (seenSocket, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	e, ok := a.seen[inode]
+	if ok {
+		delete(a.seen, inode) // tried once: whatever the outcome, the search below is authoritative
+	}
+	return e, ok
+}
+
+// holds is holdsAt for process pid, noting the other sockets it read on the way in a.seen.
+func (a *Attester) holds(pidfd, pid int, link string, hintFDs []int, exact bool, sc *scratch) (int, bool) {
+	sc.seen = sc.seen[:0]
+	fd, ok := holdsAt(pidfd, link, hintFDs, exact, sc)
+	if len(sc.seen) > 0 {
+		a.mu.Lock()
+		if len(a.seen)+len(sc.seen) > maxSeen {
+			clear(a.seen)
+		}
+		for _, s := range sc.seen {
+			a.seen[s.ino] = seenSocket{pid: pid, fd: s.fd}
+		}
+		a.mu.Unlock()
+	}
+	return fd, ok
 }
 
 // hintsFor returns a copy of key's hints.
@@ -509,11 +580,16 @@ func (a *Attester) hint(key string, pid, fd int) {
 // files, pipes, the accepted ends of its own servers) may be many: scanning from the highest
 // down cost 11 readlinks per new connection from a process holding a few dozen (the netns
 // benchmark's client, docs/benchmarks.md).
-func holdsAt(pidfd int, link string, hintFDs []int, sc *scratch) (int, bool) {
+//
+// With exact, only hintFDs are tried. Every other socket read on the way is appended to sc.seen.
+func holdsAt(pidfd int, link string, hintFDs []int, exact bool, sc *scratch) (int, bool) {
 	for _, fd := range hintFDs {
-		if fd >= 0 && linkIs(pidfd, "fd/"+strconv.Itoa(fd), sc.link[:], link) {
+		if fd >= 0 && sc.linkIs(pidfd, "fd/"+strconv.Itoa(fd), fd, link) {
 			return fd, true
 		}
+	}
+	if exact {
+		return -1, false
 	}
 	dir, err := openDir(pidfd, "fd")
 	if err != nil {
@@ -532,7 +608,7 @@ func holdsAt(pidfd int, link string, hintFDs []int, sc *scratch) (int, bool) {
 	}
 	orderCandidates(sc.fds, hintFDs)
 	for _, fd := range sc.fds {
-		if linkIs(dir, strconv.Itoa(fd), sc.link[:], link) {
+		if sc.linkIs(dir, strconv.Itoa(fd), fd, link) {
 			return fd, true
 		}
 	}
@@ -565,36 +641,37 @@ func abs(x int) int {
 }
 
 // attestHolder fingerprints pid if it holds link (held reports whether it does), trying the
-// descriptors hintFDs first; fd is the descriptor it holds link on.
-func (a *Attester) attestHolder(pid int, link string, hintFDs []int, sc *scratch) (p Process, fd int, held bool, err error) {
+// descriptors hintFDs first (only them with exact); fd is the descriptor it holds link on. want
+// is as for owner.
+func (a *Attester) attestHolder(pid int, link string, hintFDs []int, exact bool, want []byte, sc *scratch) (p Process, fd int, held bool, err error) {
 	pidfd, err := openDir(unix.AT_FDCWD, filepath.Join(a.proc, strconv.Itoa(pid)))
 	if err != nil {
 		return Process{}, -1, false, nil // gone: not the holder
 	}
 	defer func() { _ = unix.Close(pidfd) }()
-	return a.attestAt(pidfd, pid, link, hintFDs, sc)
+	return a.attestAt(pidfd, pid, link, hintFDs, exact, want, sc)
 }
 
 // attestAt is attestHolder on an open /proc/<pid> directory: the socket is confirmed held, then
-// the executable, ids and cgroup are read, all through the directory. On a proc file system the
-// directory pins the process (Attester.pinned), so what was read is the holder's. On any other
-// root the start time is read first and last: if both agree, the process that holds the socket
-// is the one that was read.
-func (a *Attester) attestAt(pidfd, pid int, link string, hintFDs []int, sc *scratch) (p Process, fd int, held bool, err error) {
+// the executable and ids (and, unless they give want, the executable's path and the cgroup) are
+// read, all through the directory. On a proc file system the directory pins the process
+// (Attester.pinned), so what was read is the holder's. On any other root the start time is read
+// first and last: if both agree, the process that holds the socket is the one that was read.
+func (a *Attester) attestAt(pidfd, pid int, link string, hintFDs []int, exact bool, want []byte, sc *scratch) (p Process, fd int, held bool, err error) {
 	var start uint64
 	if !a.pinned {
 		if start, err = startTimeAt(pidfd); err != nil {
 			return Process{}, -1, false, nil // gone: not the holder
 		}
 	}
-	fd, ok := holdsAt(pidfd, link, hintFDs, sc)
+	fd, ok := a.holds(pidfd, pid, link, hintFDs, exact, sc)
 	if !ok {
 		return Process{}, -1, false, nil
 	}
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
-	if p, err = a.fingerprintAt(pidfd, pid); err != nil {
+	if p, err = a.fingerprintAt(pidfd, pid, want); err != nil {
 		return Process{}, fd, true, err
 	}
 	if err := a.sameProcess(pidfd, pid, start); err != nil {
@@ -638,7 +715,7 @@ func (a *Attester) Process(pid int) (Process, error) {
 	if a.opts.between != nil {
 		a.opts.between(pid)
 	}
-	p, err := a.fingerprintAt(pidfd, pid)
+	p, err := a.fingerprintAt(pidfd, pid, nil)
 	if err != nil {
 		return Process{}, err
 	}
@@ -650,7 +727,35 @@ func (a *Attester) Process(pid int) (Process, error) {
 
 // fingerprintAt reads the workload of the process whose /proc directory is open as pidfd: what
 // identity.ProcWorkload reads (status ids, cgroup), with the executable's digest from the cache.
-func (a *Attester) fingerprintAt(pidfd, pid int) (Process, error) {
+//
+// With want (an enrolled digest) the ids and the executable come first (idsAt: on a proc file
+// system one fstat of the directory), and if they alone give want the process matches whatever
+// its cgroup (Process.Matches accepts the fingerprint with the cgroup left out), so neither the
+// cgroup nor the executable's path is read: on a cache hit a new flow's fingerprint is two
+// system calls where it was ten (a readlink and a stat of exe; an open, two reads and a close of
+// status, and the same of cgroup), for nothing the decision uses. The ids are read before the
+// executable, whose read fails for a process that has exited: ids read from an exited process
+// (which idsAt cannot tell) are never used (TestExitAfterIDsIsNotRoot). An agent enrolled with a cgroup has a digest that includes it,
+// never equal to the one without, so its processes always have their cgroup read and compared
+// below; so has every refused process, whose path and cgroup the audit and the reason name.
+func (a *Attester) fingerprintAt(pidfd, pid int, want []byte) (Process, error) {
+	if want != nil {
+		uid, gid, err := a.idsAt(pidfd)
+		if err != nil {
+			return Process{}, fmt.Errorf("%w: pid %d: %w", ErrUnreadable, pid, err)
+		}
+		if a.opts.afterIDs != nil {
+			a.opts.afterIDs(pid)
+		}
+		digest, cached, err := a.cache.digestAt(pidfd, "exe")
+		if err != nil {
+			return Process{}, fmt.Errorf("%w: pid %d executable: %w", ErrUnreadable, pid, err)
+		}
+		w := identity.Workload{ExeDigest: digest, UID: uid, GID: gid}
+		if d := w.Digest(); bytes.Equal(d[:], want) {
+			return Process{PID: pid, Cached: cached, Workload: w}, nil
+		}
+	}
 	var buf [4096]byte
 	exe := ""
 	if n, err := unix.Readlinkat(pidfd, "exe", buf[:]); err == nil {

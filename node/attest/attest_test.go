@@ -26,8 +26,18 @@ import (
 // connection until its stdin closes: the "other process" of the attestation tests.
 const helperEnv = "UTE_ATTEST_HELPER_CONNECT"
 
+// helperNoDumpEnv makes the helper process non-dumpable before it connects: the state in which
+// the files of its /proc directory turn to root.
+const helperNoDumpEnv = "UTE_ATTEST_HELPER_NODUMP"
+
 func TestMain(m *testing.M) {
 	if addr := os.Getenv(helperEnv); addr != "" {
+		if os.Getenv(helperNoDumpEnv) != "" {
+			if err := unix.Prctl(unix.PR_SET_DUMPABLE, 0, 0, 0, 0); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+				os.Exit(2)
+			}
+		}
 		c, err := net.Dial("tcp", addr)
 		if err != nil {
 			fmt.Fprintln(os.Stderr, err)
@@ -146,6 +156,46 @@ func TestVerifyRefusesOtherUID(t *testing.T) {
 	assert.Contains(t, err.Error(), "uid")
 }
 
+// Attacker side: the enrolled executable run with something else that the fingerprint names (the
+// enrolment's cgroup, uid or gid) is refused, also once the process is hinted and its digest
+// cached by an accepted flow, and never by the quick path that skips the cgroup for an agent
+// enrolled without one. Each refusal must come from reading and comparing that field: a success
+// path that skipped one would accept its case here.
+func TestVerifyChecksEveryEnrolledField(t *testing.T) {
+	own, err := identity.WorkloadOfPID(os.Getpid())
+	require.NoError(t, err)
+	c, srv := loopbackPair(t)
+	client := addrOf(c)
+	a := New(Options{})
+	expect := func(w identity.Workload) Expected {
+		d := w.Digest()
+		return Expected{Digest: d[:], UID: w.UID, GID: w.GID, Exe: "enrolled"}
+	}
+	noCgroup := own
+	noCgroup.Cgroup = ""
+	p, err := a.Verify(client, srv, expect(noCgroup))
+	require.NoError(t, err, "enrolled by executable, any cgroup")
+	assert.Empty(t, p.Workload.Cgroup, "the cgroup decides nothing for this agent: not read")
+	p, err = a.Verify(client, srv, expect(own))
+	require.NoError(t, err, "enrolled with its own cgroup")
+	assert.Equal(t, own.Cgroup, p.Workload.Cgroup)
+	require.Positive(t, a.Stats().Hits, "the cases below run on a cached digest")
+
+	otherCgroup, otherUID, otherGID := own, noCgroup, noCgroup
+	otherCgroup.Cgroup = own.Cgroup + "/elsewhere"
+	otherUID.UID++
+	otherGID.GID++
+	for name, w := range map[string]identity.Workload{"cgroup": otherCgroup, "uid": otherUID, "gid": otherGID} {
+		p, err := a.Verify(client, srv, expect(w))
+		require.ErrorIs(t, err, ErrMismatch, "enrolled with another %s", name)
+		assert.Equal(t, os.Getpid(), p.PID)
+		assert.Equal(t, own, p.Workload, "a refused process is read whole")
+		assert.NotEmpty(t, p.Exe, "the audit names the refused process's executable")
+	}
+	_, err = a.Verify(client, srv, expect(noCgroup))
+	require.NoError(t, err, "and the enrolled workload still passes")
+}
+
 func TestVerifyClosedConnectionHasNoOwner(t *testing.T) {
 	c, srv := loopbackPair(t)
 	local := addrOf(c)
@@ -259,9 +309,21 @@ func TestOwnerFromFakeProc(t *testing.T) {
 	require.NoError(t, err)
 	d := w.Digest()
 	want.Digest = d[:]
-	p, err := a.Verify(netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.1:1080"), want)
+	client, server := netip.MustParseAddrPort("127.0.0.1:40000"), netip.MustParseAddrPort("127.0.0.1:1080")
+	p, err := a.Verify(client, server, want)
 	require.NoError(t, err)
 	assert.Equal(t, 321, p.PID)
+	// Enrolled without a cgroup: the executable and ids decided, the cgroup and the path were
+	// not read.
+	assert.Empty(t, p.Workload.Cgroup)
+	assert.Empty(t, p.Exe)
+
+	// Enrolled with the process's cgroup: read, and the match is the exact digest.
+	w.Cgroup = "/user.slice"
+	d = w.Digest()
+	want.Digest = d[:]
+	p, err = a.Verify(client, server, want)
+	require.NoError(t, err)
 	assert.Equal(t, "/user.slice", p.Workload.Cgroup)
 }
 
@@ -369,12 +431,11 @@ func FuzzParseDiagReply(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) { _, _ = parseDiagReply(b) })
 }
 
-// Attacker side: the enrolled executable, run by another user, is refused, and the reason names
-// the uid. Needs root to start a process as another user.
-func TestVerifyRefusesEnrolledExecutableAsOtherUser(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to run a process as another user; TestVerifyRefusesOtherUID covers the comparison")
-	}
+// startHelperAs runs a copy of the test binary (same bytes: same executable digest) as uid:gid,
+// connected to a fresh listener and holding the connection, non-dumpable if noDump. It returns
+// the helper's pid, its client address and the listener's address. Needs root.
+func startHelperAs(t *testing.T, uid, gid uint32, noDump bool) (int, netip.AddrPort, netip.AddrPort) {
+	t.Helper()
 	exe, err := os.Executable()
 	require.NoError(t, err)
 	b, err := os.ReadFile(exe)
@@ -384,15 +445,18 @@ func TestVerifyRefusesEnrolledExecutableAsOtherUser(t *testing.T) {
 	t.Cleanup(func() { _ = os.RemoveAll(dir) })
 	require.NoError(t, os.Chmod(dir, 0o755))
 	same := filepath.Join(dir, "agent")
-	require.NoError(t, os.WriteFile(same, b, 0o755)) // same bytes: same executable digest
+	require.NoError(t, os.WriteFile(same, b, 0o755))
 
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
-	defer func() { _ = ln.Close() }()
+	t.Cleanup(func() { _ = ln.Close() })
 	cmd := exec.Command(same, "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"="+ln.Addr().String())
+	if noDump {
+		cmd.Env = append(cmd.Env, helperNoDumpEnv+"=1")
+	}
 	cmd.Dir = dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: 65534, Gid: 65534}}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uid, Gid: gid}}
 	stdin, err := cmd.StdinPipe()
 	require.NoError(t, err)
 	out, err := cmd.StdoutPipe()
@@ -400,13 +464,92 @@ func TestVerifyRefusesEnrolledExecutableAsOtherUser(t *testing.T) {
 	require.NoError(t, cmd.Start())
 	t.Cleanup(func() { _ = stdin.Close(); _ = cmd.Wait() })
 	line, err := bufio.NewReader(out).ReadString('\n')
-	require.NoError(t, err, "helper running as nobody did not connect")
+	require.NoError(t, err, "helper running as %d:%d did not connect", uid, gid)
 	s, err := ln.Accept()
 	require.NoError(t, err)
-	defer func() { _ = s.Close() }()
+	t.Cleanup(func() { _ = s.Close() })
+	return cmd.Process.Pid, netip.MustParseAddrPort(strings.TrimSpace(line)), netip.MustParseAddrPort(ln.Addr().String())
+}
 
-	p, err := New(Options{}).Verify(netip.MustParseAddrPort(strings.TrimSpace(line)), netip.MustParseAddrPort(ln.Addr().String()), selfExpected(t))
+// Attacker side: the enrolled executable, run by another user, is refused, and the reason names
+// the uid. Needs root to start a process as another user.
+func TestVerifyRefusesEnrolledExecutableAsOtherUser(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a process as another user; TestVerifyRefusesOtherUID covers the comparison")
+	}
+	_, client, server := startHelperAs(t, 65534, 65534, false)
+	p, err := New(Options{}).Verify(client, server, selfExpected(t))
 	require.ErrorIs(t, err, ErrMismatch)
 	assert.Equal(t, uint32(65534), p.Workload.UID)
 	assert.Contains(t, err.Error(), "uid 65534")
+}
+
+// The quick path reads a process's ids from the owner of its /proc directory (idsAt). That must
+// be its effective uid and gid, as status says, also for a process that is not dumpable (whose
+// files in /proc turn to root): attacker side, such a process of another user running the
+// enrolled executable is still refused for its uid, and the same process is accepted for the
+// agent enrolled with its own ids. Needs root.
+func TestProcDirectoryOwnerIsEffectiveIDs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a process as another user")
+	}
+	pid, client, server := startHelperAs(t, 65534, 65533, true)
+	procDir := filepath.Join("/proc", strconv.Itoa(pid))
+	st, err := os.Stat(filepath.Join(procDir, "status"))
+	require.NoError(t, err)
+	require.Equal(t, uint32(0), st.Sys().(*syscall.Stat_t).Uid, "the helper is not dumpable: its files are root's")
+	want, err := identity.ProcWorkload(procDir, [32]byte{})
+	require.NoError(t, err)
+	require.Equal(t, [2]uint32{65534, 65533}, [2]uint32{want.UID, want.GID}, "status")
+
+	a := New(Options{})
+	require.True(t, a.pinned)
+	fd, err := openDir(unix.AT_FDCWD, procDir)
+	require.NoError(t, err)
+	defer func() { _ = unix.Close(fd) }()
+	uid, gid, err := a.idsAt(fd)
+	require.NoError(t, err)
+	assert.Equal(t, [2]uint32{65534, 65533}, [2]uint32{uid, gid}, "the directory's owner")
+
+	_, err = a.Verify(client, server, selfExpected(t)) // the executable enrolled for root
+	require.ErrorIs(t, err, ErrMismatch)
+	exe, err := os.Executable()
+	require.NoError(t, err)
+	w, err := identity.WorkloadOfExe(exe, 65534, 65533)
+	require.NoError(t, err)
+	d := w.Digest()
+	p, err := a.Verify(client, server, Expected{Digest: d[:], UID: 65534, GID: 65533})
+	require.NoError(t, err)
+	assert.Equal(t, pid, p.PID)
+	assert.Empty(t, p.Workload.Cgroup, "decided by the executable and the ids")
+}
+
+// Attacker side: a process of another user, running the executable enrolled for root, exits
+// after its ids were read from its /proc directory and before its executable was: the
+// directory of an exited process says root, and read in the other order those ids would have
+// matched the root enrolment. It must be refused as unreadable. Needs root.
+func TestExitAfterIDsIsNotRoot(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to run a process as another user")
+	}
+	pid, client, server := startHelperAs(t, 65534, 65534, false)
+	proc, err := os.FindProcess(pid)
+	require.NoError(t, err)
+	exited := false
+	a := New(Options{afterIDs: func(p int) {
+		if p != pid {
+			return
+		}
+		require.NoError(t, proc.Kill())
+		// Reaped here (startHelperAs's cleanup then finds nothing to wait for): a zombie's
+		// directory still says its ids; only a process gone for good says root.
+		_, _ = proc.Wait()
+		exited = true
+	}})
+	root := selfExpected(t) // this binary's bytes, enrolled for root (the test runs as root)
+	require.Equal(t, uint32(0), root.UID)
+	p, err := a.Verify(client, server, root)
+	require.True(t, exited, "the hook ran")
+	require.Error(t, err, "accepted as %+v", p.Workload)
+	assert.ErrorIs(t, err, ErrUnreadable)
 }

@@ -19,7 +19,8 @@ func benchConn(b *testing.B) (netip.AddrPort, netip.AddrPort) {
 
 // BenchmarkVerifyCacheHit is the cost a new flow through the TUN interface pays once the agent's
 // executable is known and its PID is among the hints: a sock_diag lookup on the interface's open
-// sockets, fd check, fstat, status, cgroup, two stat reads.
+// sockets (a send and a receive), the open of the process's /proc directory, the fd check (a
+// readlink), its ids (an fstat of the directory) and the executable's key (a stat), and a close.
 func BenchmarkVerifyCacheHit(b *testing.B) {
 	client, srv := benchConn(b)
 	want := selfExpected(b)

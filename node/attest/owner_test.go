@@ -2,12 +2,14 @@ package attest
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -66,6 +68,48 @@ func TestStaleHintNeverAttributes(t *testing.T) {
 	assert.Equal(t, scans+1, a.Stats().Scans, "the hinted process did not hold it: a scan found the holder")
 }
 
+// A socket that a search read while looking for another one is found on that descriptor first,
+// with neither hints nor a listing; and attacker side, a stale entry (another process, a
+// descriptor that holds something else) never attributes: the search goes on to the holder.
+func TestSeenSocketIsTriedFirstAndNeverAttributes(t *testing.T) {
+	want := selfExpected(t)
+	a := New(Options{})
+	first, srv1 := loopbackPair(t)
+	second, srv2 := loopbackPair(t) // a higher descriptor: the scan (highest first) reads it first
+	_, err := a.Verify(addrOf(first), srv1, want)
+	require.NoError(t, err)
+	s2, err := a.socket(addrOf(second), srv2)
+	require.NoError(t, err)
+	e, ok := a.seen[s2.inode]
+	require.True(t, ok, "the search for the first socket read the second")
+	assert.Equal(t, os.Getpid(), e.pid)
+	p, err := a.Verify(addrOf(second), srv2, want)
+	require.NoError(t, err)
+	assert.Equal(t, os.Getpid(), p.PID)
+	assert.Equal(t, uint64(1), a.seenHits.Load())
+	_, again := a.seen[s2.inode]
+	assert.False(t, again, "an entry is tried once")
+
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ln.Close() })
+	pid, client := startHelper(t, modifiedCopy(t), ln)
+	server := netip.MustParseAddrPort(ln.Addr().String())
+	hs, err := a.socket(client, server)
+	require.NoError(t, err)
+	rc, err := first.(*net.TCPConn).SyscallConn()
+	require.NoError(t, err)
+	var ourFD int
+	require.NoError(t, rc.Control(func(fd uintptr) { ourFD = int(fd) }))
+	a.mu.Lock()
+	a.seen[hs.inode] = seenSocket{pid: os.Getpid(), fd: ourFD} // names this process, the enrolled one
+	a.mu.Unlock()
+	p, err = a.Verify(client, server, want)
+	require.ErrorIs(t, err, ErrMismatch)
+	assert.Equal(t, pid, p.PID)
+	assert.Equal(t, uint64(1), a.seenHits.Load())
+}
+
 // The socket's uid orders the scan and never refuses: a socket whose recorded uid differs from
 // its holder's (created before a setuid, or a process whose /proc directory is root's) is still
 // found, after the processes of that uid.
@@ -77,7 +121,7 @@ func TestSocketUIDOrdersTheScanOnly(t *testing.T) {
 	require.True(t, s.hasUID, "sock_diag reports the uid")
 	assert.Equal(t, uint32(os.Geteuid()), s.uid)
 	for _, uid := range []uint32{s.uid, s.uid + 1} {
-		p, err := New(Options{}).owner(sockInfo{inode: s.inode, uid: uid, hasUID: true}, "")
+		p, err := New(Options{}).owner(sockInfo{inode: s.inode, uid: uid, hasUID: true}, nil)
 		require.NoError(t, err, "uid %d", uid)
 		assert.Equal(t, os.Getpid(), p.PID)
 	}
@@ -157,6 +201,8 @@ var procCases = []procCase{
 	{"1 (x) S 1 2", "Uid:\t0\n", ""},
 	{"no parenthesis", "Gid:\t1\t2\nUid:\tx\ty\n", "garbage"},
 	{"1 (x) S 1 1 1 0 -1 4194304 0 0 0 0 0 0 0 0 20 0 1 0 -5 0 0", "Uid:\t1\t2\r\nGid:\t3\t4\r\nUid:\t9\t9\n", "\n\n0::/\n"},
+	// Gid before Uid, and a second Gid line: the first of each counts.
+	{"1 (x) S", "Name:\tx\nGid:\t5\t6\t5\t5\nUid:\t1\t2\t1\t1\nGid:\t7\t7\n", "0::/\n"},
 }
 
 // writeProcCase writes c as dir's stat, status and cgroup.
@@ -179,6 +225,13 @@ func checkProcAgreement(t testing.TB, dir string) {
 	got, gerr := workloadAt(fd, digest)
 	require.Equal(t, werr == nil, gerr == nil, "identity: %v; attest: %v", werr, gerr)
 	assert.Equal(t, want, got)
+	// The ids of the quick path: from status on a test root, from the directory's owner on a
+	// proc file system.
+	uid, gid, ierr := (&Attester{pinned: isProcFS(dir)}).idsAt(fd)
+	require.Equal(t, werr == nil, ierr == nil, "identity: %v; idsAt: %v", werr, ierr)
+	if werr == nil {
+		assert.Equal(t, [2]uint32{want.UID, want.GID}, [2]uint32{uid, gid}, "idsAt")
+	}
 	wantStart, werr := identity.ProcStartTime(dir)
 	gotStart, gerr := startTimeAt(fd)
 	require.Equal(t, werr == nil, gerr == nil, "identity: %v; attest: %v", werr, gerr)
@@ -246,4 +299,32 @@ func TestVerifySelf(t *testing.T) {
 	_, err = a.VerifySelf(Expected{Digest: d[:], UID: w.UID, GID: w.GID, Exe: exe})
 	require.ErrorIs(t, err, ErrMismatch)
 	assert.Contains(t, err.Error(), "enrolled for uid")
+}
+
+// socketInode reads what a descriptor's link says; only "socket:[N]" with N a decimal inode is a
+// socket (a file's path is absolute, other kinds are "pipe:[N]", "anon_inode:...").
+func FuzzSocketInode(f *testing.F) {
+	for _, s := range []string{"socket:[4191601]", "socket:[]", "socket:[12", "pipe:[5]", "/tmp/socket:[5]", "socket:[18446744073709551616]", "net:[4026531833]"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		ino, ok := socketInode(b)
+		if !ok {
+			return
+		}
+		require.True(t, bytes.HasPrefix(b, []byte("socket:[")) && bytes.HasSuffix(b, []byte("]")), "%q", b)
+		got, err := strconv.ParseUint(string(b[len("socket:["):len(b)-1]), 10, 64)
+		require.NoError(t, err)
+		require.Equal(t, got, ino)
+	})
+}
+
+func TestSocketInode(t *testing.T) {
+	ino, ok := socketInode([]byte("socket:[4191601]"))
+	require.True(t, ok)
+	assert.Equal(t, uint64(4191601), ino)
+	for _, s := range []string{"socket:[]", "socket:[12", "pipe:[5]", "/tmp/socket:[5]", "socket:[18446744073709551616]", "socket:[-1]"} {
+		_, ok := socketInode([]byte(s))
+		assert.False(t, ok, s)
+	}
 }

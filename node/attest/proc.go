@@ -1,7 +1,9 @@
 package attest
 
 import (
+	"bytes"
 	"fmt"
+	"strconv"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -65,16 +67,73 @@ func readAt(dirfd int, name string, limit int64) ([]byte, error) {
 	}
 }
 
-// linkIs reads the link name relative to dirfd into buf and reports whether it is want;
-// no allocation, one system call.
-func linkIs(dirfd int, name string, buf []byte, want string) bool {
+// idsAt returns the effective uid and gid of the process whose /proc directory is open as pidfd,
+// as identity.ParseProcWorkload reads them from its status file.
+//
+// On a proc file system (pinned) they are the owner of the directory itself: the kernel gives
+// /proc/<pid> the effective uid and gid of the process whatever its dumpable state (fs/proc/base.c,
+// task_dump_owner: "the only way to read the effective uid of a process was to stat /proc/pid",
+// kept for every world-readable process directory; the files inside, status among them, turn to
+// root for a process that is not dumpable, the directory does not). One fstat of the open
+// directory instead of an open, a read and a close of status, which the kernel formats in full
+// (about 1.4 KB) for the two numbers. TestProcDirectoryOwnerIsEffectiveIDs checks that on the
+// running kernel, a non-dumpable process of another user included.
+//
+// The directory of a process that has exited says root (the kernel cannot ask the task any more)
+// instead of failing: the caller reads the executable after the ids, which fails for an exited
+// (or zombie) process, so ids read from an exited process are never used.
+func (a *Attester) idsAt(pidfd int) (uid, gid uint32, err error) {
+	if a.pinned {
+		var st unix.Stat_t
+		if err := unix.Fstat(pidfd, &st); err != nil {
+			return 0, 0, fmt.Errorf("stat: %w", err)
+		}
+		return st.Uid, st.Gid, nil
+	}
+	status, err := readAt(pidfd, "status", maxProcFile)
+	if err != nil {
+		return 0, 0, err
+	}
+	w, err := identity.ParseProcWorkload(status, nil, [32]byte{})
+	if err != nil {
+		return 0, 0, err
+	}
+	return w.UID, w.GID, nil
+}
+
+// linkIs reads the link name (descriptor fd) relative to dirfd into sc.link and reports
+// whether it is want; no allocation, one system call. Another socket's link is noted in sc.seen.
+func (sc *scratch) linkIs(dirfd int, name string, fd int, want string) bool {
 	for {
-		n, err := unix.Readlinkat(dirfd, name, buf)
+		n, err := unix.Readlinkat(dirfd, name, sc.link[:])
 		if err == unix.EINTR {
 			continue
 		}
-		return err == nil && n < len(buf) && string(buf[:n]) == want
+		if err != nil || n >= len(sc.link) {
+			return false
+		}
+		if string(sc.link[:n]) == want {
+			return true
+		}
+		if ino, ok := socketInode(sc.link[:n]); ok {
+			sc.seen = append(sc.seen, seenFD{ino: ino, fd: fd})
+		}
+		return false
 	}
+}
+
+// socketInode parses a descriptor's link "socket:[N]".
+func socketInode(b []byte) (uint64, bool) {
+	rest, ok := bytes.CutPrefix(b, []byte("socket:["))
+	if !ok {
+		return 0, false
+	}
+	digits, ok := bytes.CutSuffix(rest, []byte("]"))
+	if !ok || len(digits) == 0 {
+		return 0, false
+	}
+	v, err := strconv.ParseUint(string(digits), 10, 64)
+	return v, err == nil
 }
 
 // listDir returns the names in the directory open as fd (rewound first), reusing buf.

@@ -66,6 +66,10 @@ type Options struct {
 	WireGuard WireGuardOptions
 	// TUN configures the kernel TUN interface (Config.Interface tun; tun.go).
 	TUN TUNOptions
+
+	// anchors overrides anchorsPerPool (tests; < 0: none); meshTunnels overrides meshTunnels
+	// (tests; < 0: never hold a pool's tunnels across probe rounds).
+	anchors, meshTunnels int
 }
 
 // Daemon is a running node with its gossip, authority watch, local API and metrics.
@@ -108,6 +112,10 @@ type Daemon struct {
 	// idle is the gossip tunnels' idle policy (idle.go), installed as soon as the node opens (a
 	// tunnel accepted before that takes it at its first idle check).
 	idle atomic.Pointer[idlePolicy]
+	// anchors is the gossip anchors of every pool (anchors.go); anchorDials the dials to them in
+	// flight (under mu).
+	anchors     atomic.Pointer[anchorSet]
+	anchorDials map[string]bool
 }
 
 type closer interface{ Close() error }

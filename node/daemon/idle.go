@@ -48,11 +48,14 @@ func fixedIdle(g config.Gossip) time.Duration {
 	return g.TunnelIdle
 }
 
-// tunnelIdle is the endpoint's idle policy (tunnel.Endpoint.SetGossipIdlePolicy): the pool's
-// round-covering timeout while the node's pools are small enough, the configured one otherwise
-// and for zones without a pool. It runs on tunnels' timer goroutines, so it only loads the
+// tunnelIdle is the endpoint's idle policy (tunnel.Endpoint.SetGossipIdlePolicy): off for the
+// pool's anchors, the pool's round-covering timeout while the node's pools are small enough, the
+// configured one otherwise and for zones without a pool. It runs on tunnels' timer goroutines, so it only loads the
 // snapshot updateIdle stores.
-func (d *Daemon) tunnelIdle(zone, _ string) time.Duration {
+func (d *Daemon) tunnelIdle(zone, peer string) time.Duration {
+	if d.anchored(zone, peer) {
+		return -1 // held (anchors.go)
+	}
 	p := d.idle.Load()
 	if v, ok := p.pools[zone]; ok {
 		return v
@@ -76,7 +79,11 @@ func (d *Daemon) updateIdle(members map[string]int) {
 		held += max(n-1, 0)
 	}
 	next := idlePolicy{fixed: fixed, pools: map[string]time.Duration{}}
-	if fixed > 0 && held <= meshTunnels {
+	mesh := meshTunnels
+	if d.opts.meshTunnels != 0 {
+		mesh = d.opts.meshTunnels
+	}
+	if fixed > 0 && held <= mesh {
 		for z, n := range members {
 			next.pools[z] = roundIdle(fixed, probe, n)
 		}

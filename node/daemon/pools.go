@@ -153,6 +153,7 @@ func (d *Daemon) poolLoop() {
 			d.syncMembers()
 		case <-tick.C:
 			d.syncMembers()
+			d.keepAnchors()
 			reconnect := time.Since(reconnected) >= reconnectEvery
 			if reconnect {
 				reconnected = time.Now()
@@ -186,14 +187,13 @@ func (d *Daemon) joinPools(reconnect bool) (failed bool) {
 	var zones []string
 	known := map[string]map[string]bool{} // zone -> member node IDs, for pools that have members
 	for _, z := range p.m.Zones() {
-		ms := p.m.Members(z)
 		switch {
-		case len(ms) <= 1:
+		case p.m.NumMembers(z) <= 1:
 			zones = append(zones, z)
 		case reconnect:
 			zones = append(zones, z)
 			known[z] = map[string]bool{}
-			for _, m := range ms {
+			for m := range p.m.EachMember(z) {
 				known[z][m.NodeID] = true
 			}
 		}
@@ -271,7 +271,7 @@ func (d *Daemon) syncMembers() {
 	}
 	self := d.node.ID().String()
 	for _, z := range p.m.Zones() {
-		for _, m := range p.m.Members(z) {
+		for m := range p.m.EachMember(z) {
 			if m.NodeID == self || !m.Addr.IsValid() {
 				continue
 			}
@@ -302,7 +302,7 @@ func (d *Daemon) syncGauges() {
 	}
 	members := map[string]int{}
 	for _, z := range p.m.Zones() {
-		members[z] = len(p.m.Members(z))
+		members[z] = p.m.NumMembers(z)
 		d.metrics.SetGossipMembers(z, members[z])
 		d.metrics.SetTunnels(z, tunnels[z])
 	}
@@ -373,10 +373,8 @@ func (d *Daemon) resolve(nodeID string) (netip.AddrPort, bool) {
 	d.mu.Unlock()
 	if p != nil {
 		for _, z := range p.m.Zones() {
-			for _, m := range p.m.Members(z) {
-				if m.NodeID == nodeID && m.Addr.IsValid() {
-					return m.Addr, true
-				}
+			if m, ok := p.m.LookupMember(z, nodeID); ok && m.Addr.IsValid() {
+				return m.Addr, true
 			}
 		}
 	}

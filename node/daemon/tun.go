@@ -316,13 +316,14 @@ func (t *tunIface) inbound(proto string, ta *tunAgent, c net.Conn, srcPort uint1
 		_ = c.Close()
 		return
 	}
-	t.st.Splice(proto, lc, c, func() {
-		t.mu.Lock()
-		if t.whois[key] == p {
-			delete(t.whois, key)
-		}
-		t.mu.Unlock()
-	})
+	// This goroutine is the flow's already (acceptStreams or acceptPackets started it, t.wg
+	// counts it): the splice runs on it rather than on one more.
+	t.st.SpliceHere(proto, lc, c)
+	t.mu.Lock()
+	if t.whois[key] == p {
+		delete(t.whois, key)
+	}
+	t.mu.Unlock()
 }
 
 // originating notes a flow from src being originated to a local program.

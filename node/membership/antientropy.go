@@ -138,7 +138,7 @@ func (p *pool) memberFrom(n *memberlist.Node) Member {
 	mem := Member{NodeID: n.Name, State: stateName(memberlist.StateAlive)}
 	p.mu.Lock()
 	if known, ok := p.members[n.Name]; ok {
-		mem = known
+		mem = known.Member
 	}
 	p.mu.Unlock()
 	return mem

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"iter"
 	"log/slog"
 	"math/rand/v2"
 	"net"
@@ -411,20 +412,71 @@ func (m *Membership) Publish(raw []byte, zones ...string) error {
 // Memberlist.Members returns are mutated under that lock afterwards); memberlist raises no event
 // for suspicion, so State is "alive" for every listed member, and an address a live member
 // changes without a new incarnation's metadata is not seen until it leaves and rejoins.
+//
+// The slice is the caller's own copy. Callers that only read the members, and call often, use
+// EachMember, NumMembers or LookupMember instead, which copy nothing: at 1,000 members a copy is
+// 64 KiB, and the daemon's loops and the record rounds made one per call (docs/benchmarks.md,
+// "member snapshots").
 func (m *Membership) Members(zone string) []Member {
 	p, err := m.pool(zone)
 	if err != nil {
 		return nil
 	}
-	p.mu.Lock()
-	out := make([]Member, 0, len(p.members))
-	for _, mem := range p.members {
-		out = append(out, mem)
+	snap := p.snapshot()
+	out := make([]Member, 0, len(snap))
+	for _, mem := range snap {
+		if !m.revoked(mem.NodeID) {
+			out = append(out, mem)
+		}
 	}
-	p.mu.Unlock()
-	out = slices.DeleteFunc(out, func(mem Member) bool { return m.checkName(mem.NodeID) != nil })
-	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.NodeID, b.NodeID) })
 	return out
+}
+
+// EachMember yields the members Members returns, in the same order, without copying the list:
+// the pool's shared snapshot is read as it stood when the iteration began (a change made meanwhile
+// is seen by the next call). The yielded values are copies; nothing a caller does with them
+// reaches the pool.
+func (m *Membership) EachMember(zone string) iter.Seq[Member] {
+	return func(yield func(Member) bool) {
+		p, err := m.pool(zone)
+		if err != nil {
+			return
+		}
+		for _, mem := range p.snapshot() {
+			if !m.revoked(mem.NodeID) && !yield(mem) {
+				return
+			}
+		}
+	}
+}
+
+// NumMembers is len(Members(zone)) without the copy.
+func (m *Membership) NumMembers(zone string) int {
+	p, err := m.pool(zone)
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, mem := range p.snapshot() {
+		if !m.revoked(mem.NodeID) {
+			n++
+		}
+	}
+	return n
+}
+
+// LookupMember returns zone's member nodeID as Members lists it, and whether it is listed.
+func (m *Membership) LookupMember(zone, nodeID string) (Member, bool) {
+	p, err := m.pool(zone)
+	if err != nil {
+		return Member{}, false
+	}
+	snap := p.snapshot()
+	i, ok := slices.BinarySearchFunc(snap, nodeID, func(mem Member, id string) int { return strings.Compare(mem.NodeID, id) })
+	if !ok || m.revoked(nodeID) {
+		return Member{}, false
+	}
+	return snap[i], true
 }
 
 func stateName(s memberlist.NodeStateType) string {
@@ -484,6 +536,18 @@ func (m *Membership) Close() error {
 
 // checkName admits a member name only if it is a node of this trust domain and not revoked.
 func (m *Membership) checkName(name string) error {
+	if err := m.checkNode(name); err != nil {
+		return err
+	}
+	if m.revoked(name) {
+		return fmt.Errorf("%w: %q", ErrRevokedMember, name)
+	}
+	return nil
+}
+
+// checkNode is the part of checkName that depends on the name alone, so that its answer for a
+// name never changes: whether it is a node SPIFFE ID of this trust domain.
+func (m *Membership) checkNode(name string) error {
 	id, err := identity.ParseID(name)
 	if err != nil {
 		return fmt.Errorf("%w: %q: %w", ErrName, name, err)
@@ -491,10 +555,14 @@ func (m *Membership) checkName(name string) error {
 	if id.Kind != identity.KindNode || id.TrustDomain != m.td {
 		return fmt.Errorf("%w: %q", ErrName, name)
 	}
-	if m.cfg.Revoked != nil && m.cfg.Revoked(name) {
-		return fmt.Errorf("%w: %q", ErrRevokedMember, name)
-	}
 	return nil
+}
+
+// revoked is the part of checkName that changes over time, with no event here: a revocation
+// reaches the node's set (Config.Revoked) by records, the authority or a local TrustFlow
+// isolation. So readers of a member snapshot ask it on every read.
+func (m *Membership) revoked(name string) bool {
+	return m.cfg.Revoked != nil && m.cfg.Revoked(name)
 }
 
 func key(zone string, raw []byte) seenKey {
@@ -665,8 +733,55 @@ type pool struct {
 	syncing atomic.Bool // a record sync push is under way
 
 	mu      sync.Mutex
-	members map[string]Member  // from memberlist's events
-	failed  map[Seed]time.Time // seeds whose last join dial failed, and when (join.go)
+	members map[string]memberEntry // from memberlist's events
+	failed  map[Seed]time.Time     // seeds whose last join dial failed, and when (join.go)
+	// ver counts the changes to members. snap is the sorted snapshot of members as of snapVer
+	// (see snapshot); it is stale when snapVer != ver.
+	ver, snapVer uint64
+	snap         []Member
+}
+
+// memberEntry is a member as memberlist's events last described it, and whether its name is a
+// node of this trust domain (checkNode, asked once, when the name first appears: the answer
+// depends on the name alone).
+type memberEntry struct {
+	Member
+	node bool
+}
+
+// snapshot returns the pool's members whose names are nodes of this trust domain, sorted by node
+// ID, revoked ones included: a revocation changes nothing here, so every reader filters with
+// Membership.revoked. It is built on the first read after a change to the members (a join, a
+// leave or death, a new address) and then shared by every reader until the next change, so that
+// the daemon's loops and each gossip round stop copying, re-parsing and sorting 1,000 members per
+// call. It is never written after it is built: READ ONLY for every caller, which must neither
+// write to it nor keep an element's address. Its capacity is its length, so an append by mistake
+// copies instead of writing into another reader's view. Building it on read rather than on each
+// event keeps discovery, which raises an event per member, O(n) per event as before.
+func (p *pool) snapshot() []Member {
+	p.mu.Lock()
+	if p.snap != nil && p.snapVer == p.ver {
+		s := p.snap
+		p.mu.Unlock()
+		return s
+	}
+	ver := p.ver
+	out := make([]Member, 0, len(p.members))
+	for _, e := range p.members {
+		if e.node {
+			out = append(out, e.Member)
+		}
+	}
+	p.mu.Unlock()
+	// Sorted outside the lock: memberlist's event callbacks take it under memberlist's own.
+	slices.SortFunc(out, func(a, b Member) int { return strings.Compare(a.NodeID, b.NodeID) })
+	out = slices.Clip(out)
+	p.mu.Lock()
+	if p.ver == ver {
+		p.snap, p.snapVer = out, ver
+	}
+	p.mu.Unlock()
+	return out
 }
 
 func (m *Membership) newPool(zone string) (*pool, error) {
@@ -680,7 +795,7 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 	if err != nil {
 		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)
 	}
-	p := &pool{m: m, zone: zone, tr: tr, members: map[string]Member{}, failed: map[Seed]time.Time{}}
+	p := &pool{m: m, zone: zone, tr: tr, members: map[string]memberEntry{}, failed: map[Seed]time.Time{}}
 
 	t := m.cfg.Timing
 	conf := memberlist.DefaultLANConfig()
@@ -742,6 +857,11 @@ func (p *pool) pump(ctx context.Context) {
 			case <-p.queued:
 			}
 		}
+		if ctx.Err() != nil {
+			// Stopped: no round after the stop, even with records queued (benchmarks stop the
+			// pump to plan rounds themselves).
+			return
+		}
 		p.gossipRound()
 		t.Reset(every)
 		select {
@@ -760,52 +880,70 @@ func (p *pool) pump(ctx context.Context) {
 // record still jumps to random members. A packet counts against the record's retransmissions
 // only once the transport handed it to a tunnel (recordQueue).
 func (p *pool) gossipRound() {
-	self := p.m.cfg.NodeID
-	var others []Member
-	for _, mem := range p.m.Members(p.zone) {
-		if mem.NodeID != self && mem.Addr.IsValid() {
-			others = append(others, mem)
-		}
-	}
-	limit := retransmitLimit(p.m.cfg.Timing.RetransmitMult, p.numNodes())
-	plan := p.recs.round(others, limit, p.m.cfg.Timing.GossipNodes, p.pick)
-	for _, s := range plan {
+	for _, s := range p.planRound() {
 		p.tr.SendPacket(userMessage(s.rec.msg), s.member.Addr, s.member.NodeID, func(sent bool) { p.recs.done(s, sent) })
 	}
 }
 
+// planRound plans a gossip round (see gossipRound) without sending anything. It hands the round
+// the pool's shared snapshot and the few members to leave out of it (this node, members without
+// an address, revoked ones) rather than a filtered copy of the members.
+func (p *pool) planRound() []send {
+	self := p.m.cfg.NodeID
+	snap := p.snapshot()
+	skip := []string{self}
+	for _, mem := range snap {
+		if mem.NodeID != self && (!mem.Addr.IsValid() || p.m.revoked(mem.NodeID)) {
+			skip = append(skip, mem.NodeID)
+		}
+	}
+	limit := retransmitLimit(p.m.cfg.Timing.RetransmitMult, p.numNodes())
+	return p.recs.round(snap, skip, limit, p.m.cfg.Timing.GossipNodes, p.pick)
+}
+
 // pick chooses k of cands: up to k−1 with a live tunnel, the rest at random, none that the
-// transport holds back after a failed dial (a packet to it would be dropped unsent).
+// transport holds back after a failed dial (a packet to it would be dropped unsent). It draws
+// candidates one at a time (a Fisher–Yates shuffle stopped early) and asks the transport and the
+// endpoint only about the ones drawn: a round at 1,000 members looks at a few dozen of them, not
+// all (every look takes a lock), and the choice has the distribution of a full shuffle. It
+// reorders cands.
 func (p *pool) pick(cands []Member, k int) []Member {
+	return pickMembers(cands, k, p.tr.Held, func(id string) bool {
+		_, ok := p.m.cfg.Endpoint.LiveTunnel(id, p.zone)
+		return ok
+	})
+}
+
+// pickMembers is pick with the transport's and the endpoint's answers as functions.
+func pickMembers(cands []Member, k int, held, live func(nodeID string) bool) []Member {
 	if k <= 0 {
 		return nil
 	}
-	cands = slices.DeleteFunc(cands, func(c Member) bool { return p.tr.Held(c.NodeID) })
-	if len(cands) == 0 {
-		return nil
-	}
-	rand.Shuffle(len(cands), func(i, j int) { cands[i], cands[j] = cands[j], cands[i] })
-	if len(cands) <= k {
-		return cands
-	}
 	out := make([]Member, 0, k)
-	taken := make([]bool, len(cands))
-	for i, c := range cands {
-		if len(out) >= k-1 {
+	var rest []Member // drawn, not held, not taken for a live tunnel: the random part, in order
+	for i := range cands {
+		if len(out) >= k-1 && len(out)+len(rest) >= k {
 			break
 		}
-		if _, ok := p.m.cfg.Endpoint.LiveTunnel(c.NodeID, p.zone); ok {
+		j := i + rand.IntN(len(cands)-i)
+		cands[i], cands[j] = cands[j], cands[i]
+		c := cands[i]
+		if held(c.NodeID) {
+			continue
+		}
+		if len(out) < k-1 && live(c.NodeID) {
 			out = append(out, c)
-			taken[i] = true
+			continue
+		}
+		if len(rest) < k {
+			rest = append(rest, c)
 		}
 	}
-	for i, c := range cands {
+	for _, c := range rest {
 		if len(out) >= k {
 			break
 		}
-		if !taken[i] {
-			out = append(out, c)
-		}
+		out = append(out, c)
 	}
 	return out
 }
@@ -854,8 +992,8 @@ func (p *pool) spread(raw []byte, origin bool) bool {
 	if !origin {
 		return false
 	}
-	for _, mem := range p.m.Members(p.zone) {
-		if mem.NodeID != p.m.cfg.NodeID {
+	for _, mem := range p.snapshot() {
+		if mem.NodeID != p.m.cfg.NodeID && !p.m.revoked(mem.NodeID) {
 			p.m.spawnPush(p.zone, mem, raw)
 		}
 	}
@@ -873,8 +1011,8 @@ func (p *pool) spread(raw []byte, origin bool) bool {
 // retransmissions, which stay for the random members.
 func (p *pool) sendOpen(rec *outRecord) {
 	pkt := userMessage(rec.msg)
-	for _, mem := range p.m.Members(p.zone) {
-		if mem.NodeID == p.m.cfg.NodeID || !mem.Addr.IsValid() {
+	for _, mem := range p.snapshot() {
+		if mem.NodeID == p.m.cfg.NodeID || !mem.Addr.IsValid() || p.m.revoked(mem.NodeID) {
 			continue
 		}
 		if _, ok := p.m.cfg.Endpoint.LiveTunnel(mem.NodeID, p.zone); !ok {
@@ -972,7 +1110,10 @@ func (p *pool) NotifyUpdate(n *memberlist.Node) { p.setMember(n) }
 func (p *pool) NotifyLeave(n *memberlist.Node) {
 	p.mu.Lock()
 	_, had := p.members[n.Name]
-	delete(p.members, n.Name)
+	if had {
+		delete(p.members, n.Name)
+		p.ver++
+	}
 	p.mu.Unlock()
 	if had {
 		p.m.notifyChanged()
@@ -984,9 +1125,17 @@ func (p *pool) setMember(n *memberlist.Node) {
 	mem := Member{NodeID: n.Name, Addr: netip.AddrPortFrom(addr.Unmap(), n.Port), State: stateName(memberlist.StateAlive)}
 	p.mu.Lock()
 	old, had := p.members[n.Name]
-	p.members[n.Name] = mem
+	changed := !had || old.Member != mem
+	if changed {
+		node := old.node
+		if !had {
+			node = p.m.checkNode(n.Name) == nil
+		}
+		p.members[n.Name] = memberEntry{Member: mem, node: node}
+		p.ver++
+	}
 	p.mu.Unlock()
-	if !had || old != mem {
+	if changed {
 		p.m.notifyChanged()
 	}
 }

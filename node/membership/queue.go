@@ -2,6 +2,7 @@ package membership
 
 import (
 	"math"
+	"slices"
 	"sync"
 )
 
@@ -18,6 +19,10 @@ import (
 type recordQueue struct {
 	mu   sync.Mutex
 	recs []*outRecord
+	// cands is round's working list of one record's candidates, which pick may reorder and
+	// shorten; it is reused from record to record and round to round while records are queued,
+	// and dropped when the queue empties, so that a pool at rest holds no copy of its members.
+	cands []Member
 }
 
 type outRecord struct {
@@ -82,21 +87,24 @@ type send struct {
 }
 
 // round plans one gossip round: for each queued record, up to fanout members it has not been
-// handed to yet, chosen by pick from the candidates. It drops records that are done: delivered
-// limit times, dropped limit·maxTriesMult times, or sent to every member. The caller sends the
-// packets and reports each one's fate with done.
-func (q *recordQueue) round(members []Member, limit, fanout int, pick func(cands []Member, k int) []Member) []send {
+// handed to yet, chosen by pick from the candidates: members except those named in skip. It drops
+// records that are done: delivered limit times, dropped limit·maxTriesMult times, or sent to every
+// member. The caller sends the packets and reports each one's fate with done. members is only
+// read (it is the pool's shared snapshot); pick gets a scratch list it may reorder, valid until it
+// returns.
+func (q *recordQueue) round(members []Member, skip []string, limit, fanout int, pick func(cands []Member, k int) []Member) []send {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	var out []send
 	keep := q.recs[:0]
 	for _, r := range q.recs {
-		var cands []Member
+		cands := q.cands[:0]
 		for _, m := range members {
-			if !r.to[m.NodeID] {
+			if !r.to[m.NodeID] && !slices.Contains(skip, m.NodeID) {
 				cands = append(cands, m)
 			}
 		}
+		q.cands = cands
 		if r.delivered >= limit || r.tries >= limit*maxTriesMult || (len(cands) == 0 && r.inflight == 0) {
 			continue
 		}
@@ -111,6 +119,11 @@ func (q *recordQueue) round(members []Member, limit, fanout int, pick func(cands
 	}
 	clear(q.recs[len(keep):])
 	q.recs = keep
+	if len(keep) == 0 {
+		q.cands = nil
+	} else {
+		clear(q.cands[:cap(q.cands)]) // no departed member kept alive between rounds
+	}
 	return out
 }
 

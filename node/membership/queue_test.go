@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -201,36 +202,48 @@ func TestRecordQueue(t *testing.T) {
 	first := func(c []Member, k int) []Member { return c[:min(k, len(c))] }
 	var q recordQueue
 	q.add([]byte("r"))
-	plan := q.round(members, 3, 2, first)
+	plan := q.round(members, nil, 3, 2, first)
 	require.Len(t, plan, 2)
 	assert.Equal(t, "a", plan[0].member.NodeID)
 	q.done(plan[0], true)
 	q.done(plan[1], false) // b's packet dropped here
-	plan = q.round(members, 3, 2, first)
+	plan = q.round(members, nil, 3, 2, first)
 	require.Len(t, plan, 2)
 	assert.Equal(t, []string{"b", "c"}, []string{plan[0].member.NodeID, plan[1].member.NodeID}, "a has it; b may be tried again")
 	q.done(plan[0], true)
 	// One in flight (c) and two delivered: the budget of 3 is covered, nothing new is planned.
-	assert.Empty(t, q.round(members, 3, 2, first))
+	assert.Empty(t, q.round(members, nil, 3, 2, first))
 	q.done(plan[1], true)
-	assert.Empty(t, q.round(members, 3, 2, first))
+	assert.Empty(t, q.round(members, nil, 3, 2, first))
 	assert.Zero(t, q.len(), "delivered 3 times: done")
 
 	q.add([]byte("s"))
 	for range 2 * maxTriesMult {
-		for _, s := range q.round(members, 2, 1, first) {
+		for _, s := range q.round(members, nil, 2, 1, first) {
 			q.done(s, false)
 		}
 	}
-	assert.Empty(t, q.round(members, 2, 1, first))
+	assert.Empty(t, q.round(members, nil, 2, 1, first))
 	assert.Zero(t, q.len(), "dropped limit·maxTriesMult times: given up")
 
 	q.add([]byte("t"))
-	for _, s := range q.round(members[:1], 9, 3, first) {
+	for _, s := range q.round(members[:1], nil, 9, 3, first) {
 		q.done(s, true)
 	}
-	assert.Empty(t, q.round(members[:1], 9, 3, first))
+	assert.Empty(t, q.round(members[:1], nil, 9, 3, first))
 	assert.Zero(t, q.len(), "every member has it: done below the limit")
+
+	// Members named in skip (this node, revoked ones) are never candidates, and the members
+	// passed in (the pool's shared snapshot) are left as they were.
+	q.add([]byte("u"))
+	shared := slices.Clone(members)
+	plan = q.round(shared, []string{"a", "c"}, 9, 3, func(c []Member, k int) []Member {
+		slices.Reverse(c) // pick may reorder its scratch list
+		return c[:min(k, len(c))]
+	})
+	require.Len(t, plan, 2)
+	assert.Equal(t, []string{"d", "b"}, []string{plan[0].member.NodeID, plan[1].member.NodeID})
+	assert.Equal(t, members, shared)
 }
 
 // TestProbeAckSyncsRecords: a member that missed every gossip copy of a record (its transport was

@@ -8,8 +8,8 @@ import "time"
 // random members), so if every tunnel stayed up on keep-alives every pair of nodes that ever
 // gossiped would hold one: a full mesh of n(n−1)/2 tunnels, each holding QUIC state, session
 // caches and several goroutines at both ends. A tunnel with no agent flow and no control stream
-// open that has carried nothing for Limits.GossipIdleTimeout is closed; the next gossip message
-// or flow dials again. Keep-alives do not count as use. A flow that is open, however silent,
+// open that has carried nothing for Limits.GossipIdleTimeout is closed by the end that dialed
+// it (see idleTimeout); the next gossip message or flow dials again. Keep-alives do not count as use. A flow that is open, however silent,
 // keeps its tunnel (a packet flow until it is closed, a stream flow until its FlowConn is closed
 // or reset), and so does an open control stream (a push/pull, a WireGuard admission stream).
 // The timeout can be set per tunnel (SetGossipIdlePolicy): a pool small enough to hold a tunnel
@@ -101,8 +101,16 @@ func (e *Endpoint) RecheckIdle() {
 // idleOffRecheck is how often a tunnel whose idle close is off asks again whether it still is.
 const idleOffRecheck = defaultGossipIdle
 
-// idleTimeout is t's idle timeout now (≤ 0: off).
+// idleTimeout is t's idle timeout now (≤ 0: off). Only the end that dialed a tunnel closes it
+// for idleness (as only it sends QUIC's keep-alives): the accepting end keeps it until the
+// dialer closes it, QUIC's idle timeout ends it (the dialer vanished), or the node closes it
+// (revocation, leave, shutdown). So a node that chooses to hold a tunnel it dialed (the daemon's
+// gossip anchors) holds it at both ends, and a tunnel is never closed and re-dialed because the
+// two ends' policies disagreed. Traffic either way counts as use at the dialing end.
 func (e *Endpoint) idleTimeout(t *Tunnel) time.Duration {
+	if !t.outbound {
+		return 0
+	}
 	if p := e.idlePolicy.Load(); p != nil {
 		return (*p)(t.zone, t.peer.NodeID)
 	}

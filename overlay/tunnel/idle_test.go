@@ -262,3 +262,37 @@ func TestRecheckIdleAppliesShortenedPolicy(t *testing.T) {
 		t.Fatal("the recheck did not apply the shortened timeout")
 	}
 }
+
+// Only the end that dialed a tunnel closes it for idleness: an accepting end with a short
+// timeout keeps a silent tunnel the dialer holds (a node's gossip anchors are held at both ends
+// this way), and the dialer's own timeout still closes it at both ends.
+func TestOnlyTheDialerClosesIdle(t *testing.T) {
+	const idle = 200 * time.Millisecond
+	a, b, tun, _ := idleNodes(t, idle)
+	var hold atomic.Bool
+	hold.Store(true)
+	a.ep.SetGossipIdlePolicy(func(string, string) time.Duration {
+		if hold.Load() {
+			return -1
+		}
+		return idle
+	})
+	b.ep.SetGossipIdlePolicy(func(string, string) time.Duration { return idle })
+	tun = redial(t, a, b, tun)
+
+	time.Sleep(6 * idle)
+	require.True(t, tun.Alive(), "the accepting end closed a tunnel its dialer holds")
+	require.Len(t, b.ep.Tunnels(), 1)
+	assert.Zero(t, a.ep.Stats().TunnelsIdleClosed+b.ep.Stats().TunnelsIdleClosed)
+
+	hold.Store(false)
+	a.ep.RecheckIdle()
+	select {
+	case <-tun.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("the dialer's timeout did not close the silent tunnel")
+	}
+	require.Eventually(t, func() bool { return len(b.ep.Tunnels()) == 0 }, 2*time.Second, 10*time.Millisecond)
+	assert.Equal(t, uint64(1), a.ep.Stats().TunnelsIdleClosed)
+	assert.Zero(t, b.ep.Stats().TunnelsIdleClosed, "the accepting end never closes for idleness")
+}

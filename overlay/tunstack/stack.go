@@ -236,16 +236,25 @@ func (st *Stack) Stats() Stats {
 
 // spawn runs f on a goroutine Close waits for; false once the stack is closing.
 func (st *Stack) spawn(f func()) bool {
+	if !st.enter() {
+		return false
+	}
+	go func() {
+		defer st.wg.Done()
+		f()
+	}()
+	return true
+}
+
+// enter counts a goroutine that is already running (one gVisor started, or the caller's) as one
+// Close waits for; false once the stack is closing. The caller calls st.wg.Done when it is done.
+func (st *Stack) enter() bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if st.closed {
 		return false
 	}
 	st.wg.Add(1)
-	go func() {
-		defer st.wg.Done()
-		f()
-	}()
 	return true
 }
 
@@ -406,12 +415,17 @@ func fullAddr(ap netip.AddrPort) (tcpip.FullAddress, tcpip.NetworkProtocolNumber
 	return tcpip.FullAddress{NIC: nicID, Addr: tcpip.AddrFromSlice(a.AsSlice()), Port: ap.Port()}, pn
 }
 
-// handleTCP runs on a goroutine the forwarder starts per SYN. The Handler is asked before the
-// handshake completes, so a refused connection is reset and the local program's connect fails.
+// handleTCP runs on a goroutine the forwarder starts per SYN, and the connection's whole life
+// runs on it (Close waits for it): starting another one for the same work was one more goroutine
+// and scheduler hand-off per new connection. The Handler is asked before the handshake
+// completes, so a refused connection is reset and the local program's connect fails.
 func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
-	if !st.spawn(func() { st.forwardTCP(r) }) {
+	if !st.enter() {
 		r.Complete(true)
+		return
 	}
+	defer st.wg.Done()
+	st.forwardTCP(r)
 }
 
 func (st *Stack) forwardTCP(r *tcp.ForwarderRequest) {
@@ -440,20 +454,18 @@ func (st *Stack) forwardTCP(r *tcp.ForwarderRequest) {
 
 // splice copies both ways until both directions end, half-closing where both sides can, and
 // closes both conns. It returns when the stack closes, too.
+//
+// One direction runs on the calling goroutine and one on a new goroutine, and the stack's end
+// closes both conns through context.AfterFunc: per connection, one goroutine where there were
+// three (a watcher and two copiers), each a start and a scheduler hand-off on the path of a new
+// connection.
 func (st *Stack) splice(a, b net.Conn) {
-	done := make(chan struct{})
-	go func() {
-		select {
-		case <-st.ctx.Done():
-		case <-done:
-		}
+	closeBoth := func() {
 		_ = a.Close()
 		_ = b.Close()
-	}()
-	defer close(done)
-	var wg sync.WaitGroup
+	}
+	stop := context.AfterFunc(st.ctx, closeBoth)
 	one := func(dst, src net.Conn) {
-		defer wg.Done()
 		buf := st.copyBufs.Get().(*[]byte)
 		_, err := io.CopyBuffer(dst, src, *buf)
 		st.copyBufs.Put(buf)
@@ -462,13 +474,14 @@ func (st *Stack) splice(a, b net.Conn) {
 			return
 		}
 		// No half-close on this side, or an error: end the flow both ways.
-		_ = a.Close()
-		_ = b.Close()
+		closeBoth()
 	}
-	wg.Add(2)
-	go one(a, b)
-	go one(b, a)
-	wg.Wait()
+	done := make(chan struct{})
+	go func() { defer close(done); one(a, b) }()
+	one(b, a)
+	<-done
+	stop()
+	closeBoth()
 }
 
 // handleUDP runs synchronously in the stack's packet path for a datagram that matches no
@@ -613,6 +626,25 @@ func (st *Stack) DialFrom(ctx context.Context, proto string, src, dst netip.Addr
 		return c, nil
 	}
 	return nil, fmt.Errorf("%w: %q", ErrProto, proto)
+}
+
+// SpliceHere is Splice on the calling goroutine: it returns once both directions have ended (or
+// the stack closed), and Close waits for it like for its own goroutines. A caller that has a
+// goroutine per flow anyway (the daemon's inbound flows) saves a goroutine start and a hand-off
+// per connection. False, with both conns closed at once, when the stack is closing.
+func (st *Stack) SpliceHere(proto string, local, overlay net.Conn) bool {
+	if !st.enter() {
+		_ = local.Close()
+		_ = overlay.Close()
+		return false
+	}
+	defer st.wg.Done()
+	if proto == UDP {
+		st.spliceUDP(local, overlay)
+	} else {
+		st.splice(local, overlay)
+	}
+	return true
 }
 
 // Splice copies between an inbound overlay flow and the conn DialFrom returned until both end

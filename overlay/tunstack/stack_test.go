@@ -445,3 +445,42 @@ func TestNewRefusesBadMTU(t *testing.T) {
 	_, err := New(nil, 100, &handler{}, nil)
 	require.Error(t, err)
 }
+
+// SpliceHere copies both ways on the caller's goroutine until the stack closes, which ends it;
+// once closed it refuses at once and closes both conns.
+func TestSpliceHereEndsWithTheStack(t *testing.T) {
+	k := newKernel(t)
+	st, err := New(k.dev, mtu, &handler{}, nil)
+	require.NoError(t, err)
+	local, localPeer := net.Pipe()
+	overlay, overlayPeer := net.Pipe()
+	returned := make(chan bool, 1)
+	go func() { returned <- st.SpliceHere(TCP, local, overlay) }()
+	go func() { _, _ = localPeer.Write([]byte("ping")) }()
+	b := make([]byte, 4)
+	_, err = io.ReadFull(overlayPeer, b)
+	require.NoError(t, err)
+	assert.Equal(t, "ping", string(b))
+	go func() { _, _ = overlayPeer.Write([]byte("pong")) }()
+	_, err = io.ReadFull(localPeer, b)
+	require.NoError(t, err)
+	assert.Equal(t, "pong", string(b))
+
+	require.NoError(t, st.Close())
+	select {
+	case ok := <-returned:
+		assert.True(t, ok)
+	case <-time.After(5 * time.Second):
+		t.Fatal("the stack's Close did not end the splice on the caller's goroutine")
+	}
+	_, err = localPeer.Read(b)
+	require.Error(t, err, "the local conn was closed")
+
+	l2, l2Peer := net.Pipe()
+	o2, o2Peer := net.Pipe()
+	require.False(t, st.SpliceHere(TCP, l2, o2))
+	_, err = l2Peer.Write([]byte("x"))
+	require.ErrorIs(t, err, io.ErrClosedPipe)
+	_, err = o2Peer.Write([]byte("x"))
+	require.ErrorIs(t, err, io.ErrClosedPipe)
+}
