@@ -103,6 +103,18 @@ func TestAnchorTunnelsOutliveTheIdleClose(t *testing.T) {
 		return id != "" && id != first && liveTo(a, id) != nil
 	}, 20*time.Second, 20*time.Millisecond, "a replaced the anchor that left and holds a tunnel to the new one")
 	assert.False(t, a.anchored("payments", first))
+
+	// The attacker's side: an anchor that is revoked keeps no held tunnel and is never dialed
+	// again as an anchor (a revoked node must not be able to count on a's idle exemption).
+	second := anchorOf(a)
+	_, err := ta.RevokeSubject(context.Background(), second, "compromised host")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return a.Store().Revoked(second) }, 5*time.Second, 5*time.Millisecond)
+	require.Eventually(t, func() bool {
+		return !a.anchored("payments", second) && liveTo(a, second) == nil
+	}, 20*time.Second, 20*time.Millisecond, "a dropped the revoked anchor and its tunnel")
+	assert.Never(t, func() bool { return liveTo(a, second) != nil || a.anchored("payments", second) }, 6*time.Second, 50*time.Millisecond,
+		"a re-anchored or re-dialed the revoked node over a pool-loop tick")
 }
 
 // Without anchors the same pool holds no tunnel for long: the test above would fail there.

@@ -6,14 +6,11 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"runtime"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/require"
 	"golang.org/x/sys/unix"
-
-	"github.com/ute-project/ute/overlay/tundev"
 )
 
 // sinkHandler admits every flow to a loopback TCP sink that sends one byte and reads to the end.
@@ -72,21 +69,7 @@ func BenchmarkKernelTUNConnect(b *testing.B) {
 
 	for _, dir := range []string{"out", "in"} {
 		b.Run(dir, func(b *testing.B) {
-			done := make(chan any, 1)
-			go func() {
-				// The thread is never unlocked: the runtime discards it, and with it the namespace.
-				runtime.LockOSThread()
-				defer func() { done <- recover() }()
-				require.NoError(b, unix.Unshare(unix.CLONE_NEWNET))
-				dev, err := tundev.Open(context.Background(), tundev.Config{Name: "utecps0", MTU: DefaultMTU,
-					Addrs:  []netip.Prefix{netip.PrefixFrom(agentA, 32)},
-					Routes: []netip.Prefix{netip.PrefixFrom(remote, 24).Masked()}}, nil)
-				require.NoError(b, err)
-				defer func() { _ = dev.Close() }()
-				st, err := New(dev.TUN(), DefaultMTU, sinkHandler{sink.Addr().String()}, nil)
-				require.NoError(b, err)
-				defer func() { _ = st.Close() }()
-				st.SetLocal([]netip.Addr{agentA})
+			inTUNNamespace(b, "utecps0", sinkHandler{sink.Addr().String()}, func(st *Stack) {
 
 				var one func() error
 				if dir == "out" {
@@ -129,10 +112,7 @@ func BenchmarkKernelTUNConnect(b *testing.B) {
 				}
 				b.StopTimer()
 				b.ReportMetric(float64((processCPU(b)-cpu0).Microseconds())/float64(b.N), "cpu-µs/conn")
-			}()
-			if p := <-done; p != nil {
-				panic(p)
-			}
+			})
 		})
 	}
 }

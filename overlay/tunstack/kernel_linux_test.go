@@ -26,21 +26,7 @@ func TestLargeUDPThroughKernelTUN(t *testing.T) {
 		t.Skip("needs root to create a network namespace and a TUN interface")
 	}
 	tun := overlayEcho(t) // its QUIC sockets stay in this namespace
-	done := make(chan any, 1)
-	go func() {
-		// The thread is never unlocked: the runtime discards it, and with it the namespace.
-		runtime.LockOSThread()
-		defer func() { done <- recover() }()
-		require.NoError(t, unix.Unshare(unix.CLONE_NEWNET))
-		dev, err := tundev.Open(context.Background(), tundev.Config{Name: "utebig0", MTU: DefaultMTU,
-			Addrs:  []netip.Prefix{netip.PrefixFrom(agentA, 32)},
-			Routes: []netip.Prefix{netip.PrefixFrom(remote, 24).Masked()}}, nil)
-		require.NoError(t, err)
-		defer dev.Close()
-		st, err := New(dev.TUN(), DefaultMTU, overlayHandler{tun}, nil)
-		require.NoError(t, err)
-		defer func() { assert.NoError(t, st.Close()) }()
-		st.SetLocal([]netip.Addr{agentA})
+	inTUNNamespace(t, "utebig0", overlayHandler{tun}, func(st *Stack) {
 
 		// Created on this thread, so in the new namespace.
 		uc, err := net.DialUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(agentA, 5000)),
@@ -73,8 +59,48 @@ func TestLargeUDPThroughKernelTUN(t *testing.T) {
 		require.NoError(t, uc.SetReadDeadline(time.Now().Add(200*time.Millisecond)))
 		_, err = uc.Read(buf)
 		require.Error(t, err, "nothing came back")
+	})
+}
+
+// inTUNNamespace runs body on a thread of its own in a fresh network namespace (root only), with
+// a kernel TUN interface name holding agentA and routing remote's /24, and a Stack on it with
+// handler h and agentA local. Sockets body opens on its thread are in the namespace. The thread
+// is never unlocked: the runtime discards it, and with it the namespace. A failure in body (a
+// require's Goexit or a panic) is carried back to the caller's goroutine.
+func inTUNNamespace(tb testing.TB, name string, h Handler, body func(st *Stack)) {
+	tb.Helper()
+	// finished is false when body or the setup stopped early: a failed require (already reported,
+	// carried on with FailNow) or a panic (carried on as one).
+	type outcome struct {
+		finished bool
+		panicked any
+	}
+	done := make(chan outcome, 1)
+	go func() {
+		runtime.LockOSThread()
+		var out outcome
+		defer func() {
+			out.panicked = recover()
+			done <- out
+		}()
+		require.NoError(tb, unix.Unshare(unix.CLONE_NEWNET))
+		dev, err := tundev.Open(context.Background(), tundev.Config{Name: name, MTU: DefaultMTU,
+			Addrs:  []netip.Prefix{netip.PrefixFrom(agentA, 32)},
+			Routes: []netip.Prefix{netip.PrefixFrom(remote, 24).Masked()}}, nil)
+		require.NoError(tb, err)
+		defer func() { _ = dev.Close() }()
+		st, err := New(dev.TUN(), DefaultMTU, h, nil)
+		require.NoError(tb, err)
+		defer func() { assert.NoError(tb, st.Close()) }()
+		st.SetLocal([]netip.Addr{agentA})
+		body(st)
+		out.finished = true
 	}()
-	if p := <-done; p != nil {
-		panic(p)
+	out := <-done
+	if out.panicked != nil {
+		panic(out.panicked)
+	}
+	if !out.finished {
+		tb.FailNow()
 	}
 }
