@@ -25,17 +25,17 @@ import (
 // which makes more gossip and more dials. Serving the newest keeps the dials that are served
 // on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
 //
-// The queue is bounded (maxWaiting): a waiter pushed below the newest maxWaiting is refused at
-// once (shed), with its retries on the same context, as its deadline would have refused it
-// later. Unbounded, a 1,000-node spread kept ~16,000 dials waiting, each a goroutine and a
-// deadline timer, and the runtime's passes over the timer heap took 27 % of its CPU.
+// The queue can be bounded (maxWaiting, UTE_SIM_GATE_WAITING): a waiter pushed below the newest
+// maxWaiting is then refused at once (shed), with its retries on the same context. Unbounded by
+// default: at 32 waiters per slot a 1,000-node discovery took 16.5 minutes against 1.5–2 before
+// (docs/simulator.md).
 type dialGate struct {
 	minLeft time.Duration
 	// setup, while set, refuses at once the background dials of gossip packets (see
 	// dropsAtSetup): a staggered start's discovery goes by joins and push/pull only.
 	setup atomic.Bool
 
-	// maxWaiting bounds the waiters; the oldest beyond it is shed.
+	// maxWaiting, when positive, bounds the waiters; the oldest beyond it is shed.
 	maxWaiting int
 
 	mu      sync.Mutex
@@ -62,10 +62,10 @@ type gateWaiter struct {
 }
 
 // newDialGate returns a gate of slots handshakes at once that keeps at most waitPerSlot × slots
-// dials waiting.
+// dials waiting, or any number when waitPerSlot is 0.
 func newDialGate(slots, waitPerSlot int, minLeft time.Duration) *dialGate {
 	slots = max(slots, 1)
-	return &dialGate{free: slots, slots: slots, maxWaiting: slots * max(waitPerSlot, 1), minLeft: minLeft}
+	return &dialGate{free: slots, slots: slots, maxWaiting: slots * max(waitPerSlot, 0), minLeft: minLeft}
 }
 
 var (
@@ -83,7 +83,7 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 		g.mu.Unlock()
 	} else {
 		w := &gateWaiter{ready: make(chan struct{})}
-		if len(g.waiters) >= g.maxWaiting {
+		if g.maxWaiting > 0 && len(g.waiters) >= g.maxWaiting {
 			old := g.waiters[0]
 			copy(g.waiters, g.waiters[1:])
 			g.waiters[len(g.waiters)-1] = nil
@@ -231,13 +231,15 @@ func dialSlots() int {
 	return 4 * runtime.GOMAXPROCS(0)
 }
 
-// gateWaitPerSlot is how many dials may wait per slot: at the ~110 handshakes a second of wall
-// time two cores serve at 1,000 nodes, 32 per slot is about 2 s of work queued, and the newest
-// are served first. UTE_SIM_GATE_WAITING overrides it (a large value: the unbounded queue of
-// before, for comparison).
+// gateWaitPerSlot is how many dials may wait per slot, 0 for any number (the default):
+// UTE_SIM_GATE_WAITING sets it. Bounded at 32 per slot (256 on two cores, about 2 s of the ~110
+// handshakes a second two cores serve at 1,000 nodes), a 1,000-node discovery slowed from 1.5–2
+// to 16.5 minutes of wall time in one run (pools stayed a dozen members short for minutes:
+// probably the dials shed included memberlist's push/pull and fallback-probe streams, whose
+// dilated deadlines would have let them be served later; not measured).
 func gateWaitPerSlot() int {
 	if n, _ := strconv.Atoi(os.Getenv("UTE_SIM_GATE_WAITING")); n > 0 {
 		return n
 	}
-	return 32
+	return 0
 }

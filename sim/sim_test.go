@@ -136,8 +136,8 @@ func TestChurnPartitionSoak(t *testing.T) {
 
 // The 1,000-node convergence scenario, scaled down to what the suite can afford. make test runs
 // tests named *Large a second time without the race detector and with UTE_LONG=1: then it runs
-// at 200 nodes (UTE_SIM_NODES overrides; with the scenario's staggered start, discovery took 21 s
-// and the whole test 25 s on the idle 2-core machine of 7 December 2026; started all at once it
+// at 200 nodes (UTE_SIM_NODES overrides; with the scenario's staggered start, discovery took 21–25 s
+// and the whole test 25–29 s on the idle 2-core machine of 7 December 2026; started all at once it
 // had not finished discovery after 4 minutes there). Under the race detector (several times
 // slower, and the first pass of make test) it runs at 20: at 32 nodes discovery alone took
 // 1–2.5 minutes under the race detector on the loaded machine.

@@ -116,6 +116,18 @@ func (d *Daemon) members(zone string) []membership.Member {
 	return p.m.Members(zone)
 }
 
+// isMember reports whether node is one of zone's live gossip members, without copying the list.
+func (d *Daemon) isMember(zone, node string) bool {
+	d.mu.Lock()
+	p := d.pools
+	d.mu.Unlock()
+	if p == nil {
+		return false
+	}
+	_, ok := p.m.LookupMember(zone, node)
+	return ok
+}
+
 // poolLoop joins each zone's pool through the bootstrap members until it has a peer, and feeds
 // the members gossip discovers to the node as peers (the node still verifies each one at the
 // handshake: a member is only a hint of where a node ID can be reached). It hands members over

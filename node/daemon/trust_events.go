@@ -300,12 +300,7 @@ func (t *trust) servesZone(node, zone string) bool {
 			return true
 		}
 	}
-	for _, m := range d.members(zone) {
-		if m.NodeID == node {
-			return true
-		}
-	}
-	return false
+	return d.isMember(zone, node)
 }
 
 // emit signs a signal this node observed as a trust event and accepts it like any other (held,
