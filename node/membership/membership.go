@@ -920,7 +920,10 @@ func pickMembers(cands []Member, k int, held, live func(nodeID string) bool) []M
 		return nil
 	}
 	out := make([]Member, 0, k)
-	var rest []Member // drawn, not held, not taken for a live tunnel: the random part, in order
+	// rest is drawn, not held, not taken for a live tunnel: the random part, in order. On the
+	// stack for the fan-outs in use (3 by default).
+	var restBuf [4]Member
+	rest := restBuf[:0]
 	for i := range cands {
 		if len(out) >= k-1 && len(out)+len(rest) >= k {
 			break

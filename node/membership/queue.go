@@ -95,7 +95,7 @@ type send struct {
 func (q *recordQueue) round(members []Member, skip []string, limit, fanout int, pick func(cands []Member, k int) []Member) []send {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	var out []send
+	out := make([]send, 0, len(q.recs)*max(fanout, 0))
 	keep := q.recs[:0]
 	for _, r := range q.recs {
 		cands := q.cands[:0]
