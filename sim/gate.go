@@ -24,58 +24,42 @@ import (
 // seconds late: a probe behind it misses its timeout and live members are declared failed,
 // which makes more gossip and more dials. Serving the newest keeps the dials that are served
 // on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
-//
-// The queue can be bounded (maxWaiting, UTE_SIM_GATE_WAITING): a waiter pushed below the newest
-// maxWaiting is then refused at once (shed), with its retries on the same context. Unbounded by
-// default: at 32 waiters per slot a 1,000-node discovery took 16.5 minutes against 1.5–2 before
-// (docs/simulator.md).
 type dialGate struct {
 	minLeft time.Duration
 	// setup, while set, refuses at once the background dials of gossip packets (see
 	// dropsAtSetup): a staggered start's discovery goes by joins and push/pull only.
 	setup atomic.Bool
 
-	// maxWaiting, when positive, bounds the waiters; the oldest beyond it is shed.
-	maxWaiting int
-
 	mu      sync.Mutex
 	free    int
 	waiters []*gateWaiter // a stack: the last is served first
-	// dropped is the deadlines of the dials refused at setup or shed, with the error their
-	// retries get, until they pass: the endpoint retries a failed dial on the same context,
-	// which the refusal must cover too.
-	dropped map[time.Time]error
+	// dropped is the deadlines of the dials refused at setup, until they pass: the endpoint
+	// retries a failed dial on the same context, which the refusal must cover too.
+	dropped map[time.Time]struct{}
 
 	// Counters, for the spread's progress lines: handshakes started, dials whose caller gave up
-	// waiting for a slot, dials refused for too little time left, dials refused at setup, dials
-	// shed from a full queue, and the wall time slots were held, summed (nanoseconds): held ÷
-	// granted is how long one handshake keeps its slot, which at dilation k grows with the
-	// k-times-longer round trips.
-	granted, gaveUp, late, setupDrops, shed, held atomic.Uint64
+	// waiting for a slot, dials refused for too little time left, dials refused at setup, and
+	// the wall time slots were held, summed (nanoseconds): held ÷ granted is how long one
+	// handshake keeps its slot, which at dilation k grows with the k-times-longer round trips.
+	granted, gaveUp, late, setupDrops, held atomic.Uint64
 	// slots is the gate's size, for the progress lines.
 	slots int
 }
 
 type gateWaiter struct {
-	ready chan struct{} // closed when the waiter holds a slot or is shed
-	shed  bool          // set before ready is closed: refused, holds no slot
+	ready chan struct{} // closed when the waiter holds a slot
 }
 
-// newDialGate returns a gate of slots handshakes at once that keeps at most waitPerSlot × slots
-// dials waiting, or any number when waitPerSlot is 0.
-func newDialGate(slots, waitPerSlot int, minLeft time.Duration) *dialGate {
-	slots = max(slots, 1)
-	return &dialGate{free: slots, slots: slots, maxWaiting: slots * max(waitPerSlot, 0), minLeft: minLeft}
+func newDialGate(slots int, minLeft time.Duration) *dialGate {
+	return &dialGate{free: max(slots, 1), slots: max(slots, 1), minLeft: minLeft}
 }
 
-var (
-	errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
-	errShed       = errors.New("sim: dial shed from the gate's full queue")
-)
+var errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
 
 func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
-	if err := g.refused(ctx); err != nil {
-		return nil, err
+	if g.setup.Load() && g.dropAtSetup(ctx) {
+		g.setupDrops.Add(1)
+		return nil, errSetupDrop
 	}
 	g.mu.Lock()
 	if g.free > 0 {
@@ -83,23 +67,10 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 		g.mu.Unlock()
 	} else {
 		w := &gateWaiter{ready: make(chan struct{})}
-		if g.maxWaiting > 0 && len(g.waiters) >= g.maxWaiting {
-			old := g.waiters[0]
-			copy(g.waiters, g.waiters[1:])
-			g.waiters[len(g.waiters)-1] = nil
-			g.waiters = g.waiters[:len(g.waiters)-1]
-			old.shed = true
-			close(old.ready)
-		}
 		g.waiters = append(g.waiters, w)
 		g.mu.Unlock()
 		select {
 		case <-w.ready:
-			if w.shed {
-				g.shed.Add(1)
-				g.remember(ctx, errShed)
-				return nil, errShed
-			}
 		case <-ctx.Done():
 			g.mu.Lock()
 			select {
@@ -150,51 +121,31 @@ func dropsAtSetup(left time.Duration) bool {
 	return left > packetDial*9/10 && left <= packetDial
 }
 
-// refused returns the error for a dial refused before it waits: the retry of a dial refused
-// before (the same deadline), or at setup a gossip packet's dial (dropsAtSetup).
-func (g *dialGate) refused(ctx context.Context) error {
+// dropAtSetup reports whether the dial of ctx is to be refused at setup: a gossip packet's dial
+// (dropsAtSetup), first seen now or refused before (the same deadline: a retry).
+func (g *dialGate) dropAtSetup(ctx context.Context) bool {
 	dl, ok := ctx.Deadline()
 	if !ok {
-		return nil
-	}
-	g.mu.Lock()
-	err, again := g.dropped[dl]
-	g.mu.Unlock()
-	switch {
-	case again && errors.Is(err, errSetupDrop):
-		g.setupDrops.Add(1)
-	case again:
-		g.shed.Add(1)
-	case g.setup.Load() && dropsAtSetup(time.Until(dl)):
-		g.setupDrops.Add(1)
-		err = errSetupDrop
-		g.remember(ctx, err)
-	default:
-		return nil
-	}
-	return err
-}
-
-// remember refuses with err the retries of the dial of ctx until its deadline passes.
-func (g *dialGate) remember(ctx context.Context, err error) {
-	dl, ok := ctx.Deadline()
-	if !ok {
-		return
+		return false
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if _, ok := g.dropped[dl]; ok {
-		return
+		return true
+	}
+	if !dropsAtSetup(time.Until(dl)) {
+		return false
 	}
 	if g.dropped == nil {
-		g.dropped = map[time.Time]error{}
+		g.dropped = map[time.Time]struct{}{}
 	}
-	g.dropped[dl] = err
+	g.dropped[dl] = struct{}{}
 	context.AfterFunc(ctx, func() {
 		g.mu.Lock()
 		delete(g.dropped, dl)
 		g.mu.Unlock()
 	})
+	return true
 }
 
 // waiting is how many dials wait for a slot now.
@@ -229,17 +180,4 @@ func dialSlots() int {
 		return n
 	}
 	return 4 * runtime.GOMAXPROCS(0)
-}
-
-// gateWaitPerSlot is how many dials may wait per slot, 0 for any number (the default):
-// UTE_SIM_GATE_WAITING sets it. Bounded at 32 per slot (256 on two cores, about 2 s of the ~110
-// handshakes a second two cores serve at 1,000 nodes), a 1,000-node discovery slowed from 1.5–2
-// to 16.5 minutes of wall time in one run (pools stayed a dozen members short for minutes:
-// probably the dials shed included memberlist's push/pull and fallback-probe streams, whose
-// dilated deadlines would have let them be served later; not measured).
-func gateWaitPerSlot() int {
-	if n, _ := strconv.Atoi(os.Getenv("UTE_SIM_GATE_WAITING")); n > 0 {
-		return n
-	}
-	return 0
 }

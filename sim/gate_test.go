@@ -12,7 +12,7 @@ import (
 // The gate holds at most its slots, serves the newest waiter first, drops a waiter whose
 // context ends, and refuses to start a handshake with too little time left.
 func TestDialGateNewestFirst(t *testing.T) {
-	g := newDialGate(1, 8, 100*time.Millisecond)
+	g := newDialGate(1, 100*time.Millisecond)
 	ctx := context.Background()
 	hold, err := g.Acquire(ctx)
 	require.NoError(t, err)
@@ -59,7 +59,7 @@ func TestDialGateNewestFirst(t *testing.T) {
 // transport's 5 s) at once, and their retries on the same context too; join dials (3 s) and
 // memberlist's streams (longer) pass; after setup nothing is refused.
 func TestDialGateDropsGossipPacketsAtSetup(t *testing.T) {
-	g := newDialGate(4, 8, 100*time.Millisecond)
+	g := newDialGate(4, 100*time.Millisecond)
 	g.setup.Store(true)
 	acquire := func(ctx context.Context) error {
 		rel, err := g.Acquire(ctx)
@@ -96,7 +96,7 @@ func TestDialGateDropsGossipPacketsAtSetup(t *testing.T) {
 
 // The gate sums how long its slots were held, once per handshake however often it is released.
 func TestDialGateCountsHoldTime(t *testing.T) {
-	g := newDialGate(2, 8, 0)
+	g := newDialGate(2, 0)
 	rel, err := g.Acquire(context.Background())
 	require.NoError(t, err)
 	time.Sleep(20 * time.Millisecond)
@@ -107,50 +107,4 @@ func TestDialGateCountsHoldTime(t *testing.T) {
 	assert.Less(t, held, 2*time.Second)
 	assert.Equal(t, uint64(1), g.granted.Load())
 	assert.Equal(t, 2, g.slots)
-}
-
-// A full queue sheds its oldest waiter at once, and the retry of a shed dial (the same context)
-// is refused without waiting; the newest waiters keep their places.
-func TestDialGateShedsTheOldestWaiter(t *testing.T) {
-	g := newDialGate(1, 2, 0) // 1 slot, 2 waiters
-	hold, err := g.Acquire(context.Background())
-	require.NoError(t, err)
-
-	ctxs := make([]context.Context, 3)
-	errs := make([]chan error, 3)
-	for i := range ctxs {
-		var cancel context.CancelFunc
-		ctxs[i], cancel = context.WithTimeout(context.Background(), time.Minute)
-		t.Cleanup(cancel)
-		errs[i] = make(chan error, 1)
-		go func() {
-			rel, err := g.Acquire(ctxs[i])
-			if err == nil {
-				rel()
-			}
-			errs[i] <- err
-		}()
-		if i < 2 {
-			require.Eventually(t, func() bool { return g.waiting() == i+1 }, time.Second, time.Millisecond)
-		}
-	}
-	select {
-	case err := <-errs[0]:
-		require.ErrorIs(t, err, errShed, "the oldest waiter is shed when a third arrives")
-	case <-time.After(5 * time.Second):
-		t.Fatal("the oldest waiter was not shed")
-	}
-	assert.Equal(t, 2, g.waiting())
-	assert.Equal(t, uint64(1), g.shed.Load())
-
-	start := time.Now()
-	_, err = g.Acquire(ctxs[0])
-	require.ErrorIs(t, err, errShed, "a retry of a shed dial is refused")
-	assert.Less(t, time.Since(start), time.Second, "without waiting")
-	assert.Equal(t, uint64(2), g.shed.Load())
-
-	hold()
-	require.NoError(t, <-errs[2], "the newest is served first")
-	require.NoError(t, <-errs[1])
-	assert.Zero(t, g.waiting())
 }

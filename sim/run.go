@@ -280,7 +280,7 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 		r.timing = &t
 	}
 	res.GossipInterval, res.Fanout = r.simTiming.GossipInterval, r.simTiming.GossipNodes
-	r.gate = newDialGate(dialSlots(), gateWaitPerSlot(), time.Second)
+	r.gate = newDialGate(dialSlots(), time.Second)
 	if err := r.startAuthority(); err != nil {
 		return err
 	}

@@ -13,7 +13,7 @@ type spreadSnap struct {
 	accepted, rebroadcasts, viaState, dups uint64 // membership record counters
 	directSends, syncs                     uint64
 	queued, queuing                        int // records still queued, and the nodes holding any
-	granted, gaveUp, late, shed            uint64
+	granted, gaveUp, late                  uint64
 	waiting                                int
 	// held is the wall time the gate's slots were held, summed; slots the gate's size; cpu the
 	// process's CPU time (user + system) and at the wall clock of the snapshot: the line shows
@@ -70,7 +70,7 @@ func (r *runner) spreadSnapshot() spreadSnap {
 		}
 	}
 	if r.gate != nil {
-		s.granted, s.gaveUp, s.late, s.shed = r.gate.granted.Load(), r.gate.gaveUp.Load(), r.gate.late.Load(), r.gate.shed.Load()
+		s.granted, s.gaveUp, s.late = r.gate.granted.Load(), r.gate.gaveUp.Load(), r.gate.late.Load()
 		s.waiting = r.gate.waiting()
 		s.held, s.slots = time.Duration(r.gate.held.Load()), r.gate.slots
 	}
@@ -80,10 +80,10 @@ func (r *runner) spreadSnapshot() spreadSnap {
 
 // line is the progress line for the spread since base, at simulated time el.
 func (s spreadSnap) line(base spreadSnap, el time.Duration, frac float64) string {
-	return fmt.Sprintf("  spread at %s: %.1f%%; packets sent %d, dropped %d, dial failures %d; records accepted %d (%d by push/pull), re-queued %d, duplicates %d, direct %d, probe syncs %d; queued %d at %d node(s); handshakes %d, gave up waiting %d, too late %d, shed %d, waiting %d; slot held %s per handshake (%d slots); CPU %.2f cores",
+	return fmt.Sprintf("  spread at %s: %.1f%%; packets sent %d, dropped %d, dial failures %d; records accepted %d (%d by push/pull), re-queued %d, duplicates %d, direct %d, probe syncs %d; queued %d at %d node(s); handshakes %d, gave up waiting %d, too late %d, waiting %d; slot held %s per handshake (%d slots); CPU %.2f cores",
 		fmtDur(el), frac*100, s.sent-base.sent, s.dropped-base.dropped, s.dialFailures-base.dialFailures,
 		s.accepted-base.accepted, s.viaState-base.viaState, s.rebroadcasts-base.rebroadcasts, s.dups-base.dups, s.directSends-base.directSends, s.syncs-base.syncs,
-		s.queued, s.queuing, s.granted-base.granted, s.gaveUp-base.gaveUp, s.late-base.late, s.shed-base.shed, s.waiting,
+		s.queued, s.queuing, s.granted-base.granted, s.gaveUp-base.gaveUp, s.late-base.late, s.waiting,
 		perHandshake(s.held-base.held, s.granted-base.granted), s.slots, cores(s.cpu-base.cpu, s.at.Sub(base.at)))
 }
 

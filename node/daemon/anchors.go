@@ -54,9 +54,7 @@ func (d *Daemon) anchorsWanted() int {
 // every anchor this node holds no live tunnel to, in the background. A dial that fails is tried
 // again at the next tick.
 func (d *Daemon) keepAnchors() {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	want := d.anchorsWanted()
 	if p == nil || want == 0 {
 		return

@@ -81,9 +81,7 @@ func (d *Daemon) timing() membership.Timing {
 
 // syncPools makes the pools match the zones the node serves (after a policy release).
 func (d *Daemon) syncPools(zones []string) {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	if p == nil {
 		return
 	}
@@ -105,11 +103,16 @@ func (d *Daemon) syncPools(zones []string) {
 	}
 }
 
+// currentPools is the daemon's gossip pools, nil before they start or after they stop.
+func (d *Daemon) currentPools() *pools {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.pools
+}
+
 // members is zone's live gossip members (this node included); nil without a pool.
 func (d *Daemon) members(zone string) []membership.Member {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	if p == nil {
 		return nil
 	}
@@ -118,9 +121,7 @@ func (d *Daemon) members(zone string) []membership.Member {
 
 // isMember reports whether node is one of zone's live gossip members, without copying the list.
 func (d *Daemon) isMember(zone, node string) bool {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	if p == nil {
 		return false
 	}
@@ -142,9 +143,7 @@ func (d *Daemon) isMember(zone, node string) bool {
 // else overwrote (see syncMembers) or a notice coalesced away while a pool was being replaced.
 func (d *Daemon) poolLoop() {
 	const restEvery = 5 * time.Second
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	var changes <-chan struct{}
 	if p != nil {
 		changes = p.m.Changes()
@@ -275,9 +274,7 @@ func (d *Daemon) joinPools(reconnect bool) (failed bool) {
 // next sync. Gossip wins as in resolve: a gossiped address comes before a bootstrap or
 // configured one, and the handshake proves the identity at whichever address is dialed.
 func (d *Daemon) syncMembers() {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	if p == nil {
 		return
 	}
@@ -300,9 +297,7 @@ func (d *Daemon) syncMembers() {
 // syncGauges sets the member and tunnel gauges of every pool. It counts live tunnels on the
 // endpoint directly: a node snapshot formats every tunnel and agent, which the gauges never use.
 func (d *Daemon) syncGauges() {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	if p == nil {
 		return
 	}
@@ -327,9 +322,7 @@ func (d *Daemon) syncGauges() {
 // brought is re-broadcast by its pool already; it still crosses into this node's other pools that
 // it concerns (a node revoked in two zones).
 func (d *Daemon) spread(raw []byte, zone string, from Origin, arrivedOn ...string) {
-	d.mu.Lock()
-	p := d.pools
-	d.mu.Unlock()
+	p := d.currentPools()
 	if p == nil {
 		return
 	}
@@ -414,10 +407,8 @@ func (d *Daemon) Members(zone string) []membership.Member { return d.members(zon
 // Gossip is the node's gossip pools, for their counters and queues (the simulator reads them);
 // nil before they start or after Close.
 func (d *Daemon) Gossip() *membership.Membership {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.pools == nil {
-		return nil
+	if p := d.currentPools(); p != nil {
+		return p.m
 	}
-	return d.pools.m
+	return nil
 }
