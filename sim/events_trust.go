@@ -460,18 +460,19 @@ func (r *runner) rejoined(ctx context.Context, t0 time.Time, nodes []*simNode, x
 			}
 		}
 	}
-	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) bool {
+	// Held is a member list as well as records: the poll's time is the one there is.
+	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
 		for _, is := range need[m] {
 			if !d.Store().Revoked(is.subject) {
-				return false
+				return false, time.Time{}
 			}
 		}
 		for _, z := range m.zones() {
 			if len(d.Members(z)) < r.reachable(m, z) {
-				return false
+				return false, time.Time{}
 			}
 		}
-		return true
+		return true, time.Time{}
 	}, nodes, x)
 }
 
@@ -516,7 +517,9 @@ func (r *runner) policyEvent(ctx context.Context, e scenario.Event) EventResult 
 	if _, err := seed.d.Accept(ctx, release, daemon.FromAuthority); err != nil {
 		return notRun("node %s refused the release: %v", seed.name, err)
 	}
-	er := r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) bool { return d.Node().Policy() != before[m] }, reach, e.Expect)
+	er := r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
+		return d.Node().Policy() != before[m], time.Time{}
+	}, reach, e.Expect)
 	er.Observed = fmt.Sprintf("policy version %d (zone %s: %d rule(s)); ", applied.Version, e.Zone, len(e.Rules)) +
 		strings.Replace(er.Observed, "held the record(s)", "had it in force", 1)
 	return er

@@ -123,6 +123,10 @@ type Entry struct {
 	Record *record.Revocation
 	// Arrived is when this node first stored the record (local clock).
 	Arrived time.Time
+	// Held is when this copy took effect here (local clock, not persisted): after its durable
+	// write, the moment Revoked starts to report it; for a record loaded at Open, that Open.
+	// Arrived is taken before verification and the write, so Held − Arrived is their cost.
+	Held time.Time
 }
 
 // AgeAtArrival is how long after its issued-at the record reached this node (convergence metric).
@@ -317,7 +321,7 @@ func (s *Store) loadRevocations(tx *bolt.Tx, now time.Time, rep *OpenReport) err
 		if w, ok := winners[r.Key()]; ok && !supersedes(r, w.e.Record) {
 			continue
 		}
-		winners[r.Key()] = winner{&Entry{Record: r, Arrived: time.UnixMilli(st.Arrived)}, it.v}
+		winners[r.Key()] = winner{&Entry{Record: r, Arrived: time.UnixMilli(st.Arrived), Held: now}, it.v}
 	}
 	for k, w := range winners {
 		if !bytes.Equal(b.Get([]byte(k)), w.v) {
@@ -475,6 +479,7 @@ func (s *Store) Add(raw []byte) (rec *record.Revocation, changed bool, err error
 	}); err != nil {
 		return nil, false, fmt.Errorf("revstore: store revocation %s: %w", r.Key(), err)
 	}
+	e.Held = s.now()
 	s.install(e)
 	return r, true, nil
 }

@@ -484,3 +484,36 @@ func TestCorruptFileIsAClearError(t *testing.T) {
 	assert.NotZero(t, refused, "some damage must be detected as corruption")
 	t.Logf("damaged copies: %d refused as corrupt, %d opened with only verified records", refused, opened)
 }
+
+// TestHeldIsWhenTheCopyTookEffect: Held is read after the durable write (a later reading of the
+// clock than Arrived, which precedes verification), and a record loaded at Open is held from
+// that Open, while its Arrived stays the persisted first arrival.
+func TestHeldIsWhenTheCopyTookEffect(t *testing.T) {
+	p := newPKI(t)
+	var mu sync.Mutex
+	calls := 0
+	stepping := func() time.Time { // every reading a millisecond after the last
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		return t0.Add(time.Duration(calls) * time.Millisecond)
+	}
+	path := storePath(t)
+	s, _, err := Open(path, Options{Verifier: p.v, Now: stepping})
+	require.NoError(t, err)
+	r, changed, err := s.Add(p.byAuthority(t, p.n2.ID.String(), 1, time.Hour))
+	require.NoError(t, err)
+	require.True(t, changed)
+	e, ok := s.Lookup(r.Key())
+	require.True(t, ok)
+	require.False(t, e.Held.IsZero())
+	assert.True(t, e.Held.After(e.Arrived), "held %v, arrived %v", e.Held, e.Arrived)
+	require.NoError(t, s.Close())
+
+	clk := &clock{t: t0.Add(time.Hour)}
+	s, _ = open(t, path, p, clk)
+	e, ok = s.Lookup(r.Key())
+	require.True(t, ok)
+	assert.Equal(t, t0.Add(time.Hour), e.Held)
+	assert.True(t, e.Arrived.Before(t0.Add(time.Second)), "arrived %v is the persisted first arrival", e.Arrived)
+}
