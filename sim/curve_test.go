@@ -29,25 +29,24 @@ func TestCurveOf(t *testing.T) {
 	}
 }
 
-func TestTimeTo(t *testing.T) {
+func TestReachedAt(t *testing.T) {
 	ms := time.Millisecond
-	times := []time.Duration{40 * ms, 10 * ms, 30 * ms, 20 * ms}
+	curve := curveOf([]time.Duration{40 * ms, 10 * ms, 30 * ms, 20 * ms}, 5, 0) // the fifth never
 	tests := []struct {
 		frac float64
-		n    int
 		want time.Duration
 		ok   bool
 	}{
-		{1, 4, 40 * ms, true},
-		{0.75, 4, 30 * ms, true},
-		{0.5, 4, 20 * ms, true},
-		{0.51, 4, 30 * ms, true}, // 2.04 members: the third
-		{0.9, 5, 0, false},       // 4.5 members of 5: the fifth never held it
-		{0, 4, 0, true},
+		{0.8, 40 * ms, true},
+		{0.6, 30 * ms, true},
+		{0.5, 30 * ms, true}, // 2.5 members of 5: the third
+		{0.4, 20 * ms, true},
+		{0.9, 0, false},
+		{1, 0, false},
 	}
 	for _, tt := range tests {
-		got, ok := timeTo(times, tt.n, tt.frac)
-		assert.Equal(t, tt.ok, ok, "frac %v of %d", tt.frac, tt.n)
-		assert.Equal(t, tt.want, got, "frac %v of %d", tt.frac, tt.n)
+		got, ok := reachedAt(curve, tt.frac)
+		assert.Equal(t, tt.ok, ok, "frac %v", tt.frac)
+		assert.Equal(t, tt.want, got, "frac %v", tt.frac)
 	}
 }

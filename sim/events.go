@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -571,8 +570,8 @@ func heldAt(d *daemon.Daemon, subjects []string) (bool, time.Time) {
 	var last time.Time
 	st := d.Store()
 	for _, sub := range subjects {
-		e, ok := st.Lookup(sub)
-		if !ok || !st.Revoked(sub) {
+		e, ok := st.Lookup(sub) // a record's key is its subject's canonical key
+		if !ok {
 			return false, time.Time{}
 		}
 		if e.Held.After(last) {
@@ -590,8 +589,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	er := EventResult{Members: len(members), Expectation: fmt.Sprintf("%.0f%% of live members within %s", x.Converged*100, fmtDur(x.Within.D()))}
 	limit := x.Within.D() + x.Within.D()/2 + time.Second
 	have := make([]bool, len(members))
-	at := make([]time.Time, len(members)) // when each member held it, from holds; zero: unknown
-	var times []time.Duration             // per member that holds it, simulated time since t0
+	var times []time.Duration // per member that holds it, simulated time since t0
 	count := 0
 	var el time.Duration
 	// With progress on, a line a simulated second: the gossip counters of every live node since
@@ -602,7 +600,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		base = r.spreadSnapshot()
 	}
 	for {
-		var seen []int
+		var fresh []time.Time // what holds reported for the members this pass found
 		for i, m := range members {
 			if have[i] {
 				continue
@@ -614,16 +612,16 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 				continue
 			}
 			if ok, when := holds(m, d); ok {
-				have[i], at[i] = true, when
-				seen = append(seen, i)
+				have[i] = true
+				fresh = append(fresh, when)
 				count++
 			}
 		}
 		el = r.since(t0)
-		for _, i := range seen {
+		for _, when := range fresh {
 			t := el
-			if !at[i].IsZero() {
-				t = max(0, at[i].Sub(t0)/r.k)
+			if !when.IsZero() {
+				t = max(0, when.Sub(t0)/r.k)
 			}
 			times = append(times, t)
 		}
@@ -646,7 +644,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		time.Sleep(2 * time.Millisecond)
 	}
 	er.Curve = curveOf(times, len(members), el)
-	reached, ok := timeTo(times, len(members), x.Converged)
+	reached, ok := reachedAt(er.Curve, x.Converged)
 	final := er.Curve[len(er.Curve)-1]
 	er.TimeToBlock = reached
 	switch {
@@ -697,19 +695,14 @@ func curveOf(times []time.Duration, n int, end time.Duration) []CurvePoint {
 	return curve
 }
 
-// timeTo is when frac of n members held it (the time of the member that made it so), and
-// whether they did.
-func timeTo(times []time.Duration, n int, frac float64) (time.Duration, bool) {
-	need := int(math.Ceil(frac*float64(n) - 1e-9))
-	if need <= 0 {
-		return 0, true
+// reachedAt is when curve first reached frac of its members, and whether it did.
+func reachedAt(curve []CurvePoint, frac float64) (time.Duration, bool) {
+	for _, p := range curve {
+		if p.Fraction >= frac {
+			return p.T, true
+		}
 	}
-	if len(times) < need {
-		return 0, false
-	}
-	sorted := slices.Clone(times)
-	slices.Sort(sorted)
-	return sorted[need-1], true
+	return 0, false
 }
 
 // stragglers names a few members that never held what the event waited for, and how many of
@@ -856,22 +849,16 @@ func (r *runner) catchUp(ctx context.Context, recs []issued, only *simNode, x sc
 
 // convergeEach is converge where each member needs only the records of its zones.
 func (r *runner) convergeEach(ctx context.Context, t0 time.Time, recs []issued, members []*simNode, x scenario.Expect) EventResult {
-	need := map[*simNode][]issued{}
+	subjects := map[*simNode][]string{}
 	for _, is := range recs {
 		for _, m := range r.holders(is) {
-			need[m] = append(need[m], is)
+			subjects[m] = append(subjects[m], is.subject)
 		}
 	}
 	var wrapped []*simNode
 	for _, m := range members {
-		if len(need[m]) > 0 {
+		if len(subjects[m]) > 0 {
 			wrapped = append(wrapped, m)
-		}
-	}
-	subjects := map[*simNode][]string{}
-	for m, recs := range need {
-		for _, is := range recs {
-			subjects[m] = append(subjects[m], is.subject)
 		}
 	}
 	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {

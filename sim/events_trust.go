@@ -460,7 +460,7 @@ func (r *runner) rejoined(ctx context.Context, t0 time.Time, nodes []*simNode, x
 			}
 		}
 	}
-	// Held is a member list as well as records: the poll's time is the one there is.
+	// Holding here includes a full member list, which has no time of its own: the poll's counts.
 	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
 		for _, is := range need[m] {
 			if !d.Store().Revoked(is.subject) {
