@@ -498,3 +498,33 @@ func TestAgentStreamLarge(t *testing.T) {
 	}
 	assert.GreaterOrEqual(t, admits, 1)
 }
+
+// TestTunnelUpToldBothEnds: Config.TunnelUp, where the gossip mux sends its queued records over
+// a new tunnel, is told the tunnel at both ends once the node has registered it.
+func TestTunnelUpToldBothEnds(t *testing.T) {
+	type told struct{ peer, zone string }
+	seen := map[string]chan told{"a": make(chan told, 8), "b": make(chan told, 8)}
+	spec := func(name string, agents ...state.AgentSpec) nodeSpec {
+		return nodeSpec{name: name, zones: []string{"payments"}, agents: agents, configure: func(c *Config) {
+			c.TunnelUp = func(tun *tunnel.Tunnel) {
+				select { // never block the endpoint's goroutine: only the first tunnel is read
+				case seen[name] <- told{tun.Peer().NodeID, tun.Zone()}:
+				default:
+				}
+			}
+		}}
+	}
+	ns := cluster(t,
+		spec("a", state.AgentSpec{Name: "billing-api", Zone: "payments"}),
+		spec("b", state.AgentSpec{Name: "ledger", Zone: "payments"}))
+	hold := serveHold(t, agent(t, ns["b"], "payments", "ledger"), "8080")
+	openHeld(t, agent(t, ns["a"], "payments", "billing-api"), hold)
+	for name, peer := range map[string]string{"a": "b", "b": "a"} {
+		select {
+		case got := <-seen[name]:
+			assert.Equal(t, told{ns[peer].ID().String(), "payments"}, got, "node %s is told its tunnel with %s", name, peer)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("node %s was not told of its tunnel with %s", name, peer)
+		}
+	}
+}

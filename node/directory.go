@@ -461,7 +461,7 @@ func (n *Node) refreshZone(ctx context.Context, a *Agent) error {
 
 // onTunnel runs for every established tunnel (tunnel.Config.OnTunnel, its own goroutine). It
 // closes a tunnel whose peer was revoked while the handshake was finishing, registers the tunnel
-// for revocation and sequence numbers, and on the dialing side runs the zone directory exchange,
+// for revocation and sequence numbers, tells Config.TunnelUp, and on the dialing side runs the zone directory exchange,
 // so that names resolve before the first lookup misses. The dialer needs a local agent of the
 // zone to sign the exchange; a node without one has no agent that could resolve names in the zone
 // and nothing to announce, so it skips the exchange.
@@ -471,6 +471,9 @@ func (n *Node) onTunnel(t *tunnel.Tunnel) {
 		return
 	}
 	n.track(t)
+	if n.cfg.TunnelUp != nil {
+		n.cfg.TunnelUp(t)
+	}
 	if !t.Outbound() {
 		return
 	}

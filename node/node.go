@@ -109,6 +109,11 @@ type Config struct {
 	// (tunnel.Config: gossip runs there, overlay/gossip's Mux plugs in); nil refuses it.
 	ControlHandler  func(t *tunnel.Tunnel, channel byte, c net.Conn)
 	ControlDatagram func(t *tunnel.Tunnel, payload []byte)
+	// TunnelUp, if set, is told every established tunnel, inbound and outbound, once the node has
+	// registered it (not one whose peer was revoked during the handshake): the gossip mux sends
+	// the records it is still spreading over it. It runs on an endpoint-owned goroutine, before
+	// the directory exchange, and must not block.
+	TunnelUp func(t *tunnel.Tunnel)
 	// Policy, when set, is put in force instead of the policy stored at join: the daemon passes
 	// the newest signed policy release it holds, so a restarted node never runs an older one.
 	Policy *zones.Policy

@@ -215,7 +215,7 @@ func Start(ctx context.Context, opts Options) (*Daemon, error) {
 		}
 	}
 	d.mux = gossip.NewMux(d.log)
-	ncfg.ControlHandler, ncfg.ControlDatagram = d.mux.ControlHandler, d.mux.ControlDatagram
+	ncfg.ControlHandler, ncfg.ControlDatagram, ncfg.TunnelUp = d.mux.ControlHandler, d.mux.ControlDatagram, d.mux.TunnelUp
 	n, err := node.Open(ctx, ncfg)
 	if err != nil {
 		_ = store.Close()

@@ -73,6 +73,13 @@ func (q *recordQueue) unclaim(r *outRecord, member string) {
 	delete(r.to, member)
 }
 
+// pending returns the records still queued (a copy of the list; the records are shared).
+func (q *recordQueue) pending() []*outRecord {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return slices.Clone(q.recs)
+}
+
 // len is the number of records still queued.
 func (q *recordQueue) len() int {
 	q.mu.Lock()

@@ -368,3 +368,58 @@ func TestNewRecordFloodsOpenTunnels(t *testing.T) {
 		assert.Zero(t, m.m.Stats().RecordsViaState, "%s got it by gossip, not push/pull", m.Name)
 	}
 }
+
+// TestQueuedRecordGoesOverANewTunnel: a record still queued for gossip is sent at once over a
+// tunnel that opens after the record was taken, whichever end dialed it. The publisher n0 holds no
+// tunnel with n1 and its first round's dial to n1 fails; then n1 dials n0. The next round is a
+// minute away and memberlist's probes and push/pull further still: without the send on tunnel up,
+// n1 would wait that minute with a tunnel to a holder of the record open all along.
+func TestQueuedRecordGoesOverANewTunnel(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	timing := quietTiming()
+	timing.GossipInterval = time.Minute
+	timing.GossipNodes = 1
+	var ms []*member
+	var ds []*flakyDialer
+	for _, name := range []string{"n0", "n1"} {
+		d := &flakyDialer{}
+		ds = append(ds, d)
+		opt := clusterOpts{timing: timing, dialer: func(e *tunnel.Endpoint) gossip.Dialer { d.Endpoint = e; return d }}
+		ms = append(ms, startMember(t, auth, sg, name, []string{"z"}, gossiptest.NodeOptions{}, opt))
+	}
+	joinChain(t, ms, "z")
+	n0, n1 := ms[0], ms[1]
+	// The join's tunnels are closed: no tunnel between them when the record is published.
+	for _, pair := range [][2]*member{{n0, n1}, {n1, n0}} {
+		if tun, ok := pair[0].Endpoint.LiveTunnel(pair[1].ID, "z"); ok {
+			require.NoError(t, tun.Close())
+		}
+	}
+	require.Eventually(t, func() bool {
+		_, a := n0.Endpoint.LiveTunnel(n1.ID, "z")
+		_, b := n1.Endpoint.LiveTunnel(n0.ID, "z")
+		return !a && !b
+	}, 5*time.Second, 5*time.Millisecond, "the join's tunnels close")
+
+	ds[0].fail.Store(1)
+	ds[0].cold.Store(true)
+	raw := sg.record(t, 200)
+	n0.store.put("z", raw)
+	require.NoError(t, n0.m.Publish(raw, "z"))
+	tr, err := n0.m.Transport("z")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return tr.Stats().DialFailures == 1 }, 5*time.Second, 5*time.Millisecond,
+		"the first round's packet to n1 is dropped at its failed dial")
+	require.Equal(t, 1, n0.m.Queued("z"), "the record stays queued for the next round, a minute away")
+	ds[0].cold.Store(false)
+
+	start := time.Now()
+	_, err = n1.Endpoint.Dial(ctxT(t), n0.Addr, n0.ID, "z")
+	require.NoError(t, err)
+	took := waitHeld(t, ms, raw, start, 5*time.Second)
+	t.Logf("n1 held the record %s after it dialed n0", took)
+	assert.Equal(t, uint64(1), n0.m.Stats().TunnelUpSends, "n0 sent its queued record over the new tunnel")
+	assert.Zero(t, n1.m.Stats().RecordsViaState, "n1 got it by gossip, not push/pull")
+	assert.Zero(t, n1.m.Stats().TunnelUpSends, "n1 had nothing queued to send")
+}

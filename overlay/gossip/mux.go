@@ -70,8 +70,9 @@ type MuxStats struct {
 }
 
 // Mux dispatches a tunnel endpoint's control traffic by the tunnel's zone to that zone's
-// Transport, and other channels to registered StreamHandlers. Plug ControlHandler and
-// ControlDatagram into tunnel.Config; create the Mux first, then the endpoint, then transports.
+// Transport, and other channels to registered StreamHandlers. Plug ControlHandler,
+// ControlDatagram and TunnelUp (as OnTunnel) into tunnel.Config; create the Mux first, then the
+// endpoint, then transports.
 type Mux struct {
 	log *slog.Logger
 
@@ -153,6 +154,15 @@ func (m *Mux) ControlDatagram(t *tunnel.Tunnel, payload []byte) {
 		return
 	}
 	tr.deliverPacket(t, body)
+}
+
+// TunnelUp is the tunnel.Config.OnTunnel hook (or is called from the node's): it tells the
+// transport of the tunnel's zone, if any, that a tunnel with the peer is established. It never
+// blocks.
+func (m *Mux) TunnelUp(t *tunnel.Tunnel) {
+	if tr := m.transport(t.Zone()); tr != nil {
+		tr.tunnelUp(t.Peer().NodeID)
+	}
 }
 
 // ControlHandler is the tunnel.Config.ControlHandler hook. It returns promptly except on

@@ -40,7 +40,11 @@ type TransportConfig struct {
 	PacketQueue         int           // inbound packets waiting for memberlist; default 1024
 	StreamQueue         int           // inbound streams waiting for memberlist; default 64
 	PendingPerPeer      int           // packets held while a peer's tunnel is dialed; default 16
-	Logger              *slog.Logger
+	// TunnelUp, if set, is told the node ID of the peer of every tunnel of the zone established,
+	// inbound or outbound, through Mux.TunnelUp: the membership sends the records it is still
+	// spreading over the new tunnel. It runs on the endpoint's goroutine and must not block.
+	TunnelUp func(peerNodeID string)
+	Logger   *slog.Logger
 }
 
 func (c TransportConfig) withDefaults() TransportConfig {
@@ -498,6 +502,19 @@ func (t *Transport) track(c net.Conn) (*trackedConn, bool) {
 	tc := &trackedConn{Conn: c, t: t}
 	t.conns[tc] = struct{}{}
 	return tc, true
+}
+
+// tunnelUp passes a new tunnel of the zone to cfg.TunnelUp unless the transport is shut down.
+func (t *Transport) tunnelUp(peerNodeID string) {
+	if t.cfg.TunnelUp == nil {
+		return
+	}
+	t.mu.Lock()
+	closed := t.closed
+	t.mu.Unlock()
+	if !closed {
+		t.cfg.TunnelUp(peerNodeID)
+	}
 }
 
 // spawn runs f on a transport-owned goroutine unless the transport is shut down.

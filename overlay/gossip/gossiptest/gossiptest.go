@@ -203,6 +203,7 @@ func StartNode(t testing.TB, auth *Authority, name string, zones []string, opt N
 		Admitter:        denyAll{},
 		ControlHandler:  n.Mux.ControlHandler,
 		ControlDatagram: n.Mux.ControlDatagram,
+		OnTunnel:        n.Mux.TunnelUp,
 		OnRefused: func(r tunnel.Refusal) {
 			select {
 			case n.refusals <- r:
