@@ -85,16 +85,30 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 	// the cumulative mutex profile to PREFIX.<unix seconds> every 10 s: two files taken either side
 	// of the revocation, compared with `go tool pprof -base`, show which locks the spread waits on.
 	mutexProfile := os.Getenv("UTE_SIM_BENCH_MUTEX")
+	// UTE_SIM_BENCH_CPUPROFILE=PREFIX profiles the CPU for the whole run in windows of 60 s of
+	// wall time, each written to PREFIX.<unix seconds at its start>: the window that covers the
+	// zone at rest, or the spread, is read on its own.
+	cpuProfile := os.Getenv("UTE_SIM_BENCH_CPUPROFILE")
 	if mutexProfile != "" {
 		prev := runtime.SetMutexProfileFraction(20)
 		b.Cleanup(func() { runtime.SetMutexProfileFraction(prev) })
 	}
+	// The process runs simulations: the schedulers a simulation wants (Procs).
+	prevProcs := runtime.GOMAXPROCS(Procs())
+	b.Cleanup(func() { runtime.GOMAXPROCS(prevProcs) })
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			for b.Loop() {
 				var peak atomic.Uint64
 				stop := make(chan struct{})
 				done := make(chan struct{})
+				cpuDone := make(chan struct{})
+				go func() {
+					defer close(cpuDone)
+					if cpuProfile != "" {
+						profileCPU(b, cpuProfile, stop)
+					}
+				}()
 				go func() {
 					defer close(done)
 					var ms runtime.MemStats
@@ -141,6 +155,7 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 				cancel()
 				close(stop)
 				<-done
+				<-cpuDone
 				require.NoError(b, err)
 				ev := res.Events[0]
 				last := ev.Curve[len(ev.Curve)-1]
@@ -195,6 +210,35 @@ func writeProfile(name, path string) error {
 		return fmt.Errorf("%s profile: %w", name, err)
 	}
 	return f.Close()
+}
+
+// profileCPU writes CPU profiles of 60 s each to PREFIX.<unix seconds> until stop is closed.
+func profileCPU(b *testing.B, prefix string, stop <-chan struct{}) {
+	for {
+		f, err := os.Create(fmt.Sprintf("%s.%d", prefix, time.Now().Unix()))
+		if err != nil {
+			b.Logf("cpu profile: %v", err)
+			return
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			f.Close()
+			b.Logf("cpu profile: %v", err)
+			return
+		}
+		stopped := false
+		select {
+		case <-stop:
+			stopped = true
+		case <-time.After(time.Minute):
+		}
+		pprof.StopCPUProfile()
+		if err := f.Close(); err != nil {
+			b.Logf("cpu profile: %v", err)
+		}
+		if stopped {
+			return
+		}
+	}
 }
 
 // writeGoroutines writes the goroutine profile, stacks grouped, to path.

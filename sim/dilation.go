@@ -2,6 +2,7 @@ package sim
 
 import (
 	"fmt"
+	"runtime"
 	"time"
 
 	"github.com/ute-project/ute/node/membership"
@@ -67,6 +68,11 @@ func (r *runner) dilationNote() string {
 		return ""
 	}
 	return fmt.Sprintf(", time dilated ×%d", int(r.k))
+}
+
+// procsNote names the process's schedulers and CPUs (Procs says why they differ).
+func procsNote() string {
+	return fmt.Sprintf(", GOMAXPROCS %d on %d CPU(s)", runtime.GOMAXPROCS(0), runtime.NumCPU())
 }
 
 // undilated is what a run with dilation does not slow down: timers in node, overlay and

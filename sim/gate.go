@@ -169,8 +169,9 @@ func (g *dialGate) release() {
 	g.free++
 }
 
-// dialSlots is how many tunnel handshakes may run at once in the whole run: a few per CPU, so
-// that each finishes well inside the handshake timeout. UTE_SIM_DIAL_SLOTS overrides it. Not
+// dialSlots is how many tunnel handshakes may run at once in the whole run: a few per CPU (the
+// machine's CPUs, not GOMAXPROCS, which a simulation raises: Procs), so that each finishes well
+// inside the handshake timeout. UTE_SIM_DIAL_SLOTS overrides it. Not
 // scaled with the dilation: at 1,000 nodes and k = 10, ten times the slots (80) made no more
 // handshakes (104 a second of wall time at rest, against 129 with 8: the CPUs, not the slots,
 // bound them) and each held its slot ten times longer (0.8 s; docs/benchmarks.md, "Session of
@@ -179,5 +180,5 @@ func dialSlots() int {
 	if n, _ := strconv.Atoi(os.Getenv("UTE_SIM_DIAL_SLOTS")); n > 0 {
 		return n
 	}
-	return 4 * runtime.GOMAXPROCS(0)
+	return 4 * runtime.NumCPU()
 }

@@ -311,7 +311,7 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 			r.proxied[r.agentAt[e.Agent]] = true
 		}
 	}
-	r.say("%s: %d node(s) in %d zone(s), seed %d, gossip %s%s", r.sc.Name, len(r.order), len(r.sc.Zones), r.seed, r.sc.Gossip, r.dilationNote())
+	r.say("%s: %d node(s) in %d zone(s), seed %d, gossip %s%s%s", r.sc.Name, len(r.order), len(r.sc.Zones), r.seed, r.sc.Gossip, r.dilationNote(), procsNote())
 	// Joins are sequential within a zone's first node so that later nodes receive bootstrap
 	// members; the rest run a few at once. A staggered start joins each node just before it
 	// starts it, so that the authority's bootstrap members are nodes already running.

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path"
+	"runtime"
 	"slices"
 	"strings"
 
@@ -62,6 +63,8 @@ func newSimCmd() *cobra.Command {
 					scs = append(scs, sc)
 				}
 			}
+			// This process runs the simulation: it takes the schedulers a simulation wants.
+			runtime.GOMAXPROCS(sim.Procs())
 			out := cmd.OutOrStdout()
 			var progress io.Writer = cmd.ErrOrStderr()
 			if asJSON {
