@@ -103,12 +103,14 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 				stop := make(chan struct{})
 				done := make(chan struct{})
 				cpuDone := make(chan struct{})
-				go func() {
-					defer close(cpuDone)
-					if cpuProfile != "" {
+				if cpuProfile == "" {
+					close(cpuDone)
+				} else {
+					go func() {
+						defer close(cpuDone)
 						profileCPU(b, cpuProfile, stop)
-					}
-				}()
+					}()
+				}
 				go func() {
 					defer close(done)
 					var ms runtime.MemStats

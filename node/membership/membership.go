@@ -1026,18 +1026,24 @@ func (p *pool) sendOpen(rec *outRecord) {
 		if _, ok := p.m.cfg.Endpoint.LiveTunnel(mem.NodeID, p.zone); !ok {
 			continue
 		}
-		if !p.recs.claim(rec, mem.NodeID) {
-			continue
-		}
-		id := mem.NodeID
-		p.tr.SendPacket(pkt, mem.Addr, id, func(sent bool) {
-			if sent {
-				p.m.st.directSends.Add(1)
-				return
-			}
-			p.recs.unclaim(rec, id)
-		})
+		p.sendClaimed(rec, pkt, mem.NodeID, mem.Addr, &p.m.st.directSends)
 	}
+}
+
+// sendClaimed sends rec's packet pkt to a member outside the rounds unless a copy was handed to it
+// or is on its way (recordQueue.claim), counting it in sent once a tunnel took it and releasing
+// the claim if it was dropped here.
+func (p *pool) sendClaimed(rec *outRecord, pkt []byte, id string, addr netip.AddrPort, sent *atomic.Uint64) {
+	if !p.recs.claim(rec, id) {
+		return
+	}
+	p.tr.SendPacket(pkt, addr, id, func(ok bool) {
+		if ok {
+			sent.Add(1)
+			return
+		}
+		p.recs.unclaim(rec, id)
+	})
 }
 
 // tunnelUp sends every record still queued for gossip, as one best-effort packet each, to a member
@@ -1060,16 +1066,7 @@ func (p *pool) tunnelUp(nodeID string) {
 		return
 	}
 	for _, rec := range p.recs.pending() {
-		if !p.recs.claim(rec, nodeID) {
-			continue
-		}
-		p.tr.SendPacket(userMessage(rec.msg), e.Addr, nodeID, func(sent bool) {
-			if sent {
-				p.m.st.tunnelUpSends.Add(1)
-				return
-			}
-			p.recs.unclaim(rec, nodeID)
-		})
+		p.sendClaimed(rec, userMessage(rec.msg), nodeID, e.Addr, &p.m.st.tunnelUpSends)
 	}
 }
 

@@ -422,4 +422,14 @@ func TestQueuedRecordGoesOverANewTunnel(t *testing.T) {
 	assert.Equal(t, uint64(1), n0.m.Stats().TunnelUpSends, "n0 sent its queued record over the new tunnel")
 	assert.Zero(t, n1.m.Stats().RecordsViaState, "n1 got it by gossip, not push/pull")
 	assert.Zero(t, n1.m.Stats().TunnelUpSends, "n1 had nothing queued to send")
+
+	// A node of the zone that is not a member of n0's pool (it never joined) dials n0: the record,
+	// still queued at n0, is not sent to it.
+	n2 := startMember(t, auth, sg, "n2", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{timing: timing})
+	_, err = n2.Endpoint.Dial(ctxT(t), n0.Addr, n0.ID, "z")
+	require.NoError(t, err)
+	require.Equal(t, 1, n0.m.Queued("z"), "the record is still queued at n0")
+	time.Sleep(200 * time.Millisecond) // n1 held it within tens of milliseconds of its dial
+	assert.Equal(t, uint64(1), n0.m.Stats().TunnelUpSends, "nothing sent to a non-member")
+	assert.False(t, n2.store.holds("z", raw), "n2 did not get the record")
 }

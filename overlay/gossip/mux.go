@@ -156,7 +156,7 @@ func (m *Mux) ControlDatagram(t *tunnel.Tunnel, payload []byte) {
 	tr.deliverPacket(t, body)
 }
 
-// TunnelUp is the tunnel.Config.OnTunnel hook (or is called from the node's): it tells the
+// TunnelUp is the tunnel.Config.OnTunnel hook, or is called from the node's: it tells the
 // transport of the tunnel's zone, if any, that a tunnel with the peer is established. It never
 // blocks.
 func (m *Mux) TunnelUp(t *tunnel.Tunnel) {

@@ -504,15 +504,10 @@ func (t *Transport) track(c net.Conn) (*trackedConn, bool) {
 	return tc, true
 }
 
-// tunnelUp passes a new tunnel of the zone to cfg.TunnelUp unless the transport is shut down.
+// tunnelUp passes a new tunnel of the zone to cfg.TunnelUp. A transport shut down meanwhile
+// needs no check here: Shutdown unregisters it from the Mux, and its SendPacket drops.
 func (t *Transport) tunnelUp(peerNodeID string) {
-	if t.cfg.TunnelUp == nil {
-		return
-	}
-	t.mu.Lock()
-	closed := t.closed
-	t.mu.Unlock()
-	if !closed {
+	if t.cfg.TunnelUp != nil {
 		t.cfg.TunnelUp(peerNodeID)
 	}
 }
