@@ -93,9 +93,6 @@ func BenchmarkSimRevocationConvergence(b *testing.B) {
 		prev := runtime.SetMutexProfileFraction(20)
 		b.Cleanup(func() { runtime.SetMutexProfileFraction(prev) })
 	}
-	// The process runs simulations: the schedulers a simulation wants (Procs).
-	prevProcs := runtime.GOMAXPROCS(Procs())
-	b.Cleanup(func() { runtime.GOMAXPROCS(prevProcs) })
 	for _, n := range sizes {
 		b.Run(fmt.Sprintf("nodes=%d", n), func(b *testing.B) {
 			for b.Loop() {

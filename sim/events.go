@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -589,7 +590,8 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	er := EventResult{Members: len(members), Expectation: fmt.Sprintf("%.0f%% of live members within %s", x.Converged*100, fmtDur(x.Within.D()))}
 	limit := x.Within.D() + x.Within.D()/2 + time.Second
 	have := make([]bool, len(members))
-	var times []time.Duration // per member that holds it, simulated time since t0
+	at := make([]time.Duration, len(members)) // per member that holds it, as in times
+	var times []time.Duration                 // per member that holds it, simulated time since t0
 	count := 0
 	var el time.Duration
 	// With progress on, a line a simulated second: the gossip counters of every live node since
@@ -601,6 +603,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	}
 	for {
 		var fresh []time.Time // what holds reported for the members this pass found
+		var found []int       // their indexes, in the same order
 		for i, m := range members {
 			if have[i] {
 				continue
@@ -614,16 +617,18 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 			if ok, when := holds(m, d); ok {
 				have[i] = true
 				fresh = append(fresh, when)
+				found = append(found, i)
 				count++
 			}
 		}
 		el = r.since(t0)
-		for _, when := range fresh {
+		for j, when := range fresh {
 			t := el
 			if !when.IsZero() {
 				t = max(0, when.Sub(t0)/r.k)
 			}
 			times = append(times, t)
+			at[found[j]] = t
 		}
 		frac := 1.0
 		if len(members) > 0 {
@@ -637,6 +642,9 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 				line += "; " + r.stragglerTunnels(members, have)
 			}
 			r.say("%s", line)
+			if done && frac >= 1 {
+				r.say("  %s", r.lastMembers(members, at, 3))
+			}
 		}
 		if done {
 			break
@@ -772,6 +780,48 @@ func (r *runner) stragglerTunnels(members []*simNode, have []bool) string {
 		parts = append(parts, fmt.Sprintf("%s (%d tunnels, %d to holders)", m.name, open, toHolder))
 	}
 	return "waiting: " + strings.Join(parts, ", ")
+}
+
+// lastMembers names the n members that took the longest, for the progress output of a
+// completed spread: when each got it, and, of the members its tunnels lead to now, how many held
+// it and the earliest and median time they did. A last member whose tunnel peers all held it long
+// before it did waited for its own CPU, or for tunnels opened late; one with no tunnel to a holder
+// waited for a gossip round's dial or a push/pull.
+func (r *runner) lastMembers(members []*simNode, at []time.Duration, n int) string {
+	byID := make(map[string]time.Duration, len(members))
+	order := make([]int, len(members))
+	for i, m := range members {
+		byID[r.nodeID(m.name)] = at[i]
+		order[i] = i
+	}
+	slices.SortFunc(order, func(a, b int) int { return cmp.Compare(at[b], at[a]) })
+	var parts []string
+	for _, i := range order[:min(n, len(order))] {
+		m := members[i]
+		r.mu.RLock()
+		d := m.d
+		r.mu.RUnlock()
+		if d == nil || d.Node() == nil {
+			parts = append(parts, fmt.Sprintf("%s at %s (down)", m.name, fmtDur(at[i])))
+			continue
+		}
+		var peers []time.Duration
+		open := 0
+		for _, t := range d.Node().Endpoint().Tunnels() {
+			open++
+			if p, ok := byID[t.Peer().NodeID]; ok {
+				peers = append(peers, p)
+			}
+		}
+		if len(peers) == 0 {
+			parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels, none to a member)", m.name, fmtDur(at[i]), open))
+			continue
+		}
+		slices.Sort(peers)
+		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s)",
+			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2])))
+	}
+	return "last: " + strings.Join(parts, "; ")
 }
 
 func (r *runner) fanout() int { return r.simTiming.GossipNodes }
