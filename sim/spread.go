@@ -9,7 +9,7 @@ import (
 // spreadSnap is the gossip counters of every live node, summed: what a record's spread costs
 // and loses, printed on the progress lines while a convergence is polled.
 type spreadSnap struct {
-	sent, dropped, dialFailures            uint64 // gossip transports (every pool)
+	sent, taken, dropped, dialFailures     uint64 // gossip transports (every pool)
 	accepted, rebroadcasts, viaState, dups uint64 // membership record counters
 	directSends, tunnelUpSends, syncs      uint64
 	queued, queuing                        int // records still queued, and the nodes holding any
@@ -61,6 +61,7 @@ func (r *runner) spreadSnapshot() spreadSnap {
 			if tr, err := m.Transport(z); err == nil {
 				ts := tr.Stats()
 				s.sent += ts.PacketsSent
+				s.taken += ts.PacketsTaken
 				s.dropped += ts.PacketsDropped
 				s.dialFailures += ts.DialFailures
 			}
@@ -81,8 +82,8 @@ func (r *runner) spreadSnapshot() spreadSnap {
 
 // line is the progress line for the spread since base, at simulated time el.
 func (s spreadSnap) line(base spreadSnap, el time.Duration, frac float64) string {
-	return fmt.Sprintf("  spread at %s: %.1f%%; packets sent %d, dropped %d, dial failures %d; records accepted %d (%d by push/pull), re-queued %d, duplicates %d, direct %d, on tunnel up %d, probe syncs %d; queued %d at %d node(s); handshakes %d, gave up waiting %d, too late %d, waiting %d; slot held %s per handshake (%d slots); CPU %.2f cores",
-		fmtDur(el), frac*100, s.sent-base.sent, s.dropped-base.dropped, s.dialFailures-base.dialFailures,
+	return fmt.Sprintf("  spread at %s: %.1f%%; packets sent %d, taken before memberlist %d, dropped %d, dial failures %d; records accepted %d (%d by push/pull), re-queued %d, duplicates %d, direct %d, on tunnel up %d, probe syncs %d; queued %d at %d node(s); handshakes %d, gave up waiting %d, too late %d, waiting %d; slot held %s per handshake (%d slots); CPU %.2f cores",
+		fmtDur(el), frac*100, s.sent-base.sent, s.taken-base.taken, s.dropped-base.dropped, s.dialFailures-base.dialFailures,
 		s.accepted-base.accepted, s.viaState-base.viaState, s.rebroadcasts-base.rebroadcasts, s.dups-base.dups, s.directSends-base.directSends, s.tunnelUpSends-base.tunnelUpSends, s.syncs-base.syncs,
 		s.queued, s.queuing, s.granted-base.granted, s.gaveUp-base.gaveUp, s.late-base.late, s.waiting,
 		perHandshake(s.held-base.held, s.granted-base.granted), s.slots, cores(s.cpu-base.cpu, s.at.Sub(base.at)))

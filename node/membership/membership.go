@@ -795,6 +795,7 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 		Mux:       m.cfg.Mux,
 		// Until newPool returns nothing is queued, so tunnelUp sends nothing (and reads no p.tr).
 		TunnelUp: p.tunnelUp,
+		Take:     p.take,
 		Logger:   m.log,
 	})
 	if err != nil {
@@ -1068,6 +1069,21 @@ func (p *pool) tunnelUp(nodeID string) {
 	for _, rec := range p.recs.pending() {
 		p.sendClaimed(rec, userMessage(rec.msg), nodeID, e.Addr, &p.m.st.tunnelUpSends)
 	}
+}
+
+// take consumes a record message, which this package sends as a packet of its own (a single
+// user message, never compound: GetBroadcasts gives memberlist nothing), before memberlist
+// queues it. In memberlist user messages wait in the pool's one handler queue behind alive
+// messages and beside suspect and dead ones, and are dropped when that queue is full; a record
+// takes the same seen-set, verification and store here as through NotifyMsg, a copy it already
+// holds costs a lookup, and the peer is the tunnel's, authenticated as before. Anything else is
+// memberlist's.
+func (p *pool) take(b []byte) bool {
+	if len(b) < 2 || b[0] != userMsg || b[1] != msgRecord {
+		return false
+	}
+	p.NotifyMsg(b[1:])
+	return true
 }
 
 // NodeMeta: members carry no metadata; nothing they could claim there is trusted anyway.

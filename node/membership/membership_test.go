@@ -334,6 +334,43 @@ func TestMalformedGossipCounted(t *testing.T) {
 	assert.Zero(t, m.store.total())
 }
 
+// TestRecordPacketsTakenBeforeMemberlist: a packet that is a record message goes straight to the
+// pool (seen-set, verification, store), not into memberlist's handler queue, where user messages
+// wait behind member-state messages and are dropped when it is full; every other packet, a user
+// message that is not a record included, is left to memberlist. A forged record taken this way is
+// refused by the store like any other.
+func TestRecordPacketsTakenBeforeMemberlist(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	sg := newSigner(t)
+	m := startMember(t, auth, sg, "n0", []string{"z"}, gossiptest.NodeOptions{}, clusterOpts{})
+	p, err := m.m.pool("z")
+	require.NoError(t, err)
+
+	raw := sg.record(t, 200)
+	pkt := userMessage(encodeMessage(raw))
+	assert.True(t, p.take(pkt), "a record message is the pool's")
+	clear(pkt) // the pool keeps a copy, not the tunnel's buffer
+	require.Eventually(t, func() bool { return m.store.total() == 1 }, 5*time.Second, 10*time.Millisecond)
+	assert.Equal(t, uint64(1), m.m.Stats().RecordsAccepted)
+
+	for _, other := range [][]byte{
+		nil,
+		{userMsg},
+		{userMsg, 9, 1, 2},                // a user message that is not a record: memberlist's, as before
+		{2, 0, 0, 0},                      // an alive message
+		{7, 1, 2},                         // a compound message
+		append([]byte{msgRecord}, raw...), // a record message without memberlist's user header
+	} {
+		assert.False(t, p.take(other), "%x is memberlist's", other)
+	}
+
+	forged := sg.record(t, 200)
+	forged[len(forged)-1] ^= 1
+	assert.True(t, p.take(userMessage(encodeMessage(forged))))
+	require.Eventually(t, func() bool { return m.m.Stats().RecordsDropped == 1 }, 5*time.Second, 10*time.Millisecond)
+	assert.Equal(t, 1, m.store.total(), "the forged record was refused")
+}
+
 // TestStateBounded: a record set over MaxStateBytes is sent in parts, each within the cap, and
 // successive states cover the whole set.
 func TestStateBounded(t *testing.T) {

@@ -366,6 +366,9 @@ func TestNewRecordFloodsOpenTunnels(t *testing.T) {
 	assert.GreaterOrEqual(t, ms[1].m.Stats().DirectSends, uint64(2), "n1 sent it to n2 and n3 over their tunnels")
 	for _, m := range ms[2:] {
 		assert.Zero(t, m.m.Stats().RecordsViaState, "%s got it by gossip, not push/pull", m.Name)
+		tr, err := m.m.Transport("z")
+		require.NoError(t, err)
+		assert.NotZero(t, tr.Stats().PacketsTaken, "%s took the record before memberlist's handler queue", m.Name)
 	}
 }
 

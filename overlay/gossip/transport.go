@@ -44,7 +44,14 @@ type TransportConfig struct {
 	// inbound or outbound, through Mux.TunnelUp: the membership sends the records it is still
 	// spreading over the new tunnel. It runs on the endpoint's goroutine and must not block.
 	TunnelUp func(peerNodeID string)
-	Logger   *slog.Logger
+	// Take, if set, sees every inbound packet before memberlist does and returns true for one it
+	// consumed, which memberlist then never sees. The membership takes its record messages here:
+	// memberlist queues user messages behind member-state messages (alive ones first) in one
+	// handler goroutine per pool and drops them when that queue is full, so in a zone busy with
+	// suspicions a revocation waited behind them. It runs on the tunnel's goroutine, must not
+	// block, and must copy what it keeps.
+	Take   func(packet []byte) bool
+	Logger *slog.Logger
 }
 
 func (c TransportConfig) withDefaults() TransportConfig {
@@ -77,6 +84,7 @@ type TransportStats struct {
 	PacketsSent       uint64 // packets handed to a tunnel (datagram or stream)
 	PacketsOverStream uint64 // of those, packets too large for a datagram, sent on a control stream
 	PacketsReceived   uint64 // packets handed to memberlist
+	PacketsTaken      uint64 // packets TransportConfig.Take consumed instead
 	PacketsDropped    uint64 // outbound and inbound packets dropped: queue full, dial failed, partitioned
 	StreamsDropped    uint64 // inbound streams closed because memberlist's queue was full
 	DialFailures      uint64 // tunnel dials for this zone that failed
@@ -102,7 +110,7 @@ type Transport struct {
 	hints       map[netip.AddrPort]hint
 	conns       map[*trackedConn]struct{}
 
-	sent, overStream, received, dropped, streamsDropped, dialFailures atomic.Uint64
+	sent, overStream, received, taken, dropped, streamsDropped, dialFailures atomic.Uint64
 }
 
 type pendingDial struct {
@@ -454,13 +462,18 @@ func (t *Transport) DialAddressTimeout(addr memberlist.Address, timeout time.Dur
 	return tc, nil
 }
 
-// deliverPacket hands an inbound packet to memberlist, or drops it when the queue is full.
+// deliverPacket hands an inbound packet to Take or memberlist, or drops it when memberlist's
+// queue is full.
 func (t *Transport) deliverPacket(tun *tunnel.Tunnel, body []byte) {
 	t.mu.Lock()
 	off := t.closed || t.partitioned
 	t.mu.Unlock()
 	if off {
 		t.dropped.Add(1)
+		return
+	}
+	if t.cfg.Take != nil && t.cfg.Take(body) {
+		t.taken.Add(1)
 		return
 	}
 	select {
@@ -561,6 +574,7 @@ func (t *Transport) Stats() TransportStats {
 		PacketsSent:       t.sent.Load(),
 		PacketsOverStream: t.overStream.Load(),
 		PacketsReceived:   t.received.Load(),
+		PacketsTaken:      t.taken.Load(),
 		PacketsDropped:    t.dropped.Load(),
 		StreamsDropped:    t.streamsDropped.Load(),
 		DialFailures:      t.dialFailures.Load(),

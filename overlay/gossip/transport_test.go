@@ -256,6 +256,58 @@ func TestTransportNeverBlocks(t *testing.T) {
 	require.Eventually(t, func() bool { return tb.Stats().StreamsDropped == 2 }, 5*time.Second, 10*time.Millisecond)
 }
 
+// TestTransportTakeBeforeMemberlist: Take sees each inbound packet before memberlist's queue, so
+// a packet it consumes arrives even while that queue is full, and memberlist never sees it; a
+// partitioned transport hands Take nothing.
+func TestTransportTakeBeforeMemberlist(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	a := gossiptest.StartNode(t, auth, "a", []string{"z"}, gossiptest.NodeOptions{})
+	b := gossiptest.StartNode(t, auth, "b", []string{"z"}, gossiptest.NodeOptions{})
+	ta := transport(t, a, "z")
+	took := make(chan []byte, 16)
+	tb := transport(t, b, "z", func(c *gossip.TransportConfig) {
+		c.PacketQueue = 1 // nobody reads it: memberlist is stalled
+		c.Take = func(p []byte) bool {
+			if len(p) == 0 || p[0] != 0x01 {
+				return false
+			}
+			took <- bytes.Clone(p)
+			return true
+		}
+	})
+
+	for _, p := range [][]byte{[]byte("m1"), []byte("m2"), []byte("m3")} {
+		_, err := ta.WriteToAddress(p, addrOf(b))
+		require.NoError(t, err)
+	}
+	require.Eventually(t, func() bool { return tb.Stats().PacketsReceived == 1 && tb.Stats().PacketsDropped == 2 }, 5*time.Second, 10*time.Millisecond)
+	for i := range 5 {
+		_, err := ta.WriteToAddress([]byte{0x01, byte(i)}, addrOf(b))
+		require.NoError(t, err)
+	}
+	for i := range 5 {
+		select {
+		case p := <-took:
+			assert.Equal(t, []byte{0x01, byte(i)}, p)
+		case <-time.After(5 * time.Second):
+			t.Fatalf("packet %d not taken", i)
+		}
+	}
+	st := tb.Stats()
+	assert.Equal(t, uint64(5), st.PacketsTaken)
+	assert.Equal(t, uint64(1), st.PacketsReceived, "memberlist saw none of them")
+	assert.Equal(t, "m1", string(recvPacket(t, tb).Buf))
+
+	tb.SetPartitioned(true)
+	_, _ = ta.WriteToAddress([]byte{0x01, 9}, addrOf(b))
+	select {
+	case p := <-took:
+		t.Fatalf("a partitioned transport handed %x to Take", p)
+	case <-time.After(300 * time.Millisecond):
+	}
+	assert.Equal(t, uint64(5), tb.Stats().PacketsTaken)
+}
+
 // TestTransportPartitionAndShutdown: a partitioned transport neither sends nor receives; after
 // Shutdown it refuses work and closes the streams it handed out.
 func TestTransportPartitionAndShutdown(t *testing.T) {
