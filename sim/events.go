@@ -643,7 +643,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 			}
 			r.say("%s", line)
 			if done && frac >= 1 {
-				r.say("  %s", r.lastMembers(members, at, 3))
+				r.say("  %s", r.lastMembers(t0, members, at, 3))
 			}
 		}
 		if done {
@@ -783,11 +783,14 @@ func (r *runner) stragglerTunnels(members []*simNode, have []bool) string {
 }
 
 // lastMembers names the n members that took the longest, for the progress output of a
-// completed spread: when each got it, and, of the members its tunnels lead to now, how many held
-// it and the earliest and median time they did. A last member whose tunnel peers all held it long
-// before it did waited for its own CPU, or for tunnels opened late; one with no tunnel to a holder
-// waited for a gossip round's dial or a push/pull.
-func (r *runner) lastMembers(members []*simNode, at []time.Duration, n int) string {
+// completed spread: when each got it; of the members its tunnels lead to now, how many held it
+// and the earliest and median time they did; and from when one of those tunnels was open while
+// its peer held it (a tunnel's open time is its registration at this end). A last member that
+// had such a tunnel long before it took the record waited for packets on their way (a sender's
+// flood, the network, its own CPU); one whose first such tunnel came just before waited for a
+// tunnel; one with none waited for a gossip round's dial or a push/pull. Tunnels that closed
+// before the end are not seen.
+func (r *runner) lastMembers(t0 time.Time, members []*simNode, at []time.Duration, n int) string {
 	byID := make(map[string]time.Duration, len(members))
 	order := make([]int, len(members))
 	for i, m := range members {
@@ -807,10 +810,17 @@ func (r *runner) lastMembers(members []*simNode, at []time.Duration, n int) stri
 		}
 		var peers []time.Duration
 		open := 0
+		first := time.Duration(-1) // earliest moment a tunnel to a holder was open
 		for _, t := range d.Node().Endpoint().Tunnels() {
 			open++
-			if p, ok := byID[t.Peer().NodeID]; ok {
-				peers = append(peers, p)
+			p, ok := byID[t.Peer().NodeID]
+			if !ok {
+				continue
+			}
+			peers = append(peers, p)
+			since := max(p, t.Opened().Sub(t0)/r.k)
+			if first < 0 || since < first {
+				first = since
 			}
 		}
 		if len(peers) == 0 {
@@ -818,8 +828,8 @@ func (r *runner) lastMembers(members []*simNode, at []time.Duration, n int) stri
 			continue
 		}
 		slices.Sort(peers)
-		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s)",
-			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2])))
+		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s; a tunnel to a holder from %s)",
+			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2]), fmtDur(first)))
 	}
 	return "last: " + strings.Join(parts, "; ")
 }

@@ -479,6 +479,7 @@ func (e *Endpoint) newTunnel(conn *quic.Conn, peer Peer, local *tls.Certificate,
 		exporter: binding,
 		outbound: outbound,
 		local:    local,
+		opened:   time.Now(),
 		packets:  make(map[uint64]*PacketFlow),
 	}
 	e.armIdle(t)

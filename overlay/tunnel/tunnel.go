@@ -34,6 +34,7 @@ type Tunnel struct {
 	exporter []byte
 	outbound bool
 	local    *tls.Certificate // the certificate this side presented in the handshake
+	opened   time.Time        // when the endpoint registered the tunnel
 
 	nextFlow       atomic.Uint64
 	controlStreams atomic.Int64 // inbound control streams open (Limits.MaxControlStreams)
@@ -61,6 +62,9 @@ func (t *Tunnel) Peer() Peer { return t.peer }
 
 // Exporter is the tunnel's session binding value (the DTL record's external AAD).
 func (t *Tunnel) Exporter() []byte { return append([]byte(nil), t.exporter...) }
+
+// Opened is when the endpoint registered the tunnel (its handshake and the peer's proof done).
+func (t *Tunnel) Opened() time.Time { return t.opened }
 
 // Outbound reports whether this node dialed the tunnel.
 func (t *Tunnel) Outbound() bool { return t.outbound }

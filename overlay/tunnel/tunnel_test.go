@@ -139,7 +139,10 @@ func TestNo0RTTNoResumption(t *testing.T) {
 }
 
 func TestTunnelBindingMatchesBothSides(t *testing.T) {
+	before := time.Now()
 	_, b, tun := pair(t, "payments")
+	assert.False(t, tun.Opened().Before(before), "opened when registered, not earlier")
+	assert.False(t, tun.Opened().After(time.Now()))
 	var inbound *Tunnel
 	require.Eventually(t, func() bool {
 		b.ep.mu.Lock()
@@ -151,6 +154,7 @@ func TestTunnelBindingMatchesBothSides(t *testing.T) {
 	}, 2*time.Second, 10*time.Millisecond)
 	assert.Len(t, tun.Exporter(), dtl.ExporterLen)
 	assert.Equal(t, tun.Exporter(), inbound.Exporter(), "both ends derive the same session binding")
+	assert.False(t, inbound.Opened().Before(before))
 }
 
 func TestCloseStopsEverything(t *testing.T) {
