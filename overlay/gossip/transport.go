@@ -48,8 +48,8 @@ type TransportConfig struct {
 	// consumed, which memberlist then never sees. The membership takes its record messages here:
 	// memberlist queues user messages behind member-state messages (alive ones first) in one
 	// handler goroutine per pool and drops them when that queue is full, so in a zone busy with
-	// suspicions a revocation waited behind them. It runs on the tunnel's goroutine, must not
-	// block, and must copy what it keeps.
+	// suspicions a revocation could wait behind them or be lost. It runs on the tunnel's
+	// goroutine, must not block, and must copy what it keeps.
 	Take   func(packet []byte) bool
 	Logger *slog.Logger
 }
