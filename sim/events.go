@@ -590,8 +590,8 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	er := EventResult{Members: len(members), Expectation: fmt.Sprintf("%.0f%% of live members within %s", x.Converged*100, fmtDur(x.Within.D()))}
 	limit := x.Within.D() + x.Within.D()/2 + time.Second
 	have := make([]bool, len(members))
-	at := make([]time.Duration, len(members)) // per member that holds it, as in times
-	var times []time.Duration                 // per member that holds it, simulated time since t0
+	at := make([]time.Duration, len(members)) // per member that holds it, simulated time since t0
+	whens := make([]time.Time, len(members))  // what holds reported, for the pass that found it
 	count := 0
 	var el time.Duration
 	// With progress on, a line a simulated second: the gossip counters of every live node since
@@ -602,33 +602,27 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		base = r.spreadSnapshot()
 	}
 	for {
-		var fresh []time.Time // what holds reported for the members this pass found
-		var found []int       // their indexes, in the same order
+		var found []int // the members this pass found
 		for i, m := range members {
 			if have[i] {
 				continue
 			}
-			r.mu.RLock()
-			d := m.d
-			r.mu.RUnlock()
+			d := r.daemonOf(m)
 			if d == nil {
 				continue
 			}
 			if ok, when := holds(m, d); ok {
-				have[i] = true
-				fresh = append(fresh, when)
+				have[i], whens[i] = true, when
 				found = append(found, i)
 				count++
 			}
 		}
 		el = r.since(t0)
-		for j, when := range fresh {
-			t := el
-			if !when.IsZero() {
-				t = max(0, when.Sub(t0)/r.k)
+		for _, i := range found {
+			at[i] = el
+			if !whens[i].IsZero() {
+				at[i] = max(0, whens[i].Sub(t0)/r.k)
 			}
-			times = append(times, t)
-			at[found[j]] = t
 		}
 		frac := 1.0
 		if len(members) > 0 {
@@ -650,6 +644,12 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 			break
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+	var times []time.Duration
+	for i, h := range have {
+		if h {
+			times = append(times, at[i])
+		}
 	}
 	er.Curve = curveOf(times, len(members), el)
 	reached, ok := reachedAt(er.Curve, x.Converged)
@@ -730,9 +730,7 @@ func (r *runner) stragglers(members []*simNode, have []bool) string {
 	for _, name := range names {
 		id, known := r.nodeID(name), 0
 		for _, m := range members {
-			r.mu.RLock()
-			d := m.d
-			r.mu.RUnlock()
+			d := r.daemonOf(m)
 			if d == nil || m.name == name {
 				continue
 			}
@@ -763,9 +761,7 @@ func (r *runner) stragglerTunnels(members []*simNode, have []bool) string {
 		if have[i] {
 			continue
 		}
-		r.mu.RLock()
-		d := m.d
-		r.mu.RUnlock()
+		d := r.daemonOf(m)
 		if d == nil || d.Node() == nil {
 			parts = append(parts, m.name+" (down)")
 			continue
@@ -801,9 +797,7 @@ func (r *runner) lastMembers(t0 time.Time, members []*simNode, at []time.Duratio
 	var parts []string
 	for _, i := range order[:min(n, len(order))] {
 		m := members[i]
-		r.mu.RLock()
-		d := m.d
-		r.mu.RUnlock()
+		d := r.daemonOf(m)
 		if d == nil || d.Node() == nil {
 			parts = append(parts, fmt.Sprintf("%s at %s (down)", m.name, fmtDur(at[i])))
 			continue

@@ -130,9 +130,7 @@ func (r *runner) exeSwapEvent(ctx context.Context, e scenario.Event) EventResult
 	if err != nil {
 		return notRun("%v", err)
 	}
-	r.mu.RLock()
-	d := n.d
-	r.mu.RUnlock()
+	d := r.daemonOf(n)
 	var proxyAddr netip.AddrPort
 	for _, p := range d.Proxies() {
 		if p.Agent == ref.Agent && p.Zone == ref.Zone {

@@ -129,6 +129,13 @@ type simNode struct {
 
 func (n *simNode) zones() []string { return n.group.Zones }
 
+// daemonOf is n's daemon, nil while it is down (crashed, or not yet started); a restart replaces it.
+func (r *runner) daemonOf(n *simNode) *daemon.Daemon {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	return n.d
+}
+
 // Run runs a scenario and returns its result. An error means the run itself could not proceed
 // (setup failed); failed expectations are in the result (Result.Failed).
 func Run(ctx context.Context, sc *scenario.Scenario, opts Options) (*Result, error) {
@@ -1104,9 +1111,7 @@ func (r *runner) peersOf(n *simNode, sets ...map[string]*simNode) []config.Peer 
 func (r *runner) awaitJoined(ctx context.Context, n *simNode, limit time.Duration) {
 	deadline := time.Now().Add(limit)
 	for ctx.Err() == nil && time.Now().Before(deadline) {
-		r.mu.RLock()
-		d := n.d
-		r.mu.RUnlock()
+		d := r.daemonOf(n)
 		joined := d != nil
 		for _, z := range n.zones() {
 			if joined && len(d.Members(z)) <= 1 {

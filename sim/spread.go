@@ -37,9 +37,7 @@ func processCPU() time.Duration {
 func (r *runner) spreadSnapshot() spreadSnap {
 	var s spreadSnap
 	for _, n := range r.live("") {
-		r.mu.RLock()
-		d := n.d
-		r.mu.RUnlock()
+		d := r.daemonOf(n)
 		if d == nil {
 			continue
 		}
