@@ -778,6 +778,22 @@ func (r *runner) stragglerTunnels(members []*simNode, have []bool) string {
 	return "waiting: " + strings.Join(parts, ", ")
 }
 
+// arrival is ", the packet that brought it arrived at T" for a member whose last new record came
+// in a gossip packet after t0 (membership.Stats.LastGossipArrival; in the benchmark the one
+// record of the spread), else "": a packet that arrived long before the member held the record
+// waited in this member for its worker, one that arrived late waited on its way.
+func (r *runner) arrival(d *daemon.Daemon, t0 time.Time) string {
+	m := d.Gossip()
+	if m == nil {
+		return ""
+	}
+	a := m.Stats().LastGossipArrival
+	if a.IsZero() || a.Before(t0) {
+		return ""
+	}
+	return "; the packet that brought it arrived at " + fmtDur(a.Sub(t0)/r.k)
+}
+
 // lastMembers names the n members that took the longest, for the progress output of a
 // completed spread: when each got it; of the members its tunnels lead to now, how many held it
 // and the earliest and median time they did; and from when one of those tunnels was open while
@@ -822,8 +838,8 @@ func (r *runner) lastMembers(t0 time.Time, members []*simNode, at []time.Duratio
 			continue
 		}
 		slices.Sort(peers)
-		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s; a tunnel to a holder from %s)",
-			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2]), fmtDur(first)))
+		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s; a tunnel to a holder from %s%s)",
+			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2]), fmtDur(first), r.arrival(d, t0)))
 	}
 	return "last: " + strings.Join(parts, "; ")
 }

@@ -10,6 +10,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/ute-project/ute/overlay/tunnel"
 )
 
 // dialGate paces the tunnel handshakes of every node of a run (tunnel.DialGate): at most
@@ -24,6 +26,11 @@ import (
 // seconds late: a probe behind it misses its timeout and live members are declared failed,
 // which makes more gossip and more dials. Serving the newest keeps the dials that are served
 // on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
+//
+// A deferrable dial (tunnel.Deferrable: a packet of memberlist's member-state gossip) is never
+// queued: with no slot free it is refused at once (tunnel.ErrGateBusy), so that under overload
+// the slots go to the dials that may wait (probes, pushes and pulls, records), and no goroutine
+// and deadline timer waits for a slot it would mostly not get in time.
 type dialGate struct {
 	minLeft time.Duration
 	// setup, while set, refuses at once the background dials of gossip packets (see
@@ -38,10 +45,11 @@ type dialGate struct {
 	dropped map[time.Time]struct{}
 
 	// Counters, for the spread's progress lines: handshakes started, dials whose caller gave up
-	// waiting for a slot, dials refused for too little time left, dials refused at setup, and
+	// waiting for a slot, dials refused for too little time left, dials refused at setup,
+	// deferrable dials refused for want of a free slot, and
 	// the wall time slots were held, summed (nanoseconds): held ÷ granted is how long one
 	// handshake keeps its slot, which at dilation k grows with the k-times-longer round trips.
-	granted, gaveUp, late, setupDrops, held atomic.Uint64
+	granted, gaveUp, late, setupDrops, deferred, held atomic.Uint64
 	// slots is the gate's size, for the progress lines.
 	slots int
 }
@@ -65,6 +73,10 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 	if g.free > 0 {
 		g.free--
 		g.mu.Unlock()
+	} else if tunnel.IsDeferrable(ctx) {
+		g.mu.Unlock()
+		g.deferred.Add(1)
+		return nil, tunnel.ErrGateBusy
 	} else {
 		w := &gateWaiter{ready: make(chan struct{})}
 		g.waiters = append(g.waiters, w)

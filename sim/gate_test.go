@@ -7,7 +7,36 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ute-project/ute/overlay/tunnel"
 )
+
+// A deferrable dial takes a free slot, but with none free it is refused at once (never queued),
+// while a dial that may wait queues as before and is served first when the slot frees.
+func TestDialGateRefusesDeferrableWhenFull(t *testing.T) {
+	g := newDialGate(1, 100*time.Millisecond)
+	ctx := context.Background()
+	def := tunnel.Deferrable(ctx)
+	rel, err := g.Acquire(def)
+	require.NoError(t, err, "a free slot is a deferrable dial's too")
+
+	waited := make(chan error, 1)
+	go func() {
+		r, err := g.Acquire(ctx)
+		if err == nil {
+			r()
+		}
+		waited <- err
+	}()
+	require.Eventually(t, func() bool { return g.waiting() == 1 }, time.Second, time.Millisecond)
+	_, err = g.Acquire(def)
+	require.ErrorIs(t, err, tunnel.ErrGateBusy)
+	assert.Equal(t, 1, g.waiting(), "the refused dial did not queue")
+	assert.Equal(t, uint64(1), g.deferred.Load())
+	rel()
+	require.NoError(t, <-waited)
+	assert.Equal(t, uint64(0), g.gaveUp.Load())
+}
 
 // The gate holds at most its slots, serves the newest waiter first, drops a waiter whose
 // context ends, and refuses to start a handshake with too little time left.

@@ -12,8 +12,9 @@ type spreadSnap struct {
 	sent, taken, dropped, dialFailures     uint64 // gossip transports (every pool)
 	accepted, rebroadcasts, viaState, dups uint64 // membership record counters
 	directSends, tunnelUpSends, syncs      uint64
-	queued, queuing                        int // records still queued, and the nodes holding any
-	granted, gaveUp, late                  uint64
+	queueDropped                           uint64 // records dropped because a node's worker queue was full
+	queued, queuing                        int    // records still queued, and the nodes holding any
+	granted, gaveUp, late, deferred        uint64
 	waiting                                int
 	// held is the wall time the gate's slots were held, summed; slots the gate's size; cpu the
 	// process's CPU time (user + system) and at the wall clock of the snapshot: the line shows
@@ -53,6 +54,7 @@ func (r *runner) spreadSnapshot() spreadSnap {
 		s.directSends += st.DirectSends
 		s.tunnelUpSends += st.TunnelUpSends
 		s.syncs += st.RecordSyncs
+		s.queueDropped += st.QueueDropped
 		q := 0
 		for _, z := range m.Zones() {
 			q += m.Queued(z)
@@ -71,6 +73,7 @@ func (r *runner) spreadSnapshot() spreadSnap {
 	}
 	if r.gate != nil {
 		s.granted, s.gaveUp, s.late = r.gate.granted.Load(), r.gate.gaveUp.Load(), r.gate.late.Load()
+		s.deferred = r.gate.deferred.Load()
 		s.waiting = r.gate.waiting()
 		s.held, s.slots = time.Duration(r.gate.held.Load()), r.gate.slots
 	}
@@ -80,10 +83,10 @@ func (r *runner) spreadSnapshot() spreadSnap {
 
 // line is the progress line for the spread since base, at simulated time el.
 func (s spreadSnap) line(base spreadSnap, el time.Duration, frac float64) string {
-	return fmt.Sprintf("  spread at %s: %.1f%%; packets sent %d, taken before memberlist %d, dropped %d, dial failures %d; records accepted %d (%d by push/pull), re-queued %d, duplicates %d, direct %d, on tunnel up %d, probe syncs %d; queued %d at %d node(s); handshakes %d, gave up waiting %d, too late %d, waiting %d; slot held %s per handshake (%d slots); CPU %.2f cores",
+	return fmt.Sprintf("  spread at %s: %.1f%%; packets sent %d, taken before memberlist %d, dropped %d, dial failures %d; records accepted %d (%d by push/pull), re-queued %d, duplicates %d, lost in full worker queues %d, direct %d, on tunnel up %d, probe syncs %d; queued %d at %d node(s); handshakes %d, gave up waiting %d, too late %d, deferred %d, waiting %d; slot held %s per handshake (%d slots); CPU %.2f cores",
 		fmtDur(el), frac*100, s.sent-base.sent, s.taken-base.taken, s.dropped-base.dropped, s.dialFailures-base.dialFailures,
-		s.accepted-base.accepted, s.viaState-base.viaState, s.rebroadcasts-base.rebroadcasts, s.dups-base.dups, s.directSends-base.directSends, s.tunnelUpSends-base.tunnelUpSends, s.syncs-base.syncs,
-		s.queued, s.queuing, s.granted-base.granted, s.gaveUp-base.gaveUp, s.late-base.late, s.waiting,
+		s.accepted-base.accepted, s.viaState-base.viaState, s.rebroadcasts-base.rebroadcasts, s.dups-base.dups, s.queueDropped-base.queueDropped, s.directSends-base.directSends, s.tunnelUpSends-base.tunnelUpSends, s.syncs-base.syncs,
+		s.queued, s.queuing, s.granted-base.granted, s.gaveUp-base.gaveUp, s.late-base.late, s.deferred-base.deferred, s.waiting,
 		perHandshake(s.held-base.held, s.granted-base.granted), s.slots, cores(s.cpu-base.cpu, s.at.Sub(base.at)))
 }
 

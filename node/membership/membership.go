@@ -214,12 +214,18 @@ type Stats struct {
 	StateTruncated    uint64 // records left out of a push/pull state by MaxStateBytes
 	RecordSyncs       uint64 // record pushes after a probe's ack carried a different record digest
 	NamesRefused      uint64 // member names refused: foreign, not a node, revoked
+	// LastGossipArrival is when the gossip packet carrying the last record that a gossip packet
+	// brought new to this node arrived, before it waited for the worker that verifies and stores
+	// records: with the store's own time of the record, it tells a record that waited on its
+	// way from one that waited here. Zero until such a record.
+	LastGossipArrival time.Time
 }
 
 type counters struct {
 	accepted, known, dropped, duplicate, malformed, queueDropped atomic.Uint64
 	viaState, directSends, tunnelUpSends, syncs                  atomic.Uint64
 	rebroadcasts, pushes, pushFailures, truncated, namesRefused  atomic.Uint64
+	lastArrival                                                  atomic.Int64 // unix nanoseconds
 }
 
 // source is how a record arrived.
@@ -234,6 +240,7 @@ const (
 type job struct {
 	zone string
 	raw  []byte
+	at   time.Time // arrival at the transport
 }
 
 // Membership runs the node's gossip pools, one per zone.
@@ -512,7 +519,15 @@ func (m *Membership) Stats() Stats {
 		StateTruncated:    m.st.truncated.Load(),
 		RecordSyncs:       m.st.syncs.Load(),
 		NamesRefused:      m.st.namesRefused.Load(),
+		LastGossipArrival: unixNanoTime(m.st.lastArrival.Load()),
 	}
+}
+
+func unixNanoTime(ns int64) time.Time {
+	if ns == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, ns)
 }
 
 // Close leaves every pool, stops them and waits for every goroutine this package started.
@@ -574,7 +589,7 @@ func key(zone string, raw []byte) seenKey {
 // enqueue hands a gossiped record to the worker without blocking memberlist.
 func (m *Membership) enqueue(zone string, raw []byte) {
 	select {
-	case m.work <- job{zone, raw}:
+	case m.work <- job{zone, raw, time.Now()}:
 	default:
 		m.st.queueDropped.Add(1)
 	}
@@ -586,30 +601,33 @@ func (m *Membership) worker() {
 		case <-m.ctx.Done():
 			return
 		case j := <-m.work:
-			m.receive(j.zone, j.raw, fromGossip)
+			if m.receive(j.zone, j.raw, fromGossip) {
+				m.st.lastArrival.Store(j.at.UnixNano())
+			}
 		}
 	}
 }
 
 // receive runs a record through the seen-set and Records.Add, and re-broadcasts it on first
 // receipt. From a push/pull state only records new to the store are re-broadcast, so that a
-// restarted node does not re-broadcast its whole set.
-func (m *Membership) receive(zone string, raw []byte, src source) {
+// restarted node does not re-broadcast its whole set. It reports whether the store took the
+// record as new.
+func (m *Membership) receive(zone string, raw []byte, src source) (isNew bool) {
 	if m.ctx.Err() != nil {
 		// Closed: a push still being read on an endpoint goroutine must not reach a store the
 		// caller may be closing.
-		return
+		return false
 	}
 	k := key(zone, raw)
 	if m.seen.has(k) {
 		m.st.duplicate.Add(1)
-		return
+		return false
 	}
 	isNew, err := m.cfg.Records.Add(zone, raw)
 	if err != nil {
 		m.st.dropped.Add(1)
 		m.log.Debug("gossiped record refused", "zone", zone, "err", err)
-		return
+		return false
 	}
 	if isNew {
 		if p, err := m.pool(zone); err == nil {
@@ -632,6 +650,7 @@ func (m *Membership) receive(zone string, raw []byte, src source) {
 	if p.spread(raw, false) {
 		m.st.rebroadcasts.Add(1)
 	}
+	return isNew
 }
 
 // handlePush takes a direct record push (control channel gossip.ChannelRecords).
@@ -794,9 +813,10 @@ func (m *Membership) newPool(zone string) (*pool, error) {
 		Dialer:    m.cfg.Endpoint,
 		Mux:       m.cfg.Mux,
 		// Until newPool returns nothing is queued, so tunnelUp sends nothing (and reads no p.tr).
-		TunnelUp: p.tunnelUp,
-		Take:     p.take,
-		Logger:   m.log,
+		TunnelUp:   p.tunnelUp,
+		Take:       p.take,
+		Deferrable: deferrable,
+		Logger:     m.log,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("membership: zone %s: %w", zone, err)

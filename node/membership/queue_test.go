@@ -369,7 +369,10 @@ func TestNewRecordFloodsOpenTunnels(t *testing.T) {
 		tr, err := m.m.Transport("z")
 		require.NoError(t, err)
 		assert.NotZero(t, tr.Stats().PacketsTaken, "%s took the record before memberlist's handler queue", m.Name)
+		arrived := m.m.Stats().LastGossipArrival
+		assert.True(t, arrived.After(start) && !arrived.After(time.Now()), "%s: the record's packet arrived at %v, after Publish", m.Name, arrived)
 	}
+	assert.Zero(t, ms[0].m.Stats().LastGossipArrival, "the publisher took no record from a gossip packet")
 }
 
 // TestQueuedRecordGoesOverANewTunnel: a record still queued for gossip is sent at once over a

@@ -50,8 +50,14 @@ type TransportConfig struct {
 	// handler goroutine per pool and drops them when that queue is full, so in a zone busy with
 	// suspicions a revocation could wait behind them or be lost. It runs on the tunnel's
 	// goroutine, must not block, and must copy what it keeps.
-	Take   func(packet []byte) bool
-	Logger *slog.Logger
+	Take func(packet []byte) bool
+	// Deferrable, if set, reports whether a packet to a member without a tunnel is worth a
+	// handshake only when one is to spare: its background dial is then marked
+	// tunnel.Deferrable, and a dial gate refuses it at once rather than queue it behind the
+	// others. The membership marks memberlist's gossip of member state, which memberlist sends
+	// to other members anyway. It must not keep the packet.
+	Deferrable func(packet []byte) bool
+	Logger     *slog.Logger
 }
 
 func (c TransportConfig) withDefaults() TransportConfig {
@@ -88,6 +94,7 @@ type TransportStats struct {
 	PacketsDropped    uint64 // outbound and inbound packets dropped: queue full, dial failed, partitioned
 	StreamsDropped    uint64 // inbound streams closed because memberlist's queue was full
 	DialFailures      uint64 // tunnel dials for this zone that failed
+	DialsDeferred     uint64 // deferrable dials a dial gate refused at once (tunnel.ErrGateBusy)
 }
 
 // Transport is a memberlist.NodeAwareTransport for one zone over the node's tunnel endpoint.
@@ -110,7 +117,7 @@ type Transport struct {
 	hints       map[netip.AddrPort]hint
 	conns       map[*trackedConn]struct{}
 
-	sent, overStream, received, taken, dropped, streamsDropped, dialFailures atomic.Uint64
+	sent, overStream, received, taken, dropped, streamsDropped, dialFailures, deferred atomic.Uint64
 }
 
 type pendingDial struct {
@@ -388,20 +395,34 @@ func (t *Transport) queueDial(ap netip.AddrPort, name string, pkt pendingPacket)
 
 func (t *Transport) dialAndFlush(ap netip.AddrPort, name string) {
 	ctx, cancel := context.WithTimeout(t.ctx, t.cfg.DialTimeout)
+	if t.cfg.Deferrable != nil && t.firstDeferrable(name) {
+		ctx = tunnel.Deferrable(ctx)
+	}
 	tun, err := t.cfg.Dialer.Dial(ctx, ap, name, t.zone)
 	cancel()
+	busy := errors.Is(err, tunnel.ErrGateBusy)
 	t.mu.Lock()
 	p := t.pending[name]
 	var pkts []pendingPacket
 	if p != nil {
 		pkts, p.packets, p.dialing = p.packets, nil, false
-		if err != nil {
+		if err != nil && !busy {
 			p.failedUntil = time.Now().Add(t.cfg.RedialAfter)
 		} else {
+			// Tunnel up, or no slot was free: the peer is not held as unreachable, so that
+			// the next packet to it (a probe) dials again.
 			delete(t.pending, name)
 		}
 	}
 	t.mu.Unlock()
+	if busy {
+		t.deferred.Add(1)
+		t.dropped.Add(uint64(len(pkts)))
+		for _, q := range pkts {
+			report(q.done, false)
+		}
+		return
+	}
 	if err != nil {
 		t.dialFailures.Add(1)
 		t.dropped.Add(uint64(len(pkts)))
@@ -418,6 +439,15 @@ func (t *Transport) dialAndFlush(ap netip.AddrPort, name string) {
 		}
 		report(q.done, sent)
 	}
+}
+
+// firstDeferrable reports whether the packet that started name's dial is deferrable
+// (TransportConfig.Deferrable). Packets queued behind it share its fate.
+func (t *Transport) firstDeferrable(name string) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	p := t.pending[name]
+	return p != nil && len(p.packets) > 0 && t.cfg.Deferrable(p.packets[0].b)
 }
 
 // DialTimeout is DialAddressTimeout without a node name; it works only for hinted addresses.
@@ -578,6 +608,7 @@ func (t *Transport) Stats() TransportStats {
 		PacketsDropped:    t.dropped.Load(),
 		StreamsDropped:    t.streamsDropped.Load(),
 		DialFailures:      t.dialFailures.Load(),
+		DialsDeferred:     t.deferred.Load(),
 	}
 }
 

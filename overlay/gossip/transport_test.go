@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"net"
+	"sync"
 	"testing"
 	"time"
 
@@ -364,4 +365,49 @@ func FuzzParseDatagram(f *testing.F) {
 			t.Fatal("round trip changed the bytes")
 		}
 	})
+}
+
+// TestTransportDeferrablePacketsDoNotWaitForTheGate: a packet TransportConfig.Deferrable marks,
+// to a member without a tunnel while every handshake slot of the endpoint's gate is taken, is
+// dropped at once and the member is not held as unreachable: the next packet, one that may
+// wait, waits for the slot and arrives.
+func TestTransportDeferrablePacketsDoNotWaitForTheGate(t *testing.T) {
+	auth := gossiptest.NewAuthority(t, td)
+	a := gossiptest.StartNode(t, auth, "a", []string{"z"}, gossiptest.NodeOptions{})
+	b := gossiptest.StartNode(t, auth, "b", []string{"z"}, gossiptest.NodeOptions{})
+	var (
+		mu   sync.Mutex
+		seen [][]byte
+	)
+	ta := transport(t, a, "z", func(c *gossip.TransportConfig) {
+		c.Deferrable = func(p []byte) bool {
+			mu.Lock()
+			defer mu.Unlock()
+			seen = append(seen, bytes.Clone(p))
+			return len(p) > 0 && p[0] == 0x03
+		}
+	})
+	tb := transport(t, b, "z")
+	gate := tunnel.NewDialGate(1)
+	a.Endpoint.SetDialGate(gate)
+	hold, err := gate.Acquire(t.Context())
+	require.NoError(t, err)
+
+	_, err = ta.WriteToAddress([]byte{0x03, 'd'}, addrOf(b))
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return ta.Stats().DialsDeferred == 1 }, 2*time.Second, 5*time.Millisecond)
+	st := ta.Stats()
+	assert.Equal(t, uint64(1), st.PacketsDropped)
+	assert.Zero(t, st.DialFailures)
+	assert.False(t, ta.Held(b.ID), "a refusal at the gate does not hold the member")
+
+	_, err = ta.WriteToAddress([]byte{0x00, 'p'}, addrOf(b))
+	require.NoError(t, err)
+	noPacket(t, tb, 200*time.Millisecond) // waiting for the slot
+	hold()
+	assert.Equal(t, []byte{0x00, 'p'}, recvPacket(t, tb).Buf)
+	assert.Equal(t, uint64(1), ta.Stats().DialsDeferred)
+	mu.Lock()
+	defer mu.Unlock()
+	assert.Equal(t, [][]byte{{0x03, 'd'}, {0x00, 'p'}}, seen, "asked once per dial, of the packet that started it")
 }

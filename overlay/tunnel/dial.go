@@ -54,6 +54,10 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 			if c.err != nil && (errors.Is(c.err, context.Canceled) || errors.Is(c.err, context.DeadlineExceeded)) && ctx.Err() == nil {
 				continue
 			}
+			// Nor is the gate's refusal of a deferrable leader, for a caller that may wait.
+			if errors.Is(c.err, ErrGateBusy) && !IsDeferrable(ctx) && ctx.Err() == nil {
+				continue
+			}
 			if c.err != nil {
 				return nil, c.err
 			}
@@ -85,7 +89,8 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 func permanent(err error) bool {
 	return errors.Is(err, ErrPeerRefused) || errors.Is(err, ErrPeerMismatch) ||
 		errors.Is(err, ErrZoneNotOffered) || errors.Is(err, ErrRefusedByPeer) ||
-		errors.Is(err, ErrZoneNotServed) || errors.Is(err, ErrClosed) || errors.Is(err, Err0RTT)
+		errors.Is(err, ErrZoneNotServed) || errors.Is(err, ErrClosed) || errors.Is(err, Err0RTT) ||
+		errors.Is(err, ErrGateBusy)
 }
 
 // backoff returns the delay before retry attempt (1-based): exponential, capped, with jitter in
@@ -106,6 +111,9 @@ func (e *Endpoint) dialRetry(ctx context.Context, addr netip.AddrPort, nodeID, z
 		t, err = e.dialOnce(ctx, addr, nodeID, zone)
 		if err == nil {
 			return t, nil
+		}
+		if errors.Is(err, ErrGateBusy) {
+			return nil, err // no handshake was tried: neither a failure to count nor one to retry
 		}
 		e.stats.dialFailures.Add(1)
 		e.log.Warn("tunnel dial failed", "peer", nodeID, "addr", addr.String(), "zone", zone, "attempt", attempt, "err", err)

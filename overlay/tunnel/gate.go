@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"context"
+	"errors"
 	"fmt"
 )
 
@@ -12,8 +13,33 @@ import (
 // handshake timeout and are retried, so that none completes (a congestion collapse). A gate
 // shared by those endpoints keeps the number of handshakes in progress near what the CPUs can
 // finish in time.
+//
+// A dial whose context is marked Deferrable must not wait: a gate refuses it at once with an
+// error wrapping ErrGateBusy when no slot is free, and the endpoint does not retry it.
 type DialGate interface {
 	Acquire(ctx context.Context) (release func(), err error)
+}
+
+// ErrGateBusy is a DialGate's refusal of a Deferrable dial when no handshake slot is free. It is
+// no failure of the peer: a caller must not hold the peer as unreachable because of it.
+var ErrGateBusy = errors.New("no handshake slot free for a deferrable dial")
+
+type deferrableKey struct{}
+
+// Deferrable marks the dials made with the returned context as worth a handshake only when one
+// is to spare: under a DialGate they are refused at once (ErrGateBusy) rather than queued when
+// every slot is taken. Without a gate it changes nothing. The gossip transport marks so the
+// dial of a packet of member state, which memberlist gossips to other members anyway, so that
+// under a starved CPU such packets do not take the slots of the probes that keep live members
+// from being suspected (docs/simulator.md, "Deferrable dials").
+func Deferrable(ctx context.Context) context.Context {
+	return context.WithValue(ctx, deferrableKey{}, true)
+}
+
+// IsDeferrable reports whether ctx was marked by Deferrable.
+func IsDeferrable(ctx context.Context) bool {
+	v, _ := ctx.Value(deferrableKey{}).(bool)
+	return v
 }
 
 // NewDialGate returns a gate that lets at most n handshakes run at once across every endpoint
@@ -23,6 +49,14 @@ func NewDialGate(n int) DialGate { return semGate(make(chan struct{}, max(n, 1))
 type semGate chan struct{}
 
 func (g semGate) Acquire(ctx context.Context) (func(), error) {
+	if IsDeferrable(ctx) {
+		select {
+		case g <- struct{}{}:
+			return func() { <-g }, nil
+		default:
+			return nil, ErrGateBusy
+		}
+	}
 	select {
 	case g <- struct{}{}:
 		return func() { <-g }, nil
@@ -50,6 +84,9 @@ func (e *Endpoint) acquireDial(ctx context.Context, nodeID, zone string) (func()
 		return func() {}, nil
 	}
 	release, err := h.g.Acquire(ctx)
+	if errors.Is(err, ErrGateBusy) {
+		return nil, err // a refusal without waiting, often thousands a second under overload: not formatted
+	}
 	if err != nil {
 		return nil, fmt.Errorf("tunnel: dial %s zone %s: waiting for a handshake slot: %w", nodeID, zone, err)
 	}

@@ -60,3 +60,68 @@ func TestNewDialGateBounds(t *testing.T) {
 	require.NoError(t, err)
 	r2()
 }
+
+// A deferrable dial does not wait for a slot: with every slot taken it is refused at once with
+// ErrGateBusy, counted as no dial failure and not retried. With a slot free it handshakes.
+func TestDeferrableDialRefusedAtOnceWhenGateIsFull(t *testing.T) {
+	pki := newPKI(t, testTD)
+	a := startNode(t, pki, "a", pki.node(t, "a", "z"), []string{"z"}, "")
+	b := startNode(t, pki, "b", pki.node(t, "b", "z"), []string{"z"}, "")
+	gate := NewDialGate(1)
+	a.ep.SetDialGate(gate)
+	require.False(t, IsDeferrable(context.Background()))
+	require.True(t, IsDeferrable(Deferrable(context.Background())))
+
+	hold, err := gate.Acquire(context.Background())
+	require.NoError(t, err)
+	t0 := time.Now()
+	_, err = a.ep.Dial(Deferrable(ctxT(t)), b.addr, b.id, "z")
+	require.ErrorIs(t, err, ErrGateBusy)
+	require.Less(t, time.Since(t0), time.Second, "refused at once, not after backoff")
+	require.Zero(t, a.ep.Stats().DialFailures, "a refusal at the gate is no failed handshake")
+	require.Zero(t, b.ep.Stats().Tunnels)
+
+	hold()
+	tun, err := a.ep.Dial(Deferrable(ctxT(t)), b.addr, b.id, "z")
+	require.NoError(t, err)
+	require.True(t, tun.Alive())
+}
+
+// refusingGate holds a deferrable dial until told, then refuses it; other dials pass.
+type refusingGate struct{ entered, refuse chan struct{} }
+
+func (g refusingGate) Acquire(ctx context.Context) (func(), error) {
+	if IsDeferrable(ctx) {
+		close(g.entered)
+		<-g.refuse
+		return nil, ErrGateBusy
+	}
+	return func() {}, nil
+}
+
+// A dial that may wait, sharing the handshake of a deferrable dial to the same peer, is not
+// failed by the gate's refusal of that one: it dials itself.
+func TestWaitingDialOutlivesDeferrableLeadersRefusal(t *testing.T) {
+	pki := newPKI(t, testTD)
+	a := startNode(t, pki, "a", pki.node(t, "a", "z"), []string{"z"}, "")
+	b := startNode(t, pki, "b", pki.node(t, "b", "z"), []string{"z"}, "")
+	g := refusingGate{entered: make(chan struct{}), refuse: make(chan struct{})}
+	a.ep.SetDialGate(g)
+
+	leader := make(chan error, 1)
+	go func() {
+		_, err := a.ep.Dial(Deferrable(ctxT(t)), b.addr, b.id, "z")
+		leader <- err
+	}()
+	<-g.entered
+	follower := make(chan error, 1)
+	go func() {
+		_, err := a.ep.Dial(ctxT(t), b.addr, b.id, "z")
+		follower <- err
+	}()
+	time.Sleep(100 * time.Millisecond) // the follower joins the leader's dial
+	close(g.refuse)
+	require.ErrorIs(t, <-leader, ErrGateBusy)
+	require.NoError(t, <-follower)
+	require.Equal(t, 1, b.ep.Stats().Tunnels)
+}
