@@ -778,7 +778,7 @@ func (r *runner) stragglerTunnels(members []*simNode, have []bool) string {
 	return "waiting: " + strings.Join(parts, ", ")
 }
 
-// arrival is ", the packet that brought it arrived at T" for a member whose last new record came
+// arrival is "; the packet that brought it arrived at T, left the worker's queue at U" for a member whose last new record came
 // in a gossip packet after t0 (membership.Stats.LastGossipArrival; in the benchmark the one
 // record of the spread), else "": a packet that arrived long before the member held the record
 // waited in this member for its worker, one that arrived late waited on its way.
@@ -787,11 +787,12 @@ func (r *runner) arrival(d *daemon.Daemon, t0 time.Time) string {
 	if m == nil {
 		return ""
 	}
-	a := m.Stats().LastGossipArrival
+	st := m.Stats()
+	a := st.LastGossipArrival
 	if a.IsZero() || a.Before(t0) {
 		return ""
 	}
-	return "; the packet that brought it arrived at " + fmtDur(a.Sub(t0)/r.k)
+	return "; the packet that brought it arrived at " + fmtDur(a.Sub(t0)/r.k) + ", left the worker's queue at " + fmtDur(st.LastGossipDequeued.Sub(t0)/r.k)
 }
 
 // lastMembers names the n members that took the longest, for the progress output of a

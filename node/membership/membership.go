@@ -219,13 +219,16 @@ type Stats struct {
 	// records: with the store's own time of the record, it tells a record that waited on its
 	// way from one that waited here. Zero until such a record.
 	LastGossipArrival time.Time
+	// LastGossipDequeued is when the worker took that record's packet from its queue: arrival to
+	// dequeue is the wait for the worker, dequeue to the store's time the verification and write.
+	LastGossipDequeued time.Time
 }
 
 type counters struct {
 	accepted, known, dropped, duplicate, malformed, queueDropped atomic.Uint64
 	viaState, directSends, tunnelUpSends, syncs                  atomic.Uint64
 	rebroadcasts, pushes, pushFailures, truncated, namesRefused  atomic.Uint64
-	lastArrival                                                  atomic.Int64 // unix nanoseconds
+	lastArrival, lastDequeued                                    atomic.Int64 // unix nanoseconds
 }
 
 // source is how a record arrived.
@@ -504,22 +507,23 @@ func stateName(s memberlist.NodeStateType) string {
 // Stats returns the counters.
 func (m *Membership) Stats() Stats {
 	return Stats{
-		RecordsAccepted:   m.st.accepted.Load(),
-		RecordsKnown:      m.st.known.Load(),
-		RecordsDropped:    m.st.dropped.Load(),
-		RecordsDuplicate:  m.st.duplicate.Load(),
-		RecordsViaState:   m.st.viaState.Load(),
-		MessagesMalformed: m.st.malformed.Load(),
-		QueueDropped:      m.st.queueDropped.Load(),
-		Rebroadcasts:      m.st.rebroadcasts.Load(),
-		DirectSends:       m.st.directSends.Load(),
-		TunnelUpSends:     m.st.tunnelUpSends.Load(),
-		DirectPushes:      m.st.pushes.Load(),
-		PushFailures:      m.st.pushFailures.Load(),
-		StateTruncated:    m.st.truncated.Load(),
-		RecordSyncs:       m.st.syncs.Load(),
-		NamesRefused:      m.st.namesRefused.Load(),
-		LastGossipArrival: unixNanoTime(m.st.lastArrival.Load()),
+		RecordsAccepted:    m.st.accepted.Load(),
+		RecordsKnown:       m.st.known.Load(),
+		RecordsDropped:     m.st.dropped.Load(),
+		RecordsDuplicate:   m.st.duplicate.Load(),
+		RecordsViaState:    m.st.viaState.Load(),
+		MessagesMalformed:  m.st.malformed.Load(),
+		QueueDropped:       m.st.queueDropped.Load(),
+		Rebroadcasts:       m.st.rebroadcasts.Load(),
+		DirectSends:        m.st.directSends.Load(),
+		TunnelUpSends:      m.st.tunnelUpSends.Load(),
+		DirectPushes:       m.st.pushes.Load(),
+		PushFailures:       m.st.pushFailures.Load(),
+		StateTruncated:     m.st.truncated.Load(),
+		RecordSyncs:        m.st.syncs.Load(),
+		NamesRefused:       m.st.namesRefused.Load(),
+		LastGossipArrival:  unixNanoTime(m.st.lastArrival.Load()),
+		LastGossipDequeued: unixNanoTime(m.st.lastDequeued.Load()),
 	}
 }
 
@@ -601,8 +605,10 @@ func (m *Membership) worker() {
 		case <-m.ctx.Done():
 			return
 		case j := <-m.work:
+			took := time.Now()
 			if m.receive(j.zone, j.raw, fromGossip) {
 				m.st.lastArrival.Store(j.at.UnixNano())
+				m.st.lastDequeued.Store(took.UnixNano())
 			}
 		}
 	}

@@ -371,6 +371,8 @@ func TestNewRecordFloodsOpenTunnels(t *testing.T) {
 		assert.NotZero(t, tr.Stats().PacketsTaken, "%s took the record before memberlist's handler queue", m.Name)
 		arrived := m.m.Stats().LastGossipArrival
 		assert.True(t, arrived.After(start) && !arrived.After(time.Now()), "%s: the record's packet arrived at %v, after Publish", m.Name, arrived)
+		dequeued := m.m.Stats().LastGossipDequeued
+		assert.False(t, dequeued.Before(arrived) || dequeued.After(time.Now()), "%s: taken from the worker's queue at %v, after its arrival", m.Name, dequeued)
 	}
 	assert.Zero(t, ms[0].m.Stats().LastGossipArrival, "the publisher took no record from a gossip packet")
 }
