@@ -55,7 +55,10 @@ type TransportConfig struct {
 	// handshake only when one is to spare: its background dial is then marked
 	// tunnel.Deferrable, and a dial gate refuses it at once rather than queue it behind the
 	// others. The membership marks memberlist's gossip of member state, which memberlist sends
-	// to other members anyway. It must not keep the packet.
+	// to other members anyway, and its gossip rounds' record packets, which a later round sends
+	// again. Packets queued behind the one that started a dial share its fate. It is called
+	// with the transport's lock held: it must not block or call the transport, nor keep the
+	// packet.
 	Deferrable func(packet []byte) bool
 	Logger     *slog.Logger
 }
