@@ -19,16 +19,7 @@ const (
 // (gossip.TransportConfig.Deferrable): memberlist sends each of them to other random members
 // too, while a probe that misses its member makes it suspected (docs/simulator.md).
 func memberState(b []byte) bool {
-	if len(b) >= 2 && b[0] == mlHasLabel {
-		n := int(b[1])
-		if len(b) < 2+n {
-			return false
-		}
-		b = b[2+n:]
-	}
-	if len(b) >= 5 && b[0] == mlHasCRC {
-		b = b[5:]
-	}
+	b = message(b)
 	if len(b) == 0 {
 		return false
 	}
@@ -64,6 +55,22 @@ func memberState(b []byte) bool {
 // of probes and waited by the thousand (a 1,000-node spread: 5,500 waiting, 10,500 given up).
 func deferrable(b []byte) bool {
 	return memberState(b) || (len(b) >= 2 && b[0] == userMsg && b[1] == msgRecord)
+}
+
+// message is b without memberlist's label and CRC prefixes: the message itself, from its type
+// byte; nil when a label runs past the end.
+func message(b []byte) []byte {
+	if len(b) >= 2 && b[0] == mlHasLabel {
+		n := int(b[1])
+		if len(b) < 2+n {
+			return nil
+		}
+		b = b[2+n:]
+	}
+	if len(b) >= 5 && b[0] == mlHasCRC {
+		b = b[5:]
+	}
+	return b
 }
 
 func isMemberState(t byte) bool { return t == mlSuspect || t == mlAlive || t == mlDead }
