@@ -6,8 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -55,6 +57,15 @@ func (r *runner) runTimeline(ctx context.Context, res *Result) {
 	r.startTraffic(ctx)
 	starts := make([]time.Duration, len(r.sc.Timeline))
 	for i, e := range r.sc.Timeline {
+		// The simulator's own garbage collection is kept out of the event: with every node in one
+		// process the heap is thousands of times a node's, and a collection's mark phase (up to
+		// 8.5 s of wall time at 1,000 nodes, its assists taking more CPU than its workers) stalls
+		// every node's goroutines at once, which no deployed node would see. A run whose spread
+		// overlapped one waited 0.5-0.7 s of simulated time with the record's packets in its last
+		// members' socket queues (docs/benchmarks.md, "The simulator's garbage collection").
+		// Collecting here, while the timeline waits anyway, moves the next collection past most
+		// events; the event starts later if the collection outlasts the wait.
+		runtime.GC()
 		if wait := r.wall(e.At.D()) - time.Since(r.t0); wait > 0 {
 			select {
 			case <-ctx.Done():
@@ -600,6 +611,9 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	nextLine := time.Second
 	if r.progress != nil {
 		base = r.spreadSnapshot()
+		// The last members' line says where their packets waited (socketTrace).
+		r.net.trace(true)
+		defer r.net.trace(false)
 	}
 	for {
 		var found []int // the members this pass found
@@ -822,11 +836,16 @@ func (r *runner) lastMembers(t0 time.Time, members []*simNode, at []time.Duratio
 		var peers []time.Duration
 		open := 0
 		first := time.Duration(-1) // earliest moment a tunnel to a holder was open
+		holders := map[netip.AddrPort]time.Duration{}
 		for _, t := range d.Node().Endpoint().Tunnels() {
 			open++
 			p, ok := byID[t.Peer().NodeID]
 			if !ok {
 				continue
+			}
+			if u, ok := t.RemoteAddr().(*net.UDPAddr); ok {
+				ap := u.AddrPort()
+				holders[netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())] = p
 			}
 			peers = append(peers, p)
 			since := max(p, t.Opened().Sub(t0)/r.k)
@@ -839,10 +858,48 @@ func (r *runner) lastMembers(t0 time.Time, members []*simNode, at []time.Duratio
 			continue
 		}
 		slices.Sort(peers)
-		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s; a tunnel to a holder from %s%s)",
-			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2]), fmtDur(first), r.arrival(d, t0)))
+		parts = append(parts, fmt.Sprintf("%s at %s (%d tunnels; %d to members, who held it from %s, median %s; a tunnel to a holder from %s%s%s)",
+			m.name, fmtDur(at[i]), open, len(peers), fmtDur(peers[0]), fmtDur(peers[len(peers)/2]), fmtDur(first), r.arrival(d, t0),
+			r.socketTrace(m.addr, holders, t0, at[i])))
 	}
 	return "last: " + strings.Join(parts, "; ")
+}
+
+// socketTrace is "; its socket read N packets by T, the longest after W in its queue; from
+// members holding it: S B sent at A, in the queue at B, read at C, …" for a member at addr that
+// took the record at `until`, from the network's trace of the spread (memnet.Trace; "" on real
+// UDP). holders maps the underlay address of each tunnel's peer to when that peer held the
+// record; the packets listed are the first few from those peers sent after they held it and
+// larger than an ACK: the sender's flood has left it when it is sent, the link's delay is sent to
+// queued, and this member's QUIC read loop took it at read. A record packet read long before the
+// member held the record waited in this member's QUIC, tunnel or worker goroutines; one sent
+// late waited at its sender.
+func (r *runner) socketTrace(addr netip.AddrPort, holders map[netip.AddrPort]time.Duration, t0 time.Time, until time.Duration) string {
+	tr := r.net.traced(addr)
+	if len(tr) == 0 {
+		return ""
+	}
+	rel := func(t time.Time) time.Duration { return t.Sub(t0) / r.k }
+	const minSize = 200 // an ACK-only QUIC packet is well below this, a record's datagram above
+	read, longest := 0, time.Duration(0)
+	var listed []string
+	for _, p := range tr {
+		if rel(p.Read) > until {
+			break
+		}
+		read++
+		longest = max(longest, p.Read.Sub(p.Queued)/r.k)
+		held, ok := holders[p.From]
+		if !ok || p.Size < minSize || rel(p.Sent) < held || len(listed) == 3 {
+			continue
+		}
+		listed = append(listed, fmt.Sprintf("%d B sent at %s, in the queue at %s, read at %s", p.Size, fmtDur(rel(p.Sent)), fmtDur(rel(p.Queued)), fmtDur(rel(p.Read))))
+	}
+	out := fmt.Sprintf("; its socket read %d packets by then, the longest after %s in its queue", read, fmtDur(longest))
+	if len(listed) > 0 {
+		out += "; from members holding it: " + strings.Join(listed, "; ")
+	}
+	return out
 }
 
 func (r *runner) fanout() int { return r.simTiming.GossipNodes }

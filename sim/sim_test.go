@@ -7,8 +7,10 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/metrics"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -217,4 +219,53 @@ func TestDilationRefusedWhereItCannotHold(t *testing.T) {
 	require.NoError(t, err)
 	_, err = Run(ctx, sc, Options{Dilation: 2, Dir: t.TempDir()})
 	require.ErrorContains(t, err, "TrustFlow's evidence")
+}
+
+// lockedBuffer is a progress writer the test reads after the run.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// forcedGCs is how many collections runtime.GC has forced in this process.
+func forcedGCs() uint64 {
+	s := []metrics.Sample{{Name: "/gc/cycles/forced:gc-cycles"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
+// A spread's last-members line says, from the in-memory network's trace, how many packets each
+// last member's socket read and the longest any waited in its queue. And the runner collects the
+// process's garbage before each event, so that the simulator's own collection stays out of it.
+func TestSpreadDiagnosticsAndCollectionBeforeEvents(t *testing.T) {
+	var out lockedBuffer
+	sc, err := scenario.Load(filepath.Join("scenarios", "revocation-convergence.yaml"))
+	require.NoError(t, err)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	before := forcedGCs()
+	res, err := Run(ctx, sc, Options{MaxNodes: 8, Progress: &out})
+	require.NoError(t, err)
+	requireAllPass(t, res)
+	require.GreaterOrEqual(t, forcedGCs()-before, uint64(len(sc.Timeline)), "a collection before each of the %d events", len(sc.Timeline))
+	var last string
+	for line := range strings.Lines(out.String()) {
+		if strings.HasPrefix(strings.TrimSpace(line), "last: ") {
+			last = line
+		}
+	}
+	require.NotEmpty(t, last, "no last-members line in:\n%s", out.String())
+	require.Regexp(t, `its socket read [1-9][0-9]* packets by then, the longest after [0-9.]+[µm]?s in its queue`, last)
 }

@@ -23,6 +23,10 @@ type underlay interface {
 	partition(sets ...[]netip.AddrPort)
 	heal()
 	stats() memnet.Stats
+	// trace starts or stops recording what each host's socket reads; traced returns what the
+	// socket at addr read (memnet.Network.Trace). Real UDP traces nothing.
+	trace(on bool)
+	traced(addr netip.AddrPort) []memnet.Trace
 	close() error
 }
 
@@ -48,6 +52,10 @@ func (m memUnderlay) partition(sets ...[]netip.AddrPort) {
 func (m memUnderlay) heal()               { m.n.Heal() }
 func (m memUnderlay) stats() memnet.Stats { return m.n.Stats() }
 func (m memUnderlay) close() error        { return m.n.Close() }
+func (m memUnderlay) trace(on bool)       { m.n.Trace(on) }
+func (m memUnderlay) traced(addr netip.AddrPort) []memnet.Trace {
+	return m.n.Traced(addr)
+}
 
 // udpUnderlay is real UDP on 127.0.0.1: the kernel's loopback carries every packet, with its
 // own (near zero) latency and no loss; the scenario's link settings do not apply. Partitions
@@ -121,6 +129,9 @@ func (u *udpUnderlay) apart(a, b netip.AddrPort) bool {
 	defer u.mu.Unlock()
 	return u.group[a] != u.group[b]
 }
+
+func (u *udpUnderlay) trace(bool)                           {}
+func (u *udpUnderlay) traced(netip.AddrPort) []memnet.Trace { return nil }
 
 func (u *udpUnderlay) stats() memnet.Stats {
 	return memnet.Stats{Sent: u.sent.Load(), Delivered: u.delivered.Load(), Partitioned: u.partitioned.Load(), Bytes: u.bytes.Load()}

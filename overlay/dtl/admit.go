@@ -8,6 +8,8 @@ import (
 	"net/netip"
 	"slices"
 	"time"
+
+	voi "github.com/oasisprotocol/curve25519-voi/primitives/ed25519"
 )
 
 // More refusals the overlay reports with the same reason codes.
@@ -160,6 +162,10 @@ type AgentInfo struct {
 	// ids caches RevocationIDs once the chain verified, so that a session's later flows check
 	// revocation without rebuilding the list; it is never handed out, only copies are.
 	ids []string
+	// key is AgentKey expanded for verification once the chain verified (nil when it does not
+	// decode: verification then refuses as crypto/ed25519 does); a session's later flows verify
+	// with it. Read only, shared by the copies the chain cache hands out.
+	key *voi.ExpandedPublicKey
 }
 
 // RevocationIDs lists the canonical identities a revocation may name for this chain: the agent's
@@ -301,7 +307,7 @@ func (v *Verifier) Admit(s *Session, raw []byte) (*Admitted, error) {
 	if err != nil {
 		return nil, Deny(err)
 	}
-	if err := rec.verify(adm.Agent.AgentKey, s.AAD); err != nil {
+	if err := rec.verify(adm.Agent.AgentKey, adm.Agent.key, s.AAD); err != nil {
 		return nil, Deny(err)
 	}
 	if err := v.checkVerified(s, adm, now); err != nil {
@@ -414,6 +420,7 @@ func (v *Verifier) resolveChain(s *Session, c *Claims, now time.Time, info *Agen
 		return chain, false, fmt.Errorf("%w: chain verifier returned no agent key or IDs", ErrConfig)
 	}
 	verified.ids = verified.buildRevocationIDs()
+	verified.key, _ = voi.NewExpandedPublicKey(voi.PublicKey(verified.AgentKey))
 	*info = verified
 	return chain, false, nil
 }

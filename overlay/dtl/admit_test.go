@@ -283,6 +283,7 @@ func TestAdmitChainHashAfterFullChain(t *testing.T) {
 	ad, err := e.v.Admit(s, mustSign(t, c, e.f.alice.key, s.AAD))
 	require.NoError(t, err)
 	assert.Equal(t, e.f.alice.id(), ad.Agent.Agent)
+	require.NotNil(t, ad.Agent.key, "a cached chain's flows verify with the agent key expanded once")
 
 	// The cached chain does not lend its identity to another key: Carol's signature fails.
 	c.Seq = 3

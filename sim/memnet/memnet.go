@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,6 +64,9 @@ type Network struct {
 	closed bool
 
 	sent, delivered, lost, partitioned, unreachable, bytes atomic.Uint64
+
+	// tracing makes every conn keep a Trace of each packet it reads (Trace, Traced).
+	tracing atomic.Bool
 
 	shards      [numShards]*shard
 	done        chan struct{}
@@ -217,7 +221,7 @@ func (n *Network) Close() error {
 }
 
 // send routes one packet; it is called with a private copy of the payload.
-func (n *Network) send(from, to netip.AddrPort, data []byte) {
+func (n *Network) send(from, to netip.AddrPort, data []byte, sent time.Time) {
 	n.mu.RLock()
 	if n.closed {
 		n.mu.RUnlock()
@@ -258,14 +262,14 @@ func (n *Network) send(from, to netip.AddrPort, data []byte) {
 	}
 	delay += l.Latency
 	if delay <= 0 {
-		n.deliver(from, to, data)
+		n.deliver(from, to, data, sent)
 		sh.mu.Unlock()
 		return
 	}
 	sh.nextSeq++
 	at := time.Now().Add(delay)
 	first := len(sh.queue) == 0 || at.Before(sh.queue[0].at)
-	heap.Push(&sh.queue, &packet{at: at, seq: sh.nextSeq, from: from, to: to, data: data})
+	heap.Push(&sh.queue, &packet{at: at, seq: sh.nextSeq, from: from, to: to, data: data, sent: sent})
 	sh.mu.Unlock()
 	if first {
 		select {
@@ -276,11 +280,11 @@ func (n *Network) send(from, to netip.AddrPort, data []byte) {
 }
 
 // deliver places a packet in its receiver's queue.
-func (n *Network) deliver(from, to netip.AddrPort, data []byte) {
+func (n *Network) deliver(from, to netip.AddrPort, data []byte, sent time.Time) {
 	n.mu.RLock()
 	c := n.conns[to]
 	n.mu.RUnlock()
-	if c == nil || !c.push(from, data) {
+	if c == nil || !c.push(from, data, sent) {
 		n.unreachable.Add(1)
 		return
 	}
@@ -306,7 +310,7 @@ func (n *Network) scheduler(sh *shard) {
 		}
 		sh.mu.Unlock()
 		for i, p := range due {
-			n.deliver(p.from, p.to, p.data)
+			n.deliver(p.from, p.to, p.data, p.sent)
 			due[i] = nil
 		}
 		due = due[:0]
@@ -321,7 +325,7 @@ func (n *Network) scheduler(sh *shard) {
 }
 
 type packet struct {
-	at       time.Time
+	at, sent time.Time
 	seq      uint64 // ties keep send order
 	from, to netip.AddrPort
 	data     []byte
@@ -361,23 +365,71 @@ type Conn struct {
 	wake            chan struct{}
 	closed          chan struct{}
 	deadlineChanged chan struct{}
+	traced          []Trace
 }
 
 type queued struct {
-	from netip.AddrPort
-	data []byte
+	from         netip.AddrPort
+	data         []byte
+	sent, queued time.Time
+}
+
+// Trace is one packet a conn read while the network traced: where it came from, its size, and
+// when it was sent, placed in this conn's queue (after the link's delay) and read. It splits a
+// packet's way into the sender's side (before Sent), the link, and the receiver's socket queue
+// (Queued to Read); what happens after the read is the receiver's.
+type Trace struct {
+	From               netip.AddrPort
+	Size               int
+	Sent, Queued, Read time.Time
+}
+
+// maxTraced bounds each conn's trace, so that tracing a busy network cannot exhaust memory.
+const maxTraced = 1 << 14
+
+// Trace starts (clearing every conn's trace) or stops recording the packets each conn reads.
+// It is a diagnostic: the simulator turns it on for a revocation's spread.
+func (n *Network) Trace(on bool) {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	if on {
+		for _, c := range n.conns {
+			c.mu.Lock()
+			c.traced = nil
+			c.mu.Unlock()
+		}
+	}
+	n.tracing.Store(on)
+}
+
+// Traced returns a copy of what the conn at addr read while the network traced (at most the
+// first 16,384 packets), in the order it read them.
+func (n *Network) Traced(addr netip.AddrPort) []Trace {
+	n.mu.RLock()
+	c := n.conns[addr]
+	n.mu.RUnlock()
+	if c == nil {
+		return nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Clone(c.traced)
 }
 
 var _ net.PacketConn = (*Conn)(nil)
 
 // push queues a packet; false when the conn is closed or its queue is full.
-func (c *Conn) push(from netip.AddrPort, data []byte) bool {
+func (c *Conn) push(from netip.AddrPort, data []byte, sent time.Time) bool {
+	var now time.Time
+	if c.net.tracing.Load() {
+		now = time.Now()
+	}
 	c.mu.Lock()
 	if c.isClosed || c.qBytes+len(data) > c.limit {
 		c.mu.Unlock()
 		return false
 	}
-	c.q = append(c.q, queued{from, data})
+	c.q = append(c.q, queued{from: from, data: data, sent: sent, queued: now})
 	c.qBytes += len(data)
 	c.mu.Unlock()
 	select {
@@ -400,6 +452,9 @@ func (c *Conn) ReadFrom(p []byte) (int, net.Addr, error) {
 			c.q[0] = queued{}
 			c.q = c.q[1:]
 			c.qBytes -= len(pk.data)
+			if !pk.queued.IsZero() && c.net.tracing.Load() && len(c.traced) < maxTraced {
+				c.traced = append(c.traced, Trace{From: pk.from, Size: len(pk.data), Sent: pk.sent, Queued: pk.queued, Read: time.Now()})
+			}
 			more := len(c.q) > 0
 			c.mu.Unlock()
 			if more { // another reader may be waiting
@@ -446,7 +501,7 @@ func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 	if err != nil {
 		return 0, c.opErr("write", err)
 	}
-	c.net.send(c.addr, to, append([]byte(nil), p...))
+	c.net.send(c.addr, to, append([]byte(nil), p...), time.Now())
 	return len(p), nil
 }
 

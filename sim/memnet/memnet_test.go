@@ -254,3 +254,47 @@ func TestHostAddrIsUniqueAndInRange(t *testing.T) {
 		seen[a] = true
 	}
 }
+
+// A trace splits a packet's way: the link's delay lies between Sent and Queued, and the time it
+// sat in the receiver's queue between Queued and Read. Nothing is traced when tracing is off,
+// and starting a trace clears the last one.
+func TestTraceSplitsLinkDelayFromQueueWait(t *testing.T) {
+	const latency = 30 * time.Millisecond
+	n := newNet(t, Link{Latency: latency})
+	a, b := listen(t, n, 1), listen(t, n, 2)
+
+	_, err := a.WriteTo([]byte("untraced"), b.LocalAddr())
+	require.NoError(t, err)
+	_, _, err = read(t, b, time.Second)
+	require.NoError(t, err)
+	assert.Empty(t, n.Traced(b.AddrPort()), "a packet read while tracing was off")
+
+	n.Trace(true)
+	_, err = a.WriteTo([]byte("first"), b.LocalAddr())
+	require.NoError(t, err)
+	_, err = a.WriteTo([]byte("second!"), b.LocalAddr())
+	require.NoError(t, err)
+	time.Sleep(latency + 50*time.Millisecond) // both wait in b's queue before the reads
+	for range 2 {
+		_, _, err = read(t, b, time.Second)
+		require.NoError(t, err)
+	}
+	tr := n.Traced(b.AddrPort())
+	require.Len(t, tr, 2)
+	assert.Equal(t, []int{5, 7}, []int{tr[0].Size, tr[1].Size})
+	for _, p := range tr {
+		assert.Equal(t, a.AddrPort(), p.From)
+		assert.GreaterOrEqual(t, p.Queued.Sub(p.Sent), latency, "the link's delay")
+		assert.GreaterOrEqual(t, p.Read.Sub(p.Queued), 40*time.Millisecond, "the wait in the queue")
+	}
+	assert.Empty(t, n.Traced(a.AddrPort()), "a read nothing")
+
+	n.Trace(false)
+	_, err = a.WriteTo([]byte("after"), b.LocalAddr())
+	require.NoError(t, err)
+	_, _, err = read(t, b, time.Second)
+	require.NoError(t, err)
+	assert.Len(t, n.Traced(b.AddrPort()), 2, "stopped tracing keeps the trace and adds nothing")
+	n.Trace(true)
+	assert.Empty(t, n.Traced(b.AddrPort()), "a new trace starts empty")
+}
