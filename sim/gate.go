@@ -27,9 +27,10 @@ import (
 // which makes more gossip and more dials. Serving the newest keeps the dials that are served
 // on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
 //
-// A deferrable dial (tunnel.Deferrable: a packet of memberlist's member-state gossip) is never
-// queued: with no slot free it is refused at once (tunnel.ErrGateBusy), so that under overload
-// the slots go to the dials that may wait (probes, pushes and pulls, records), and no goroutine
+// A deferrable dial (tunnel.Deferrable: a packet of memberlist's member-state gossip or of a
+// gossip round's record, both sent again anyway) is never queued: with no slot free it is
+// refused at once (tunnel.ErrGateBusy), so that under overload the slots go to the dials that
+// may wait (probes, pushes and pulls, record syncs), and no goroutine
 // and deadline timer waits for a slot it would mostly not get in time.
 type dialGate struct {
 	minLeft time.Duration

@@ -10,7 +10,6 @@ import (
 	"runtime/metrics"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -221,24 +220,6 @@ func TestDilationRefusedWhereItCannotHold(t *testing.T) {
 	require.ErrorContains(t, err, "TrustFlow's evidence")
 }
 
-// lockedBuffer is a progress writer the test reads after the run.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
-
 // forcedGCs is how many collections runtime.GC has forced in this process.
 func forcedGCs() uint64 {
 	s := []metrics.Sample{{Name: "/gc/cycles/forced:gc-cycles"}}
@@ -250,7 +231,7 @@ func forcedGCs() uint64 {
 // last member's socket read and the longest any waited in its queue. And the runner collects the
 // process's garbage before each event, so that the simulator's own collection stays out of it.
 func TestSpreadDiagnosticsAndCollectionBeforeEvents(t *testing.T) {
-	var out lockedBuffer
+	var out strings.Builder // the runner writes progress from the goroutine that called Run
 	sc, err := scenario.Load(filepath.Join("scenarios", "revocation-convergence.yaml"))
 	require.NoError(t, err)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

@@ -89,8 +89,7 @@ func (e *Endpoint) Dial(ctx context.Context, peerAddr netip.AddrPort, peerNodeID
 func permanent(err error) bool {
 	return errors.Is(err, ErrPeerRefused) || errors.Is(err, ErrPeerMismatch) ||
 		errors.Is(err, ErrZoneNotOffered) || errors.Is(err, ErrRefusedByPeer) ||
-		errors.Is(err, ErrZoneNotServed) || errors.Is(err, ErrClosed) || errors.Is(err, Err0RTT) ||
-		errors.Is(err, ErrGateBusy)
+		errors.Is(err, ErrZoneNotServed) || errors.Is(err, ErrClosed) || errors.Is(err, Err0RTT)
 }
 
 // backoff returns the delay before retry attempt (1-based): exponential, capped, with jitter in

@@ -29,9 +29,9 @@ type deferrableKey struct{}
 // Deferrable marks the dials made with the returned context as worth a handshake only when one
 // is to spare: under a DialGate they are refused at once (ErrGateBusy) rather than queued when
 // every slot is taken. Without a gate it changes nothing. The gossip transport marks so the
-// dial of a packet of member state, which memberlist gossips to other members anyway, so that
-// under a starved CPU such packets do not take the slots of the probes that keep live members
-// from being suspected (docs/simulator.md, "Deferrable dials").
+// dial of a packet that is sent again anyway (memberlist's gossip of member state, a gossip
+// round's record packet), so that under a starved CPU such packets do not take the slots of the
+// probes that keep live members from being suspected (docs/simulator.md, "Deferrable dials").
 func Deferrable(ctx context.Context) context.Context {
 	return context.WithValue(ctx, deferrableKey{}, true)
 }

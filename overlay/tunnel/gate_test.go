@@ -64,11 +64,8 @@ func TestNewDialGateBounds(t *testing.T) {
 // A deferrable dial does not wait for a slot: with every slot taken it is refused at once with
 // ErrGateBusy, counted as no dial failure and not retried. With a slot free it handshakes.
 func TestDeferrableDialRefusedAtOnceWhenGateIsFull(t *testing.T) {
-	pki := newPKI(t, testTD)
-	a := startNode(t, pki, "a", pki.node(t, "a", "z"), []string{"z"}, "")
-	b := startNode(t, pki, "b", pki.node(t, "b", "z"), []string{"z"}, "")
 	gate := NewDialGate(1)
-	a.ep.SetDialGate(gate)
+	a, b := gatedNodes(t, gate)
 	require.False(t, IsDeferrable(context.Background()))
 	require.True(t, IsDeferrable(Deferrable(context.Background())))
 
@@ -102,11 +99,8 @@ func (g refusingGate) Acquire(ctx context.Context) (func(), error) {
 // A dial that may wait, sharing the handshake of a deferrable dial to the same peer, is not
 // failed by the gate's refusal of that one: it dials itself.
 func TestWaitingDialOutlivesDeferrableLeadersRefusal(t *testing.T) {
-	pki := newPKI(t, testTD)
-	a := startNode(t, pki, "a", pki.node(t, "a", "z"), []string{"z"}, "")
-	b := startNode(t, pki, "b", pki.node(t, "b", "z"), []string{"z"}, "")
 	g := refusingGate{entered: make(chan struct{}), refuse: make(chan struct{})}
-	a.ep.SetDialGate(g)
+	a, b := gatedNodes(t, g)
 
 	leader := make(chan error, 1)
 	go func() {
@@ -124,4 +118,14 @@ func TestWaitingDialOutlivesDeferrableLeadersRefusal(t *testing.T) {
 	require.ErrorIs(t, <-leader, ErrGateBusy)
 	require.NoError(t, <-follower)
 	require.Equal(t, 1, b.ep.Stats().Tunnels)
+}
+
+// gatedNodes starts nodes a and b in zone z, a's dials under gate.
+func gatedNodes(t *testing.T, gate DialGate) (a, b *testNode) {
+	t.Helper()
+	pki := newPKI(t, testTD)
+	a = startNode(t, pki, "a", pki.node(t, "a", "z"), []string{"z"}, "")
+	b = startNode(t, pki, "b", pki.node(t, "b", "z"), []string{"z"}, "")
+	a.ep.SetDialGate(gate)
+	return a, b
 }

@@ -452,7 +452,8 @@ func (c *Conn) ReadFrom(p []byte) (int, net.Addr, error) {
 			c.q[0] = queued{}
 			c.q = c.q[1:]
 			c.qBytes -= len(pk.data)
-			if !pk.queued.IsZero() && c.net.tracing.Load() && len(c.traced) < maxTraced {
+			// A packet sent before the trace started carries no send time and is not traced.
+			if !pk.sent.IsZero() && !pk.queued.IsZero() && c.net.tracing.Load() && len(c.traced) < maxTraced {
 				c.traced = append(c.traced, Trace{From: pk.from, Size: len(pk.data), Sent: pk.sent, Queued: pk.queued, Read: time.Now()})
 			}
 			more := len(c.q) > 0
@@ -501,7 +502,11 @@ func (c *Conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 	if err != nil {
 		return 0, c.opErr("write", err)
 	}
-	c.net.send(c.addr, to, append([]byte(nil), p...), time.Now())
+	var sent time.Time // stamped only for a trace: reading the clock per packet costs when untraced
+	if c.net.tracing.Load() {
+		sent = time.Now()
+	}
+	c.net.send(c.addr, to, append([]byte(nil), p...), sent)
 	return len(p), nil
 }
 
