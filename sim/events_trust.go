@@ -239,7 +239,7 @@ func (r *runner) dirCopyEvent(ctx context.Context, e scenario.Event) EventResult
 		_ = conn.Close()
 		return notRun("the copy did not start: %v", err)
 	}
-	cd.Node().Endpoint().SetDialGate(r.gate)
+	cd.Node().Endpoint().SetDialGate(nodeGate{r.gate, addr, r.net.reachable})
 	r.mu.Lock()
 	r.clones = append(r.clones, clone{cd, conn})
 	r.revoked[r.nodeID(n.name)] = true // its flows are expected to be cut from now on

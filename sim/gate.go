@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -28,7 +29,8 @@ import (
 // on time; the oldest run out of deadline in the queue and are dropped, as on any failed dial.
 //
 // A deferrable dial (tunnel.Deferrable: a packet of memberlist's member-state gossip or of a
-// gossip round's record, both sent again anyway) is never queued: with no slot free it is
+// gossip round's record, both sent again anyway) is never queued, and deferrable dials hold at
+// most their share of the slots (deferSlots): with no slot free, or their share held, one is
 // refused at once (tunnel.ErrGateBusy), so that under overload the slots go to the dials that
 // may wait (probes, pushes and pulls, record syncs), and no goroutine
 // and deadline timer waits for a slot it would mostly not get in time.
@@ -41,6 +43,9 @@ type dialGate struct {
 	mu      sync.Mutex
 	free    int
 	waiters []*gateWaiter // a stack: the last is served first
+	// deferMax is how many slots deferrable dials may hold at once, deferHeld how many they
+	// hold: the rest stay free for the dials that may wait (see deferSlots).
+	deferMax, deferHeld int
 	// dropped is the deadlines of the dials refused at setup, until they pass: the endpoint
 	// retries a failed dial on the same context, which the refusal must cover too.
 	dropped map[time.Time]struct{}
@@ -55,12 +60,40 @@ type dialGate struct {
 	slots int
 }
 
+// nodeGate is one node's view of the run's dial gate: a handshake with a peer the underlay
+// cannot reach now (across a partition, or nothing listening at its address: a crashed node)
+// takes no slot. Such a handshake spends its timeout waiting for an answer, not CPU (its Initial
+// packets are all it sends), while in a slot it kept the dials of reachable peers waiting: in a
+// 14-node run with a third of the zone cut off, a node restarted on the small side waited 6-13 s
+// for a slot to dial the members beside it, with the slots held by handshakes across the
+// partition (a deployed node has no shared gate, and rejoined in 0.3 s here without that wait).
+type nodeGate struct {
+	g     *dialGate
+	self  netip.AddrPort
+	reach func(from, to netip.AddrPort) bool
+}
+
+func (n nodeGate) Acquire(ctx context.Context) (func(), error) {
+	if to, ok := tunnel.DialTarget(ctx); ok && !n.reach(n.self, to) {
+		return func() {}, nil
+	}
+	return n.g.Acquire(ctx)
+}
+
 type gateWaiter struct {
 	ready chan struct{} // closed when the waiter holds a slot
 }
 
 func newDialGate(slots int, minLeft time.Duration) *dialGate {
-	return &dialGate{free: max(slots, 1), slots: max(slots, 1), minLeft: minLeft}
+	slots = max(slots, 1)
+	return &dialGate{free: slots, slots: slots, deferMax: slots, minLeft: minLeft}
+}
+
+// withDeferrable caps the slots deferrable dials may hold at once at n (at least 1, at most
+// all of them).
+func (g *dialGate) withDeferrable(n int) *dialGate {
+	g.deferMax = min(max(n, 1), g.slots)
+	return g
 }
 
 var errNoTimeLeft = fmt.Errorf("too little time left for a handshake")
@@ -70,14 +103,20 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 		g.setupDrops.Add(1)
 		return nil, errSetupDrop
 	}
+	deferrable := tunnel.IsDeferrable(ctx)
 	g.mu.Lock()
-	if g.free > 0 {
+	if deferrable {
+		if g.free == 0 || g.deferHeld >= g.deferMax {
+			g.mu.Unlock()
+			g.deferred.Add(1)
+			return nil, tunnel.ErrGateBusy
+		}
+		g.free--
+		g.deferHeld++
+		g.mu.Unlock()
+	} else if g.free > 0 {
 		g.free--
 		g.mu.Unlock()
-	} else if tunnel.IsDeferrable(ctx) {
-		g.mu.Unlock()
-		g.deferred.Add(1)
-		return nil, tunnel.ErrGateBusy
 	} else {
 		w := &gateWaiter{ready: make(chan struct{})}
 		g.waiters = append(g.waiters, w)
@@ -103,8 +142,12 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 			return nil, ctx.Err()
 		}
 	}
+	release := g.release
+	if deferrable {
+		release = g.releaseDeferrable
+	}
 	if dl, ok := ctx.Deadline(); ok && time.Until(dl) < g.minLeft {
-		g.release()
+		release()
 		g.late.Add(1)
 		return nil, fmt.Errorf("%w: %w", errNoTimeLeft, context.DeadlineExceeded)
 	}
@@ -112,7 +155,7 @@ func (g *dialGate) Acquire(ctx context.Context) (func(), error) {
 	t0 := time.Now()
 	return sync.OnceFunc(func() {
 		g.held.Add(uint64(time.Since(t0)))
-		g.release()
+		release()
 	}), nil
 }
 
@@ -168,10 +211,22 @@ func (g *dialGate) waiting() int {
 	return len(g.waiters)
 }
 
+// releaseDeferrable frees a slot a deferrable dial held.
+func (g *dialGate) releaseDeferrable() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.deferHeld--
+	g.releaseLocked()
+}
+
 // release frees a slot: to the newest waiter if there is one.
 func (g *dialGate) release() {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	g.releaseLocked()
+}
+
+func (g *dialGate) releaseLocked() {
 	if n := len(g.waiters); n > 0 {
 		w := g.waiters[n-1]
 		g.waiters[n-1] = nil
@@ -194,4 +249,20 @@ func dialSlots() int {
 		return n
 	}
 	return 4 * runtime.NumCPU()
+}
+
+// deferSlots is how many of the gate's slots deferrable dials may hold at once: a quarter
+// (UTE_SIM_DEFER_SLOTS overrides). With every slot theirs, a 1,000-node zone at rest spent
+// 1.6-1.9 of the 2 cores on handshakes for member-state gossip packets (the storm: each packet
+// to a member without a tunnel is a dial, and gossip of member state never stops at that size
+// on two cores), and a revocation's packets then waited 0.3-0.7 s of simulated time in their
+// receivers' socket queues for a CPU. Capped at 2 of 8 slots: 1.04 cores at rest, the spread
+// 390 ms against 779 ms in the run before it (docs/benchmarks.md, "The deferrable share").
+// The packets refused are sent again anyway (tunnel.Deferrable); a deployed node, with a CPU of
+// its own, has no such gate.
+func deferSlots(slots int) int {
+	if n, _ := strconv.Atoi(os.Getenv("UTE_SIM_DEFER_SLOTS")); n > 0 {
+		return n
+	}
+	return max(slots/4, 1)
 }

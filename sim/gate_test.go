@@ -2,6 +2,7 @@ package sim
 
 import (
 	"context"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -136,4 +137,62 @@ func TestDialGateCountsHoldTime(t *testing.T) {
 	assert.Less(t, held, 2*time.Second)
 	assert.Equal(t, uint64(1), g.granted.Load())
 	assert.Equal(t, 2, g.slots)
+}
+
+// Deferrable dials hold at most their share of the slots: the rest stay free for dials that
+// may wait, and a deferrable dial's release gives its share back.
+func TestDialGateCapsDeferrableShare(t *testing.T) {
+	g := newDialGate(4, 0).withDeferrable(2)
+	ctx := context.Background()
+	def := tunnel.Deferrable(ctx)
+	d1, err := g.Acquire(def)
+	require.NoError(t, err)
+	d2, err := g.Acquire(def)
+	require.NoError(t, err)
+	_, err = g.Acquire(def)
+	require.ErrorIs(t, err, tunnel.ErrGateBusy, "two free slots, but deferrable dials hold their share")
+	assert.Equal(t, uint64(1), g.deferred.Load())
+
+	w1, err := g.Acquire(ctx)
+	require.NoError(t, err, "a dial that may wait takes a slot deferrable dials may not")
+	w2, err := g.Acquire(ctx)
+	require.NoError(t, err)
+
+	d1()
+	d1() // releasing twice frees one slot only
+	d3, err := g.Acquire(def)
+	require.NoError(t, err, "the released share is a deferrable dial's again")
+	_, err = g.Acquire(def)
+	require.ErrorIs(t, err, tunnel.ErrGateBusy)
+	for _, r := range []func(){d2, d3, w1, w2} {
+		r()
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	assert.Equal(t, 4, g.free)
+	assert.Equal(t, 0, g.deferHeld)
+	assert.Equal(t, 4, newDialGate(4, 0).withDeferrable(9).deferMax, "never more than the slots")
+	assert.Equal(t, 1, newDialGate(4, 0).withDeferrable(0).deferMax, "never fewer than one")
+}
+
+// A node's handshake with a peer it cannot reach takes no slot: with every slot held it still
+// starts at once, while a reachable peer's dial waits.
+func TestNodeGateLetsUnreachablePeersThrough(t *testing.T) {
+	g := newDialGate(1, 0)
+	self, near, far := netip.MustParseAddrPort("10.0.0.1:1"), netip.MustParseAddrPort("10.0.0.2:1"), netip.MustParseAddrPort("10.0.0.3:1")
+	ng := nodeGate{g, self, func(from, to netip.AddrPort) bool { return from == self && to == near }}
+	hold, err := g.Acquire(context.Background())
+	require.NoError(t, err)
+	defer hold()
+
+	rel, err := ng.Acquire(tunnel.WithDialTarget(context.Background(), far))
+	require.NoError(t, err, "an unreachable peer's handshake waits for no slot")
+	rel()
+	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Millisecond)
+	defer cancel()
+	_, err = ng.Acquire(tunnel.WithDialTarget(ctx, near))
+	require.ErrorIs(t, err, context.DeadlineExceeded, "a reachable peer's handshake waits for the slot")
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	assert.Equal(t, 0, g.free)
 }

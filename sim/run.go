@@ -287,7 +287,8 @@ func (r *runner) setup(ctx context.Context, res *Result) error {
 		r.timing = &t
 	}
 	res.GossipInterval, res.Fanout = r.simTiming.GossipInterval, r.simTiming.GossipNodes
-	r.gate = newDialGate(dialSlots(), time.Second)
+	slots := dialSlots()
+	r.gate = newDialGate(slots, time.Second).withDeferrable(deferSlots(slots))
 	if err := r.startAuthority(); err != nil {
 		return err
 	}
@@ -560,7 +561,7 @@ func (r *runner) startWith(ctx context.Context, n *simNode, peers []config.Peer)
 		_ = conn.Close()
 		return fmt.Errorf("sim: node %s start: %w", n.name, err)
 	}
-	d.Node().Endpoint().SetDialGate(r.gate)
+	d.Node().Endpoint().SetDialGate(nodeGate{r.gate, n.addr, r.net.reachable})
 	r.mu.Lock()
 	n.conn, n.d, n.cfg = conn, d, cfg
 	r.mu.Unlock()

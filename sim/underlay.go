@@ -22,6 +22,9 @@ type underlay interface {
 	// partition splits the hosts into sets (hosts in no set form one more group); heal ends it.
 	partition(sets ...[]netip.AddrPort)
 	heal()
+	// reachable reports whether a packet from from could reach to now: no partition between
+	// them and, where the underlay knows it, a socket at to.
+	reachable(from, to netip.AddrPort) bool
 	stats() memnet.Stats
 	// trace starts or stops recording what each host's socket reads; traced returns what the
 	// socket at addr read (memnet.Network.Trace). Real UDP traces nothing.
@@ -49,7 +52,10 @@ func (m memUnderlay) partition(sets ...[]netip.AddrPort) {
 	m.n.Partition(hosts...)
 }
 
-func (m memUnderlay) heal()               { m.n.Heal() }
+func (m memUnderlay) heal() { m.n.Heal() }
+func (m memUnderlay) reachable(from, to netip.AddrPort) bool {
+	return m.n.Reachable(from, to)
+}
 func (m memUnderlay) stats() memnet.Stats { return m.n.Stats() }
 func (m memUnderlay) close() error        { return m.n.Close() }
 func (m memUnderlay) trace(on bool)       { m.n.Trace(on) }
@@ -129,6 +135,9 @@ func (u *udpUnderlay) apart(a, b netip.AddrPort) bool {
 	defer u.mu.Unlock()
 	return u.group[a] != u.group[b]
 }
+
+// reachable knows partitions only: a crashed node's port is not tracked.
+func (u *udpUnderlay) reachable(from, to netip.AddrPort) bool { return !u.apart(from, to) }
 
 func (u *udpUnderlay) trace(bool)                           {}
 func (u *udpUnderlay) traced(netip.AddrPort) []memnet.Trace { return nil }

@@ -170,7 +170,7 @@ func (e *Endpoint) dialOnce(ctx context.Context, addr netip.AddrPort, nodeID, zo
 		verified = &peer
 		return nil
 	}
-	release, err := e.acquireDial(ctx, nodeID, zone)
+	release, err := e.acquireDial(ctx, addr, nodeID, zone)
 	if err != nil {
 		return nil, err
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 )
 
 // DialGate paces outbound handshakes. Acquire blocks until a handshake may start, or ctx ends,
@@ -34,6 +35,22 @@ type deferrableKey struct{}
 // probes that keep live members from being suspected (docs/simulator.md, "Deferrable dials").
 func Deferrable(ctx context.Context) context.Context {
 	return context.WithValue(ctx, deferrableKey{}, true)
+}
+
+type dialTargetKey struct{}
+
+// DialTarget is the address a handshake is about to be tried with, in the context a DialGate's
+// Acquire receives: a gate may pace by destination, or, in a simulation that knows its network,
+// charge nothing for a handshake whose peer cannot answer.
+func DialTarget(ctx context.Context) (netip.AddrPort, bool) {
+	a, ok := ctx.Value(dialTargetKey{}).(netip.AddrPort)
+	return a, ok
+}
+
+// WithDialTarget is the context the endpoint hands its gate for a handshake with addr (exported
+// so that a gate can be exercised without an endpoint).
+func WithDialTarget(ctx context.Context, addr netip.AddrPort) context.Context {
+	return context.WithValue(ctx, dialTargetKey{}, addr)
 }
 
 // IsDeferrable reports whether ctx was marked by Deferrable.
@@ -77,13 +94,13 @@ func (e *Endpoint) SetDialGate(g DialGate) {
 	e.gate.Store(&gateHolder{g})
 }
 
-// acquireDial waits for the gate, if any, before one handshake attempt.
-func (e *Endpoint) acquireDial(ctx context.Context, nodeID, zone string) (func(), error) {
+// acquireDial waits for the gate, if any, before one handshake attempt with addr.
+func (e *Endpoint) acquireDial(ctx context.Context, addr netip.AddrPort, nodeID, zone string) (func(), error) {
 	h := e.gate.Load()
 	if h == nil {
 		return func() {}, nil
 	}
-	release, err := h.g.Acquire(ctx)
+	release, err := h.g.Acquire(WithDialTarget(ctx, addr))
 	if errors.Is(err, ErrGateBusy) {
 		return nil, err // a refusal without waiting, often thousands a second under overload: not formatted
 	}

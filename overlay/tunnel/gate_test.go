@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"net/netip"
 	"testing"
 	"time"
 
@@ -128,4 +129,27 @@ func gatedNodes(t *testing.T, gate DialGate) (a, b *testNode) {
 	b = startNode(t, pki, "b", pki.node(t, "b", "z"), []string{"z"}, "")
 	a.ep.SetDialGate(gate)
 	return a, b
+}
+
+// targetGate records the dial target each Acquire sees.
+type targetGate struct{ seen chan netip.AddrPort }
+
+func (g targetGate) Acquire(ctx context.Context) (func(), error) {
+	a, ok := DialTarget(ctx)
+	if !ok {
+		return nil, errors.New("no dial target in the gate's context")
+	}
+	g.seen <- a
+	return func() {}, nil
+}
+
+// The gate is told which address the handshake is about to be tried with.
+func TestDialGateSeesTheTarget(t *testing.T) {
+	g := targetGate{seen: make(chan netip.AddrPort, 4)}
+	a, b := gatedNodes(t, g)
+	_, ok := DialTarget(context.Background())
+	require.False(t, ok)
+	_, err := a.ep.Dial(ctxT(t), b.addr, b.id, "z")
+	require.NoError(t, err)
+	require.Equal(t, b.addr, <-g.seen)
 }

@@ -167,6 +167,15 @@ func (n *Network) Partition(sets ...[]netip.Addr) {
 	}
 }
 
+// Reachable reports whether a packet sent now from from to to could arrive: no partition
+// separates them and a conn is listening at to (loss aside).
+func (n *Network) Reachable(from, to netip.AddrPort) bool {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	_, listening := n.conns[to]
+	return listening && n.group[from.Addr()] == n.group[to.Addr()]
+}
+
 // Heal removes every partition.
 func (n *Network) Heal() {
 	n.mu.Lock()

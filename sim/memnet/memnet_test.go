@@ -131,6 +131,8 @@ func TestPartitionAndHeal(t *testing.T) {
 	n := newNet(t, Link{})
 	a, b, c := listen(t, n, 1), listen(t, n, 2), listen(t, n, 3)
 	n.Partition([]netip.Addr{HostAddr(1)}, []netip.Addr{HostAddr(2), HostAddr(3)})
+	assert.False(t, n.Reachable(a.AddrPort(), b.AddrPort()))
+	assert.True(t, n.Reachable(b.AddrPort(), c.AddrPort()))
 	_, err := a.WriteTo([]byte("across"), b.LocalAddr())
 	require.NoError(t, err)
 	_, _, err = read(t, b, 20*time.Millisecond)
@@ -143,6 +145,9 @@ func TestPartitionAndHeal(t *testing.T) {
 	assert.Equal(t, uint64(1), n.Stats().Partitioned)
 
 	n.Heal()
+	assert.True(t, n.Reachable(a.AddrPort(), b.AddrPort()))
+	require.NoError(t, c.Close())
+	assert.False(t, n.Reachable(b.AddrPort(), c.AddrPort()), "nothing listens at a closed conn's address")
 	_, err = a.WriteTo([]byte("healed"), b.LocalAddr())
 	require.NoError(t, err)
 	got, _, err = read(t, b, time.Second)
