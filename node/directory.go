@@ -403,8 +403,12 @@ func (n *Node) refresh(ctx context.Context, k refreshKey, force bool, do func(co
 }
 
 // exchangeRefresh runs a directory exchange with k's peer as refresh k (dial gives the tunnel,
-// within directoryTimeout), then, once the refresh is over, checks the names it found taken.
-// Callers that only waited for someone else's exchange check nothing: that caller does.
+// within directoryTimeout), then, once the refresh is over, checks the names it found taken, on a
+// goroutine of the node's with a deadline of its own: the caller's may be mostly spent by the
+// exchange (the tunnel-up exchange's is directoryTimeout for both), and a re-read of the
+// holder that runs out of time reports no duplicate, for good; a lookup waiting for its
+// refresh must not wait for the re-read either. Callers that only waited for someone else's
+// exchange check nothing: that caller does.
 func (n *Node) exchangeRefresh(ctx context.Context, k refreshKey, force bool, a *Agent, dial func(context.Context) (*tunnel.Tunnel, error)) error {
 	var conflicts []dirConflict
 	err := n.refresh(ctx, k, force, func(ctx context.Context) error {
@@ -418,7 +422,11 @@ func (n *Node) exchangeRefresh(ctx context.Context, k refreshKey, force bool, a 
 		return err
 	})
 	if err == nil && len(conflicts) > 0 {
-		n.checkConflicts(ctx, k.zone, k.node, conflicts)
+		n.spawn(func() {
+			ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
+			defer cancel()
+			n.checkConflicts(ctx, k.zone, k.node, conflicts)
+		})
 	}
 	return err
 }

@@ -518,13 +518,17 @@ func (r *runner) revokeEvent(ctx context.Context, e scenario.Event) EventResult 
 		}
 	}
 	r.mu.RUnlock()
+	// The progress lines' counters and the socket trace start before the record is handed over:
+	// at 1,000 nodes a snapshot taken after it was once finished only after most of the spread.
+	w := r.watchSpread()
+	defer w.stop()
 	t0 := time.Now()
 	if _, err := seed.d.Accept(ctx, is.raw, daemon.FromAuthority); err != nil {
 		er := EventResult{Outcome: "not run", Failure: fmt.Sprintf("node %s refused the authority's record: %v", seed.name, err)}
 		er.Observed = er.Failure
 		return er
 	}
-	er := r.converge(ctx, t0, []issued{is}, reach, e.Expect)
+	er := r.converge(ctx, t0, w, []issued{is}, reach, e.Expect)
 	er.Observed = fmt.Sprintf("%s revoked (record seq %d); ", label, rev.Seq) + er.Observed
 	if len(reach) < len(members) {
 		er.Observed += fmt.Sprintf(" (%d member(s) across the partition wait for the heal)", len(members)-len(reach))
@@ -564,12 +568,12 @@ func (r *runner) holders(is issued) []*simNode {
 }
 
 // converge polls members until each holds every record in recs.
-func (r *runner) converge(ctx context.Context, t0 time.Time, recs []issued, members []*simNode, x scenario.Expect) EventResult {
+func (r *runner) converge(ctx context.Context, t0 time.Time, w *spreadWatch, recs []issued, members []*simNode, x scenario.Expect) EventResult {
 	subjects := make([]string, len(recs))
 	for i, is := range recs {
 		subjects[i] = is.subject
 	}
-	return r.convergeWith(ctx, t0, func(_ *simNode, d *daemon.Daemon) (bool, time.Time) {
+	return r.convergeWith(ctx, t0, w, func(_ *simNode, d *daemon.Daemon) (bool, time.Time) {
 		return heldAt(d, subjects)
 	}, members, x)
 }
@@ -597,7 +601,7 @@ func heldAt(d *daemon.Daemon, subjects []string) (bool, time.Time) {
 // for which it is over time. A member's time is the one holds reports (its own record of when
 // it took what the event spread), or, when holds reports none, the end of the poll pass that
 // first saw it; times before t0 count as 0.
-func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*simNode, *daemon.Daemon) (bool, time.Time), members []*simNode, x scenario.Expect) EventResult {
+func (r *runner) convergeWith(ctx context.Context, t0 time.Time, w *spreadWatch, holds func(*simNode, *daemon.Daemon) (bool, time.Time), members []*simNode, x scenario.Expect) EventResult {
 	er := EventResult{Members: len(members), Expectation: fmt.Sprintf("%.0f%% of live members within %s", x.Converged*100, fmtDur(x.Within.D()))}
 	limit := x.Within.D() + x.Within.D()/2 + time.Second
 	have := make([]bool, len(members))
@@ -607,14 +611,11 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 	var el time.Duration
 	// With progress on, a line a simulated second: the gossip counters of every live node since
 	// the convergence began (what was sent, dropped, re-queued), so that a stalled spread says why.
-	var base spreadSnap
-	nextLine := time.Second
-	if r.progress != nil {
-		base = r.spreadSnapshot()
-		// The last members' line says where their packets waited (socketTrace).
-		r.net.trace(true)
-		defer r.net.trace(false)
+	if w == nil {
+		w = r.watchSpread()
+		defer w.stop()
 	}
+	nextLine := time.Second
 	for {
 		var found []int // the members this pass found
 		for i, m := range members {
@@ -645,7 +646,7 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		done := frac >= 1 || el > limit || ctx.Err() != nil
 		if r.progress != nil && (el >= nextLine || done) {
 			nextLine = el.Truncate(time.Second) + time.Second
-			line := r.spreadSnapshot().line(base, el, frac)
+			line := r.spreadSnapshot().line(w.base, el, frac)
 			if frac < 1 && len(members)-count <= 5 {
 				line += "; " + r.stragglerTunnels(members, have)
 			}
@@ -692,6 +693,32 @@ func (r *runner) convergeWith(ctx context.Context, t0 time.Time, holds func(*sim
 		er.Pass, er.Failure = false, fmt.Sprintf("%.0f%% took %s, expected within %s", x.Converged*100, fmtDur(reached), fmtDur(x.Within.D()))
 	}
 	return er
+}
+
+// spreadWatch is what one convergence's progress lines compare with: every live node's gossip
+// counters when it began, and the socket trace, on from then until stop (the last members' line
+// says where their packets waited: socketTrace). Without progress it does nothing.
+type spreadWatch struct {
+	r    *runner
+	base spreadSnap
+	on   bool
+}
+
+func (r *runner) watchSpread() *spreadWatch {
+	w := &spreadWatch{r: r}
+	if r.progress != nil {
+		w.base = r.spreadSnapshot()
+		r.net.trace(true)
+		w.on = true
+	}
+	return w
+}
+
+func (w *spreadWatch) stop() {
+	if w.on {
+		w.r.net.trace(false)
+		w.on = false
+	}
 }
 
 // curveOf is the fraction of n members over time, one step per member time (members at the same
@@ -989,7 +1016,7 @@ func (r *runner) convergeEach(ctx context.Context, t0 time.Time, recs []issued, 
 			wrapped = append(wrapped, m)
 		}
 	}
-	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
+	return r.convergeWith(ctx, t0, nil, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
 		return heldAt(d, subjects[m])
 	}, wrapped, x)
 }

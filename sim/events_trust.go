@@ -459,7 +459,7 @@ func (r *runner) rejoined(ctx context.Context, t0 time.Time, nodes []*simNode, x
 		}
 	}
 	// Holding here includes a full member list, which has no time of its own: the poll's counts.
-	return r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
+	return r.convergeWith(ctx, t0, nil, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
 		for _, is := range need[m] {
 			if !d.Store().Revoked(is.subject) {
 				return false, time.Time{}
@@ -515,7 +515,7 @@ func (r *runner) policyEvent(ctx context.Context, e scenario.Event) EventResult 
 	if _, err := seed.d.Accept(ctx, release, daemon.FromAuthority); err != nil {
 		return notRun("node %s refused the release: %v", seed.name, err)
 	}
-	er := r.convergeWith(ctx, t0, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
+	er := r.convergeWith(ctx, t0, nil, func(m *simNode, d *daemon.Daemon) (bool, time.Time) {
 		return d.Node().Policy() != before[m], time.Time{}
 	}, reach, e.Expect)
 	er.Observed = fmt.Sprintf("policy version %d (zone %s: %d rule(s)); ", applied.Version, e.Zone, len(e.Rules)) +
