@@ -403,12 +403,10 @@ func (n *Node) refresh(ctx context.Context, k refreshKey, force bool, do func(co
 }
 
 // exchangeRefresh runs a directory exchange with k's peer as refresh k (dial gives the tunnel,
-// within directoryTimeout), then, once the refresh is over, checks the names it found taken, on a
-// goroutine of the node's with a deadline of its own: the caller's may be mostly spent by the
-// exchange (the tunnel-up exchange's is directoryTimeout for both), and a re-read of the
-// holder that runs out of time reports no duplicate, for good; a lookup waiting for its
-// refresh must not wait for the re-read either. Callers that only waited for someone else's
-// exchange check nothing: that caller does.
+// within directoryTimeout), then, once the refresh is over, checks the names it found taken
+// (checkConflictsLater: the caller's deadline may be mostly spent by the exchange, and a re-read
+// of the holder that runs out of time reports no duplicate, for good). Callers that only waited
+// for someone else's exchange check nothing: that caller does.
 func (n *Node) exchangeRefresh(ctx context.Context, k refreshKey, force bool, a *Agent, dial func(context.Context) (*tunnel.Tunnel, error)) error {
 	var conflicts []dirConflict
 	err := n.refresh(ctx, k, force, func(ctx context.Context) error {
@@ -422,13 +420,21 @@ func (n *Node) exchangeRefresh(ctx context.Context, k refreshKey, force bool, a 
 		return err
 	})
 	if err == nil && len(conflicts) > 0 {
-		n.spawn(func() {
-			ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
-			defer cancel()
-			n.checkConflicts(ctx, k.zone, k.node, conflicts)
-		})
+		n.checkConflictsLater(k.zone, k.node, conflicts)
 	}
 	return err
+}
+
+// checkConflictsLater runs checkConflicts on a goroutine of the node's, with a deadline of its
+// own (directoryTimeout), for both ends of an exchange: what is left of the exchange's deadline
+// may be too little for the holder's re-read, and neither the claimant's answer nor a lookup
+// waits for it.
+func (n *Node) checkConflictsLater(zone, claimant string, conflicts []dirConflict) {
+	n.spawn(func() {
+		ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
+		defer cancel()
+		n.checkConflicts(ctx, zone, claimant, conflicts)
+	})
 }
 
 // refreshZone exchanges directories with every configured peer serving the agent's zone. It is
@@ -578,12 +584,8 @@ func (n *Node) serveDirectory(fc *tunnel.FlowConn, df *directoryFlow) {
 	}
 	_, _, conflicts := n.installDirectoryConflicts(ctx, fc.Tunnel().Peer(), df.zone, ders)
 	if len(conflicts) > 0 {
-		// After the reply: the claimant's exchange must not wait for the holder's re-read.
-		defer func() {
-			ctx, cancel := context.WithTimeout(n.ctx, directoryTimeout)
-			defer cancel()
-			n.checkConflicts(ctx, df.zone, fc.Tunnel().Peer().NodeID, conflicts)
-		}()
+		// Started after the reply, which must not wait for the holder's re-read.
+		defer n.checkConflictsLater(df.zone, fc.Tunnel().Peer().NodeID, conflicts)
 	}
 	certs, err := n.localCerts(fc.Tunnel(), df.zone)
 	if err != nil {
